@@ -1,0 +1,21 @@
+"""What the worker's task cores need, built once in the worker's on_startup."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from arq.connections import ArqRedis
+
+from jobs.settings import Settings
+from jobs.storage import LocalStorage
+from jobs.store import Store
+
+
+@dataclass(frozen=True)
+class WorkerDeps:
+    settings: Settings
+    redis: ArqRedis
+    store: Store
+    storage: LocalStorage
+    http: httpx.AsyncClient

@@ -1,0 +1,126 @@
+"""Which image format an upload is, decided from its bytes, and what its header declares.
+
+The format comes from magic bytes, never from the file name or the client's content type, and the loader
+libvips then picks must agree with it: a file that sniffs as one format but decodes as another is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass
+
+import pyvips
+
+
+class ImageFormat(enum.StrEnum):
+    JPEG = "jpeg"
+    PNG = "png"
+    WEBP = "webp"
+    GIF = "gif"
+    TIFF = "tiff"
+    AVIF = "avif"
+    HEIF = "heif"
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"})
+
+_LOADERS: dict[ImageFormat, frozenset[str]] = {
+    # uhdrload takes JPEGs that carry an UltraHDR gain map.
+    ImageFormat.JPEG: frozenset({"jpegload", "uhdrload"}),
+    ImageFormat.PNG: frozenset({"pngload"}),
+    ImageFormat.WEBP: frozenset({"webpload"}),
+    ImageFormat.GIF: frozenset({"gifload"}),
+    ImageFormat.TIFF: frozenset({"tiffload"}),
+    ImageFormat.AVIF: frozenset({"heifload"}),
+    ImageFormat.HEIF: frozenset({"heifload"}),
+}
+
+# libvips has one process-wide error buffer, and loads that succeed can leave lines in it: libheif and
+# libtiff log "<path>: bad seek to N" while probing. Clearing it before each load, one load at a time,
+# keeps another file's lines (and path) out of this file's message. Header reads take about a millisecond.
+_error_buffer_lock = threading.Lock()
+
+
+def sniff_format(head: bytes) -> ImageFormat | None:
+    """The format the first bytes of a file announce (callers pass 64), or None for anything else."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return ImageFormat.JPEG
+    if head.startswith(_PNG_SIGNATURE):
+        return ImageFormat.PNG
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return ImageFormat.GIF
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return ImageFormat.WEBP
+    if head.startswith(_TIFF_SIGNATURES):
+        return ImageFormat.TIFF
+    if head[4:8] == b"ftyp":
+        return _iso_bmff_format(head)
+    return None
+
+
+def _iso_bmff_format(head: bytes) -> ImageFormat | None:
+    box_size = int.from_bytes(head[:4], "big")
+    # Sizes 0 ("to end of file") and 1 (64-bit size follows) are legal for boxes but never used by ftyp.
+    if box_size < 16:
+        return None
+    box = head[:box_size]
+    major_brand = box[8:12]
+    compatible_brands = {box[offset : offset + 4] for offset in range(16, len(box) - 3, 4)}
+    brands = compatible_brands | {major_brand}
+    if brands & _AVIF_BRANDS:
+        return ImageFormat.AVIF
+    if brands & _HEIF_BRANDS:
+        return ImageFormat.HEIF
+    return None
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: ImageFormat
+    width: int
+    height: int
+    pages: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.pages
+
+
+class UnreadableImage(Exception):
+    """libvips cannot read the file as the format its bytes announce; the message is safe to show users."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def read_header(path: str, fmt: ImageFormat) -> ImageHeader:
+    """Read only the header of the file at `path`, which sniffed as `fmt`. Blocking: run it in a thread.
+
+    Declared sizes are not checked here: a few kilobytes can declare gigapixels, so callers compare
+    `pixels` with their limit before decoding anything.
+    """
+    with _error_buffer_lock:
+        pyvips.vips_lib.vips_error_clear()
+        try:
+            # revalidate: libvips caches some loads (webpload, uhdrload) by file name, so a reused path
+            # would otherwise get the previous file's header.
+            image = pyvips.Image.new_from_file(path, access="sequential", fail_on="error", revalidate=True)
+        except pyvips.Error as exc:
+            raise UnreadableImage(_first_error_line(exc, path)) from exc
+    loader = str(image.get("vips-loader"))
+    if loader not in _LOADERS[fmt]:
+        raise UnreadableImage(f"the file starts like {fmt} but libvips reads it with {loader}")
+    pages = int(image.get("n-pages")) if "n-pages" in image.get_fields() else 1
+    return ImageHeader(format=fmt, width=int(image.width), height=int(image.height), pages=pages)
+
+
+def _first_error_line(exc: pyvips.Error, path: str) -> str:
+    lines = [line.strip() for line in str(exc.detail).splitlines() if line.strip()]
+    if not lines:
+        return "not a readable image"
+    return lines[0].replace(f'"{path}"', "the file").replace(path, "the file")

@@ -1,0 +1,213 @@
+"""Run a validated operation chain on one image file with libvips. Blocking: call it from a thread.
+
+The file is opened for sequential access and a leading resize shrinks on load, so a 24 MP JPEG never
+exists decoded at full size. Output is always 8-bit sRGB with metadata stripped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyvips
+
+from jobs.operations import (
+    CATALOGUE,
+    ConvertParams,
+    Operation,
+    ResizeParams,
+    finish_resize,
+    output_options,
+    thumbnail_args,
+)
+
+# Truncated or corrupt data is an error, not a grey half-picture.
+FAIL_ON = "error"
+
+
+@dataclass(frozen=True)
+class Saver:
+    operation: str
+    suffix: str
+    default_quality: int | None
+    has_alpha: bool
+
+
+SAVERS: dict[str, Saver] = {
+    "jpeg": Saver("jpegsave", ".jpg", 82, has_alpha=False),
+    "png": Saver("pngsave", ".png", None, has_alpha=True),
+    "webp": Saver("webpsave", ".webp", 80, has_alpha=True),
+    "avif": Saver("heifsave", ".avif", 55, has_alpha=True),
+    "tiff": Saver("tiffsave", ".tiff", None, has_alpha=True),
+    "gif": Saver("gifsave", ".gif", None, has_alpha=True),
+}
+
+MEDIA_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "avif": "image/avif",
+    "tiff": "image/tiff",
+    "gif": "image/gif",
+    "heif": "image/heif",
+}
+
+
+class ProcessingError(Exception):
+    """The image cannot be processed; `code` is the stable machine-readable reason."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RenderedImage:
+    path: Path
+    format: str
+    width: int
+    height: int
+    bytes: int
+
+
+class KillSwitch:
+    """Lets another thread abort a running libvips evaluation (the job's wall-clock limit)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._image: pyvips.Image | None = None
+        self.fired = False
+
+    def arm(self, image: pyvips.Image) -> None:
+        with self._lock:
+            self._image = image
+            if self.fired:
+                image.set_kill(True)
+
+    def fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._image is not None:
+                self._image.set_kill(True)
+
+
+def configure_libvips() -> None:
+    """Every job reads a different file: the operation cache would only hold memory."""
+    pyvips.cache_set_max(0)
+    pyvips.cache_set_max_mem(0)
+    pyvips.cache_set_max_files(0)
+
+
+def default_output_format(input_format: str) -> str:
+    return input_format if input_format in SAVERS else "jpeg"
+
+
+def render(
+    source: Path,
+    destination_stem: Path,
+    chain: Sequence[Operation],
+    input_format: str,
+    kill_switch: KillSwitch | None = None,
+) -> RenderedImage:
+    """Process `source` into `destination_stem` + the output format's suffix."""
+    convert = output_options(chain)
+    output_format = convert.format if convert else default_output_format(input_format)
+    saver = SAVERS[output_format]
+    try:
+        image, remaining = _load(source, chain)
+        for operation in remaining:
+            apply = CATALOGUE[operation.type].apply
+            if apply is not None:
+                image = apply(image, operation.params)
+        image = _prepare_for_save(image, saver)
+        destination = destination_stem.with_suffix(saver.suffix)
+        if kill_switch is not None:
+            kill_switch.arm(image)
+        getattr(image, saver.operation)(str(destination), **_save_options(output_format, saver, convert))
+    except pyvips.Error as exc:
+        if kill_switch is not None and kill_switch.fired:
+            raise ProcessingError("timeout", "processing took longer than the job time limit") from None
+        raise ProcessingError(_error_code(exc), _clean_message(exc)) from None
+    return RenderedImage(destination, output_format, image.width, image.height, destination.stat().st_size)
+
+
+def _load(source: Path, chain: Sequence[Operation]) -> tuple[pyvips.Image, Sequence[Operation]]:
+    first = chain[0] if chain else None
+    if first is not None and isinstance(first.params, ResizeParams):
+        header = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+        width, height = _upright_size(header)
+        args = thumbnail_args(width, height, first.params)
+        options: dict[str, Any] = {"height": args.height, "size": args.size, "fail_on": FAIL_ON}
+        if args.crop is not None:
+            options["crop"] = args.crop
+        image = pyvips.Image.thumbnail(str(source), args.width, **options)
+        return finish_resize(_to_srgb(image), first.params), chain[1:]
+    image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+    return _to_srgb(image.autorot()), chain
+
+
+def _upright_size(image: pyvips.Image) -> tuple[int, int]:
+    orientation = image.get("orientation") if image.get_typeof("orientation") else 1
+    return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
+
+
+def _to_srgb(image: pyvips.Image) -> pyvips.Image:
+    if image.get_typeof("icc-profile-data"):
+        try:
+            image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+        except pyvips.Error:
+            # A broken embedded profile should not sink the photo; the generic conversion is close.
+            image = image.colourspace("srgb")
+    elif image.interpretation in ("b-w", "grey16"):
+        image = image.colourspace("b-w")
+    elif image.interpretation != "srgb" or image.format != "uchar":
+        image = image.colourspace("srgb")
+    if image.format != "uchar":
+        image = image.cast("uchar")
+    return image
+
+
+def _prepare_for_save(image: pyvips.Image, saver: Saver) -> pyvips.Image:
+    if image.hasalpha() and not saver.has_alpha:
+        image = image.flatten(background=[255] * (image.bands - 1))
+    return image
+
+
+def _save_options(output_format: str, saver: Saver, convert: ConvertParams | None) -> dict[str, Any]:
+    options: dict[str, Any] = {"keep": pyvips.enums.ForeignKeep.NONE}
+    quality = convert.quality if convert and convert.quality else saver.default_quality
+    if quality is not None and output_format != "png":
+        options["Q"] = quality
+    progressive = bool(convert and convert.progressive)
+    lossless = bool(convert and convert.lossless)
+    if output_format == "jpeg":
+        options.update(optimize_coding=True, interlace=progressive)
+    elif output_format == "png":
+        options.update(interlace=progressive, compression=6)
+    elif output_format == "webp":
+        options.update(lossless=lossless, effort=4)
+    elif output_format == "avif":
+        options.update(compression="av1", lossless=lossless, effort=2)
+    return options
+
+
+def _error_code(exc: pyvips.Error) -> str:
+    text = f"{exc.message} {exc.detail}".lower()
+    if "not a known file format" in text or "compression format has not been built in" in text:
+        return "unsupported_format"
+    if "security limit" in text or "out of memory" in text:
+        return "image_too_large"
+    return "corrupt_image"
+
+
+def _clean_message(exc: pyvips.Error) -> str:
+    """libvips' first meaningful line, without file paths of ours."""
+    for line in str(exc.detail or exc.message).splitlines():
+        line = line.strip()
+        if line and "unable to" not in line:
+            return line.split(": ", 1)[-1] if line.startswith("/") else line
+    return "the image could not be decoded"

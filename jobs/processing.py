@@ -1,0 +1,113 @@
+"""Process one uploaded image: the core behind the `process_image` arq task.
+
+arq runs a job at least once, so every step here may run again after a crash: the output blob is
+overwritten in place, the terminal state and its webhook message are committed together, and a re-run
+that finds the image already finished only makes sure the webhook is on its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from jobs.deps import WorkerDeps
+from jobs.events import new_message, schedule_delivery
+from jobs.ids import new_id
+from jobs.operations import parse_operations
+from jobs.pipeline import KillSwitch, ProcessingError, RenderedImage, render
+from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
+
+log = logging.getLogger("darkroom.processing")
+
+
+async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
+    image = await deps.store.get_image(image_id)
+    if image is None:
+        return  # deleted by its owner before we got to it
+    if image.is_terminal:
+        await _announce(deps, image)
+        return
+    if job_try > deps.settings.max_attempts:
+        await _finish(
+            deps,
+            image,
+            error=ImageError(
+                "worker_crashed",
+                f"processing stopped the worker {job_try - 1} times; the image was not processed",
+            ),
+        )
+        return
+    image = image.evolve(status="processing", attempts=job_try, started_at=utc_now())
+    if not await deps.store.update_image(image):
+        return
+    try:
+        rendered = await _render_with_deadline(deps, image)
+    except ProcessingError as exc:
+        await _finish(deps, image, error=ImageError(exc.code, exc.message))
+        return
+    except Exception:
+        log.exception("processing %s failed unexpectedly", image.id)
+        await _finish(
+            deps, image, error=ImageError("internal_error", "an unexpected error stopped processing")
+        )
+        return
+    output_key = f"{image.account_id}/{image.id}/output{rendered.path.suffix}"
+    await asyncio.to_thread(deps.storage.commit, rendered.path, output_key)
+    output = OutputInfo(rendered.format, rendered.width, rendered.height, rendered.bytes, output_key)
+    await _finish(deps, image, output=output)
+
+
+async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> RenderedImage:
+    chain = parse_operations(image.operations)
+    source = deps.storage.path(image.original_key)
+    stem = deps.storage.new_staging_path()
+    kill_switch = KillSwitch()
+    rendering = asyncio.ensure_future(
+        asyncio.to_thread(render, source, stem, chain, image.input.format, kill_switch)
+    )
+    done, _ = await asyncio.wait({rendering}, timeout=deps.settings.job_timeout)
+    if done:
+        return rendering.result()
+    kill_switch.fire()
+    # The thread stops at libvips' next kill check; tidy its file then, without waiting for it here.
+    rendering.add_done_callback(lambda finished: _discard(finished, stem))
+    raise ProcessingError("timeout", f"processing took longer than {deps.settings.job_timeout:g} s")
+
+
+def _discard(finished: asyncio.Future[RenderedImage], stem: Path) -> None:
+    if not finished.cancelled() and finished.exception() is None:
+        with contextlib.suppress(OSError):
+            finished.result().path.unlink()
+    else:
+        log.info("abandoned render of %s stopped", stem.name)
+
+
+async def _finish(
+    deps: WorkerDeps, image: ImageRecord, *, output: OutputInfo | None = None, error: ImageError | None = None
+) -> None:
+    final = image.evolve(
+        status="completed" if error is None else "failed",
+        output=output,
+        error=error,
+        completed_at=utc_now(),
+        event_message_id=new_id("msg") if image.callback_url else None,
+    )
+    message = None
+    if final.callback_url and final.event_message_id:
+        event_type = "image.completed" if error is None else "image.failed"
+        message = new_message(
+            final.event_message_id,
+            final.account_id,
+            final.callback_url,
+            event_type,
+            final.resource(deps.settings.public_url),
+        )
+    if await deps.store.finish_image(final, message):
+        await _announce(deps, final)
+
+
+async def _announce(deps: WorkerDeps, image: ImageRecord) -> None:
+    if image.event_message_id:
+        await schedule_delivery(deps.redis, deps.settings.queue_name, image.event_message_id, 1)

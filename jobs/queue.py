@@ -1,0 +1,80 @@
+"""The arq queue, woken by Redis pub/sub so a job starts milliseconds after it is enqueued.
+
+arq polls its queue (0.5 s by default). Producers here publish on a channel after each enqueue; the
+worker's pool turns an empty poll into a wait for that signal, bounded by `idle_wait`, so an idle
+worker neither spins nor sleeps through new work, and deferred retries still start on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from arq.connections import ArqRedis
+from arq.utils import timestamp_ms
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+log = logging.getLogger("darkroom.queue")
+
+PROCESS_IMAGE = "process_image"
+DELIVER_WEBHOOK = "deliver_webhook"
+
+
+def wake_channel(queue_name: str) -> str:
+    return f"{queue_name}:wake"
+
+
+async def enqueue(
+    redis: ArqRedis, queue_name: str, function: str, *args: Any, job_id: str, defer_by: float | None = None
+) -> None:
+    """Enqueue once per `job_id` (arq ignores a duplicate while the job or its result exists)."""
+    await redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue_name, _defer_by=defer_by)
+    if not defer_by:
+        await redis.publish(wake_channel(queue_name), b"1")
+
+
+class WakeableArqRedis(ArqRedis):
+    """The worker's pool: arq's queue poll waits for a wake-up instead of returning empty."""
+
+    def __init__(self, *args: Any, idle_wait: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_wait = idle_wait
+        self._woken = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+
+    def start_listening(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="darkroom-queue-wake")
+
+    async def stop_listening(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+
+    async def zrangebyscore(self, name: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._listener is None or name != self.default_queue_name:
+            return await super().zrangebyscore(name, *args, **kwargs)
+        self._woken.clear()
+        found = await super().zrangebyscore(name, *args, **kwargs)
+        if found:
+            return found
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._woken.wait(), self.idle_wait)
+        kwargs["max"] = timestamp_ms()
+        return await super().zrangebyscore(name, *args, **kwargs)
+
+    async def _listen(self) -> None:
+        channel = wake_channel(self.default_queue_name)
+        while True:
+            try:
+                async with self.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._woken.set()
+            except (RedisConnectionError, OSError) as exc:
+                log.warning("wake-up channel lost (%s); polling until it is back", exc)
+                self._woken.set()
+                await asyncio.sleep(self.idle_wait)

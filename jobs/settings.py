@@ -1,0 +1,94 @@
+"""Darkroom's configuration: read from the environment once, then passed explicitly."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value Darkroom cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = ""
+    data_dir: Path = Path("data")
+    storage_url: str = ""
+    public_url: str = "http://localhost:8000"
+    allow_private_callbacks: bool = False
+    retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
+    max_upload_bytes: int = 50_000_000
+    max_pixels: int = 100_000_000
+    # arq's own timeout is a failure without retry, so ours fires first and records why.
+    job_timeout: float = 120.0
+    # A job that keeps killing its worker (segfault, OOM) is given up after this many starts.
+    max_attempts: int = 3
+    worker_concurrency: int = 4
+    webhook_timeout: float = 15.0
+    webhook_connect_timeout: float = 5.0
+    queue_name: str = "darkroom:queue"
+
+    @property
+    def storage_root(self) -> Path:
+        parsed = urlsplit(self.storage_url)
+        if parsed.scheme != "file":
+            raise SettingsError(f"DARKROOM_STORAGE_URL: unsupported scheme {parsed.scheme!r} (use file://)")
+        return Path(parsed.path)
+
+    def require_redis(self) -> str:
+        if not self.redis_url:
+            raise SettingsError("REDIS_URL is not set (darkroom dev sets it for you)")
+        return self.redis_url
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        data_dir = Path(env.get("DARKROOM_DATA_DIR", "./data")).resolve()
+        port = env.get("PORT", "8000")
+        return cls(
+            redis_url=env.get("REDIS_URL", ""),
+            data_dir=data_dir,
+            storage_url=env.get("DARKROOM_STORAGE_URL") or data_dir.as_uri(),
+            public_url=env.get("DARKROOM_PUBLIC_URL", f"http://localhost:{port}").rstrip("/"),
+            allow_private_callbacks=_flag(env, "DARKROOM_ALLOW_PRIVATE_CALLBACKS"),
+            retry_schedule=_schedule(env.get("DARKROOM_RETRY_SCHEDULE")),
+            max_upload_bytes=_positive_int(env, "DARKROOM_MAX_UPLOAD_BYTES", 50_000_000),
+            max_pixels=_positive_int(env, "DARKROOM_MAX_PIXELS", 100_000_000),
+            job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
+            worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
+        )
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _schedule(raw: str | None) -> tuple[float, ...]:
+    if raw is None or raw.strip() == "":
+        return DEFAULT_RETRY_SCHEDULE
+    try:
+        delays = tuple(float(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise SettingsError(f"DARKROOM_RETRY_SCHEDULE must be comma-separated seconds, got {raw!r}") from None
+    if any(delay < 0 for delay in delays):
+        raise SettingsError("DARKROOM_RETRY_SCHEDULE delays must not be negative")
+    return delays

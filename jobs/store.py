@@ -1,0 +1,163 @@
+"""Accounts, API keys and image records in Redis.
+
+Layout (every key under `dr:`):
+- `dr:account:{id}` account JSON; `dr:apikey:{sha256(key)}` → account id (keys are never stored);
+- `dr:image:{id}` image JSON; `dr:account:{id}:images` index of the account's image ids (one score, so
+  ordered by id, and ids sort by creation time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
+
+from jobs.ids import new_id
+from jobs.records import Account, ImageRecord, utc_now
+from webhooks.messages import Message, MessageStore
+from webhooks.signing import generate_secret
+
+API_KEY_PREFIX = "sk_live_"
+
+
+def _account_key(account_id: str) -> str:
+    return f"dr:account:{account_id}"
+
+
+def _api_key_key(key_hash: str) -> str:
+    return f"dr:apikey:{key_hash}"
+
+
+def image_key(image_id: str) -> str:
+    return f"dr:image:{image_id}"
+
+
+def _account_images_key(account_id: str) -> str:
+    return f"dr:account:{account_id}:images"
+
+
+def hash_api_key(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewAccount:
+    account: Account
+    api_key: str
+
+
+class Store:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.messages = MessageStore(redis)
+
+    @classmethod
+    def connect(cls, redis_url: str) -> Store:
+        return cls(Redis.from_url(redis_url))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def create_account(self, name: str) -> NewAccount:
+        api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        account = Account(
+            id=new_id("acc"),
+            name=name,
+            webhook_secret=generate_secret(),
+            api_key_hash=hash_api_key(api_key),
+            created_at=utc_now(),
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(_account_key(account.id), account.to_json())
+            pipe.set(_api_key_key(account.api_key_hash), account.id)
+            await pipe.execute()
+        return NewAccount(account, api_key)
+
+    async def get_account(self, account_id: str) -> Account | None:
+        raw = await self.redis.get(_account_key(account_id))
+        return None if raw is None else Account.from_json(raw)
+
+    async def authenticate(self, api_key: str) -> Account | None:
+        if not api_key.startswith(API_KEY_PREFIX):
+            return None
+        key_hash = hash_api_key(api_key)
+        account_id = await self.redis.get(_api_key_key(key_hash))
+        if account_id is None:
+            return None
+        account = await self.get_account(account_id.decode())
+        if account is None or not hmac.compare_digest(account.api_key_hash, key_hash):
+            return None
+        return account
+
+    async def save_new_image(self, image: ImageRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(image_key(image.id), image.to_json())
+            pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
+            await pipe.execute()
+
+    async def get_image(self, image_id: str) -> ImageRecord | None:
+        raw = await self.redis.get(image_key(image_id))
+        return None if raw is None else ImageRecord.from_json(raw)
+
+    async def get_account_image(self, account_id: str, image_id: str) -> ImageRecord | None:
+        """Another account's image is indistinguishable from a missing one."""
+        image = await self.get_image(image_id)
+        return image if image is not None and image.account_id == account_id else None
+
+    async def update_image(self, image: ImageRecord) -> bool:
+        """Save changes to an image that still exists; False if it was deleted meanwhile."""
+        return bool(await self.redis.set(image_key(image.id), image.to_json(), xx=True))
+
+    async def finish_image(self, image: ImageRecord, message: Message | None) -> bool:
+        """Record the terminal state and its webhook message in one transaction: both or neither."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(image_key(image.id))
+            if not await pipe.exists(image_key(image.id)):
+                return False
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(image_key(image.id), image.to_json())
+            if message is not None:
+                self.messages.stage_new(pipe, message)
+            try:
+                await pipe.execute()
+            except WatchError:  # deleted by its owner while we worked
+                return False
+        return True
+
+    async def delete_image(self, image: ImageRecord) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(image_key(image.id))
+            pipe.zrem(_account_images_key(image.account_id), image.id)
+            await pipe.execute()
+
+    async def list_images(
+        self,
+        account_id: str,
+        *,
+        limit: int,
+        before: str | None = None,
+        status: str | None = None,
+        batch_id: str | None = None,
+    ) -> list[ImageRecord]:
+        """Newest first, filtered; `before` is the id of the last image of the previous page."""
+        found: list[ImageRecord] = []
+        maximum = f"({before}" if before else "+"
+        index = _account_images_key(account_id)
+        while len(found) < limit:
+            ids = await self.redis.zrevrangebylex(index, maximum, "-", start=0, num=max(limit * 2, 50))
+            if not ids:
+                break
+            for raw in await self.redis.mget([image_key(i.decode()) for i in ids]):
+                if raw is None:
+                    continue
+                image = ImageRecord.from_json(raw)
+                if (status is None or image.status == status) and (
+                    batch_id is None or image.batch_id == batch_id
+                ):
+                    found.append(image)
+            maximum = f"({ids[-1].decode()}"
+        return found[:limit]

@@ -1,0 +1,54 @@
+"""The web process: `uvicorn server.app:app` (the Procfile's `web`).
+
+`app` is built on first access from the environment; tests and `darkroom dev` call `create_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from arq.connections import ArqRedis
+from redis.asyncio import ConnectionPool
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+
+from jobs.pipeline import configure_libvips
+from jobs.settings import Settings
+from jobs.storage import LocalStorage
+from jobs.store import Store
+from server import deliveries, health, images
+from server.problems import Problem, handle_http_status, handle_problem
+
+
+def create_app(settings: Settings) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        configure_libvips()
+        storage = LocalStorage(settings.storage_root)
+        storage.prepare()
+        redis = ArqRedis(
+            ConnectionPool.from_url(settings.require_redis()), default_queue_name=settings.queue_name
+        )
+        app.state.redis = redis
+        app.state.store = Store(redis)
+        app.state.storage = storage
+        try:
+            yield
+        finally:
+            await redis.aclose(close_connection_pool=True)
+
+    app = Starlette(
+        routes=[*health.routes, *images.routes, *deliveries.routes],
+        exception_handlers={Problem: handle_problem, HTTPException: handle_http_status},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        return create_app(Settings.from_env())
+    raise AttributeError(name)

@@ -1,0 +1,35 @@
+"""API key authentication: `Authorization: Bearer sk_live_…` or `X-API-Key: sk_live_…`."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from jobs.records import Account
+from jobs.store import Store
+from server.problems import Problem
+
+_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
+
+
+def _presented_key(request: Request) -> str | None:
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return request.headers.get("x-api-key") or None
+
+
+async def require_account(request: Request) -> Account:
+    api_key = _presented_key(request)
+    if api_key is None:
+        raise Problem(
+            401,
+            "missing_api_key",
+            "send your API key as `Authorization: Bearer sk_live_…`",
+            headers=_CHALLENGE,
+        )
+    store: Store = request.app.state.store
+    account = await store.authenticate(api_key)
+    if account is None:
+        raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
+    return account

@@ -1,0 +1,111 @@
+"""`darkroom dev`: one command for a whole local Darkroom (Redis with AOF, web, workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from jobs.settings import Settings
+from jobs.store import Store
+from server.cli import account_json, create_account
+from server.embedded_redis import EmbeddedRedis
+
+DEV_ACCOUNT_FILE = "dev-account.json"
+STOP_GRACE_SECONDS = 10
+
+
+async def _ensure_dev_account(settings: Settings, saved: Path) -> tuple[dict[str, str], bool]:
+    """The dev account survives restarts (its key is kept in the data dir, readable only by you)."""
+    if saved.exists():
+        known = json.loads(saved.read_text())
+        store = Store.connect(settings.require_redis())
+        try:
+            if await store.authenticate(known["api_key"]) is not None:
+                return known, False
+        finally:
+            await store.close()
+    created = account_json(await create_account(settings, "dev"))
+    saved.write_text(json.dumps(created, indent=2))
+    saved.chmod(0o600)
+    return created, True
+
+
+def _banner(public_url: str, account: dict[str, str], created: bool, data_dir: Path) -> str:
+    key, secret = account["api_key"], account["webhook_secret"]
+    return f"""
+Darkroom is running at {public_url}   (data in {data_dir}; Ctrl-C stops everything)
+
+  {"Created" if created else "Using"} the dev account {account["account_id"]}
+    API key:        {key}
+    Webhook secret: {secret}
+
+  Try it:
+    darkroom webhooks listen --secret {secret} &
+    curl -s {public_url}/v1/images -H "Authorization: Bearer {key}" \\
+      -F file=@photo.jpg -F 'operations=[{{"type":"resize","params":{{"width":512}}}}]' \\
+      -F callback_url=http://127.0.0.1:8787/
+"""
+
+
+def run_dev(host: str, port: int | None, workers: int) -> int:
+    base_env = dict(os.environ)
+    port = port or int(base_env.get("PORT", "8000"))
+    data_dir = Settings.from_env(base_env).data_dir
+    data_dir.mkdir(parents=True, exist_ok=True)
+    redis = None
+    if not base_env.get("REDIS_URL"):
+        redis = EmbeddedRedis(data_dir / "redis")
+        redis.start()
+    env = {
+        **base_env,
+        "REDIS_URL": base_env.get("REDIS_URL") or (redis.url if redis else ""),
+        "DARKROOM_DATA_DIR": str(data_dir),
+        "PORT": str(port),
+        "DARKROOM_PUBLIC_URL": base_env.get("DARKROOM_PUBLIC_URL", f"http://{host}:{port}"),
+        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": base_env.get("DARKROOM_ALLOW_PRIVATE_CALLBACKS", "1"),
+    }
+    settings = Settings.from_env(env)
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        account, created = asyncio.run(_ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE))
+        web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
+        processes.append(subprocess.Popen(web, env=env))
+        for _ in range(workers):
+            processes.append(subprocess.Popen([sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"], env=env))
+        print(_banner(settings.public_url, account, created, data_dir), flush=True)
+        return _wait_for_any_exit(processes)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        _stop(processes)
+        if redis is not None:
+            redis.stop()
+
+
+def _wait_for_any_exit(processes: list[subprocess.Popen[bytes]]) -> int:
+    """Block until a child exits (that ends the dev session) or Ctrl-C arrives."""
+    while True:
+        for process in processes:
+            try:
+                code = process.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                continue
+            print(f"darkroom dev: {' '.join(map(str, process.args[2:4]))} exited with {code}", file=sys.stderr)
+            return code or 1
+
+
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+    for process in processes:
+        try:
+            process.wait(timeout=STOP_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

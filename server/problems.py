@@ -1,0 +1,82 @@
+"""RFC 9457 problem responses: every error a partner sees has the same shape."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jobs.params import FieldError
+
+PROBLEM_BASE = "https://darkroom.dev/problems/"
+_TITLES = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Unprocessable content",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """Raise from a route to answer with a problem document; `code` becomes the type's last segment."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        errors: Sequence[FieldError] = (),
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.errors = list(errors)
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.code,
+            "title": _TITLES.get(self.status, "Error"),
+            "status": self.status,
+            "detail": self.detail,
+            "code": self.code,
+        }
+        if self.errors:
+            body["errors"] = [error.to_json() for error in self.errors]
+        return body
+
+
+class ProblemResponse(JSONResponse):
+    media_type = "application/problem+json"
+
+
+def problem_response(problem: Problem) -> Response:
+    return ProblemResponse(problem.body(), status_code=problem.status, headers=problem.headers)
+
+
+def validation_problem(errors: Sequence[FieldError]) -> Problem:
+    return Problem(422, "validation_failed", "The request has invalid fields; see errors.", errors=errors)
+
+
+async def handle_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Problem)
+    return problem_response(exc)
+
+
+async def handle_http_status(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 answers, in the same problem shape."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or _TITLES.get(status, "Error")
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+    return problem_response(Problem(status, code, str(detail), headers=getattr(exc, "headers", None)))

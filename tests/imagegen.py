@@ -1,0 +1,167 @@
+"""Test images made on the fly with pyvips, so tests need no binary fixtures and no corpus.
+
+Every generator draws the same picture: a grey-blue gradient (red grows left to right, green top to
+bottom) with a red block in the top-left corner. It looks different under each of the eight EXIF
+orientations, so a test can tell whether an image came out upright. Files carry no metadata unless a
+generator says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+import zlib
+from collections.abc import Callable
+
+import pyvips
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BLOCK_RGB = (220, 30, 30)
+
+# EXIF orientation n tells a viewer how to turn the stored pixels upright; storing the picture put through
+# the inverse of that turn makes every orientation display the same upright picture.
+_STORED_FOR_ORIENTATION: dict[int, Callable[[pyvips.Image], pyvips.Image]] = {
+    1: lambda image: image,
+    2: lambda image: image.fliphor(),
+    3: lambda image: image.rot180(),
+    4: lambda image: image.flipver(),
+    5: lambda image: image.rot90().fliphor(),
+    6: lambda image: image.rot270(),
+    7: lambda image: image.rot90().flipver(),
+    8: lambda image: image.rot90(),
+}
+
+
+def picture(width: int = 64, height: int = 48) -> pyvips.Image:
+    """The upright picture every generator encodes: 3-band 8-bit sRGB."""
+    coordinates = pyvips.Image.xyz(width, height)
+    x, y = coordinates[0], coordinates[1]
+    gradient = (70 + x * (100 / width)).bandjoin([90 + y * (100 / height), 170 + x * 0])
+    in_block = (x < max(width // 4, 1)) & (y < max(height // 4, 1))
+    return in_block.ifthenelse(list(BLOCK_RGB), gradient).cast("uchar").copy(interpretation="srgb")
+
+
+def jpeg(
+    width: int = 64,
+    height: int = 48,
+    *,
+    quality: int = 90,
+    progressive: bool = False,
+    orientation: int | None = None,
+) -> bytes:
+    """A JPEG that displays as `width` x `height`. With an orientation the stored pixels are turned to
+    match it (so orientations 5 to 8 store `height` x `width`) and EXIF carries the tag."""
+    upright = picture(width, height)
+    if orientation is None:
+        return bytes(upright.write_to_buffer(".jpg", Q=quality, interlace=progressive, keep="none"))
+    if orientation not in _STORED_FOR_ORIENTATION:
+        raise ValueError(f"EXIF orientation is 1 to 8, not {orientation}")
+    stored = _STORED_FOR_ORIENTATION[orientation](upright).copy()
+    stored.set_type(pyvips.GValue.gint_type, "orientation", orientation)
+    return bytes(stored.write_to_buffer(".jpg", Q=quality, interlace=progressive, keep="exif"))
+
+
+def png(
+    width: int = 64,
+    height: int = 48,
+    *,
+    alpha: bool = False,
+    sixteen_bit: bool = False,
+    palette: bool = False,
+) -> bytes:
+    """An RGB PNG; with `alpha` the bottom-right quarter is fully transparent."""
+    if palette and sixteen_bit:
+        raise ValueError("PNG palettes hold 8-bit colours only")
+    image = picture(width, height)
+    if alpha:
+        coordinates = pyvips.Image.xyz(width, height)
+        transparent = (coordinates[0] >= width // 2) & (coordinates[1] >= height // 2)
+        image = image.bandjoin(transparent.ifthenelse(0, 255).cast("uchar"))
+    if sixteen_bit:
+        image = image.colourspace("rgb16")
+    return bytes(image.write_to_buffer(".png", palette=palette, keep="none"))
+
+
+def cmyk_jpeg(width: int = 64, height: int = 48, *, quality: int = 90) -> bytes:
+    """A 4-channel CMYK JPEG with its CMYK ICC profile, as print-ready files come."""
+    cmyk = picture(width, height).colourspace("cmyk")
+    return bytes(cmyk.write_to_buffer(".jpg", Q=quality, keep="icc"))
+
+
+def webp(width: int = 64, height: int = 48, *, lossless: bool = False, pages: int = 1) -> bytes:
+    """A WebP; with `pages` > 1 an animation of that many frames."""
+    return bytes(_frames(width, height, pages).write_to_buffer(".webp", lossless=lossless, keep="none"))
+
+
+def gif(width: int = 64, height: int = 48, *, pages: int = 1) -> bytes:
+    """A GIF; with `pages` > 1 an animation of that many frames."""
+    return bytes(_frames(width, height, pages).write_to_buffer(".gif", keep="none"))
+
+
+def tiff(width: int = 64, height: int = 48, *, pages: int = 1) -> bytes:
+    """A TIFF; with `pages` > 1 a multi-page TIFF."""
+    return bytes(_frames(width, height, pages).write_to_buffer(".tif", keep="none"))
+
+
+@functools.cache
+def can_save_avif() -> bool:
+    """Whether this libvips build has an AV1 encoder (pyvips-binary's libheif has one, not HEVC)."""
+    try:
+        pyvips.Image.black(8, 8).write_to_buffer(".avif")
+    except pyvips.Error:
+        return False
+    return True
+
+
+def avif(width: int = 64, height: int = 48) -> bytes:
+    return bytes(picture(width, height).write_to_buffer(".avif", keep="none"))
+
+
+def truncated_jpeg(width: int = 64, height: int = 48) -> bytes:
+    """A baseline JPEG cut halfway through its scan data: the header reads, decoding fails."""
+    whole = jpeg(width, height)
+    scan_start = _jpeg_scan_data_start(whole)
+    return whole[: (scan_start + len(whole)) // 2]
+
+
+def _jpeg_scan_data_start(data: bytes) -> int:
+    offset = 2  # past SOI
+    while True:
+        marker = data[offset + 1]
+        segment_length = int.from_bytes(data[offset + 2 : offset + 4], "big")
+        if marker == 0xDA:  # start of scan
+            return offset + 2 + segment_length
+        offset += 2 + segment_length
+
+
+def png_bomb_header(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny 8-bit greyscale PNG whose IHDR claims `width` x `height`; its IDAT holds one empty row."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00"))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload)
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def text_as_jpeg() -> bytes:
+    """Plain text, as uploaded under a .jpg name with an image/jpeg content type."""
+    return b"This is a text file, not a JPEG, whatever its name says.\n"
+
+
+def _frames(width: int, height: int, pages: int) -> pyvips.Image:
+    upright = picture(width, height)
+    if pages == 1:
+        return upright
+    # Each frame a little darker than the last, so no encoder can merge frames as duplicates.
+    frames = [upright.linear(1, -8 * page).cast("uchar") for page in range(pages)]
+    strip = pyvips.Image.arrayjoin(frames, across=1).copy(interpretation="srgb")
+    strip.set_type(pyvips.GValue.gint_type, "page-height", height)
+    strip.set_type(pyvips.GValue.array_int_type, "delay", [100] * pages)
+    return strip

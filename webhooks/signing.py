@@ -1,0 +1,89 @@
+"""Standard Webhooks signatures: sign on our side, verify on the receiver's.
+
+Standard library only, so a receiver can copy or import this module without installing Darkroom.
+Spec: https://www.standardwebhooks.com — `v1,` + base64(HMAC-SHA256(key, f"{id}.{timestamp}.{body}")),
+where key is the base64 part of the `whsec_…` secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+
+SECRET_PREFIX = "whsec_"
+DEFAULT_TOLERANCE_SECONDS = 300
+
+
+class WebhookVerificationError(Exception):
+    """The delivery is not authentic, or too old or too new to accept."""
+
+
+def generate_secret(num_bytes: int = 32) -> str:
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(num_bytes)).decode()
+
+
+def _key(secret: str) -> bytes:
+    encoded = secret.removeprefix(SECRET_PREFIX)
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except ValueError:
+        raise ValueError("a webhook secret is 'whsec_' followed by base64") from None
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """One `v1,<base64>` signature of `body` as sent."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def signature_header(secrets_in_force: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> str:
+    """Every valid secret signs, space separated, so receivers keep verifying during a rotation."""
+    return " ".join(sign(secret, msg_id, timestamp, body) for secret in secrets_in_force)
+
+
+def sign_headers(
+    secrets_in_force: Iterable[str], msg_id: str, body: bytes, timestamp: int | None = None
+) -> dict[str, str]:
+    sent_at = int(time.time()) if timestamp is None else timestamp
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(sent_at),
+        "webhook-signature": signature_header(secrets_in_force, msg_id, sent_at, body),
+    }
+
+
+def verify(
+    secret: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance: int = DEFAULT_TOLERANCE_SECONDS,
+    now: float | None = None,
+) -> None:
+    """Raise WebhookVerificationError unless `body` was signed with `secret` within `tolerance` seconds.
+
+    `headers` may use any case. Any one matching `v1` signature among those sent is enough.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    msg_id = lowered.get("webhook-id")
+    raw_timestamp = lowered.get("webhook-timestamp")
+    sent = lowered.get("webhook-signature")
+    if not msg_id or not raw_timestamp or not sent:
+        raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
+    try:
+        timestamp = int(raw_timestamp)
+    except ValueError:
+        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance:
+        raise WebhookVerificationError("webhook-timestamp is outside the tolerance window")
+    expected = sign(secret, msg_id, timestamp, body)
+    for candidate in sent.split():
+        if candidate.startswith("v1,") and hmac.compare_digest(candidate, expected):
+            return
+    raise WebhookVerificationError("no matching signature")
