@@ -53,6 +53,10 @@ class WakeableArqRedis(ArqRedis):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
 
+    async def close(self, close_connection_pool: bool | None = None) -> None:
+        """arq's Worker.close still calls redis-py's deprecated `close`."""
+        await self.aclose(close_connection_pool)
+
     async def zrangebyscore(self, name: Any, *args: Any, **kwargs: Any) -> Any:
         if self._listener is None or name != self.default_queue_name:
             return await super().zrangebyscore(name, *args, **kwargs)

@@ -7,6 +7,7 @@ so queued jobs survive a restart.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -53,9 +54,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly and data_dir is not None
         self._requested_port = port
         self._port: int | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._output: IO[bytes] | None = None
-        self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._running: contextlib.ExitStack | None = None
 
     @property
     def port(self) -> int:
@@ -68,53 +67,41 @@ class EmbeddedRedis:
         return f"redis://{_LOOPBACK}:{self.port}/0"
 
     def start(self) -> None:
-        if self._process is not None:
+        if self._running is not None:
             raise RuntimeError("the embedded redis-server is already running")
-        if self.data_dir is None:
-            self._temporary_dir = tempfile.TemporaryDirectory(prefix="darkroom-redis-")
-            directory = Path(self._temporary_dir.name)
-        else:
-            directory = self.data_dir
-            directory.mkdir(parents=True, exist_ok=True)
-        self._port = self._requested_port or _free_loopback_port()
-        # A temporary file rather than a pipe: nobody drains a pipe while the server runs, and a full one
-        # would block it.
-        self._output = tempfile.TemporaryFile()
-        command = [
-            find_redis_server(),
-            *("--port", str(self._port)),
-            *("--bind", _LOOPBACK),
-            *("--dir", str(directory)),
-            *("--appendonly", "yes" if self.appendonly else "no"),
-            *("--save", ""),
-            *("--protected-mode", "yes"),
-            *("--daemonize", "no"),
-        ]
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self._output, stderr=subprocess.STDOUT
-        )
-        try:
-            _wait_until_answering(self._process, self._port, self._output)
-        except BaseException:
-            self.stop()
-            raise
+        with contextlib.ExitStack() as resources:
+            if self.data_dir is None:
+                directory = Path(
+                    resources.enter_context(tempfile.TemporaryDirectory(prefix="darkroom-redis-"))
+                )
+            else:
+                directory = self.data_dir
+                directory.mkdir(parents=True, exist_ok=True)
+            port = self._requested_port or _free_loopback_port()
+            # A file rather than a pipe: nothing reads a pipe while the server runs, and a full one blocks it.
+            output = resources.enter_context(tempfile.TemporaryFile())
+            command = [
+                find_redis_server(),
+                *("--port", str(port)),
+                *("--bind", _LOOPBACK),
+                *("--dir", str(directory)),
+                *("--appendonly", "yes" if self.appendonly else "no"),
+                *("--save", ""),
+                *("--protected-mode", "yes"),
+                *("--daemonize", "no"),
+            ]
+            process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+            )
+            resources.callback(_shut_down, process)
+            _wait_until_answering(process, port, output)
+            self._port = port
+            self._running = resources.pop_all()
 
     def stop(self) -> None:
-        """Shut the server down as SHUTDOWN would (SIGTERM: flush the AOF, exit), killing it if it hangs."""
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(STOP_TIMEOUT_SECONDS)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-        if self._temporary_dir is not None:
-            self._temporary_dir.cleanup()
-            self._temporary_dir = None
+        if self._running is not None:
+            self._running.close()
+            self._running = None
         self._port = None
 
     def __enter__(self) -> EmbeddedRedis:
@@ -130,19 +117,20 @@ class EmbeddedRedis:
         self.stop()
 
 
-
 def _wait_until_answering(process: subprocess.Popen[bytes], port: int, output: IO[bytes]) -> None:
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     client = redis.Redis(host=_LOOPBACK, port=port, socket_connect_timeout=0.5, socket_timeout=0.5)
     try:
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {process.returncode}:\n{_read_all(output)}")
+                raise RuntimeError(
+                    f"redis-server exited with status {process.returncode}:\n{_read_all(output)}"
+                )
             try:
                 client.ping()
                 return
-            # ConnectionError covers BusyLoadingError, the reply while an AOF is replayed.
             except (redis.ConnectionError, redis.TimeoutError):
+                # Refused until it listens, then BusyLoadingError (a ConnectionError) while the AOF replays.
                 if time.monotonic() > deadline:
                     raise RuntimeError(
                         f"redis-server did not answer PING within {START_TIMEOUT_SECONDS:g} s:\n"
@@ -151,6 +139,16 @@ def _wait_until_answering(process: subprocess.Popen[bytes], port: int, output: I
                 time.sleep(0.05)
     finally:
         client.close()
+
+
+def _shut_down(process: subprocess.Popen[bytes]) -> None:
+    """As SHUTDOWN would: SIGTERM makes redis-server flush its AOF and exit. Killed if it hangs."""
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _read_all(output: IO[bytes]) -> str:

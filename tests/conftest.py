@@ -1,0 +1,124 @@
+"""Real parts for tests: a redis-server on a free loopback port, arq workers, libvips, HTTP receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from arq.worker import Worker
+from asgi_lifespan import LifespanManager
+from redis.asyncio import Redis
+
+from jobs.settings import Settings
+from jobs.store import Store
+from jobs.worker import worker_settings
+from server.app import create_app
+from server.embedded_redis import EmbeddedRedis
+from tests.receiver import Receiver
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(None, appendonly=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis(redis_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def settings(redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path) -> Settings:
+    data_dir = tmp_path / "data"
+    return Settings(
+        redis_url=redis_server.url,
+        data_dir=data_dir,
+        storage_url=data_dir.as_uri(),
+        public_url="http://testserver",
+        allow_private_callbacks=True,
+        retry_schedule=(0.05, 0.1, 0.2),
+        max_upload_bytes=2_000_000,
+        max_pixels=50_000_000,
+        job_timeout=30,
+    )
+
+
+@dataclass(frozen=True)
+class Partner:
+    id: str
+    api_key: str
+    webhook_secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+async def make_account(redis: Redis, name: str) -> Partner:
+    created = await Store(redis).create_account(name)
+    return Partner(created.account.id, created.api_key, created.account.webhook_secret)
+
+
+@pytest.fixture
+async def account(redis: Redis) -> Partner:
+    return await make_account(redis, "partner")
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            yield http
+
+
+@pytest.fixture
+def receiver(account: Partner) -> Iterator[Receiver]:
+    server = Receiver(account.webhook_secret).start()
+    yield server
+    server.stop()
+
+
+def make_worker(settings: Settings, **overrides: Any) -> Worker:
+    return Worker(**{**worker_settings(settings), "handle_signals": False, **overrides})
+
+
+async def run_burst(settings: Settings) -> Worker:
+    """Run a worker until the queue (including deferred retries) is empty."""
+    worker = make_worker(settings, burst=True)
+    try:
+        await worker.async_run()
+    finally:
+        await worker.close()
+    return worker
+
+
+@pytest.fixture
+async def worker(settings: Settings) -> AsyncIterator[Worker]:
+    """A worker running in the background for the whole test, as in production."""
+    running = make_worker(settings)
+    task = asyncio.create_task(running.async_run())
+    yield running
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await running.close()
+
+
+def with_settings(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, **changes)
