@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pyvips
 
+from jobs.vips_errors import describe_vips_error
+
 
 class ImageFormat(enum.StrEnum):
     JPEG = "jpeg"
@@ -111,16 +113,9 @@ def read_header(path: str, fmt: ImageFormat) -> ImageHeader:
             # would otherwise get the previous file's header.
             image = pyvips.Image.new_from_file(path, access="sequential", fail_on="error", revalidate=True)
         except pyvips.Error as exc:
-            raise UnreadableImage(_first_error_line(exc, path)) from exc
+            raise UnreadableImage(describe_vips_error(exc, "not a readable image")) from exc
     loader = str(image.get("vips-loader"))
     if loader not in _LOADERS[fmt]:
         raise UnreadableImage(f"the file starts like {fmt} but libvips reads it with {loader}")
     pages = int(image.get("n-pages")) if "n-pages" in image.get_fields() else 1
     return ImageHeader(format=fmt, width=int(image.width), height=int(image.height), pages=pages)
-
-
-def _first_error_line(exc: pyvips.Error, path: str) -> str:
-    lines = [line.strip() for line in str(exc.detail).splitlines() if line.strip()]
-    if not lines:
-        return "not a readable image"
-    return lines[0].replace(f'"{path}"', "the file").replace(path, "the file")

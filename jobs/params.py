@@ -8,6 +8,7 @@ them, so the validation and the published schema can never disagree.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -40,7 +41,7 @@ class Bounds:
 class _FieldSpec:
     name: str
     kinds: tuple[type, ...]  # int, float, bool, str
-    choices: tuple[str, ...] | None
+    choices: tuple[str | int, ...] | None
     optional: bool
     bounds: Bounds | None
     default: Any
@@ -101,11 +102,10 @@ class Params:
     def json_schema(cls) -> dict[str, Any]:
         properties: dict[str, Any] = {}
         for spec in cls._field_specs():
-            schema: dict[str, Any]
+            json_type = _JSON_TYPES[spec.kinds[0]]
+            schema: dict[str, Any] = {"type": [json_type, "null"] if spec.optional else json_type}
             if spec.choices is not None:
-                schema = {"type": "string", "enum": list(spec.choices)}
-            else:
-                schema = {"type": _JSON_TYPES[spec.kinds[0]]}
+                schema["enum"] = [*spec.choices, None] if spec.optional else list(spec.choices)
             if spec.bounds is not None:
                 if spec.bounds.minimum is not None:
                     schema["minimum"] = spec.bounds.minimum
@@ -150,8 +150,12 @@ def _spec_for(model: type, field: dataclasses.Field[Any]) -> _FieldSpec:
     choices = None
     kinds: tuple[type, ...]
     if get_origin(hint) is Literal:
-        choices = tuple(str(choice) for choice in get_args(hint))
-        kinds = (str,)
+        choices = get_args(hint)
+        # One JSON type per field: `Literal[2, 4, 8]` takes the numbers 2, 4, 8 and not the strings.
+        literal_kinds = {type(choice) for choice in choices}
+        if len(literal_kinds) != 1 or not literal_kinds <= {str, int}:
+            raise TypeError(f"{model.__name__}.{field.name}: Literal choices must be all str or all int")
+        kinds = (literal_kinds.pop(),)
     elif hint is float:
         kinds = (float, int)
     elif hint in (int, bool, str):
@@ -180,8 +184,11 @@ def _coerce(spec: _FieldSpec, value: object) -> object:
         raise ValueError(f"must be {_describe(spec)}")
     if not isinstance(value, spec.kinds):
         raise ValueError(f"must be {_describe(spec)}")
+    # JSON has no NaN or Infinity, but Python's json module reads them, and NaN passes every bound.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be a finite number")
     if spec.choices is not None and value not in spec.choices:
-        raise ValueError(f"must be one of: {', '.join(spec.choices)}")
+        raise ValueError(f"must be {_describe(spec)}")
     if spec.bounds is not None and isinstance(value, int | float):
         low, high = spec.bounds.minimum, spec.bounds.maximum
         if (low is not None and value < low) or (high is not None and value > high):
@@ -193,7 +200,7 @@ def _coerce(spec: _FieldSpec, value: object) -> object:
 
 def _describe(spec: _FieldSpec) -> str:
     if spec.choices is not None:
-        return f"one of: {', '.join(spec.choices)}"
+        return f"one of: {', '.join(str(choice) for choice in spec.choices)}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[spec.kinds[0]]
 
 

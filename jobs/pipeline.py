@@ -23,6 +23,7 @@ from jobs.operations import (
     output_options,
     thumbnail_args,
 )
+from jobs.vips_errors import describe_vips_error
 
 # Truncated or corrupt data is an error, not a grey half-picture.
 FAIL_ON = "error"
@@ -131,7 +132,7 @@ def render(
     except pyvips.Error as exc:
         if kill_switch is not None and kill_switch.fired:
             raise ProcessingError("timeout", "processing took longer than the job time limit") from None
-        raise ProcessingError(_error_code(exc), _clean_message(exc)) from None
+        raise ProcessingError(_error_code(exc), describe_vips_error(exc)) from None
     return RenderedImage(destination, output_format, image.width, image.height, destination.stat().st_size)
 
 
@@ -202,12 +203,3 @@ def _error_code(exc: pyvips.Error) -> str:
     if "security limit" in text or "out of memory" in text:
         return "image_too_large"
     return "corrupt_image"
-
-
-def _clean_message(exc: pyvips.Error) -> str:
-    """libvips' first meaningful line, without file paths of ours."""
-    for line in str(exc.detail or exc.message).splitlines():
-        line = line.strip()
-        if line and "unable to" not in line:
-            return line.split(": ", 1)[-1] if line.startswith("/") else line
-    return "the image could not be decoded"

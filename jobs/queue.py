@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, Self
 
 from arq.connections import ArqRedis
 from arq.utils import timestamp_ms
+from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 log = logging.getLogger("darkroom.queue")
@@ -35,7 +36,21 @@ async def enqueue(
         await redis.publish(wake_channel(queue_name), b"1")
 
 
-class WakeableArqRedis(ArqRedis):
+class QueuePool(ArqRedis):
+    """arq's pool, for producers and for a worker that polls."""
+
+    async def close(self, close_connection_pool: bool | None = None) -> None:
+        """arq's Worker.close still calls redis-py's deprecated `close`."""
+        await self.aclose(close_connection_pool)
+
+    @classmethod
+    def connect(cls, redis_url: str, queue_name: str) -> Self:
+        pool = cls(ConnectionPool.from_url(redis_url), default_queue_name=queue_name)
+        pool.auto_close_connection_pool = True  # this client owns its connections: aclose() ends them
+        return pool
+
+
+class WakeableArqRedis(QueuePool):
     """The worker's pool: arq's queue poll waits for a wake-up instead of returning empty."""
 
     def __init__(self, *args: Any, idle_wait: float = 0.5, **kwargs: Any) -> None:
@@ -53,10 +68,6 @@ class WakeableArqRedis(ArqRedis):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
 
-    async def close(self, close_connection_pool: bool | None = None) -> None:
-        """arq's Worker.close still calls redis-py's deprecated `close`."""
-        await self.aclose(close_connection_pool)
-
     async def zrangebyscore(self, name: Any, *args: Any, **kwargs: Any) -> Any:
         if self._listener is None or name != self.default_queue_name:
             return await super().zrangebyscore(name, *args, **kwargs)
@@ -65,9 +76,17 @@ class WakeableArqRedis(ArqRedis):
         if found:
             return found
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._woken.wait(), self.idle_wait)
+            await asyncio.wait_for(self._woken.wait(), await self._seconds_to_wait(name))
         kwargs["max"] = timestamp_ms()
         return await super().zrangebyscore(name, *args, **kwargs)
+
+    async def _seconds_to_wait(self, queue_name: Any) -> float:
+        """Until the next deferred job is due (a retry starts on time), at most `idle_wait`."""
+        earliest = await super().zrange(queue_name, 0, 0, withscores=True)
+        if not earliest:
+            return self.idle_wait
+        due_in = (float(earliest[0][1]) - timestamp_ms()) / 1000
+        return min(self.idle_wait, max(0.0, due_in))
 
     async def _listen(self) -> None:
         channel = wake_channel(self.default_queue_name)

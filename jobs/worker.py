@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 from arq.worker import func
-from redis.asyncio import ConnectionPool
 
 from jobs import notify, processing
 from jobs.deps import WorkerDeps
@@ -33,7 +32,7 @@ async def deliver_webhook(ctx: dict[str, Any], msg_id: str, attempt_number: int)
 
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    redis: WakeableArqRedis = ctx["redis"]
+    redis = ctx["redis"]
     configure_libvips()
     storage = LocalStorage(settings.storage_root)
     storage.prepare()
@@ -42,7 +41,8 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         follow_redirects=False,
     )
-    redis.start_listening()
+    if isinstance(redis, WakeableArqRedis):
+        redis.start_listening()
     ctx["deps"] = WorkerDeps(settings, redis, Store(redis), storage, http)
 
 
@@ -50,14 +50,13 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     deps: WorkerDeps | None = ctx.get("deps")
     if deps is not None:
         await deps.http.aclose()
-    await ctx["redis"].stop_listening()
+    if isinstance(ctx["redis"], WakeableArqRedis):
+        await ctx["redis"].stop_listening()
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings)."""
-    pool = WakeableArqRedis(
-        ConnectionPool.from_url(settings.require_redis()), default_queue_name=settings.queue_name
-    )
+    pool = WakeableArqRedis.connect(settings.require_redis(), settings.queue_name)
     return {
         "functions": [
             func(process_image, name=PROCESS_IMAGE, timeout=settings.job_timeout + 30),

@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from arq.connections import ArqRedis
-from redis.asyncio import ConnectionPool
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
 from jobs.pipeline import configure_libvips
+from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
@@ -28,9 +27,7 @@ def create_app(settings: Settings) -> Starlette:
         configure_libvips()
         storage = LocalStorage(settings.storage_root)
         storage.prepare()
-        redis = ArqRedis(
-            ConnectionPool.from_url(settings.require_redis()), default_queue_name=settings.queue_name
-        )
+        redis = QueuePool.connect(settings.require_redis(), settings.queue_name)
         app.state.redis = redis
         app.state.store = Store(redis)
         app.state.storage = storage

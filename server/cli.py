@@ -61,13 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--workers", type=int, default=1, help="worker processes")
     dev.set_defaults(run=_dev)
 
-    accounts = commands.add_parser("accounts", help="manage accounts").add_subparsers(dest="action", required=True)
+    accounts_parser = commands.add_parser("accounts", help="manage accounts")
+    accounts = accounts_parser.add_subparsers(dest="action", required=True)
     create = accounts.add_parser("create", help="create an account and print its API key and webhook secret")
     create.add_argument("--name", required=True)
     create.add_argument("--json", action="store_true", help="print JSON")
     create.set_defaults(run=_accounts_create)
 
-    webhooks = commands.add_parser("webhooks", help="webhook tools").add_subparsers(dest="action", required=True)
+    webhooks_parser = commands.add_parser("webhooks", help="webhook tools")
+    webhooks = webhooks_parser.add_subparsers(dest="action", required=True)
     listener = webhooks.add_parser("listen", help="receive, verify and print deliveries locally")
     listener.add_argument("--secret", required=True, help="the whsec_… secret to verify with")
     listener.add_argument("--port", type=int, default=8787)

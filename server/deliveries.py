@@ -31,7 +31,7 @@ async def list_deliveries(request: Request) -> Response:
     errors = []
     if status is not None and status not in ("pending", "delivered", "failed"):
         errors.append(FieldError("status", "must be one of: pending, delivered, failed"))
-    if not limit_raw.isdigit() or not 1 <= int(limit_raw) <= MAX_PAGE_SIZE:
+    if not (limit_raw.isascii() and limit_raw.isdigit()) or not 1 <= int(limit_raw) <= MAX_PAGE_SIZE:
         errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}"))
     if errors:
         raise validation_problem(errors)

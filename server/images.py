@@ -74,12 +74,15 @@ def _validate_fields(fields: dict[str, str]) -> tuple[list[dict[str, Any]], str 
         metadata = {}
     elif not isinstance(metadata, dict):
         errors.append(FieldError("metadata", "must be a JSON object"))
-    elif len(json.dumps(metadata).encode()) > MAX_METADATA_BYTES:
+    elif len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
         errors.append(FieldError("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON"))
     if fields.get("batch_id"):
         errors.append(FieldError("batch_id", "batches are not available yet"))
     unknown = set(fields) - {"operations", "callback_url", "metadata", "batch_id"}
-    errors.extend(FieldError(name, "unknown field") for name in sorted(unknown))
+    errors.extend(
+        FieldError(name, "must be a file part with a filename" if name == "file" else "unknown field")
+        for name in sorted(unknown)
+    )
     if errors:
         raise validation_problem(errors)
     return operations, callback_url, metadata
@@ -176,7 +179,11 @@ async def list_images(request: Request) -> Response:
     errors: list[FieldError] = []
     limit = DEFAULT_PAGE_SIZE
     if "limit" in query:
-        if query["limit"].isdigit() and 1 <= int(query["limit"]) <= MAX_PAGE_SIZE:
+        if (
+            query["limit"].isascii()
+            and query["limit"].isdigit()
+            and 1 <= int(query["limit"]) <= MAX_PAGE_SIZE
+        ):
             limit = int(query["limit"])
         else:
             errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}"))

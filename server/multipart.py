@@ -14,6 +14,7 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from jobs.params import FieldError
 from jobs.storage import LocalStorage
 from server.problems import Problem
 
@@ -58,6 +59,8 @@ class _Receiver:
         self._field_value = bytearray()
         self._file: UploadedFile | None = None
         self._sink: BinaryIO | None = None
+        # Set by the closing boundary: a body cut short must not pass for a complete upload.
+        self.complete = False
 
     def callbacks(self) -> dict[str, object]:
         return {
@@ -68,6 +71,7 @@ class _Receiver:
             "on_headers_finished": self._headers_finished,
             "on_part_data": self._part_data,
             "on_part_end": self._part_end,
+            "on_end": self._end,
         }
 
     def _part_begin(self) -> None:
@@ -88,7 +92,15 @@ class _Receiver:
                 self._fail(Problem(422, "too_many_fields", f"at most {MAX_FIELDS} form fields"))
             return
         if len(self.result.files) >= self.max_files:
-            self._fail(Problem(422, "too_many_files", f"at most {self.max_files} file part(s) per request"))
+            message = f"at most {self.max_files} file part(s) per request"
+            self._fail(
+                Problem(
+                    422,
+                    "too_many_files",
+                    message,
+                    errors=[FieldError(self._field_name or "file", message)],
+                )
+            )
             return
         path, self._sink = self.storage.open_staging()
         filename = options[b"filename"].decode("utf-8", "replace")
@@ -121,6 +133,9 @@ class _Receiver:
             return
         self.close()
 
+    def _end(self) -> None:
+        self.complete = True
+
     def _fail(self, problem: Problem) -> None:
         if self.problem is None:
             self.problem = problem
@@ -148,7 +163,7 @@ async def receive_multipart(
         )
     declared = request.headers.get("content-length")
     body_limit = max_file_bytes * max_files + ENVELOPE_BYTES
-    if declared is not None and declared.isdigit() and int(declared) > body_limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_file_bytes)
     receiver = _Receiver(storage, max_file_bytes, max_files)
     parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
@@ -158,6 +173,8 @@ async def receive_multipart(
             if receiver.problem is not None:
                 raise receiver.problem
         parser.finalize()
+        if not receiver.complete:
+            raise Problem(400, "malformed_multipart", "the multipart body ended before its closing boundary")
     except Problem:
         receiver.result.discard()
         raise

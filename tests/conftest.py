@@ -15,6 +15,7 @@ from arq.worker import Worker
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
+from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.store import Store
 from jobs.worker import worker_settings
@@ -99,8 +100,11 @@ def make_worker(settings: Settings, **overrides: Any) -> Worker:
 
 
 async def run_burst(settings: Settings) -> Worker:
-    """Run a worker until the queue (including deferred retries) is empty."""
-    worker = make_worker(settings, burst=True)
+    """Run a worker until the queue (including deferred retries) is empty.
+
+    It polls a plain pool: the wake-up wait would hold a burst worker on an empty queue."""
+    pool = QueuePool.connect(settings.redis_url, settings.queue_name)
+    worker = make_worker(settings, burst=True, redis_pool=pool)
     try:
         await worker.async_run()
     finally:

@@ -73,6 +73,6 @@ def serve(
         if on_ready is not None:
             on_ready(bound_port)
         try:
-            server.serve_forever()
+            server.serve_forever(poll_interval=0.1)
         except KeyboardInterrupt:
             pass

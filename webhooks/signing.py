@@ -29,9 +29,13 @@ def generate_secret(num_bytes: int = 32) -> str:
 def _key(secret: str) -> bytes:
     encoded = secret.removeprefix(SECRET_PREFIX)
     try:
-        return base64.b64decode(encoded, validate=True)
+        key = base64.b64decode(encoded, validate=True)
     except ValueError:
         raise ValueError("a webhook secret is 'whsec_' followed by base64") from None
+    if not key:
+        # An empty HMAC key is a signature anyone can forge.
+        raise ValueError("a webhook secret must not be empty")
+    return key
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -75,15 +79,19 @@ def verify(
     sent = lowered.get("webhook-signature")
     if not msg_id or not raw_timestamp or not sent:
         raise WebhookVerificationError("missing webhook-id, webhook-timestamp or webhook-signature header")
-    try:
-        timestamp = int(raw_timestamp)
-    except ValueError:
-        raise WebhookVerificationError("webhook-timestamp is not an integer") from None
+    # Digits only: int() would also take "+1_614_265_330", which is not the text the sender signed.
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()):
+        raise WebhookVerificationError("webhook-timestamp is not unix seconds")
+    timestamp = int(raw_timestamp)
     current = time.time() if now is None else now
     if abs(current - timestamp) > tolerance:
         raise WebhookVerificationError("webhook-timestamp is outside the tolerance window")
-    expected = sign(secret, msg_id, timestamp, body)
+    expected = sign(secret, msg_id, timestamp, body).encode()
     for candidate in sent.split():
-        if candidate.startswith("v1,") and hmac.compare_digest(candidate, expected):
+        # Compared as bytes: compare_digest refuses str with non-ASCII characters (a raised TypeError,
+        # not a rejection), and header values can carry any Latin-1 character.
+        if candidate.startswith("v1,") and hmac.compare_digest(
+            candidate.encode("utf-8", "replace"), expected
+        ):
             return
     raise WebhookVerificationError("no matching signature")

@@ -1,0 +1,165 @@
+"""Webhook delivery: retries on the schedule, one id per message, every attempt on record."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from jobs import processing
+from jobs.deps import WorkerDeps
+from jobs.queue import QueuePool
+from jobs.settings import Settings
+from jobs.storage import LocalStorage
+from jobs.store import Store
+from tests import imagegen
+from tests.conftest import Partner, run_burst, with_settings
+from tests.receiver import Receiver
+from tests.test_spine import upload
+
+
+async def deliveries_log(client: httpx.AsyncClient, account: Partner, msg_id: str) -> dict[str, object]:
+    response = await client.get(f"/v1/deliveries/{msg_id}", headers=account.headers)
+    assert response.status_code == 200
+    log: dict[str, object] = response.json()
+    return log
+
+
+async def test_failed_attempts_retry_with_the_same_id_and_body(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    receiver.script(500, 503)
+    response = await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+    assert response.status_code == 202
+
+    await run_burst(settings)
+
+    first, second, third = receiver.wait_for(3)
+    assert {d.headers["webhook-id"] for d in (first, second, third)} == {first.headers["webhook-id"]}
+    assert first.body == second.body == third.body
+    assert all(d.verified for d in (first, second, third))
+    log = await deliveries_log(client, account, first.headers["webhook-id"])
+    assert log["status"] == "delivered"
+    attempts = log["attempts"]
+    assert isinstance(attempts, list)
+    assert [a["status_code"] for a in attempts] == [500, 503, 200]
+    assert [a["number"] for a in attempts] == [1, 2, 3]
+    assert attempts[0]["error"] == "HTTP 500"
+    assert attempts[0]["next_attempt_at"] is not None
+    assert log["next_attempt_at"] is None
+
+
+async def test_delivery_gives_up_when_the_schedule_is_spent(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    receiver.script(500, 500, 500, 500)
+    await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+
+    await run_burst(settings)
+
+    deliveries = receiver.wait_for(4)
+    assert len(deliveries) == 1 + len(settings.retry_schedule)
+    log = await deliveries_log(client, account, deliveries[0].headers["webhook-id"])
+    assert log["status"] == "failed"
+    listed = (await client.get("/v1/deliveries?status=failed", headers=account.headers)).json()
+    assert [item["id"] for item in listed["data"]] == [log["id"]]
+
+
+async def test_redirects_are_not_followed(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    receiver.script(302)
+    await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+
+    await run_burst(with_settings(settings, retry_schedule=()))
+
+    (delivery,) = receiver.wait_for(1)
+    log = await deliveries_log(client, account, delivery.headers["webhook-id"])
+    assert log["status"] == "failed"
+    attempts = log["attempts"]
+    assert isinstance(attempts, list)
+    assert "redirect" in attempts[0]["error"]
+
+
+async def test_unreachable_receiver_is_recorded_and_retried(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, unused_tcp_port: int
+) -> None:
+    response = await upload(
+        client, account, imagegen.jpeg(), callback_url=f"http://127.0.0.1:{unused_tcp_port}/hooks"
+    )
+    image_id = response.json()["id"]
+
+    await run_burst(with_settings(settings, retry_schedule=(0.05,)))
+
+    image = (await client.get(f"/v1/images/{image_id}", headers=account.headers)).json()
+    assert image["status"] == "completed"  # the image is fine; only its announcement failed
+    listed = (await client.get("/v1/deliveries", headers=account.headers)).json()
+    (log,) = listed["data"]
+    assert log["status"] == "failed"
+    assert [a["status_code"] for a in log["attempts"]] == [None, None]
+    assert all(a["error"].startswith("connection failed") for a in log["attempts"])
+
+
+@pytest.fixture
+async def deps(settings: Settings) -> AsyncIterator[WorkerDeps]:
+    redis = QueuePool.connect(settings.redis_url, settings.queue_name)
+    storage = LocalStorage(settings.storage_root)
+    storage.prepare()
+    async with httpx.AsyncClient() as http:
+        yield WorkerDeps(settings, redis, Store(redis), storage, http)
+    await redis.aclose()
+
+
+async def test_rerun_after_a_crash_announces_once(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver, deps: WorkerDeps
+) -> None:
+    """arq runs a job at least once: running the core again must not process or announce twice."""
+    image_id = (await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)).json()["id"]
+    await run_burst(settings)
+    done = await deps.store.get_image(image_id)
+    assert done is not None and done.status == "completed"
+
+    await processing.process_image(deps, image_id, job_try=2)
+    await run_burst(settings)
+
+    again = await deps.store.get_image(image_id)
+    assert again == done
+    (delivery,) = receiver.wait_for(1)
+    assert delivery.headers["webhook-id"] == done.event_message_id
+    listed = (await client.get("/v1/deliveries", headers=account.headers)).json()
+    assert len(listed["data"]) == 1
+
+
+async def test_rerun_of_an_interrupted_job_overwrites_its_output(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, deps: WorkerDeps
+) -> None:
+    """A job killed mid-processing restarts from `processing`; the output is replaced, not duplicated."""
+    image_id = (await upload(client, account, imagegen.jpeg())).json()["id"]
+    image = await deps.store.get_image(image_id)
+    assert image is not None
+    await deps.store.update_image(image.evolve(status="processing", attempts=1))
+
+    await processing.process_image(deps, image_id, job_try=2)
+    await processing.process_image(deps, image_id, job_try=3)
+
+    final = await deps.store.get_image(image_id)
+    assert final is not None and final.status == "completed" and final.attempts == 2
+    folder = deps.storage.path(f"{account.id}/{image_id}")
+    assert sorted(p.name for p in folder.iterdir()) == ["original", "output.jpg"]
+
+
+async def test_a_job_that_keeps_killing_its_worker_ends_failed(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver, deps: WorkerDeps
+) -> None:
+    image_id = (await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)).json()["id"]
+
+    await processing.process_image(deps, image_id, job_try=settings.max_attempts + 1)
+    await run_burst(settings)
+
+    image = (await client.get(f"/v1/images/{image_id}", headers=account.headers)).json()
+    assert image["status"] == "failed"
+    assert image["error"]["code"] == "worker_crashed"
+    (delivery,) = receiver.wait_for(1)
+    assert json.loads(delivery.body)["type"] == "image.failed"

@@ -1,0 +1,436 @@
+"""End to end with the real processes: `uvicorn server.app:app`, `arq jobs.worker.WorkerSettings`,
+`darkroom dev`, `darkroom accounts create` and `darkroom webhooks listen`, each a child process talking
+over real sockets, with a real receiver verifying signatures with the `standardwebhooks` package.
+
+Nothing here sleeps for a fixed time: tests wait on the receiver, on a child's output, or poll an
+endpoint until a bounded deadline. Every child runs in its own session and is stopped (its whole process
+group killed if need be) when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+import pytest
+import pyvips
+import redis
+
+from server.embedded_redis import EmbeddedRedis
+from tests import imagegen
+from tests.receiver import Receiver
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+START_TIMEOUT = 30.0
+WEBHOOK_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+RETRY_SCHEDULE = "0.05,0.05,0.05"
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Child:
+    """A child process whose combined stdout and stderr are read line by line on a thread."""
+
+    def __init__(self, name: str, args: Sequence[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.process = subprocess.Popen(
+            list(args),
+            env=env,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: teardown can stop every descendant
+        )
+        self.lines: list[str] = []
+        self._new_lines: queue.Queue[str | None] = queue.Queue()
+        assert self.process.stdout is not None
+        self._stdout: IO[bytes] = self.process.stdout
+        self._reader = threading.Thread(target=self._read, name=f"read-{name}", daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self) -> None:
+        for raw in self._stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            self._new_lines.put(line)
+        self._new_lines.put(None)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for_line(self, pattern: str, timeout: float = START_TIMEOUT) -> re.Match[str]:
+        """The first line (from now on) matching `pattern`; fails when the child exits or time runs out."""
+        compiled = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self._new_lines.get(timeout=max(remaining, 0))
+            except queue.Empty:
+                raise AssertionError(
+                    f"{self.name}: no line matching {pattern!r} within {timeout:g} s:\n{self.output()}"
+                ) from None
+            if line is None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.process.poll()}) before printing {pattern!r}:\n{self.output()}"
+                )
+            match = compiled.search(line)
+            if match:
+                return match
+
+    def interrupt(self) -> None:
+        """Ctrl-C: SIGINT to the process only (not its group)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+
+    def stop(self) -> None:
+        """SIGINT, then SIGKILL to the whole group if it lingers; always reaps and closes the pipe."""
+        try:
+            self.interrupt()
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            _kill_group(self.process.pid)
+            self.process.wait()
+            self._reader.join(STOP_TIMEOUT)
+            self._stdout.close()
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone: every member has exited
+
+
+class Children:
+    """Starts children for one test; stops all of them at teardown, whatever happened."""
+
+    def __init__(self) -> None:
+        self.started: list[Child] = []
+
+    def start(self, name: str, args: Sequence[str], env: dict[str, str]) -> Child:
+        child = Child(name, args, env)
+        self.started.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        errors: list[BaseException] = []
+        for child in reversed(self.started):
+            try:
+                child.stop()
+            except BaseException as exc:  # stop the others before reporting
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def children() -> Iterator[Children]:
+    started = Children()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def base_env(data_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DARKROOM_", "REDIS_URL", "PORT"))}
+    return {
+        **env,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONIOENCODING": "utf-8",
+        "DARKROOM_DATA_DIR": str(data_dir),
+        "PORT": str(port),
+        "DARKROOM_RETRY_SCHEDULE": RETRY_SCHEDULE,
+    }
+
+
+def wait_until_ready(base_url: str, watched: Sequence[Child], timeout: float = START_TIMEOUT) -> None:
+    """Poll /readyz until it answers 200 (bounded); fail early if a child exits."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(base_url=base_url, timeout=2) as http:
+        while True:
+            for child in watched:
+                if child.process.poll() is not None:
+                    raise AssertionError(f"{child.name} exited with {child.process.returncode}:\n{child.output()}")
+            try:
+                if http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {child.name}\n{child.output()}" for child in watched)
+                raise AssertionError(f"{base_url}/readyz not ready within {timeout:g} s\n{logs}")
+            time.sleep(0.05)
+
+
+def poll(check: Callable[[], Any], what: str, timeout: float = WEBHOOK_TIMEOUT) -> Any:
+    """`check()` until it returns something truthy, within a bounded deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} within {timeout:g} s")
+        time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Account:
+    account_id: str
+    api_key: str
+    webhook_secret: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def create_account(env: dict[str, str], name: str) -> Account:
+    done = subprocess.run(
+        [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout)
+    assert set(created) == {"account_id", "api_key", "webhook_secret"}
+    assert created["api_key"].startswith("sk_live_")
+    assert created["webhook_secret"].startswith("whsec_")
+    return Account(**created)
+
+
+def upload(
+    base_url: str, account: Account, data: bytes, operations: list[dict[str, Any]], callback_url: str
+) -> dict[str, Any]:
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        response = http.post(
+            "/v1/images",
+            headers=account.headers,
+            files={"file": ("photo.jpg", data, "image/jpeg")},
+            data={"operations": json.dumps(operations), "callback_url": callback_url},
+        )
+    assert response.status_code == 202, response.text
+    image: dict[str, Any] = response.json()
+    return image
+
+
+RESIZE_TO_160 = [{"type": "resize", "params": {"width": 160}}, {"type": "convert", "params": {"format": "jpeg"}}]
+
+
+def check_output(base_url: str, account: Account, image_id: str, size: tuple[int, int]) -> None:
+    with httpx.Client(base_url=base_url, timeout=10) as http:
+        output = http.get(f"/v1/images/{image_id}/output", headers=account.headers)
+    assert output.status_code == 200, output.text
+    assert output.headers["content-type"] == "image/jpeg"
+    decoded = pyvips.Image.new_from_buffer(output.content, "")
+    assert (decoded.width, decoded.height) == size
+
+
+@dataclass(frozen=True)
+class Stack:
+    """`web` and `worker` as the Procfile runs them."""
+
+    base_url: str
+    env: dict[str, str]
+    web: Child
+    worker: Child
+
+
+@pytest.fixture
+def stack(children: Children, redis_server: EmbeddedRedis, tmp_path: Path) -> Stack:
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()  # nothing left over from in-process tests reaches these workers
+    finally:
+        client.close()
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = {
+        **base_env(tmp_path / "data", port),
+        "REDIS_URL": redis_server.url,
+        "DARKROOM_PUBLIC_URL": base_url,
+        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
+    }
+    web = children.start(
+        "web", [str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)], env
+    )
+    worker = children.start("worker", [str(BIN / "arq"), "jobs.worker.WorkerSettings"], env)
+    wait_until_ready(base_url, [web, worker])
+    return Stack(base_url, env, web, worker)
+
+
+def test_web_and_worker_processes_deliver_a_signed_webhook(stack: Stack) -> None:
+    account = create_account(stack.env, "partner")
+    receiver = Receiver(account.webhook_secret).start()
+    try:
+        image = upload(stack.base_url, account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
+        (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+    assert delivery.verified
+    assert delivery.answered == 200
+    assert delivery.headers["webhook-id"].startswith("msg_")
+    event = delivery.event
+    assert event["type"] == "image.completed"
+    assert event["data"]["id"] == image["id"]
+    assert event["data"]["status"] == "completed"
+    assert event["data"]["output"]["url"] == f"{stack.base_url}/v1/images/{image['id']}/output"
+    check_output(stack.base_url, account, image["id"], (160, 120))
+
+
+def test_failed_delivery_is_retried_with_the_same_message_id(stack: Stack) -> None:
+    account = create_account(stack.env, "flaky")
+    receiver = Receiver(account.webhook_secret).start()
+    receiver.script(500)
+    try:
+        upload(stack.base_url, account, imagegen.jpeg(320, 240), RESIZE_TO_160, receiver.url)
+        first, second = receiver.wait_for(2, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+    assert (first.answered, second.answered) == (500, 200)
+    assert first.verified and second.verified
+    msg_id = first.headers["webhook-id"]
+    assert second.headers["webhook-id"] == msg_id
+    assert first.body == second.body
+
+    def delivered() -> dict[str, Any] | None:
+        with httpx.Client(base_url=stack.base_url, timeout=5) as http:
+            log: dict[str, Any] = http.get(f"/v1/deliveries/{msg_id}", headers=account.headers).json()
+        return log if log["status"] == "delivered" else None
+
+    # The receiver sees the second attempt a moment before the worker records its answer.
+    log = poll(delivered, "recorded as delivered")
+    assert [attempt["status_code"] for attempt in log["attempts"]] == [500, 200]
+
+
+def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: Children) -> None:
+    account = create_account(stack.env, "listener")
+    port = free_port()
+    listener = children.start(
+        "listen",
+        [str(BIN / "darkroom"), "webhooks", "listen", "--secret", account.webhook_secret, "--port", str(port)],
+        stack.env,
+    )
+    listener.wait_for_line(rf"Listening for Darkroom webhooks on http://127\.0\.0\.1:{port}/")
+
+    forged = httpx.post(
+        f"http://127.0.0.1:{port}/",
+        content=b'{"type":"image.completed"}',
+        headers={"webhook-id": "msg_forged", "webhook-timestamp": str(int(time.time())),
+                 "webhook-signature": "v1,AAAA"},
+    )
+    assert forged.status_code == 400
+    listener.wait_for_line(r"✗ rejected msg_forged")
+
+    image = upload(stack.base_url, account, imagegen.jpeg(320, 240), RESIZE_TO_160, f"http://127.0.0.1:{port}/")
+    printed = listener.wait_for_line(r"✓ image\.completed (msg_\S+) (img_\S+) completed", WEBHOOK_TIMEOUT)
+    assert printed.group(2) == image["id"]
+    listener.wait_for_line(r'"type": "image.completed"')
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every live descendant of `root`, with its command line (from /proc)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = _cmdline(pid)
+                frontier.append(pid)
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tmp_path: Path) -> None:
+    data_dir = tmp_path / "dev-data"
+    port = free_port()
+    dev = children.start("darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)],
+                         base_env(data_dir, port))
+    key = dev.wait_for_line(r"API key:\s+(sk_live_\S+)").group(1)
+    secret = dev.wait_for_line(r"Webhook secret:\s+(whsec_\S+)").group(1)
+    base_url = f"http://127.0.0.1:{port}"
+    wait_until_ready(base_url, [dev])
+    account = Account("", key, secret)
+
+    receiver = Receiver(secret).start()
+    try:
+        image = upload(base_url, account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
+        (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+    assert delivery.verified
+    assert delivery.event["data"]["id"] == image["id"]
+    assert delivery.event["data"]["output"]["url"].startswith(base_url)
+    check_output(base_url, account, image["id"], (160, 120))
+
+    running = descendants(dev.pid)
+    commands = " | ".join(running.values())
+    assert "redis-server" in commands and "uvicorn" in commands and "arq" in commands, commands
+
+    dev.interrupt()
+    try:
+        code = dev.process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"darkroom dev still running {STOP_TIMEOUT:g} s after Ctrl-C:\n{dev.output()}") from None
+    assert code == 0, dev.output()
+    left = {pid: command for pid, command in running.items() if alive(pid)}
+    assert not left, f"still running after darkroom dev exited: {left}"
+    assert list((data_dir / "redis").glob("**/*.aof")), sorted(map(str, data_dir.rglob("*")))
