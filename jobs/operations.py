@@ -91,11 +91,15 @@ def thumbnail_args(source_width: int, source_height: int, params: ResizeParams) 
     if params.fit == "cover":
         return ThumbnailArgs(width, height, size, "centre")
     if params.fit == "fill":
+        if not params.enlarge:
+            # Each axis on its own: shrink where the source is bigger than the box, never stretch.
+            width, height = min(width, source_width), min(height, source_height)
         return ThumbnailArgs(width, height, "force", None)
-    scale = max(width / source_width, height / source_height)
-    if not params.enlarge:
-        scale = min(scale, 1.0)
-    return ThumbnailArgs(max(1, round(source_width * scale)), _UNBOUNDED, size, None)
+    # `outside`: scale by the axis that needs the bigger scale and leave the other unbounded, so that
+    # axis lands exactly on the box. (Rounding the other axis to a width first can leave it short.)
+    if height * source_width >= width * source_height:
+        return ThumbnailArgs(_UNBOUNDED, height, size, None)
+    return ThumbnailArgs(width, _UNBOUNDED, size, None)
 
 
 def resize(image: pyvips.Image, params: ResizeParams) -> pyvips.Image:

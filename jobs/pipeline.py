@@ -118,6 +118,7 @@ def render(
     convert = output_options(chain)
     output_format = convert.format if convert else default_output_format(input_format)
     saver = SAVERS[output_format]
+    destination = destination_stem.with_suffix(saver.suffix)
     try:
         image, remaining = _load(source, chain)
         for operation in remaining:
@@ -125,11 +126,12 @@ def render(
             if apply is not None:
                 image = apply(image, operation.params)
         image = _prepare_for_save(image, saver)
-        destination = destination_stem.with_suffix(saver.suffix)
         if kill_switch is not None:
             kill_switch.arm(image)
         getattr(image, saver.operation)(str(destination), **_save_options(output_format, saver, convert))
     except pyvips.Error as exc:
+        # Some savers (tiffsave) leave what they wrote before the error; nobody would clean it up.
+        destination.unlink(missing_ok=True)
         if kill_switch is not None and kill_switch.fired:
             raise ProcessingError("timeout", "processing took longer than the job time limit") from None
         raise ProcessingError(_error_code(exc), describe_vips_error(exc)) from None
