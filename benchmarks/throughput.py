@@ -13,7 +13,7 @@ pyvips in this process:
   operation cache off as in the worker;
 - service throughput: --images uploads, --concurrency in flight, from the first upload sent to the last
   signed webhook received (a local aiohttp receiver verifies each signature);
-- overhead: --latency-images uploads one at a time; for each, (webhook received − upload sent) − the raw
+- overhead: --latency-images uploads one at a time; for each, (webhook received - upload sent) - the raw
   time of the same photo measured here (median of three single runs).
 
 Prints one JSON object. Issue 2's goals: ratio ≥ 0.8, overhead p50 ≤ 25 ms.
@@ -72,7 +72,8 @@ def find_photos(generated_dir: Path) -> tuple[list[Path], str]:
             if path.suffix.lower() not in (".jpg", ".jpeg"):
                 continue
             header = pyvips.Image.new_from_file(str(path))
-            if header.width * header.height >= MIN_PIXELS and header.get("vips-loader") == "jpegload":
+            # ultra-hdr.jpg loads through libvips' uhdrload: still a JPEG file, as Darkroom sniffs it.
+            if header.width * header.height >= MIN_PIXELS:
                 found.append(path)
         if found:
             return found, str(CORPUS)
@@ -129,8 +130,7 @@ def raw_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> flo
 
 
 def pipeline_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> float:
-    """Diagnostic: Darkroom's own `jobs.pipeline.render` in-process (what the worker runs, minus the service)."""
-    from jobs.formats import ImageFormat  # noqa: F401  (imported for its side effects on pyvips, if any)
+    """Diagnostic: Darkroom's `jobs.pipeline.render` in this process (the worker's work, no service)."""
     from jobs.operations import parse_operations
     from jobs.pipeline import render
 
@@ -210,8 +210,18 @@ def running_service(work_dir: Path, worker_concurrency: int | None, profile: str
         if profile in ("web", "worker"):
             target = web_cmd if profile == "web" else worker_cmd
             out = logs / f"{profile}.speedscope.json"
-            target[:] = [str(BIN / "py-spy"), "record", "-f", "speedscope", "-o", str(out), "--idle",
-                         "--threads", "--", *target]
+            target[:] = [
+                str(BIN / "py-spy"),
+                "record",
+                "-f",
+                "speedscope",
+                "-o",
+                str(out),
+                "--idle",
+                "--threads",
+                "--",
+                *target,
+            ]
         try:
             service.start("web", web_cmd)
             service.start("worker", worker_cmd)
@@ -223,7 +233,10 @@ def running_service(work_dir: Path, worker_concurrency: int | None, profile: str
 def create_account(env: dict[str, str]) -> dict[str, str]:
     done = subprocess.run(
         [str(BIN / "darkroom"), "accounts", "create", "--name", "benchmark", "--json"],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     account: dict[str, str] = json.loads(done.stdout)
     return account
@@ -292,7 +305,9 @@ class Receiver:
         return await asyncio.wait_for(self._future(image_id), DONE_TIMEOUT)
 
 
-async def upload(session: aiohttp.ClientSession, base_url: str, api_key: str, data: bytes, callback: str) -> str:
+async def upload(
+    session: aiohttp.ClientSession, base_url: str, api_key: str, data: bytes, callback: str
+) -> str:
     form = aiohttp.FormData()
     form.add_field("file", data, filename="photo.jpg", content_type="image/jpeg")
     form.add_field("operations", OPERATIONS)
@@ -333,7 +348,9 @@ async def measure_service(
 
             async def one(photo: Path) -> tuple[float, float]:
                 sent = time.perf_counter()
-                image_id = await upload(session, service.base_url, account["api_key"], contents[photo], receiver.url)
+                image_id = await upload(
+                    session, service.base_url, account["api_key"], contents[photo], receiver.url
+                )
                 return sent, await receiver.wait(image_id)
 
             for photo in warmup:  # first requests import lazily, fill pools, warm libvips
@@ -400,15 +417,25 @@ def timed(label: str, action: Callable[[], Any]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=120, help="images for the throughput runs (≥ 100)")
     parser.add_argument("--concurrency", type=int, default=12, help="service uploads in flight")
-    parser.add_argument("--worker-concurrency", type=int, default=None,
-                        help="sets DARKROOM_WORKER_CONCURRENCY for the worker (default: the setting's)")
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=None,
+        help="sets DARKROOM_WORKER_CONCURRENCY for the worker (default: the setting's)",
+    )
     parser.add_argument("--latency-images", type=int, default=40, help="one-at-a-time uploads (≥ 30)")
     parser.add_argument("--raw-threads", default="2,4", help="thread counts for raw pyvips; the best counts")
-    parser.add_argument("--profile", choices=["web", "worker"], default=None,
-                        help="run that process under py-spy record (speedscope file in the logs dir)")
+    parser.add_argument(
+        "--profile",
+        choices=["web", "worker"],
+        default=None,
+        help="run that process under py-spy record (speedscope file in the logs dir)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     args = parser.parse_args(argv)
 

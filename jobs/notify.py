@@ -6,6 +6,7 @@ does not record the attempt twice, and always makes sure the following attempt i
 
 from __future__ import annotations
 
+from jobs import stats
 from jobs.deps import WorkerDeps
 from jobs.events import iso_in, schedule_delivery, seconds_until
 from jobs.records import utc_now
@@ -50,5 +51,8 @@ async def _attempt(deps: WorkerDeps, message: Message, attempt_number: int) -> M
             "delivered" if outcome.succeeded else ("pending" if delay is not None else "failed")
         )
         updated = message.with_attempt(attempt, status)
-    await deps.store.messages.save(updated)
+    async with deps.redis.pipeline(transaction=True) as pipe:
+        deps.store.messages.stage_save(pipe, updated)
+        stats.count(pipe, f"webhook_attempts:{'delivered' if attempt.succeeded else 'failed'}")
+        await pipe.execute()
     return updated

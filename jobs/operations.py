@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import pyvips
 
-from jobs.params import Bounds, FieldError, Params, ValidationFailed
+from jobs.params import Bounds, FieldError, Params, Pattern, ValidationFailed
 
 MAX_DIMENSION = 16_384
 MAX_CHAIN_LENGTH = 32
@@ -20,6 +20,7 @@ OutputFormat = Literal["jpeg", "png", "webp", "avif", "tiff", "gif"]
 Fit = Literal["inside", "contain", "cover", "fill", "outside"]
 
 Dimension = Annotated[int | None, Bounds(1, MAX_DIMENSION)]
+Colour = Annotated[str, Pattern("#?(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})", "a colour like #ffffff")]
 
 
 @dataclass(frozen=True)
@@ -31,15 +32,11 @@ class ResizeParams(Params):
     height: Dimension = None
     fit: Fit = "inside"
     enlarge: bool = False
-    background: str = "#ffffff"
+    background: Colour = "#ffffff"
 
     def problems(self) -> Any:
         if self.width is None and self.height is None:
             yield FieldError("width", "give width, height or both")
-        try:
-            parse_colour(self.background)
-        except ValueError as exc:
-            yield FieldError("background", str(exc))
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -38,12 +39,21 @@ class Bounds:
 
 
 @dataclass(frozen=True)
+class Pattern:
+    """A string field's shape: `regex` must match the whole value; `description` names it for people."""
+
+    regex: str
+    description: str
+
+
+@dataclass(frozen=True)
 class _FieldSpec:
     name: str
     kinds: tuple[type, ...]  # int, float, bool, str
     choices: tuple[str | int, ...] | None
     optional: bool
     bounds: Bounds | None
+    pattern: Pattern | None
     default: Any
     required: bool
 
@@ -111,6 +121,9 @@ class Params:
                     schema["minimum"] = spec.bounds.minimum
                 if spec.bounds.maximum is not None:
                     schema["maximum"] = spec.bounds.maximum
+            if spec.pattern is not None:
+                # JSON Schema patterns are unanchored; ours match the whole value.
+                schema["pattern"] = f"^(?:{spec.pattern.regex})$"
             if spec.default is not None and spec.default is not dataclasses.MISSING:
                 schema["default"] = spec.default
             properties[spec.name] = schema
@@ -138,10 +151,11 @@ _JSON_TYPES: dict[type, str] = {int: "integer", float: "number", bool: "boolean"
 
 def _spec_for(model: type, field: dataclasses.Field[Any]) -> _FieldSpec:
     hint = typing.get_type_hints(model, include_extras=True)[field.name]
-    bounds = None
+    bounds = pattern = None
     if get_origin(hint) is typing.Annotated:
         hint, *extras = get_args(hint)
         bounds = next((extra for extra in extras if isinstance(extra, Bounds)), None)
+        pattern = next((extra for extra in extras if isinstance(extra, Pattern)), None)
     optional = False
     if get_origin(hint) in (typing.Union, types.UnionType):
         members = [arg for arg in get_args(hint) if arg is not type(None)]
@@ -162,6 +176,8 @@ def _spec_for(model: type, field: dataclasses.Field[Any]) -> _FieldSpec:
         kinds = (hint,)
     else:
         raise TypeError(f"{model.__name__}.{field.name}: unsupported parameter type {hint!r}")
+    if pattern is not None and kinds != (str,):
+        raise TypeError(f"{model.__name__}.{field.name}: a Pattern applies to str fields only")
     has_default = field.default is not dataclasses.MISSING
     return _FieldSpec(
         name=field.name,
@@ -169,6 +185,7 @@ def _spec_for(model: type, field: dataclasses.Field[Any]) -> _FieldSpec:
         choices=choices,
         optional=optional,
         bounds=bounds,
+        pattern=pattern,
         default=field.default if has_default else None,
         required=not has_default,
     )
@@ -193,6 +210,8 @@ def _coerce(spec: _FieldSpec, value: object) -> object:
         low, high = spec.bounds.minimum, spec.bounds.maximum
         if (low is not None and value < low) or (high is not None and value > high):
             raise ValueError(f"must be between {_number(low)} and {_number(high)}")
+    if spec.pattern is not None and isinstance(value, str) and not re.fullmatch(spec.pattern.regex, value):
+        raise ValueError(f"must be {spec.pattern.description}")
     if spec.kinds[0] is float and isinstance(value, int):
         return float(value)
     return value

@@ -104,8 +104,9 @@ async def _finish(
             event_type,
             final.resource(deps.settings.public_url),
         )
-    if await deps.store.finish_image(final, message):
-        await _announce(deps, final)
+    stored = await deps.store.finish_image(final, message)
+    if stored is not None:
+        await _announce(deps, stored)
 
 
 async def _announce(deps: WorkerDeps, image: ImageRecord) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+from jobs import stats
 from jobs.ids import new_id
 from jobs.records import Account, ImageRecord, utc_now
 from webhooks.messages import Message, MessageStore
@@ -97,6 +98,7 @@ class Store:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(image_key(image.id), image.to_json())
             pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
+            stats.count(pipe, "images_uploaded")
             await pipe.execute()
 
     async def get_image(self, image_id: str) -> ImageRecord | None:
@@ -112,21 +114,30 @@ class Store:
         """Save changes to an image that still exists; False if it was deleted meanwhile."""
         return bool(await self.redis.set(image_key(image.id), image.to_json(), xx=True))
 
-    async def finish_image(self, image: ImageRecord, message: Message | None) -> bool:
-        """Record the terminal state and its webhook message in one transaction: both or neither."""
+    async def finish_image(self, image: ImageRecord, message: Message | None) -> ImageRecord | None:
+        """Record the terminal state and its webhook message in one transaction: both or neither.
+
+        Returns the image as stored: ours, or the one an overlapping run of the same job finished first
+        (never overwritten), or None if its owner deleted it meanwhile.
+        """
         async with self.redis.pipeline(transaction=True) as pipe:
             await pipe.watch(image_key(image.id))
-            if not await pipe.exists(image_key(image.id)):
-                return False
+            raw = await pipe.get(image_key(image.id))
+            if raw is None:
+                return None
+            stored = ImageRecord.from_json(raw)
+            if stored.is_terminal:
+                return stored
             pipe.multi()  # type: ignore[no-untyped-call]
             pipe.set(image_key(image.id), image.to_json())
             if message is not None:
                 self.messages.stage_new(pipe, message)
+            stats.count_finished(pipe, image.status, image.error.code if image.error else None)
             try:
                 await pipe.execute()
-            except WatchError:  # deleted by its owner while we worked
-                return False
-        return True
+            except WatchError:  # changed under us: let the next run see what won
+                return await self.get_image(image.id)
+        return image
 
     async def delete_image(self, image: ImageRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

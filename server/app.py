@@ -17,7 +17,7 @@ from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from server import deliveries, health, images
+from server import deliveries, health, images, metrics, openapi
 from server.problems import Problem, handle_http_status, handle_problem
 
 
@@ -37,7 +37,7 @@ def create_app(settings: Settings) -> Starlette:
             await redis.aclose(close_connection_pool=True)
 
     app = Starlette(
-        routes=[*health.routes, *images.routes, *deliveries.routes],
+        routes=[*health.routes, *metrics.routes, *openapi.routes, *images.routes, *deliveries.routes],
         exception_handlers={Problem: handle_problem, HTTPException: handle_http_status},
         lifespan=lifespan,
     )

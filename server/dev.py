@@ -76,7 +76,9 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
         processes.append(subprocess.Popen(web, env=env))
         for _ in range(workers):
-            processes.append(subprocess.Popen([sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"], env=env))
+            processes.append(
+                subprocess.Popen([sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"], env=env)
+            )
         print(_banner(settings.public_url, account, created, data_dir), flush=True)
         return _wait_for_any_exit(processes)
     except KeyboardInterrupt:
@@ -95,7 +97,9 @@ def _wait_for_any_exit(processes: list[subprocess.Popen[bytes]]) -> int:
                 code = process.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 continue
-            print(f"darkroom dev: {' '.join(map(str, process.args[2:4]))} exited with {code}", file=sys.stderr)
+            print(
+                f"darkroom dev: {' '.join(map(str, process.args[2:4]))} exited with {code}", file=sys.stderr
+            )
             return code or 1
 
 

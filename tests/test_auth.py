@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import cast
 
 import httpx
 import pytest
@@ -120,7 +122,7 @@ async def test_unauthenticated_upload_stores_nothing(
 
 async def everything_in_redis(redis: Redis) -> bytes:
     """Every key and every value, whatever its type, as one blob to search."""
-    found = []
+    found: list[bytes] = []
     for key in await redis.keys("*"):
         kind = (await redis.type(key)).decode()
         found.append(key)
@@ -129,12 +131,14 @@ async def everything_in_redis(redis: Redis) -> bytes:
         elif kind == "zset":
             found.extend(await redis.zrange(key, 0, -1))
         elif kind == "hash":
-            for field, value in (await redis.hgetall(key)).items():
-                found.extend((field, value))
+            fields = await cast(Awaitable[dict[bytes, bytes]], redis.hgetall(key))
+            found.extend(part for item in fields.items() for part in item)
         elif kind == "list":
-            found.extend(await redis.lrange(key, 0, -1))
+            found.extend(await cast(Awaitable[list[bytes]], redis.lrange(key, 0, -1)))
         elif kind == "set":
-            found.extend(await redis.smembers(key))
+            found.extend(await cast(Awaitable[set[bytes]], redis.smembers(key)))
+        else:
+            raise AssertionError(f"{key!r} is a {kind}; teach this search to read it")
     return b"\n".join(found)
 
 

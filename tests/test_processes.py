@@ -9,6 +9,7 @@ group killed if need be) when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -99,7 +100,7 @@ class Child:
                 ) from None
             if line is None:
                 raise AssertionError(
-                    f"{self.name} exited ({self.process.poll()}) before printing {pattern!r}:\n{self.output()}"
+                    f"{self.name} exited ({self.process.poll()}) before {pattern!r}:\n{self.output()}"
                 )
             match = compiled.search(line)
             if match:
@@ -114,10 +115,8 @@ class Child:
         """SIGINT, then SIGKILL to the whole group if it lingers; always reaps and closes the pipe."""
         try:
             self.interrupt()
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
         finally:
             _kill_group(self.process.pid)
             self.process.wait()
@@ -126,10 +125,8 @@ class Child:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # gone: every member has exited
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is gone: every member has exited
 
 
 class Children:
@@ -182,7 +179,9 @@ def wait_until_ready(base_url: str, watched: Sequence[Child], timeout: float = S
         while True:
             for child in watched:
                 if child.process.poll() is not None:
-                    raise AssertionError(f"{child.name} exited with {child.process.returncode}:\n{child.output()}")
+                    raise AssertionError(
+                        f"{child.name} exited with {child.process.returncode}:\n{child.output()}"
+                    )
             try:
                 if http.get("/readyz").status_code == 200:
                     return
@@ -250,7 +249,10 @@ def upload(
     return image
 
 
-RESIZE_TO_160 = [{"type": "resize", "params": {"width": 160}}, {"type": "convert", "params": {"format": "jpeg"}}]
+RESIZE_TO_160 = [
+    {"type": "resize", "params": {"width": 160}},
+    {"type": "convert", "params": {"format": "jpeg"}},
+]
 
 
 def check_output(base_url: str, account: Account, image_id: str, size: tuple[int, int]) -> None:
@@ -344,7 +346,15 @@ def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: 
     port = free_port()
     listener = children.start(
         "listen",
-        [str(BIN / "darkroom"), "webhooks", "listen", "--secret", account.webhook_secret, "--port", str(port)],
+        [
+            str(BIN / "darkroom"),
+            "webhooks",
+            "listen",
+            "--secret",
+            account.webhook_secret,
+            "--port",
+            str(port),
+        ],
         stack.env,
     )
     listener.wait_for_line(rf"Listening for Darkroom webhooks on http://127\.0\.0\.1:{port}/")
@@ -352,13 +362,18 @@ def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: 
     forged = httpx.post(
         f"http://127.0.0.1:{port}/",
         content=b'{"type":"image.completed"}',
-        headers={"webhook-id": "msg_forged", "webhook-timestamp": str(int(time.time())),
-                 "webhook-signature": "v1,AAAA"},
+        headers={
+            "webhook-id": "msg_forged",
+            "webhook-timestamp": str(int(time.time())),
+            "webhook-signature": "v1,AAAA",
+        },
     )
     assert forged.status_code == 400
     listener.wait_for_line(r"✗ rejected msg_forged")
 
-    image = upload(stack.base_url, account, imagegen.jpeg(320, 240), RESIZE_TO_160, f"http://127.0.0.1:{port}/")
+    image = upload(
+        stack.base_url, account, imagegen.jpeg(320, 240), RESIZE_TO_160, f"http://127.0.0.1:{port}/"
+    )
     printed = listener.wait_for_line(r"✓ image\.completed (msg_\S+) (img_\S+) completed", WEBHOOK_TIMEOUT)
     assert printed.group(2) == image["id"]
     listener.wait_for_line(r'"type": "image.completed"')
@@ -402,8 +417,9 @@ def alive(pid: int) -> bool:
 def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tmp_path: Path) -> None:
     data_dir = tmp_path / "dev-data"
     port = free_port()
-    dev = children.start("darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)],
-                         base_env(data_dir, port))
+    dev = children.start(
+        "darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)], base_env(data_dir, port)
+    )
     key = dev.wait_for_line(r"API key:\s+(sk_live_\S+)").group(1)
     secret = dev.wait_for_line(r"Webhook secret:\s+(whsec_\S+)").group(1)
     base_url = f"http://127.0.0.1:{port}"
@@ -429,7 +445,9 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
     try:
         code = dev.process.wait(STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"darkroom dev still running {STOP_TIMEOUT:g} s after Ctrl-C:\n{dev.output()}") from None
+        raise AssertionError(
+            f"darkroom dev still running {STOP_TIMEOUT:g} s after Ctrl-C:\n{dev.output()}"
+        ) from None
     assert code == 0, dev.output()
     left = {pid: command for pid, command in running.items() if alive(pid)}
     assert not left, f"still running after darkroom dev exited: {left}"

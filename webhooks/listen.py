@@ -5,6 +5,7 @@ Standard library only, like `webhooks.signing`: it doubles as a reference receiv
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -68,11 +69,12 @@ def serve(
 ) -> None:
     with ThreadingHTTPServer((host, port), make_handler(secret, out)) as server:
         bound_port = server.server_address[1]
-        print(f"Listening for Darkroom webhooks on http://{host}:{bound_port}/ (Ctrl-C to stop)", file=out,
-              flush=True)
+        print(
+            f"Listening for Darkroom webhooks on http://{host}:{bound_port}/ (Ctrl-C to stop)",
+            file=out,
+            flush=True,
+        )
         if on_ready is not None:
             on_ready(bound_port)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever(poll_interval=0.1)
-        except KeyboardInterrupt:
-            pass

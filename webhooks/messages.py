@@ -83,14 +83,14 @@ class MessageStore:
         raw = await self.redis.get(message_key(msg_id))
         return None if raw is None else Message.from_json(raw)
 
-    async def save(self, message: Message) -> None:
-        await self.redis.set(message_key(message.id), message.to_json(), ex=RETENTION_SECONDS)
+    def stage_save(self, pipe: Any, message: Message) -> None:
+        pipe.set(message_key(message.id), message.to_json(), ex=RETENTION_SECONDS)
 
     def stage_new(self, pipe: Any, message: Message) -> None:
         """Add a new message to a caller's transaction, so it commits with the event it announces.
 
         The account index has one score for all, so it is ordered by id, and ids sort by time."""
-        pipe.set(message_key(message.id), message.to_json(), ex=RETENTION_SECONDS)
+        self.stage_save(pipe, message)
         pipe.zadd(account_messages_key(message.account_id), {message.id: 0})
 
     async def list_for_account(
