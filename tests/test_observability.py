@@ -1,0 +1,47 @@
+"""/metrics counts what every process did; /openapi.json describes exactly what the API validates."""
+
+from __future__ import annotations
+
+import httpx
+
+from jobs.operations import ResizeParams
+from jobs.settings import Settings
+from tests import imagegen
+from tests.conftest import Partner, run_burst
+from tests.receiver import Receiver
+from tests.test_spine import upload
+
+
+async def test_metrics_count_uploads_outcomes_and_deliveries(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+    await upload(client, account, imagegen.truncated_jpeg(), callback_url=receiver.url)
+    receiver.script(500)
+
+    await run_burst(settings)
+
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    lines = set(response.text.splitlines())
+    assert "darkroom_images_uploaded_total 2" in lines
+    assert 'darkroom_images_finished_total{status="completed"} 1' in lines
+    assert 'darkroom_images_finished_total{status="failed"} 1' in lines
+    assert 'darkroom_images_failed_total{code="corrupt_image"} 1' in lines
+    assert 'darkroom_webhook_attempts_total{outcome="failed"} 1' in lines
+    assert 'darkroom_webhook_attempts_total{outcome="delivered"} 2' in lines
+    assert "darkroom_queue_jobs 0" in lines
+
+
+async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.1")
+    schemas = spec["components"]["schemas"]
+    assert schemas["Operation_resize"]["properties"]["params"] == ResizeParams.json_schema()
+    width = schemas["Operation_resize"]["properties"]["params"]["properties"]["width"]
+    assert (width["minimum"], width["maximum"]) == (1, 16384)
+    assert "post" in spec["paths"]["/v1/images"]
+    docs = await client.get("/docs")
+    assert docs.status_code == 200
+    assert "/openapi.json" in docs.text
