@@ -27,15 +27,18 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +119,9 @@ def raw_single_times(photos: Sequence[Path], out_dir: Path, runs: int = 3) -> di
     return times
 
 
-def raw_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> float:
-    """Images per second for `sequence` through a pool of `threads`."""
+def raw_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> tuple[float, float]:
+    """Images per second for `sequence` through a pool of `threads`, and CPU ms used per image."""
+    cpu_before = own_cpu_seconds()
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         jobs = [
@@ -126,7 +130,36 @@ def raw_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> flo
         ]
         for job in jobs:
             job.result()
-    return len(sequence) / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return len(sequence) / elapsed, (own_cpu_seconds() - cpu_before) * 1000 / len(sequence)
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (Linux /proc), 0 where unreadable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(parent: int, name: str | None = None) -> list[int]:
+    """Child processes of `parent` (optionally only those whose command is `name`), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text.split("(", 1)[1].rsplit(")", 1)
+        if int(rest.split()[1]) == parent and name in (None, comm):
+            found.append(int(stat.parent.name))
+    return found
 
 
 def pipeline_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> float:
@@ -162,24 +195,49 @@ class Service:
     env: dict[str, str]
     logs: Path
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    profiled: set[int] = field(default_factory=set)  # pids of py-spy wrappers
 
-    def start(self, name: str, args: Sequence[str]) -> None:
+    def start(self, name: str, args: Sequence[str], profiled: bool = False) -> None:
         log = (self.logs / f"{name}.log").open("wb")
         with log:
-            self.processes.append(
-                subprocess.Popen(list(args), env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                list(args), env=self.env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
             )
+        self.processes.append(process)
+        if profiled:
+            self.profiled.add(process.pid)
 
     def stop(self) -> None:
         for process in self.processes:
             if process.poll() is None:
-                process.terminate()
+                if process.pid in self.profiled:
+                    # py-spy writes its profile when its target exits: stop the target, not py-spy.
+                    for pid in children_of(process.pid):
+                        os.kill(pid, signal.SIGINT)
+                else:
+                    process.send_signal(signal.SIGINT)
         for process in self.processes:
             try:
                 process.wait(15)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds so far of web, worker, redis-server and this (the client's) process."""
+        web, worker = (self._target(process) for process in self.processes[:2])
+        return {
+            "web": cpu_seconds(web),
+            "worker": cpu_seconds(worker),
+            "redis": sum(cpu_seconds(pid) for pid in children_of(os.getpid(), "redis-server")),
+            "client": own_cpu_seconds(),
+        }
+
+    def _target(self, process: subprocess.Popen[bytes]) -> int:
+        """The process doing the work: py-spy's child when profiled."""
+        if process.pid in self.profiled:
+            return next(iter(children_of(process.pid)), process.pid)
+        return process.pid
 
     def check_running(self) -> None:
         for process in self.processes:
@@ -209,22 +267,21 @@ def running_service(work_dir: Path, worker_concurrency: int | None, profile: str
         worker_cmd = [str(BIN / "arq"), "jobs.worker.WorkerSettings"]
         if profile in ("web", "worker"):
             target = web_cmd if profile == "web" else worker_cmd
-            out = logs / f"{profile}.speedscope.json"
+            out = logs / f"{profile}.folded"  # collapsed stacks: flamegraph.pl, speedscope, or grep
+            py_spy = shutil.which("py-spy") or str(BIN / "py-spy")  # pip install py-spy
             target[:] = [
-                str(BIN / "py-spy"),
+                py_spy,
                 "record",
                 "-f",
-                "speedscope",
+                "raw",
                 "-o",
                 str(out),
-                "--idle",
-                "--threads",
                 "--",
                 *target,
             ]
         try:
-            service.start("web", web_cmd)
-            service.start("worker", worker_cmd)
+            service.start("web", web_cmd, profiled=profile == "web")
+            service.start("worker", worker_cmd, profiled=profile == "worker")
             yield service
         finally:
             service.stop()
@@ -285,7 +342,7 @@ class Receiver:
         return self._waiters[image_id]
 
     async def _receive(self, request: web.Request) -> web.Response:
-        received = time.perf_counter()
+        received = time.time()
         body = await request.read()
         try:
             verify(self.secret, dict(request.headers), body)
@@ -322,66 +379,149 @@ async def upload(
 
 
 @dataclass
-class ServiceNumbers:
-    images_per_s: float
-    failed: int
-    overheads_ms: list[float]
-    latencies_ms: list[float]
+class Stamps:
+    """One image's way through the service, in wall-clock seconds (server timestamps are ms)."""
+
+    sent: float
+    answered: float
+    received: float
+    image_id: str
 
 
-async def measure_service(
+class Client:
+    """Uploads photos to the service and waits for their webhooks."""
+
+    def __init__(
+        self, service: Service, session: aiohttp.ClientSession, receiver: Receiver, photos: Sequence[Path]
+    ) -> None:
+        self.service = service
+        self.session = session
+        self.receiver = receiver
+        self.account = create_account(service.env)
+        receiver.secret = self.account["webhook_secret"]
+        self.contents = {photo: photo.read_bytes() for photo in photos}
+
+    async def send(self, photo: Path) -> tuple[float, float, str]:
+        sent = time.time()
+        image_id = await upload(
+            self.session,
+            self.service.base_url,
+            self.account["api_key"],
+            self.contents[photo],
+            self.receiver.url,
+        )
+        return sent, time.time(), image_id
+
+    async def one(self, photo: Path) -> Stamps:
+        sent, answered, image_id = await self.send(photo)
+        await self.receiver.wait(image_id)
+        return Stamps(sent, answered, self.receiver.arrived[image_id], image_id)
+
+    async def throughput(self, sequence: Sequence[Path], concurrency: int) -> tuple[float, dict[str, float]]:
+        """Images per second with `concurrency` uploads in flight, and CPU ms per image by process."""
+        slots = asyncio.Semaphore(concurrency)
+
+        async def limited(photo: Path) -> Stamps:
+            async with slots:
+                sent, answered, image_id = await self.send(photo)
+            # The slot frees when the upload is answered: `concurrency` uploads in flight, as a partner's
+            # client would have; the queue holds the rest.
+            await self.receiver.wait(image_id)
+            return Stamps(sent, answered, self.receiver.arrived[image_id], image_id)
+
+        cpu_before = self.service.cpu()
+        results = await asyncio.gather(*(limited(photo) for photo in sequence))
+        cpu_after = self.service.cpu()
+        elapsed = max(r.received for r in results) - min(r.sent for r in results)
+        cpu_ms = {
+            name: round((cpu_after[name] - cpu_before[name]) * 1000 / len(sequence), 2) for name in cpu_before
+        }
+        return len(sequence) / elapsed, cpu_ms
+
+    async def image(self, image_id: str) -> dict[str, Any]:
+        async with self.session.get(
+            f"{self.service.base_url}/v1/images/{image_id}",
+            headers={"Authorization": f"Bearer {self.account['api_key']}"},
+        ) as response:
+            record: dict[str, Any] = await response.json()
+            return record
+
+
+def iso_seconds(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass
+class Results:
+    raw: list[float] = field(default_factory=list)
+    raw_by_threads: dict[int, list[float]] = field(default_factory=dict)
+    raw_cpu_ms: list[float] = field(default_factory=list)
+    pipeline: list[float] = field(default_factory=list)
+    service: list[float] = field(default_factory=list)
+    service_cpu_ms: list[dict[str, float]] = field(default_factory=list)
+    overheads_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)
+    breakdown_ms: dict[str, list[float]] = field(default_factory=dict)
+    failed: int = 0
+
+
+async def run_rounds(
     service: Service,
+    photos: Sequence[Path],
     sequence: Sequence[Path],
     latency_sequence: Sequence[Path],
-    raw_single: dict[Path, float],
+    raw_threads: Sequence[int],
     concurrency: int,
-    warmup: Sequence[Path],
-) -> ServiceNumbers:
-    account = create_account(service.env)
-    receiver = Receiver(account["webhook_secret"])
+    rounds: int,
+    raw_out: Path,
+) -> Results:
+    """Raw pyvips and the service take turns, so load from elsewhere on the machine hits both alike."""
+    results = Results()
+    receiver = Receiver("")
     await receiver.start()
-    contents = {photo: photo.read_bytes() for photo in {*sequence, *latency_sequence, *warmup}}
-    connector = aiohttp.TCPConnector(limit=concurrency + 4)
+    # Idle connections close before uvicorn's 5 s keep-alive would drop them under a request.
+    connector = aiohttp.TCPConnector(limit=concurrency + 4, keepalive_timeout=1.0)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             await wait_ready(session, service)
+            client = Client(service, session, receiver, photos)
+            for photo in photos:  # first requests import lazily, fill pools, warm libvips
+                await client.one(photo)
+            for round_number in range(rounds):
+                log(f"round {round_number + 1}/{rounds}")
+                best = 0.0
+                for threads in raw_threads:
+                    rate, cpu_ms = raw_throughput(sequence, raw_out, threads)
+                    results.raw_by_threads.setdefault(threads, []).append(rate)
+                    if rate > best:
+                        best, best_cpu = rate, cpu_ms
+                results.raw.append(best)
+                results.raw_cpu_ms.append(best_cpu)
+                results.pipeline.append(pipeline_throughput(sequence, raw_out, max(raw_threads)))
+                rate, service_cpu = await client.throughput(sequence, concurrency)
+                results.service.append(rate)
+                results.service_cpu_ms.append(service_cpu)
+                log(f"  raw {best:.1f}/s, service {rate:.1f}/s")
 
-            async def one(photo: Path) -> tuple[float, float]:
-                sent = time.perf_counter()
-                image_id = await upload(
-                    session, service.base_url, account["api_key"], contents[photo], receiver.url
-                )
-                return sent, await receiver.wait(image_id)
-
-            for photo in warmup:  # first requests import lazily, fill pools, warm libvips
-                await one(photo)
-
-            slots = asyncio.Semaphore(concurrency)
-
-            async def limited(photo: Path) -> tuple[float, float]:
-                async with slots:
-                    sent = time.perf_counter()
-                    image_id = await upload(
-                        session, service.base_url, account["api_key"], contents[photo], receiver.url
-                    )
-                # The slot frees when the upload is answered: `concurrency` uploads in flight, as a
-                # partner's client would have; the worker's queue holds the rest.
-                return sent, await receiver.wait(image_id)
-
-            results = await asyncio.gather(*(limited(photo) for photo in sequence))
-            first_sent = min(sent for sent, _ in results)
-            last_received = max(received for _, received in results)
-            images_per_s = len(sequence) / (last_received - first_sent)
-
-            overheads, latencies = [], []
+            raw_single = raw_single_times(photos, raw_out)
+            parts: dict[str, list[float]] = {"upload": [], "queued": [], "processing": [], "announce": []}
             for photo in latency_sequence:
-                sent, received = await one(photo)
-                latency = received - sent
-                latencies.append(latency * 1000)
-                overheads.append((latency - raw_single[photo]) * 1000)
+                stamps = await client.one(photo)
+                latency = stamps.received - stamps.sent
+                results.latencies_ms.append(latency * 1000)
+                results.overheads_ms.append((latency - raw_single[photo]) * 1000)
+                record = await client.image(stamps.image_id)
+                created, started = iso_seconds(record["created_at"]), iso_seconds(record["started_at"])
+                completed = iso_seconds(record["completed_at"])
+                parts["upload"].append((stamps.answered - stamps.sent) * 1000)
+                parts["queued"].append((started - created) * 1000)
+                parts["processing"].append((completed - started - raw_single[photo]) * 1000)
+                parts["announce"].append((stamps.received - completed) * 1000)
+            results.breakdown_ms = parts
         if receiver.rejected:
             raise RuntimeError(f"{receiver.rejected} webhooks failed signature verification")
-        return ServiceNumbers(images_per_s, len(receiver.failed), overheads, latencies)
+        results.failed = len(receiver.failed)
+        return results
     finally:
         await receiver.stop()
 
@@ -409,18 +549,15 @@ def worker_concurrency_in_effect(requested: int | None) -> int:
     return Settings.from_env(env).worker_concurrency
 
 
-def timed(label: str, action: Callable[[], Any]) -> Any:
-    started = time.perf_counter()
-    result = action()
-    print(f"[bench] {label}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    return result
+def log(text: str) -> None:
+    print(f"[bench] {text}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=120, help="images for the throughput runs (≥ 100)")
+    parser.add_argument("--images", type=int, default=120, help="images per throughput run (≥ 100)")
     parser.add_argument("--concurrency", type=int, default=12, help="service uploads in flight")
     parser.add_argument(
         "--worker-concurrency",
@@ -430,65 +567,87 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--latency-images", type=int, default=40, help="one-at-a-time uploads (≥ 30)")
     parser.add_argument("--raw-threads", default="2,4", help="thread counts for raw pyvips; the best counts")
+    parser.add_argument("--rounds", type=int, default=3, help="raw and service take turns this many times")
     parser.add_argument(
         "--profile",
         choices=["web", "worker"],
         default=None,
-        help="run that process under py-spy record (speedscope file in the logs dir)",
+        help="run that process under py-spy record (CPU samples, collapsed stacks in the kept work dir)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     args = parser.parse_args(argv)
+    if args.images < 1 or args.latency_images < 1 or args.rounds < 1:
+        parser.error("--images, --latency-images and --rounds must be positive")
 
     pyvips.cache_set_max(0)  # as the worker runs: every job reads a different file
     work_dir = Path(tempfile.mkdtemp(prefix="darkroom-bench-"))
+    keep = args.keep or args.profile is not None
+    load_before = os.getloadavg()[0]
     try:
         photos, source = find_photos(work_dir / "photos")
         sequence = cycle(photos, args.images)
         latency_sequence = cycle(photos, args.latency_images)
         raw_out = work_dir / "raw"
         raw_out.mkdir()
-
-        timed("raw warm-up", lambda: [raw_task(photo, raw_out / "warm.jpg") for photo in photos])
-        raw_single = timed("raw single", lambda: raw_single_times(photos, raw_out))
-        raw_by_threads = {
-            threads: timed(f"raw x{threads}", lambda t=threads: raw_throughput(sequence, raw_out, t))
-            for threads in (int(part) for part in args.raw_threads.split(","))
-        }
-        best_threads = max(raw_by_threads, key=lambda threads: raw_by_threads[threads])
-        raw_rate = raw_by_threads[best_threads]
-        pipeline_rate = timed("pipeline", lambda: pipeline_throughput(sequence, raw_out, best_threads))
-
+        for photo in photos:  # warm libvips and the page cache
+            raw_task(photo, raw_out / "warm.jpg")
+        raw_threads = [int(part) for part in args.raw_threads.split(",")]
         with running_service(work_dir / "service", args.worker_concurrency, args.profile) as service:
-            numbers = timed(
-                "service",
-                lambda: asyncio.run(
-                    measure_service(service, sequence, latency_sequence, raw_single, args.concurrency, photos)
-                ),
+            results = asyncio.run(
+                run_rounds(
+                    service,
+                    photos,
+                    sequence,
+                    latency_sequence,
+                    raw_threads,
+                    args.concurrency,
+                    args.rounds,
+                    raw_out,
+                )
             )
-        ratio = numbers.images_per_s / raw_rate
-        overhead_p50 = statistics.median(numbers.overheads_ms)
+        service_rate = statistics.median(results.service)
+        raw_rate = statistics.median(results.raw)
+        ratio = service_rate / raw_rate
+        overhead_p50 = statistics.median(results.overheads_ms)
+        best_threads = max(raw_threads, key=lambda t: statistics.median(results.raw_by_threads[t]))
         report = {
-            "service_images_per_s": round(numbers.images_per_s, 2),
+            "service_images_per_s": round(service_rate, 2),
             "raw_images_per_s": round(raw_rate, 2),
             "ratio": round(ratio, 3),
             "overhead_ms_p50": round(overhead_p50, 1),
-            "overhead_ms_p95": round(percentile(numbers.overheads_ms, 0.95), 1),
-            "latency_ms_p50": round(statistics.median(numbers.latencies_ms), 1),
-            "latency_ms_p95": round(percentile(numbers.latencies_ms, 0.95), 1),
-            "raw_single_ms_median": round(statistics.median(raw_single.values()) * 1000, 1),
+            "overhead_ms_p95": round(percentile(results.overheads_ms, 0.95), 1),
             "goals": {"ratio_ge_0.8": ratio >= 0.8, "overhead_p50_le_25ms": overhead_p50 <= 25},
+            "latency_ms_p50": round(statistics.median(results.latencies_ms), 1),
+            "latency_ms_p95": round(percentile(results.latencies_ms, 0.95), 1),
+            "overhead_breakdown_ms_p50": {
+                name: round(statistics.median(values), 1) for name, values in results.breakdown_ms.items()
+            },
+            "rounds": {
+                "service_images_per_s": [round(v, 2) for v in results.service],
+                "raw_images_per_s": [round(v, 2) for v in results.raw],
+                "raw_images_per_s_by_threads": {
+                    str(t): [round(v, 2) for v in rates] for t, rates in results.raw_by_threads.items()
+                },
+                "pipeline_in_process_images_per_s": [round(v, 2) for v in results.pipeline],
+            },
+            "cpu_ms_per_image": {
+                "raw": round(statistics.median(results.raw_cpu_ms), 2),
+                "service": {
+                    name: round(statistics.median(cpu[name] for cpu in results.service_cpu_ms), 2)
+                    for name in results.service_cpu_ms[0]
+                },
+            },
             "images": len(sequence),
             "latency_images": len(latency_sequence),
-            "failed": numbers.failed,
+            "failed": results.failed,
             "upload_concurrency": args.concurrency,
             "worker_concurrency": worker_concurrency_in_effect(args.worker_concurrency),
             "workers": 1,
             "raw_threads": best_threads,
-            "raw_images_per_s_by_threads": {str(k): round(v, 2) for k, v in raw_by_threads.items()},
-            "pipeline_in_process_images_per_s": round(pipeline_rate, 2),
             "photos": {"source": source, "files": {photo.name: megapixels(photo) for photo in photos}},
             "machine": {
                 "cores": os.cpu_count(),
+                "load_average_before": round(load_before, 2),
                 "python": platform.python_version(),
                 "pyvips": pyvips.__version__,
                 "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
@@ -496,14 +655,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "platform": platform.platform(),
             },
         }
-        if args.keep or args.profile:
+        if keep:
             report["work_dir"] = str(work_dir)
         print(json.dumps(report, indent=2))
         return 0
     finally:
-        if not (args.keep or args.profile):
-            import shutil
-
+        if not keep:
             shutil.rmtree(work_dir, ignore_errors=True)
 
 

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+_RANDOM_BITS = 80
+_lock = threading.Lock()
+_last = 0
 
 
 def new_id(prefix: str) -> str:
-    """`img_01jd…`: ids of one prefix sort by creation time, to the millisecond."""
-    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+    """`img_01jd…`: ids sort by creation time; within one process, strictly in creation order."""
+    global _last
+    with _lock:
+        value = (time.time_ns() // 1_000_000) << _RANDOM_BITS | secrets.randbits(_RANDOM_BITS)
+        # Same millisecond as the previous id: count up from it (the monotonic ULID rule).
+        value = max(value, _last + 1)
+        _last = value
     chars = []
     for _ in range(26):
         value, digit = divmod(value, 32)

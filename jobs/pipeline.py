@@ -97,7 +97,12 @@ class KillSwitch:
 
 
 def configure_libvips() -> None:
-    """Every job reads a different file: the operation cache would only hold memory."""
+    """Process-wide libvips set-up, once at start-up of the web and worker processes."""
+    # pyvips routes libvips' log through a Python callback. A warning raised while that callback runs
+    # (a garbage-collected TIFF loader reporting "read gave 100 warnings") is a recursive g_log, which
+    # GLib treats as fatal: the process aborts. libvips' own stderr logging has no such re-entry.
+    pyvips._remove_log_handler()
+    # Every job reads a different file: the operation cache would only hold memory.
     pyvips.cache_set_max(0)
     pyvips.cache_set_max_mem(0)
     pyvips.cache_set_max_files(0)

@@ -105,8 +105,11 @@ async def _finish(
             final.resource(deps.settings.public_url),
         )
     stored = await deps.store.finish_image(final, message)
-    if stored is not None:
-        await _announce(deps, stored)
+    if stored is None:
+        # Deleted by its owner while we worked: the output just written must not outlive the record.
+        await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
+        return
+    await _announce(deps, stored)
 
 
 async def _announce(deps: WorkerDeps, image: ImageRecord) -> None:

@@ -12,6 +12,8 @@ import re
 import pyvips
 
 _PATH = re.compile(r"""["']?/[^\s"':]+["']?""")
+# libvips prefixes messages with the class that raised them ("VipsJpeg: ", "gifload: "): not for partners.
+_SOURCE_PREFIX = re.compile(r"^(?:[A-Za-z0-9_]+: )+")
 _NOISE = ("bad seek to", "unable to load from file", "unable to call", "load error")
 
 
@@ -19,5 +21,5 @@ def describe_vips_error(exc: pyvips.Error, fallback: str = "the image could not 
     for line in str(exc.detail or exc.message).splitlines():
         line = _PATH.sub("the file", line.strip())
         if line and not any(noise in line for noise in _NOISE):
-            return line.removeprefix("the file: ")
+            return _SOURCE_PREFIX.sub("", line.removeprefix("the file: ")) or fallback
     return fallback

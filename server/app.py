@@ -18,7 +18,7 @@ from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from server import deliveries, health, images, metrics, openapi
-from server.problems import Problem, handle_http_status, handle_problem
+from server.problems import Problem, handle_http_status, handle_problem, handle_unexpected
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -38,7 +38,11 @@ def create_app(settings: Settings) -> Starlette:
 
     app = Starlette(
         routes=[*health.routes, *metrics.routes, *openapi.routes, *images.routes, *deliveries.routes],
-        exception_handlers={Problem: handle_problem, HTTPException: handle_http_status},
+        exception_handlers={
+            Problem: handle_problem,
+            HTTPException: handle_http_status,
+            Exception: handle_unexpected,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings

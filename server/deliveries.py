@@ -6,12 +6,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from jobs.params import FieldError
 from jobs.store import Store
 from server.auth import require_account
-from server.problems import Problem, validation_problem
-
-MAX_PAGE_SIZE = 100
+from server.pagination import page_response, parse_page
+from server.problems import Problem
+from webhooks.messages import Message
 
 
 async def get_delivery(request: Request) -> Response:
@@ -25,30 +24,15 @@ async def get_delivery(request: Request) -> Response:
 
 async def list_deliveries(request: Request) -> Response:
     account = await require_account(request)
-    query = request.query_params
-    status = query.get("status") or None
-    limit_raw = query.get("limit", "20")
-    errors = []
-    if status is not None and status not in ("pending", "delivered", "failed"):
-        errors.append(FieldError("status", "must be one of: pending, delivered, failed"))
-    if not (limit_raw.isascii() and limit_raw.isdigit()) or not 1 <= int(limit_raw) <= MAX_PAGE_SIZE:
-        errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}"))
-    if errors:
-        raise validation_problem(errors)
-    limit = int(limit_raw)
+    page, filters = parse_page(request.query_params, "msg", {"status": ("pending", "delivered", "failed")})
     store: Store = request.app.state.store
-    messages = await store.messages.list_for_account(
-        account.id, limit=limit + 1, before=query.get("cursor") or None, status=status
-    )
-    page, has_more = messages[:limit], len(messages) > limit
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [message.resource() for message in page],
-            "has_more": has_more,
-            "next_cursor": page[-1].id if has_more else None,
-        }
-    )
+
+    async def fetch(limit: int, before: str | None) -> list[Message]:
+        return await store.messages.list_for_account(
+            account.id, limit=limit, before=before, status=filters["status"]
+        )
+
+    return await page_response(page, fetch, Message.resource)
 
 
 async def get_webhook_secret(request: Request) -> Response:

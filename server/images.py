@@ -23,12 +23,17 @@ from jobs.storage import LocalStorage
 from jobs.store import Store
 from server.auth import require_account
 from server.multipart import UploadedFile, receive_multipart
+from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 
 MAX_METADATA_BYTES = 4096
 MAX_CALLBACK_URL_LENGTH = 2048
-DEFAULT_PAGE_SIZE = 20
-MAX_PAGE_SIZE = 100
+IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
+
+
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON and which no response could echo back.
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError]) -> Any:
@@ -36,17 +41,27 @@ def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError
     if raw is None or raw.strip() == "":
         return None
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=_refuse_constant)
     except json.JSONDecodeError as exc:
         errors.append(FieldError(name, f"is not valid JSON: {exc.msg}"))
-        return None
+    except ValueError as exc:
+        errors.append(FieldError(name, f"is not valid JSON: {exc}"))
+    except RecursionError:
+        errors.append(FieldError(name, "is nested too deeply"))
+    return None
 
 
 def validate_callback_url(url: str) -> str | None:
     """The problem with a callback URL, or None. (Address checks against SSRF come with delivery.)"""
     if len(url) > MAX_CALLBACK_URL_LENGTH:
         return f"must be at most {MAX_CALLBACK_URL_LENGTH} characters"
-    parts = urlsplit(url)
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "must not contain spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        return "is not a valid URL"
     if parts.scheme not in ("http", "https"):
         return "must be an http:// or https:// URL"
     if not parts.hostname:
@@ -175,45 +190,29 @@ async def get_image(request: Request) -> Response:
 
 async def list_images(request: Request) -> Response:
     account = await require_account(request)
-    query = request.query_params
-    errors: list[FieldError] = []
-    limit = DEFAULT_PAGE_SIZE
-    if "limit" in query:
-        if (
-            query["limit"].isascii()
-            and query["limit"].isdigit()
-            and 1 <= int(query["limit"]) <= MAX_PAGE_SIZE
-        ):
-            limit = int(query["limit"])
-        else:
-            errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}"))
-    status = query.get("status") or None
-    if status is not None and status not in ("queued", "processing", "completed", "failed"):
-        errors.append(FieldError("status", "must be one of: queued, processing, completed, failed"))
-    if errors:
-        raise validation_problem(errors)
+    page, filters = parse_page(request.query_params, "img", {"status": IMAGE_STATUSES})
     store: Store = request.app.state.store
-    images = await store.list_images(
-        account.id,
-        limit=limit + 1,
-        before=query.get("cursor") or None,
-        status=status,
-        batch_id=query.get("batch_id") or None,
-    )
-    page, has_more = images[:limit], len(images) > limit
     public_url = request.app.state.settings.public_url
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": [image.resource(public_url) for image in page],
-            "has_more": has_more,
-            "next_cursor": page[-1].id if has_more else None,
-        }
-    )
+
+    async def fetch(limit: int, before: str | None) -> list[ImageRecord]:
+        return await store.list_images(
+            account.id,
+            limit=limit,
+            before=before,
+            status=filters["status"],
+            batch_id=request.query_params.get("batch_id") or None,
+        )
+
+    return await page_response(page, fetch, lambda image: image.resource(public_url))
+
+
+def _basename(filename: str | None) -> str:
+    """The client's file name without any directories it sent along (`C:\\photos\\a.jpg` → `a.jpg`)."""
+    return (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _download_name(image: ImageRecord, suffix: str) -> str:
-    stem = (image.input.filename or image.id).rsplit("/", 1)[-1].rsplit(".", 1)[0] or image.id
+    stem = _basename(image.input.filename).rsplit(".", 1)[0] or image.id
     return f"{stem}{suffix}"
 
 
@@ -247,7 +246,7 @@ async def get_original(request: Request) -> Response:
     return FileResponse(
         storage.path(image.original_key),
         media_type=MEDIA_TYPES[image.input.format],
-        filename=image.input.filename or image.id,
+        filename=_basename(image.input.filename) or image.id,
         content_disposition_type="inline",
         headers={"Cache-Control": "private, max-age=31536000, immutable"},
     )

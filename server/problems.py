@@ -74,6 +74,13 @@ async def handle_problem(request: Request, exc: Exception) -> Response:
     return problem_response(exc)
 
 
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    """A bug of ours still answers in the problem shape (the traceback goes to the server log)."""
+    return problem_response(
+        Problem(500, "internal_error", "an unexpected error occurred; it has been logged")
+    )
+
+
 async def handle_http_status(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 answers, in the same problem shape."""
     status = getattr(exc, "status_code", 500)

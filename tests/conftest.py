@@ -15,6 +15,7 @@ from arq.worker import Worker
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
+from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.store import Store
@@ -24,6 +25,12 @@ from server.embedded_redis import EmbeddedRedis
 from tests.receiver import Receiver
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def libvips() -> None:
+    """As in the web and worker processes, for tests that call the pipeline directly."""
+    configure_libvips()
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,15 @@ async def test_bad_status_filter_is_422(client: httpx.AsyncClient, account: Part
     assert_problem(response, 422, "validation_failed", fields=["status"])
 
 
+@pytest.mark.parametrize("cursor", ["garbage", "img_", "img_01jd", "bat_01jd0000000000000000000000", "(img_"])
+async def test_bad_cursor_is_422_not_an_empty_page(
+    client: httpx.AsyncClient, account: Partner, cursor: str
+) -> None:
+    await upload_many(client, account, 1)
+    response = await client.get("/v1/images", params={"cursor": cursor}, headers=account.headers)
+    assert_problem(response, 422, "validation_failed", fields=["cursor"])
+
+
 async def test_limit_bounds_are_accepted(client: httpx.AsyncClient, account: Partner) -> None:
     ids = await upload_many(client, account, 2)
     assert await list_ids(client, account, "?limit=1") == [ids[1]]
@@ -187,6 +196,34 @@ async def test_original_returns_the_uploaded_bytes_exactly(
     await run_burst(settings)
     again = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
     assert again.content == data
+
+
+@pytest.mark.parametrize(
+    ("sent", "offered"),
+    [
+        pytest.param("sunset.jpg", "sunset.jpg", id="plain"),
+        pytest.param("../../etc/passwd.jpg", "passwd.jpg", id="relative-path"),
+        pytest.param("C:\\Users\\ann\\sunset.jpg", "sunset.jpg", id="windows-path"),
+    ],
+)
+async def test_downloads_offer_the_uploaded_name_without_directories(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, sent: str, offered: str
+) -> None:
+    created = await upload(
+        client,
+        account,
+        imagegen.jpeg(),
+        filename=sent,
+        operations='[{"type": "convert", "params": {"format": "png"}}]',
+    )
+    assert created.status_code == 202, created.text
+    image_id = created.json()["id"]
+    original = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
+    assert original.headers["content-disposition"] == f'inline; filename="{offered}"'
+    await run_burst(settings)
+    output = await client.get(f"/v1/images/{image_id}/output", headers=account.headers)
+    stem = offered.rsplit(".", 1)[0]
+    assert output.headers["content-disposition"] == f'inline; filename="{stem}.png"'
 
 
 async def test_output_while_queued_is_409_problem(client: httpx.AsyncClient, account: Partner) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +141,27 @@ async def test_image_exactly_at_the_pixel_limit_is_accepted(
     assert_problem(over, 422, "image_too_large")
 
 
+@pytest.mark.parametrize(
+    "operations",
+    [
+        pytest.param([], id="plain-load"),
+        pytest.param([{"type": "resize", "params": {"width": 16}}], id="shrink-on-load"),
+    ],
+)
 async def test_truncated_jpeg_is_accepted_then_fails_as_corrupt_with_a_webhook(
-    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    receiver: Receiver,
+    operations: list[dict[str, Any]],
 ) -> None:
-    response = await upload(client, account, imagegen.truncated_jpeg(), callback_url=receiver.url)
+    response = await upload(
+        client,
+        account,
+        imagegen.truncated_jpeg(),
+        callback_url=receiver.url,
+        operations=json.dumps(operations),
+    )
     assert response.status_code == 202, response.text
     image_id = response.json()["id"]
 
@@ -215,6 +232,32 @@ async def test_content_length_claiming_too_much_is_413(
     response = await client.post("/v1/images", headers=headers, content=body)
     assert_problem(response, 413, "file_too_large")
     assert staged_files(settings) == []
+    await assert_nothing_kept(client, account, redis, settings)
+
+
+async def test_chunked_body_without_content_length_is_capped_while_streaming(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
+) -> None:
+    body = multipart_body([("file", "photo.jpg", imagegen.jpeg() + bytes(settings.max_upload_bytes))])
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+
+    response = await client.post("/v1/images", headers=multipart_headers(account), content=chunks())
+    assert response.request.headers.get("content-length") is None
+    assert_problem(response, 413, "file_too_large")
+    assert staged_files(settings) == []
+    await assert_nothing_kept(client, account, redis, settings)
+
+
+async def test_too_many_form_fields_is_422(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
+) -> None:
+    parts: list[tuple[str, str | None, bytes]] = [(f"field{n}", None, b"x") for n in range(40)]
+    body = multipart_body([*parts, ("file", "photo.jpg", imagegen.jpeg())])
+    response = await client.post("/v1/images", headers=multipart_headers(account), content=body)
+    assert_problem(response, 422)
     await assert_nothing_kept(client, account, redis, settings)
 
 
@@ -302,6 +345,8 @@ async def test_every_bad_operation_is_reported_at_once(
         pytest.param('["resize"]', "operations[0].type", id="string-item"),
         pytest.param('[{"params": {"width": 8}}]', "operations[0].type", id="no-type"),
         pytest.param('[{"type": "resize", "params": [8]}]', "operations[0].params", id="params-array"),
+        pytest.param('[{"type": "resize", "params": {"width": NaN}}]', "operations", id="nan"),
+        pytest.param("[" * 30_000 + "]" * 30_000, "operations", id="nested-too-deep"),
     ],
 )
 async def test_malformed_operations_are_422(
@@ -340,6 +385,10 @@ async def test_valid_operations_are_echoed_normalised(
         pytest.param("http:///hooks", id="no-host"),
         pytest.param("https://user:pass@example.com/hooks", id="credentials"),
         pytest.param("https://example.com/" + "a" * 3000, id="too-long"),
+        pytest.param("http://[::1/hooks", id="broken-ipv6"),
+        pytest.param("https://example.com:http/hooks", id="bad-port"),
+        pytest.param("https://exa mple.com/hooks", id="space"),
+        pytest.param("https://example.com/\x00hooks", id="control-char"),
     ],
 )
 async def test_bad_callback_url_is_422(
@@ -357,6 +406,9 @@ async def test_bad_callback_url_is_422(
         pytest.param("[1, 2, 3]", id="array"),
         pytest.param('"a string"', id="string"),
         pytest.param(json.dumps({"notes": "x" * 4100}), id="over-4kb"),
+        pytest.param('{"ratio": NaN}', id="nan"),
+        pytest.param('{"ratio": -Infinity}', id="infinity"),
+        pytest.param('{"a":' * 10_000 + "1" + "}" * 10_000, id="nested-too-deep"),
     ],
 )
 async def test_bad_metadata_is_422(
