@@ -95,6 +95,11 @@ class KillSwitch:
             if self._image is not None:
                 self._image.set_kill(True)
 
+    def disarm(self) -> None:
+        """The render is over: let go of its image (a later `fire` has nothing left to stop)."""
+        with self._lock:
+            self._image = None
+
 
 def configure_libvips() -> None:
     """Process-wide libvips set-up, once at start-up of the web and worker processes."""
@@ -125,22 +130,44 @@ def render(
     saver = SAVERS[output_format]
     destination = destination_stem.with_suffix(saver.suffix)
     try:
-        image, remaining = _load(source, chain)
-        for operation in remaining:
-            apply = CATALOGUE[operation.type].apply
-            if apply is not None:
-                image = apply(image, operation.params)
-        image = _prepare_for_save(image, saver)
-        if kill_switch is not None:
-            kill_switch.arm(image)
-        getattr(image, saver.operation)(str(destination), **_save_options(output_format, saver, convert))
+        width, height = _render_to(source, destination, chain, saver, output_format, convert, kill_switch)
     except pyvips.Error as exc:
         # Some savers (tiffsave) leave what they wrote before the error; nobody would clean it up.
         destination.unlink(missing_ok=True)
         if kill_switch is not None and kill_switch.fired:
-            raise ProcessingError("timeout", "processing took longer than the job time limit") from None
-        raise ProcessingError(_error_code(exc), describe_vips_error(exc)) from None
-    return RenderedImage(destination, output_format, image.width, image.height, destination.stat().st_size)
+            failure = ProcessingError("timeout", "processing took longer than the job time limit")
+        else:
+            failure = ProcessingError(_error_code(exc), describe_vips_error(exc))
+    else:
+        return RenderedImage(destination, output_format, width, height, destination.stat().st_size)
+    finally:
+        if kill_switch is not None:
+            kill_switch.disarm()
+    # Raised outside the handler, so the failure carries neither the libvips error nor its traceback,
+    # whose frames hold the images: those are freed here and now, not by a garbage collection that
+    # may run later in any thread (even inside a libvips callback) while the file stays open.
+    raise failure
+
+
+def _render_to(
+    source: Path,
+    destination: Path,
+    chain: Sequence[Operation],
+    saver: Saver,
+    output_format: str,
+    convert: ConvertParams | None,
+    kill_switch: KillSwitch | None,
+) -> tuple[int, int]:
+    image, remaining = _load(source, chain)
+    for operation in remaining:
+        apply = CATALOGUE[operation.type].apply
+        if apply is not None:
+            image = apply(image, operation.params)
+    image = _prepare_for_save(image, saver)
+    if kill_switch is not None:
+        kill_switch.arm(image)
+    getattr(image, saver.operation)(str(destination), **_save_options(output_format, saver, convert))
+    return image.width, image.height
 
 
 def _load(source: Path, chain: Sequence[Operation]) -> tuple[pyvips.Image, Sequence[Operation]]:

@@ -276,6 +276,7 @@ class SampleParams(Params):
     amount: Annotated[float | None, Bounds(0, None)] = None
     label: Annotated[str, Pattern("[a-z]+", "lowercase letters")] = "x"
     enabled: bool = True
+    position: Literal["top", "bottom"] | None = None
 
 
 def test_required_param_is_reported_missing() -> None:
@@ -360,7 +361,7 @@ CANDIDATES: list[object] = [
     None, True, False, 0, 1, 2, 3, 4, 8, -1, 1.5, 0.05, 10, 10.5, 100, 101, 16384, 16385, math.nan,
     "", "x", "abc", "ABC", "2", "#fff", "#FFFFFF", "fff", "#ffff", "white", [], {},
     "inside", "contain", "cover", "fill", "outside", "jpeg", "png", "webp", "avif", "tiff", "gif", "bmp",
-    "attention", "entropy", "centre", "center",
+    "attention", "entropy", "centre", "center", "top", "bottom", "middle",
 ]  # fmt: skip
 
 # A value for each model that satisfies its cross-field rules, so only the field under test varies.
@@ -413,6 +414,8 @@ def test_schema_lists_enums_bounds_and_defaults() -> None:
     assert sample["required"] == ["sigma"]
     assert sample["properties"]["scale"] == {"type": "integer", "enum": [2, 4, 8], "default": 2}
     assert sample["properties"]["amount"] == {"type": ["number", "null"], "minimum": 0}
+    assert sample["properties"]["position"] == {"type": ["string", "null"], "enum": ["top", "bottom", None]}
+    assert sample["properties"]["label"] == {"type": "string", "pattern": "^(?:[a-z]+)$", "default": "x"}
 
 
 def test_schema_is_plain_json() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -442,3 +443,31 @@ def test_kill_switch_left_alone_changes_nothing(renderer: Renderer) -> None:
     rendered = renderer.render(imagegen.jpeg(64, 48), RESIZE_FIRST, kill_switch=kill_switch)
     assert (rendered.width, rendered.height) == (32, 24)
     assert not kill_switch.fired
+
+
+def live_images() -> int:
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, pyvips.Image))
+
+
+@pytest.mark.parametrize("outcome", ["completed", "corrupt", "killed"])
+def test_render_leaves_no_image_for_the_garbage_collector(renderer: Renderer, outcome: str) -> None:
+    """Images are freed when render returns or raises, not by a later collection in whatever thread
+    (a libvips loader finalised inside a libvips log callback can abort the process)."""
+    data = imagegen.truncated_jpeg(640, 480) if outcome == "corrupt" else imagegen.jpeg(256, 192)
+    kill_switch = KillSwitch()
+    if outcome == "killed":
+        kill_switch.fire()
+    gc.collect()
+    gc.disable()
+    try:
+        before = live_images()
+        try:
+            renderer.render(data, RESIZE_LATER, kill_switch=kill_switch)
+        except ProcessingError as exc:
+            assert outcome != "completed"
+            assert exc.__context__ is None and exc.__cause__ is None
+        else:
+            assert outcome == "completed"
+        assert live_images() == before
+    finally:
+        gc.enable()

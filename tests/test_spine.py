@@ -26,9 +26,16 @@ async def upload(
 async def test_upload_process_and_webhook(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
 ) -> None:
-    operations = [{"type": "resize", "params": {"width": 32}}, {"type": "convert", "params": {"format": "png"}}]
+    operations = [
+        {"type": "resize", "params": {"width": 32}},
+        {"type": "convert", "params": {"format": "png"}},
+    ]
     response = await upload(
-        client, account, imagegen.jpeg(64, 48), operations=json.dumps(operations), callback_url=receiver.url,
+        client,
+        account,
+        imagegen.jpeg(64, 48),
+        operations=json.dumps(operations),
+        callback_url=receiver.url,
         metadata=json.dumps({"listing": 42}),
     )
     assert response.status_code == 202, response.text
@@ -59,7 +66,9 @@ async def test_upload_process_and_webhook(
     decoded = pyvips.Image.new_from_buffer(output.content, "")
     assert (decoded.width, decoded.height) == (32, 24)
 
-    log = (await client.get(f"/v1/deliveries/{delivery.headers['webhook-id']}", headers=account.headers)).json()
+    log = (
+        await client.get(f"/v1/deliveries/{delivery.headers['webhook-id']}", headers=account.headers)
+    ).json()
     assert log["status"] == "delivered"
     assert [attempt["status_code"] for attempt in log["attempts"]] == [200]
 
