@@ -86,13 +86,20 @@ async def account(redis: Redis) -> Partner:
     return await make_account(redis, "partner")
 
 
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The web app in-process, its lifespan run (Redis pool, storage), behind an httpx client."""
     app = create_app(settings)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
             yield http
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    async with api_client(settings) as http:
+        yield http
 
 
 @pytest.fixture

@@ -21,11 +21,9 @@ import httpx
 import pytest
 import pyvips
 from arq.worker import Worker
-from asgi_lifespan import LifespanManager
 
 from jobs.settings import Settings
-from server.app import create_app
-from tests.conftest import CORPUS, Partner, run_burst, with_settings
+from tests.conftest import CORPUS, Partner, api_client, run_burst, with_settings
 
 pytestmark = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"no corpus at {CORPUS}")
 
@@ -81,11 +79,8 @@ def corpus_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 async def corpus_client(corpus_settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(corpus_settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            yield http
+    async with api_client(corpus_settings) as http:
+        yield http
 
 
 @dataclass
