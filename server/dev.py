@@ -19,20 +19,28 @@ DEV_ACCOUNT_FILE = "dev-account.json"
 STOP_GRACE_SECONDS = 10
 
 
-async def _ensure_dev_account(settings: Settings, saved: Path) -> tuple[dict[str, str], bool]:
+def _ensure_dev_account(settings: Settings, saved: Path) -> tuple[dict[str, str], bool]:
     """The dev account survives restarts (its key is kept in the data dir, readable only by you)."""
-    if saved.exists():
-        known = json.loads(saved.read_text())
+    known = json.loads(saved.read_text()) if saved.exists() else None
+    account, created = asyncio.run(_dev_account(settings, known))
+    if created:
+        saved.unlink(missing_ok=True)
+        # Created owner-only, so the key is never readable by others, not even for a moment.
+        with os.fdopen(os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
+            json.dump(account, file, indent=2)
+    return account, created
+
+
+async def _dev_account(settings: Settings, known: dict[str, str] | None) -> tuple[dict[str, str], bool]:
+    """The saved account if its key still works (the Redis data may have been wiped), else a new one."""
+    if known is not None:
         store = Store.connect(settings.require_redis())
         try:
             if await store.authenticate(known["api_key"]) is not None:
                 return known, False
         finally:
             await store.close()
-    created = account_json(await create_account(settings, "dev"))
-    saved.write_text(json.dumps(created, indent=2))
-    saved.chmod(0o600)
-    return created, True
+    return account_json(await create_account(settings, "dev")), True
 
 
 def _banner(public_url: str, account: dict[str, str], created: bool, data_dir: Path) -> str:
@@ -72,7 +80,7 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
     settings = Settings.from_env(env)
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        account, created = asyncio.run(_ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE))
+        account, created = _ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE)
         web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
         processes.append(subprocess.Popen(web, env=env))
         for _ in range(workers):
@@ -97,9 +105,9 @@ def _wait_for_any_exit(processes: list[subprocess.Popen[bytes]]) -> int:
                 code = process.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 continue
-            print(
-                f"darkroom dev: {' '.join(map(str, process.args[2:4]))} exited with {code}", file=sys.stderr
-            )
+            command = process.args if isinstance(process.args, list) else [process.args]
+            name = " ".join(map(str, command[2:4]))  # "uvicorn server.app:app", "arq jobs.worker…"
+            print(f"darkroom dev: {name} exited with {code}", file=sys.stderr)
             return code or 1
 
 

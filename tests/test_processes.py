@@ -414,41 +414,69 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@dataclass(frozen=True)
+class DevSession:
+    child: Child
+    base_url: str
+    account: Account
+    created: bool
+
+
+def start_dev(children: Children, data_dir: Path) -> DevSession:
+    """`darkroom dev` with nothing but a data dir and a port: its own Redis, web and worker."""
+    port = free_port()
+    env = base_env(data_dir, port)
+    child = children.start("darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)], env)
+    created = child.wait_for_line(r"(Created|Using) the dev account").group(1) == "Created"
+    key = child.wait_for_line(r"API key:\s+(sk_live_\S+)").group(1)
+    secret = child.wait_for_line(r"Webhook secret:\s+(whsec_\S+)").group(1)
+    base_url = f"http://127.0.0.1:{port}"
+    wait_until_ready(base_url, [child])
+    return DevSession(child, base_url, Account("", key, secret), created)
+
+
+def stop_dev(dev: DevSession, *, whole_group: bool) -> None:
+    """Ctrl-C (to the process, or to its process group as a terminal does); everything must exit."""
+    running = descendants(dev.child.pid)
+    commands = " | ".join(running.values())
+    assert "redis-server" in commands and "uvicorn" in commands and "arq" in commands, commands
+    if whole_group:
+        os.killpg(dev.child.pid, signal.SIGINT)
+    else:
+        dev.child.interrupt()
+    try:
+        code = dev.child.process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(
+            f"darkroom dev still running {STOP_TIMEOUT:g} s after Ctrl-C:\n{dev.child.output()}"
+        ) from None
+    assert code == 0, dev.child.output()
+    left = {pid: command for pid, command in running.items() if alive(pid)}
+    assert not left, f"still running after darkroom dev exited: {left}"
+
+
 def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tmp_path: Path) -> None:
     data_dir = tmp_path / "dev-data"
-    port = free_port()
-    dev = children.start(
-        "darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)], base_env(data_dir, port)
-    )
-    key = dev.wait_for_line(r"API key:\s+(sk_live_\S+)").group(1)
-    secret = dev.wait_for_line(r"Webhook secret:\s+(whsec_\S+)").group(1)
-    base_url = f"http://127.0.0.1:{port}"
-    wait_until_ready(base_url, [dev])
-    account = Account("", key, secret)
-
-    receiver = Receiver(secret).start()
+    dev = start_dev(children, data_dir)
+    assert dev.created
+    assert (data_dir / "dev-account.json").stat().st_mode & 0o777 == 0o600  # holds the API key
+    receiver = Receiver(dev.account.webhook_secret).start()
     try:
-        image = upload(base_url, account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
+        image = upload(dev.base_url, dev.account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
         (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
     finally:
         receiver.stop()
     assert delivery.verified
     assert delivery.event["data"]["id"] == image["id"]
-    assert delivery.event["data"]["output"]["url"].startswith(base_url)
-    check_output(base_url, account, image["id"], (160, 120))
+    assert delivery.event["data"]["output"]["url"].startswith(dev.base_url)
+    check_output(dev.base_url, dev.account, image["id"], (160, 120))
 
-    running = descendants(dev.pid)
-    commands = " | ".join(running.values())
-    assert "redis-server" in commands and "uvicorn" in commands and "arq" in commands, commands
-
-    dev.interrupt()
-    try:
-        code = dev.process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        raise AssertionError(
-            f"darkroom dev still running {STOP_TIMEOUT:g} s after Ctrl-C:\n{dev.output()}"
-        ) from None
-    assert code == 0, dev.output()
-    left = {pid: command for pid, command in running.items() if alive(pid)}
-    assert not left, f"still running after darkroom dev exited: {left}"
+    stop_dev(dev, whole_group=False)
     assert list((data_dir / "redis").glob("**/*.aof")), sorted(map(str, data_dir.rglob("*")))
+
+    # A second run on the same data dir replays the AOF: same dev account, the image is still there.
+    again = start_dev(children, data_dir)
+    assert not again.created
+    assert again.account.api_key == dev.account.api_key
+    check_output(again.base_url, again.account, image["id"], (160, 120))
+    stop_dev(again, whole_group=True)
