@@ -79,14 +79,18 @@ class ThumbnailArgs:
     crop: str | None
 
 
-def thumbnail_args(source_width: int, source_height: int, params: ResizeParams) -> ThumbnailArgs:
-    """Translate a fit mode into thumbnail arguments for an (upright) source of the given size."""
+def thumbnail_args(source_size: Callable[[], tuple[int, int]], params: ResizeParams) -> ThumbnailArgs:
+    """Translate a fit mode into thumbnail arguments for an (upright) source.
+
+    `source_size` is asked only by the fit modes that depend on it, so a shrink-on-load resize by
+    width or into a box does not open the file an extra time to read its header."""
     size = "both" if params.enlarge else "down"
     width, height = params.width, params.height
     if width is None or height is None or params.fit in ("inside", "contain"):
         return ThumbnailArgs(width or _UNBOUNDED, height or _UNBOUNDED, size, None)
     if params.fit == "cover":
         return ThumbnailArgs(width, height, size, "centre")
+    source_width, source_height = source_size()
     if params.fit == "fill":
         if not params.enlarge:
             # Each axis on its own: shrink where the source is bigger than the box, never stretch.
@@ -100,7 +104,7 @@ def thumbnail_args(source_width: int, source_height: int, params: ResizeParams) 
 
 
 def resize(image: pyvips.Image, params: ResizeParams) -> pyvips.Image:
-    args = thumbnail_args(image.width, image.height, params)
+    args = thumbnail_args(lambda: (image.width, image.height), params)
     options: dict[str, Any] = {"height": args.height, "size": args.size, "no_rotate": True}
     if args.crop is not None:
         options["crop"] = args.crop

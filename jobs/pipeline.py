@@ -173,9 +173,7 @@ def _render_to(
 def _load(source: Path, chain: Sequence[Operation]) -> tuple[pyvips.Image, Sequence[Operation]]:
     first = chain[0] if chain else None
     if first is not None and isinstance(first.params, ResizeParams):
-        header = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
-        width, height = _upright_size(header)
-        args = thumbnail_args(width, height, first.params)
+        args = thumbnail_args(lambda: _upright_size(source), first.params)
         options: dict[str, Any] = {"height": args.height, "size": args.size, "fail_on": FAIL_ON}
         if args.crop is not None:
             options["crop"] = args.crop
@@ -185,7 +183,8 @@ def _load(source: Path, chain: Sequence[Operation]) -> tuple[pyvips.Image, Seque
     return _to_srgb(image.autorot()), chain
 
 
-def _upright_size(image: pyvips.Image) -> tuple[int, int]:
+def _upright_size(source: Path) -> tuple[int, int]:
+    image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
     orientation = image.get("orientation") if image.get_typeof("orientation") else 1
     return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
 

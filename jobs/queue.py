@@ -13,6 +13,7 @@ import logging
 from typing import Any, Self
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -50,6 +51,28 @@ class QueuePool(ArqRedis):
         return pool
 
 
+# arq keeps a running job in its queue until it ends, so its poll returns the running jobs too and a
+# busy worker would never wait. This returns only jobs that are due and not running, and when there are
+# none, when the next deferred job is due.
+_STARTABLE_JOBS = """
+local queue, now, limit, running_prefix = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local startable, offset = {}, 0
+while #startable < limit do
+  local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', offset, 100)
+  if #due == 0 then break end
+  for _, id in ipairs(due) do
+    if redis.call('EXISTS', running_prefix .. id) == 0 then
+      startable[#startable + 1] = id
+      if #startable >= limit then break end
+    end
+  end
+  offset = offset + #due
+end
+local next_due = redis.call('ZRANGEBYSCORE', queue, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+return {startable, next_due[2] or false}
+"""
+
+
 class WakeableArqRedis(QueuePool):
     """The worker's pool: arq's queue poll waits for a wake-up instead of returning empty."""
 
@@ -58,6 +81,7 @@ class WakeableArqRedis(QueuePool):
         self.idle_wait = idle_wait
         self._woken = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
+        self._startable_script = self.register_script(_STARTABLE_JOBS)
 
     def start_listening(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="darkroom-queue-wake")
@@ -71,22 +95,28 @@ class WakeableArqRedis(QueuePool):
     async def zrangebyscore(self, name: Any, *args: Any, **kwargs: Any) -> Any:
         if self._listener is None or name != self.default_queue_name:
             return await super().zrangebyscore(name, *args, **kwargs)
+        limit = int(kwargs.get("num") or 100)
         self._woken.clear()
-        found = await super().zrangebyscore(name, *args, **kwargs)
-        if found:
-            return found
+        startable, next_due = await self._startable(name, limit)
+        if startable:
+            return startable
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._woken.wait(), await self._seconds_to_wait(name))
-        kwargs["max"] = timestamp_ms()
-        return await super().zrangebyscore(name, *args, **kwargs)
+            await asyncio.wait_for(self._woken.wait(), self._wait_for(next_due))
+        startable, _ = await self._startable(name, limit)
+        return startable
 
-    async def _seconds_to_wait(self, queue_name: Any) -> float:
+    async def _startable(self, queue_name: str, limit: int) -> tuple[list[bytes], float | None]:
+        """Due jobs not running yet, and the score of the next deferred one (one round trip)."""
+        startable, next_due = await self._startable_script(
+            keys=[queue_name], args=[timestamp_ms(), limit, in_progress_key_prefix]
+        )
+        return list(startable), float(next_due) if next_due else None
+
+    def _wait_for(self, next_due: float | None) -> float:
         """Until the next deferred job is due (a retry starts on time), at most `idle_wait`."""
-        earliest = await super().zrange(queue_name, 0, 0, withscores=True)
-        if not earliest:
+        if next_due is None:
             return self.idle_wait
-        due_in = (float(earliest[0][1]) - timestamp_ms()) / 1000
-        return min(self.idle_wait, max(0.0, due_in))
+        return min(self.idle_wait, max(0.0, (next_due - timestamp_ms()) / 1000))
 
     async def _listen(self) -> None:
         channel = wake_channel(self.default_queue_name)

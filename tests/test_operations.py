@@ -436,7 +436,7 @@ def test_every_catalogue_entry_is_complete() -> None:
 
 
 def args(source: tuple[int, int], **params: Any) -> ThumbnailArgs:
-    return thumbnail_args(*source, ResizeParams(**params))
+    return thumbnail_args(lambda: source, ResizeParams(**params))
 
 
 @pytest.mark.parametrize("fit", ["inside", "contain", "cover", "fill", "outside"])
