@@ -10,6 +10,7 @@ from arq.connections import ArqRedis
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
+from webhooks.dispatcher import Dispatcher
 
 
 @dataclass(frozen=True)
@@ -19,3 +20,4 @@ class WorkerDeps:
     store: Store
     storage: LocalStorage
     http: httpx.AsyncClient
+    dispatcher: Dispatcher

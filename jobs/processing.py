@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from jobs.deps import WorkerDeps
-from jobs.events import new_message, schedule_delivery
+from jobs.events import new_message
 from jobs.ids import new_id
 from jobs.operations import parse_operations
 from jobs.pipeline import KillSwitch, ProcessingError, RenderedImage, render
@@ -27,7 +27,7 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     if image is None:
         return  # deleted by its owner before we got to it
     if image.is_terminal:
-        await _announce(deps, image)
+        _announce(deps, image)
         return
     if job_try > deps.settings.max_attempts:
         await _finish(
@@ -109,9 +109,10 @@ async def _finish(
         # Deleted by its owner while we worked: the output just written must not outlive the record.
         await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
         return
-    await _announce(deps, stored)
+    _announce(deps, stored)
 
 
-async def _announce(deps: WorkerDeps, image: ImageRecord) -> None:
+def _announce(deps: WorkerDeps, image: ImageRecord) -> None:
+    """The message was made due in the transaction that finished the image; this only hurries it."""
     if image.event_message_id:
-        await schedule_delivery(deps.redis, deps.settings.queue_name, image.event_message_id, 1)
+        deps.dispatcher.nudge()

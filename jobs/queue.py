@@ -21,7 +21,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 log = logging.getLogger("darkroom.queue")
 
 PROCESS_IMAGE = "process_image"
-DELIVER_WEBHOOK = "deliver_webhook"
 
 
 def wake_channel(queue_name: str) -> str:

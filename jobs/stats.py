@@ -9,6 +9,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from webhooks.messages import Attempt
+
 STATS_KEY = "dr:stats"
 
 
@@ -20,6 +22,10 @@ def count_finished(pipe: Any, status: str, error_code: str | None) -> None:
     count(pipe, f"images_{status}")
     if error_code is not None:
         count(pipe, f"images_failed_by_code:{error_code}")
+
+
+def count_attempt(pipe: Any, attempt: Attempt) -> None:
+    count(pipe, f"webhook_attempts:{'delivered' if attempt.succeeded else 'failed'}")
 
 
 async def read(redis: Redis) -> dict[str, int]:

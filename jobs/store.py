@@ -82,6 +82,11 @@ class Store:
         raw = await self.redis.get(_account_key(account_id))
         return None if raw is None else Account.from_json(raw)
 
+    async def webhook_secrets(self, account_id: str) -> list[str] | None:
+        """The secrets that sign the account's callbacks; None once the account is gone."""
+        account = await self.get_account(account_id)
+        return None if account is None else [account.webhook_secret]
+
     async def authenticate(self, api_key: str) -> Account | None:
         if not api_key.startswith(API_KEY_PREFIX):
             return None

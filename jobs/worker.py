@@ -9,20 +9,20 @@ import asyncio
 from typing import Any
 
 import httpx
+from arq.connections import ArqRedis
 from arq.worker import func
 
-from jobs import notify, processing
+from jobs import processing, stats
 from jobs.deps import WorkerDeps
 from jobs.pipeline import configure_libvips
-from jobs.queue import DELIVER_WEBHOOK, PROCESS_IMAGE, WakeableArqRedis
+from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
+from webhooks.dispatcher import Dispatcher
 
-# arq's pause between queue polls that return at once. An empty queue waits on the wake-up instead, but
-# a running job stays in arq's queue until it ends, so while jobs run the worker polls at this pace, and
-# work enqueued meanwhile (the next upload, the image's own webhook) waits up to this long to start.
-# benchmarks/throughput.py: 0.02 s -> 29 ms p50 overhead per image, 0.005 s -> 10-15 ms.
+# How often a worker with every job slot taken looks for a freed one. (A worker with a free slot and
+# nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 
 
@@ -30,13 +30,8 @@ async def process_image(ctx: dict[str, Any], image_id: str) -> None:
     await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
 
 
-async def deliver_webhook(ctx: dict[str, Any], msg_id: str, attempt_number: int) -> None:
-    await notify.deliver_webhook(ctx["deps"], msg_id, attempt_number)
-
-
-async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx["settings"]
-    redis = ctx["redis"]
+async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
+    """Everything the task cores use, made once per worker process (tests build it the same way)."""
     configure_libvips()
     storage = LocalStorage(settings.storage_root)
     storage.prepare()
@@ -45,17 +40,38 @@ async def startup(ctx: dict[str, Any]) -> None:
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
         follow_redirects=False,
     )
-    if isinstance(redis, WakeableArqRedis):
-        redis.start_listening()
-    ctx["deps"] = WorkerDeps(settings, redis, Store(redis), storage, http)
+    store = Store(redis)
+    dispatcher = Dispatcher(
+        redis,
+        http,
+        store.webhook_secrets,
+        settings.retry_schedule,
+        # Longer than any attempt can take: a lease that runs out means its worker died.
+        lease_seconds=2 * settings.webhook_timeout + 5,
+        on_attempt=stats.count_attempt,
+    )
+    return WorkerDeps(settings, redis, store, storage, http, dispatcher)
+
+
+async def close_deps(deps: WorkerDeps) -> None:
+    await deps.dispatcher.stop()
+    await deps.http.aclose()
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    deps = await build_deps(ctx["settings"], ctx["redis"])
+    deps.dispatcher.start()
+    if isinstance(deps.redis, WakeableArqRedis):
+        deps.redis.start_listening()
+    ctx["deps"] = deps
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    deps: WorkerDeps | None = ctx.get("deps")
-    if deps is not None:
-        await deps.http.aclose()
     if isinstance(ctx["redis"], WakeableArqRedis):
         await ctx["redis"].stop_listening()
+    deps: WorkerDeps | None = ctx.get("deps")
+    if deps is not None:
+        await close_deps(deps)
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
@@ -64,7 +80,6 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     return {
         "functions": [
             func(process_image, name=PROCESS_IMAGE, timeout=settings.job_timeout + 30),
-            func(deliver_webhook, name=DELIVER_WEBHOOK, timeout=settings.webhook_timeout + 30),
         ],
         "queue_name": settings.queue_name,
         "redis_pool": pool,

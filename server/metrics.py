@@ -10,17 +10,19 @@ from starlette.routing import Route
 
 from jobs import stats
 from jobs.settings import Settings
+from webhooks.messages import DUE_KEY
 
 _HELP = {
     "darkroom_images_uploaded_total": ("counter", "Images accepted for processing."),
     "darkroom_images_finished_total": ("counter", "Images that reached a terminal status, by status."),
     "darkroom_images_failed_total": ("counter", "Failed images, by error code."),
     "darkroom_webhook_attempts_total": ("counter", "Webhook delivery attempts, by outcome."),
-    "darkroom_queue_jobs": ("gauge", "Jobs waiting or deferred in the queue."),
+    "darkroom_queue_jobs": ("gauge", "Image jobs queued or running."),
+    "darkroom_webhooks_pending": ("gauge", "Webhook messages waiting for their next attempt."),
 }
 
 
-def render_metrics(counters: dict[str, int], queue_jobs: int) -> str:
+def render_metrics(counters: dict[str, int], queue_jobs: int, webhooks_pending: int) -> str:
     samples: dict[str, list[str]] = defaultdict(list)
     for name, value in sorted(counters.items()):
         kind, _, label = name.partition(":")
@@ -40,6 +42,7 @@ def render_metrics(counters: dict[str, int], queue_jobs: int) -> str:
                 f'darkroom_webhook_attempts_total{{outcome="{label}"}} {value}'
             )
     samples["darkroom_queue_jobs"].append(f"darkroom_queue_jobs {queue_jobs}")
+    samples["darkroom_webhooks_pending"].append(f"darkroom_webhooks_pending {webhooks_pending}")
     lines: list[str] = []
     for metric, (kind, text) in _HELP.items():
         lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}", *samples.get(metric, [])]
@@ -51,7 +54,10 @@ async def metrics(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     counters = await stats.read(redis)
     queue_jobs = await redis.zcard(settings.queue_name)
-    return PlainTextResponse(render_metrics(counters, queue_jobs), media_type="text/plain; version=0.0.4")
+    webhooks_pending = await redis.zcard(DUE_KEY)
+    return PlainTextResponse(
+        render_metrics(counters, queue_jobs, webhooks_pending), media_type="text/plain; version=0.0.4"
+    )
 
 
 routes = [Route("/metrics", metrics)]

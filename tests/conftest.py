@@ -15,11 +15,12 @@ from arq.worker import Worker
 from asgi_lifespan import LifespanManager
 from redis.asyncio import Redis
 
+from jobs.deps import WorkerDeps
 from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.store import Store
-from jobs.worker import worker_settings
+from jobs.worker import build_deps, close_deps, worker_settings
 from server.app import create_app
 from server.embedded_redis import EmbeddedRedis
 from tests.receiver import Receiver
@@ -114,7 +115,8 @@ def make_worker(settings: Settings, **overrides: Any) -> Worker:
 
 
 async def run_burst(settings: Settings) -> Worker:
-    """Run a worker until the queue (including deferred retries) is empty.
+    """Run a worker until every image is processed and every webhook delivered or given up, retries
+    included.
 
     It polls a plain pool: the wake-up wait would hold a burst worker on an empty queue."""
     pool = QueuePool.connect(settings.redis_url, settings.queue_name)
@@ -123,7 +125,21 @@ async def run_burst(settings: Settings) -> Worker:
         await worker.async_run()
     finally:
         await worker.close()
+    async with worker_deps(settings) as deps:
+        await deps.dispatcher.run_until_idle()
     return worker
+
+
+@contextlib.asynccontextmanager
+async def worker_deps(settings: Settings) -> AsyncIterator[WorkerDeps]:
+    """What a worker process builds at start-up, for tests that drive the task cores directly."""
+    redis = QueuePool.connect(settings.redis_url, settings.queue_name)
+    deps = await build_deps(settings, redis)
+    try:
+        yield deps
+    finally:
+        await close_deps(deps)
+        await redis.aclose()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -10,14 +11,13 @@ import pytest
 
 from jobs import processing
 from jobs.deps import WorkerDeps
-from jobs.queue import QueuePool
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
-from jobs.store import Store
 from tests import imagegen
-from tests.conftest import Partner, run_burst, with_settings
+from tests.conftest import Partner, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_spine import upload
+from webhooks.dispatcher import Dispatcher
+from webhooks.messages import DUE_KEY
 
 
 async def deliveries_log(client: httpx.AsyncClient, account: Partner, msg_id: str) -> dict[str, object]:
@@ -104,12 +104,8 @@ async def test_unreachable_receiver_is_recorded_and_retried(
 
 @pytest.fixture
 async def deps(settings: Settings) -> AsyncIterator[WorkerDeps]:
-    redis = QueuePool.connect(settings.redis_url, settings.queue_name)
-    storage = LocalStorage(settings.storage_root)
-    storage.prepare()
-    async with httpx.AsyncClient() as http:
-        yield WorkerDeps(settings, redis, Store(redis), storage, http)
-    await redis.aclose()
+    async with worker_deps(settings) as built:
+        yield built
 
 
 async def test_rerun_after_a_crash_announces_once(
@@ -163,3 +159,25 @@ async def test_a_job_that_keeps_killing_its_worker_ends_failed(
     assert image["error"]["code"] == "worker_crashed"
     (delivery,) = receiver.wait_for(1)
     assert json.loads(delivery.body)["type"] == "image.failed"
+
+
+async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_same_id(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver, deps: WorkerDeps
+) -> None:
+    """A worker killed mid-delivery held a lease on the message; once it runs out, another sends it."""
+    image_id = (await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)).json()["id"]
+    await processing.process_image(deps, image_id, job_try=1)  # deps' own dispatcher is not running
+    dying = Dispatcher(deps.redis, deps.http, deps.store.webhook_secrets, (), lease_seconds=0.2)
+    (claimed,) = (await dying._claim(keys=[DUE_KEY], args=[now_ms(), 10, now_ms() + 200]))[0]
+
+    survivor = Dispatcher(deps.redis, deps.http, deps.store.webhook_secrets, (), lease_seconds=0.2)
+    await survivor.run_until_idle()
+
+    (delivery,) = receiver.wait_for(1)
+    assert delivery.headers["webhook-id"] == claimed.decode()
+    log = await deliveries_log(client, account, claimed.decode())
+    assert log["status"] == "delivered"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -32,6 +32,7 @@ async def test_metrics_count_uploads_outcomes_and_deliveries(
     assert 'darkroom_webhook_attempts_total{outcome="failed"} 1' in lines
     assert 'darkroom_webhook_attempts_total{outcome="delivered"} 2' in lines
     assert "darkroom_queue_jobs 0" in lines
+    assert "darkroom_webhooks_pending 0" in lines
 
 
 async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -11,6 +12,8 @@ from redis.asyncio import Redis
 MessageStatus = Literal["pending", "delivered", "failed"]
 RESPONSE_EXCERPT_BYTES = 8192
 RETENTION_SECONDS = 30 * 24 * 3600
+# Messages waiting for an attempt, scored by when it is due (epoch ms); see webhooks.dispatcher.
+DUE_KEY = "dr:webhooks:due"
 
 
 def message_key(msg_id: str) -> str:
@@ -87,11 +90,12 @@ class MessageStore:
         pipe.set(message_key(message.id), message.to_json(), ex=RETENTION_SECONDS)
 
     def stage_new(self, pipe: Any, message: Message) -> None:
-        """Add a new message to a caller's transaction, so it commits with the event it announces.
+        """Add a new message, due now, to a caller's transaction, so it commits with the event it announces.
 
         The account index has one score for all, so it is ordered by id, and ids sort by time."""
         self.stage_save(pipe, message)
         pipe.zadd(account_messages_key(message.account_id), {message.id: 0})
+        pipe.zadd(DUE_KEY, {message.id: time.time_ns() // 1_000_000})
 
     async def list_for_account(
         self, account_id: str, *, limit: int, before: str | None, status: str | None
