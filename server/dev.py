@@ -8,15 +8,20 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import httpx
 
 from jobs.settings import Settings
 from jobs.store import Store
+from server.children import child_process_options
 from server.cli import account_json, create_account
 from server.embedded_redis import EmbeddedRedis
 
 DEV_ACCOUNT_FILE = "dev-account.json"
 STOP_GRACE_SECONDS = 10
+READY_TIMEOUT_SECONDS = 30
 
 
 def _ensure_dev_account(settings: Settings, saved: Path) -> tuple[dict[str, str], bool]:
@@ -45,6 +50,8 @@ async def _dev_account(settings: Settings, known: dict[str, str] | None) -> tupl
 
 def _banner(public_url: str, account: dict[str, str], created: bool, data_dir: Path) -> str:
     key, secret = account["api_key"], account["webhook_secret"]
+    # The command as the user typed it (`.venv/bin/darkroom` when the venv is not activated).
+    darkroom = sys.argv[0] if Path(sys.argv[0]).name == "darkroom" else "darkroom"
     return f"""
 Darkroom is running at {public_url}   (data in {data_dir}; Ctrl-C stops everything)
 
@@ -53,7 +60,7 @@ Darkroom is running at {public_url}   (data in {data_dir}; Ctrl-C stops everythi
     Webhook secret: {secret}
 
   Try it:
-    darkroom webhooks listen --secret {secret} &
+    {darkroom} webhooks listen --secret {secret} &
     curl -s {public_url}/v1/images -H "Authorization: Bearer {key}" \\
       -F file=@photo.jpg -F 'operations=[{{"type":"resize","params":{{"width":512}}}}]' \\
       -F callback_url=http://127.0.0.1:8787/
@@ -82,11 +89,10 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
     try:
         account, created = _ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE)
         web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
-        processes.append(subprocess.Popen(web, env=env))
-        for _ in range(workers):
-            processes.append(
-                subprocess.Popen([sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"], env=env)
-            )
+        worker = [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"]
+        for command in [web, *[worker] * workers]:
+            processes.append(subprocess.Popen(command, env=env, **child_process_options()))
+        _wait_until_ready(f"http://{host}:{port}/readyz", processes)
         print(_banner(settings.public_url, account, created, data_dir), flush=True)
         return _wait_for_any_exit(processes)
     except KeyboardInterrupt:
@@ -95,6 +101,18 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         _stop(processes)
         if redis is not None:
             redis.stop()
+
+
+def _wait_until_ready(readyz: str, processes: list[subprocess.Popen[bytes]]) -> None:
+    """The banner invites a first request: print it once the web process answers one."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline and all(process.poll() is None for process in processes):
+        try:
+            if httpx.get(readyz, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 def _wait_for_any_exit(processes: list[subprocess.Popen[bytes]]) -> int:

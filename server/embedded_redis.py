@@ -19,6 +19,8 @@ from typing import IO
 
 import redis
 
+from server.children import child_process_options
+
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
 _LOOPBACK = "127.0.0.1"
@@ -91,7 +93,11 @@ class EmbeddedRedis:
                 *("--daemonize", "no"),
             ]
             process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                **child_process_options(),
             )
             resources.callback(_shut_down, process)
             _wait_until_answering(process, port, output)
