@@ -30,8 +30,10 @@ import pytest
 import pyvips
 import redis
 
+from server.children import child_process_options
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
+from tests.conftest import Partner
 from tests.receiver import Receiver
 
 BIN = Path(sys.executable).parent
@@ -63,7 +65,8 @@ class Child:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: teardown can stop every descendant
+            # Its own process group, so teardown can stop every descendant; gone if pytest is killed.
+            **child_process_options(),
         )
         self.lines: list[str] = []
         self._new_lines: queue.Queue[str | None] = queue.Queue()
@@ -205,18 +208,7 @@ def poll(check: Callable[[], Any], what: str, timeout: float = WEBHOOK_TIMEOUT) 
         time.sleep(0.05)
 
 
-@dataclass(frozen=True)
-class Account:
-    account_id: str
-    api_key: str
-    webhook_secret: str
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.api_key}"}
-
-
-def create_account(env: dict[str, str], name: str) -> Account:
+def create_account(env: dict[str, str], name: str) -> Partner:
     done = subprocess.run(
         [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json"],
         env=env,
@@ -231,11 +223,11 @@ def create_account(env: dict[str, str], name: str) -> Account:
     assert set(created) == {"account_id", "api_key", "webhook_secret"}
     assert created["api_key"].startswith("sk_live_")
     assert created["webhook_secret"].startswith("whsec_")
-    return Account(**created)
+    return Partner(created["account_id"], created["api_key"], created["webhook_secret"])
 
 
 def upload(
-    base_url: str, account: Account, data: bytes, operations: list[dict[str, Any]], callback_url: str
+    base_url: str, account: Partner, data: bytes, operations: list[dict[str, Any]], callback_url: str
 ) -> dict[str, Any]:
     with httpx.Client(base_url=base_url, timeout=10) as http:
         response = http.post(
@@ -255,7 +247,7 @@ RESIZE_TO_160 = [
 ]
 
 
-def check_output(base_url: str, account: Account, image_id: str, size: tuple[int, int]) -> None:
+def check_output(base_url: str, account: Partner, image_id: str, size: tuple[int, int]) -> None:
     with httpx.Client(base_url=base_url, timeout=10) as http:
         output = http.get(f"/v1/images/{image_id}/output", headers=account.headers)
     assert output.status_code == 200, output.text
@@ -418,7 +410,7 @@ def alive(pid: int) -> bool:
 class DevSession:
     child: Child
     base_url: str
-    account: Account
+    account: Partner
     created: bool
 
 
@@ -432,7 +424,7 @@ def start_dev(children: Children, data_dir: Path) -> DevSession:
     secret = child.wait_for_line(r"Webhook secret:\s+(whsec_\S+)").group(1)
     base_url = f"http://127.0.0.1:{port}"
     wait_until_ready(base_url, [child])
-    return DevSession(child, base_url, Account("", key, secret), created)
+    return DevSession(child, base_url, Partner("", key, secret), created)
 
 
 def stop_dev(dev: DevSession, *, whole_group: bool) -> None:
