@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 
 import httpx
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from webhooks.delivery import post_signed, retry_delay
 from webhooks.messages import DUE_KEY, Attempt, Message, MessageStatus, MessageStore
@@ -109,8 +110,12 @@ class Dispatcher:
             try:
                 self._woken.clear()
                 next_due = await self._claim_and_send()
-            except (OSError, ConnectionError) as exc:
+            except (RedisError, OSError) as exc:
                 log.warning("webhook dispatcher cannot reach Redis (%s); retrying", exc)
+                next_due = None
+            except Exception:
+                # The loop must outlive any one bad turn, or this worker stops sending webhooks.
+                log.exception("webhook dispatcher turn failed; retrying")
                 next_due = None
             wait = self.idle_wait if next_due is None else (next_due - _now_ms()) / 1000
             if len(self._in_flight) >= self.concurrency:
