@@ -10,7 +10,8 @@ from typing import Any
 
 import httpx
 from arq.connections import ArqRedis
-from arq.worker import func
+from arq.worker import Retry, func
+from redis.exceptions import RedisError
 
 from jobs import processing, stats
 from jobs.deps import WorkerDeps
@@ -24,10 +25,16 @@ from webhooks.dispatcher import Dispatcher
 # How often a worker with every job slot taken looks for a freed one. (A worker with a free slot and
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
+REDIS_RETRY_SECONDS = 2
 
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
-    await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
+    try:
+        await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
+    except RedisError as exc:
+        # A job that raises is failed for good by arq, which would leave the image `processing`;
+        # Redis being briefly unreachable is worth another try (the core is safe to re-run).
+        raise Retry(defer=REDIS_RETRY_SECONDS) from exc
 
 
 async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
