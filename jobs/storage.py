@@ -45,9 +45,6 @@ class LocalStorage:
         os.replace(staged, target)
         return target
 
-    def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
-
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
