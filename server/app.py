@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 
@@ -18,7 +19,13 @@ from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from server import deliveries, health, images, metrics, openapi
-from server.problems import Problem, handle_http_status, handle_problem, handle_unexpected
+from server.problems import (
+    Problem,
+    handle_http_status,
+    handle_problem,
+    handle_store_unavailable,
+    handle_unexpected,
+)
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -41,6 +48,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers={
             Problem: handle_problem,
             HTTPException: handle_http_status,
+            RedisError: handle_store_unavailable,
             Exception: handle_unexpected,
         },
         lifespan=lifespan,

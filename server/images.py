@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 from urllib.parse import urlsplit
 
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -163,10 +165,21 @@ async def create_image(request: Request) -> Response:
         callback_url=callback_url,
         metadata=metadata,
     )
-    await store.save_new_image(image)
-    await enqueue(
-        request.app.state.redis, settings.queue_name, PROCESS_IMAGE, image.id, job_id=f"process:{image.id}"
-    )
+    try:
+        await store.save_new_image(image)
+        await enqueue(
+            request.app.state.redis,
+            settings.queue_name,
+            PROCESS_IMAGE,
+            image.id,
+            job_id=f"process:{image.id}",
+        )
+    except RedisError:
+        # Not accepted, so nothing may stay: no blob without a record, no `queued` record without a job.
+        await asyncio.to_thread(storage.delete_tree, f"{account.id}/{image_id}")
+        with contextlib.suppress(RedisError):
+            await store.delete_image(image)
+        raise
     return JSONResponse(
         image.resource(settings.public_url),
         status_code=202,

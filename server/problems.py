@@ -74,6 +74,18 @@ async def handle_problem(request: Request, exc: Exception) -> Response:
     return problem_response(exc)
 
 
+async def handle_store_unavailable(request: Request, exc: Exception) -> Response:
+    """Redis unreachable: nothing was accepted, and trying again shortly is the right move."""
+    return problem_response(
+        Problem(
+            503,
+            "store_unavailable",
+            "the service cannot reach its store; retry shortly",
+            headers={"Retry-After": "5"},
+        )
+    )
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """A bug of ours still answers in the problem shape (the traceback goes to the server log)."""
     return problem_response(

@@ -1,0 +1,39 @@
+"""Redis unreachable: partners get a clear 503, and image jobs are retried rather than lost."""
+
+from __future__ import annotations
+
+import pytest
+from arq.worker import Retry
+
+from jobs import worker
+from jobs.settings import Settings
+from tests import imagegen
+from tests.conftest import api_client, with_settings, worker_deps
+
+
+@pytest.fixture
+def unreachable(settings: Settings, unused_tcp_port: int) -> Settings:
+    return with_settings(settings, redis_url=f"redis://127.0.0.1:{unused_tcp_port}/0")
+
+
+async def test_api_answers_503_problem_when_redis_is_down(unreachable: Settings) -> None:
+    async with api_client(unreachable) as client:
+        response = await client.post(
+            "/v1/images",
+            headers={"Authorization": "Bearer sk_live_" + "a" * 43},
+            files={"file": ("photo.jpg", imagegen.jpeg(), "image/jpeg")},
+        )
+        ready = await client.get("/readyz")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["retry-after"] == "5"
+    assert response.json()["code"] == "store_unavailable"
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["redis"].startswith("unreachable")
+
+
+async def test_redis_outage_mid_job_is_retried_not_failed(unreachable: Settings) -> None:
+    """arq fails a job that raises for good, which would leave its image `processing` forever."""
+    async with worker_deps(unreachable) as deps:
+        with pytest.raises(Retry):
+            await worker.process_image({"deps": deps, "job_try": 1}, "img_01m8000000000000000000000")
