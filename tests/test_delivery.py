@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -17,7 +16,7 @@ from tests.conftest import Partner, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_spine import upload
 from webhooks.dispatcher import Dispatcher
-from webhooks.messages import DUE_KEY
+from webhooks.messages import DUE_KEY, now_ms
 
 
 async def deliveries_log(client: httpx.AsyncClient, account: Partner, msg_id: str) -> dict[str, object]:
@@ -177,7 +176,3 @@ async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_s
     assert delivery.headers["webhook-id"] == claimed.decode()
     log = await deliveries_log(client, account, claimed.decode())
     assert log["status"] == "delivered"
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from webhooks.messages import RESPONSE_EXCERPT_BYTES
+from webhooks.messages import RESPONSE_EXCERPT_BYTES, is_success
 from webhooks.signing import sign_headers
 
 USER_AGENT = "Darkroom-Webhooks/1"
@@ -23,7 +23,7 @@ class AttemptOutcome:
 
     @property
     def succeeded(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+        return is_success(self.status_code)
 
 
 async def post_signed(
@@ -45,7 +45,7 @@ async def post_signed(
         return AttemptOutcome(None, _elapsed_ms(started), "", "timeout")
     except httpx.HTTPError as exc:
         return AttemptOutcome(None, _elapsed_ms(started), "", f"connection failed: {type(exc).__name__}")
-    error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+    error = None if is_success(response.status_code) else f"HTTP {response.status_code}"
     if response.is_redirect:
         error = f"HTTP {response.status_code} redirect (not followed)"
     return AttemptOutcome(response.status_code, _elapsed_ms(started), excerpt, error)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
@@ -23,7 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from webhooks.delivery import post_signed, retry_delay
-from webhooks.messages import DUE_KEY, Attempt, Message, MessageStatus, MessageStore
+from webhooks.messages import DUE_KEY, Attempt, Message, MessageStatus, MessageStore, now_ms
 
 log = logging.getLogger("darkroom.webhooks")
 
@@ -37,10 +36,6 @@ for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[3], id) end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 return {due, next_due[2] or false}
 """
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _iso(epoch_ms: int) -> str:
@@ -103,7 +98,7 @@ class Dispatcher:
                 continue
             if next_due is None:
                 return
-            await asyncio.sleep(max(0.0, (next_due - _now_ms()) / 1000))
+            await asyncio.sleep(max(0.0, (next_due - now_ms()) / 1000))
 
     async def _run(self) -> None:
         while True:
@@ -117,7 +112,7 @@ class Dispatcher:
                 # The loop must outlive any one bad turn, or this worker stops sending webhooks.
                 log.exception("webhook dispatcher turn failed; retrying")
                 next_due = None
-            wait = self.idle_wait if next_due is None else (next_due - _now_ms()) / 1000
+            wait = self.idle_wait if next_due is None else (next_due - now_ms()) / 1000
             if len(self._in_flight) >= self.concurrency:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
@@ -130,7 +125,7 @@ class Dispatcher:
         room = self.concurrency - len(self._in_flight)
         if room <= 0:
             return None
-        now = _now_ms()
+        now = now_ms()
         claimed, next_due = await self._claim(keys=[DUE_KEY], args=[now, room, now + self.lease_ms])
         for raw_id in claimed:
             task = asyncio.create_task(self._attempt(raw_id.decode()))
@@ -150,7 +145,7 @@ class Dispatcher:
             await self.redis.zrem(DUE_KEY, msg_id)
             return
         number = len(message.attempts) + 1
-        started = _now_ms()
+        started = now_ms()
         secrets = await self.secrets_for(message.account_id)
         if not secrets:
             attempt = Attempt(number, _iso(started), None, 0.0, "", "the account no longer exists")
@@ -158,7 +153,7 @@ class Dispatcher:
             return
         outcome = await post_signed(self.http, message.url, message.id, message.body.encode(), secrets)
         delay = None if outcome.succeeded else retry_delay(self.retry_schedule, number)
-        next_at = None if delay is None else _now_ms() + int(delay * 1000)
+        next_at = None if delay is None else now_ms() + int(delay * 1000)
         attempt = Attempt(
             number=number,
             at=_iso(started),

@@ -16,6 +16,16 @@ RETENTION_SECONDS = 30 * 24 * 3600
 DUE_KEY = "dr:webhooks:due"
 
 
+def now_ms() -> int:
+    """Epoch milliseconds: the scores of the due set."""
+    return time.time_ns() // 1_000_000
+
+
+def is_success(status_code: int | None) -> bool:
+    """A delivery succeeds on any 2xx answer, and on nothing else (redirects included)."""
+    return status_code is not None and 200 <= status_code < 300
+
+
 def message_key(msg_id: str) -> str:
     return f"dr:msg:{msg_id}"
 
@@ -36,7 +46,7 @@ class Attempt:
 
     @property
     def succeeded(self) -> bool:
-        return self.status_code is not None and 200 <= self.status_code < 300
+        return is_success(self.status_code)
 
 
 @dataclass(frozen=True)
@@ -95,7 +105,7 @@ class MessageStore:
         The account index has one score for all, so it is ordered by id, and ids sort by time."""
         self.stage_save(pipe, message)
         pipe.zadd(account_messages_key(message.account_id), {message.id: 0})
-        pipe.zadd(DUE_KEY, {message.id: time.time_ns() // 1_000_000})
+        pipe.zadd(DUE_KEY, {message.id: now_ms()})
 
     async def list_for_account(
         self, account_id: str, *, limit: int, before: str | None, status: str | None
