@@ -14,47 +14,13 @@ from typing import Any
 
 import pyvips
 
-from jobs.operations import (
-    CATALOGUE,
-    ConvertParams,
-    Operation,
-    ResizeParams,
-    finish_resize,
-    output_options,
-    thumbnail_args,
-)
+from jobs.operations import Operation, Plan, plan
+from jobs.ops import encode
+from jobs.ops.geometry import ResizeParams, finish_resize, thumbnail_args
 from jobs.vips_errors import describe_vips_error
 
 # Truncated or corrupt data is an error, not a grey half-picture.
 FAIL_ON = "error"
-
-
-@dataclass(frozen=True)
-class Saver:
-    operation: str
-    suffix: str
-    default_quality: int | None
-    has_alpha: bool
-
-
-SAVERS: dict[str, Saver] = {
-    "jpeg": Saver("jpegsave", ".jpg", 82, has_alpha=False),
-    "png": Saver("pngsave", ".png", None, has_alpha=True),
-    "webp": Saver("webpsave", ".webp", 80, has_alpha=True),
-    "avif": Saver("heifsave", ".avif", 55, has_alpha=True),
-    "tiff": Saver("tiffsave", ".tiff", None, has_alpha=True),
-    "gif": Saver("gifsave", ".gif", None, has_alpha=True),
-}
-
-MEDIA_TYPES = {
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "avif": "image/avif",
-    "tiff": "image/tiff",
-    "gif": "image/gif",
-    "heif": "image/heif",
-}
 
 
 class ProcessingError(Exception):
@@ -113,24 +79,26 @@ def configure_libvips() -> None:
     pyvips.cache_set_max_files(0)
 
 
-def default_output_format(input_format: str) -> str:
-    return input_format if input_format in SAVERS else "jpeg"
-
-
 def render(
     source: Path,
     destination_stem: Path,
     chain: Sequence[Operation],
     input_format: str,
     kill_switch: KillSwitch | None = None,
+    *,
+    max_pixels: int | None = None,
 ) -> RenderedImage:
-    """Process `source` into `destination_stem` + the output format's suffix."""
-    convert = output_options(chain)
-    output_format = convert.format if convert else default_output_format(input_format)
-    saver = SAVERS[output_format]
-    destination = destination_stem.with_suffix(saver.suffix)
+    """Process `source` into `destination_stem` + the output format's suffix.
+
+    `max_pixels` caps the result as the upload check caps the input, so an `upscale` or a big
+    `resize` with `enlarge` fails cleanly instead of writing a gigapixel file."""
+    steps = plan(chain)
+    output_format = encode.output_format_for(input_format, steps.convert)
+    destination = destination_stem.with_suffix(encode.SAVERS[output_format].suffix)
+    failure: ProcessingError | None
     try:
-        width, height = _render_to(source, destination, chain, saver, output_format, convert, kill_switch)
+        width, height = _render_to(source, destination, steps, output_format, kill_switch, max_pixels)
+        failure = _over_cap(width, height, max_pixels)
     except pyvips.Error as exc:
         # Some savers (tiffsave) leave what they wrote before the error; nobody would clean it up.
         destination.unlink(missing_ok=True)
@@ -138,11 +106,11 @@ def render(
             failure = ProcessingError("timeout", "processing took longer than the job time limit")
         else:
             failure = ProcessingError(_error_code(exc), describe_vips_error(exc))
-    else:
-        return RenderedImage(destination, output_format, width, height, destination.stat().st_size)
     finally:
         if kill_switch is not None:
             kill_switch.disarm()
+    if failure is None:
+        return RenderedImage(destination, output_format, width, height, destination.stat().st_size)
     # Raised outside the handler, so the failure carries neither the libvips error nor its traceback,
     # whose frames hold the images: those are freed here and now, not by a garbage collection that
     # may run later in any thread (even inside a libvips callback) while the file stays open.
@@ -152,40 +120,64 @@ def render(
 def _render_to(
     source: Path,
     destination: Path,
-    chain: Sequence[Operation],
-    saver: Saver,
+    steps: Plan,
     output_format: str,
-    convert: ConvertParams | None,
     kill_switch: KillSwitch | None,
+    max_pixels: int | None,
 ) -> tuple[int, int]:
-    image, remaining = _load(source, chain)
-    for operation in remaining:
-        apply = CATALOGUE[operation.type].apply
-        if apply is not None:
-            image = apply(image, operation.params)
-    image = _prepare_for_save(image, saver)
-    if kill_switch is not None:
-        kill_switch.arm(image)
-    getattr(image, saver.operation)(str(destination), **_save_options(output_format, saver, convert))
+    """Build and save; the result's size, with nothing saved when it is over `max_pixels`. The images
+    live in this frame only, so they are gone once it returns or raises."""
+    image = _build(source, steps, output_format)
+    if _over_cap(image.width, image.height, max_pixels) is None:
+        if kill_switch is not None:
+            kill_switch.arm(image)
+        encode.save(image, destination, output_format, steps.convert)
     return image.width, image.height
 
 
-def _load(source: Path, chain: Sequence[Operation]) -> tuple[pyvips.Image, Sequence[Operation]]:
-    first = chain[0] if chain else None
+def _over_cap(width: int, height: int, max_pixels: int | None) -> ProcessingError | None:
+    if max_pixels is None or width * height <= max_pixels:
+        return None
+    return ProcessingError(
+        "image_too_large",
+        f"the result would be {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+    )
+
+
+def _build(source: Path, steps: Plan, output_format: str) -> pyvips.Image:
+    """The lazy libvips graph of the whole chain: nothing is decoded until the save pulls pixels."""
+    image, remaining = _load(source, steps)
+    for operation in remaining:
+        apply = operation.kind.apply
+        assert apply is not None  # plan() keeps only pixel operations in steps
+        image = apply(image, operation.params)
+    return encode.prepare_for_save(image, output_format, steps.convert)
+
+
+def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]:
+    first = steps.steps[0] if steps.steps else None
     if first is not None and isinstance(first.params, ResizeParams):
-        args = thumbnail_args(lambda: _upright_size(source), first.params)
-        options: dict[str, Any] = {"height": args.height, "size": args.size, "fail_on": FAIL_ON}
+        params = first.params
+        args = thumbnail_args(lambda: _stored_size(source, upright=steps.auto_orient), params)
+        options: dict[str, Any] = {
+            "height": args.height,
+            "size": args.size,
+            "fail_on": FAIL_ON,
+            "no_rotate": not steps.auto_orient,
+        }
         if args.crop is not None:
             options["crop"] = args.crop
         image = pyvips.Image.thumbnail(str(source), args.width, **options)
-        return finish_resize(_to_srgb(image), first.params), chain[1:]
+        return finish_resize(_to_srgb(image), params), steps.steps[1:]
     image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
-    return _to_srgb(image.autorot()), chain
+    if steps.auto_orient:
+        image = image.autorot()
+    return _to_srgb(image), steps.steps
 
 
-def _upright_size(source: Path) -> tuple[int, int]:
+def _stored_size(source: Path, *, upright: bool) -> tuple[int, int]:
     image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
-    orientation = image.get("orientation") if image.get_typeof("orientation") else 1
+    orientation = image.get("orientation") if upright and image.get_typeof("orientation") else 1
     return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
 
 
@@ -203,30 +195,6 @@ def _to_srgb(image: pyvips.Image) -> pyvips.Image:
     if image.format != "uchar":
         image = image.cast("uchar")
     return image
-
-
-def _prepare_for_save(image: pyvips.Image, saver: Saver) -> pyvips.Image:
-    if image.hasalpha() and not saver.has_alpha:
-        image = image.flatten(background=[255] * (image.bands - 1))
-    return image
-
-
-def _save_options(output_format: str, saver: Saver, convert: ConvertParams | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"keep": pyvips.enums.ForeignKeep.NONE}
-    quality = convert.quality if convert and convert.quality else saver.default_quality
-    if quality is not None and output_format != "png":
-        options["Q"] = quality
-    progressive = bool(convert and convert.progressive)
-    lossless = bool(convert and convert.lossless)
-    if output_format == "jpeg":
-        options.update(optimize_coding=True, interlace=progressive)
-    elif output_format == "png":
-        options.update(interlace=progressive, compression=6)
-    elif output_format == "webp":
-        options.update(lossless=lossless, effort=4)
-    elif output_format == "avif":
-        options.update(compression="av1", lossless=lossless, effort=2)
-    return options
 
 
 def _error_code(exc: pyvips.Error) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -64,8 +65,11 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
     source = deps.storage.path(image.original_key)
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
+    limit = deps.settings.max_pixels
     rendering = asyncio.ensure_future(
-        asyncio.to_thread(render, source, stem, chain, image.input.format, kill_switch)
+        asyncio.to_thread(
+            functools.partial(render, source, stem, chain, image.input.format, kill_switch, max_pixels=limit)
+        )
     )
     done, _ = await asyncio.wait({rendering}, timeout=deps.settings.job_timeout)
     if done:

@@ -16,8 +16,8 @@ from starlette.routing import Route
 from jobs.formats import ImageFormat, UnreadableImage, read_header, sniff_format
 from jobs.ids import new_id
 from jobs.operations import parse_operations
+from jobs.ops.encode import MEDIA_TYPES
 from jobs.params import FieldError, ValidationFailed
-from jobs.pipeline import MEDIA_TYPES
 from jobs.queue import PROCESS_IMAGE, enqueue
 from jobs.records import ImageRecord, InputInfo, utc_now
 from jobs.settings import Settings

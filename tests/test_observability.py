@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from jobs.operations import ResizeParams
+from jobs.ops.geometry import ResizeParams
 from jobs.settings import Settings
 from tests import imagegen
 from tests.conftest import Partner, run_burst

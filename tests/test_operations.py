@@ -10,19 +10,10 @@ from typing import Annotated, Any, Literal
 
 import pytest
 
-from jobs.operations import (
-    _UNBOUNDED,
-    CATALOGUE,
-    MAX_CHAIN_LENGTH,
-    MAX_DIMENSION,
-    ConvertParams,
-    Operation,
-    ResizeParams,
-    ThumbnailArgs,
-    output_options,
-    parse_operations,
-    thumbnail_args,
-)
+from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH, Operation, parse_operations, plan
+from jobs.ops.base import MAX_DIMENSION
+from jobs.ops.encode import ConvertParams
+from jobs.ops.geometry import _UNBOUNDED, ResizeParams, ThumbnailArgs, thumbnail_args
 from jobs.params import Bounds, FieldError, Params, Pattern, ValidationFailed
 
 
@@ -115,10 +106,26 @@ def test_last_convert_decides_the_output() -> None:
             {"type": "convert", "params": {"format": "gif"}},
         ]
     )
-    options = output_options(chain)
+    options = plan(chain).convert
     assert options is not None
     assert options.format == "gif"
-    assert output_options(parse_operations([{"type": "resize", "params": {"width": 5}}])) is None
+    assert plan(parse_operations([{"type": "resize", "params": {"width": 5}}])).convert is None
+
+
+def test_plan_runs_geometry_first_and_keeps_the_partners_order_within_a_stage() -> None:
+    chain = parse_operations(
+        [
+            {"type": "auto_orient", "params": {"enabled": False}},
+            {"type": "resize", "params": {"width": 50}},
+            {"type": "convert", "params": {"format": "png"}},
+            {"type": "resize", "params": {"width": 5}},
+        ]
+    )
+    steps = plan(chain)
+    assert steps.auto_orient is False
+    assert steps.convert == ConvertParams(format="png")
+    assert [op.params for op in steps.steps] == [ResizeParams(width=50), ResizeParams(width=5)]
+    assert plan([]).auto_orient is True
 
 
 def test_chain_length_cap() -> None:

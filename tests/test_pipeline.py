@@ -12,7 +12,8 @@ import pytest
 import pyvips
 
 from jobs.operations import parse_operations
-from jobs.pipeline import SAVERS, KillSwitch, ProcessingError, RenderedImage, configure_libvips, render
+from jobs.ops.encode import SAVERS
+from jobs.pipeline import KillSwitch, ProcessingError, RenderedImage, configure_libvips, render
 from tests import imagegen
 
 # Written into every metadata field the fixtures carry, so a leak shows up in the raw output bytes.
