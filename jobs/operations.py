@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.ops import encode, filters, geometry, overlay, tone
+from jobs.ops import encode, enhance, filters, geometry, overlay, tone
 from jobs.ops.base import OperationKind
 from jobs.ops.encode import ConvertParams
 from jobs.ops.geometry import AutoOrientParams
@@ -20,7 +20,7 @@ from jobs.params import FieldError, Params, ValidationFailed
 MAX_CHAIN_LENGTH = 32
 
 CATALOGUE: dict[str, OperationKind] = {
-    kind.name: kind for family in (geometry, filters, tone, overlay, encode) for kind in family.KINDS
+    kind.name: kind for family in (geometry, filters, enhance, tone, overlay, encode) for kind in family.KINDS
 }
 
 

@@ -16,20 +16,12 @@ import pyvips
 
 from jobs.operations import Operation, Plan, plan
 from jobs.ops import encode
+from jobs.ops.base import ProcessingError
 from jobs.ops.geometry import ResizeParams, finish_resize, thumbnail_args
 from jobs.vips_errors import describe_vips_error
 
 # Truncated or corrupt data is an error, not a grey half-picture.
 FAIL_ON = "error"
-
-
-class ProcessingError(Exception):
-    """The image cannot be processed; `code` is the stable machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -99,6 +91,9 @@ def render(
     try:
         width, height = _render_to(source, destination, steps, output_format, kill_switch, max_pixels)
         failure = _over_cap(width, height, max_pixels)
+    except ProcessingError as exc:
+        destination.unlink(missing_ok=True)
+        failure = ProcessingError(exc.code, exc.message)  # without the traceback that holds the images
     except pyvips.Error as exc:
         # Some savers (tiffsave) leave what they wrote before the error; nobody would clean it up.
         destination.unlink(missing_ok=True)

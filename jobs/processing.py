@@ -17,7 +17,8 @@ from jobs.deps import WorkerDeps
 from jobs.events import new_message
 from jobs.ids import new_id
 from jobs.operations import parse_operations
-from jobs.pipeline import KillSwitch, ProcessingError, RenderedImage, render
+from jobs.ops.base import ProcessingError
+from jobs.pipeline import KillSwitch, RenderedImage, render
 from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
 
 log = logging.getLogger("darkroom.processing")

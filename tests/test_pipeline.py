@@ -12,8 +12,9 @@ import pytest
 import pyvips
 
 from jobs.operations import parse_operations
+from jobs.ops.base import ProcessingError
 from jobs.ops.encode import SAVERS
-from jobs.pipeline import KillSwitch, ProcessingError, RenderedImage, configure_libvips, render
+from jobs.pipeline import KillSwitch, RenderedImage, configure_libvips, render
 from tests import imagegen
 
 # Written into every metadata field the fixtures carry, so a leak shows up in the raw output bytes.

@@ -17,6 +17,16 @@ Dimension = Annotated[int | None, Bounds(1, MAX_DIMENSION)]
 Colour = Annotated[str, Pattern("#?(?:[0-9a-fA-F]{3}|[0-9a-fA-F]{6})", "a colour like #ffffff")]
 
 
+class ProcessingError(Exception):
+    """The image cannot be processed; `code` is the stable machine-readable reason. Operations raise it
+    for what only the image itself reveals (a crop box outside it, a byte budget no quality meets)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
 class Stage(enum.IntEnum):
     """Where an operation runs in the pipeline; a chain is run stage by stage, in the partner's order
     within a stage. Geometry first, so area filters work on the (usually much smaller) final pixels;
