@@ -52,14 +52,13 @@ from typing import Any
 import aiohttp
 import pyvips
 from aiohttp import web
+from photos import find_photos, megapixels
 
 from server.embedded_redis import EmbeddedRedis
 from webhooks.signing import WebhookVerificationError, verify
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "corpus" / "good"
 BIN = Path(sys.executable).parent
-MIN_PIXELS = 2_000_000
 WIDTH = 512
 QUALITY = 80
 OPERATIONS = json.dumps(
@@ -74,37 +73,6 @@ DISTURBED_CORES = 0.15
 
 
 # --- photos -------------------------------------------------------------------------------------------
-
-
-def find_photos(generated_dir: Path) -> tuple[list[Path], str]:
-    if CORPUS.is_dir():
-        found = []
-        for path in sorted(CORPUS.iterdir()):
-            if path.suffix.lower() not in (".jpg", ".jpeg"):
-                continue
-            header = pyvips.Image.new_from_file(str(path))
-            # ultra-hdr.jpg loads through libvips' uhdrload: still a JPEG file, as Darkroom sniffs it.
-            if header.width * header.height >= MIN_PIXELS:
-                found.append(path)
-        if found:
-            return found, str(CORPUS)
-    generated_dir.mkdir(parents=True, exist_ok=True)
-    photos = []
-    for index in range(6):
-        # Noise over a gradient: compresses and decodes like a photo rather than a flat test card.
-        base = pyvips.Image.xyz(2048, 1536)[0].linear(0.1, 20 * index)
-        noisy = (base + pyvips.Image.gaussnoise(2048, 1536, sigma=40, mean=0)).cast("uchar")
-        image = noisy.bandjoin([noisy.rot180().resize(1), noisy.flipver()]).copy(interpretation="srgb")
-        path = generated_dir / f"generated-{index}.jpg"
-        image.jpegsave(str(path), Q=90)
-        photos.append(path)
-    return photos, "generated 2048x1536 JPEGs"
-
-
-def megapixels(path: Path) -> float:
-    header = pyvips.Image.new_from_file(str(path))
-    pixels: int = header.width * header.height
-    return round(pixels / 1e6, 1)
 
 
 # --- raw pyvips -----------------------------------------------------------------------------------------
@@ -628,6 +596,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="jobs.worker.WorkerSettings",
         help="arq settings for the worker (to try variants; the Procfile's by default)",
     )
+    parser.add_argument(
+        "--photos",
+        choices=["corpus", "2k"],
+        default="corpus",
+        help="corpus: ../shared/corpus/good JPEGs of >= 2 MP (else generated); 2k: generated 2048x1365",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     args = parser.parse_args(argv)
     if args.images < 1 or args.latency_images < 1 or args.rounds < 1:
@@ -638,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     keep = args.keep or args.profile is not None
     load_before = os.getloadavg()[0]
     try:
-        photos, source = find_photos(work_dir / "photos")
+        photos, source = find_photos(work_dir / "photos", args.photos)
         sequence = cycle(photos, args.images)
         latency_sequence = cycle(photos, args.latency_images)
         raw_out = work_dir / "raw"

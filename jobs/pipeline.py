@@ -1,7 +1,8 @@
 """Run a validated operation chain on one image file with libvips. Blocking: call it from a thread.
 
 The file is opened for sequential access and a leading resize shrinks on load, so a 24 MP JPEG never
-exists decoded at full size. Output is always 8-bit sRGB with metadata stripped.
+exists decoded at full size. Operations see sRGB (or greyscale) pixels, 8-bit unless 16-bit output was
+asked for and the source has 16 bits; `jobs.ops.encode` decides what metadata the file keeps.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import pyvips
 from jobs.operations import Operation, Plan, plan
 from jobs.ops import encode
 from jobs.ops.base import ProcessingError
-from jobs.ops.geometry import ResizeParams, finish_resize, thumbnail_args
+from jobs.ops.geometry import (
+    ResizeParams,
+    exif_orientation,
+    finish_resize,
+    reads_out_of_order,
+    thumbnail_args,
+)
 from jobs.vips_errors import describe_vips_error
 
 # Truncated or corrupt data is an error, not a grey half-picture.
@@ -126,7 +133,9 @@ def _render_to(
     if _over_cap(image.width, image.height, max_pixels) is None:
         if kill_switch is not None:
             kill_switch.arm(image)
-        encode.save(image, destination, output_format, steps.convert)
+        encode.save(
+            image, destination, output_format, steps.convert, watch=kill_switch.arm if kill_switch else None
+        )
     return image.width, image.height
 
 
@@ -151,7 +160,14 @@ def _build(source: Path, steps: Plan, output_format: str) -> pyvips.Image:
 
 def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]:
     first = steps.steps[0] if steps.steps else None
-    if first is not None and isinstance(first.params, ResizeParams):
+    # libvips' thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead.
+    sixteen_bit = steps.convert is not None and steps.convert.bit_depth == 16
+    if (
+        first is not None
+        and isinstance(first.params, ResizeParams)
+        and first.params.shrinks_on_load
+        and not sixteen_bit
+    ):
         params = first.params
         args = thumbnail_args(lambda: _stored_size(source, upright=steps.auto_orient), params)
         options: dict[str, Any] = {
@@ -162,31 +178,48 @@ def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]
         }
         if args.crop is not None:
             options["crop"] = args.crop
-        image = pyvips.Image.thumbnail(str(source), args.width, **options)
-        return finish_resize(_to_srgb(image), params), steps.steps[1:]
+        thumbnail = pyvips.Image.thumbnail(str(source), args.width, **options)
+        image = finish_resize(_to_srgb(thumbnail, steps), params)
+        rest = steps.steps[1:]
+        if any(reads_out_of_order(operation.params) for operation in rest):
+            # thumbnail streams from a sequential load, which cannot serve rows out of order: hold its
+            # result, small by now, in memory (as libvips' thumbnail does before its own turns).
+            image = image.copy_memory()
+        return image, rest
     image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+    upright_turn = steps.auto_orient and exif_orientation(image) != 1
+    if upright_turn or any(reads_out_of_order(operation.params) for operation in steps.steps):
+        # A sequential (streaming) load cannot serve rows out of order, as turns, vertical flips and
+        # smart crops read them: a random-access load decodes the picture whole, when it is first read.
+        image = pyvips.Image.new_from_file(str(source), access="random", fail_on=FAIL_ON)
     if steps.auto_orient:
         image = image.autorot()
-    return _to_srgb(image), steps.steps
+    return _to_srgb(image, steps), steps.steps
 
 
 def _stored_size(source: Path, *, upright: bool) -> tuple[int, int]:
     image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
-    orientation = image.get("orientation") if upright and image.get_typeof("orientation") else 1
+    orientation = exif_orientation(image) if upright else 1
     return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
 
 
-def _to_srgb(image: pyvips.Image) -> pyvips.Image:
+def _to_srgb(image: pyvips.Image, steps: Plan) -> pyvips.Image:
+    """sRGB (or greyscale), 8-bit, unless 16-bit output was asked for and the source has 16 bits."""
+    deep = image.format == "ushort" and steps.convert is not None and steps.convert.bit_depth == 16
     if image.get_typeof("icc-profile-data"):
         try:
-            image = image.icc_transform("srgb", embedded=True, intent="perceptual")
+            image = image.icc_transform("srgb", embedded=True, intent="perceptual", depth=16 if deep else 8)
         except pyvips.Error:
             # A broken embedded profile should not sink the photo; the generic conversion is close.
             image = image.colourspace("srgb")
     elif image.interpretation in ("b-w", "grey16"):
-        image = image.colourspace("b-w")
+        image = image.colourspace("grey16" if deep else "b-w")
+    elif deep:
+        image = image.colourspace("rgb16")
     elif image.interpretation != "srgb" or image.format != "uchar":
         image = image.colourspace("srgb")
+    if deep:
+        return image if image.format == "ushort" else image.cast("ushort")
     if image.format != "uchar":
         image = image.cast("uchar")
     return image

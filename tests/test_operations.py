@@ -238,7 +238,7 @@ def test_all_errors_are_reported_at_once() -> None:
         [
             {"type": "resize", "params": {"width": 0, "height": "tall", "shape": "round"}},
             {"type": "resize", "params": {"width": 100}},
-            {"type": "sharpen"},
+            {"type": "remove_background"},
             "not an object",
             {"type": "convert", "params": {"format": "bmp", "quality": 500}, "when": "now"},
         ]
@@ -374,7 +374,7 @@ CANDIDATES: list[object] = [
 # A value for each model that satisfies its cross-field rules, so only the field under test varies.
 BASE: dict[type[Params], dict[str, object]] = {
     ResizeParams: {"width": 10},
-    ConvertParams: {},
+    ConvertParams: {"format": "webp"},
     SampleParams: {"sigma": 1},
 }
 
@@ -416,7 +416,16 @@ def test_schema_lists_enums_bounds_and_defaults() -> None:
     convert = ConvertParams.json_schema()["properties"]
     assert convert["format"]["enum"] == ["jpeg", "png", "webp", "avif", "tiff", "gif"]
     assert convert["quality"] == {"type": ["integer", "null"], "minimum": 1, "maximum": 100}
-    assert set(convert) == {"format", "quality", "lossless", "progressive"}
+    assert set(convert) == {
+        "format",
+        "quality",
+        "lossless",
+        "progressive",
+        "max_bytes",
+        "bit_depth",
+        "keep_icc",
+        "keep_exif",
+    }
     sample = SampleParams.json_schema()
     assert sample["required"] == ["sigma"]
     assert sample["properties"]["scale"] == {"type": "integer", "enum": [2, 4, 8], "default": 2}

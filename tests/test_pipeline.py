@@ -473,3 +473,29 @@ def test_render_leaves_no_image_for_the_garbage_collector(renderer: Renderer, ou
         assert live_images() == before
     finally:
         gc.enable()
+
+
+def fine_ramp_png() -> bytes:
+    """A 16-bit PNG whose levels step by 3 (of 65535): detail no 8-bit image can hold."""
+    ramp = (pyvips.Image.xyz(256, 8)[0] * 3 + 1000).cast("ushort")
+    return bytes(ramp.bandjoin([ramp, ramp]).copy(interpretation="rgb16").write_to_buffer(".png"))
+
+
+@pytest.mark.parametrize("chain_start", [[], [{"type": "resize", "params": {"width": 128}}]])
+def test_16_bit_sources_keep_their_detail_when_16_bit_output_is_asked(
+    renderer: Renderer, chain_start: list[dict[str, Any]]
+) -> None:
+    deep = renderer.run(
+        fine_ramp_png(),
+        [*chain_start, {"type": "convert", "params": {"format": "png", "bit_depth": 16}}],
+        "png",
+    )
+    assert deep.format == "ushort"
+    row = deep[0].crop(0, 0, deep.width, 1)
+    levels = {int(row.getpoint(x, 0)[0]) for x in range(row.width)}
+    assert len(levels) > deep.width // 2, "neighbouring columns keep levels of their own"
+    assert any(level % 257 for level in levels), "not 8-bit levels scaled up"
+    shallow = renderer.run(
+        fine_ramp_png(), [*chain_start, {"type": "convert", "params": {"format": "png"}}], "png"
+    )
+    assert shallow.format == "uchar"

@@ -319,7 +319,7 @@ async def test_every_bad_operation_is_reported_at_once(
     operations = [
         {"type": "resize", "params": {"width": 0}},
         {"type": "convert", "params": {"format": "bmp", "quality": 101}},
-        {"type": "blur"},
+        {"type": "sepia"},
     ]
     response = await upload(client, account, imagegen.jpeg(), operations=json.dumps(operations))
     assert_problem(

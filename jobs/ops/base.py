@@ -63,13 +63,29 @@ def parse_colour(value: str) -> list[float]:
         raise ValueError("must be a colour like #ffffff") from None
 
 
+def colour_values(image: pyvips.Image, colour: str) -> list[float]:
+    """`colour` as values of `image`'s colour bands, in its range: its grey for greyscale images."""
+    scale = max_value(image) / 255
+    red, green, blue = parse_colour(colour)
+    if image.bands - (1 if image.hasalpha() else 0) >= 3:
+        return [red * scale, green * scale, blue * scale]
+    return [(0.2126 * red + 0.7152 * green + 0.0722 * blue) * scale]
+
+
 def background_for(image: pyvips.Image, colour: str) -> list[float]:
-    """`colour` as pixel values for `image`'s bands: grey for one-band images, transparent alpha."""
-    rgb = parse_colour(colour)
-    colour_bands = image.bands - (1 if image.hasalpha() else 0)
-    values = rgb if colour_bands >= 3 else [0.2126 * rgb[0] + 0.7152 * rgb[1] + 0.0722 * rgb[2]]
-    values = values[:colour_bands]
+    """A fill for new pixels of `image` (padding, exposed corners): `colour`, transparent with alpha."""
+    values = colour_values(image, colour)
     return [*values, 0.0] if image.hasalpha() else values
+
+
+def on_colour_bands(image: pyvips.Image, process: Callable[[pyvips.Image], pyvips.Image]) -> pyvips.Image:
+    """Run `process` on the colour bands only and re-attach the alpha band untouched. The result takes
+    the processed bands' interpretation (and so may turn from colour to greyscale)."""
+    if not image.hasalpha():
+        return process(image)
+    colour_bands = image.bands - 1
+    processed = process(image.extract_band(0, n=colour_bands))
+    return processed.bandjoin(image.extract_band(colour_bands))
 
 
 def max_value(image: pyvips.Image) -> float:
@@ -79,9 +95,12 @@ def max_value(image: pyvips.Image) -> float:
 
 
 def restore_format(result: pyvips.Image, like: pyvips.Image) -> pyvips.Image:
-    """Arithmetic makes floats: clamp and cast back to `like`'s band format and interpretation."""
+    """Arithmetic makes floats: round, clamp and cast back to `like`'s band format and interpretation
+    (libvips' cast truncates, which would darken every float result by up to a level)."""
     if result.format == like.format:
         return result.copy(interpretation=like.interpretation)
     top = max_value(like)
+    if result.format in ("float", "double"):
+        result = result.rint()
     clamped = (result < 0).ifthenelse(0, (result > top).ifthenelse(top, result))
     return clamped.cast(like.format).copy(interpretation=like.interpretation)

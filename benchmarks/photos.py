@@ -1,0 +1,69 @@
+"""The photos every benchmark works on: the corpus' real JPEGs when present, else generated ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyvips
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+MIN_PIXELS = 2_000_000
+
+
+def corpus_jpegs(min_pixels: int = MIN_PIXELS) -> list[Path]:
+    """The corpus' good JPEGs of at least `min_pixels` (none when the corpus is absent)."""
+    good = CORPUS / "good"
+    if not good.is_dir():
+        return []
+    found = []
+    for path in sorted(good.iterdir()):
+        if path.suffix.lower() not in (".jpg", ".jpeg"):
+            continue
+        header = pyvips.Image.new_from_file(str(path))
+        # ultra-hdr.jpg loads through libvips' uhdrload: still a JPEG file, as Darkroom sniffs it.
+        if header.width * header.height >= min_pixels:
+            found.append(path)
+    return found
+
+
+def generated_jpegs(directory: Path, width: int = 2048, height: int = 1536, count: int = 6) -> list[Path]:
+    """Photo-like JPEGs (q90): noise over gradients compresses and decodes like a photo, not a test card."""
+    directory.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for index in range(count):
+        base = pyvips.Image.xyz(width, height)[0].linear(2048 / width * 0.1, 20 * index)
+        noisy = (base + pyvips.Image.gaussnoise(width, height, sigma=40, mean=0)).cast("uchar")
+        image = noisy.bandjoin([noisy.rot180().resize(1), noisy.flipver()]).copy(interpretation="srgb")
+        path = directory / f"generated-{width}x{height}-{index}.jpg"
+        image.jpegsave(str(path), Q=90)
+        photos.append(path)
+    return photos
+
+
+def find_photos(generated_dir: Path, source: str = "corpus") -> tuple[list[Path], str]:
+    """`source` "corpus": the corpus' photos of ≥ 2 MP, else generated 2048x1536 JPEGs.
+    "2k": 2048x1365 JPEGs q85 (the 2K photo of imgproxy's published benchmark), cut from the corpus'
+    photos so they hold real photo content, else generated."""
+    found = corpus_jpegs()
+    if source == "corpus":
+        if found:
+            return found, str(CORPUS / "good")
+        return generated_jpegs(generated_dir), "generated 2048x1536 JPEGs"
+    if not found:
+        return generated_jpegs(generated_dir, 2048, 1365), "generated 2048x1365 JPEGs"
+    generated_dir.mkdir(parents=True, exist_ok=True)
+    photos = []
+    for path in found:
+        two_k = generated_dir / f"2k-{path.stem}.jpg"
+        pyvips.Image.thumbnail(str(path), 2048, height=1365, crop="centre", size="force").jpegsave(
+            str(two_k), Q=85, keep=pyvips.enums.ForeignKeep.NONE
+        )
+        photos.append(two_k)
+    return photos, "the corpus' photos cut to 2048x1365, JPEG q85"
+
+
+def megapixels(path: Path) -> float:
+    header = pyvips.Image.new_from_file(str(path))
+    pixels: int = header.width * header.height
+    return round(pixels / 1e6, 1)

@@ -1,0 +1,248 @@
+"""Darkroom's pipeline against raw pyvips and against Pillow, on the same photos in the same run.
+
+    python benchmarks/pipeline.py [--rounds 3] [--repeat 4] [--threads 1,2,4]
+
+Three implementations of one chain — resize to 512 px wide, sharpen, JPEG q80 — run in this process:
+
+- `darkroom`: `jobs.pipeline.render` with `[resize {width: 512}, sharpen {}, convert {jpeg, q80}]`, as the
+  worker runs it (auto-orient, sRGB, metadata stripped, optimised Huffman tables);
+- `pyvips`: the libvips calls that chain comes down to, written by hand (the overhead goal: ≤ 10 %);
+- `pillow`: what a home-made Pillow script does: `thumbnail` (which draft-decodes JPEGs at a reduced
+  size, Pillow's shrink-on-load), `exif_transpose`, `UnsharpMask`, `save(quality=80, optimize=True)`
+  (the goals: Darkroom ≥ 2x its throughput at ≤ half its peak RSS).
+
+Throughput: each implementation through a thread pool of each --threads count, --rounds rounds taking
+turns; the best thread count's median counts. Peak RSS: each implementation in a fresh Python process
+working through the photos with 2 threads; `peak_rss_mb` is the process's high-water mark and
+`peak_growth_mb` its growth over the same process after imports (what the work itself costs).
+
+Also: the giant 280 MP grayscale JPEG of the corpus (bad/giant-image.jpg) rendered with the pixel cap
+lifted, each chain in a fresh process: peak RSS (the goal: ≤ 300 MB).
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyvips
+from photos import CORPUS, find_photos, megapixels
+from PIL import Image, ImageFilter, ImageOps
+
+from jobs.operations import parse_operations
+from jobs.pipeline import configure_libvips, render
+
+WIDTH = 512
+QUALITY = 80
+SHARPEN_SIGMA = 1.0
+CHAIN = [
+    {"type": "resize", "params": {"width": WIDTH}},
+    {"type": "sharpen", "params": {"sigma": SHARPEN_SIGMA}},
+    {"type": "convert", "params": {"format": "jpeg", "quality": QUALITY}},
+]
+GIANT = CORPUS / "bad" / "giant-image.jpg"
+GIANT_CHAINS: dict[str, list[dict[str, Any]]] = {
+    "resize_2048_sharpen_jpeg": [
+        {"type": "resize", "params": {"width": 2048}},
+        {"type": "sharpen", "params": {"sigma": SHARPEN_SIGMA}},
+        {"type": "convert", "params": {"format": "jpeg", "quality": QUALITY}},
+    ],
+    "full_size_jpeg": [{"type": "convert", "params": {"format": "jpeg", "quality": QUALITY}}],
+    "full_size_sharpen_png": [
+        {"type": "sharpen", "params": {"sigma": SHARPEN_SIGMA}},
+        {"type": "convert", "params": {"format": "png"}},
+    ],
+}
+
+
+# --- the three implementations -------------------------------------------------------------------------
+
+
+def darkroom_task(source: Path, destination: Path) -> None:
+    render(source, destination.with_suffix(""), parse_operations(CHAIN), "jpeg")
+
+
+def pyvips_task(source: Path, destination: Path) -> None:
+    # What `render` runs for this chain: thumbnail (shrink-on-load, auto-rotate), the sharpen operation's
+    # libvips call, and the service's JPEG encoder settings.
+    image = pyvips.Image.thumbnail(str(source), WIDTH, height=10_000_000, size="down", fail_on="error")
+    image = image.sharpen(sigma=SHARPEN_SIGMA)
+    image.jpegsave(str(destination), Q=QUALITY, keep=pyvips.enums.ForeignKeep.NONE, optimize_coding=True)
+
+
+def pillow_task(source: Path, destination: Path) -> None:
+    with Image.open(source) as opened:
+        opened.thumbnail((WIDTH, 10_000_000), Image.Resampling.LANCZOS)
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    image = image.filter(ImageFilter.UnsharpMask(radius=2 * SHARPEN_SIGMA, percent=100, threshold=0))
+    image.save(destination, "JPEG", quality=QUALITY, optimize=True)
+
+
+TASKS: dict[str, Callable[[Path, Path], None]] = {
+    "darkroom": darkroom_task,
+    "pyvips": pyvips_task,
+    "pillow": pillow_task,
+}
+
+
+# --- measuring -----------------------------------------------------------------------------------------
+
+
+def throughput(
+    task: Callable[[Path, Path], None], sequence: Sequence[Path], out: Path, threads: int
+) -> float:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        jobs = [
+            pool.submit(task, photo, out / f"{threads}-{index % 16}.jpg")
+            for index, photo in enumerate(sequence)
+        ]
+        for job in jobs:
+            job.result()
+    return len(sequence) / (time.perf_counter() - started)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def child(argv: Sequence[str]) -> dict[str, Any]:
+    """Run this script in a fresh process (`--child ...`) and read the JSON it prints."""
+    completed = subprocess.run(
+        [sys.executable, __file__, *argv], capture_output=True, text=True, check=False, timeout=600
+    )
+    if completed.returncode != 0:
+        return {"error": completed.stderr.strip().splitlines()[-1:] or [f"exit {completed.returncode}"]}
+    result: dict[str, Any] = json.loads(completed.stdout)
+    return result
+
+
+def run_child(args: argparse.Namespace) -> None:
+    configure_libvips()
+    baseline = peak_rss_mb()
+    out = Path(tempfile.mkdtemp(prefix="darkroom-bench-child-"))
+    started = time.perf_counter()
+    if args.child == "giant":
+        chain = parse_operations(GIANT_CHAINS[args.chain])
+        rendered = render(GIANT, out / "giant", chain, "jpeg", max_pixels=None)
+        detail: dict[str, Any] = {"output": f"{rendered.width}x{rendered.height} {rendered.format}"}
+    else:
+        photos = [Path(path) for path in args.photos]
+        throughput(TASKS[args.child], photos, out, 2)
+        detail = {"images": len(photos)}
+    elapsed = time.perf_counter() - started
+    peak = peak_rss_mb()
+    for leftover in out.iterdir():
+        leftover.unlink()
+    out.rmdir()
+    print(
+        json.dumps(
+            {
+                "peak_rss_mb": round(peak, 1),
+                "after_imports_mb": round(baseline, 1),
+                "peak_growth_mb": round(peak - baseline, 1),
+                "seconds": round(elapsed, 2),
+                **detail,
+            }
+        )
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=4, help="times each photo is processed per round")
+    parser.add_argument("--threads", default="1,2,4", help="thread counts to try, comma separated")
+    parser.add_argument("--child", choices=[*TASKS, "giant"], help=argparse.SUPPRESS)
+    parser.add_argument("--chain", choices=list(GIANT_CHAINS), help=argparse.SUPPRESS)
+    parser.add_argument("--photos", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        run_child(args)
+        return
+
+    configure_libvips()
+    work = Path(tempfile.mkdtemp(prefix="darkroom-bench-pipeline-"))
+    photos, source = find_photos(work / "photos")
+    sequence = [photo for _ in range(args.repeat) for photo in photos]
+    thread_counts = [int(part) for part in args.threads.split(",")]
+    rates: dict[str, dict[int, list[float]]] = {name: {t: [] for t in thread_counts} for name in TASKS}
+    for name, task in TASKS.items():  # warm the page cache and each library
+        (work / name).mkdir()
+        for photo in photos:
+            task(photo, work / name / "warm.jpg")
+    for round_index in range(args.rounds):
+        for threads in thread_counts:
+            for name, task in TASKS.items():
+                rates[name][threads].append(throughput(task, sequence, work / name, threads))
+        print(f"[bench] round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+
+    best = {
+        name: max(thread_counts, key=lambda t, n=name: statistics.median(rates[n][t]))  # type: ignore[misc]
+        for name in TASKS
+    }
+    per_s = {name: statistics.median(rates[name][best[name]]) for name in TASKS}
+    memory = {name: child(["--child", name, "--photos", *map(str, photos)]) for name in TASKS}
+    giant = (
+        {chain: child(["--child", "giant", "--chain", chain]) for chain in GIANT_CHAINS}
+        if GIANT.is_file()
+        else "skipped: ../shared/corpus/bad/giant-image.jpg not found"
+    )
+    overhead = per_s["pyvips"] / per_s["darkroom"] - 1
+    speedup = per_s["darkroom"] / per_s["pillow"]
+    rss_ratio = memory["darkroom"].get("peak_rss_mb", 0) / max(memory["pillow"].get("peak_rss_mb", 1), 1)
+    giant_peaks = (
+        [run.get("peak_rss_mb", float("inf")) for run in giant.values()] if isinstance(giant, dict) else []
+    )
+    report = {
+        "chain": "resize 512 wide + sharpen + JPEG q80",
+        "images_per_s": {name: round(rate, 1) for name, rate in per_s.items()},
+        "best_threads": best,
+        "darkroom_overhead_vs_pyvips": round(overhead, 3),
+        "darkroom_vs_pillow_throughput": round(speedup, 2),
+        "darkroom_vs_pillow_peak_rss": round(rss_ratio, 2),
+        "goals": {
+            "overhead_le_10pct": overhead <= 0.10,
+            "pillow_throughput_ge_2x": speedup >= 2,
+            "pillow_peak_rss_le_half": rss_ratio <= 0.5,
+            "giant_peak_rss_le_300mb": bool(giant_peaks) and max(giant_peaks) <= 300,
+        },
+        "peak_rss": memory,
+        "giant_image_280mp": giant,
+        "rounds": {
+            name: {str(t): [round(rate, 1) for rate in by_threads[t]] for t in thread_counts}
+            for name, by_threads in rates.items()
+        },
+        "photos": {"source": source, "files": {photo.name: megapixels(photo) for photo in photos}},
+        "images_per_round": len(sequence),
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "libvips": f"{pyvips.version(0)}.{pyvips.version(1)}.{pyvips.version(2)}",
+            "pillow": Image.__version__,
+        },
+    }
+    for path in sorted(work.rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    work.rmdir()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Helpers for operation tests: the pixel layouts an operation may receive, and running a chain."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pyvips
+
+from jobs.operations import parse_operations
+from jobs.params import ValidationFailed
+from jobs.pipeline import render
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A pixel layout an operation may receive: 3-band sRGB or 1-band b-w, optional alpha, 8 or 16 bits."""
+
+    grey: bool = False
+    alpha: bool = False
+    sixteen_bit: bool = False
+
+    def of(self, image: pyvips.Image) -> pyvips.Image:
+        """`image` (3-band 8-bit sRGB) in this layout; the alpha ramps from transparent (left) to opaque."""
+        if self.grey:
+            image = image.colourspace("b-w")
+        if self.alpha:
+            x = pyvips.Image.xyz(image.width, image.height)[0]
+            ramp = (x * (255 / max(image.width - 1, 1))).rint().cast("uchar")
+            image = image.bandjoin(ramp).copy(interpretation=image.interpretation)
+        if self.sixteen_bit:
+            # The same levels, as a 16-bit PNG made from 8-bit data holds them (255 is 65535).
+            image = (image.cast("ushort") * 257).cast("ushort")
+            image = image.copy(interpretation="grey16" if self.grey else "rgb16")
+        return image
+
+    def __str__(self) -> str:
+        name = "b-w" if self.grey else "rgb"
+        return name + ("+alpha" if self.alpha else "") + (" 16-bit" if self.sixteen_bit else "")
+
+
+LAYOUTS = [
+    Layout(grey, alpha, sixteen)
+    for grey in (False, True)
+    for alpha in (False, True)
+    for sixteen in (False, True)
+]
+
+
+def colour_of(image: pyvips.Image) -> pyvips.Image:
+    return image.extract_band(0, n=image.bands - 1) if image.hasalpha() else image
+
+
+def in_8_bit_levels(image: pyvips.Image) -> pyvips.Image:
+    return image.cast("float") / 257 if image.format == "ushort" else image.cast("float")
+
+
+def identical(first: pyvips.Image, second: pyvips.Image) -> bool:
+    return bool((first == second).min() == 255)
+
+
+def field_errors(raw: object) -> dict[str, str]:
+    with pytest.raises(ValidationFailed) as caught:
+        parse_operations(raw)
+    return {error.field: error.message for error in caught.value.errors}
+
+
+def rendered(tmp_path: Path, data: bytes, operations: object, input_format: str) -> pyvips.Image:
+    """The decoded output of a render; each call has files of its own, as images decode lazily."""
+    directory = Path(tempfile.mkdtemp(dir=tmp_path))
+    source = directory / "in"
+    source.write_bytes(data)
+    result = render(source, directory / "out", parse_operations(operations), input_format)
+    return pyvips.Image.new_from_file(str(result.path))
