@@ -7,6 +7,7 @@ asked for and the source has 16 bits; `jobs.ops.encode` decides what metadata th
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,6 +77,22 @@ def configure_libvips() -> None:
     pyvips.cache_set_max(0)
     pyvips.cache_set_max_mem(0)
     pyvips.cache_set_max_files(0)
+    _limit_malloc_arenas()
+
+
+# glibc gives each thread that allocates its own malloc arena, and libvips' worker threads churn through
+# pixel buffers: the arenas keep freed memory mapped, so RSS climbs with the thread count. Two arenas
+# are what libvips' and sharp's docs recommend for servers (as MALLOC_ARENA_MAX=2).
+_MALLOC_ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
+
+
+def _limit_malloc_arenas() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, _MALLOC_ARENAS)
+    except (OSError, AttributeError):
+        pass  # not glibc (musl, macOS): nothing to tune
 
 
 def render(

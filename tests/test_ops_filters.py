@@ -109,9 +109,10 @@ def test_sharpen_makes_soft_edges_crisper_and_more_amount_more_so() -> None:
     soft = scene().gaussblur(1.2)
     gentle = sharpen(soft, SharpenParams(amount=1))
     strong = sharpen(soft, SharpenParams(amount=3))
-    assert edge_contrast(gentle) > edge_contrast(soft) * 1.1
-    assert edge_contrast(strong) > edge_contrast(gentle) * 1.2
-    assert high_frequency(strong) > high_frequency(soft) * 1.5
+    assert edge_contrast(gentle) > edge_contrast(soft) * 1.05
+    assert edge_contrast(strong) > edge_contrast(gentle) * 1.1
+    assert high_frequency(gentle) > high_frequency(soft) * 1.1
+    assert high_frequency(strong) > high_frequency(gentle) * 1.2
 
 
 @pytest.mark.parametrize("amount", [1.0, 5.0])

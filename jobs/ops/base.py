@@ -95,12 +95,10 @@ def max_value(image: pyvips.Image) -> float:
 
 
 def restore_format(result: pyvips.Image, like: pyvips.Image) -> pyvips.Image:
-    """Arithmetic makes floats: round, clamp and cast back to `like`'s band format and interpretation
-    (libvips' cast truncates, which would darken every float result by up to a level)."""
-    if result.format == like.format:
-        return result.copy(interpretation=like.interpretation)
-    top = max_value(like)
+    """Arithmetic makes floats: round and cast back to `like`'s band format and interpretation. (libvips'
+    cast clips to the format's range but truncates, which would darken every result by up to a level.)"""
     if result.format in ("float", "double"):
         result = result.rint()
-    clamped = (result < 0).ifthenelse(0, (result > top).ifthenelse(top, result))
-    return clamped.cast(like.format).copy(interpretation=like.interpretation)
+    if result.format != like.format:
+        result = result.cast(like.format)
+    return result.copy(interpretation=like.interpretation)

@@ -151,6 +151,11 @@ def _formats_where(can: Callable[[Saver], bool]) -> str:
     return ", ".join(name for name, saver in SAVERS.items() if can(saver))
 
 
+# Optimised Huffman tables (a few % smaller files) make libjpeg hold the whole image's coefficients in
+# memory — about 4 bytes a pixel: over a gigabyte for a 280 MP scan that otherwise streams in tens of MB.
+# (Progressive JPEG does the same; it is asked for explicitly.)
+OPTIMIZED_JPEG_MAX_PIXELS = 16_000_000
+
 # How a result is saved when its chain has no `convert` (its format then follows the input's).
 _NO_OPTIONS = ConvertParams()
 
@@ -268,6 +273,8 @@ def _save_options(
         options["Q"] = quality or params.quality or saver.default_quality
     if saver.interlace:
         options["interlace"] = params.progressive
+    if output_format == "jpeg" and image.width * image.height > OPTIMIZED_JPEG_MAX_PIXELS:
+        options["optimize_coding"] = False
     return options
 
 
