@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import httpx
 from arq.connections import ArqRedis
 
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher
+from webhooks.transport import DeliveryClient
 
 
 @dataclass(frozen=True)
@@ -19,5 +19,5 @@ class WorkerDeps:
     redis: ArqRedis
     store: Store
     storage: LocalStorage
-    http: httpx.AsyncClient
+    http: DeliveryClient
     dispatcher: Dispatcher

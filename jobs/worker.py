@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import httpx
 from arq.connections import ArqRedis
 from arq.worker import Retry, func
 from redis.exceptions import RedisError
@@ -21,11 +20,16 @@ from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher
+from webhooks.messages import RESPONSE_EXCERPT_BYTES
+from webhooks.transport import DeliveryClient
 
 # How often a worker with every job slot taken looks for a freed one. (A worker with a free slot and
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
+# Webhook attempts in flight per worker process, and of those, at most this many to one origin.
+WEBHOOK_CONCURRENCY = 50
+WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
 
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
@@ -42,19 +46,24 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
     configure_libvips()
     storage = LocalStorage(settings.storage_root)
     storage.prepare()
-    http = httpx.AsyncClient(
-        timeout=httpx.Timeout(settings.webhook_timeout, connect=settings.webhook_connect_timeout),
-        limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
-        follow_redirects=False,
+    http = DeliveryClient(
+        connect_timeout=settings.webhook_connect_timeout,
+        total_timeout=settings.webhook_timeout,
+        max_response_bytes=RESPONSE_EXCERPT_BYTES,
+        max_connections_per_origin=WEBHOOK_CONNECTIONS_PER_ORIGIN,
+        allow_private=settings.allow_private_callbacks,
     )
     store = Store(redis)
+    queued_turns = WEBHOOK_CONCURRENCY // WEBHOOK_CONNECTIONS_PER_ORIGIN + 1
     dispatcher = Dispatcher(
         redis,
         http,
         store.webhook_secrets,
         settings.retry_schedule,
-        # Longer than any attempt can take: a lease that runs out means its worker died.
-        lease_seconds=2 * settings.webhook_timeout + 5,
+        # Longer than any attempt can take, queueing for one of its origin's connections included:
+        # a lease that runs out means its worker died.
+        lease_seconds=queued_turns * settings.webhook_timeout + 5,
+        concurrency=WEBHOOK_CONCURRENCY,
         on_attempt=stats.count_attempt,
     )
     return WorkerDeps(settings, redis, store, storage, http, dispatcher)

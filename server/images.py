@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 from typing import Any
-from urllib.parse import urlsplit
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -27,9 +26,11 @@ from server.auth import require_account
 from server.multipart import UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
+from webhooks.addresses import TransportError, parse_destination, resolve
 
 MAX_METADATA_BYTES = 4096
 MAX_CALLBACK_URL_LENGTH = 2048
+CALLBACK_RESOLVE_TIMEOUT = 5.0
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 
 
@@ -53,27 +54,29 @@ def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError
     return None
 
 
-def validate_callback_url(url: str) -> str | None:
-    """The problem with a callback URL, or None. (Address checks against SSRF come with delivery.)"""
+async def check_callback_url(url: str, settings: Settings) -> str | None:
+    """The problem with a callback URL, or None. Its host must resolve to public addresses only (unless
+    DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks again, since DNS answers change."""
     if len(url) > MAX_CALLBACK_URL_LENGTH:
         return f"must be at most {MAX_CALLBACK_URL_LENGTH} characters"
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         return "must not contain spaces or control characters"
+    allow_private = settings.allow_private_callbacks
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError:
-        return "is not a valid URL"
-    if parts.scheme not in ("http", "https"):
-        return "must be an http:// or https:// URL"
-    if not parts.hostname:
-        return "must name a host"
-    if parts.username or parts.password:
-        return "must not carry credentials"
+        destination = parse_destination(url, allow_private=allow_private)
+        if destination.literal is None and not allow_private:
+            async with asyncio.timeout(CALLBACK_RESOLVE_TIMEOUT):
+                await resolve(destination.host, destination.port, allow_private=False)
+    except TransportError as problem:
+        return str(problem)
+    except TimeoutError:
+        return f"its host did not resolve within {CALLBACK_RESOLVE_TIMEOUT:g} s"
     return None
 
 
-def _validate_fields(fields: dict[str, str]) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
+async def _validate_fields(
+    fields: dict[str, str], settings: Settings
+) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
     errors: list[FieldError] = []
     operations: list[dict[str, Any]] = []
     raw_operations = _parse_json_field(fields, "operations", errors)
@@ -83,7 +86,7 @@ def _validate_fields(fields: dict[str, str]) -> tuple[list[dict[str, Any]], str 
         errors.extend(exc.errors)
     callback_url = fields.get("callback_url") or None
     if callback_url is not None:
-        problem = validate_callback_url(callback_url)
+        problem = await check_callback_url(callback_url, settings)
         if problem:
             errors.append(FieldError("callback_url", problem))
     metadata = _parse_json_field(fields, "metadata", errors)
@@ -144,7 +147,7 @@ async def create_image(request: Request) -> Response:
     store: Store = request.app.state.store
     upload = await receive_multipart(request, storage, settings.max_upload_bytes)
     try:
-        operations, callback_url, metadata = _validate_fields(upload.fields)
+        operations, callback_url, metadata = await _validate_fields(upload.fields, settings)
         files = [f for f in upload.files if f.field_name == "file"]
         if len(files) != 1 or len(upload.files) != 1:
             raise validation_problem([FieldError("file", "send exactly one file part named `file`")])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 
 from jobs.settings import Settings
 from tests import imagegen
-from tests.conftest import Partner, run_burst
+from tests.conftest import Partner, api_client, run_burst, with_settings
 from tests.receiver import Receiver
 from tests.test_spine import upload
 
@@ -397,6 +398,53 @@ async def test_bad_callback_url_is_422(
     response = await upload(client, account, imagegen.jpeg(), callback_url=url)
     assert_problem(response, 422, "validation_failed", fields=["callback_url"])
     await assert_nothing_kept(client, account, redis, settings)
+
+
+@pytest.fixture
+async def guarded_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API as production runs it: callbacks must reach public addresses only."""
+    async with api_client(with_settings(settings, allow_private_callbacks=False)) as http:
+        yield http
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("http://127.0.0.1:8787/hooks", id="loopback"),
+        pytest.param("http://169.254.169.254/latest/meta-data/", id="cloud-metadata"),
+        pytest.param("http://10.0.0.7/hooks", id="rfc1918"),
+        pytest.param("http://[::ffff:127.0.0.1]/hooks", id="ipv4-mapped"),
+        pytest.param("http://[64:ff9b::7f00:1]/hooks", id="nat64-loopback"),
+        pytest.param("http://localhost:8787/hooks", id="localhost"),
+        pytest.param("http://2130706433/hooks", id="decimal-ipv4"),
+        pytest.param("http://hooks.partner.test/", id="name-resolving-to-a-private-address"),
+    ],
+)
+async def test_callback_url_to_a_private_address_is_422(
+    guarded_client: httpx.AsyncClient,
+    account: Partner,
+    redis: Redis,
+    settings: Settings,
+    url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def resolver(host: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        assert host == "hooks.partner.test", f"only names are resolved, not {host}"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.168.1.20", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    response = await upload(guarded_client, account, imagegen.jpeg(), callback_url=url)
+    assert_problem(response, 422, "validation_failed", fields=["callback_url"])
+    await assert_nothing_kept(guarded_client, account, redis, settings)
+
+
+async def test_callback_url_to_a_public_address_is_accepted(
+    guarded_client: httpx.AsyncClient, account: Partner
+) -> None:
+    response = await upload(
+        guarded_client, account, imagegen.jpeg(), callback_url="https://93.184.216.34/hooks"
+    )
+    assert response.status_code == 202, response.text
 
 
 @pytest.mark.parametrize(

@@ -6,12 +6,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import httpx
-
-from webhooks.messages import RESPONSE_EXCERPT_BYTES, is_success
+from webhooks.messages import is_success
 from webhooks.signing import sign_headers
-
-USER_AGENT = "Darkroom-Webhooks/1"
+from webhooks.transport import DeliveryClient, Timeout, TransportError
 
 
 @dataclass(frozen=True)
@@ -20,6 +17,8 @@ class AttemptOutcome:
     latency_ms: float
     response_excerpt: str
     error: str | None
+    retry_after: str | None = None  # the receiver's Retry-After header, raw
+    timed_out: bool = False
 
     @property
     def succeeded(self) -> bool:
@@ -27,37 +26,23 @@ class AttemptOutcome:
 
 
 async def post_signed(
-    client: httpx.AsyncClient, url: str, msg_id: str, body: bytes, secrets: Sequence[str]
+    client: DeliveryClient, url: str, msg_id: str, body: bytes, secrets: Sequence[str]
 ) -> AttemptOutcome:
     """Send `body` exactly as given; a redirect is a failure (the receiver must name its real URL)."""
-    headers = {
-        **sign_headers(secrets, msg_id, body),
-        "content-type": "application/json",
-        "user-agent": USER_AGENT,
-    }
+    headers = {**sign_headers(secrets, msg_id, body), "content-type": "application/json"}
     started = time.perf_counter()
     try:
-        async with client.stream(
-            "POST", url, content=body, headers=headers, follow_redirects=False
-        ) as response:
-            excerpt = await _read_excerpt(response)
-    except httpx.TimeoutException:
-        return AttemptOutcome(None, _elapsed_ms(started), "", "timeout")
-    except httpx.HTTPError as exc:
-        return AttemptOutcome(None, _elapsed_ms(started), "", f"connection failed: {type(exc).__name__}")
-    error = None if is_success(response.status_code) else f"HTTP {response.status_code}"
-    if response.is_redirect:
-        error = f"HTTP {response.status_code} redirect (not followed)"
-    return AttemptOutcome(response.status_code, _elapsed_ms(started), excerpt, error)
-
-
-async def _read_excerpt(response: httpx.Response) -> str:
-    received = bytearray()
-    async for chunk in response.aiter_raw():
-        received.extend(chunk)
-        if len(received) >= RESPONSE_EXCERPT_BYTES:
-            break
-    return bytes(received[:RESPONSE_EXCERPT_BYTES]).decode("utf-8", errors="replace")
+        response = await client.post(url, body, headers)
+    except Timeout as exc:
+        return AttemptOutcome(None, _elapsed_ms(started), "", str(exc), timed_out=True)
+    except TransportError as exc:
+        return AttemptOutcome(None, _elapsed_ms(started), "", str(exc))
+    status = response.status_code
+    error = None if is_success(status) else f"HTTP {status}"
+    if 300 <= status < 400:
+        error = f"HTTP {status} redirect (not followed)"
+    excerpt = response.body_excerpt.decode("utf-8", errors="replace")
+    return AttemptOutcome(status, response.elapsed_ms, excerpt, error, response.retry_after)
 
 
 def _elapsed_ms(started: float) -> float:

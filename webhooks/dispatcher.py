@@ -17,12 +17,12 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
-import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from webhooks.delivery import post_signed, retry_delay
 from webhooks.messages import DUE_KEY, Attempt, Message, MessageStatus, MessageStore, now_ms
+from webhooks.transport import DeliveryClient
 
 log = logging.getLogger("darkroom.webhooks")
 
@@ -48,7 +48,7 @@ class Dispatcher:
     def __init__(
         self,
         redis: Redis,
-        http: httpx.AsyncClient,
+        http: DeliveryClient,
         secrets_for: SecretsLookup,
         retry_schedule: Sequence[float],
         *,
