@@ -13,8 +13,8 @@ import functools
 import logging
 from pathlib import Path
 
+from jobs import events
 from jobs.deps import WorkerDeps
-from jobs.events import new_message
 from jobs.ids import new_id
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
@@ -92,23 +92,19 @@ def _discard(finished: asyncio.Future[RenderedImage], stem: Path) -> None:
 async def _finish(
     deps: WorkerDeps, image: ImageRecord, *, output: OutputInfo | None = None, error: ImageError | None = None
 ) -> None:
+    event_type = "image.completed" if error is None else "image.failed"
+    to = await events.destinations(deps.store, image.account_id, event_type, image.callback_url)
     final = image.evolve(
         status="completed" if error is None else "failed",
         output=output,
         error=error,
         completed_at=utc_now(),
-        event_message_id=new_id("msg") if image.callback_url else None,
+        event_message_id=new_id("msg") if to else None,
     )
     message = None
-    if final.callback_url and final.event_message_id:
-        event_type = "image.completed" if error is None else "image.failed"
-        message = new_message(
-            final.event_message_id,
-            final.account_id,
-            final.callback_url,
-            event_type,
-            final.resource(deps.settings.public_url),
-        )
+    if final.event_message_id:
+        data = final.resource(deps.settings.public_url)
+        message = events.new_message(final.event_message_id, final.account_id, event_type, data, to)
     stored = await deps.store.finish_image(final, message)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.

@@ -23,13 +23,19 @@ class Account:
     webhook_secret: str
     api_key_hash: str
     created_at: str
+    # Secrets rotated out and when they stop signing: (secret, epoch ms).
+    retired_webhook_secrets: tuple[tuple[str, int], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Account:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        data["retired_webhook_secrets"] = tuple(
+            (secret, expires) for secret, expires in data.get("retired_webhook_secrets", ())
+        )
+        return cls(**data)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,15 @@ class Settings:
     worker_concurrency: int = 4
     webhook_timeout: float = 15.0
     webhook_connect_timeout: float = 5.0
+    # Each retry waits its scheduled delay ±this fraction, so a receiver's outage does not end in a stampede.
+    retry_jitter: float = 0.2
+    # A 429 or a timed-out attempt waits at least this long before the next.
+    webhook_slow_down_seconds: float = 60.0
+    # An endpoint whose every delivery failed for this long is disabled.
+    endpoint_disable_after: float = 5 * 24 * 3600.0
+    # A rotated-out signing secret keeps signing (beside the new one) for this long.
+    secret_rotation_grace: float = 24 * 3600.0
+    webhook_retention: int = 30 * 24 * 3600
     queue_name: str = "darkroom:queue"
 
     @property
@@ -62,6 +71,11 @@ class Settings:
             max_pixels=_positive_int(env, "DARKROOM_MAX_PIXELS", 100_000_000),
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
+            retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
+            webhook_slow_down_seconds=_seconds(env, "DARKROOM_WEBHOOK_SLOW_DOWN", 60.0),
+            endpoint_disable_after=_seconds(env, "DARKROOM_ENDPOINT_DISABLE_AFTER", 5 * 24 * 3600.0),
+            secret_rotation_grace=_seconds(env, "DARKROOM_SECRET_ROTATION_GRACE", 24 * 3600.0),
+            webhook_retention=_positive_int(env, "DARKROOM_WEBHOOK_RETENTION", 30 * 24 * 3600),
         )
 
 
@@ -79,6 +93,30 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    return _non_negative(env, name, default, "a number of seconds")
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _non_negative(env, name, default, "a fraction like 0.2")
+    if value >= 1:
+        raise SettingsError(f"{name} must be a fraction below 1, got {value!r}")
+    return value
+
+
+def _non_negative(env: Mapping[str, str], name: str, default: float, meaning: str) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be {meaning}, got {raw!r}") from None
+    if not 0 <= value < float("inf"):
+        raise SettingsError(f"{name} must be {meaning}, zero or more, got {raw!r}")
     return value
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
@@ -19,10 +19,13 @@ from redis.exceptions import WatchError
 from jobs import stats
 from jobs.ids import new_id
 from jobs.records import Account, ImageRecord, utc_now
-from webhooks.messages import Message, MessageStore
+from webhooks.endpoints import EndpointStore
+from webhooks.messages import DEFAULT_RETENTION_SECONDS, Message, MessageFilter, MessageStore, now_ms
 from webhooks.signing import generate_secret
 
 API_KEY_PREFIX = "sk_live_"
+# Messages looked through per step when redelivering an endpoint's failures.
+REDELIVERY_BATCH = 200
 
 
 def _account_key(account_id: str) -> str:
@@ -52,9 +55,10 @@ class NewAccount:
 
 
 class Store:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, message_retention: int = DEFAULT_RETENTION_SECONDS) -> None:
         self.redis = redis
-        self.messages = MessageStore(redis)
+        self.messages = MessageStore(redis, message_retention)
+        self.endpoints = EndpointStore(redis)
 
     @classmethod
     def connect(cls, redis_url: str) -> Store:
@@ -83,9 +87,76 @@ class Store:
         return None if raw is None else Account.from_json(raw)
 
     async def webhook_secrets(self, account_id: str) -> list[str] | None:
-        """The secrets that sign the account's callbacks; None once the account is gone."""
+        """The secrets that sign the account's callbacks, the current one first, then those rotated out
+        less than the grace period ago; None once the account is gone."""
         account = await self.get_account(account_id)
-        return None if account is None else [account.webhook_secret]
+        if account is None:
+            return None
+        moment = now_ms()
+        retired = [secret for secret, expires in account.retired_webhook_secrets if moment < expires]
+        return [account.webhook_secret, *retired]
+
+    async def rotate_webhook_secret(self, account_id: str, grace_seconds: float) -> Account | None:
+        """A new callback signing secret; the old one keeps signing beside it for `grace_seconds`."""
+        key = _account_key(account_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.get(key)
+                    if raw is None:
+                        return None
+                    account = Account.from_json(raw)
+                    moment = now_ms()
+                    still_valid = tuple(each for each in account.retired_webhook_secrets if moment < each[1])
+                    rotated = replace(
+                        account,
+                        webhook_secret=generate_secret(),
+                        retired_webhook_secrets=(
+                            (account.webhook_secret, moment + int(grace_seconds * 1000)),
+                            *still_valid,
+                        ),
+                    )
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(key, rotated.to_json())
+                    await pipe.execute()
+                    return rotated
+                except WatchError:
+                    continue
+
+    async def save_message(self, message: Message) -> None:
+        """A message on its own (a test event), due at once."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.messages.stage_new(pipe, message)
+            await pipe.execute()
+
+    async def redeliver_failed(self, account_id: str, where: MessageFilter) -> int:
+        """Make every failed delivery of the account's messages that `where` admits due again (for an
+        endpoint, only its own); how many."""
+        assert where.created_after is not None, "recovery goes back to a given time, not forever"
+        count = 0
+        cursor = None
+        while True:
+            page = await self.messages.list_for_account(
+                account_id, limit=REDELIVERY_BATCH, before=cursor, where=MessageFilter()
+            )
+            if not page:
+                return count
+            failed = [
+                delivery
+                for logged in page
+                if where.admits(logged.message, logged.deliveries)
+                for delivery in logged.deliveries
+                if delivery.status == "failed" and where.endpoint_id in (None, delivery.destination)
+            ]
+            if failed:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    self.messages.stage_redeliver(pipe, failed)
+                    await pipe.execute()
+                count += len(failed)
+            if page[-1].message.created_at < where.created_after:
+                return count
+            cursor = page[-1].id
 
     async def authenticate(self, api_key: str) -> Account | None:
         if not api_key.startswith(API_KEY_PREFIX):

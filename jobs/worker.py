@@ -14,12 +14,13 @@ from redis.exceptions import RedisError
 
 from jobs import processing, stats
 from jobs.deps import WorkerDeps
+from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from webhooks.dispatcher import Dispatcher
+from webhooks.dispatcher import Dispatcher, RetryPolicy
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
 from webhooks.transport import DeliveryClient
 
@@ -53,13 +54,21 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
         max_connections_per_origin=WEBHOOK_CONNECTIONS_PER_ORIGIN,
         allow_private=settings.allow_private_callbacks,
     )
-    store = Store(redis)
+    store = Store(redis, message_retention=settings.webhook_retention)
     queued_turns = WEBHOOK_CONCURRENCY // WEBHOOK_CONNECTIONS_PER_ORIGIN + 1
+    policy = RetryPolicy(
+        settings.retry_schedule,
+        jitter=settings.retry_jitter,
+        slow_down_seconds=settings.webhook_slow_down_seconds,
+        disable_after_seconds=settings.endpoint_disable_after,
+    )
     dispatcher = Dispatcher(
         redis,
         http,
         store.webhook_secrets,
-        settings.retry_schedule,
+        policy,
+        new_id=new_id,
+        messages=store.messages,
         # Longer than any attempt can take, queueing for one of its origin's connections included:
         # a lease that runs out means its worker died.
         lease_seconds=queued_turns * settings.webhook_timeout + 5,

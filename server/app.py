@@ -18,7 +18,7 @@ from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from server import deliveries, health, images, metrics, openapi
+from server import deliveries, endpoints, health, images, metrics, openapi
 from server.problems import (
     Problem,
     handle_http_status,
@@ -36,7 +36,7 @@ def create_app(settings: Settings) -> Starlette:
         storage.prepare()
         redis = QueuePool.connect(settings.require_redis(), settings.queue_name)
         app.state.redis = redis
-        app.state.store = Store(redis)
+        app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
         try:
             yield
@@ -44,7 +44,14 @@ def create_app(settings: Settings) -> Starlette:
             await redis.aclose(close_connection_pool=True)
 
     app = Starlette(
-        routes=[*health.routes, *metrics.routes, *openapi.routes, *images.routes, *deliveries.routes],
+        routes=[
+            *health.routes,
+            *metrics.routes,
+            *openapi.routes,
+            *images.routes,
+            *deliveries.routes,
+            *endpoints.routes,
+        ],
         exception_handlers={
             Problem: handle_problem,
             HTTPException: handle_http_status,

@@ -6,33 +6,92 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from jobs.params import FieldError
+from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
+from server.endpoints import canonical_time
+from server.json_body import read_json_object
 from server.pagination import page_response, parse_page
-from server.problems import Problem
-from webhooks.messages import Message
+from server.problems import Problem, validation_problem
+from webhooks.endpoints import EVENT_TYPES
+from webhooks.messages import LoggedMessage, MessageFilter
+
+
+async def _owned_message(request: Request, account_id: str) -> LoggedMessage:
+    store: Store = request.app.state.store
+    logged = await store.messages.get_logged(request.path_params["msg_id"])
+    if logged is None or logged.message.account_id != account_id:
+        raise Problem(404, "not_found", "no such delivery")
+    return logged
 
 
 async def get_delivery(request: Request) -> Response:
     account = await require_account(request)
-    store: Store = request.app.state.store
-    message = await store.messages.get(request.path_params["msg_id"])
-    if message is None or message.account_id != account.id:
-        raise Problem(404, "not_found", "no such delivery")
-    return JSONResponse(message.resource())
+    return JSONResponse((await _owned_message(request, account.id)).resource())
 
 
 async def list_deliveries(request: Request) -> Response:
     account = await require_account(request)
-    page, filters = parse_page(request.query_params, "msg", {"status": ("pending", "delivered", "failed")})
+    query = request.query_params
+    page, chosen = parse_page(
+        query, "msg", {"status": ("pending", "delivered", "failed"), "event_type": EVENT_TYPES}
+    )
+    errors = []
+    times = {}
+    for name in ("created_after", "created_before"):
+        raw = query.get(name)
+        times[name] = canonical_time(raw) if raw else None
+        if raw and times[name] is None:
+            errors.append(
+                FieldError(name, 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"')
+            )
+    endpoint_id = query.get("endpoint_id") or None
+    if endpoint_id is not None and not endpoint_id.startswith("ep_"):
+        errors.append(FieldError("endpoint_id", "must be an endpoint id (ep_…)"))
+    if errors:
+        raise validation_problem(errors)
+    where = MessageFilter(
+        status=chosen["status"],  # type: ignore[arg-type]  # parse_page checked it is a status
+        endpoint_id=endpoint_id,
+        event_type=chosen["event_type"],
+        created_after=times["created_after"],
+        created_before=times["created_before"],
+    )
     store: Store = request.app.state.store
 
-    async def fetch(limit: int, before: str | None) -> list[Message]:
-        return await store.messages.list_for_account(
-            account.id, limit=limit, before=before, status=filters["status"]
-        )
+    async def fetch(limit: int, before: str | None) -> list[LoggedMessage]:
+        return await store.messages.list_for_account(account.id, limit=limit, before=before, where=where)
 
-    return await page_response(page, fetch, Message.resource)
+    return await page_response(page, fetch, LoggedMessage.resource)
+
+
+async def retry_delivery(request: Request) -> Response:
+    """Send the message again, now, to every destination not already waiting for an attempt (or to
+    `endpoint_id` alone). Its attempt history stays; receivers see the same `webhook-id`."""
+    account = await require_account(request)
+    logged = await _owned_message(request, account.id)
+    body = await read_json_object(request, optional=True)
+    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"endpoint_id"})]
+    only = body.get("endpoint_id")
+    names = {delivery.destination for delivery in logged.deliveries}
+    if only is not None and only not in names:
+        errors.append(FieldError("endpoint_id", "this message was not sent to that endpoint"))
+    if errors:
+        raise validation_problem(errors)
+    chosen = [
+        delivery
+        for delivery in logged.deliveries
+        if delivery.status != "pending" and only in (None, delivery.destination)
+    ]
+    store: Store = request.app.state.store
+    if chosen:
+        async with store.redis.pipeline(transaction=True) as pipe:
+            store.messages.stage_redeliver(pipe, chosen)
+            await pipe.execute()
+    refreshed = await store.messages.get_logged(logged.id)
+    assert refreshed is not None
+    return JSONResponse(refreshed.resource(), status_code=202)
 
 
 async def get_webhook_secret(request: Request) -> Response:
@@ -40,8 +99,21 @@ async def get_webhook_secret(request: Request) -> Response:
     return JSONResponse({"object": "webhook_secret", "secret": account.webhook_secret})
 
 
+async def rotate_webhook_secret(request: Request) -> Response:
+    """A new secret for callback URLs; the old one keeps signing beside it for the grace period."""
+    account = await require_account(request)
+    store: Store = request.app.state.store
+    settings: Settings = request.app.state.settings
+    rotated = await store.rotate_webhook_secret(account.id, settings.secret_rotation_grace)
+    if rotated is None:
+        raise Problem(404, "not_found", "the account no longer exists")
+    return JSONResponse({"object": "webhook_secret", "secret": rotated.webhook_secret})
+
+
 routes = [
     Route("/v1/deliveries", list_deliveries, methods=["GET"]),
     Route("/v1/deliveries/{msg_id}", get_delivery, methods=["GET"]),
+    Route("/v1/deliveries/{msg_id}/retry", retry_delivery, methods=["POST"]),
     Route("/v1/webhook-secret", get_webhook_secret, methods=["GET"]),
+    Route("/v1/webhook-secret/rotate", rotate_webhook_secret, methods=["POST"]),
 ]

@@ -60,6 +60,8 @@ def settings(redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path) -> Setti
         public_url="http://testserver",
         allow_private_callbacks=True,
         retry_schedule=(0.05, 0.1, 0.2),
+        retry_jitter=0.0,
+        webhook_slow_down_seconds=0.3,
         max_upload_bytes=2_000_000,
         max_pixels=50_000_000,
         job_timeout=30,

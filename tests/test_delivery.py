@@ -10,12 +10,13 @@ import pytest
 
 from jobs import processing
 from jobs.deps import WorkerDeps
+from jobs.ids import new_id
 from jobs.settings import Settings
 from tests import imagegen
 from tests.conftest import Partner, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_spine import upload
-from webhooks.dispatcher import Dispatcher
+from webhooks.dispatcher import Dispatcher, RetryPolicy
 from webhooks.messages import DUE_KEY, now_ms
 
 
@@ -41,13 +42,14 @@ async def test_failed_attempts_retry_with_the_same_id_and_body(
     assert all(d.verified for d in (first, second, third))
     log = await deliveries_log(client, account, first.headers["webhook-id"])
     assert log["status"] == "delivered"
-    attempts = log["attempts"]
+    (destination,) = log["destinations"]
+    attempts = destination["attempts"]
     assert isinstance(attempts, list)
     assert [a["status_code"] for a in attempts] == [500, 503, 200]
     assert [a["number"] for a in attempts] == [1, 2, 3]
     assert attempts[0]["error"] == "HTTP 500"
     assert attempts[0]["next_attempt_at"] is not None
-    assert log["next_attempt_at"] is None
+    assert destination["next_attempt_at"] is None
 
 
 async def test_delivery_gives_up_when_the_schedule_is_spent(
@@ -77,7 +79,8 @@ async def test_redirects_are_not_followed(
     (delivery,) = receiver.wait_for(1)
     log = await deliveries_log(client, account, delivery.headers["webhook-id"])
     assert log["status"] == "failed"
-    attempts = log["attempts"]
+    (destination,) = log["destinations"]
+    attempts = destination["attempts"]
     assert isinstance(attempts, list)
     assert "redirect" in attempts[0]["error"]
 
@@ -97,8 +100,9 @@ async def test_unreachable_receiver_is_recorded_and_retried(
     listed = (await client.get("/v1/deliveries", headers=account.headers)).json()
     (log,) = listed["data"]
     assert log["status"] == "failed"
-    assert [a["status_code"] for a in log["attempts"]] == [None, None]
-    assert all(a["error"].startswith("connection refused") for a in log["attempts"]), log["attempts"]
+    attempts = log["destinations"][0]["attempts"]
+    assert [a["status_code"] for a in attempts] == [None, None]
+    assert all(a["error"].startswith("connection refused") for a in attempts), attempts
 
 
 @pytest.fixture
@@ -166,13 +170,19 @@ async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_s
     """A worker killed mid-delivery held a lease on the message; once it runs out, another sends it."""
     image_id = (await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)).json()["id"]
     await processing.process_image(deps, image_id, job_try=1)  # deps' own dispatcher is not running
-    dying = Dispatcher(deps.redis, deps.http, deps.store.webhook_secrets, (), lease_seconds=0.2)
-    (claimed,) = (await dying._claim(keys=[DUE_KEY], args=[now_ms(), 10, now_ms() + 200]))[0]
+    policy = RetryPolicy(())
+    dying = Dispatcher(
+        deps.redis, deps.http, deps.store.webhook_secrets, policy, new_id=new_id, lease_seconds=0.2
+    )
+    (claimed,) = (await dying._claim(keys=[DUE_KEY], args=[now_ms(), 10, now_ms() + 200, 100]))[0]
+    msg_id = claimed.decode().partition(":")[0]
 
-    survivor = Dispatcher(deps.redis, deps.http, deps.store.webhook_secrets, (), lease_seconds=0.2)
+    survivor = Dispatcher(
+        deps.redis, deps.http, deps.store.webhook_secrets, policy, new_id=new_id, lease_seconds=0.2
+    )
     await survivor.run_until_idle()
 
     (delivery,) = receiver.wait_for(1)
-    assert delivery.headers["webhook-id"] == claimed.decode()
-    log = await deliveries_log(client, account, claimed.decode())
+    assert delivery.headers["webhook-id"] == msg_id
+    log = await deliveries_log(client, account, msg_id)
     assert log["status"] == "delivered"

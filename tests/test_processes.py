@@ -330,7 +330,7 @@ def test_failed_delivery_is_retried_with_the_same_message_id(stack: Stack) -> No
 
     # The receiver sees the second attempt a moment before the worker records its answer.
     log = poll(delivered, "recorded as delivered")
-    assert [attempt["status_code"] for attempt in log["attempts"]] == [500, 200]
+    assert [attempt["status_code"] for attempt in log["destinations"][0]["attempts"]] == [500, 200]
 
 
 def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: Children) -> None:

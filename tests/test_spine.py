@@ -70,7 +70,7 @@ async def test_upload_process_and_webhook(
         await client.get(f"/v1/deliveries/{delivery.headers['webhook-id']}", headers=account.headers)
     ).json()
     assert log["status"] == "delivered"
-    assert [attempt["status_code"] for attempt in log["attempts"]] == [200]
+    assert [attempt["status_code"] for attempt in log["destinations"][0]["attempts"]] == [200]
 
 
 async def test_queue_wakes_worker_without_waiting_for_poll(

@@ -1,0 +1,31 @@
+"""Checking a URL a partner wants us to call (callback, endpoint), at the moment it is given to us."""
+
+from __future__ import annotations
+
+import asyncio
+
+from jobs.settings import Settings
+from webhooks.addresses import TransportError, parse_destination, resolve
+
+MAX_URL_LENGTH = 2048
+RESOLVE_TIMEOUT = 5.0
+
+
+async def check_destination_url(url: str, settings: Settings) -> str | None:
+    """The problem with a URL to deliver to, or None. Its host must resolve to public addresses only
+    (unless DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks again, since DNS answers change."""
+    if len(url) > MAX_URL_LENGTH:
+        return f"must be at most {MAX_URL_LENGTH} characters"
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        return "must not contain spaces or control characters"
+    allow_private = settings.allow_private_callbacks
+    try:
+        destination = parse_destination(url, allow_private=allow_private)
+        if destination.literal is None and not allow_private:
+            async with asyncio.timeout(RESOLVE_TIMEOUT):
+                await resolve(destination.host, destination.port, allow_private=False)
+    except TransportError as problem:
+        return str(problem)
+    except TimeoutError:
+        return f"its host did not resolve within {RESOLVE_TIMEOUT:g} s"
+    return None

@@ -1,0 +1,251 @@
+"""`/v1/webhook-endpoints`: where an account's events go, each with its own secret, filter and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jobs import events
+from jobs.ids import new_id
+from jobs.params import FieldError
+from jobs.records import Account
+from jobs.settings import Settings
+from jobs.store import Store
+from server.auth import require_account
+from server.destinations import check_destination_url
+from server.json_body import read_json_object
+from server.problems import Problem, validation_problem
+from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint
+from webhooks.messages import Destination, MessageFilter
+
+MAX_ENDPOINTS_PER_ACCOUNT = 50
+MAX_DESCRIPTION_LENGTH = 256
+MAX_IN_FLIGHT_LIMIT = 100
+MAX_RATE_LIMIT = 10_000
+TIME_FORMAT_HINT = 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"'
+_EDITABLE = ("url", "events", "description", "max_in_flight", "rate_limit", "status")
+
+
+@dataclass
+class _Checked:
+    values: dict[str, Any]
+    errors: list[FieldError]
+
+
+async def _check_fields(body: dict[str, Any], settings: Settings, *, creating: bool) -> dict[str, Any]:
+    """The endpoint fields of a create or edit body, every problem reported at once."""
+    checked = _Checked({}, [])
+    allowed = _EDITABLE if not creating else tuple(name for name in _EDITABLE if name != "status")
+    checked.errors += [FieldError(name, "unknown field") for name in sorted(set(body) - set(allowed))]
+    if creating and "url" not in body:
+        checked.errors.append(FieldError("url", "is required"))
+    if "url" in body:
+        url = body["url"]
+        problem = (
+            "must be a string" if not isinstance(url, str) else await check_destination_url(url, settings)
+        )
+        _keep(checked, "url", url, problem)
+    if "events" in body or creating:
+        _keep(checked, "events", *_check_events(body.get("events", [ALL_EVENTS])))
+    if "description" in body:
+        description = body["description"]
+        ok = isinstance(description, str) and len(description) <= MAX_DESCRIPTION_LENGTH
+        _keep(
+            checked,
+            "description",
+            description,
+            None if ok else f"a string of at most {MAX_DESCRIPTION_LENGTH}",
+        )
+    if "max_in_flight" in body:
+        _keep(
+            checked,
+            "max_in_flight",
+            *_check_count(body["max_in_flight"], MAX_IN_FLIGHT_LIMIT, nullable=False),
+        )
+    if "rate_limit" in body:
+        _keep(checked, "rate_limit", *_check_count(body["rate_limit"], MAX_RATE_LIMIT, nullable=True))
+    if "status" in body:
+        ok = body["status"] in ("enabled", "disabled")
+        _keep(checked, "status", body["status"], None if ok else "must be enabled or disabled")
+    if checked.errors:
+        raise validation_problem(checked.errors)
+    return checked.values
+
+
+def _keep(checked: _Checked, name: str, value: Any, problem: str | None) -> None:
+    if problem is None:
+        checked.values[name] = value
+    else:
+        checked.errors.append(FieldError(name, problem))
+
+
+def _check_events(raw: Any) -> tuple[Any, str | None]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(event, str) for event in raw):
+        return raw, 'must be a non-empty list of event types, or ["*"] for all'
+    unknown = sorted(set(raw) - {ALL_EVENTS, *EVENT_TYPES})
+    if unknown:
+        return raw, f"unknown event types: {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}"
+    return sorted(set(raw)), None
+
+
+def _check_count(raw: Any, maximum: int, *, nullable: bool) -> tuple[Any, str | None]:
+    if raw is None and nullable:
+        return None, None
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= maximum:
+        return raw, f"must be an integer from 1 to {maximum}" + (", or null" if nullable else "")
+    return raw, None
+
+
+async def _owned_endpoint(request: Request, account: Account) -> Endpoint:
+    store: Store = request.app.state.store
+    endpoint = await store.endpoints.get(request.path_params["endpoint_id"])
+    if endpoint is None or endpoint.account_id != account.id:
+        raise Problem(404, "not_found", "no such webhook endpoint")
+    return endpoint
+
+
+def _with_secret(endpoint: Endpoint) -> dict[str, Any]:
+    return {**endpoint.resource(), "secret": endpoint.current_secret}
+
+
+async def create_endpoint(request: Request) -> Response:
+    account = await require_account(request)
+    store: Store = request.app.state.store
+    values = await _check_fields(await read_json_object(request), request.app.state.settings, creating=True)
+    if len(await store.endpoints.list_for_account(account.id)) >= MAX_ENDPOINTS_PER_ACCOUNT:
+        raise Problem(
+            409, "too_many_endpoints", f"an account has at most {MAX_ENDPOINTS_PER_ACCOUNT} endpoints"
+        )
+    endpoint = await store.endpoints.create(
+        new_id("ep"),
+        account.id,
+        values["url"],
+        values["events"],
+        values.get("description", ""),
+        max_in_flight=values.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
+        rate_limit=values.get("rate_limit"),
+    )
+    return JSONResponse(_with_secret(endpoint), status_code=201)
+
+
+async def list_endpoints(request: Request) -> Response:
+    account = await require_account(request)
+    store: Store = request.app.state.store
+    found = await store.endpoints.list_for_account(account.id)
+    return JSONResponse(
+        {"object": "list", "data": [endpoint.resource() for endpoint in found], "has_more": False}
+    )
+
+
+async def get_endpoint(request: Request) -> Response:
+    account = await require_account(request)
+    return JSONResponse((await _owned_endpoint(request, account)).resource())
+
+
+async def get_endpoint_secret(request: Request) -> Response:
+    account = await require_account(request)
+    endpoint = await _owned_endpoint(request, account)
+    return JSONResponse({"object": "webhook_secret", "secret": endpoint.current_secret})
+
+
+async def update_endpoint(request: Request) -> Response:
+    account = await require_account(request)
+    endpoint = await _owned_endpoint(request, account)
+    values = await _check_fields(await read_json_object(request), request.app.state.settings, creating=False)
+    store: Store = request.app.state.store
+    updated = await store.endpoints.update(endpoint, values)
+    if updated is None:
+        raise Problem(404, "not_found", "no such webhook endpoint")
+    return JSONResponse(updated.resource())
+
+
+async def delete_endpoint(request: Request) -> Response:
+    account = await require_account(request)
+    endpoint = await _owned_endpoint(request, account)
+    store: Store = request.app.state.store
+    await store.endpoints.delete(endpoint)
+    return Response(status_code=204)
+
+
+async def rotate_endpoint_secret(request: Request) -> Response:
+    account = await require_account(request)
+    endpoint = await _owned_endpoint(request, account)
+    store: Store = request.app.state.store
+    settings: Settings = request.app.state.settings
+    rotated = await store.endpoints.rotate_secret(endpoint, settings.secret_rotation_grace)
+    if rotated is None:
+        raise Problem(404, "not_found", "no such webhook endpoint")
+    return JSONResponse(_with_secret(rotated))
+
+
+async def send_test_event(request: Request) -> Response:
+    """A `webhook.test` event to this endpoint alone, whatever its event filter."""
+    account = await require_account(request)
+    endpoint = await _owned_endpoint(request, account)
+    if endpoint.status == "disabled":
+        raise Problem(409, "endpoint_disabled", "the endpoint is disabled; enable it first")
+    store: Store = request.app.state.store
+    data = {"object": "webhook_test", "endpoint_id": endpoint.id, "message": "a test event from Darkroom"}
+    message = events.new_message(
+        new_id("msg"), account.id, "webhook.test", data, [Destination(endpoint.id, endpoint.url)]
+    )
+    await store.save_message(message)
+    logged = await store.messages.get_logged(message.id)
+    assert logged is not None
+    return JSONResponse(logged.resource(), status_code=202)
+
+
+async def recover_endpoint(request: Request) -> Response:
+    """Redeliver every failed delivery to this endpoint of the messages created since `since`."""
+    account = await require_account(request)
+    endpoint = await _owned_endpoint(request, account)
+    body = await read_json_object(request)
+    since = canonical_time(body.get("since"))
+    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"since"})]
+    if since is None:
+        errors.append(
+            FieldError("since", 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"')
+        )
+    if errors:
+        raise validation_problem(errors)
+    assert since is not None
+    if endpoint.status == "disabled":
+        raise Problem(409, "endpoint_disabled", "the endpoint is disabled; enable it first")
+    store: Store = request.app.state.store
+    redelivered = await store.redeliver_failed(
+        account.id, MessageFilter(endpoint_id=endpoint.id, created_after=since)
+    )
+    recovery = {"object": "recovery", "endpoint_id": endpoint.id, "since": since, "redelivered": redelivered}
+    return JSONResponse(recovery, status_code=202)
+
+
+def canonical_time(value: object) -> str | None:
+    """An ISO 8601 time with a zone, in the resources' own form (UTC, milliseconds, Z): those compare
+    correctly as text. None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+routes = [
+    Route("/v1/webhook-endpoints", create_endpoint, methods=["POST"]),
+    Route("/v1/webhook-endpoints", list_endpoints, methods=["GET"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}", get_endpoint, methods=["GET"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}", update_endpoint, methods=["PATCH"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}", delete_endpoint, methods=["DELETE"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}/secret", get_endpoint_secret, methods=["GET"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}/rotate-secret", rotate_endpoint_secret, methods=["POST"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}/test", send_test_event, methods=["POST"]),
+    Route("/v1/webhook-endpoints/{endpoint_id}/recover", recover_endpoint, methods=["POST"]),
+]

@@ -1,0 +1,270 @@
+"""Registered webhook endpoints: where an account's events go, with their secrets, limits and health.
+
+An endpoint is a Redis hash, so that the dispatcher recording its health (`failing_since`, disabling
+it) and the partner editing it (url, events) change separate fields and never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+
+from webhooks.messages import Destination, iso, now_ms
+from webhooks.signing import generate_secret
+
+EndpointStatus = Literal["enabled", "disabled"]
+ALL_EVENTS = "*"
+EVENT_TYPES = (
+    "image.completed",
+    "image.failed",
+    "batch.completed",
+    "batch.archive.ready",
+    "batch.archive.failed",
+    "endpoint.disabled",
+    "webhook.test",
+)
+DEFAULT_MAX_IN_FLIGHT = 10
+
+
+def endpoint_key(endpoint_id: str) -> str:
+    return f"dr:ep:{endpoint_id}"
+
+
+def endpoint_leases_key(endpoint_id: str) -> str:
+    """Deliveries to the endpoint in flight, scored by when their lease runs out (see the dispatcher)."""
+    return f"dr:ep:{endpoint_id}:leases"
+
+
+def account_endpoints_key(account_id: str) -> str:
+    return f"dr:account:{account_id}:endpoints"
+
+
+@dataclass(frozen=True)
+class SigningSecret:
+    secret: str
+    expires_at_ms: int | None = None  # set once rotated out: still signs until then
+
+    def valid_at(self, moment_ms: int) -> bool:
+        return self.expires_at_ms is None or moment_ms < self.expires_at_ms
+
+
+def valid_secrets(secrets: Sequence[SigningSecret], moment_ms: int) -> list[str]:
+    return [each.secret for each in secrets if each.valid_at(moment_ms)]
+
+
+def rotated(secrets: Sequence[SigningSecret], new_secret: str, grace_ms: int) -> list[SigningSecret]:
+    """A new current secret; the old ones keep signing for `grace_ms`, expired ones are dropped."""
+    moment = now_ms()
+    kept = [
+        SigningSecret(each.secret, each.expires_at_ms or moment + grace_ms)
+        for each in secrets
+        if each.valid_at(moment)
+    ]
+    return [SigningSecret(new_secret), *kept]
+
+
+def dump_secrets(secrets: Sequence[SigningSecret]) -> str:
+    return json.dumps([[each.secret, each.expires_at_ms] for each in secrets])
+
+
+def load_secrets(raw: str | bytes) -> list[SigningSecret]:
+    return [SigningSecret(secret, expires) for secret, expires in json.loads(raw)]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    id: str
+    account_id: str
+    url: str
+    events: tuple[str, ...]
+    description: str
+    created_at: str
+    secrets: tuple[SigningSecret, ...] = field(default_factory=tuple)
+    status: EndpointStatus = "enabled"
+    disabled_reason: str | None = None
+    disabled_at: str | None = None
+    failing_since_ms: int | None = None
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    rate_limit: int | None = None  # deliveries per second, None for no limit
+
+    def subscribes_to(self, event_type: str) -> bool:
+        return ALL_EVENTS in self.events or event_type in self.events
+
+    @property
+    def current_secret(self) -> str:
+        return self.secrets[0].secret
+
+    def resource(self) -> dict[str, Any]:
+        return {
+            "object": "webhook_endpoint",
+            "id": self.id,
+            "url": self.url,
+            "events": list(self.events),
+            "description": self.description,
+            "status": self.status,
+            "disabled_reason": self.disabled_reason,
+            "disabled_at": self.disabled_at,
+            "failing_since": None if self.failing_since_ms is None else iso(self.failing_since_ms),
+            "max_in_flight": self.max_in_flight,
+            "rate_limit": self.rate_limit,
+            "created_at": self.created_at,
+        }
+
+    def to_hash(self) -> dict[str, str]:
+        fields = {
+            "id": self.id,
+            "account_id": self.account_id,
+            "url": self.url,
+            "events": json.dumps(list(self.events)),
+            "description": self.description,
+            "created_at": self.created_at,
+            "secrets": dump_secrets(self.secrets),
+            "status": self.status,
+            "max_in_flight": str(self.max_in_flight),
+        }
+        if self.rate_limit is not None:
+            fields["rate_limit"] = str(self.rate_limit)
+        return fields
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> Endpoint:
+        data = {key.decode(): value.decode() for key, value in raw.items()}
+        return cls(
+            id=data["id"],
+            account_id=data["account_id"],
+            url=data["url"],
+            events=tuple(json.loads(data["events"])),
+            description=data.get("description", ""),
+            created_at=data["created_at"],
+            secrets=tuple(load_secrets(data["secrets"])),
+            status="disabled" if data.get("status") == "disabled" else "enabled",
+            disabled_reason=data.get("disabled_reason"),
+            disabled_at=data.get("disabled_at"),
+            failing_since_ms=int(data["failing_since"]) if "failing_since" in data else None,
+            max_in_flight=int(data.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)),
+            rate_limit=int(data["rate_limit"]) if "rate_limit" in data else None,
+        )
+
+
+class EndpointStore:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    async def create(
+        self,
+        endpoint_id: str,
+        account_id: str,
+        url: str,
+        events: Sequence[str],
+        description: str = "",
+        *,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        rate_limit: int | None = None,
+    ) -> Endpoint:
+        endpoint = Endpoint(
+            id=endpoint_id,
+            account_id=account_id,
+            url=url,
+            events=tuple(events),
+            description=description,
+            created_at=iso(now_ms()),
+            secrets=(SigningSecret(generate_secret()),),
+            max_in_flight=max_in_flight,
+            rate_limit=rate_limit,
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(endpoint_key(endpoint.id), mapping=endpoint.to_hash())
+            pipe.sadd(account_endpoints_key(account_id), endpoint.id)
+            await pipe.execute()
+        return endpoint
+
+    async def get(self, endpoint_id: str) -> Endpoint | None:
+        raw = await self.redis.hgetall(endpoint_key(endpoint_id))  # type: ignore[misc]
+        return Endpoint.from_hash(raw) if raw else None
+
+    async def list_for_account(self, account_id: str) -> list[Endpoint]:
+        ids = sorted(
+            member.decode()
+            for member in await self.redis.smembers(account_endpoints_key(account_id))  # type: ignore[misc]
+        )
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for endpoint_id in ids:
+                pipe.hgetall(endpoint_key(endpoint_id))
+            raws = await pipe.execute()
+        return [Endpoint.from_hash(raw) for raw in raws if raw]
+
+    async def subscribed(self, account_id: str, event_type: str) -> list[Destination]:
+        """The enabled endpoints of the account that receive `event_type`."""
+        return [
+            Destination(endpoint.id, endpoint.url)
+            for endpoint in await self.list_for_account(account_id)
+            if endpoint.status == "enabled" and endpoint.subscribes_to(event_type)
+        ]
+
+    async def update(self, endpoint: Endpoint, changes: dict[str, Any]) -> Endpoint | None:
+        """Apply a partner's edit (url, events, description, max_in_flight, rate_limit, status).
+        Enabling a disabled endpoint clears its failure record. None if it was deleted meanwhile."""
+        fields: dict[str, str] = {}
+        removed: list[str] = []
+        for name, value in changes.items():
+            if name == "events":
+                fields[name] = json.dumps(list(value))
+            elif name == "rate_limit" and value is None:
+                removed.append(name)
+            else:
+                fields[name] = str(value)
+        if changes.get("status") == "enabled":
+            removed += ["disabled_reason", "disabled_at", "failing_since"]
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(endpoint_key(endpoint.id))
+            if fields:
+                pipe.hset(endpoint_key(endpoint.id), mapping=fields)
+            if removed:
+                pipe.hdel(endpoint_key(endpoint.id), *removed)
+            existed = (await pipe.execute())[0]
+        if not existed:
+            await self.redis.delete(endpoint_key(endpoint.id))
+            return None
+        return await self.get(endpoint.id)
+
+    async def rotate_secret(self, endpoint: Endpoint, grace_seconds: float) -> Endpoint | None:
+        secrets = rotated(endpoint.secrets, generate_secret(), int(grace_seconds * 1000))
+        return await self._replace_secrets(endpoint.id, secrets)
+
+    async def _replace_secrets(self, endpoint_id: str, secrets: Sequence[SigningSecret]) -> Endpoint | None:
+        key = endpoint_key(endpoint_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.exists(key)
+            pipe.hset(key, "secrets", dump_secrets(secrets))
+            existed = (await pipe.execute())[0]
+        if not existed:
+            await self.redis.delete(key)
+            return None
+        return await self.get(endpoint_id)
+
+    async def delete(self, endpoint: Endpoint) -> None:
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(endpoint_key(endpoint.id), endpoint_leases_key(endpoint.id))
+            pipe.srem(account_endpoints_key(endpoint.account_id), endpoint.id)
+            await pipe.execute()
+
+    # --- health, recorded by the dispatcher inside its attempt transactions --------------------------
+
+    @staticmethod
+    def stage_success(pipe: Any, endpoint_id: str) -> None:
+        pipe.hdel(endpoint_key(endpoint_id), "failing_since")
+
+    @staticmethod
+    def stage_failure(pipe: Any, endpoint_id: str, moment_ms: int) -> None:
+        pipe.hsetnx(endpoint_key(endpoint_id), "failing_since", str(moment_ms))
+
+    @staticmethod
+    def stage_disable(pipe: Any, endpoint_id: str, reason: str, moment_ms: int) -> None:
+        pipe.hset(
+            endpoint_key(endpoint_id),
+            mapping={"status": "disabled", "disabled_reason": reason, "disabled_at": iso(moment_ms)},
+        )
