@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from redis.asyncio import Redis
@@ -20,7 +21,15 @@ from jobs import stats
 from jobs.ids import new_id
 from jobs.records import Account, ImageRecord, utc_now
 from webhooks.endpoints import EndpointStore
-from webhooks.messages import DEFAULT_RETENTION_SECONDS, Message, MessageFilter, MessageStore, now_ms
+from webhooks.messages import (
+    DEFAULT_RETENTION_SECONDS,
+    WAKE_CHANNEL,
+    Delivery,
+    Message,
+    MessageFilter,
+    MessageStore,
+    now_ms,
+)
 from webhooks.signing import generate_secret
 
 API_KEY_PREFIX = "sk_live_"
@@ -128,6 +137,7 @@ class Store:
         """A message on its own (a test event), due at once."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self.messages.stage_new(pipe, message)
+            pipe.publish(WAKE_CHANNEL, message.id)
             await pipe.execute()
 
     async def redeliver_failed(self, account_id: str, where: MessageFilter) -> int:
@@ -150,13 +160,18 @@ class Store:
                 if delivery.status == "failed" and where.endpoint_id in (None, delivery.destination)
             ]
             if failed:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    self.messages.stage_redeliver(pipe, failed)
-                    await pipe.execute()
+                await self.redeliver(failed)
                 count += len(failed)
             if page[-1].message.created_at < where.created_after:
                 return count
             cursor = page[-1].id
+
+    async def redeliver(self, deliveries: Sequence[Delivery]) -> None:
+        """Make finished deliveries due now, and wake the dispatchers to send them."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.messages.stage_redeliver(pipe, deliveries)
+            pipe.publish(WAKE_CHANNEL, "redeliver")
+            await pipe.execute()
 
     async def authenticate(self, api_key: str) -> Account | None:
         if not api_key.startswith(API_KEY_PREFIX):

@@ -86,9 +86,7 @@ async def retry_delivery(request: Request) -> Response:
     ]
     store: Store = request.app.state.store
     if chosen:
-        async with store.redis.pipeline(transaction=True) as pipe:
-            store.messages.stage_redeliver(pipe, chosen)
-            await pipe.execute()
+        await store.redeliver(chosen)
     refreshed = await store.messages.get_logged(logged.id)
     assert refreshed is not None
     return JSONResponse(refreshed.resource(), status_code=202)

@@ -30,6 +30,7 @@ from webhooks.endpoints import Endpoint, EndpointStore, endpoint_leases_key, val
 from webhooks.messages import (
     CALLBACK,
     DUE_KEY,
+    WAKE_CHANNEL,
     Attempt,
     Delivery,
     DeliveryStatus,
@@ -177,6 +178,7 @@ class Dispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
+        self._listener: asyncio.Task[None] | None = None
 
     def nudge(self) -> None:
         """A delivery became due: look now rather than at the next poll."""
@@ -184,14 +186,16 @@ class Dispatcher:
 
     def start(self) -> None:
         self._loop = asyncio.create_task(self._run(), name="darkroom-webhook-dispatcher")
+        self._listener = asyncio.create_task(self._listen(), name="darkroom-webhook-wake")
 
     async def stop(self) -> None:
         """Stop claiming; let attempts under way finish (their leases would otherwise hold them back)."""
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
-            self._loop = None
+        for task in (self._loop, self._listener):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._loop = self._listener = None
         if self._in_flight:
             await asyncio.wait(self._in_flight, timeout=self.lease_ms / 1000)
 
@@ -232,6 +236,19 @@ class Dispatcher:
             elif wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._woken.wait(), min(wait, self.idle_wait))
+
+    async def _listen(self) -> None:
+        """Deliveries made due by other processes (a test event, a retry from the API) wake us."""
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(WAKE_CHANNEL)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self.nudge()
+            except (RedisError, OSError) as exc:
+                log.warning("webhook wake-up channel lost (%s); polling until it is back", exc)
+                await asyncio.sleep(self.idle_wait)
 
     async def _claim_and_send(self) -> tuple[float | None, bool]:
         """Start attempts for the due deliveries there is room for; return when the next one is due

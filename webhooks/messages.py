@@ -23,6 +23,8 @@ RESPONSE_EXCERPT_BYTES = 8192
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 # Deliveries waiting for an attempt, scored by when it is due (epoch ms); see webhooks.dispatcher.
 DUE_KEY = "dr:webhooks:due"
+# Published when another process made deliveries due: every dispatcher looks at once, not at its next poll.
+WAKE_CHANNEL = "dr:webhooks:wake"
 # The destination name of a resource's own callback_url (endpoints are named by their `ep_` id).
 CALLBACK = "callback"
 
