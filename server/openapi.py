@@ -9,6 +9,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
+from webhooks.endpoints import EVENT_TYPES
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -111,27 +112,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                     },
                 },
             },
-            "/v1/deliveries": {
-                "get": {
-                    "summary": "List webhook messages, newest first",
-                    "responses": {"200": {"description": "A page of deliveries"}, "401": _UNAUTHORIZED},
-                }
-            },
-            "/v1/deliveries/{msg_id}": {
-                "parameters": [
-                    {"name": "msg_id", "in": "path", "required": True, "schema": {"type": "string"}}
-                ],
-                "get": {
-                    "summary": "A webhook message with every delivery attempt",
-                    "responses": {"200": {"description": "The delivery"}, "404": _problem("No such message")},
-                },
-            },
-            "/v1/webhook-secret": {
-                "get": {
-                    "summary": "The account's webhook signing secret",
-                    "responses": {"200": {"description": "OK"}},
-                }
-            },
+            **_webhook_paths(),
         },
         "components": {
             "securitySchemes": {
@@ -185,6 +166,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "next_cursor": _NULLABLE_STRING,
                     },
                 },
+                **_WEBHOOK_SCHEMAS,
                 "Problem": {
                     "type": "object",
                     "properties": {
@@ -205,6 +187,232 @@ def build_openapi(public_url: str) -> dict[str, Any]:
             },
         },
     }
+
+
+_MSG_ID = {"name": "msg_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ENDPOINT_ID = {"name": "endpoint_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_NO_ENDPOINT = _problem("No such webhook endpoint in this account")
+_INVALID = _problem("Invalid fields; see errors")
+_TIME = {"type": "string", "format": "date-time"}
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
+def _body(schema_name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(schema_name)}}}
+
+
+def _webhook_paths() -> dict[str, Any]:
+    endpoint = _ref("WebhookEndpoint")
+    with_secret = _ref("WebhookEndpointWithSecret")
+    return {
+        "/v1/deliveries": {
+            "get": {
+                "summary": "List webhook messages, newest first",
+                "parameters": [
+                    _query("status", {"enum": ["pending", "delivered", "failed"]}, "overall status"),
+                    _query("endpoint_id", {"type": "string"}, "messages sent to this endpoint"),
+                    _query("event_type", {"enum": list(EVENT_TYPES)}, "one event type"),
+                    _query("created_after", _TIME, "created at or after"),
+                    _query("created_before", _TIME, "created before"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
+                    _query("cursor", {"type": "string"}, "the previous page's next_cursor"),
+                ],
+                "responses": {"200": _json("A page of messages", _ref("DeliveryList")), "422": _INVALID},
+            }
+        },
+        "/v1/deliveries/{msg_id}": {
+            "parameters": [_MSG_ID],
+            "get": {
+                "summary": "A webhook message: its payload and every attempt at each destination",
+                "responses": {
+                    "200": _json("The message", _ref("Delivery")),
+                    "404": _problem("No such message"),
+                },
+            },
+        },
+        "/v1/deliveries/{msg_id}/retry": {
+            "parameters": [_MSG_ID],
+            "post": {
+                "summary": "Send the message again now (same webhook-id), to all its destinations or one",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {"type": "object", "properties": {"endpoint_id": {"type": "string"}}}
+                        }
+                    },
+                },
+                "responses": {"202": _json("Redelivery queued", _ref("Delivery")), "404": _NOT_FOUND},
+            },
+        },
+        "/v1/webhook-secret": {
+            "get": {
+                "summary": "The secret that signs deliveries to callback URLs",
+                "responses": {"200": _json("The secret", _ref("WebhookSecret"))},
+            }
+        },
+        "/v1/webhook-secret/rotate": {
+            "post": {
+                "summary": "A new callback secret; the old one keeps signing beside it for 24 h",
+                "responses": {"200": _json("The new secret", _ref("WebhookSecret"))},
+            }
+        },
+        "/v1/webhook-endpoints": {
+            "post": {
+                "summary": "Register an endpoint for the account's events",
+                "requestBody": _body("WebhookEndpointInput"),
+                "responses": {"201": _json("The endpoint, with its secret", with_secret), "422": _INVALID},
+            },
+            "get": {
+                "summary": "The account's endpoints",
+                "responses": {"200": _json("Every endpoint", {"type": "object"})},
+            },
+        },
+        "/v1/webhook-endpoints/{endpoint_id}": {
+            "parameters": [_ENDPOINT_ID],
+            "get": {
+                "summary": "An endpoint",
+                "responses": {"200": _json("The endpoint", endpoint), "404": _NO_ENDPOINT},
+            },
+            "patch": {
+                "summary": "Change url, events, description, limits, or enable/disable",
+                "requestBody": _body("WebhookEndpointInput"),
+                "responses": {"200": _json("The endpoint", endpoint), "404": _NO_ENDPOINT, "422": _INVALID},
+            },
+            "delete": {"summary": "Remove an endpoint", "responses": {"204": {"description": "Deleted"}}},
+        },
+        "/v1/webhook-endpoints/{endpoint_id}/secret": {
+            "parameters": [_ENDPOINT_ID],
+            "get": {
+                "summary": "The endpoint's signing secret",
+                "responses": {"200": _json("The secret", _ref("WebhookSecret"))},
+            },
+        },
+        "/v1/webhook-endpoints/{endpoint_id}/rotate-secret": {
+            "parameters": [_ENDPOINT_ID],
+            "post": {
+                "summary": "A new endpoint secret; the old one keeps signing beside it for 24 h",
+                "responses": {"200": _json("The endpoint, with its new secret", with_secret)},
+            },
+        },
+        "/v1/webhook-endpoints/{endpoint_id}/test": {
+            "parameters": [_ENDPOINT_ID],
+            "post": {
+                "summary": "Send a webhook.test event to this endpoint",
+                "responses": {
+                    "202": _json("The test message", _ref("Delivery")),
+                    "409": _problem("Disabled"),
+                },
+            },
+        },
+        "/v1/webhook-endpoints/{endpoint_id}/recover": {
+            "parameters": [_ENDPOINT_ID],
+            "post": {
+                "summary": "Redeliver every failed delivery to this endpoint since a time",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["since"],
+                                "properties": {"since": _TIME},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json("How many were redelivered", {"type": "object"}),
+                    "409": _problem("Disabled"),
+                },
+            },
+        },
+    }
+
+
+_ATTEMPT = {
+    "type": "object",
+    "properties": {
+        "number": {"type": "integer"},
+        "at": _TIME,
+        "status_code": {"type": ["integer", "null"]},
+        "latency_ms": {"type": "number"},
+        "response_excerpt": {"type": "string", "description": "at most 8 KB of the response body"},
+        "error": _NULLABLE_STRING,
+        "next_attempt_at": _NULLABLE_STRING,
+    },
+}
+_WEBHOOK_SCHEMAS: dict[str, Any] = {
+    "Delivery": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string", "description": "the webhook-id every destination receives"},
+            "event_type": {"enum": list(EVENT_TYPES)},
+            "status": {"enum": ["pending", "delivered", "failed"]},
+            "created_at": _TIME,
+            "destinations": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "endpoint_id": {
+                            "type": ["string", "null"],
+                            "description": "null for the resource's own callback_url",
+                        },
+                        "url": {"type": "string"},
+                        "status": {"enum": ["pending", "delivered", "failed"]},
+                        "next_attempt_at": _NULLABLE_STRING,
+                        "attempts": {"type": "array", "items": _ATTEMPT},
+                    },
+                },
+            },
+            "payload": {"type": "object", "description": "the body exactly as sent"},
+        },
+    },
+    "DeliveryList": {
+        "type": "object",
+        "properties": {
+            "data": {"type": "array", "items": _ref("Delivery")},
+            "has_more": {"type": "boolean"},
+            "next_cursor": _NULLABLE_STRING,
+        },
+    },
+    "WebhookSecret": {"type": "object", "properties": {"secret": {"type": "string", "pattern": "^whsec_"}}},
+    "WebhookEndpointInput": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "url": {"type": "string", "format": "uri"},
+            "events": {"type": "array", "items": {"enum": ["*", *EVENT_TYPES]}, "default": ["*"]},
+            "description": {"type": "string", "maxLength": 256},
+            "max_in_flight": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
+            "rate_limit": {"type": ["integer", "null"], "minimum": 1, "description": "deliveries per second"},
+            "status": {"enum": ["enabled", "disabled"], "description": "PATCH only"},
+        },
+    },
+    "WebhookEndpoint": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}},
+            "description": {"type": "string"},
+            "status": {"enum": ["enabled", "disabled"]},
+            "disabled_reason": _NULLABLE_STRING,
+            "disabled_at": _NULLABLE_STRING,
+            "failing_since": _NULLABLE_STRING,
+            "max_in_flight": {"type": "integer"},
+            "rate_limit": {"type": ["integer", "null"]},
+            "created_at": _TIME,
+        },
+    },
+    "WebhookEndpointWithSecret": {
+        "allOf": [_ref("WebhookEndpoint"), {"type": "object", "properties": {"secret": {"type": "string"}}}]
+    },
+}
 
 
 async def openapi_json(request: Request) -> Response:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import httpx
+from starlette.routing import Route
 
 from jobs.ops.geometry import ResizeParams
 from jobs.settings import Settings
+from server.app import create_app
 from tests import imagegen
 from tests.conftest import Partner, run_burst
 from tests.receiver import Receiver
@@ -46,3 +48,21 @@ async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "/openapi.json" in docs.text
+
+
+async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, settings: Settings) -> None:
+    """A route added without its description would be invisible in /docs and to generated clients."""
+    spec = (await client.get("/openapi.json")).json()
+    described = {
+        (path, method) for path, item in spec["paths"].items() for method in item if method != "parameters"
+    }
+    app = create_app(settings)
+    served = {
+        (route.path, method.lower())
+        for route in app.routes
+        if isinstance(route, Route) and route.path.startswith("/v1/")
+        for method in route.methods or ()
+        if method != "HEAD"
+    }
+    assert served - described == set()
+    assert described - served == set()
