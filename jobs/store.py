@@ -23,7 +23,6 @@ from jobs.records import Account, ImageRecord, utc_now
 from webhooks.endpoints import EndpointStore
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
-    WAKE_CHANNEL,
     Delivery,
     Message,
     MessageFilter,
@@ -137,7 +136,6 @@ class Store:
         """A message on its own (a test event), due at once."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self.messages.stage_new(pipe, message)
-            pipe.publish(WAKE_CHANNEL, message.id)
             await pipe.execute()
 
     async def redeliver_failed(self, account_id: str, where: MessageFilter) -> int:
@@ -170,7 +168,6 @@ class Store:
         """Make finished deliveries due now, and wake the dispatchers to send them."""
         async with self.redis.pipeline(transaction=True) as pipe:
             self.messages.stage_redeliver(pipe, deliveries)
-            pipe.publish(WAKE_CHANNEL, "redeliver")
             await pipe.execute()
 
     async def authenticate(self, api_key: str) -> Account | None:

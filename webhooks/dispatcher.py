@@ -18,15 +18,23 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from webhooks.delivery import AttemptOutcome, post_signed
-from webhooks.endpoints import Endpoint, EndpointStore, endpoint_leases_key, valid_secrets
+from webhooks.endpoints import (
+    PARKED_ENDPOINTS_KEY,
+    Endpoint,
+    EndpointStore,
+    endpoint_leases_key,
+    valid_secrets,
+)
 from webhooks.messages import (
     CALLBACK,
     DUE_KEY,
@@ -51,44 +59,77 @@ SecretsLookup = Callable[[str], Awaitable[Sequence[str] | None]]
 AttemptHook = Callable[[object, Attempt], None]
 NewId = Callable[[str], str]
 
-# Claim due deliveries, skipping those whose endpoint is at its in-flight limit and pushing those over
-# its rate limit to the next second. Returns the claimed members, whether any was held back by a full
-# endpoint, and when the next delivery is due.
+# Claim due deliveries. A delivery whose endpoint is at its in-flight limit is parked: moved, with its
+# score, from the due set to the endpoint's own parked set, so that a long backlog for one busy endpoint
+# never stands in front of everyone else's deliveries. Each claim first returns parked deliveries to the
+# due set as their endpoints free slots (an attempt finished, or a dead worker's lease ran out).
+# Deliveries over an endpoint's rate limit wait for the next second. Returns the claimed members, how
+# many deliveries stay parked, when the next delivery is due, and each claimed delivery's message,
+# delivery and endpoint records (so an attempt starts without another round trip, and never on a stale
+# copy of an endpoint its owner just deleted or disabled).
+# Key layouts: webhooks.messages, webhooks.endpoints.
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local room = tonumber(ARGV[2])
 local lease_until = tonumber(ARGV[3])
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[4]))
+local parked_endpoints = KEYS[2]
+
+local function free_slots(endpoint)
+  local leases = 'dr:ep:' .. endpoint .. ':leases'
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+  local limit = tonumber(redis.call('HGET', 'dr:ep:' .. endpoint, 'max_in_flight')) or 10
+  return limit - redis.call('ZCARD', leases)
+end
+
+local still_parked = 0
+for _, endpoint in ipairs(redis.call('SMEMBERS', parked_endpoints)) do
+  local parked = 'dr:ep:' .. endpoint .. ':parked'
+  local free = free_slots(endpoint)
+  if free > 0 then
+    local returning = redis.call('ZRANGE', parked, 0, free - 1, 'WITHSCORES')
+    for i = 1, #returning, 2 do
+      redis.call('ZADD', KEYS[1], returning[i + 1], returning[i])
+      redis.call('ZREM', parked, returning[i])
+    end
+  end
+  local left = redis.call('ZCARD', parked)
+  if left == 0 then redis.call('SREM', parked_endpoints, endpoint) end
+  still_parked = still_parked + left
+end
+
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
 local claimed = {}
-local full = {}
-local held_back = 0
-for _, member in ipairs(due) do
+local free = {}
+for i = 1, #due, 2 do
   if #claimed >= room then break end
+  local member, score = due[i], due[i + 1]
   local destination = string.match(member, ':(.*)$')
   local take = true
   if string.sub(destination, 1, 3) == 'ep_' then
-    local leases = 'dr:ep:' .. destination .. ':leases'
-    if full[destination] then
+    if free[destination] == nil then free[destination] = free_slots(destination) end
+    if free[destination] <= 0 then
       take = false
+      redis.call('ZREM', KEYS[1], member)
+      redis.call('ZADD', 'dr:ep:' .. destination .. ':parked', score, member)
+      redis.call('SADD', parked_endpoints, destination)
+      still_parked = still_parked + 1
     else
-      redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-      local limits = redis.call('HMGET', 'dr:ep:' .. destination, 'max_in_flight', 'rate_limit')
-      if redis.call('ZCARD', leases) >= (tonumber(limits[1]) or 10) then
-        full[destination] = true
-        take = false
-      elseif limits[2] then
+      local rate_limit = tonumber(redis.call('HGET', 'dr:ep:' .. destination, 'rate_limit'))
+      if rate_limit then
         local second = math.floor(now / 1000)
         local counter = 'dr:ep:' .. destination .. ':rate:' .. second
         local sent = redis.call('INCR', counter)
         if sent == 1 then redis.call('PEXPIRE', counter, 2000) end
-        if sent > tonumber(limits[2]) then
+        if sent > rate_limit then
           take = false
           redis.call('ZADD', KEYS[1], (second + 1) * 1000, member)
         end
       end
-      if take then redis.call('ZADD', leases, lease_until, member) end
+      if take then
+        redis.call('ZADD', 'dr:ep:' .. destination .. ':leases', lease_until, member)
+        free[destination] = free[destination] - 1
+      end
     end
-    if full[destination] then held_back = 1 end
   end
   if take then
     redis.call('ZADD', KEYS[1], lease_until, member)
@@ -96,12 +137,23 @@ for _, member in ipairs(due) do
   end
 end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {claimed, held_back, next_due[2] or false}
+local records = {}
+for _, member in ipairs(claimed) do
+  local msg_id, destination = string.match(member, '^([^:]*):(.*)$')
+  table.insert(records, redis.call('GET', 'dr:msg:' .. msg_id) or false)
+  table.insert(records, redis.call('GET', 'dr:dlv:' .. msg_id .. ':' .. destination) or false)
+  if string.sub(destination, 1, 3) == 'ep_' then
+    table.insert(records, redis.call('HGETALL', 'dr:ep:' .. destination))
+  else
+    table.insert(records, false)
+  end
+end
+return {claimed, still_parked, next_due[2] or false, records}
 """
-# How many due deliveries one claim looks through, per free slot, past those of full endpoints.
-_SCAN_PER_SLOT = 20
-# With deliveries held back by a full endpoint and nothing of ours in flight to wake us, look again this soon.
-_HELD_BACK_POLL = 0.05
+# How many due deliveries one claim looks through, per free slot (those of full endpoints get parked).
+_SCAN_PER_SLOT = 4
+# With deliveries parked behind another process's attempts, look again this soon.
+_PARKED_POLL = 0.05
 
 
 @dataclass(frozen=True)
@@ -174,6 +226,7 @@ class Dispatcher:
         self.on_attempt = on_attempt
         self.rng = rng or random.Random()
         self._claim = redis.register_script(_CLAIM)
+        self._account_secrets = _Recent(secrets_for)
         self._woken = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -202,12 +255,12 @@ class Dispatcher:
     async def run_until_idle(self) -> None:
         """Deliver until nothing is waiting, retries included (for burst runs and tests)."""
         while True:
-            next_due, held_back = await self._claim_and_send()
+            next_due, parked = await self._claim_and_send()
             if self._in_flight:
                 await asyncio.wait(self._in_flight)
                 continue
-            if held_back:
-                await asyncio.sleep(_HELD_BACK_POLL)  # another process holds the endpoint's slots
+            if parked:
+                await asyncio.sleep(_PARKED_POLL)  # another process holds the endpoint's slots
                 continue
             if next_due is None:
                 return
@@ -215,10 +268,10 @@ class Dispatcher:
 
     async def _run(self) -> None:
         while True:
-            held_back = False
+            parked = False
             try:
                 self._woken.clear()
-                next_due, held_back = await self._claim_and_send()
+                next_due, parked = await self._claim_and_send()
             except (RedisError, OSError) as exc:
                 log.warning("webhook dispatcher cannot reach Redis (%s); retrying", exc)
                 next_due = None
@@ -227,9 +280,10 @@ class Dispatcher:
                 log.exception("webhook dispatcher turn failed; retrying")
                 next_due = None
             wait = self.idle_wait if next_due is None else (next_due - now_ms()) / 1000
-            if held_back:
-                wait = min(wait, _HELD_BACK_POLL)
-            if len(self._in_flight) >= self.concurrency or (held_back and self._in_flight):
+            if parked:
+                wait = min(wait, _PARKED_POLL)
+            # A finished attempt frees a slot of ours, or of a parked delivery's endpoint: claim again then.
+            if len(self._in_flight) >= self.concurrency or (parked and self._in_flight):
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), self.idle_wait)
@@ -252,19 +306,23 @@ class Dispatcher:
 
     async def _claim_and_send(self) -> tuple[float | None, bool]:
         """Start attempts for the due deliveries there is room for; return when the next one is due
-        and whether a full endpoint held some back."""
+        and whether deliveries are parked behind busy endpoints."""
         room = self.concurrency - len(self._in_flight)
         if room <= 0:
             return None, False
         now = now_ms()
-        claimed, held_back, next_due = await self._claim(
-            keys=[DUE_KEY], args=[now, room, now + self.lease_ms, room * _SCAN_PER_SLOT]
+        claimed, parked, next_due, records = await self._claim(
+            keys=[DUE_KEY, PARKED_ENDPOINTS_KEY], args=[now, room, now + self.lease_ms, room * _SCAN_PER_SLOT]
         )
-        for raw_member in claimed:
-            task = asyncio.create_task(self._attempt(raw_member.decode()))
+        for index, raw_member in enumerate(claimed):
+            raw_message, raw_delivery, raw_endpoint = records[3 * index : 3 * index + 3]
+            endpoint = Endpoint.from_fields(raw_endpoint) if raw_endpoint else None
+            task = asyncio.create_task(
+                self._attempt(raw_member.decode(), raw_message, raw_delivery, endpoint)
+            )
             self._in_flight.add(task)
             task.add_done_callback(self._finished)
-        return (float(next_due) if next_due is not None else None), bool(held_back)
+        return (float(next_due) if next_due is not None else None), bool(parked)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -272,26 +330,26 @@ class Dispatcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook attempt crashed", exc_info=task.exception())
 
-    async def _attempt(self, member: str) -> None:
-        msg_id, destination = parse_due_member(member)
-        found = await self.messages.get_delivery(msg_id, destination)
-        if found is None or found[1].status != "pending":
+    async def _attempt(
+        self, member: str, raw_message: bytes | None, raw_delivery: bytes | None, endpoint: Endpoint | None
+    ) -> None:
+        _, destination = parse_due_member(member)
+        delivery = None if raw_delivery is None else Delivery.from_json(raw_delivery)
+        if raw_message is None or delivery is None or delivery.status != "pending":
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(DUE_KEY, member)
                 if destination != CALLBACK:
                     pipe.zrem(endpoint_leases_key(destination), member)
                 await pipe.execute()
             return
-        message, delivery = found
+        message = Message.from_json(raw_message)
         number = len(delivery.attempts) + 1
         started = now_ms()
-        endpoint = None
         if destination == CALLBACK:
             url = next(d.url for d in message.destinations if d.name == CALLBACK)
-            secrets = await self.secrets_for(message.account_id)
+            secrets = await self._account_secrets.get(message.account_id)
             refusal = None if secrets else "the account no longer exists"
         else:
-            endpoint = await self.endpoints.get(destination)
             url = endpoint.url if endpoint else ""
             secrets = valid_secrets(endpoint.secrets, started) if endpoint else []
             refusal = _refusal(endpoint)
@@ -342,7 +400,11 @@ class Dispatcher:
         `endpoint` is given, record the receiver's health: all in one transaction."""
         member = due_member(delivery.msg_id, delivery.destination)
         announcement = None
-        if endpoint is not None and disable_reason is not None:
+        if (
+            endpoint is not None
+            and disable_reason is not None
+            and await self.endpoints.disable(endpoint.id, disable_reason)
+        ):
             announcement = await self._disabled_announcement(endpoint, disable_reason)
         async with self.redis.pipeline(transaction=True) as pipe:
             self.messages.stage_delivery(pipe, delivery)
@@ -357,8 +419,6 @@ class Dispatcher:
                     EndpointStore.stage_success(pipe, endpoint.id)
                 else:
                     EndpointStore.stage_failure(pipe, endpoint.id, now_ms())
-                if disable_reason is not None:
-                    EndpointStore.stage_disable(pipe, endpoint.id, disable_reason, now_ms())
                 if announcement is not None:
                     self.messages.stage_new(pipe, announcement)
             if self.on_attempt is not None:
@@ -391,6 +451,33 @@ class Dispatcher:
             created_at=iso(moment),
             destinations=tuple(others),
         )
+
+
+Key = TypeVar("Key")
+Value = TypeVar("Value")
+
+# How long an account's looked-up callback secrets are reused. Thousands of deliveries a second for the same
+# few accounts would otherwise look them up each time; a rotated-out secret stays valid for hours.
+_RECENT_SECONDS = 0.25
+
+
+class _Recent(Generic[Key, Value]):
+    """Lookups remembered for _RECENT_SECONDS."""
+
+    def __init__(self, lookup: Callable[[Key], Awaitable[Value]]) -> None:
+        self.lookup = lookup
+        self._remembered: dict[Key, tuple[float, Value]] = {}
+
+    async def get(self, key: Key) -> Value:
+        moment = time.monotonic()
+        remembered = self._remembered.get(key)
+        if remembered is not None and remembered[0] > moment:
+            return remembered[1]
+        value = await self.lookup(key)
+        if len(self._remembered) > 10_000:
+            self._remembered = {k: v for k, v in self._remembered.items() if v[0] > moment}
+        self._remembered[key] = (moment + _RECENT_SECONDS, value)
+        return value
 
 
 def _refusal(endpoint: Endpoint | None) -> str | None:

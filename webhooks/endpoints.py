@@ -39,6 +39,10 @@ def endpoint_leases_key(endpoint_id: str) -> str:
     return f"dr:ep:{endpoint_id}:leases"
 
 
+# The endpoints with deliveries parked (in `dr:ep:{id}:parked`) until a slot frees; see the dispatcher.
+PARKED_ENDPOINTS_KEY = "dr:webhooks:parked"
+
+
 def account_endpoints_key(account_id: str) -> str:
     return f"dr:account:{account_id}:endpoints"
 
@@ -131,8 +135,16 @@ class Endpoint:
         return fields
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> Endpoint:
+    def from_fields(cls, flat: list[bytes]) -> Endpoint | None:
+        """From HGETALL's reply inside a Lua script: field, value, field, value…"""
+        return cls.from_hash(dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> Endpoint | None:
+        """None for an empty or partial hash (an endpoint deleted while something wrote to it)."""
         data = {key.decode(): value.decode() for key, value in raw.items()}
+        if "id" not in data:
+            return None
         return cls(
             id=data["id"],
             account_id=data["account_id"],
@@ -150,9 +162,20 @@ class Endpoint:
         )
 
 
+_MARK_FAILING = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSETNX', KEYS[1], 'failing_since', ARGV[1]) end
+"""
+_DISABLE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'enabled' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'disabled', 'disabled_reason', ARGV[1], 'disabled_at', ARGV[2])
+return 1
+"""
+
+
 class EndpointStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        self._disable = redis.register_script(_DISABLE)
 
     async def create(
         self,
@@ -184,7 +207,7 @@ class EndpointStore:
 
     async def get(self, endpoint_id: str) -> Endpoint | None:
         raw = await self.redis.hgetall(endpoint_key(endpoint_id))  # type: ignore[misc]
-        return Endpoint.from_hash(raw) if raw else None
+        return Endpoint.from_hash(raw)
 
     async def list_for_account(self, account_id: str) -> list[Endpoint]:
         ids = sorted(
@@ -195,7 +218,7 @@ class EndpointStore:
             for endpoint_id in ids:
                 pipe.hgetall(endpoint_key(endpoint_id))
             raws = await pipe.execute()
-        return [Endpoint.from_hash(raw) for raw in raws if raw]
+        return [endpoint for raw in raws if (endpoint := Endpoint.from_hash(raw)) is not None]
 
     async def subscribed(self, account_id: str, event_type: str) -> list[Destination]:
         """The enabled endpoints of the account that receive `event_type`."""
@@ -260,11 +283,11 @@ class EndpointStore:
 
     @staticmethod
     def stage_failure(pipe: Any, endpoint_id: str, moment_ms: int) -> None:
-        pipe.hsetnx(endpoint_key(endpoint_id), "failing_since", str(moment_ms))
+        # Not a bare HSETNX: on an endpoint deleted meanwhile it would create a hash of that one field.
+        pipe.eval(_MARK_FAILING, 1, endpoint_key(endpoint_id), str(moment_ms))
 
-    @staticmethod
-    def stage_disable(pipe: Any, endpoint_id: str, reason: str, moment_ms: int) -> None:
-        pipe.hset(
-            endpoint_key(endpoint_id),
-            mapping={"status": "disabled", "disabled_reason": reason, "disabled_at": iso(moment_ms)},
-        )
+    async def disable(self, endpoint_id: str, reason: str) -> bool:
+        """Disable an enabled endpoint; False when it already was (or is gone), so that several
+        failures at once disable and announce it only once."""
+        changed = await self._disable(keys=[endpoint_key(endpoint_id)], args=[reason, iso(now_ms())])
+        return bool(changed)

@@ -130,7 +130,14 @@ class Delivery:
         return replace(self, attempts=(*self.attempts, attempt), status=status)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # Not dataclasses.asdict, which deep-copies every attempt: this runs once per delivery attempt.
+        record = {
+            "msg_id": self.msg_id,
+            "destination": self.destination,
+            "status": self.status,
+            "attempts": [attempt.__dict__ for attempt in self.attempts],
+        }
+        return json.dumps(record, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Delivery:
@@ -231,14 +238,6 @@ class MessageStore:
         raws = await self.redis.mget(keys) if keys else []
         return [Delivery.from_json(raw) for raw in raws if raw is not None]
 
-    async def get_delivery(self, msg_id: str, destination: str) -> tuple[Message, Delivery] | None:
-        raw_message, raw_delivery = await self.redis.mget(
-            [message_key(msg_id), delivery_key(msg_id, destination)]
-        )
-        if raw_message is None or raw_delivery is None:
-            return None
-        return Message.from_json(raw_message), Delivery.from_json(raw_delivery)
-
     def stage_delivery(self, pipe: Any, delivery: Delivery) -> None:
         pipe.set(
             delivery_key(delivery.msg_id, delivery.destination), delivery.to_json(), ex=self.retention_seconds
@@ -254,6 +253,7 @@ class MessageStore:
         for destination in message.destinations:
             self.stage_delivery(pipe, Delivery(message.id, destination.name))
             pipe.zadd(DUE_KEY, {due_member(message.id, destination.name): due})
+        pipe.publish(WAKE_CHANNEL, message.id)
 
     def stage_redeliver(self, pipe: Any, deliveries: Sequence[Delivery]) -> None:
         """Make finished deliveries pending and due now (a manual retry or an endpoint's recovery);
@@ -262,6 +262,7 @@ class MessageStore:
         for delivery in deliveries:
             self.stage_delivery(pipe, replace(delivery, status="pending"))
             pipe.zadd(DUE_KEY, {due_member(delivery.msg_id, delivery.destination): due})
+        pipe.publish(WAKE_CHANNEL, "redeliver")
 
     async def list_for_account(
         self, account_id: str, *, limit: int, before: str | None, where: MessageFilter
