@@ -384,8 +384,7 @@ class Dispatcher:
             failing_since is not None
             and moment_ms - failing_since >= self.policy.disable_after_seconds * 1000
         ):
-            days = self.policy.disable_after_seconds / 86400
-            return f"every delivery failed for {days:g} days"
+            return f"every delivery failed for {_duration(self.policy.disable_after_seconds)}"
         return None
 
     async def _record(
@@ -414,13 +413,13 @@ class Dispatcher:
                 pipe.zadd(DUE_KEY, {member: next_at})
             if delivery.destination != CALLBACK:
                 pipe.zrem(endpoint_leases_key(delivery.destination), member)
-            if endpoint is not None:
-                if attempt.succeeded:
-                    EndpointStore.stage_success(pipe, endpoint.id)
-                else:
-                    EndpointStore.stage_failure(pipe, endpoint.id, now_ms())
-                if announcement is not None:
-                    self.messages.stage_new(pipe, announcement)
+            # The failure record changes only when the run of failures starts or ends.
+            if endpoint is not None and attempt.succeeded and endpoint.failing_since_ms is not None:
+                EndpointStore.stage_success(pipe, endpoint.id)
+            elif endpoint is not None and not attempt.succeeded and endpoint.failing_since_ms is None:
+                EndpointStore.stage_failure(pipe, endpoint.id, now_ms())
+            if announcement is not None:
+                self.messages.stage_new(pipe, announcement)
             if self.on_attempt is not None:
                 self.on_attempt(pipe, attempt)
             await pipe.execute()
@@ -478,6 +477,13 @@ class _Recent(Generic[Key, Value]):
             self._remembered = {k: v for k, v in self._remembered.items() if v[0] > moment}
         self._remembered[key] = (moment + _RECENT_SECONDS, value)
         return value
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("hours", 3600), ("minutes", 60)):
+        if seconds >= size:
+            return f"{seconds / size:g} {unit}"
+    return f"{seconds:g} seconds"
 
 
 def _refusal(endpoint: Endpoint | None) -> str | None:
