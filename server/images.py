@@ -23,14 +23,13 @@ from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from server.auth import require_account
+from server.destinations import check_destination_url
 from server.multipart import UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
-from webhooks.addresses import TransportError, parse_destination, resolve
+from server.variants import output_response, parse_variant_query, resolve_variant
 
 MAX_METADATA_BYTES = 4096
-MAX_CALLBACK_URL_LENGTH = 2048
-CALLBACK_RESOLVE_TIMEOUT = 5.0
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 
 
@@ -54,26 +53,6 @@ def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError
     return None
 
 
-async def check_callback_url(url: str, settings: Settings) -> str | None:
-    """The problem with a callback URL, or None. Its host must resolve to public addresses only (unless
-    DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks again, since DNS answers change."""
-    if len(url) > MAX_CALLBACK_URL_LENGTH:
-        return f"must be at most {MAX_CALLBACK_URL_LENGTH} characters"
-    if any(ch.isspace() or not ch.isprintable() for ch in url):
-        return "must not contain spaces or control characters"
-    allow_private = settings.allow_private_callbacks
-    try:
-        destination = parse_destination(url, allow_private=allow_private)
-        if destination.literal is None and not allow_private:
-            async with asyncio.timeout(CALLBACK_RESOLVE_TIMEOUT):
-                await resolve(destination.host, destination.port, allow_private=False)
-    except TransportError as problem:
-        return str(problem)
-    except TimeoutError:
-        return f"its host did not resolve within {CALLBACK_RESOLVE_TIMEOUT:g} s"
-    return None
-
-
 async def _validate_fields(
     fields: dict[str, str], settings: Settings
 ) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
@@ -86,7 +65,7 @@ async def _validate_fields(
         errors.extend(exc.errors)
     callback_url = fields.get("callback_url") or None
     if callback_url is not None:
-        problem = await check_callback_url(callback_url, settings)
+        problem = await check_destination_url(callback_url, settings)
         if problem:
             errors.append(FieldError("callback_url", problem))
     metadata = _parse_json_field(fields, "metadata", errors)
@@ -234,10 +213,7 @@ def _download_name(image: ImageRecord, suffix: str) -> str:
 
 async def get_output(request: Request) -> Response:
     image = await _owned_image(request)
-    if request.query_params:
-        raise validation_problem(
-            [FieldError(name, "output variants are not available yet") for name in request.query_params]
-        )
+    wanted = parse_variant_query(request.query_params)
     if image.status != "completed" or image.output is None:
         raise Problem(
             409,
@@ -245,15 +221,8 @@ async def get_output(request: Request) -> Response:
             f"the image is {image.status}; its output exists once it is completed",
             headers={"Retry-After": "1"} if not image.is_terminal else None,
         )
-    storage: LocalStorage = request.app.state.storage
-    path = storage.path(image.output.key)
-    return FileResponse(
-        path,
-        media_type=MEDIA_TYPES[image.output.format],
-        filename=_download_name(image, path.suffix),
-        content_disposition_type="inline",
-        headers={"Cache-Control": "private, max-age=31536000, immutable"},
-    )
+    spec = resolve_variant(wanted, image.output)
+    return await output_response(request, image, image.output, spec, download_stem=_download_name(image, ""))
 
 
 async def get_original(request: Request) -> Response:

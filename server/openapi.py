@@ -94,11 +94,24 @@ def build_openapi(public_url: str) -> dict[str, Any]:
             "/v1/images/{image_id}/output": {
                 "parameters": [_IMAGE_ID],
                 "get": {
-                    "summary": "Download the processed image",
+                    "summary": "Download the result, or a variant of it rendered and cached on the fly",
+                    "parameters": [
+                        _query("format", {"enum": ["jpeg", "png", "webp", "avif"]}, "re-encode"),
+                        _query("quality", {"type": "integer", "minimum": 1, "maximum": 100}, "lossy formats"),
+                        _query("width", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"),
+                        _query("height", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"),
+                        _query("preview", {"type": "boolean"}, "≤ 400 px with a PREVIEW watermark"),
+                    ],
                     "responses": {
-                        "200": {"description": "The image bytes", "content": {"image/*": {}}},
+                        "200": {
+                            "description": "The image bytes (ETag, Cache-Control)",
+                            "content": {"image/*": {}},
+                        },
+                        "304": {"description": "Not modified (If-None-Match matched the ETag)"},
                         "404": _NOT_FOUND,
                         "409": _problem("The image is not completed"),
+                        "410": _problem("The stored result is gone"),
+                        "422": _problem("Invalid variant parameters; see errors"),
                     },
                 },
             },

@@ -1,0 +1,214 @@
+"""`GET /v1/images/{id}/output`: the stored result, or a variant of it rendered on first request.
+
+`?format=&quality=&width=&height=&preview=` asks for a variant. Each one is rendered once from the stored
+result and kept next to it in storage (so deleting the image deletes its variants); later requests, from
+any web process, are served from that file. Results never change once completed, so every response has
+a strong ETag that is known before any file is touched and can be cached for a year.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast, get_args
+
+import anyio.to_thread
+import pyvips
+from starlette.datastructures import QueryParams
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+
+from jobs.ops.base import MAX_DIMENSION
+from jobs.ops.encode import MEDIA_TYPES, SAVERS, OutputFormat
+from jobs.params import FieldError
+from jobs.records import ImageRecord, OutputInfo
+from jobs.storage import LocalStorage
+from jobs.store import Store
+from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_variant
+from server.problems import Problem, validation_problem
+
+log = logging.getLogger("darkroom.variants")
+
+VariantFormat = Literal["jpeg", "png", "webp", "avif"]
+VARIANT_FORMATS: tuple[VariantFormat, ...] = get_args(VariantFormat)
+QUERY_FIELDS = ("format", "quality", "width", "height", "preview")
+CACHE_CONTROL = "private, max-age=31536000, immutable"
+
+
+@dataclass(frozen=True)
+class VariantQuery:
+    """What the query asked for, validated but not yet resolved against a result."""
+
+    format: VariantFormat | None = None
+    quality: int | None = None
+    width: int | None = None
+    height: int | None = None
+    preview: bool = False
+
+
+def parse_variant_query(query: QueryParams) -> VariantQuery:
+    """Validate every parameter together, so one 422 names all the problems."""
+    errors: list[FieldError] = []
+    for name in sorted(set(query.keys())):
+        if name not in QUERY_FIELDS:
+            errors.append(FieldError(name, f"unknown query parameter; known: {', '.join(QUERY_FIELDS)}"))
+        elif len(query.getlist(name)) > 1:
+            errors.append(FieldError(name, "must be given at most once"))
+    chosen_format: VariantFormat | None = None
+    raw_format = query.get("format")
+    if raw_format is not None:
+        chosen_format = next((fmt for fmt in VARIANT_FORMATS if fmt == raw_format), None)
+        if chosen_format is None:
+            errors.append(FieldError("format", f"must be one of: {', '.join(VARIANT_FORMATS)}"))
+    numbers: dict[str, int | None] = {}
+    for name, highest in (("quality", 100), ("width", MAX_DIMENSION), ("height", MAX_DIMENSION)):
+        numbers[name] = raw = _integer(query.get(name))
+        if name in query and (raw is None or not 1 <= raw <= highest):
+            errors.append(FieldError(name, f"must be an integer from 1 to {highest}"))
+    raw_preview = query.get("preview")
+    if raw_preview not in (None, "true", "false"):
+        errors.append(FieldError("preview", "must be true or false"))
+    if errors:
+        raise validation_problem(errors)
+    return VariantQuery(
+        format=chosen_format,
+        quality=numbers["quality"],
+        width=numbers["width"],
+        height=numbers["height"],
+        preview=raw_preview == "true",
+    )
+
+
+def _integer(raw: str | None) -> int | None:
+    if raw is None or not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+        return None
+    return int(raw)
+
+
+def resolve_variant(query: VariantQuery, output: OutputInfo) -> VariantSpec | None:
+    """The variant `query` asks of `output`, or None when that is the stored result itself.
+
+    Sizes fit inside the asked box and never exceed the result's; `quality` only matters to formats
+    that have one (a lossless PNG ignores it, as image CDNs do)."""
+    box_width = min(query.width or output.width, output.width)
+    box_height = min(query.height or output.height, output.height)
+    if query.preview:
+        box_width, box_height = min(box_width, PREVIEW_MAX_SIDE), min(box_height, PREVIEW_MAX_SIDE)
+    width, height = fit_inside(output.width, output.height, box_width, box_height)
+    # The worker stores only formats it can write, so a result's format is always an OutputFormat.
+    chosen = cast(OutputFormat, query.format or output.format)
+    quality = query.quality if SAVERS[chosen].default_quality is not None else None
+    unchanged = (chosen, width, height) == (output.format, output.width, output.height)
+    if unchanged and quality is None and not query.preview:
+        return None
+    return VariantSpec(chosen, width, height, quality, query.preview)
+
+
+async def output_response(
+    request: Request, image: ImageRecord, output: OutputInfo, spec: VariantSpec | None, download_stem: str
+) -> Response:
+    """The stored result (`spec` None) or its variant, honouring `If-None-Match`."""
+    digest = _identity(image, output, spec)
+    headers = {"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL}
+    if _none_match(request, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    storage: LocalStorage = request.app.state.storage
+    if spec is None:
+        path = storage.path(output.key)
+        media_type, filename = MEDIA_TYPES[output.format], f"{download_stem}{path.suffix}"
+    else:
+        suffix = SAVERS[spec.format].suffix
+        key = f"{image.account_id}/{image.id}/variants/{digest}{suffix}"
+        path = await _cached_variant(request, image, output, spec, key)
+        media_type, filename = MEDIA_TYPES[spec.format], f"{download_stem}{_label(spec, output)}{suffix}"
+    stat = await _stat(path)
+    if stat is None:
+        raise _missing_output()
+    return FileResponse(
+        path,
+        media_type=media_type,
+        filename=filename,
+        content_disposition_type="inline",
+        headers=headers,
+        stat_result=stat,
+    )
+
+
+def _identity(image: ImageRecord, output: OutputInfo, spec: VariantSpec | None) -> str:
+    """Names one representation across processes and restarts: the image, the stored result it comes
+    from (a re-processed result is another one) and the variant."""
+    variant = spec.canonical() if spec else ""
+    parts = [image.id, output.key, str(output.bytes), image.completed_at or "", variant]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+_ENTITY_TAG = re.compile(r'(?:W/)?("[^"]*")')
+
+
+def _none_match(request: Request, etag: str) -> bool:
+    """RFC 9110 §13.1.2: `*` or any listed tag equal to ours under the weak comparison."""
+    header = ",".join(request.headers.getlist("if-none-match")).strip()
+    if not header:
+        return False
+    return header == "*" or etag in _ENTITY_TAG.findall(header)
+
+
+async def _cached_variant(
+    request: Request, image: ImageRecord, output: OutputInfo, spec: VariantSpec, key: str
+) -> Path:
+    """The variant's file, rendered and stored first if no request has yet. Two requests may render
+    it at once: each writes its own staging file and the atomic commit makes either one the copy."""
+    storage: LocalStorage = request.app.state.storage
+    cached = storage.path(key)
+    if await _stat(cached) is not None:
+        return cached
+    source = storage.path(output.key)
+    if await _stat(source) is None:
+        raise _missing_output()
+    staged = storage.new_staging_path(cached.suffix)
+    try:
+        # Not abandoned on cancellation: the thread's file must exist before `finally` removes it.
+        await anyio.to_thread.run_sync(functools.partial(render_variant, source, staged, spec))
+        await anyio.to_thread.run_sync(storage.commit, staged, key)
+    except pyvips.Error:
+        log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
+        raise Problem(
+            500, "output_unreadable", "the stored result cannot be decoded to render this variant"
+        ) from None
+    finally:
+        staged.unlink(missing_ok=True)
+    store: Store = request.app.state.store
+    if await store.get_account_image(image.account_id, image.id) is None:
+        # Deleted while we rendered: its blobs are gone, and this one must not outlive them.
+        await anyio.to_thread.run_sync(storage.delete_tree, f"{image.account_id}/{image.id}")
+        raise Problem(404, "not_found", "no such image")
+    return cached
+
+
+async def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return await anyio.to_thread.run_sync(os.stat, path)
+    except FileNotFoundError:
+        return None
+
+
+def _missing_output() -> Problem:
+    # The record says completed but the blob is gone: retrying will not bring it back.
+    return Problem(410, "output_missing", "the stored result of this image is missing; upload it again")
+
+
+def _label(spec: VariantSpec, output: OutputInfo) -> str:
+    """What sets the download apart from the result: `-400x300-q60-preview` (the format is the suffix)."""
+    parts = []
+    if (spec.width, spec.height) != (output.width, output.height):
+        parts.append(f"{spec.width}x{spec.height}")
+    if spec.quality is not None:
+        parts.append(f"q{spec.quality}")
+    if spec.preview:
+        parts.append("preview")
+    return "".join(f"-{part}" for part in parts)
