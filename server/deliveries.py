@@ -10,8 +10,7 @@ from jobs.params import FieldError
 from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
-from server.endpoints import canonical_time
-from server.json_body import read_json_object
+from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 from webhooks.endpoints import EVENT_TYPES
@@ -43,9 +42,7 @@ async def list_deliveries(request: Request) -> Response:
         raw = query.get(name)
         times[name] = canonical_time(raw) if raw else None
         if raw and times[name] is None:
-            errors.append(
-                FieldError(name, 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"')
-            )
+            errors.append(FieldError(name, TIME_FORMAT_HINT))
     endpoint_id = query.get("endpoint_id") or None
     if endpoint_id is not None and not endpoint_id.startswith("ep_"):
         errors.append(FieldError("endpoint_id", "must be an endpoint id (ep_…)"))
@@ -87,9 +84,14 @@ async def retry_delivery(request: Request) -> Response:
     store: Store = request.app.state.store
     if chosen:
         await store.redeliver(chosen)
-    refreshed = await store.messages.get_logged(logged.id)
-    assert refreshed is not None
-    return JSONResponse(refreshed.resource(), status_code=202)
+    return await accepted_message(store, logged.id)
+
+
+async def accepted_message(store: Store, msg_id: str) -> Response:
+    """202 with a message just made due, as the delivery log now shows it."""
+    logged = await store.messages.get_logged(msg_id)
+    assert logged is not None
+    return JSONResponse(logged.resource(), status_code=202)
 
 
 async def get_webhook_secret(request: Request) -> Response:

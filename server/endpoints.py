@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -17,8 +16,9 @@ from jobs.records import Account
 from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
+from server.deliveries import accepted_message
 from server.destinations import check_destination_url
-from server.json_body import read_json_object
+from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.problems import Problem, validation_problem
 from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint
 from webhooks.messages import Destination, MessageFilter
@@ -27,7 +27,6 @@ MAX_ENDPOINTS_PER_ACCOUNT = 50
 MAX_DESCRIPTION_LENGTH = 256
 MAX_IN_FLIGHT_LIMIT = 100
 MAX_RATE_LIMIT = 10_000
-TIME_FORMAT_HINT = 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"'
 _EDITABLE = ("url", "events", "description", "max_in_flight", "rate_limit", "status")
 
 
@@ -195,9 +194,7 @@ async def send_test_event(request: Request) -> Response:
         new_id("msg"), account.id, "webhook.test", data, [Destination(endpoint.id, endpoint.url)]
     )
     await store.save_message(message)
-    logged = await store.messages.get_logged(message.id)
-    assert logged is not None
-    return JSONResponse(logged.resource(), status_code=202)
+    return await accepted_message(store, message.id)
 
 
 async def recover_endpoint(request: Request) -> Response:
@@ -208,9 +205,7 @@ async def recover_endpoint(request: Request) -> Response:
     since = canonical_time(body.get("since"))
     errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"since"})]
     if since is None:
-        errors.append(
-            FieldError("since", 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"')
-        )
+        errors.append(FieldError("since", TIME_FORMAT_HINT))
     if errors:
         raise validation_problem(errors)
     assert since is not None
@@ -222,20 +217,6 @@ async def recover_endpoint(request: Request) -> Response:
     )
     recovery = {"object": "recovery", "endpoint_id": endpoint.id, "since": since, "redelivered": redelivered}
     return JSONResponse(recovery, status_code=202)
-
-
-def canonical_time(value: object) -> str | None:
-    """An ISO 8601 time with a zone, in the resources' own form (UTC, milliseconds, Z): those compare
-    correctly as text. None when it is not one."""
-    if not isinstance(value, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        return None
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 routes = [

@@ -1,8 +1,9 @@
-"""JSON request bodies: capped in size, an object, or a clear problem."""
+"""JSON request bodies and values: capped in size, an object, or a clear problem."""
 
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -10,6 +11,7 @@ from starlette.requests import Request
 from server.problems import Problem
 
 MAX_JSON_BODY_BYTES = 64 * 1024
+TIME_FORMAT_HINT = 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"'
 
 
 async def read_json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
@@ -33,3 +35,17 @@ async def read_json_object(request: Request, *, optional: bool = False) -> dict[
     if not isinstance(value, dict):
         raise Problem(422, "invalid_json", "the body must be a JSON object")
     return value
+
+
+def canonical_time(value: object) -> str | None:
+    """An ISO 8601 time with a zone, in the resources' own form (UTC, milliseconds, Z): those compare
+    correctly as text. None when it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -17,6 +17,15 @@ import pyvips
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BLOCK_RGB = (220, 30, 30)
+# The libvips loader that decodes each output format from memory: how a test tells what a file really is.
+LOADER_OF_FORMAT = {
+    "jpeg": "jpegload_buffer",
+    "png": "pngload_buffer",
+    "webp": "webpload_buffer",
+    "avif": "heifload_buffer",
+    "tiff": "tiffload_buffer",
+    "gif": "gifload_buffer",
+}
 
 # EXIF orientation n tells a viewer how to turn the stored pixels upright; storing the picture put through
 # the inverse of that turn makes every orientation display the same upright picture.
