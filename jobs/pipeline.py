@@ -114,7 +114,7 @@ def render(
     failure: ProcessingError | None
     try:
         width, height = _render_to(source, destination, steps, output_format, kill_switch, max_pixels)
-        failure = _over_cap(width, height, max_pixels)
+        failure = None
     except ProcessingError as exc:
         destination.unlink(missing_ok=True)
         failure = ProcessingError(exc.code, exc.message)  # without the traceback that holds the images
@@ -144,34 +144,37 @@ def _render_to(
     kill_switch: KillSwitch | None,
     max_pixels: int | None,
 ) -> tuple[int, int]:
-    """Build and save; the result's size, with nothing saved when it is over `max_pixels`. The images
-    live in this frame only, so they are gone once it returns or raises."""
-    image = _build(source, steps, output_format)
-    if _over_cap(image.width, image.height, max_pixels) is None:
-        if kill_switch is not None:
-            kill_switch.arm(image)
-        encode.save(
-            image, destination, output_format, steps.convert, watch=kill_switch.arm if kill_switch else None
-        )
+    """Build and save; the result's size. The images live in this frame only, so they are gone once it
+    returns or raises."""
+    image = _build(source, steps, output_format, max_pixels)
+    if kill_switch is not None:
+        kill_switch.arm(image)
+    encode.save(
+        image, destination, output_format, steps.convert, watch=kill_switch.arm if kill_switch else None
+    )
     return image.width, image.height
 
 
-def _over_cap(width: int, height: int, max_pixels: int | None) -> ProcessingError | None:
-    if max_pixels is None or width * height <= max_pixels:
-        return None
-    return ProcessingError(
-        "image_too_large",
-        f"the result would be {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
-    )
+def _check_size(image: pyvips.Image, max_pixels: int | None) -> None:
+    width, height = image.width, image.height
+    if max_pixels is not None and width * height > max_pixels:
+        raise ProcessingError(
+            "image_too_large",
+            f"the result would be {width}x{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+        )
 
 
-def _build(source: Path, steps: Plan, output_format: str) -> pyvips.Image:
-    """The lazy libvips graph of the whole chain: nothing is decoded until the save pulls pixels."""
+def _build(source: Path, steps: Plan, output_format: str, max_pixels: int | None) -> pyvips.Image:
+    """The lazy libvips graph of the whole chain: nothing is decoded until the save pulls pixels, except
+    by operations that measure their input first (enhance)."""
     image, remaining = _load(source, steps)
+    _check_size(image, max_pixels)
     for operation in remaining:
         apply = operation.kind.apply
         assert apply is not None  # plan() keeps only pixel operations in steps
         image = apply(image, operation.params)
+        # After every step, before the next can read an oversized picture's pixels.
+        _check_size(image, max_pixels)
     return encode.prepare_for_save(image, output_format, steps.convert)
 
 

@@ -535,6 +535,25 @@ def test_upscale_past_the_pixel_limit_is_image_too_large(renderer: Renderer, tmp
     assert len(list(tmp_path.glob("out-*"))) == 1
 
 
+def test_an_oversized_step_fails_before_the_next_step_reads_its_pixels(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """enhance measures its input in memory: an upscale past the limit must stop the chain first."""
+    copies: list[tuple[int, int]] = []
+    copy_memory = pyvips.Image.copy_memory
+
+    def counting_copy(image: pyvips.Image) -> pyvips.Image:
+        copies.append((image.width, image.height))
+        return copy_memory(image)
+
+    monkeypatch.setattr(pyvips.Image, "copy_memory", counting_copy)
+    chain = [{"type": "upscale", "params": {"scale": 8}}, {"type": "enhance"}]
+    with pytest.raises(ProcessingError) as caught:
+        renderer.run(png(imagegen.picture(64, 48)), chain, max_pixels=64 * 48 * 16)
+    assert caught.value.code == "image_too_large"
+    assert copies == []
+
+
 # --- every layout -----------------------------------------------------------------------------------
 
 
