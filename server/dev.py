@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,10 @@ Darkroom is running at {public_url}   (data in {data_dir}; Ctrl-C stops everythi
 def run_dev(host: str, port: int | None, workers: int) -> int:
     base_env = dict(os.environ)
     port = port or int(base_env.get("PORT", "8000"))
+    problem = _port_problem(host, port)
+    if problem is not None:
+        print(f"darkroom dev: {problem}", file=sys.stderr)
+        return 1
     data_dir = Settings.from_env(base_env).data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     redis = None
@@ -92,7 +97,9 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         worker = [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"]
         for command in [web, *[worker] * workers]:
             processes.append(subprocess.Popen(command, env=env, **child_process_options()))
-        _wait_until_ready(f"http://{host}:{port}/readyz", processes)
+        if not _wait_until_ready(f"http://{host}:{port}/readyz", processes):
+            print("darkroom dev: the web process did not start (its output is above)", file=sys.stderr)
+            return 1
         print(_banner(settings.public_url, account, created, data_dir), flush=True)
         return _wait_for_any_exit(processes)
     except KeyboardInterrupt:
@@ -103,16 +110,29 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
             redis.stop()
 
 
-def _wait_until_ready(readyz: str, processes: list[subprocess.Popen[bytes]]) -> None:
+def _port_problem(host: str, port: int) -> str | None:
+    """Another server on the port would answer our readiness check, and the banner would hand out a key
+    that server does not know: refuse to start instead."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = exc.strerror or exc
+            return f"cannot listen on {host}:{port} ({reason}); is another darkroom dev running? Try --port"
+    return None
+
+
+def _wait_until_ready(readyz: str, processes: list[subprocess.Popen[bytes]]) -> bool:
     """The banner invites a first request: print it once the web process answers one."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while time.monotonic() < deadline and all(process.poll() is None for process in processes):
         try:
             if httpx.get(readyz, timeout=1).status_code == 200:
-                return
+                return True
         except httpx.TransportError:
             pass
         time.sleep(0.1)
+    return False
 
 
 def _wait_for_any_exit(processes: list[subprocess.Popen[bytes]]) -> int:

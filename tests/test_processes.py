@@ -472,3 +472,21 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
     assert again.account.api_key == dev.account.api_key
     check_output(again.base_url, again.account, image["id"], (160, 120))
     stop_dev(again, whole_group=True)
+
+
+def test_darkroom_dev_on_a_busy_port_says_so_and_starts_nothing(children: Children, tmp_path: Path) -> None:
+    """Another server answering on the port must not pass for ours (its banner would hand out a key
+    that server does not know)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data_dir = tmp_path / "dev-data"
+        child = children.start(
+            "darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)], base_env(data_dir, port)
+        )
+        code = child.process.wait(STOP_TIMEOUT)
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in child.output()
+    assert "API key" not in child.output()
+    assert not (data_dir / "redis").exists()
