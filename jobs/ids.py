@@ -12,6 +12,11 @@ _lock = threading.Lock()
 _last = 0
 
 
+def lowest_id_at(prefix: str, epoch_ms: int) -> str:
+    """The smallest id made at `epoch_ms`: every id made earlier sorts below it."""
+    return _encode(prefix, epoch_ms << _RANDOM_BITS)
+
+
 def new_id(prefix: str) -> str:
     """`img_01jd…`: ids sort by creation time; within one process, strictly in creation order."""
     global _last
@@ -20,6 +25,10 @@ def new_id(prefix: str) -> str:
         # Same millisecond as the previous id: count up from it (the monotonic ULID rule).
         value = max(value, _last + 1)
         _last = value
+    return _encode(prefix, value)
+
+
+def _encode(prefix: str, value: int) -> str:
     chars = []
     for _ in range(26):
         value, digit = divmod(value, 32)

@@ -4,22 +4,27 @@ Layout (every key under `dr:`):
 - `dr:account:{id}` account JSON; `dr:apikey:{sha256(key)}` → account id (keys are never stored);
 - `dr:image:{id}` image JSON; `dr:account:{id}:images` index of the account's image ids (one score, so
   ordered by id, and ids sort by creation time).
+- A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
+  or deletes an image moves the batch's counters, its index and its failure list with it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from jobs import stats
-from jobs.ids import new_id
-from jobs.records import Account, ImageRecord, utc_now
+from jobs.ids import lowest_id_at, new_id
+from jobs.records import BATCH_TOTAL, Account, ImageRecord, utc_now
 from webhooks.endpoints import EndpointStore
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
@@ -52,6 +57,44 @@ def _account_images_key(account_id: str) -> str:
     return f"dr:account:{account_id}:images"
 
 
+def batch_key(batch_id: str) -> str:
+    return f"dr:batch:{batch_id}"
+
+
+def batch_images_key(batch_id: str) -> str:
+    return f"dr:batch:{batch_id}:images"
+
+
+def batch_failures_key(batch_id: str) -> str:
+    """Image id → `{image_id, filename, error}` of each failed image: what batch.completed reports."""
+    return f"dr:batch:{batch_id}:failures"
+
+
+def stage_batch_change(pipe: Any, before: ImageRecord | None, after: ImageRecord | None) -> None:
+    """Move a batch image's counters (and index, and failure entry) from `before` (None: new) to `after`
+    (None: deleted), in the transaction that makes the change, so the counts never drift."""
+    image = after or before
+    if image is None or image.batch_id is None:
+        return
+    key = batch_key(image.batch_id)
+    if before is None:
+        pipe.hincrby(key, BATCH_TOTAL, 1)
+        pipe.zadd(batch_images_key(image.batch_id), {image.id: 0})
+    elif after is None:
+        pipe.hincrby(key, BATCH_TOTAL, -1)
+        pipe.zrem(batch_images_key(image.batch_id), image.id)
+        pipe.hdel(batch_failures_key(image.batch_id), image.id)
+    if before is not None and after is not None and before.status == after.status:
+        return
+    if before is not None:
+        pipe.hincrby(key, before.status, -1)
+    if after is not None:
+        pipe.hincrby(key, after.status, 1)
+        if after.status == "failed" and after.error is not None:
+            failure = {"image_id": after.id, "filename": after.input.filename, "error": asdict(after.error)}
+            pipe.hset(batch_failures_key(image.batch_id), after.id, json.dumps(failure))
+
+
 def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
@@ -65,7 +108,9 @@ class NewAccount:
 class Store:
     def __init__(self, redis: Redis, *, message_retention: int = DEFAULT_RETENTION_SECONDS) -> None:
         self.redis = redis
-        self.messages = MessageStore(redis, message_retention)
+        self.messages = MessageStore(
+            redis, message_retention, oldest_kept_id=functools.partial(lowest_id_at, "msg")
+        )
         self.endpoints = EndpointStore(redis)
 
     @classmethod
@@ -184,10 +229,14 @@ class Store:
 
     async def save_new_image(self, image: ImageRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(image_key(image.id), image.to_json())
-            pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
-            stats.count(pipe, "images_uploaded")
+            self.stage_new_image(pipe, image)
             await pipe.execute()
+
+    def stage_new_image(self, pipe: Any, image: ImageRecord) -> None:
+        pipe.set(image_key(image.id), image.to_json())
+        pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
+        stage_batch_change(pipe, None, image)
+        stats.count(pipe, "images_uploaded")
 
     async def get_image(self, image_id: str) -> ImageRecord | None:
         raw = await self.redis.get(image_key(image_id))
@@ -199,8 +248,23 @@ class Store:
         return image if image is not None and image.account_id == account_id else None
 
     async def update_image(self, image: ImageRecord) -> bool:
-        """Save changes to an image that still exists; False if it was deleted meanwhile."""
-        return bool(await self.redis.set(image_key(image.id), image.to_json(), xx=True))
+        """Save changes to an image that still exists and is not finished; False if it was deleted or
+        finished (by an overlapping run) meanwhile."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(image_key(image.id))
+                    raw = await pipe.get(image_key(image.id))
+                    stored = None if raw is None else ImageRecord.from_json(raw)
+                    if stored is None or stored.is_terminal:
+                        return False
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.set(image_key(image.id), image.to_json())
+                    stage_batch_change(pipe, stored, image)
+                    await pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     async def finish_image(self, image: ImageRecord, message: Message | None) -> ImageRecord | None:
         """Record the terminal state and its webhook message in one transaction: both or neither.
@@ -221,6 +285,7 @@ class Store:
             if message is not None:
                 self.messages.stage_new(pipe, message)
             stats.count_finished(pipe, image.status, image.error.code if image.error else None)
+            stage_batch_change(pipe, stored, image)
             try:
                 await pipe.execute()
             except WatchError:  # changed under us: let the next run see what won
@@ -229,9 +294,19 @@ class Store:
 
     async def delete_image(self, image: ImageRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(image_key(image.id))
-            pipe.zrem(_account_images_key(image.account_id), image.id)
-            await pipe.execute()
+            while True:
+                try:
+                    await pipe.watch(image_key(image.id))
+                    raw = await pipe.get(image_key(image.id))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(image_key(image.id))
+                    pipe.zrem(_account_images_key(image.account_id), image.id)
+                    if raw is not None:
+                        stage_batch_change(pipe, ImageRecord.from_json(raw), None)
+                    await pipe.execute()
+                    return
+                except WatchError:  # it moved on meanwhile: count it out as it is now
+                    continue
 
     async def list_images(
         self,

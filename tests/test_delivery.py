@@ -7,18 +7,20 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from jobs import processing
 from jobs.deps import WorkerDeps
-from jobs.ids import new_id
+from jobs.ids import lowest_id_at, new_id
 from jobs.settings import Settings
+from jobs.store import Store
 from tests import imagegen
 from tests.conftest import Partner, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_spine import upload
 from webhooks.dispatcher import Dispatcher, RetryPolicy
 from webhooks.endpoints import PARKED_ENDPOINTS_KEY
-from webhooks.messages import DUE_KEY, now_ms
+from webhooks.messages import DUE_KEY, Message, account_messages_key, message_key, now_ms
 
 
 async def deliveries_log(client: httpx.AsyncClient, account: Partner, msg_id: str) -> dict[str, object]:
@@ -188,3 +190,28 @@ async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_s
     assert delivery.headers["webhook-id"] == msg_id
     log = await deliveries_log(client, account, msg_id)
     assert log["status"] == "delivered"
+
+
+async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, account: Partner) -> None:
+    """Their records expire with Redis TTLs; the account's index of them is trimmed as new ones come."""
+    store = Store(redis, message_retention=60)
+    now = now_ms()
+    old = Message(
+        lowest_id_at("msg", now - 120_000), account.id, "webhook.test", "{}", "2026-01-01T00:00:00.000Z", ()
+    )
+    kept = Message(
+        lowest_id_at("msg", now - 30_000), account.id, "webhook.test", "{}", "2026-01-01T00:00:00.000Z", ()
+    )
+    await store.save_message(old)
+    assert await redis.zrange(account_messages_key(account.id), 0, -1) == [old.id.encode()]
+
+    await store.save_message(kept)
+
+    assert await redis.zrange(account_messages_key(account.id), 0, -1) == [kept.id.encode()]
+    assert await redis.ttl(message_key(kept.id)) <= 60
+
+
+def test_lowest_id_at_sorts_below_every_later_id_and_above_every_earlier_one() -> None:
+    now = now_ms()
+    assert lowest_id_at("msg", now - 1) < lowest_id_at("msg", now) <= new_id("msg")
+    assert new_id("msg") < lowest_id_at("msg", now_ms() + 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -219,9 +219,18 @@ class MessageFilter:
 
 
 class MessageStore:
-    def __init__(self, redis: Redis, retention_seconds: int = DEFAULT_RETENTION_SECONDS) -> None:
+    """`oldest_kept_id`, given the retention's start (epoch ms), names the oldest message id still kept:
+    ids sort by time, so the account indexes are trimmed by id as messages expire."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        retention_seconds: int = DEFAULT_RETENTION_SECONDS,
+        oldest_kept_id: Callable[[int], str] | None = None,
+    ) -> None:
         self.redis = redis
         self.retention_seconds = retention_seconds
+        self.oldest_kept_id = oldest_kept_id
 
     async def get(self, msg_id: str) -> Message | None:
         raw = await self.redis.get(message_key(msg_id))
@@ -247,9 +256,12 @@ class MessageStore:
         """Add a new message, each destination due now, to a caller's transaction, so it commits with
         the event it announces. The account index has one score for all, so it is ordered by id, and
         ids sort by time."""
+        index = account_messages_key(message.account_id)
         pipe.set(message_key(message.id), message.to_json(), ex=self.retention_seconds)
-        pipe.zadd(account_messages_key(message.account_id), {message.id: 0})
+        pipe.zadd(index, {message.id: 0})
         due = now_ms()
+        if self.oldest_kept_id is not None:
+            pipe.zremrangebylex(index, "-", f"({self.oldest_kept_id(due - self.retention_seconds * 1000)}")
         for destination in message.destinations:
             self.stage_delivery(pipe, Delivery(message.id, destination.name))
             pipe.zadd(DUE_KEY, {due_member(message.id, destination.name): due})
