@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from jobs import events
+from jobs.batches import Batches
 from jobs.deps import WorkerDeps
 from jobs.ids import new_id
 from jobs.operations import parse_operations
@@ -29,7 +30,7 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     if image is None:
         return  # deleted by its owner before we got to it
     if image.is_terminal:
-        _announce(deps, image)
+        await _settle(deps, image)
         return
     if job_try > deps.settings.max_attempts:
         await _finish(
@@ -110,7 +111,17 @@ async def _finish(
         # Deleted by its owner while we worked: the output just written must not outlive the record.
         await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
         return
-    _announce(deps, stored)
+    await _settle(deps, stored)
+
+
+async def _settle(deps: WorkerDeps, image: ImageRecord) -> None:
+    """After the terminal state is stored: hurry its webhook, and complete the image's batch if it was
+    the last one (a re-run checks again, in case the worker died in between)."""
+    _announce(deps, image)
+    if image.batch_id is not None:
+        completed = await Batches(deps.store, deps.redis, deps.settings).complete_if_done(image.batch_id)
+        if completed is not None and completed.completion_message_id is not None:
+            deps.dispatcher.nudge()
 
 
 def _announce(deps: WorkerDeps, image: ImageRecord) -> None:

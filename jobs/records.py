@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from jobs.params import Bounds, FieldError, Params
 
 ImageStatus = Literal["queued", "processing", "completed", "failed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed"})
@@ -135,4 +138,155 @@ class ImageRecord:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "completed_at": self.completed_at,
+        }
+
+
+BatchStatus = Literal["open", "sealed", "processing", "completed"]
+ArchiveFormat = Literal["jpeg", "png", "webp", "original"]
+ArchiveStatus = Literal["pending", "building", "ready", "failed", "expired"]
+LOSSY_ARCHIVE_FORMATS = ("jpeg", "webp")
+# The batch hash's counters: its images by status, and all of them.
+BATCH_TOTAL = "total"
+BATCH_COUNTERS = (BATCH_TOTAL, "queued", "processing", "completed", "failed")
+
+
+@dataclass(frozen=True)
+class ArchiveSpec(Params):
+    """The ZIP a batch asked for: "original" keeps each result as stored, another format re-encodes."""
+
+    format: ArchiveFormat = "original"
+    quality: Annotated[int | None, Bounds(1, 100)] = None
+
+    def problems(self) -> Iterator[FieldError]:
+        if self.quality is not None and self.format not in LOSSY_ARCHIVE_FORMATS:
+            yield FieldError("quality", f"applies to {' and '.join(LOSSY_ARCHIVE_FORMATS)} only")
+
+
+@dataclass(frozen=True)
+class ArchiveState:
+    status: ArchiveStatus = "pending"
+    key: str | None = None
+    size: int | None = None
+    etag: str | None = None
+    built_at: str | None = None
+    expires_at: str | None = None
+    error: ImageError | None = None
+    # The batch.archive.ready or .failed message, fixed once so a re-run re-announces the same one.
+    message_id: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> ArchiveState:
+        data = json.loads(raw)
+        data["error"] = ImageError(**data["error"]) if data.get("error") else None
+        return cls(**data)
+
+    def seen_at(self, moment: str) -> ArchiveState:
+        """As a partner sees it at `moment` (ISO 8601): a ready archive past its expiry is expired, even
+        before the sweep has removed its file."""
+        if self.status == "ready" and self.expires_at is not None and self.expires_at <= moment:
+            return replace(self, status="expired")
+        return self
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    total: int = 0
+    queued: int = 0
+    processing: int = 0
+    completed: int = 0
+    failed: int = 0
+
+    @property
+    def unfinished(self) -> int:
+        return self.queued + self.processing
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A batch is a Redis hash: its fixed fields as one JSON `record`, then counters and states that
+    different transactions change without overwriting each other (see jobs/batches.py)."""
+
+    id: str
+    account_id: str
+    created_at: str
+    operations: list[dict[str, Any]] = field(default_factory=list)
+    callback_url: str | None = None
+    archive: ArchiveSpec | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    counts: BatchCounts = BatchCounts()
+    sealed_at: str | None = None
+    completed_at: str | None = None
+    completion_message_id: str | None = None
+    archive_state: ArchiveState | None = None
+
+    @property
+    def status(self) -> BatchStatus:
+        if self.sealed_at is None:
+            return "open"
+        if self.completed_at is not None:
+            return "completed"
+        started = self.counts.processing + self.counts.completed + self.counts.failed
+        return "processing" if started else "sealed"
+
+    def fixed_json(self) -> str:
+        fixed = {
+            "id": self.id,
+            "account_id": self.account_id,
+            "created_at": self.created_at,
+            "operations": self.operations,
+            "callback_url": self.callback_url,
+            "archive": None if self.archive is None else asdict(self.archive),
+            "metadata": self.metadata,
+        }
+        return json.dumps(fixed, separators=(",", ":"))
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> BatchRecord | None:
+        """The record from HGETALL of its hash; None if there is no such batch."""
+        fields = {name.decode(): value.decode() for name, value in raw.items()}
+        if "record" not in fields:
+            return None
+        fixed = json.loads(fields["record"])
+        fixed["archive"] = ArchiveSpec(**fixed["archive"]) if fixed["archive"] else None
+        return cls(
+            **fixed,
+            counts=BatchCounts(**{name: int(fields.get(name, 0)) for name in BATCH_COUNTERS}),
+            sealed_at=fields.get("sealed_at"),
+            completed_at=fields.get("completed_at"),
+            completion_message_id=fields.get("completion_message_id"),
+            archive_state=ArchiveState.from_json(fields["archive"]) if "archive" in fields else None,
+        )
+
+    def resource(self, public_url: str, moment: str | None = None) -> dict[str, Any]:
+        """The batch as partners see it at `moment` (now by default)."""
+        return {
+            "object": "batch",
+            "id": self.id,
+            "status": self.status,
+            "counts": asdict(self.counts),
+            "operations": self.operations,
+            "archive": self._archive_resource(public_url, moment or utc_now()),
+            "callback_url": self.callback_url,
+            "metadata": self.metadata,
+            "images_url": f"{public_url}/v1/images?batch_id={self.id}",
+            "created_at": self.created_at,
+            "sealed_at": self.sealed_at,
+            "completed_at": self.completed_at,
+        }
+
+    def _archive_resource(self, public_url: str, moment: str) -> dict[str, Any] | None:
+        if self.archive is None:
+            return None
+        state = (self.archive_state or ArchiveState()).seen_at(moment)
+        return {
+            "format": self.archive.format,
+            "quality": self.archive.quality,
+            "status": state.status,
+            "url": f"{public_url}/v1/batches/{self.id}/archive" if state.status == "ready" else None,
+            "bytes": state.size if state.status == "ready" else None,
+            "expires_at": state.expires_at,
+            "error": None if state.error is None else asdict(state.error),
         }

@@ -9,10 +9,12 @@ import asyncio
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.cron import cron
 from arq.worker import Retry, func
 from redis.exceptions import RedisError
 
-from jobs import processing, stats
+from jobs import archive, processing, stats
+from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
 from jobs.deps import WorkerDeps
 from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
@@ -31,6 +33,8 @@ REDIS_RETRY_SECONDS = 2
 # Webhook attempts in flight per worker process, and of those, at most this many to one origin.
 WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
+# When the archive sweep runs (minutes of the hour): expired archives go within this many minutes.
+SWEEP_MINUTES = frozenset(range(0, 60, 5))
 
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
@@ -40,6 +44,17 @@ async def process_image(ctx: dict[str, Any], image_id: str) -> None:
         # A job that raises is failed for good by arq, which would leave the image `processing`;
         # Redis being briefly unreachable is worth another try (the core is safe to re-run).
         raise Retry(defer=REDIS_RETRY_SECONDS) from exc
+
+
+async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
+    try:
+        await archive.build_archive(ctx["deps"], batch_id, ctx["job_try"])
+    except RedisError as exc:
+        raise Retry(defer=REDIS_RETRY_SECONDS) from exc
+
+
+async def sweep_archives(ctx: dict[str, Any]) -> None:
+    await archive.sweep_archives(ctx["deps"])
 
 
 async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
@@ -105,7 +120,9 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     return {
         "functions": [
             func(process_image, name=PROCESS_IMAGE, timeout=settings.job_timeout + 30),
+            func(build_archive, name=BUILD_ARCHIVE, timeout=settings.archive_timeout + 30),
         ],
+        "cron_jobs": [cron(sweep_archives, name=SWEEP_ARCHIVES, minute=set(SWEEP_MINUTES), second=0)],
         "queue_name": settings.queue_name,
         "redis_pool": pool,
         "on_startup": startup,

@@ -18,7 +18,7 @@ from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from server import deliveries, endpoints, health, images, metrics, openapi
+from server import batches, deliveries, endpoints, health, images, metrics, openapi
 from server.problems import (
     Problem,
     handle_http_status,
@@ -49,6 +49,7 @@ def create_app(settings: Settings) -> Starlette:
             *metrics.routes,
             *openapi.routes,
             *images.routes,
+            *batches.routes,
             *deliveries.routes,
             *endpoints.routes,
         ],

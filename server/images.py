@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -12,13 +14,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
 from jobs.formats import ImageFormat, UnreadableImage, read_header, sniff_format
 from jobs.ids import new_id
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES
 from jobs.params import FieldError, ValidationFailed
 from jobs.queue import PROCESS_IMAGE, enqueue
-from jobs.records import ImageRecord, InputInfo, utc_now
+from jobs.records import BatchRecord, ImageRecord, InputInfo, utc_now
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
@@ -30,6 +33,7 @@ from server.problems import Problem, validation_problem
 from server.variants import output_response, parse_variant_query, resolve_variant
 
 MAX_METADATA_BYTES = 4096
+UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "batch_id")
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 
 
@@ -53,14 +57,35 @@ def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError
     return None
 
 
-async def _validate_fields(
-    fields: dict[str, str], settings: Settings
-) -> tuple[list[dict[str, Any]], str | None, dict[str, Any]]:
+@dataclass(frozen=True)
+class UploadFields:
+    """The form fields that come with uploaded files, validated."""
+
+    # None when not given, so a batch's default operations apply (an empty list is a choice).
+    operations: list[dict[str, Any]] | None
+    callback_url: str | None
+    metadata: dict[str, Any]
+    batch_id: str | None = None
+
+
+def metadata_problem(metadata: Any) -> str | None:
+    if not isinstance(metadata, dict):
+        return "must be a JSON object"
+    if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+        return f"must be at most {MAX_METADATA_BYTES} bytes as JSON"
+    return None
+
+
+async def validate_upload_fields(
+    fields: dict[str, str], settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
+) -> UploadFields:
+    """Every problem of the fields reported at once; `accepted` names the fields the route takes."""
     errors: list[FieldError] = []
-    operations: list[dict[str, Any]] = []
+    operations: list[dict[str, Any]] | None = None
     raw_operations = _parse_json_field(fields, "operations", errors)
     try:
-        operations = [operation.to_json() for operation in parse_operations(raw_operations)]
+        if raw_operations is not None:
+            operations = [operation.to_json() for operation in parse_operations(raw_operations)]
     except ValidationFailed as exc:
         errors.extend(exc.errors)
     callback_url = fields.get("callback_url") or None
@@ -71,20 +96,16 @@ async def _validate_fields(
     metadata = _parse_json_field(fields, "metadata", errors)
     if metadata is None:
         metadata = {}
-    elif not isinstance(metadata, dict):
-        errors.append(FieldError("metadata", "must be a JSON object"))
-    elif len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
-        errors.append(FieldError("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON"))
-    if fields.get("batch_id"):
-        errors.append(FieldError("batch_id", "batches are not available yet"))
-    unknown = set(fields) - {"operations", "callback_url", "metadata", "batch_id"}
+    elif problem := metadata_problem(metadata):
+        errors.append(FieldError("metadata", problem))
+    unknown = set(fields) - set(accepted)
     errors.extend(
         FieldError(name, "must be a file part with a filename" if name == "file" else "unknown field")
         for name in sorted(unknown)
     )
     if errors:
         raise validation_problem(errors)
-    return operations, callback_url, metadata
+    return UploadFields(operations, callback_url, metadata, fields.get("batch_id") or None)
 
 
 async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
@@ -123,50 +144,134 @@ async def create_image(request: Request) -> Response:
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     storage: LocalStorage = request.app.state.storage
-    store: Store = request.app.state.store
     upload = await receive_multipart(request, storage, settings.max_upload_bytes)
     try:
-        operations, callback_url, metadata = await _validate_fields(upload.fields, settings)
+        fields = await validate_upload_fields(upload.fields, settings)
         files = [f for f in upload.files if f.field_name == "file"]
         if len(files) != 1 or len(upload.files) != 1:
             raise validation_problem([FieldError("file", "send exactly one file part named `file`")])
-        input_info = await _inspect(files[0], settings)
-        image_id = new_id("img")
-        original_key = f"{account.id}/{image_id}/original"
-        await asyncio.to_thread(storage.commit, files[0].path, original_key)
+        batch = None
+        if fields.batch_id is not None:
+            batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
+        (image,) = await accept_uploads(request, account.id, files, fields, batch)
     finally:
         upload.discard()
-    image = ImageRecord(
-        id=image_id,
-        account_id=account.id,
-        status="queued",
-        operations=operations,
-        input=input_info,
-        original_key=original_key,
-        created_at=utc_now(),
-        callback_url=callback_url,
-        metadata=metadata,
-    )
-    try:
-        await store.save_new_image(image)
-        await enqueue(
-            request.app.state.redis,
-            settings.queue_name,
-            PROCESS_IMAGE,
-            image.id,
-            job_id=f"process:{image.id}",
-        )
-    except RedisError:
-        # Not accepted, so nothing may stay: no blob without a record, no `queued` record without a job.
-        await asyncio.to_thread(storage.delete_tree, f"{account.id}/{image_id}")
-        with contextlib.suppress(RedisError):
-            await store.delete_image(image)
-        raise
     return JSONResponse(
         image.resource(settings.public_url),
         status_code=202,
         headers={"Location": f"{settings.public_url}/v1/images/{image.id}"},
     )
+
+
+def batches_of(request: Request) -> Batches:
+    return Batches(request.app.state.store, request.app.state.redis, request.app.state.settings)
+
+
+async def open_batch(
+    request: Request, account_id: str, batch_id: str, *, named_by_field: bool
+) -> BatchRecord:
+    """The account's batch, still taking images. A `batch_id` form field naming no batch is a bad field
+    (422); a batch in the path that does not exist is a missing resource (404)."""
+    batch = await batches_of(request).get_for_account(account_id, batch_id)
+    if batch is None:
+        if named_by_field:
+            raise validation_problem([FieldError("batch_id", "no such batch in this account")])
+        raise Problem(404, "not_found", "no such batch")
+    if batch.sealed_at is not None:
+        raise batch_closed_problem(batch)
+    return batch
+
+
+def batch_closed_problem(batch: BatchRecord) -> Problem:
+    return Problem(409, "batch_sealed", f"the batch is {batch.status}: it takes no more images")
+
+
+async def accept_uploads(
+    request: Request,
+    account_id: str,
+    files: Sequence[UploadedFile],
+    fields: UploadFields,
+    batch: BatchRecord | None,
+) -> list[ImageRecord]:
+    """Inspect every file, store it, save its record (into `batch`, if any) and queue it: all of them, or
+    none if any is refused. The caller discards the staged files."""
+    settings: Settings = request.app.state.settings
+    storage: LocalStorage = request.app.state.storage
+    store: Store = request.app.state.store
+    inputs = await _inspect_all(files, settings)
+    operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
+    images = [
+        ImageRecord(
+            id=(image_id := new_id("img")),
+            account_id=account_id,
+            status="queued",
+            operations=operations,
+            input=input_info,
+            original_key=f"{account_id}/{image_id}/original",
+            created_at=utc_now(),
+            callback_url=fields.callback_url,
+            batch_id=None if batch is None else batch.id,
+            metadata=fields.metadata,
+        )
+        for input_info in inputs
+    ]
+    try:
+        for upload, image in zip(files, images, strict=True):
+            await asyncio.to_thread(storage.commit, upload.path, image.original_key)
+        if batch is None:
+            for image in images:
+                await store.save_new_image(image)
+        else:
+            await batches_of(request).add_images(batch.id, images)
+        for image in images:
+            await enqueue(
+                request.app.state.redis,
+                settings.queue_name,
+                PROCESS_IMAGE,
+                image.id,
+                job_id=f"process:{image.id}",
+            )
+    except (BatchClosed, BatchFull) as exc:
+        await _forget(storage, store, images, saved=False)
+        if isinstance(exc, BatchClosed):
+            raise batch_closed_problem(exc.batch) from None
+        raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
+    except RedisError:
+        # Not accepted, so nothing may stay: no blob without a record, no `queued` record without a job.
+        await _forget(storage, store, images, saved=True)
+        raise
+    return images
+
+
+async def _forget(storage: LocalStorage, store: Store, images: Sequence[ImageRecord], *, saved: bool) -> None:
+    for image in images:
+        await asyncio.to_thread(storage.delete_tree, f"{image.account_id}/{image.id}")
+        if saved:
+            with contextlib.suppress(RedisError):
+                await store.delete_image(image)
+
+
+async def _inspect_all(files: Sequence[UploadedFile], settings: Settings) -> list[InputInfo]:
+    """Each file's input info; one refused file refuses the request, naming every refused file."""
+    if len(files) == 1:
+        return [await _inspect(files[0], settings)]
+    inputs: list[InputInfo] = []
+    refused: list[FieldError] = []
+    for index, upload in enumerate(files):
+        try:
+            inputs.append(await _inspect(upload, settings))
+        except Problem as problem:
+            refused.append(
+                FieldError(f"file[{index}]", f"{upload.filename!r}: {problem.code}: {problem.detail}")
+            )
+    if refused:
+        raise Problem(
+            422,
+            "files_refused",
+            f"{len(refused)} of {len(files)} files were refused, so none was added; see errors",
+            errors=refused,
+        )
+    return inputs
 
 
 async def _owned_image(request: Request) -> ImageRecord:
@@ -243,6 +348,9 @@ async def delete_image(request: Request) -> Response:
     storage: LocalStorage = request.app.state.storage
     await store.delete_image(image)
     await asyncio.to_thread(storage.delete_tree, f"{image.account_id}/{image.id}")
+    if image.batch_id is not None:
+        # It may have been the last unfinished image of a sealed batch.
+        await batches_of(request).complete_if_done(image.batch_id)
     return Response(status_code=204)
 
 

@@ -9,6 +9,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
+from jobs.records import ArchiveSpec
 from webhooks.endpoints import EVENT_TYPES
 
 
@@ -125,6 +126,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                     },
                 },
             },
+            **_batch_paths(),
             **_webhook_paths(),
         },
         "components": {
@@ -148,6 +150,10 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         },
                         "callback_url": {"type": "string", "format": "uri"},
                         "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
+                        "batch_id": {
+                            "type": "string",
+                            "description": "an open batch to join (its operations apply when none are given)",
+                        },
                     },
                 },
                 "Image": {
@@ -179,6 +185,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "next_cursor": _NULLABLE_STRING,
                     },
                 },
+                **_BATCH_SCHEMAS,
                 **_WEBHOOK_SCHEMAS,
                 "Problem": {
                     "type": "object",
@@ -196,6 +203,92 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                             },
                         },
                     },
+                },
+            },
+        },
+    }
+
+
+_BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_NO_BATCH = _problem("No such batch in this account")
+
+
+def _batch_paths() -> dict[str, Any]:
+    batch = _ref("Batch")
+    return {
+        "/v1/batches": {
+            "post": {
+                "summary": "Create a batch: default operations, a callback URL, an archive, metadata",
+                "requestBody": _body("BatchInput"),
+                "responses": {"201": _json("The open batch", batch), "422": _INVALID},
+            },
+            "get": {
+                "summary": "List batches, newest first",
+                "parameters": [
+                    _query("status", {"enum": ["open", "sealed", "processing", "completed"]}, "one status"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
+                    _query("cursor", {"type": "string"}, "the previous page's next_cursor"),
+                ],
+                "responses": {"200": _json("A page of batches", _ref("BatchList")), "422": _INVALID},
+            },
+        },
+        "/v1/batches/{batch_id}": {
+            "parameters": [_BATCH_ID],
+            "get": {
+                "summary": "A batch: status, counts of its images by status, archive state",
+                "responses": {"200": _json("The batch", batch), "404": _NO_BATCH},
+            },
+        },
+        "/v1/batches/{batch_id}/images": {
+            "parameters": [_BATCH_ID],
+            "post": {
+                "summary": "Add images: several `file` parts; all are accepted or none",
+                "requestBody": {
+                    "required": True,
+                    "content": {"multipart/form-data": {"schema": _ref("BatchImagesUpload")}},
+                },
+                "responses": {
+                    "202": _json(
+                        "The queued images",
+                        {"type": "object", "properties": {"data": {"type": "array", "items": _ref("Image")}}},
+                    ),
+                    "404": _NO_BATCH,
+                    "409": _problem("The batch is sealed, or would hold too many images"),
+                    "413": _problem("A file is over the upload limit"),
+                    "422": _problem("Invalid fields, or refused files (each named in errors)"),
+                },
+            },
+        },
+        "/v1/batches/{batch_id}/seal": {
+            "parameters": [_BATCH_ID],
+            "post": {
+                "summary": "No more images; the batch completes once every image has finished",
+                "responses": {
+                    "200": _json("The sealed (or completed) batch", batch),
+                    "404": _NO_BATCH,
+                    "409": _problem("Sealed already, or the batch has no images"),
+                },
+            },
+        },
+        "/v1/batches/{batch_id}/archive": {
+            "parameters": [_BATCH_ID],
+            "get": {
+                "summary": "Download the ZIP of the results (resumable: Range, If-Range)",
+                "parameters": [
+                    {
+                        "name": "Range",
+                        "in": "header",
+                        "schema": {"type": "string"},
+                        "example": "bytes=0-1048575",
+                    }
+                ],
+                "responses": {
+                    "200": {"description": "The archive (ETag)", "content": {"application/zip": {}}},
+                    "206": {"description": "The requested range", "content": {"application/zip": {}}},
+                    "404": _NO_BATCH,
+                    "409": _problem("No archive asked for, not ready yet, or it failed"),
+                    "410": _problem("The archive expired"),
+                    "416": _problem("The range starts past the end"),
                 },
             },
         },
@@ -356,6 +449,81 @@ _ATTEMPT = {
         "response_excerpt": {"type": "string", "description": "at most 8 KB of the response body"},
         "error": _NULLABLE_STRING,
         "next_attempt_at": _NULLABLE_STRING,
+    },
+}
+_COUNT = {"type": "integer", "minimum": 0}
+_BATCH_SCHEMAS: dict[str, Any] = {
+    "ArchiveSpec": {
+        **ArchiveSpec.json_schema(),
+        "description": "original: each result as stored; jpeg, png, webp: results re-encoded to it",
+    },
+    "BatchInput": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "operations": {
+                "type": "array",
+                "maxItems": MAX_CHAIN_LENGTH,
+                "items": _ref("Operation"),
+                "description": "for images added without their own",
+            },
+            "callback_url": {"type": "string", "format": "uri", "description": "receives the batch's events"},
+            "archive": {
+                "oneOf": [{"type": "boolean"}, _ref("ArchiveSpec")],
+                "description": 'true: {"format": "original"}',
+            },
+            "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+        },
+    },
+    "BatchImagesUpload": {
+        "type": "object",
+        "required": ["file"],
+        "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 50},
+            "operations": {"type": "array", "items": _ref("Operation"), "description": "JSON-encoded array"},
+            "callback_url": {"type": "string", "format": "uri"},
+            "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
+        },
+    },
+    "Batch": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "status": {"enum": ["open", "sealed", "processing", "completed"]},
+            "counts": {
+                "type": "object",
+                "properties": {
+                    name: _COUNT for name in ("total", "queued", "processing", "completed", "failed")
+                },
+            },
+            "operations": {"type": "array", "items": _ref("Operation")},
+            "archive": {
+                "type": ["object", "null"],
+                "properties": {
+                    "format": {"enum": ["jpeg", "png", "webp", "original"]},
+                    "quality": {"type": ["integer", "null"]},
+                    "status": {"enum": ["pending", "building", "ready", "failed", "expired"]},
+                    "url": _NULLABLE_STRING,
+                    "bytes": {"type": ["integer", "null"]},
+                    "expires_at": _NULLABLE_STRING,
+                    "error": {"type": ["object", "null"]},
+                },
+            },
+            "callback_url": _NULLABLE_STRING,
+            "metadata": {"type": "object"},
+            "images_url": {"type": "string"},
+            "created_at": _TIME,
+            "sealed_at": _NULLABLE_STRING,
+            "completed_at": _NULLABLE_STRING,
+        },
+    },
+    "BatchList": {
+        "type": "object",
+        "properties": {
+            "data": {"type": "array", "items": _ref("Batch")},
+            "has_more": {"type": "boolean"},
+            "next_cursor": _NULLABLE_STRING,
+        },
     },
 }
 _WEBHOOK_SCHEMAS: dict[str, Any] = {

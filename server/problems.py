@@ -20,6 +20,7 @@ _TITLES = {
     410: "Gone",
     413: "Payload too large",
     415: "Unsupported media type",
+    416: "Range not satisfiable",
     422: "Unprocessable content",
     500: "Internal server error",
     503: "Service unavailable",

@@ -1,0 +1,222 @@
+"""`/v1/batches`: images grouped to complete together, with one webhook and one ZIP of their results."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from jobs.batches import BatchClosed, BatchEmpty
+from jobs.ids import new_id
+from jobs.operations import parse_operations
+from jobs.params import FieldError, ValidationFailed
+from jobs.records import ArchiveSpec, BatchRecord, utc_now
+from jobs.settings import Settings
+from jobs.storage import LocalStorage
+from server.auth import require_account
+from server.destinations import check_destination_url
+from server.images import (
+    accept_uploads,
+    batches_of,
+    metadata_problem,
+    open_batch,
+    validate_upload_fields,
+)
+from server.json_body import read_json_object
+from server.multipart import receive_multipart
+from server.pagination import page_response, parse_page
+from server.problems import Problem, validation_problem
+
+BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
+BATCH_STATUSES = ("open", "sealed", "processing", "completed")
+MAX_FILES_PER_REQUEST = 50
+_BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) -> BatchRecord:
+    """The batch a create body asks for, every problem of the body reported at once."""
+    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - set(BATCH_FIELDS))]
+    operations: list[dict[str, Any]] = []
+    try:
+        operations = [operation.to_json() for operation in parse_operations(body.get("operations"))]
+    except ValidationFailed as exc:
+        errors.extend(exc.errors)
+    callback_url = body.get("callback_url")
+    if callback_url is not None:
+        problem = (
+            "must be a string"
+            if not isinstance(callback_url, str)
+            else await check_destination_url(callback_url, settings)
+        )
+        if problem:
+            errors.append(FieldError("callback_url", problem))
+    archive = None
+    raw_archive = body.get("archive")
+    if raw_archive is True:
+        archive = ArchiveSpec()
+    elif raw_archive not in (None, False):
+        try:
+            archive = ArchiveSpec.parse(raw_archive, "archive")
+        except ValidationFailed as exc:
+            errors.extend(exc.errors)
+    metadata = body.get("metadata")
+    if metadata is None:
+        metadata = {}
+    elif problem := metadata_problem(metadata):
+        errors.append(FieldError("metadata", problem))
+    if errors:
+        raise validation_problem(errors)
+    return BatchRecord(
+        id=new_id("bat"),
+        account_id=account_id,
+        created_at=utc_now(),
+        operations=operations,
+        callback_url=callback_url,
+        archive=archive,
+        metadata=metadata,
+    )
+
+
+async def create_batch(request: Request) -> Response:
+    account = await require_account(request)
+    settings: Settings = request.app.state.settings
+    batch = await _new_batch(await read_json_object(request, optional=True), settings, account.id)
+    await batches_of(request).create(batch)
+    return JSONResponse(
+        batch.resource(settings.public_url),
+        status_code=201,
+        headers={"Location": f"{settings.public_url}/v1/batches/{batch.id}"},
+    )
+
+
+async def _owned_batch(request: Request) -> BatchRecord:
+    account = await require_account(request)
+    batch = await batches_of(request).get_for_account(account.id, request.path_params["batch_id"])
+    if batch is None:
+        raise Problem(404, "not_found", "no such batch")
+    return batch
+
+
+async def get_batch(request: Request) -> Response:
+    batch = await _owned_batch(request)
+    return JSONResponse(batch.resource(request.app.state.settings.public_url))
+
+
+async def list_batches(request: Request) -> Response:
+    account = await require_account(request)
+    page, filters = parse_page(request.query_params, "bat", {"status": BATCH_STATUSES})
+    batches = batches_of(request)
+    public_url = request.app.state.settings.public_url
+
+    async def fetch(limit: int, before: str | None) -> list[BatchRecord]:
+        return await batches.list_for_account(
+            account.id, limit=limit, before=before, status=filters["status"]
+        )
+
+    return await page_response(page, fetch, lambda batch: batch.resource(public_url))
+
+
+async def add_images(request: Request) -> Response:
+    """Several `file` parts at once; `operations`, `callback_url` and `metadata` apply to each of them."""
+    account = await require_account(request)
+    settings: Settings = request.app.state.settings
+    # Refused before the body is read: a closed batch should not cost the partner an upload.
+    batch = await open_batch(request, account.id, request.path_params["batch_id"], named_by_field=False)
+    storage: LocalStorage = request.app.state.storage
+    upload = await receive_multipart(request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST)
+    try:
+        fields = await validate_upload_fields(
+            upload.fields, settings, accepted=("operations", "callback_url", "metadata")
+        )
+        files = [f for f in upload.files if f.field_name == "file"]
+        if not files or len(files) != len(upload.files):
+            raise validation_problem([FieldError("file", "send one or more file parts, each named `file`")])
+        images = await accept_uploads(request, account.id, files, fields, batch)
+    finally:
+        upload.discard()
+    public_url = settings.public_url
+    return JSONResponse(
+        {"object": "list", "data": [image.resource(public_url) for image in images]}, status_code=202
+    )
+
+
+async def seal_batch(request: Request) -> Response:
+    batch = await _owned_batch(request)
+    try:
+        sealed = await batches_of(request).seal(batch.id)
+    except BatchClosed as exc:
+        raise Problem(409, "batch_sealed", f"the batch is {exc.batch.status} already") from None
+    except BatchEmpty:
+        raise Problem(
+            409,
+            "batch_empty",
+            "the batch has no images: add some before sealing it (an empty batch stays open)",
+        ) from None
+    return JSONResponse(sealed.resource(request.app.state.settings.public_url))
+
+
+async def get_archive(request: Request) -> Response:
+    """The ZIP, resumable: `Range` (one range answers 206; several, multipart/byteranges), `If-Range`
+    with the ETag, 416 for a range that starts past the end."""
+    batch = await _owned_batch(request)
+    if batch.archive is None:
+        raise Problem(409, "no_archive", "the batch was created without an archive")
+    state = batch.archive_state.seen_at(utc_now()) if batch.archive_state else None
+    if state is None or state.status in ("pending", "building"):
+        waiting_for = "its images to finish" if state is None else "its archive to be assembled"
+        raise Problem(
+            409, "not_ready", f"the batch is waiting for {waiting_for}", headers={"Retry-After": "5"}
+        )
+    if state.status == "failed":
+        error = state.error
+        raise Problem(
+            409, "archive_failed", f"the archive could not be built: {error.message if error else ''}"
+        )
+    if state.status == "expired" or state.key is None:
+        raise Problem(410, "archive_expired", f"the archive expired at {state.expires_at}")
+    storage: LocalStorage = request.app.state.storage
+    path = storage.path(state.key)
+    try:
+        stat = await anyio.to_thread.run_sync(os.stat, path)
+    except FileNotFoundError:
+        raise Problem(410, "archive_expired", f"the archive expired at {state.expires_at}") from None
+    _refuse_unsatisfiable(request.headers.get("range"), stat.st_size)
+    return FileResponse(
+        path,
+        media_type="application/zip",
+        filename=f"{batch.id}.zip",
+        headers={"ETag": f'"{state.etag}"', "Cache-Control": "private"},
+        stat_result=stat,
+    )
+
+
+def _refuse_unsatisfiable(header: str | None, size: int) -> None:
+    """A single byte range that selects nothing (starts past the end, or is an empty suffix) answers 416
+    as a problem document; FileResponse serves every other range."""
+    match = _BYTE_RANGE.fullmatch((header or "").replace(" ", ""))
+    if match is None:
+        return
+    first, last = match.groups()
+    unsatisfiable = int(first) >= size if first else last != "" and int(last) == 0
+    if unsatisfiable:
+        raise Problem(
+            416,
+            "range_not_satisfiable",
+            f"the archive is {size} bytes; the range {header!r} selects none of them",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+
+
+routes = [
+    Route("/v1/batches", create_batch, methods=["POST"]),
+    Route("/v1/batches", list_batches, methods=["GET"]),
+    Route("/v1/batches/{batch_id}", get_batch, methods=["GET"]),
+    Route("/v1/batches/{batch_id}/images", add_images, methods=["POST"]),
+    Route("/v1/batches/{batch_id}/seal", seal_batch, methods=["POST"]),
+    Route("/v1/batches/{batch_id}/archive", get_archive, methods=["GET"]),
+]
