@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from jobs import processing
 from jobs.deps import WorkerDeps
+from jobs.events import new_message
 from jobs.ids import lowest_id_at, new_id
 from jobs.settings import Settings
 from jobs.store import Store
@@ -20,7 +21,15 @@ from tests.receiver import Receiver
 from tests.test_spine import upload
 from webhooks.dispatcher import Dispatcher, RetryPolicy
 from webhooks.endpoints import PARKED_ENDPOINTS_KEY
-from webhooks.messages import DUE_KEY, Message, account_messages_key, message_key, now_ms
+from webhooks.messages import (
+    CALLBACK,
+    DUE_KEY,
+    Destination,
+    Message,
+    account_messages_key,
+    message_key,
+    now_ms,
+)
 
 
 async def deliveries_log(client: httpx.AsyncClient, account: Partner, msg_id: str) -> dict[str, object]:
@@ -214,3 +223,30 @@ def test_lowest_id_at_sorts_below_every_later_id_and_above_every_earlier_one() -
     now = now_ms()
     assert lowest_id_at("msg", now - 1) < lowest_id_at("msg", now) <= new_id("msg")
     assert new_id("msg") < lowest_id_at("msg", now_ms() + 1)
+
+
+async def test_attempts_finishing_together_are_recorded_in_shared_transactions(
+    redis: Redis, settings: Settings, account: Partner, receiver: Receiver
+) -> None:
+    """At volume a delivery's cost is mostly its Redis round trips: attempts that end while one record
+    is being written share the next transaction, and every one of them is still recorded."""
+    store = Store(redis)
+    messages = [
+        new_message(
+            new_id("msg"), account.id, "webhook.test", {"n": n}, [Destination(CALLBACK, receiver.url)]
+        )
+        for n in range(40)
+    ]
+    for message in messages:
+        await store.save_message(message)
+    await redis.config_resetstat()
+
+    async with worker_deps(settings) as deps:
+        await deps.dispatcher.run_until_idle()
+
+    receiver.wait_for(40)
+    transactions = (await redis.info("commandstats")).get("cmdstat_exec", {}).get("calls", 0)
+    assert transactions < len(messages)
+    for message in messages:
+        logged = await store.messages.get_logged(message.id)
+        assert logged is not None and logged.status == "delivered"

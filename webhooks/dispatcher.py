@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -232,6 +232,8 @@ class Dispatcher:
         self._slot_freed = asyncio.Event()
         self._loop: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._uncommitted: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
+        self._committer: asyncio.Task[None] | None = None
 
     def nudge(self) -> None:
         """A delivery became due: look now rather than at the next poll."""
@@ -396,7 +398,8 @@ class Dispatcher:
         disable_reason: str | None,
     ) -> None:
         """Save the attempt, re-score or finish the delivery, give back its endpoint slot and, when
-        `endpoint` is given, record the receiver's health: all in one transaction."""
+        `endpoint` is given, record the receiver's health: all in one transaction (shared with the
+        attempts that finish meanwhile; see `_commit`)."""
         member = due_member(delivery.msg_id, delivery.destination)
         announcement = None
         if (
@@ -405,7 +408,8 @@ class Dispatcher:
             and await self.endpoints.disable(endpoint.id, disable_reason)
         ):
             announcement = await self._disabled_announcement(endpoint, disable_reason)
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def stage(pipe: Any) -> None:
             self.messages.stage_delivery(pipe, delivery)
             if next_at is None:
                 pipe.zrem(DUE_KEY, member)
@@ -422,9 +426,36 @@ class Dispatcher:
                 self.messages.stage_new(pipe, announcement)
             if self.on_attempt is not None:
                 self.on_attempt(pipe, attempt)
-            await pipe.execute()
+
+        await self._commit(stage)
         if announcement is not None:
             self.nudge()
+
+    async def _commit(self, stage: Callable[[Any], None]) -> None:
+        """Run `stage`'s commands in a transaction. Attempts that finish while one commit is under way
+        share the next: one round trip records many, which is most of a delivery's cost at volume."""
+        done = asyncio.get_running_loop().create_future()
+        self._uncommitted.append((stage, done))
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit_pending())
+        await done
+
+    async def _commit_pending(self) -> None:
+        while self._uncommitted:
+            batch, self._uncommitted = self._uncommitted, []
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    for stage, _ in batch:
+                        stage(pipe)
+                    await pipe.execute()
+            except Exception as exc:  # each waiting attempt sees it, as it would have alone
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def _disabled_announcement(self, endpoint: Endpoint, reason: str) -> Message | None:
         """`endpoint.disabled`, for the account's other endpoints that want it."""
