@@ -14,7 +14,7 @@ from typing import Any
 from jobs.ops import encode, enhance, filters, geometry, overlay, tone
 from jobs.ops.base import OperationKind
 from jobs.ops.encode import ConvertParams
-from jobs.ops.geometry import AutoOrientParams
+from jobs.ops.geometry import AutoOrientParams, ResizeParams
 from jobs.params import FieldError, Params, ValidationFailed
 
 MAX_CHAIN_LENGTH = 32
@@ -67,9 +67,30 @@ def parse_operations(raw: object) -> list[Operation]:
             chain.append(Operation(kind.name, kind.params_model.parse(item.get("params"), f"{where}.params")))
         except ValidationFailed as exc:
             errors.extend(exc.errors)
+    errors.extend(_animation_problems(chain))
     if errors:
         raise ValidationFailed(errors)
     return chain
+
+
+def _animation_problems(chain: Sequence[Operation]) -> list[FieldError]:
+    """Animated output keeps each frame as a strip of pages, which only resizing (into a box) and
+    encoding understand: a crop or a turn would cut across frames."""
+    if not any(isinstance(op.params, ConvertParams) and op.params.animated for op in chain):
+        return []
+    pixel_steps = [index for index, op in enumerate(chain) if op.kind.apply is not None]
+    return [
+        FieldError(
+            f"operations[{index}].type",
+            "animated output takes only a first resize (fit inside) and convert",
+        )
+        for position, index in enumerate(pixel_steps)
+        if position > 0 or not _resizes_into_a_box(chain[index])
+    ]
+
+
+def _resizes_into_a_box(operation: Operation) -> bool:
+    return isinstance(operation.params, ResizeParams) and operation.params.fit == "inside"
 
 
 @dataclass(frozen=True)

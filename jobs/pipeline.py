@@ -30,6 +30,8 @@ from jobs.vips_errors import describe_vips_error
 
 # Truncated or corrupt data is an error, not a grey half-picture.
 FAIL_ON = "error"
+# Frames of an animation processed at most (each is a full picture in the strip libvips makes).
+MAX_FRAMES = 300
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,8 @@ def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]
     first = steps.steps[0] if steps.steps else None
     # libvips' thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead.
     sixteen_bit = steps.convert is not None and steps.convert.bit_depth == 16
+    # Every frame, as one strip of pages, or the first frame only (libvips' default).
+    animated = steps.convert is not None and bool(steps.convert.animated)
     if (
         first is not None
         and isinstance(first.params, ResizeParams)
@@ -198,7 +202,15 @@ def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]
         }
         if args.crop is not None:
             options["crop"] = args.crop
-        thumbnail = pyvips.Image.thumbnail(str(source), args.width, **options)
+        if animated:
+            # Loader options ride in a file name only as "[n=-1]", which any bracket in the path
+            # would garble; a source takes them apart.
+            loaded = pyvips.Image.thumbnail_source(
+                pyvips.Source.new_from_file(str(source)), args.width, option_string="n=-1", **options
+            )
+        else:
+            loaded = pyvips.Image.thumbnail(str(source), args.width, **options)
+        thumbnail = _frames_capped(loaded)
         image = finish_resize(_to_srgb(thumbnail, steps), params)
         rest = steps.steps[1:]
         if any(reads_out_of_order(operation.params) for operation in rest):
@@ -206,15 +218,29 @@ def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]
             # result, small by now, in memory (as libvips' thumbnail does before its own turns).
             image = image.copy_memory()
         return image, rest
-    image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+    pages: dict[str, Any] = {"n": -1} if animated else {}
+    image = _frames_capped(
+        pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON, **pages)
+    )
     upright_turn = steps.auto_orient and exif_orientation(image) != 1
     if upright_turn or any(reads_out_of_order(operation.params) for operation in steps.steps):
         # A sequential (streaming) load cannot serve rows out of order, as turns, vertical flips and
         # smart crops read them: a random-access load decodes the picture whole, when it is first read.
-        image = pyvips.Image.new_from_file(str(source), access="random", fail_on=FAIL_ON)
+        image = pyvips.Image.new_from_file(str(source), access="random", fail_on=FAIL_ON, **pages)
     if steps.auto_orient:
         image = image.autorot()
     return _to_srgb(image, steps), steps.steps
+
+
+def _frames_capped(image: pyvips.Image) -> pyvips.Image:
+    """An animation loaded whole is a strip of frames, one page-height each: at most MAX_FRAMES."""
+    if image.get_typeof("page-height"):
+        frames = image.height // max(image.get("page-height"), 1)
+        if frames > MAX_FRAMES:
+            raise ProcessingError(
+                "too_many_frames", f"the animation has {frames} frames; at most {MAX_FRAMES}"
+            )
+    return image
 
 
 def _stored_size(source: Path, *, upright: bool) -> tuple[int, int]:

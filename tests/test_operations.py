@@ -425,6 +425,7 @@ def test_schema_lists_enums_bounds_and_defaults() -> None:
         "bit_depth",
         "keep_icc",
         "keep_exif",
+        "animated",
     }
     sample = SampleParams.json_schema()
     assert sample["required"] == ["sigma"]

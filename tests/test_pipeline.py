@@ -14,6 +14,7 @@ import pyvips
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.ops.encode import SAVERS
+from jobs.params import ValidationFailed
 from jobs.pipeline import KillSwitch, RenderedImage, configure_libvips, render
 from tests import imagegen
 
@@ -489,3 +490,58 @@ def test_16_bit_sources_keep_their_detail_when_16_bit_output_is_asked(
         fine_ramp_png(), [*chain_start, {"type": "convert", "params": {"format": "png"}}], "png"
     )
     assert shallow.format == "uchar"
+
+
+def frames_of(rendered: RenderedImage) -> int:
+    image = pyvips.Image.new_from_file(str(rendered.path), n=-1)
+    return int(image.height // image.get("page-height")) if image.get_typeof("page-height") else 1
+
+
+@pytest.mark.parametrize("output", ["gif", "webp"])
+@pytest.mark.parametrize("chain_start", [[], [{"type": "resize", "params": {"width": 32}}]])
+def test_animated_output_keeps_every_frame(
+    renderer: Renderer, output: str, chain_start: list[dict[str, Any]]
+) -> None:
+    animation = imagegen.gif(64, 48, pages=5)
+    convert = {"type": "convert", "params": {"format": output, "animated": True}}
+    rendered = renderer.render(animation, [*chain_start, convert], "gif")
+    assert frames_of(rendered) == 5
+    assert rendered.width == (32 if chain_start else 64)
+    first_only = renderer.render(
+        animation, [*chain_start, {"type": "convert", "params": {"format": output}}], "gif"
+    )
+    assert frames_of(first_only) == 1
+
+
+def test_an_animation_over_the_frame_limit_fails_cleanly(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("jobs.pipeline.MAX_FRAMES", 3)
+    with pytest.raises(ProcessingError) as caught:
+        renderer.render(
+            imagegen.gif(16, 12, pages=5),
+            [{"type": "convert", "params": {"format": "gif", "animated": True}}],
+            "gif",
+        )
+    assert caught.value.code == "too_many_frames"
+    # The first frame alone is always within the limit.
+    assert frames_of(renderer.render(imagegen.gif(16, 12, pages=5), [], "gif")) == 1
+
+
+@pytest.mark.parametrize(
+    ("chain", "field"),
+    [
+        ([{"type": "rotate", "params": {"angle": 90}}], "operations[0].type"),
+        ([{"type": "resize", "params": {"width": 8}}, {"type": "sharpen"}], "operations[1].type"),
+        ([{"type": "resize", "params": {"width": 8, "height": 8, "fit": "cover"}}], "operations[0].type"),
+    ],
+)
+def test_animated_output_refuses_steps_that_would_cut_across_frames(
+    chain: list[dict[str, Any]], field: str
+) -> None:
+    convert = {"type": "convert", "params": {"format": "webp", "animated": True}}
+    with pytest.raises(ValidationFailed) as caught:
+        parse_operations([*chain, convert])
+    assert [error.field for error in caught.value.errors] == [field]
+    with pytest.raises(ValidationFailed):
+        parse_operations([{"type": "convert", "params": {"format": "png", "animated": True}}])

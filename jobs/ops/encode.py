@@ -97,6 +97,8 @@ SAVERS: dict[str, Saver] = {
     ),
 }  # fmt: skip
 
+ANIMATED_FORMATS = ("gif", "webp")
+
 MEDIA_TYPES = {
     "jpeg": "image/jpeg",
     "png": "image/png",
@@ -118,9 +120,13 @@ class ConvertParams(Params):
     bit_depth: Literal[8, 16] | None = None
     keep_icc: bool | None = None
     keep_exif: bool | None = None
+    # Every frame of an animated GIF or WebP input, not only the first.
+    animated: bool | None = None
 
     def problems(self) -> Iterator[FieldError]:
         saver = SAVERS[self.format]
+        if self.animated and self.format not in ANIMATED_FORMATS:
+            yield FieldError("animated", f"{saver.name} holds one frame; gif and webp hold animations")
         if self.lossless and saver.lossless == "never":
             yield FieldError(
                 "lossless",
