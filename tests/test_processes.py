@@ -33,7 +33,7 @@ import redis
 from server.children import child_process_options
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
-from tests.conftest import Partner
+from tests.conftest import CORPUS, Partner
 from tests.receiver import Receiver
 
 BIN = Path(sys.executable).parent
@@ -490,3 +490,39 @@ def test_darkroom_dev_on_a_busy_port_says_so_and_starts_nothing(children: Childr
     assert f"cannot listen on 127.0.0.1:{port}" in child.output()
     assert "API key" not in child.output()
     assert not (data_dir / "redis").exists()
+
+
+@pytest.mark.skipif(not (CORPUS / "bad").is_dir(), reason=f"no corpus at {CORPUS}")
+def test_every_hostile_corpus_file_leaves_the_worker_process_running(stack: Stack) -> None:
+    """The corpus' bad files through the real web and worker processes: each is refused with a 4xx
+    or ends failed with a code (or, for a file libvips reads after all, completed), and the worker that
+    started is the worker still running at the end."""
+    account = create_account(stack.env, "corpus")
+    worker_pid = stack.worker.process.pid
+    queued = []
+    with httpx.Client(base_url=stack.base_url, timeout=30) as http:
+        for path in sorted((CORPUS / "bad").iterdir()):
+            response = http.post(
+                "/v1/images",
+                headers=account.headers,
+                files={"file": (path.name, path.read_bytes(), "application/octet-stream")},
+                data={"operations": json.dumps(RESIZE_TO_160)},
+            )
+            assert response.status_code == 202 or 400 <= response.status_code < 500, (
+                path.name,
+                response.text,
+            )
+            if response.status_code == 202:
+                queued.append((path.name, response.json()["id"]))
+
+        def all_finished() -> list[dict[str, Any]] | None:
+            images = [
+                http.get(f"/v1/images/{image_id}", headers=account.headers).json() for _, image_id in queued
+            ]
+            return images if all(image["status"] in ("completed", "failed") for image in images) else None
+
+        finished = poll(all_finished, "every queued corpus file finished", timeout=120)
+    for (name, _), image in zip(queued, finished, strict=True):
+        assert image["status"] == "completed" or image["error"]["code"], (name, image)
+    assert stack.worker.process.poll() is None, stack.worker.output()
+    assert alive(worker_pid)
