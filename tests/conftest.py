@@ -23,6 +23,7 @@ from jobs.store import Store
 from jobs.worker import build_deps, close_deps, worker_settings
 from server.app import create_app
 from server.embedded_redis import EmbeddedRedis
+from tests.pixels import Renderer
 from tests.receiver import Receiver
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -158,3 +159,8 @@ async def worker(settings: Settings) -> AsyncIterator[Worker]:
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:
     return replace(settings, **changes)
+
+
+@pytest.fixture
+def renderer(tmp_path: Path) -> Renderer:
+    return Renderer(tmp_path)

@@ -1,17 +1,19 @@
-"""Helpers for operation tests: the pixel layouts an operation may receive, and running a chain."""
+"""Helpers for operation tests: the pixel layouts an operation may receive, and running chains."""
 
 from __future__ import annotations
 
-import tempfile
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pyvips
 
 from jobs.operations import parse_operations
 from jobs.params import ValidationFailed
-from jobs.pipeline import render
+from jobs.pipeline import KillSwitch, RenderedImage, render
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,45 @@ def field_errors(raw: object) -> dict[str, str]:
     return {error.field: error.message for error in caught.value.errors}
 
 
-def rendered(tmp_path: Path, data: bytes, operations: object, input_format: str) -> pyvips.Image:
-    """The decoded output of a render; each call has files of its own, as images decode lazily."""
-    directory = Path(tempfile.mkdtemp(dir=tmp_path))
-    source = directory / "in"
-    source.write_bytes(data)
-    result = render(source, directory / "out", parse_operations(operations), input_format)
-    return pyvips.Image.new_from_file(str(result.path))
+class Renderer:
+    """Runs chains through `jobs.pipeline.render` on inputs written under a directory, each with
+    files of its own (images decode lazily), and decodes what render produced."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._names: Iterator[int] = itertools.count()
+
+    def render(
+        self,
+        data: bytes,
+        operations: list[dict[str, Any]] | None = None,
+        input_format: str = "jpeg",
+        kill_switch: KillSwitch | None = None,
+        *,
+        max_pixels: int | None = None,
+    ) -> RenderedImage:
+        name = next(self._names)
+        source = self.directory / f"in-{name}"
+        source.write_bytes(data)
+        chain = parse_operations(operations)
+        return render(
+            source, self.directory / f"out-{name}", chain, input_format, kill_switch, max_pixels=max_pixels
+        )
+
+    def run(
+        self,
+        data: bytes,
+        operations: list[dict[str, Any]] | None = None,
+        input_format: str = "jpeg",
+        *,
+        max_pixels: int | None = None,
+    ) -> pyvips.Image:
+        rendered = self.render(data, operations, input_format, max_pixels=max_pixels)
+        decoded = decode(rendered.path.read_bytes())
+        assert (decoded.width, decoded.height) == (rendered.width, rendered.height)
+        assert rendered.bytes == rendered.path.stat().st_size
+        return decoded
+
+
+def decode(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error").copy_memory()

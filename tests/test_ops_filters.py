@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +11,7 @@ import pyvips
 from jobs.operations import parse_operations
 from jobs.ops.filters import BlurParams, DenoiseParams, SharpenParams, blur, denoise, sharpen
 from tests import imagegen
-from tests.pixels import LAYOUTS, Layout, colour_of, field_errors, identical, in_8_bit_levels, rendered
+from tests.pixels import LAYOUTS, Layout, Renderer, colour_of, field_errors, identical, in_8_bit_levels
 
 # --- generators and measures ------------------------------------------------------------------------
 
@@ -258,20 +257,25 @@ def test_images_smaller_than_the_windows_still_work(name: str, size: tuple[int, 
 # --- in the pipeline --------------------------------------------------------------------------------
 
 
-def test_resize_sharpen_convert_makes_a_crisper_jpeg_of_the_right_size(tmp_path: Path) -> None:
+def test_resize_sharpen_convert_makes_a_crisper_jpeg_of_the_right_size(renderer: Renderer) -> None:
     photo = bytes(scene(256, 192).write_to_buffer(".png"))
     resize = {"type": "resize", "params": {"width": 128}}
     convert = {"type": "convert", "params": {"format": "jpeg", "quality": 80}}
-    plain = rendered(tmp_path, photo, [resize, convert], "png")
-    sharpened = rendered(tmp_path, photo, [resize, {"type": "sharpen"}, convert], "png")
-    assert sharpened.get("vips-loader") == "jpegload"
+    plain = renderer.run(photo, [resize, convert], "png")
+    sharpened = renderer.run(photo, [resize, {"type": "sharpen"}, convert], "png")
+    assert sharpened.get("vips-loader") == "jpegload_buffer"
     assert (sharpened.width, sharpened.height) == (128, 96)
     assert edge_contrast(sharpened) > edge_contrast(plain) * 1.05
 
 
-def test_area_filters_chain_on_an_alpha_png(tmp_path: Path) -> None:
+def test_area_filters_chain_on_an_alpha_png(renderer: Renderer) -> None:
     operations = [{"type": "denoise"}, {"type": "blur", "params": {"sigma": 1.5}}, {"type": "sharpen"}]
-    output = rendered(tmp_path, imagegen.png(64, 48, alpha=True), operations, "png")
-    assert (output.get("vips-loader"), output.width, output.height, output.bands) == ("pngload", 64, 48, 4)
+    output = renderer.run(imagegen.png(64, 48, alpha=True), operations, "png")
+    assert (output.get("vips-loader"), output.width, output.height, output.bands) == (
+        "pngload_buffer",
+        64,
+        48,
+        4,
+    )
     assert output.getpoint(63, 47)[3] == 0  # the transparent quarter stays transparent
     assert output.getpoint(1, 1)[3] == 255

@@ -3,8 +3,7 @@ effect on marker pixels, every pixel layout, and chains through the real pipelin
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,8 @@ from jobs.ops.geometry import (
     upscale,
 )
 from jobs.params import ValidationFailed
-from jobs.pipeline import render
 from tests import imagegen
+from tests.pixels import Renderer
 
 GREY = 100
 RED = [220.0, 30.0, 30.0]
@@ -118,39 +117,6 @@ OPERATIONS: dict[str, Callable[[pyvips.Image], pyvips.Image]] = {
     "flip": lambda image: flip(image, FlipParams(direction="vertical")),
     "upscale": lambda image: upscale(image, UpscaleParams(scale=2)),
 }
-
-
-class Renderer:
-    """Runs chains through `jobs.pipeline.render` on files under tmp_path and decodes the results."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._names: Iterator[int] = itertools.count()
-
-    def run(
-        self,
-        data: bytes,
-        operations: list[dict[str, Any]],
-        input_format: str = "png",
-        *,
-        max_pixels: int | None = None,
-    ) -> pyvips.Image:
-        name = next(self._names)
-        source = self.directory / f"in-{name}"
-        source.write_bytes(data)
-        result = render(
-            source,
-            self.directory / f"out-{name}",
-            parse_operations(operations),
-            input_format,
-            max_pixels=max_pixels,
-        )
-        return pyvips.Image.new_from_file(str(result.path), access="sequential").copy_memory()
-
-
-@pytest.fixture
-def renderer(tmp_path: Path) -> Renderer:
-    return Renderer(tmp_path)
 
 
 def png(image: pyvips.Image) -> bytes:
@@ -299,7 +265,7 @@ def test_every_kernel_gives_the_size_shrink_on_load_gives(
 def test_leading_resize_with_another_kernel_resamples_with_it(renderer: Renderer) -> None:
     """Not shrunk on load (thumbnail would resample with lanczos3): the pixels stay black and white."""
     output = renderer.run(
-        png(checkerboard(64, 64)), [{"type": "resize", "params": {"width": 20, "kernel": "nearest"}}]
+        png(checkerboard(64, 64)), [{"type": "resize", "params": {"width": 20, "kernel": "nearest"}}], "png"
     )
     assert (output.width, output.height) == (20, 20)
     assert ((output == 0) | (output == 255)).min() == 255
@@ -357,7 +323,9 @@ def test_a_box_that_starts_outside_fails(x: int, y: int) -> None:
 
 def test_an_out_of_bounds_crop_fails_the_render(renderer: Renderer, tmp_path: Path) -> None:
     with pytest.raises(ProcessingError) as caught:
-        renderer.run(png(marked(40, 30)), [{"type": "crop", "params": {"x": 50, "width": 5, "height": 5}}])
+        renderer.run(
+            png(marked(40, 30)), [{"type": "crop", "params": {"x": 50, "width": 5, "height": 5}}], "png"
+        )
     assert caught.value.code == "crop_out_of_bounds"
     assert not list(tmp_path.glob("out-*"))
 
@@ -527,10 +495,12 @@ def test_upscale_enlarges_and_sharpens_gently(scale: int) -> None:
 
 def test_upscale_past_the_pixel_limit_is_image_too_large(renderer: Renderer, tmp_path: Path) -> None:
     source = png(imagegen.picture(64, 48))
-    allowed = renderer.run(source, [{"type": "upscale", "params": {"scale": 4}}], max_pixels=64 * 48 * 16)
+    allowed = renderer.run(
+        source, [{"type": "upscale", "params": {"scale": 4}}], "png", max_pixels=64 * 48 * 16
+    )
     assert (allowed.width, allowed.height) == (256, 192)
     with pytest.raises(ProcessingError) as caught:
-        renderer.run(source, [{"type": "upscale", "params": {"scale": 8}}], max_pixels=64 * 48 * 16)
+        renderer.run(source, [{"type": "upscale", "params": {"scale": 8}}], "png", max_pixels=64 * 48 * 16)
     assert caught.value.code == "image_too_large"
     assert len(list(tmp_path.glob("out-*"))) == 1
 
@@ -549,7 +519,7 @@ def test_an_oversized_step_fails_before_the_next_step_reads_its_pixels(
     monkeypatch.setattr(pyvips.Image, "copy_memory", counting_copy)
     chain = [{"type": "upscale", "params": {"scale": 8}}, {"type": "enhance"}]
     with pytest.raises(ProcessingError) as caught:
-        renderer.run(png(imagegen.picture(64, 48)), chain, max_pixels=64 * 48 * 16)
+        renderer.run(png(imagegen.picture(64, 48)), chain, "png", max_pixels=64 * 48 * 16)
     assert caught.value.code == "image_too_large"
     assert copies == []
 
@@ -592,6 +562,7 @@ def test_crop_then_resize(renderer: Renderer) -> None:
             {"type": "crop", "params": {"x": 100, "y": 50, "width": 100, "height": 50}},
             {"type": "resize", "params": {"width": 50, "kernel": "nearest"}},
         ],
+        "png",
     )
     assert (output.width, output.height) == (50, 25)
     assert marker_at(output) == (25, 5)
@@ -604,6 +575,7 @@ def test_crop_coordinates_are_on_the_turned_picture(renderer: Renderer) -> None:
             {"type": "rotate", "params": {"angle": 90}},
             {"type": "crop", "params": {"x": 20, "y": 0, "width": 10, "height": 10}},
         ],
+        "png",
     )
     assert (output.width, output.height) == (10, 10)
     assert marker_at(output) == (9, 0)
@@ -612,7 +584,7 @@ def test_crop_coordinates_are_on_the_turned_picture(renderer: Renderer) -> None:
 def test_smart_crop_through_the_pipeline_finds_the_patch(renderer: Renderer) -> None:
     # 600 px: bigger than libvips keeps of a streaming load, so this needs the random-access load.
     image = with_patch(600, 400, at=(480, 300), size=40)
-    output = renderer.run(png(image), [{"type": "smart_crop", "params": {"aspect_ratio": "1:1"}}])
+    output = renderer.run(png(image), [{"type": "smart_crop", "params": {"aspect_ratio": "1:1"}}], "png")
     assert (output.width, output.height) == (400, 400)
     assert patch_pixels(output) == patch_pixels(image)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,11 +20,11 @@ from tests import imagegen
 from tests.pixels import (
     LAYOUTS,
     Layout,
+    Renderer,
     colour_of,
     field_errors,
     identical,
     in_8_bit_levels,
-    rendered,
 )
 
 
@@ -227,13 +226,13 @@ def test_background_leaves_images_without_alpha_alone(layout: Layout) -> None:
 
 
 @pytest.mark.parametrize("target", ["jpeg", "png", "webp"])
-def test_grayscale_output_is_a_one_band_file(tmp_path: Path, target: str) -> None:
+def test_grayscale_output_is_a_one_band_file(renderer: Renderer, target: str) -> None:
     operations = [
         {"type": "resize", "params": {"width": 32}},
         {"type": "grayscale"},
         {"type": "convert", "params": {"format": target, "lossless": target == "webp"}},
     ]
-    output = rendered(tmp_path, imagegen.jpeg(64, 48), operations, "jpeg")
+    output = renderer.run(imagegen.jpeg(64, 48), operations, "jpeg")
     assert (output.width, output.height) == (32, 24)
     # WebP stores no greyscale: its decoder hands back three equal bands.
     assert output.bands == (3 if target == "webp" else 1)
@@ -242,24 +241,24 @@ def test_grayscale_output_is_a_one_band_file(tmp_path: Path, target: str) -> Non
         assert red == green == blue
 
 
-def test_background_decides_what_jpeg_shows_through_transparency(tmp_path: Path) -> None:
+def test_background_decides_what_jpeg_shows_through_transparency(renderer: Renderer) -> None:
     operations = [{"type": "background", "params": {"color": "#000080"}}, {"type": "convert"}]
-    output = rendered(tmp_path, imagegen.png(64, 48, alpha=True), operations, "png")
-    assert output.get("vips-loader") == "jpegload"
+    output = renderer.run(imagegen.png(64, 48, alpha=True), operations, "png")
+    assert output.get("vips-loader") == "jpegload_buffer"
     red, green, blue = output.getpoint(60, 44)  # in the transparent quarter: navy, not the default white
     assert red < 10 and green < 10 and 118 < blue < 138
 
 
-def test_background_then_png_has_no_alpha(tmp_path: Path) -> None:
+def test_background_then_png_has_no_alpha(renderer: Renderer) -> None:
     operations = [{"type": "background"}, {"type": "convert", "params": {"format": "png"}}]
-    output = rendered(tmp_path, imagegen.png(64, 48, alpha=True), operations, "png")
+    output = renderer.run(imagegen.png(64, 48, alpha=True), operations, "png")
     assert output.bands == 3
     assert output.getpoint(60, 44) == [255, 255, 255]
 
 
-def test_adjust_in_a_chain_brightens_the_output(tmp_path: Path) -> None:
+def test_adjust_in_a_chain_brightens_the_output(renderer: Renderer) -> None:
     photo = imagegen.jpeg(64, 48)
     convert = {"type": "convert", "params": {"format": "png"}}
-    plain = rendered(tmp_path, photo, [convert], "jpeg")
-    brighter = rendered(tmp_path, photo, [{"type": "adjust", "params": {"brightness": 1.3}}, convert], "jpeg")
+    plain = renderer.run(photo, [convert], "jpeg")
+    brighter = renderer.run(photo, [{"type": "adjust", "params": {"brightness": 1.3}}, convert], "jpeg")
     assert brighter.avg() > plain.avg() * 1.2  # x1.3, less what clips at white

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.ops.encode import SAVERS
 from jobs.params import ValidationFailed
-from jobs.pipeline import KillSwitch, RenderedImage, configure_libvips, render
+from jobs.pipeline import KillSwitch, RenderedImage, configure_libvips
 from tests import imagegen
+from tests.pixels import Renderer, decode
 
 # Written into every metadata field the fixtures carry, so a leak shows up in the raw output bytes.
 SECRET = b"darkroom-secret-owner"
@@ -38,46 +37,6 @@ CHAINS: dict[str, list[dict[str, Any]]] = {
 def libvips_as_in_the_worker() -> None:
     """The worker turns libvips' operation cache off; without that, loads of a reused path are stale."""
     configure_libvips()
-
-
-class Renderer:
-    """Writes inputs under tmp_path with unique names and decodes what render produced."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self._names: Iterator[int] = itertools.count()
-
-    def render(
-        self,
-        data: bytes,
-        operations: list[dict[str, Any]] | None = None,
-        input_format: str = "jpeg",
-        kill_switch: KillSwitch | None = None,
-    ) -> RenderedImage:
-        name = next(self._names)
-        source = self.directory / f"in-{name}"
-        source.write_bytes(data)
-        return render(
-            source, self.directory / f"out-{name}", parse_operations(operations), input_format, kill_switch
-        )
-
-    def run(
-        self, data: bytes, operations: list[dict[str, Any]] | None = None, input_format: str = "jpeg"
-    ) -> pyvips.Image:
-        rendered = self.render(data, operations, input_format)
-        decoded = decode(rendered.path.read_bytes())
-        assert (decoded.width, decoded.height) == (rendered.width, rendered.height)
-        assert rendered.bytes == rendered.path.stat().st_size
-        return decoded
-
-
-@pytest.fixture
-def renderer(tmp_path: Path) -> Renderer:
-    return Renderer(tmp_path)
-
-
-def decode(data: bytes) -> pyvips.Image:
-    return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error").copy_memory()
 
 
 def mean_difference(a: pyvips.Image, b: pyvips.Image) -> float:
