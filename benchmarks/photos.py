@@ -1,7 +1,11 @@
-"""The photos every benchmark works on: the corpus' real JPEGs when present, else generated ones."""
+"""The photos every benchmark works on (the corpus' real JPEGs when present, else generated ones), and
+how a benchmark pushes them through a thread pool."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyvips
@@ -67,3 +71,19 @@ def megapixels(path: Path) -> float:
     header = pyvips.Image.new_from_file(str(path))
     pixels: int = header.width * header.height
     return round(pixels / 1e6, 1)
+
+
+def images_per_second(
+    task: Callable[[Path, Path], object], sequence: Sequence[Path], out_dir: Path, threads: int
+) -> float:
+    """`task(photo, destination)` for every photo of `sequence` through a pool of `threads`. Outputs
+    take turns over a few names, so the page cache holds the same few files however long the run."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        jobs = [
+            pool.submit(task, photo, out_dir / f"{threads}-{index % 16}.jpg")
+            for index, photo in enumerate(sequence)
+        ]
+        for job in jobs:
+            job.result()
+    return len(sequence) / (time.perf_counter() - started)

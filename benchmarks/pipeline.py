@@ -37,12 +37,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyvips
-from photos import CORPUS, find_photos, megapixels
+from photos import CORPUS, find_photos, images_per_second, megapixels
 from PIL import Image, ImageFilter, ImageOps
 
 from jobs.operations import parse_operations
@@ -119,20 +118,6 @@ TASKS: dict[str, Callable[[Path, Path], None]] = {
 # --- measuring -----------------------------------------------------------------------------------------
 
 
-def throughput(
-    task: Callable[[Path, Path], None], sequence: Sequence[Path], out: Path, threads: int
-) -> float:
-    started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        jobs = [
-            pool.submit(task, photo, out / f"{threads}-{index % 16}.jpg")
-            for index, photo in enumerate(sequence)
-        ]
-        for job in jobs:
-            job.result()
-    return len(sequence) / (time.perf_counter() - started)
-
-
 def peak_rss_mb() -> float:
     """This process's RSS high-water mark. (Not getrusage's ru_maxrss: Linux carries that across exec,
     so a child started from a big parent would report the parent's size.)"""
@@ -169,7 +154,7 @@ def run_child(args: argparse.Namespace) -> None:
         detail: dict[str, Any] = {"output": f"{rendered.width}x{rendered.height} {rendered.format}"}
     else:
         photos = [Path(path) for path in args.photos]
-        throughput(TASKS[args.child], photos, out, 2)
+        images_per_second(TASKS[args.child], photos, out, 2)
         detail = {"images": len(photos)}
     elapsed = time.perf_counter() - started
     peak = peak_rss_mb()
@@ -217,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for round_index in range(args.rounds):
         for threads in thread_counts:
             for name, task in TASKS.items():
-                rates[name][threads].append(throughput(task, sequence, work / name, threads))
+                rates[name][threads].append(images_per_second(task, sequence, work / name, threads))
         print(f"[bench] round {round_index + 1}/{args.rounds} done", file=sys.stderr)
 
     best = {

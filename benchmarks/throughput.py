@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -52,7 +51,7 @@ from typing import Any
 import aiohttp
 import pyvips
 from aiohttp import web
-from photos import find_photos, megapixels
+from photos import find_photos, images_per_second, megapixels
 
 from server.embedded_redis import EmbeddedRedis
 from webhooks.signing import WebhookVerificationError, verify
@@ -102,18 +101,11 @@ def raw_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -> tup
     """Images per second for `sequence` through a pool of `threads`, CPU ms used per image, and the
     cores other processes on the machine kept busy meanwhile (a disturbed run shows here)."""
     cpu_before, busy_before = own_cpu_seconds(), machine_busy_seconds()
-    started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        jobs = [
-            pool.submit(raw_task, photo, out_dir / f"raw-{threads}-{index % 32}.jpg")
-            for index, photo in enumerate(sequence)
-        ]
-        for job in jobs:
-            job.result()
-    elapsed = time.perf_counter() - started
+    rate = images_per_second(raw_task, sequence, out_dir, threads)
+    elapsed = len(sequence) / rate
     ours = own_cpu_seconds() - cpu_before
     others = machine_busy_seconds() - busy_before - ours
-    return len(sequence) / elapsed, ours * 1000 / len(sequence), max(others, 0) / elapsed
+    return rate, ours * 1000 / len(sequence), max(others, 0) / elapsed
 
 
 def own_cpu_seconds() -> float:
@@ -157,15 +149,11 @@ def pipeline_throughput(sequence: Sequence[Path], out_dir: Path, threads: int) -
     from jobs.pipeline import render
 
     chain = parse_operations(json.loads(OPERATIONS))
-    started = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        jobs = [
-            pool.submit(render, photo, out_dir / f"pipeline-{index % 32}", chain, "jpeg")
-            for index, photo in enumerate(sequence)
-        ]
-        for job in jobs:
-            job.result()
-    return len(sequence) / (time.perf_counter() - started)
+
+    def pipeline_task(photo: Path, destination: Path) -> None:
+        render(photo, destination.with_suffix(""), chain, "jpeg")
+
+    return images_per_second(pipeline_task, sequence, out_dir, threads)
 
 
 # --- the service ----------------------------------------------------------------------------------------
