@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from jobs.params import Bounds, FieldError, Params
+from webhooks.messages import iso, now_ms
 
 ImageStatus = Literal["queued", "processing", "completed", "failed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed"})
@@ -16,7 +16,7 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed"})
 
 def utc_now() -> str:
     """ISO 8601 with milliseconds and a Z, the timestamp format of every resource."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso(now_ms())
 
 
 @dataclass(frozen=True)
