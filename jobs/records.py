@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Literal
 
 from jobs.params import Bounds, FieldError, Params
+from webhooks.endpoints import SigningSecret
 from webhooks.messages import iso, now_ms
 
 ImageStatus = Literal["queued", "processing", "completed", "failed"]
@@ -28,6 +29,17 @@ class Account:
     created_at: str
     # Secrets rotated out and when they stop signing: (secret, epoch ms).
     retired_webhook_secrets: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def signing_secrets(self) -> list[SigningSecret]:
+        """The callback secrets, current first, as endpoints keep theirs."""
+        retired = (SigningSecret(secret, expires) for secret, expires in self.retired_webhook_secrets)
+        return [SigningSecret(self.webhook_secret), *retired]
+
+    def with_signing_secrets(self, secrets: Sequence[SigningSecret]) -> Account:
+        current, *retired = secrets
+        kept = tuple((each.secret, each.expires_at_ms) for each in retired if each.expires_at_ms is not None)
+        return replace(self, webhook_secret=current.secret, retired_webhook_secrets=kept)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -16,7 +16,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -25,7 +25,7 @@ from redis.exceptions import WatchError
 from jobs import stats
 from jobs.ids import lowest_id_at, new_id
 from jobs.records import BATCH_TOTAL, Account, ImageRecord, utc_now
-from webhooks.endpoints import EndpointStore
+from webhooks.endpoints import EndpointStore, rotated, valid_secrets
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
     Delivery,
@@ -143,11 +143,7 @@ class Store:
         """The secrets that sign the account's callbacks, the current one first, then those rotated out
         less than the grace period ago; None once the account is gone."""
         account = await self.get_account(account_id)
-        if account is None:
-            return None
-        moment = now_ms()
-        retired = [secret for secret, expires in account.retired_webhook_secrets if moment < expires]
-        return [account.webhook_secret, *retired]
+        return None if account is None else valid_secrets(account.signing_secrets, now_ms())
 
     async def rotate_webhook_secret(self, account_id: str, grace_seconds: float) -> Account | None:
         """A new callback signing secret; the old one keeps signing beside it for `grace_seconds`."""
@@ -160,20 +156,14 @@ class Store:
                     if raw is None:
                         return None
                     account = Account.from_json(raw)
-                    moment = now_ms()
-                    still_valid = tuple(each for each in account.retired_webhook_secrets if moment < each[1])
-                    rotated = replace(
-                        account,
-                        webhook_secret=generate_secret(),
-                        retired_webhook_secrets=(
-                            (account.webhook_secret, moment + int(grace_seconds * 1000)),
-                            *still_valid,
-                        ),
+                    grace_ms = int(grace_seconds * 1000)
+                    renewed = account.with_signing_secrets(
+                        rotated(account.signing_secrets, generate_secret(), grace_ms)
                     )
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, rotated.to_json())
+                    pipe.set(key, renewed.to_json())
                     await pipe.execute()
-                    return rotated
+                    return renewed
                 except WatchError:
                     continue
 
