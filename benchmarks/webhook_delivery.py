@@ -7,7 +7,7 @@ It starts what production runs — an embedded redis-server (AOF on), `uvicorn s
 `arq jobs.worker.WorkerSettings` (DARKROOM_ALLOW_PRIVATE_CALLBACKS=1) — plus a fast receiver in a child
 process of its own (asyncio + httptools, uvloop when installed) that answers 200, stamps each request
 with `time.time_ns()` and verifies the signature of every --verify-every'th one. Messages are made as
-the service makes them: `jobs.events.new_message`, staged with `MessageStore.stage_new` in a Redis
+the service makes them: `webhooks.messages.new_message`, staged with `MessageStore.stage_new` in a Redis
 transaction, for an account made with `Store.create_account`.
 
 1. Throughput, --rounds rounds of --messages messages, in turns:
@@ -70,12 +70,11 @@ from throughput import (
     wait_ready,
 )
 
-from jobs import events
 from jobs.ids import new_id
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher
 from webhooks.endpoints import Endpoint
-from webhooks.messages import CALLBACK, DUE_KEY, Destination, Message
+from webhooks.messages import CALLBACK, DUE_KEY, Destination, Message, new_message
 from webhooks.signing import WebhookVerificationError, sign_headers, verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +365,7 @@ class Bench:
     def new_messages(self, count: int, path: str) -> list[Message]:
         to = list(self.destinations(path))
         return [
-            events.new_message(new_id("msg"), self.account_id, "image.completed", image_resource(), to)
+            new_message(new_id("msg"), self.account_id, "image.completed", image_resource(), to)
             for _ in range(count)
         ]
 
@@ -509,7 +508,7 @@ async def latency_run(bench: Bench, rate: float, seconds: float, path: str) -> d
     to = list(bench.destinations(path))
 
     async def one() -> None:
-        message = events.new_message(new_id("msg"), bench.account_id, "image.completed", image_resource(), to)
+        message = new_message(new_id("msg"), bench.account_id, "image.completed", image_resource(), to)
         async with bench.redis.pipeline(transaction=True) as pipe:
             bench.store.messages.stage_new(pipe, message)
             await pipe.execute()

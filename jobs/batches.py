@@ -37,7 +37,7 @@ from jobs.queue import enqueue
 from jobs.records import ArchiveState, BatchRecord, ImageRecord, utc_now
 from jobs.settings import Settings
 from jobs.store import Store, batch_failures_key, batch_images_key, batch_key, image_key
-from webhooks.messages import now_ms
+from webhooks.messages import new_message, now_ms
 
 BUILD_ARCHIVE = "build_archive"
 SWEEP_ARCHIVES = "sweep_archives"
@@ -191,7 +191,7 @@ class Batches:
                     **completed.resource(self.settings.public_url, moment),
                     "failures": await self.failures(batch_id),
                 }
-                message = events.new_message(
+                message = new_message(
                     completed.completion_message_id, batch.account_id, "batch.completed", data, to
                 )
 
@@ -268,7 +268,7 @@ class Batches:
             message = None
             if final.message_id is not None:
                 data = finished.resource(self.settings.public_url)
-                message = events.new_message(final.message_id, batch.account_id, event_type, data, to)
+                message = new_message(final.message_id, batch.account_id, event_type, data, to)
 
             def writes(pipe: Any) -> None:
                 pipe.hset(batch_key(batch_id), "archive", final.to_json())

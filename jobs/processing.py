@@ -21,6 +21,7 @@ from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
 from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
+from webhooks.messages import new_message
 
 log = logging.getLogger("darkroom.processing")
 
@@ -105,7 +106,7 @@ async def _finish(
     message = None
     if final.event_message_id:
         data = final.resource(deps.settings.public_url)
-        message = events.new_message(final.event_message_id, final.account_id, event_type, data, to)
+        message = new_message(final.event_message_id, final.account_id, event_type, data, to)
     stored = await deps.store.finish_image(final, message)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.

@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from jobs import events
 from jobs.ids import new_id
 from jobs.params import FieldError
 from jobs.records import Account
@@ -21,7 +20,7 @@ from server.destinations import check_destination_url
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.problems import Problem, validation_problem
 from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint
-from webhooks.messages import Destination, MessageFilter
+from webhooks.messages import Destination, MessageFilter, new_message
 
 MAX_ENDPOINTS_PER_ACCOUNT = 50
 MAX_DESCRIPTION_LENGTH = 256
@@ -190,7 +189,7 @@ async def send_test_event(request: Request) -> Response:
         raise Problem(409, "endpoint_disabled", "the endpoint is disabled; enable it first")
     store: Store = request.app.state.store
     data = {"object": "webhook_test", "endpoint_id": endpoint.id, "message": "a test event from Darkroom"}
-    message = events.new_message(
+    message = new_message(
         new_id("msg"), account.id, "webhook.test", data, [Destination(endpoint.id, endpoint.url)]
     )
     await store.save_message(message)

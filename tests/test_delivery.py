@@ -11,7 +11,6 @@ from redis.asyncio import Redis
 
 from jobs import processing
 from jobs.deps import WorkerDeps
-from jobs.events import new_message
 from jobs.ids import lowest_id_at, new_id
 from jobs.settings import Settings
 from jobs.store import Store
@@ -28,6 +27,7 @@ from webhooks.messages import (
     Message,
     account_messages_key,
     message_key,
+    new_message,
     now_ms,
 )
 

@@ -14,7 +14,6 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from jobs import events
 from jobs.ids import new_id
 from jobs.settings import Settings
 from tests import imagegen
@@ -30,7 +29,7 @@ from tests.test_endpoints_api import (
     send_test_event,
 )
 from tests.test_spine import upload
-from webhooks.messages import RESPONSE_EXCERPT_BYTES, Destination, delivery_key, message_key
+from webhooks.messages import RESPONSE_EXCERPT_BYTES, Destination, delivery_key, message_key, new_message
 
 MakeReceiver = Callable[..., Receiver]
 WAIT_SECONDS = 10.0
@@ -517,7 +516,7 @@ async def test_a_busy_endpoints_backlog_does_not_hold_back_other_endpoints(
             for _ in range(1100):
                 to = [Destination(busy["id"], busy["url"])]
                 deps.store.messages.stage_new(
-                    pipe, events.new_message(new_id("msg"), account.id, "webhook.test", {}, to)
+                    pipe, new_message(new_id("msg"), account.id, "webhook.test", {}, to)
                 )
             await pipe.execute()
         deps.dispatcher.start()

@@ -45,8 +45,8 @@ from webhooks.messages import (
     Message,
     MessageStore,
     due_member,
-    event_body,
     iso,
+    new_message,
     now_ms,
     parse_due_member,
 )
@@ -473,14 +473,7 @@ class Dispatcher:
             "disabled_reason": reason,
             "disabled_at": iso(moment),
         }
-        return Message(
-            id=self.new_id("msg"),
-            account_id=endpoint.account_id,
-            event_type="endpoint.disabled",
-            body=event_body("endpoint.disabled", data),
-            created_at=iso(moment),
-            destinations=tuple(others),
-        )
+        return new_message(self.new_id("msg"), endpoint.account_id, "endpoint.disabled", data, others)
 
 
 Key = TypeVar("Key")

@@ -39,9 +39,13 @@ def iso(epoch_ms: int) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def event_body(event_type: str, data: dict[str, Any]) -> str:
-    """The Standard Webhooks body, serialised once: it is signed and sent exactly as returned."""
-    return json.dumps({"type": event_type, "timestamp": iso(now_ms()), "data": data}, separators=(",", ":"))
+def new_message(
+    msg_id: str, account_id: str, event_type: str, data: dict[str, Any], to: Sequence[Destination]
+) -> Message:
+    """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so."""
+    created_at = iso(now_ms())
+    body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
+    return Message(msg_id, account_id, event_type, body, created_at, tuple(to))
 
 
 def is_success(status_code: int | None) -> bool:
