@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -226,7 +226,7 @@ class Dispatcher:
         self.on_attempt = on_attempt
         self.rng = rng or random.Random()
         self._claim = redis.register_script(_CLAIM)
-        self._account_secrets = _Recent(secrets_for)
+        self._account_secrets = _RecentSecrets(secrets_for)
         self._woken = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
@@ -476,31 +476,28 @@ class Dispatcher:
         return new_message(self.new_id("msg"), endpoint.account_id, "endpoint.disabled", data, others)
 
 
-Key = TypeVar("Key")
-Value = TypeVar("Value")
-
 # How long an account's looked-up callback secrets are reused. Thousands of deliveries a second for the same
 # few accounts would otherwise look them up each time; a rotated-out secret stays valid for hours.
 _RECENT_SECONDS = 0.25
 
 
-class _Recent(Generic[Key, Value]):
-    """Lookups remembered for _RECENT_SECONDS."""
+class _RecentSecrets:
+    """Callback secrets per account, remembered for _RECENT_SECONDS."""
 
-    def __init__(self, lookup: Callable[[Key], Awaitable[Value]]) -> None:
+    def __init__(self, lookup: SecretsLookup) -> None:
         self.lookup = lookup
-        self._remembered: dict[Key, tuple[float, Value]] = {}
+        self._remembered: dict[str, tuple[float, Sequence[str] | None]] = {}
 
-    async def get(self, key: Key) -> Value:
+    async def get(self, account_id: str) -> Sequence[str] | None:
         moment = time.monotonic()
-        remembered = self._remembered.get(key)
+        remembered = self._remembered.get(account_id)
         if remembered is not None and remembered[0] > moment:
             return remembered[1]
-        value = await self.lookup(key)
+        secrets = await self.lookup(account_id)
         if len(self._remembered) > 10_000:
             self._remembered = {k: v for k, v in self._remembered.items() if v[0] > moment}
-        self._remembered[key] = (moment + _RECENT_SECONDS, value)
-        return value
+        self._remembered[account_id] = (moment + _RECENT_SECONDS, secrets)
+        return secrets
 
 
 def _duration(seconds: float) -> str:
