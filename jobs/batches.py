@@ -138,7 +138,7 @@ class Batches:
 
             def writes(pipe: Any) -> None:
                 for image in images:
-                    self.store.stage_new_image(pipe, image)
+                    self.store.stage_new_image(pipe, image, self.settings.queue_name)
 
             return writes, None
 

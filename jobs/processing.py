@@ -43,8 +43,8 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
             ),
         )
         return
-    image = image.evolve(status="processing", attempts=job_try, started_at=utc_now())
-    if not await deps.store.update_image(image):
+    stored, image = image, image.evolve(status="processing", attempts=job_try, started_at=utc_now())
+    if not await deps.store.update_image(image, previous=stored):
         return
     try:
         rendered = await _render_with_deadline(deps, image)
@@ -107,7 +107,7 @@ async def _finish(
     if final.event_message_id:
         data = final.resource(deps.settings.public_url)
         message = new_message(final.event_message_id, final.account_id, event_type, data, to)
-    stored = await deps.store.finish_image(final, message)
+    stored = await deps.store.finish_image(final, message, previous=image)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.
         await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")

@@ -13,7 +13,8 @@ import logging
 from typing import Any, Self
 
 from arq.connections import ArqRedis
-from arq.constants import in_progress_key_prefix
+from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
+from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from redis.asyncio import ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -34,6 +35,20 @@ async def enqueue(
     await redis.enqueue_job(function, *args, _job_id=job_id, _queue_name=queue_name, _defer_by=defer_by)
     if not defer_by:
         await redis.publish(wake_channel(queue_name), b"1")
+
+
+def process_job_id(image_id: str) -> str:
+    return f"process:{image_id}"
+
+
+def stage_new_job(pipe: Any, queue_name: str, function: str, *args: Any, job_id: str) -> None:
+    """Queue a job, due now, inside the caller's transaction, so the job exists exactly when what it
+    works on does. Only for an id no job has had (a new record's): unlike `enqueue`, nothing checks for
+    an earlier job of that id. The job is arq's own, as `enqueue_job` writes it."""
+    now = timestamp_ms()
+    pipe.psetex(job_key_prefix + job_id, expires_extra_ms, serialize_job(function, args, {}, None, now))
+    pipe.zadd(queue_name, {job_id: now})
+    pipe.publish(wake_channel(queue_name), b"1")
 
 
 class QueuePool(ArqRedis):

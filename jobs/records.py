@@ -106,7 +106,13 @@ class ImageRecord:
         return replace(self, **changes)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        # What dataclasses.asdict makes, built directly: asdict deep-copies every value on the way, and
+        # a record is written several times per image.
+        data = dict(vars(self))
+        data["input"] = vars(self.input)
+        data["output"] = None if self.output is None else vars(self.output)
+        data["error"] = None if self.error is None else vars(self.error)
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> ImageRecord:

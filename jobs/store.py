@@ -15,7 +15,7 @@ import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from redis.exceptions import WatchError
 
 from jobs import stats
 from jobs.ids import lowest_id_at, new_id
+from jobs.queue import PROCESS_IMAGE, process_job_id, stage_new_job
 from jobs.records import BATCH_TOTAL, Account, ImageRecord, utc_now
 from webhooks.endpoints import EndpointStore, rotated, valid_secrets
 from webhooks.messages import (
@@ -105,9 +106,32 @@ class NewAccount:
     api_key: str
 
 
+# Every request authenticates: key hash → account id → account in one round trip, not two.
+_ACCOUNT_BY_KEY = """
+local account_id = redis.call('GET', KEYS[1])
+if not account_id then return false end
+return redis.call('GET', ARGV[1] .. account_id)
+"""
+
+
+# KEYS[1] must hold ARGV[1]; then the commands that follow run, each as a word count and its words.
+_COMMIT_IF_HOLDS = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local at = 2
+while at <= #ARGV do
+  local count = tonumber(ARGV[at])
+  redis.call(unpack(ARGV, at + 1, at + count))
+  at = at + count + 1
+end
+return 1
+"""
+
+
 class Store:
     def __init__(self, redis: Redis, *, message_retention: int = DEFAULT_RETENTION_SECONDS) -> None:
         self.redis = redis
+        self._account_by_key = redis.register_script(_ACCOUNT_BY_KEY)
+        self._commit_if_holds = redis.register_script(_COMMIT_IF_HOLDS)
         self.messages = MessageStore(
             redis, message_retention, oldest_kept_id=functools.partial(lowest_id_at, "msg")
         )
@@ -209,24 +233,27 @@ class Store:
         if not api_key.startswith(API_KEY_PREFIX):
             return None
         key_hash = hash_api_key(api_key)
-        account_id = await self.redis.get(_api_key_key(key_hash))
-        if account_id is None:
+        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[_account_key("")])
+        if raw is None:
             return None
-        account = await self.get_account(account_id.decode())
-        if account is None or not hmac.compare_digest(account.api_key_hash, key_hash):
+        account = Account.from_json(raw)
+        if not hmac.compare_digest(account.api_key_hash, key_hash):
             return None
         return account
 
-    async def save_new_image(self, image: ImageRecord) -> None:
+    async def save_new_images(self, images: Sequence[ImageRecord], queue_name: str) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.stage_new_image(pipe, image)
+            for image in images:
+                self.stage_new_image(pipe, image, queue_name)
             await pipe.execute()
 
-    def stage_new_image(self, pipe: Any, image: ImageRecord) -> None:
+    def stage_new_image(self, pipe: Any, image: ImageRecord, queue_name: str) -> None:
+        """A new image and its processing job, in one transaction: no `queued` image without a job."""
         pipe.set(image_key(image.id), image.to_json())
         pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
         stage_batch_change(pipe, None, image)
         stats.count(pipe, "images_uploaded")
+        stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
 
     async def get_image(self, image_id: str) -> ImageRecord | None:
         raw = await self.redis.get(image_key(image_id))
@@ -237,50 +264,66 @@ class Store:
         image = await self.get_image(image_id)
         return image if image is not None and image.account_id == account_id else None
 
-    async def update_image(self, image: ImageRecord) -> bool:
+    async def update_image(self, image: ImageRecord, *, previous: ImageRecord | None = None) -> bool:
         """Save changes to an image that still exists and is not finished; False if it was deleted or
-        finished (by an overlapping run) meanwhile."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(image_key(image.id))
-                    raw = await pipe.get(image_key(image.id))
-                    stored = None if raw is None else ImageRecord.from_json(raw)
-                    if stored is None or stored.is_terminal:
-                        return False
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(image_key(image.id), image.to_json())
-                    stage_batch_change(pipe, stored, image)
-                    await pipe.execute()
-                    return True
-                except WatchError:
-                    continue
+        finished (by an overlapping run) meanwhile. `previous`, the record as the caller last saw it
+        stored, saves reading it first."""
+        stored, expected = await self._stored_image(image.id, previous)
+        while stored is not None and not stored.is_terminal:
 
-    async def finish_image(self, image: ImageRecord, message: Message | None) -> ImageRecord | None:
+            def writes(pipe: Any, before: ImageRecord = stored) -> None:
+                pipe.set(image_key(image.id), image.to_json())
+                stage_batch_change(pipe, before, image)
+
+            if await self._commit_if_unchanged(image_key(image.id), expected, writes):
+                return True
+            stored, expected = await self._stored_image(image.id)
+        return False
+
+    async def finish_image(
+        self, image: ImageRecord, message: Message | None, *, previous: ImageRecord | None = None
+    ) -> ImageRecord | None:
         """Record the terminal state and its webhook message in one transaction: both or neither.
 
         Returns the image as stored: ours, or the one an overlapping run of the same job finished first
-        (never overwritten), or None if its owner deleted it meanwhile.
+        (never overwritten), or None if its owner deleted it meanwhile. `previous` as for update_image.
         """
-        async with self.redis.pipeline(transaction=True) as pipe:
-            await pipe.watch(image_key(image.id))
-            raw = await pipe.get(image_key(image.id))
-            if raw is None:
-                return None
-            stored = ImageRecord.from_json(raw)
-            if stored.is_terminal:
-                return stored
-            pipe.multi()  # type: ignore[no-untyped-call]
-            pipe.set(image_key(image.id), image.to_json())
-            if message is not None:
-                self.messages.stage_new(pipe, message)
-            stats.count_finished(pipe, image.status, image.error.code if image.error else None)
-            stage_batch_change(pipe, stored, image)
-            try:
-                await pipe.execute()
-            except WatchError:  # changed under us: let the next run see what won
-                return await self.get_image(image.id)
-        return image
+        stored, expected = await self._stored_image(image.id, previous)
+        while stored is not None and not stored.is_terminal:
+
+            def writes(pipe: Any, before: ImageRecord = stored) -> None:
+                pipe.set(image_key(image.id), image.to_json())
+                if message is not None:
+                    self.messages.stage_new(pipe, message)
+                stats.count_finished(pipe, image.status, image.error.code if image.error else None)
+                stage_batch_change(pipe, before, image)
+
+            if await self._commit_if_unchanged(image_key(image.id), expected, writes):
+                return image
+            stored, expected = await self._stored_image(image.id)
+        return stored
+
+    async def _stored_image(
+        self, image_id: str, believed: ImageRecord | None = None
+    ) -> tuple[ImageRecord | None, bytes | str | None]:
+        """The image as stored and its stored JSON; `believed` stands in for it unread (a wrong belief
+        only costs _commit_if_unchanged a retry)."""
+        if believed is not None:
+            return believed, believed.to_json()
+        raw = await self.redis.get(image_key(image_id))
+        return (None, None) if raw is None else (ImageRecord.from_json(raw), raw)
+
+    async def _commit_if_unchanged(
+        self, key: str, expected: bytes | str | None, writes: Callable[[Any], object]
+    ) -> bool:
+        """Run the commands `writes` stages, atomically, only if `key` still holds `expected`: the
+        optimistic transaction of WATCH/GET/MULTI/EXEC in one round trip instead of three."""
+        staged = self.redis.pipeline(transaction=False)  # only collects the commands; never executed
+        writes(staged)
+        args: list[Any] = [expected]
+        for command, _options in staged.command_stack:
+            args += [len(command), *command]
+        return bool(await self._commit_if_holds(keys=[key], args=args))
 
     async def delete_image(self, image: ImageRecord) -> None:
         async with self.redis.pipeline(transaction=True) as pipe:

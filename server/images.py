@@ -20,7 +20,6 @@ from jobs.ids import new_id
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES
 from jobs.params import FieldError, ValidationFailed
-from jobs.queue import PROCESS_IMAGE, enqueue
 from jobs.records import BatchRecord, ImageRecord, InputInfo, utc_now
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
@@ -219,25 +218,17 @@ async def accept_uploads(
         for upload, image in zip(files, images, strict=True):
             await asyncio.to_thread(storage.commit, upload.path, image.original_key)
         if batch is None:
-            for image in images:
-                await store.save_new_image(image)
+            await store.save_new_images(images, settings.queue_name)
         else:
             await batches_of(request).add_images(batch.id, images)
-        for image in images:
-            await enqueue(
-                request.app.state.redis,
-                settings.queue_name,
-                PROCESS_IMAGE,
-                image.id,
-                job_id=f"process:{image.id}",
-            )
     except (BatchClosed, BatchFull) as exc:
         await _forget(storage, store, images, saved=False)
         if isinstance(exc, BatchClosed):
             raise batch_closed_problem(exc.batch) from None
         raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
     except RedisError:
-        # Not accepted, so nothing may stay: no blob without a record, no `queued` record without a job.
+        # Not accepted, so nothing may stay: a transaction whose reply was lost may still have saved
+        # the records (their jobs then find no image and end), and no blob may outlive its record.
         await _forget(storage, store, images, saved=True)
         raise
     return images

@@ -238,6 +238,32 @@ async def test_batch_counts_follow_each_image(
     assert batch["status"] == "open"
 
 
+async def test_a_stale_view_of_an_image_never_undoes_a_newer_state(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    """A run passes the record as it last saw it stored; when another run changed it meanwhile, the
+    change applies to what is stored now (the counts stay right), and a finish is never undone."""
+    batch_id = (await create_batch(client, account))["id"]
+    await add_files(client, account, batch_id, [("a.jpg", imagegen.jpeg())])
+    async with worker_deps(settings) as deps:
+        (queued,) = await Batches(deps.store, deps.redis, deps.settings).images(batch_id)
+        first_run = queued.evolve(status="processing", attempts=1)
+        assert await deps.store.update_image(first_run, previous=queued)
+        second_run = queued.evolve(status="processing", attempts=2)
+        assert await deps.store.update_image(second_run, previous=queued)  # stale: it was first_run
+        counts = (await get_batch(client, account, batch_id))["counts"]
+        assert (counts["queued"], counts["processing"]) == (0, 1)
+
+        done = second_run.evolve(status="completed", completed_at=utc_now())
+        assert await deps.store.finish_image(done, None, previous=second_run) == done
+        late = first_run.evolve(status="failed", error=ImageError("timeout", "late"), completed_at=utc_now())
+        assert await deps.store.finish_image(late, None, previous=first_run) == done
+        assert not await deps.store.update_image(first_run, previous=first_run)
+        assert await deps.store.get_image(queued.id) == done
+    counts = (await get_batch(client, account, batch_id))["counts"]
+    assert counts == {"total": 1, "queued": 0, "processing": 0, "completed": 1, "failed": 0}
+
+
 async def test_sealing_a_finished_batch_completes_it_and_deleting_the_last_unfinished_image_too(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
 ) -> None:
