@@ -47,8 +47,11 @@ def generated_jpegs(directory: Path, width: int = 2048, height: int = 1536, coun
 
 def find_photos(generated_dir: Path, source: str = "corpus") -> tuple[list[Path], str]:
     """`source` "corpus": the corpus' photos of ≥ 2 MP, else generated 2048x1536 JPEGs.
+    "tiny": 64x48 JPEGs, so what is measured is the work around the pixels.
     "2k": 2048x1365 JPEGs q85 (the 2K photo of imgproxy's published benchmark), cut from the corpus'
     photos so they hold real photo content, else generated."""
+    if source == "tiny":
+        return generated_jpegs(generated_dir, 64, 48), "generated 64x48 JPEGs (pixel work near zero)"
     found = corpus_jpegs()
     if source == "corpus":
         if found:

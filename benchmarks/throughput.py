@@ -13,13 +13,16 @@ pyvips in this process:
 - raw throughput: a thread pool (each thread count in --raw-threads; the best is the baseline), libvips
   operation cache off as in the worker;
 - service throughput: --images uploads, --concurrency in flight, from the first upload sent to the last
-  signed webhook received (a local aiohttp receiver verifies each signature);
+  signed webhook received. The client is a lean load generator, since it shares the two cores with
+  the service: each upload's multipart body is built once and sent with Darkroom's own HTTP/1.1 client
+  (webhooks.transport), and an httptools receiver verifies each webhook's signature;
 - overhead: --latency-images uploads one at a time; for each, (webhook received - upload sent) - the raw
   time of the same photo measured here (median of three single runs).
 
 Raw and service runs take turns for --rounds rounds; a round during which other processes kept more
 than 0.15 cores busy (read from /proc/stat) is left out when a quiet one exists. Beside the figures the
-JSON holds where the time goes: CPU ms per image of web, worker, redis-server and this client; the
+JSON holds where the time goes: CPU ms per image of web and worker (and of each, its event loop's
+thread), redis-server and this client; the
 overhead split into upload (sent to 202), queued (created to started), processing (beyond the raw time)
 and announce (completed to webhook received); `--profile worker|web` runs that process under py-spy.
 
@@ -46,15 +49,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
+import httptools
 import pyvips
-from aiohttp import web
 from photos import find_photos, images_per_second, megapixels
 
 from server.embedded_redis import EmbeddedRedis
 from webhooks.signing import WebhookVerificationError, verify
+from webhooks.transport import DeliveryClient
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -67,6 +71,7 @@ OPERATIONS = json.dumps(
     ]
 )
 READY_TIMEOUT = 30.0
+UPLOAD_ANSWER_BYTES = 64 * 1024  # the image resource answering an upload, whole
 DONE_TIMEOUT = 300.0
 DISTURBED_CORES = 0.15
 
@@ -307,7 +312,8 @@ async def wait_ready(session: aiohttp.ClientSession, service: Service) -> None:
 
 
 class Receiver:
-    """Verifies each webhook and records when it arrived, per image id."""
+    """Verifies each webhook and records when it arrived, per image id: an asyncio protocol on httptools,
+    so the load generator spends little of the cores the service shares with it."""
 
     def __init__(self, secret: str) -> None:
         self.secret = secret
@@ -317,32 +323,27 @@ class Receiver:
         self.failed: dict[str, Any] = {}
         self.rejected = 0
         self._waiters: dict[str, asyncio.Future[float]] = {}
-        self._runner: web.AppRunner | None = None
+        self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hooks", self._receive)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _HookConnection(self), "127.0.0.1", self.port)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._server is not None:
+            self._server.close()
 
     def _future(self, image_id: str) -> asyncio.Future[float]:
         if image_id not in self._waiters:
             self._waiters[image_id] = asyncio.get_running_loop().create_future()
         return self._waiters[image_id]
 
-    async def _receive(self, request: web.Request) -> web.Response:
-        received = time.time()
-        body = await request.read()
+    def receive(self, headers: dict[str, str], body: bytes, received: float) -> bool:
         try:
-            verify(self.secret, dict(request.headers), body)
+            verify(self.secret, headers, body)
         except WebhookVerificationError:
             self.rejected += 1
-            return web.Response(status=400)
+            return False
         data = json.loads(body)["data"]
         if data["status"] != "completed":
             self.failed[data["id"]] = data.get("error")
@@ -350,10 +351,51 @@ class Receiver:
         future = self._future(data["id"])
         if not future.done():
             future.set_result(received)
-        return web.Response(text="ok")
+        return True
 
     async def wait(self, image_id: str) -> float:
         return await asyncio.wait_for(self._future(image_id), DONE_TIMEOUT)
+
+
+class _HookConnection(asyncio.Protocol):
+    """One keep-alive connection from the worker; httptools calls on_* as a request's parts arrive."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.headers: dict[str, str] = {}
+        self.body = bytearray()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio classes
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            assert self.transport is not None
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.headers = {}
+        self.body = bytearray()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        received = time.time()
+        assert self.transport is not None
+        verified = self.receiver.receive(self.headers, bytes(self.body), received)
+        self.transport.write(HOOK_OK if verified else HOOK_REJECTED)
+
+
+HOOK_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+HOOK_REJECTED = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n"
 
 
 BOUNDARY = "darkroom-benchmark-boundary"
@@ -376,16 +418,16 @@ def multipart_body(photo: bytes, callback: str) -> bytes:
     return b"".join(parts)
 
 
-async def upload(session: aiohttp.ClientSession, base_url: str, api_key: str, body: bytes) -> str:
+async def upload(uploader: DeliveryClient, base_url: str, api_key: str, body: bytes) -> str:
     headers = {
         "Authorization": f"Bearer {api_key}",
         "Content-Type": f"multipart/form-data; boundary={BOUNDARY}",
     }
-    async with session.post(f"{base_url}/v1/images", data=body, headers=headers) as response:
-        if response.status != 202:
-            raise RuntimeError(f"upload answered {response.status}: {await response.text()}")
-        image_id: str = (await response.json())["id"]
-        return image_id
+    response = await uploader.post(f"{base_url}/v1/images", body, headers)
+    if response.status_code != 202:
+        raise RuntimeError(f"upload answered {response.status_code}: {response.body_excerpt!r}")
+    image_id: str = json.loads(response.body_excerpt)["id"]
+    return image_id
 
 
 @dataclass
@@ -402,10 +444,16 @@ class Client:
     """Uploads photos to the service and waits for their webhooks."""
 
     def __init__(
-        self, service: Service, session: aiohttp.ClientSession, receiver: Receiver, photos: Sequence[Path]
+        self,
+        service: Service,
+        session: aiohttp.ClientSession,
+        uploader: DeliveryClient,
+        receiver: Receiver,
+        photos: Sequence[Path],
     ) -> None:
         self.service = service
-        self.session = session
+        self.session = session  # for the few reads around the measured uploads
+        self.uploader = uploader
         self.receiver = receiver
         self.account = create_account(service.env)
         receiver.secret = self.account["webhook_secret"]
@@ -414,7 +462,7 @@ class Client:
     async def send(self, photo: Path) -> tuple[float, float, str]:
         sent = time.time()
         image_id = await upload(
-            self.session, self.service.base_url, self.account["api_key"], self.bodies[photo]
+            self.uploader, self.service.base_url, self.account["api_key"], self.bodies[photo]
         )
         return sent, time.time(), image_id
 
@@ -490,11 +538,19 @@ async def run_rounds(
     receiver = Receiver("")
     await receiver.start()
     # Idle connections close before uvicorn's 5 s keep-alive would drop them under a request.
-    connector = aiohttp.TCPConnector(limit=concurrency + 4, keepalive_timeout=1.0)
+    connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=1.0)
+    uploader = DeliveryClient(
+        total_timeout=READY_TIMEOUT,
+        max_response_bytes=UPLOAD_ANSWER_BYTES,
+        max_connections_per_origin=concurrency,
+        idle_timeout=1.0,
+        allow_private=True,
+        user_agent="darkroom-benchmark",
+    )
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             await wait_ready(session, service)
-            client = Client(service, session, receiver, photos)
+            client = Client(service, session, uploader, receiver, photos)
             for photo in photos:  # first requests import lazily, fill pools, warm libvips
                 await client.one(photo)
             for round_number in range(rounds):
@@ -546,6 +602,7 @@ async def run_rounds(
         results.failed = len(receiver.failed)
         return results
     finally:
+        await uploader.aclose()
         await receiver.stop()
 
 
@@ -609,9 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--photos",
-        choices=["corpus", "2k"],
+        choices=["corpus", "2k", "tiny"],
         default="corpus",
-        help="corpus: ../shared/corpus/good JPEGs of >= 2 MP (else generated); 2k: generated 2048x1365",
+        help="corpus: ../shared/corpus/good JPEGs of >= 2 MP (else generated); 2k: 2048x1365 cut from "
+        "them; tiny: 64x48, to measure the work around the pixels",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, profiles)")
     args = parser.parse_args(argv)
