@@ -76,6 +76,7 @@ class Settings:
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
+            webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),
             webhook_slow_down_seconds=_seconds(env, "DARKROOM_WEBHOOK_SLOW_DOWN", 60.0),
             endpoint_disable_after=_seconds(env, "DARKROOM_ENDPOINT_DISABLE_AFTER", 5 * 24 * 3600.0),
             secret_rotation_grace=_seconds(env, "DARKROOM_SECRET_ROTATION_GRACE", 24 * 3600.0),

@@ -1,0 +1,26 @@
+"""Settings come from the environment once; a value Darkroom cannot use stops start-up with its name."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs.settings import Settings, SettingsError
+
+
+def test_webhook_attempts_time_out_as_configured() -> None:
+    assert Settings.from_env({}).webhook_timeout == 15
+    assert Settings.from_env({"DARKROOM_WEBHOOK_TIMEOUT": "30"}).webhook_timeout == 30
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DARKROOM_WEBHOOK_TIMEOUT", "0"),
+        ("DARKROOM_WEBHOOK_TIMEOUT", "soon"),
+        ("DARKROOM_MAX_PIXELS", "-1"),
+        ("DARKROOM_RETRY_JITTER", "1.5"),
+    ],
+)
+def test_an_unusable_value_is_refused_by_name(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name):
+        Settings.from_env({name: value})
