@@ -41,7 +41,15 @@ def _accounts_create(args: argparse.Namespace) -> int:
 
 
 def _webhooks_listen(args: argparse.Namespace) -> int:
-    listen.serve(args.secret, args.port, host=args.host)
+    try:
+        listen.serve(args.secret, args.port, host=args.host)
+    except OSError as exc:  # the port is taken, or the host is not an address of this machine
+        reason = exc.strerror or exc
+        print(
+            f"darkroom webhooks listen: cannot listen on {args.host}:{args.port} ({reason}); try --port",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

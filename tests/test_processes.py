@@ -30,6 +30,7 @@ import pytest
 import pyvips
 import redis
 
+from server import cli
 from server.children import child_process_options
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
@@ -490,6 +491,18 @@ def test_darkroom_dev_on_a_busy_port_says_so_and_starts_nothing(children: Childr
     assert f"cannot listen on 127.0.0.1:{port}" in child.output()
     assert "API key" not in child.output()
     assert not (data_dir / "redis").exists()
+
+
+def test_webhooks_listen_on_a_busy_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = cli.main(
+            ["webhooks", "listen", "--secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "--port", str(port)]
+        )
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (CORPUS / "bad").is_dir(), reason=f"no corpus at {CORPUS}")
