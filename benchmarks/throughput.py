@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -329,7 +329,9 @@ class Receiver:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _HookConnection(self), "127.0.0.1", self.port)
+        self._server = await loop.create_server(
+            lambda: RequestConnection(self.respond), "127.0.0.1", self.port
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -340,12 +342,13 @@ class Receiver:
             self._waiters[image_id] = asyncio.get_running_loop().create_future()
         return self._waiters[image_id]
 
-    def receive(self, headers: dict[str, str], body: bytes, received: float) -> bool:
+    def respond(self, _method: bytes, _url: str, headers: dict[str, str], body: bytes) -> bytes:
+        received = time.time()
         try:
             verify(self.secret, headers, body)
         except WebhookVerificationError:
             self.rejected += 1
-            return False
+            return HOOK_REJECTED
         data = json.loads(body)["data"]
         if data["status"] != "completed":
             self.failed[data["id"]] = data.get("error")
@@ -353,19 +356,25 @@ class Receiver:
         future = self._future(data["id"])
         if not future.done():
             future.set_result(received)
-        return True
+        return HOOK_OK
 
     async def wait(self, image_id: str) -> float:
         return await asyncio.wait_for(self._future(image_id), DONE_TIMEOUT)
 
 
-class _HookConnection(asyncio.Protocol):
-    """One keep-alive connection from the worker; httptools calls on_* as a request's parts arrive."""
+Respond = Callable[[bytes, str, dict[str, str], bytes], bytes]
 
-    def __init__(self, receiver: Receiver) -> None:
-        self.receiver = receiver
+
+class RequestConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection of a benchmark's receiver, parsed by httptools so the load
+    generator spends little of the cores it shares with the service: each complete request is answered
+    with the bytes `respond(method, url, lower-case headers, body)` returns, called the moment it is in."""
+
+    def __init__(self, respond: Respond) -> None:
+        self.respond = respond
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
+        self.url = b""
         self.headers: dict[str, str] = {}
         self.body = bytearray()
 
@@ -380,8 +389,12 @@ class _HookConnection(asyncio.Protocol):
             self.transport.close()
 
     def on_message_begin(self) -> None:
+        self.url = b""
         self.headers = {}
         self.body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -390,10 +403,9 @@ class _HookConnection(asyncio.Protocol):
         self.body += body
 
     def on_message_complete(self) -> None:
-        received = time.time()
         assert self.transport is not None
-        verified = self.receiver.receive(self.headers, bytes(self.body), received)
-        self.transport.write(HOOK_OK if verified else HOOK_REJECTED)
+        url = self.url.decode("latin-1")
+        self.transport.write(self.respond(self.parser.get_method(), url, self.headers, bytes(self.body)))
 
 
 HOOK_OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"

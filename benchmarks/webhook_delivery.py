@@ -53,14 +53,15 @@ import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiohttp
-import httptools
 import pyvips
 from photos import corpus_jpegs, generated_jpegs, megapixels
 from redis.asyncio import Redis
 from throughput import (
+    HOOK_OK,
+    RequestConnection,
     Service,
     cpu_seconds,
     iso_seconds,
@@ -168,65 +169,24 @@ class Tally:
             return 200, {}
         return 404, {"error": f"no {method.decode()} {path}"}
 
-
-OK = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\n\r\nok"
-
-
-class _ReceiverConnection(asyncio.Protocol):
-    """One keep-alive connection; httptools calls the on_* methods as a request's parts arrive."""
-
-    def __init__(self, tally: Tally) -> None:
-        self.tally = tally
-        self.parser = httptools.HttpRequestParser(self)
-        self.transport: asyncio.Transport | None = None
-        self.url = b""
-        self.headers: dict[str, str] = {}
-        self.body = bytearray()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio classes
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            assert self.transport is not None
-            self.transport.close()
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = {}
-        self.body = bytearray()
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
+    def respond(self, method: bytes, url: str, headers: dict[str, str], body: bytes) -> bytes:
         at_ns = time.time_ns()  # the moment of receipt: the whole request is in
-        assert self.transport is not None
-        path, _, query = self.url.decode("latin-1").partition("?")
+        path, _, query = url.partition("?")
         if path.startswith(HOOK_PREFIX):
-            self.tally.record(path, self.headers, bytes(self.body), at_ns)
-            self.transport.write(OK)
-            return
-        status, answer = self.tally.control(self.parser.get_method(), path, query, bytes(self.body))
+            self.record(path, headers, body, at_ns)
+            return HOOK_OK
+        status, answer = self.control(method, path, query, body)
         payload = json.dumps(answer).encode()
         head = (
             f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n"
         )
-        self.transport.write(head.encode() + payload)
+        return head.encode() + payload
 
 
 async def _serve() -> None:
     tally = Tally()
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _ReceiverConnection(tally), "127.0.0.1", 0, backlog=1024)
+    server = await loop.create_server(lambda: RequestConnection(tally.respond), "127.0.0.1", 0, backlog=1024)
     # stdin is a pipe the benchmark never writes to: readable means at its end, the benchmark gone
     # (even killed), and the receiver must not outlive it.
     benchmark_gone = asyncio.Event()
