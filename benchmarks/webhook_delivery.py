@@ -67,6 +67,7 @@ from throughput import (
     iso_seconds,
     machine_busy_seconds,
     percentile,
+    processes_total,
     running_service,
     wait_ready,
 )
@@ -297,7 +298,7 @@ class Usage:
 
     def others_cores(self, later: Usage) -> float:
         """Cores the machine's other processes kept busy meanwhile: above ~0.15, a disturbed run."""
-        ours = sum(later.seconds.values()) - sum(self.seconds.values())
+        ours = processes_total(later.seconds) - processes_total(self.seconds)
         return round(max(later.machine - self.machine - ours, 0) / (later.at - self.at), 2)
 
 
