@@ -268,17 +268,7 @@ class Store:
         """Save changes to an image that still exists and is not finished; False if it was deleted or
         finished (by an overlapping run) meanwhile. `previous`, the record as the caller last saw it
         stored, saves reading it first."""
-        stored, expected = await self._stored_image(image.id, previous)
-        while stored is not None and not stored.is_terminal:
-
-            def writes(pipe: Any, before: ImageRecord = stored) -> None:
-                pipe.set(image_key(image.id), image.to_json())
-                stage_batch_change(pipe, before, image)
-
-            if await self._commit_if_unchanged(image_key(image.id), expected, writes):
-                return True
-            stored, expected = await self._stored_image(image.id)
-        return False
+        return await self._replace_unfinished(image, previous) is image
 
     async def finish_image(
         self, image: ImageRecord, message: Message | None, *, previous: ImageRecord | None = None
@@ -288,14 +278,30 @@ class Store:
         Returns the image as stored: ours, or the one an overlapping run of the same job finished first
         (never overwritten), or None if its owner deleted it meanwhile. `previous` as for update_image.
         """
+
+        def also(pipe: Any) -> None:
+            if message is not None:
+                self.messages.stage_new(pipe, message)
+            stats.count_finished(pipe, image.status, image.error.code if image.error else None)
+
+        return await self._replace_unfinished(image, previous, also)
+
+    async def _replace_unfinished(
+        self,
+        image: ImageRecord,
+        previous: ImageRecord | None,
+        also: Callable[[Any], None] | None = None,
+    ) -> ImageRecord | None:
+        """Store `image` in place of the record while that is not finished, with the commands `also`
+        stages, in one transaction. The record as stored afterwards: `image` itself, else the finished
+        one that stood, or None once deleted."""
         stored, expected = await self._stored_image(image.id, previous)
         while stored is not None and not stored.is_terminal:
 
             def writes(pipe: Any, before: ImageRecord = stored) -> None:
                 pipe.set(image_key(image.id), image.to_json())
-                if message is not None:
-                    self.messages.stage_new(pipe, message)
-                stats.count_finished(pipe, image.status, image.error.code if image.error else None)
+                if also is not None:
+                    also(pipe)
                 stage_batch_change(pipe, before, image)
 
             if await self._commit_if_unchanged(image_key(image.id), expected, writes):
