@@ -42,8 +42,11 @@ API_KEY_PREFIX = "sk_live_"
 REDELIVERY_BATCH = 200
 
 
+_ACCOUNT_KEY_PREFIX = "dr:account:"
+
+
 def _account_key(account_id: str) -> str:
-    return f"dr:account:{account_id}"
+    return _ACCOUNT_KEY_PREFIX + account_id
 
 
 def _api_key_key(key_hash: str) -> str:
@@ -233,7 +236,7 @@ class Store:
         if not api_key.startswith(API_KEY_PREFIX):
             return None
         key_hash = hash_api_key(api_key)
-        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[_account_key("")])
+        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[_ACCOUNT_KEY_PREFIX])
         if raw is None:
             return None
         account = Account.from_json(raw)
