@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,13 +148,15 @@ def _render_to(
 ) -> tuple[int, int]:
     """Build and save; the result's size. The images live in this frame only, so they are gone once it
     returns or raises."""
-    image = _build(source, steps, output_format, max_pixels)
-    if kill_switch is not None:
-        kill_switch.arm(image)
-    encode.save(
-        image, destination, output_format, steps.convert, watch=kill_switch.arm if kill_switch else None
-    )
+    watch = kill_switch.arm if kill_switch is not None else _unwatched
+    image = _build(source, steps, output_format, max_pixels, watch)
+    watch(image)
+    encode.save(image, destination, output_format, steps.convert, watch=watch)
     return image.width, image.height
+
+
+def _unwatched(image: pyvips.Image) -> None:
+    pass
 
 
 def _check_size(image: pyvips.Image, max_pixels: int | None) -> None:
@@ -166,21 +168,31 @@ def _check_size(image: pyvips.Image, max_pixels: int | None) -> None:
         )
 
 
-def _build(source: Path, steps: Plan, output_format: str, max_pixels: int | None) -> pyvips.Image:
+def _build(
+    source: Path,
+    steps: Plan,
+    output_format: str,
+    max_pixels: int | None,
+    watch: Callable[[pyvips.Image], None],
+) -> pyvips.Image:
     """The lazy libvips graph of the whole chain: nothing is decoded until the save pulls pixels, except
-    by operations that measure their input first (enhance)."""
-    image, remaining = _load(source, steps)
+    by steps that hold or measure their input first (enhance, out-of-order reads). `watch` is handed
+    each image such a step may render, so a kill switch can stop that pass too."""
+    image, remaining = _load(source, steps, watch)
     _check_size(image, max_pixels)
     for operation in remaining:
         apply = operation.kind.apply
         assert apply is not None  # plan() keeps only pixel operations in steps
+        watch(image)
         image = apply(image, operation.params)
         # After every step, before the next can read an oversized picture's pixels.
         _check_size(image, max_pixels)
     return encode.prepare_for_save(image, output_format, steps.convert)
 
 
-def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]:
+def _load(
+    source: Path, steps: Plan, watch: Callable[[pyvips.Image], None]
+) -> tuple[pyvips.Image, Sequence[Operation]]:
     first = steps.steps[0] if steps.steps else None
     # libvips' thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead.
     sixteen_bit = steps.convert is not None and steps.convert.bit_depth == 16
@@ -216,6 +228,7 @@ def _load(source: Path, steps: Plan) -> tuple[pyvips.Image, Sequence[Operation]]
         if any(reads_out_of_order(operation.params) for operation in rest):
             # thumbnail streams from a sequential load, which cannot serve rows out of order: hold its
             # result, small by now, in memory (as libvips' thumbnail does before its own turns).
+            watch(image)
             image = image.copy_memory()
         return image, rest
     pages: dict[str, Any] = {"n": -1} if animated else {}

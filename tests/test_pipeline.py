@@ -390,6 +390,46 @@ def test_kill_switch_fired_before_save_is_a_timeout(renderer: Renderer, chain: s
     assert not list(tmp_path.glob("out-*"))
 
 
+# Steps that read every pixel of their input while the chain is built, before the save runs.
+PASSES_BEFORE_SAVE: dict[str, list[dict[str, Any]]] = {
+    "enhance measures": [{"type": "enhance", "params": {}}],
+    "smart crop looks": [{"type": "smart_crop", "params": {"width": 64, "height": 64}}],
+    "turn after shrink-on-load holds": [
+        {"type": "resize", "params": {"width": 128}},
+        {"type": "rotate", "params": {"angle": 90}},
+    ],
+}
+
+
+@pytest.mark.parametrize("chain", list(PASSES_BEFORE_SAVE), ids=str)
+def test_kill_switch_stops_passes_over_the_pixels_before_the_save(
+    renderer: Renderer, chain: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job past its time limit stops at once, not after a full-size pass that nobody will use."""
+    finished: list[str] = []
+    call = pyvips.Operation.call
+    copy_memory = pyvips.Image.copy_memory
+
+    def spied_call(name: str, *args: Any, **kwargs: Any) -> Any:
+        result = call(name, *args, **kwargs)
+        finished.append(name)
+        return result
+
+    def spied_copy_memory(image: pyvips.Image) -> pyvips.Image:
+        result = copy_memory(image)
+        finished.append("copy_memory")
+        return result
+
+    monkeypatch.setattr(pyvips.Operation, "call", staticmethod(spied_call))
+    monkeypatch.setattr(pyvips.Image, "copy_memory", spied_copy_memory)
+    kill_switch = KillSwitch()
+    kill_switch.fire()
+    with pytest.raises(ProcessingError) as caught:
+        renderer.render(imagegen.jpeg(512, 384), PASSES_BEFORE_SAVE[chain], kill_switch=kill_switch)
+    assert caught.value.code == "timeout"
+    assert "copy_memory" not in finished and "smartcrop" not in finished
+
+
 def test_kill_switch_left_alone_changes_nothing(renderer: Renderer) -> None:
     kill_switch = KillSwitch()
     rendered = renderer.render(imagegen.jpeg(64, 48), RESIZE_FIRST, kill_switch=kill_switch)
