@@ -9,6 +9,7 @@ import asyncio
 from typing import Any
 
 from arq.connections import ArqRedis
+from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.worker import Retry, func
 from redis.exceptions import RedisError
@@ -35,10 +36,32 @@ WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
 # When the archive sweep runs (minutes of the hour): expired archives go within this many minutes.
 SWEEP_MINUTES = frozenset(range(0, 60, 5))
+# arq's time limit on a task beyond the core's own deadline, so the core records its timeout first.
+TASK_TIMEOUT_GRACE_SECONDS = 30
+# How much longer than its task's time limit arq holds a job's lock (arq's own margin).
+LOCK_MARGIN_SECONDS = 10
+
+
+def image_task_timeout(settings: Settings) -> float:
+    return settings.job_timeout + TASK_TIMEOUT_GRACE_SECONDS
+
+
+def archive_task_timeout(settings: Settings) -> float:
+    return settings.archive_timeout + TASK_TIMEOUT_GRACE_SECONDS
+
+
+async def hold_lock_for(ctx: dict[str, Any], task_timeout: float) -> None:
+    """arq locks every job for its longest task's time limit (an archive build's hour), and a job whose
+    worker died runs again only once its lock expires: a task with a shorter limit sets its own lock,
+    as arq would with that task alone."""
+    deps: WorkerDeps = ctx["deps"]
+    lock_ms = int((task_timeout + LOCK_MARGIN_SECONDS) * 1000)
+    await deps.redis.pexpire(in_progress_key_prefix + ctx["job_id"], lock_ms)
 
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
     try:
+        await hold_lock_for(ctx, image_task_timeout(ctx["deps"].settings))
         await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
     except RedisError as exc:
         # A job that raises is failed for good by arq, which would leave the image `processing`;
@@ -119,8 +142,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
     pool = WakeableArqRedis.connect(settings.require_redis(), settings.queue_name)
     return {
         "functions": [
-            func(process_image, name=PROCESS_IMAGE, timeout=settings.job_timeout + 30),
-            func(build_archive, name=BUILD_ARCHIVE, timeout=settings.archive_timeout + 30),
+            func(process_image, name=PROCESS_IMAGE, timeout=image_task_timeout(settings)),
+            func(build_archive, name=BUILD_ARCHIVE, timeout=archive_task_timeout(settings)),
         ],
         "cron_jobs": [cron(sweep_archives, name=SWEEP_ARCHIVES, minute=set(SWEEP_MINUTES), second=0)],
         "queue_name": settings.queue_name,

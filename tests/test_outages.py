@@ -36,4 +36,7 @@ async def test_redis_outage_mid_job_is_retried_not_failed(unreachable: Settings)
     """arq fails a job that raises for good, which would leave its image `processing` forever."""
     async with worker_deps(unreachable) as deps:
         with pytest.raises(Retry):
-            await worker.process_image({"deps": deps, "job_try": 1}, "img_01m8000000000000000000000")
+            await worker.process_image(
+                {"deps": deps, "job_try": 1, "job_id": "process:img_01m8000000000000000000000"},
+                "img_01m8000000000000000000000",
+            )

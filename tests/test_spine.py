@@ -6,10 +6,16 @@ import asyncio
 import json
 
 import httpx
+import pytest
 import pyvips
+from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 
+from jobs import processing
+from jobs.deps import WorkerDeps
+from jobs.queue import process_job_id
 from jobs.settings import Settings
+from jobs.worker import LOCK_MARGIN_SECONDS, image_task_timeout
 from tests import imagegen
 from tests.conftest import Partner, run_burst
 from tests.receiver import Receiver
@@ -81,3 +87,25 @@ async def test_queue_wakes_worker_without_waiting_for_poll(
     assert response.status_code == 202
     (delivery,) = await asyncio.to_thread(receiver.wait_for, 1, 10)
     assert delivery.event["data"]["status"] == "completed"
+
+
+async def test_an_image_job_is_locked_for_its_own_time_limit_not_an_archive_builds(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies mid-image leaves its job locked, and the job runs again once the lock expires:
+    within the image's time limit (minutes), not after an archive build's (an hour)."""
+    locks_ms: list[int] = []
+    process_image = processing.process_image
+
+    async def observed(deps: WorkerDeps, image_id: str, job_try: int) -> None:
+        locks_ms.append(await deps.redis.pttl(in_progress_key_prefix + process_job_id(image_id)))
+        await process_image(deps, image_id, job_try)
+
+    monkeypatch.setattr(processing, "process_image", observed)
+    assert (await upload(client, account, imagegen.jpeg())).status_code == 202
+    await run_burst(settings)
+    (lock_ms,) = locks_ms
+    assert settings.archive_timeout > image_task_timeout(settings)
+    assert (
+        settings.job_timeout * 1000 < lock_ms <= (image_task_timeout(settings) + LOCK_MARGIN_SECONDS) * 1000
+    )
