@@ -430,6 +430,26 @@ def test_kill_switch_stops_passes_over_the_pixels_before_the_save(
     assert "copy_memory" not in finished and "smartcrop" not in finished
 
 
+def test_stacked_area_filters_each_read_a_held_picture(
+    renderer: Renderer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a held copy between them, each area filter recomputes the one before for every tile's
+    margin: three blurs of sigma 100 on an 8 MP photo took 12 s and a chain of 32 took gigabytes."""
+    held: list[tuple[int, int]] = []
+    copy_memory = pyvips.Image.copy_memory
+
+    def spied_copy_memory(image: pyvips.Image) -> pyvips.Image:
+        held.append((image.width, image.height))
+        return copy_memory(image)
+
+    monkeypatch.setattr(pyvips.Image, "copy_memory", spied_copy_memory)
+    blurs = [{"type": "blur", "params": {"sigma": 3}}] * 3
+    chain = [{"type": "resize", "params": {"width": 128}}, *blurs, {"type": "adjust", "params": {}}]
+    rendered = renderer.render(imagegen.jpeg(256, 192), chain)
+    assert (rendered.width, rendered.height) == (128, 96)
+    assert held == [(128, 96), (128, 96)]
+
+
 def test_kill_switch_left_alone_changes_nothing(renderer: Renderer) -> None:
     kill_switch = KillSwitch()
     rendered = renderer.render(imagegen.jpeg(64, 48), RESIZE_FIRST, kill_switch=kill_switch)
