@@ -25,6 +25,9 @@ from webhooks.messages import new_message
 
 log = logging.getLogger("darkroom.processing")
 
+# How often a running render checks that its image was not deleted meanwhile (then it stops).
+DELETION_CHECK_SECONDS = 1.0
+
 
 async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     image = await deps.store.get_image(image_id)
@@ -48,6 +51,9 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         return
     try:
         rendered = await _render_with_deadline(deps, image)
+    except ImageDeleted:
+        log.info("stopped processing %s: its owner deleted it", image.id)
+        return
     except ProcessingError as exc:
         await _finish(deps, image, error=ImageError(exc.code, exc.message))
         return
@@ -63,7 +69,12 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     await _finish(deps, image, output=output)
 
 
+class ImageDeleted(Exception):
+    """The image's owner deleted it while it was rendered: there is nobody to render it for."""
+
+
 async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> RenderedImage:
+    """The render, stopped at the job's time limit or when the image is deleted meanwhile."""
     chain = parse_operations(image.operations)
     source = deps.storage.path(image.original_key)
     stem = deps.storage.new_staging_path()
@@ -74,13 +85,31 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
             functools.partial(render, source, stem, chain, image.input.format, kill_switch, max_pixels=limit)
         )
     )
-    done, _ = await asyncio.wait({rendering}, timeout=deps.settings.job_timeout)
-    if done:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deps.settings.job_timeout
+    try:
+        while not rendering.done():
+            left = deadline - loop.time()
+            if left <= 0:
+                raise ProcessingError(
+                    "timeout", f"processing took longer than {deps.settings.job_timeout:g} s"
+                )
+            await asyncio.wait({rendering}, timeout=min(left, DELETION_CHECK_SECONDS))
+            if not rendering.done() and not await deps.store.image_exists(image.id):
+                raise ImageDeleted(image.id)
         return rendering.result()
+    except BaseException:
+        # Whatever ends the wait (the limit, a deletion, Redis failing, arq cancelling the job) must not
+        # leave the render running on: a re-run would render the same image twice at once.
+        if not rendering.done():
+            _abandon(rendering, kill_switch, stem)
+        raise
+
+
+def _abandon(rendering: asyncio.Future[RenderedImage], kill_switch: KillSwitch, stem: Path) -> None:
     kill_switch.fire()
     # The thread stops at libvips' next kill check; tidy its file then, without waiting for it here.
     rendering.add_done_callback(lambda finished: _discard(finished, stem))
-    raise ProcessingError("timeout", f"processing took longer than {deps.settings.job_timeout:g} s")
 
 
 def _discard(finished: asyncio.Future[RenderedImage], stem: Path) -> None:

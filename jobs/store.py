@@ -262,6 +262,9 @@ class Store:
         raw = await self.redis.get(image_key(image_id))
         return None if raw is None else ImageRecord.from_json(raw)
 
+    async def image_exists(self, image_id: str) -> bool:
+        return bool(await self.redis.exists(image_key(image_id)))
+
     async def get_account_image(self, account_id: str, image_id: str) -> ImageRecord | None:
         """Another account's image is indistinguishable from a missing one."""
         image = await self.get_image(image_id)
