@@ -23,6 +23,7 @@ from server.embedded_redis import EmbeddedRedis
 DEV_ACCOUNT_FILE = "dev-account.json"
 STOP_GRACE_SECONDS = 10
 READY_TIMEOUT_SECONDS = 30
+SUPERVISE_POLL_SECONDS = 0.2
 
 
 def _ensure_dev_account(settings: Settings, saved: Path) -> tuple[dict[str, str], bool]:
@@ -49,16 +50,19 @@ async def _dev_account(settings: Settings, known: dict[str, str] | None) -> tupl
     return account_json(await create_account(settings, "dev")), True
 
 
-def _banner(public_url: str, account: dict[str, str], created: bool, data_dir: Path) -> str:
-    key, secret = account["api_key"], account["webhook_secret"]
+def _banner(settings: Settings, account: dict[str, str], created: bool) -> str:
+    key, secret, public_url = account["api_key"], account["webhook_secret"], settings.public_url
     # The command as the user typed it (`.venv/bin/darkroom` when the venv is not activated).
     darkroom = sys.argv[0] if Path(sys.argv[0]).name == "darkroom" else "darkroom"
     return f"""
-Darkroom is running at {public_url}   (data in {data_dir}; Ctrl-C stops everything)
+Darkroom is running at {public_url}   (data in {settings.data_dir}; Ctrl-C stops everything)
 
   {"Created" if created else "Using"} the dev account {account["account_id"]}
     API key:        {key}
     Webhook secret: {secret}
+
+  More accounts:
+    REDIS_URL={settings.redis_url} {darkroom} accounts create --name NAME
 
   Try it:
     {darkroom} webhooks listen --secret {secret} &
@@ -100,8 +104,8 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         if not _wait_until_ready(f"http://{host}:{port}/readyz", processes):
             print("darkroom dev: the web process did not start (its output is above)", file=sys.stderr)
             return 1
-        print(_banner(settings.public_url, account, created, data_dir), flush=True)
-        return _wait_for_any_exit(processes)
+        print(_banner(settings, account, created), flush=True)
+        return _supervise(processes, env)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -135,18 +139,24 @@ def _wait_until_ready(readyz: str, processes: list[subprocess.Popen[bytes]]) -> 
     return False
 
 
-def _wait_for_any_exit(processes: list[subprocess.Popen[bytes]]) -> int:
-    """Block until a child exits (that ends the dev session) or Ctrl-C arrives."""
+def _supervise(processes: list[subprocess.Popen[bytes]], env: dict[str, str]) -> int:
+    """Block until Ctrl-C, or until the web process (`processes[0]`) exits, which ends the session. A
+    worker killed by a signal (the OOM killer, a `kill -9`) is started again, as a process manager would:
+    its job runs again once its lock expires. A worker that exits by itself (it could not start, or was
+    asked to stop) ends the session too."""
     while True:
-        for process in processes:
-            try:
-                code = process.wait(timeout=0.5)
-            except subprocess.TimeoutExpired:
+        for index, process in enumerate(processes):
+            code = process.poll()
+            if code is None:
                 continue
-            command = process.args if isinstance(process.args, list) else [process.args]
-            name = " ".join(map(str, command[2:4]))  # "uvicorn server.app:app", "arq jobs.worker…"
-            print(f"darkroom dev: {name} exited with {code}", file=sys.stderr)
-            return code or 1
+            command = [str(part) for part in process.args] if isinstance(process.args, list) else []
+            name = " ".join(command[2:4])  # "uvicorn server.app:app", "arq jobs.worker.WorkerSettings"
+            if index == 0 or code >= 0:
+                print(f"darkroom dev: {name} exited with {code}", file=sys.stderr)
+                return code or 1
+            print(f"darkroom dev: {name} exited with {code}; starting it again", file=sys.stderr, flush=True)
+            processes[index] = subprocess.Popen(command, env=env, **child_process_options())
+        time.sleep(SUPERVISE_POLL_SECONDS)
 
 
 def _stop(processes: list[subprocess.Popen[bytes]]) -> None:

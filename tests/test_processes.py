@@ -475,6 +475,23 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
     stop_dev(again, whole_group=True)
 
 
+def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path: Path) -> None:
+    """A worker killed (by the OOM killer, say) does not end the session: it comes back and works."""
+    dev = start_dev(children, tmp_path / "dev-data")
+    (worker_pid,) = [pid for pid, command in descendants(dev.child.pid).items() if " arq " in command]
+    os.kill(worker_pid, signal.SIGKILL)
+    dev.child.wait_for_line(r"arq jobs\.worker\.WorkerSettings exited with -9; starting it again")
+    receiver = Receiver(dev.account.webhook_secret).start()
+    try:
+        image = upload(dev.base_url, dev.account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
+        (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+    assert delivery.event["data"]["id"] == image["id"]
+    assert not alive(worker_pid)
+    stop_dev(dev, whole_group=False)
+
+
 def test_darkroom_dev_on_a_busy_port_says_so_and_starts_nothing(children: Children, tmp_path: Path) -> None:
     """Another server answering on the port must not pass for ours (its banner would hand out a key
     that server does not know)."""
