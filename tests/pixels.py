@@ -111,3 +111,18 @@ class Renderer:
 
 def decode(data: bytes) -> pyvips.Image:
     return pyvips.Image.new_from_buffer(data, "", access="sequential", fail_on="error").copy_memory()
+
+
+def record_held_pictures(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """The size of every picture libvips holds in memory (`copy_memory` done) from now on: a step that
+    reads its input whole, or a pass over the pixels, shows up here."""
+    held: list[tuple[int, int]] = []
+    copy_memory = pyvips.Image.copy_memory
+
+    def recorded(image: pyvips.Image) -> pyvips.Image:
+        copy = copy_memory(image)
+        held.append((image.width, image.height))
+        return copy
+
+    monkeypatch.setattr(pyvips.Image, "copy_memory", recorded)
+    return held

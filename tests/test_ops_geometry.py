@@ -28,7 +28,7 @@ from jobs.ops.geometry import (
 )
 from jobs.params import ValidationFailed
 from tests import imagegen
-from tests.pixels import Renderer
+from tests.pixels import Renderer, record_held_pictures
 
 GREY = 100
 RED = [220.0, 30.0, 30.0]
@@ -509,14 +509,7 @@ def test_an_oversized_step_fails_before_the_next_step_reads_its_pixels(
     renderer: Renderer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """enhance measures its input in memory: an upscale past the limit must stop the chain first."""
-    copies: list[tuple[int, int]] = []
-    copy_memory = pyvips.Image.copy_memory
-
-    def counting_copy(image: pyvips.Image) -> pyvips.Image:
-        copies.append((image.width, image.height))
-        return copy_memory(image)
-
-    monkeypatch.setattr(pyvips.Image, "copy_memory", counting_copy)
+    copies = record_held_pictures(monkeypatch)
     chain = [{"type": "upscale", "params": {"scale": 8}}, {"type": "enhance"}]
     with pytest.raises(ProcessingError) as caught:
         renderer.run(png(imagegen.picture(64, 48)), chain, "png", max_pixels=64 * 48 * 16)

@@ -15,7 +15,7 @@ from jobs.ops.encode import SAVERS
 from jobs.params import ValidationFailed
 from jobs.pipeline import KillSwitch, RenderedImage, configure_libvips
 from tests import imagegen
-from tests.pixels import Renderer, decode
+from tests.pixels import Renderer, decode, record_held_pictures
 
 # Written into every metadata field the fixtures carry, so a leak shows up in the raw output bytes.
 SECRET = b"darkroom-secret-owner"
@@ -408,26 +408,20 @@ def test_kill_switch_stops_passes_over_the_pixels_before_the_save(
     """A job past its time limit stops at once, not after a full-size pass that nobody will use."""
     finished: list[str] = []
     call = pyvips.Operation.call
-    copy_memory = pyvips.Image.copy_memory
 
     def spied_call(name: str, *args: Any, **kwargs: Any) -> Any:
         result = call(name, *args, **kwargs)
         finished.append(name)
         return result
 
-    def spied_copy_memory(image: pyvips.Image) -> pyvips.Image:
-        result = copy_memory(image)
-        finished.append("copy_memory")
-        return result
-
     monkeypatch.setattr(pyvips.Operation, "call", staticmethod(spied_call))
-    monkeypatch.setattr(pyvips.Image, "copy_memory", spied_copy_memory)
+    held = record_held_pictures(monkeypatch)
     kill_switch = KillSwitch()
     kill_switch.fire()
     with pytest.raises(ProcessingError) as caught:
         renderer.render(imagegen.jpeg(512, 384), PASSES_BEFORE_SAVE[chain], kill_switch=kill_switch)
     assert caught.value.code == "timeout"
-    assert "copy_memory" not in finished and "smartcrop" not in finished
+    assert held == [] and "smartcrop" not in finished
 
 
 def test_stacked_area_filters_each_read_a_held_picture(
@@ -435,14 +429,7 @@ def test_stacked_area_filters_each_read_a_held_picture(
 ) -> None:
     """Without a held copy between them, each area filter recomputes the one before for every tile's
     margin: three blurs of sigma 100 on an 8 MP photo took 12 s and a chain of 32 took gigabytes."""
-    held: list[tuple[int, int]] = []
-    copy_memory = pyvips.Image.copy_memory
-
-    def spied_copy_memory(image: pyvips.Image) -> pyvips.Image:
-        held.append((image.width, image.height))
-        return copy_memory(image)
-
-    monkeypatch.setattr(pyvips.Image, "copy_memory", spied_copy_memory)
+    held = record_held_pictures(monkeypatch)
     blurs = [{"type": "blur", "params": {"sigma": 3}}] * 3
     chain = [{"type": "resize", "params": {"width": 128}}, *blurs, {"type": "adjust", "params": {}}]
     rendered = renderer.render(imagegen.jpeg(256, 192), chain)

@@ -35,7 +35,7 @@ from server.children import child_process_options
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import CORPUS, Partner
-from tests.receiver import Receiver
+from tests.receiver import Delivery, Receiver
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -448,17 +448,23 @@ def stop_dev(dev: DevSession, *, whole_group: bool) -> None:
     assert not left, f"still running after darkroom dev exited: {left}"
 
 
-def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tmp_path: Path) -> None:
-    data_dir = tmp_path / "dev-data"
-    dev = start_dev(children, data_dir)
-    assert dev.created
-    assert (data_dir / "dev-account.json").stat().st_mode & 0o777 == 0o600  # holds the API key
+def upload_and_hear(dev: DevSession) -> tuple[dict[str, Any], Delivery]:
+    """A photo uploaded to the dev session, and its webhook as a receiver of ours heard it."""
     receiver = Receiver(dev.account.webhook_secret).start()
     try:
         image = upload(dev.base_url, dev.account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
         (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
     finally:
         receiver.stop()
+    return image, delivery
+
+
+def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tmp_path: Path) -> None:
+    data_dir = tmp_path / "dev-data"
+    dev = start_dev(children, data_dir)
+    assert dev.created
+    assert (data_dir / "dev-account.json").stat().st_mode & 0o777 == 0o600  # holds the API key
+    image, delivery = upload_and_hear(dev)
     assert delivery.verified
     assert delivery.event["data"]["id"] == image["id"]
     assert delivery.event["data"]["output"]["url"].startswith(dev.base_url)
@@ -481,12 +487,7 @@ def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path:
     (worker_pid,) = [pid for pid, command in descendants(dev.child.pid).items() if " arq " in command]
     os.kill(worker_pid, signal.SIGKILL)
     dev.child.wait_for_line(r"arq jobs\.worker\.WorkerSettings exited with -9; starting it again")
-    receiver = Receiver(dev.account.webhook_secret).start()
-    try:
-        image = upload(dev.base_url, dev.account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
-        (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
-    finally:
-        receiver.stop()
+    image, delivery = upload_and_hear(dev)
     assert delivery.event["data"]["id"] == image["id"]
     assert not alive(worker_pid)
     stop_dev(dev, whole_group=False)
