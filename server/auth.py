@@ -16,7 +16,8 @@ def _presented_key(request: Request) -> str | None:
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    return request.headers.get("x-api-key") or None
+    # Trimmed like the Bearer credentials: a key pasted with a trailing newline or space is still the key.
+    return request.headers.get("x-api-key", "").strip() or None
 
 
 async def require_account(request: Request) -> Account:

@@ -10,6 +10,7 @@ import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from jobs.batches import BatchClosed, BatchEmpty
 from jobs.ids import new_id
@@ -19,6 +20,7 @@ from jobs.records import ArchiveSpec, BatchRecord, utc_now
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from server.auth import require_account
+from server.conditional import none_match
 from server.destinations import check_destination_url
 from server.images import (
     accept_uploads,
@@ -28,7 +30,7 @@ from server.images import (
     validate_upload_fields,
 )
 from server.json_body import read_json_object
-from server.multipart import receive_multipart
+from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 
@@ -36,6 +38,7 @@ BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
 BATCH_STATUSES = ("open", "sealed", "processing", "completed")
 MAX_FILES_PER_REQUEST = 50
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-[0-9]{1,30}")
 
 
 async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) -> BatchRecord:
@@ -131,9 +134,9 @@ async def add_images(request: Request) -> Response:
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST)
     try:
         fields = await validate_upload_fields(
-            upload.fields, settings, accepted=("operations", "callback_url", "metadata")
+            upload, settings, accepted=("operations", "callback_url", "metadata")
         )
-        files = [f for f in upload.files if f.field_name == "file"]
+        files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if not files or len(files) != len(upload.files):
             raise validation_problem([FieldError("file", "send one or more file parts, each named `file`")])
         images = await accept_uploads(request, account.id, files, fields, batch)
@@ -185,14 +188,54 @@ async def get_archive(request: Request) -> Response:
         stat = await anyio.to_thread.run_sync(os.stat, path)
     except FileNotFoundError:
         raise Problem(410, "archive_expired", f"the archive expired at {state.expires_at}") from None
-    _refuse_unsatisfiable(request.headers.get("range"), stat.st_size)
-    return FileResponse(
+    headers = {"ETag": f'"{state.etag}"', "Cache-Control": "private"}
+    if none_match(request, headers["ETag"]):
+        return Response(status_code=304, headers=headers)
+    range_header = request.headers.get("range")
+    understood = range_header is not None and _ranges_understood(range_header)
+    if understood:
+        _refuse_unsatisfiable(range_header, stat.st_size)
+    return _ArchiveResponse(
         path,
         media_type="application/zip",
         filename=f"{batch.id}.zip",
-        headers={"ETag": f'"{state.etag}"', "Cache-Control": "private"},
+        headers=headers,
         stat_result=stat,
+        ignore_range=not understood,
     )
+
+
+class _ArchiveResponse(FileResponse):
+    """FileResponse, told to send the whole file for a `Range` it should not act on: Starlette answers
+    a range in another unit or of bad syntax with a 400, where RFC 9110 §14.2 asks to ignore it."""
+
+    def __init__(self, *args: Any, ignore_range: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ignore_range = ignore_range
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ignore_range:
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+        await super().__call__(scope, receive, send)
+
+
+def _ranges_understood(header: str) -> bool:
+    """A `bytes` range set as RFC 9110 §14.1 writes it: `first-[last]` (last not before first) or
+    `-suffix`, comma separated. Positions longer than any file could need count as not understood."""
+    unit, equals, range_set = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return False
+    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    if not specs:
+        return False
+    for spec in specs:
+        match = _RANGE_SPEC.fullmatch(spec)
+        if match is None:
+            return False
+        first, last = match.group("first"), match.group("last")
+        if first is not None and last and int(last) < int(first):
+            return False
+    return True
 
 
 def _refuse_unsatisfiable(header: str | None, size: int) -> None:

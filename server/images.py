@@ -14,11 +14,12 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
 from jobs.formats import ImageFormat, UnreadableImage, read_header, sniff_format
 from jobs.ids import new_id
 from jobs.operations import parse_operations
-from jobs.ops.encode import MEDIA_TYPES
+from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
 from jobs.records import BatchRecord, ImageRecord, InputInfo, utc_now
 from jobs.settings import Settings
@@ -26,7 +27,8 @@ from jobs.storage import LocalStorage
 from jobs.store import Store
 from server.auth import require_account
 from server.destinations import check_destination_url
-from server.multipart import UploadedFile, receive_multipart
+from server.json_body import InvalidJson, parse_json
+from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 from server.variants import output_response, parse_variant_query, resolve_variant
@@ -34,11 +36,8 @@ from server.variants import output_response, parse_variant_query, resolve_varian
 MAX_METADATA_BYTES = 4096
 UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "batch_id")
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
-
-
-def _refuse_constant(name: str) -> Any:
-    # Python's json reads NaN and Infinity, which are not JSON and which no response could echo back.
-    raise ValueError(f"{name} is not valid JSON")
+# What `/original` downloads end with: the format the bytes are, whatever the name said.
+ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
 
 
 def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError]) -> Any:
@@ -46,13 +45,11 @@ def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError
     if raw is None or raw.strip() == "":
         return None
     try:
-        return json.loads(raw, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as exc:
-        errors.append(FieldError(name, f"is not valid JSON: {exc.msg}"))
-    except ValueError as exc:
+        return parse_json(raw, name)
+    except InvalidJson as exc:
         errors.append(FieldError(name, f"is not valid JSON: {exc}"))
-    except RecursionError:
-        errors.append(FieldError(name, "is nested too deeply"))
+    except ValidationFailed as exc:
+        errors.extend(exc.errors)
     return None
 
 
@@ -76,10 +73,11 @@ def metadata_problem(metadata: Any) -> str | None:
 
 
 async def validate_upload_fields(
-    fields: dict[str, str], settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
+    upload: MultipartUpload, settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
 ) -> UploadFields:
     """Every problem of the fields reported at once; `accepted` names the fields the route takes."""
-    errors: list[FieldError] = []
+    fields = upload.fields
+    errors = list(upload.errors)
     operations: list[dict[str, Any]] | None = None
     raw_operations = _parse_json_field(fields, "operations", errors)
     try:
@@ -97,11 +95,7 @@ async def validate_upload_fields(
         metadata = {}
     elif problem := metadata_problem(metadata):
         errors.append(FieldError("metadata", problem))
-    unknown = set(fields) - set(accepted)
-    errors.extend(
-        FieldError(name, "must be a file part with a filename" if name == "file" else "unknown field")
-        for name in sorted(unknown)
-    )
+    errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
     if errors:
         raise validation_problem(errors)
     return UploadFields(operations, callback_url, metadata, fields.get("batch_id") or None)
@@ -145,10 +139,10 @@ async def create_image(request: Request) -> Response:
     storage: LocalStorage = request.app.state.storage
     upload = await receive_multipart(request, storage, settings.max_upload_bytes)
     try:
-        fields = await validate_upload_fields(upload.fields, settings)
-        files = [f for f in upload.files if f.field_name == "file"]
+        fields = await validate_upload_fields(upload, settings)
+        files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if len(files) != 1 or len(upload.files) != 1:
-            raise validation_problem([FieldError("file", "send exactly one file part named `file`")])
+            raise validation_problem([FieldError(FILE_FIELD, "send exactly one file part named `file`")])
         batch = None
         if fields.batch_id is not None:
             batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
@@ -297,19 +291,18 @@ async def list_images(request: Request) -> Response:
     return await page_response(page, fetch, lambda image: image.resource(public_url))
 
 
-def _basename(filename: str | None) -> str:
-    """The client's file name without any directories it sent along (`C:\\photos\\a.jpg` → `a.jpg`)."""
-    return (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
-
-
-def _download_name(image: ImageRecord, suffix: str) -> str:
-    stem = _basename(image.input.filename).rsplit(".", 1)[0] or image.id
-    return f"{stem}{suffix}"
-
-
 async def get_output(request: Request) -> Response:
     image = await _owned_image(request)
     wanted = parse_variant_query(request.query_params)
+    if image.status == "failed":
+        error = image.error
+        raise Problem(
+            409,
+            "image_failed",
+            f"the image failed ({error.code}: {error.message}), so it has no output"
+            if error
+            else "the image failed, so it has no output",
+        )
     if image.status != "completed" or image.output is None:
         raise Problem(
             409,
@@ -318,7 +311,9 @@ async def get_output(request: Request) -> Response:
             headers={"Retry-After": "1"} if not image.is_terminal else None,
         )
     spec = resolve_variant(wanted, image.output)
-    return await output_response(request, image, image.output, spec, download_stem=_download_name(image, ""))
+    # The partner's name, made as safe as a ZIP entry's: it names a file on someone's disk.
+    stem = safe_entry_name(image.input.filename, image.id, "")
+    return await output_response(request, image, image.output, spec, download_stem=stem)
 
 
 async def get_original(request: Request) -> Response:
@@ -327,7 +322,7 @@ async def get_original(request: Request) -> Response:
     return FileResponse(
         storage.path(image.original_key),
         media_type=MEDIA_TYPES[image.input.format],
-        filename=_basename(image.input.filename) or image.id,
+        filename=safe_entry_name(image.input.filename, image.id, ORIGINAL_SUFFIXES[image.input.format]),
         content_disposition_type="inline",
         headers={"Cache-Control": "private, max-age=31536000, immutable"},
     )

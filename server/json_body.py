@@ -1,19 +1,120 @@
-"""JSON request bodies and values: capped in size, an object, or a clear problem."""
+"""JSON from partners, read strictly, and JSON request bodies: capped in size, an object, or a clear problem.
+
+Every JSON the API accepts — request bodies and JSON form fields — goes through `parse_json`. Python's
+reader takes more than a response can give back: `NaN` and `Infinity`, numbers such as `1e309` that
+overflow to infinity, integers too long to convert, and `\\ud800` escapes that are no Unicode text. Any
+of them stored would make every later rendering of the resource (responses, webhooks) fail, so they are
+refused here, each named by its path, before anything is accepted.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
+import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
 
-from server.problems import Problem
+from jobs.params import FieldError, ValidationFailed
+from server.problems import Problem, validation_problem
 from webhooks.messages import iso
 
 MAX_JSON_BODY_BYTES = 64 * 1024
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_FORMAT_HINT = 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"'
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Enough to fix a request; a hostile one would otherwise get a problem document as large as itself.
+MAX_REPORTED_VALUES = 20
+
+
+class InvalidJson(ValueError):
+    """The text is not JSON (the message says why and where), or it is nested too deeply to read."""
+
+
+@dataclass(frozen=True)
+class _Refused:
+    """Stands in for a value the reader met but will not accept, so the walk can name its path."""
+
+    message: str
+
+
+def _number(text: str) -> float | _Refused:
+    value = float(text)
+    return value if math.isfinite(value) else _Refused(f"must be a finite number ({text} is out of range)")
+
+
+def _integer(text: str) -> int | _Refused:
+    try:
+        return int(text)
+    except ValueError:  # longer than the interpreter converts: sys.get_int_max_str_digits()
+        return _Refused(f"must be a number of at most {sys.get_int_max_str_digits()} digits")
+
+
+def _constant(name: str) -> _Refused:
+    return _Refused(f"must be a finite number ({name} is not JSON)")
+
+
+def parse_json(raw: str | bytes, field: str = "") -> Any:
+    """`raw` as JSON, refusing what could not be given back. `field` names the value in errors ("" for a
+    request body, whose members are then named by themselves).
+
+    Raises InvalidJson for text that is not JSON, ValidationFailed naming each refused value."""
+    try:
+        value = json.loads(raw, parse_float=_number, parse_int=_integer, parse_constant=_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidJson(f"{exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except UnicodeDecodeError:
+        raise InvalidJson("it is not UTF-8 text") from None
+    except RecursionError:
+        raise InvalidJson("it is nested too deeply") from None
+    if errors := _refused_values(value, field):
+        raise ValidationFailed(errors)
+    return value
+
+
+def _refused_values(value: Any, root: str) -> list[FieldError]:
+    """Each refused number and each string or key that is not Unicode text, in document order.
+
+    A loop, not recursion: the reader accepts nesting as deep as the interpreter's recursion limit."""
+    errors: list[FieldError] = []
+    pending: list[tuple[str, Any]] = [(root, value)]
+    while pending and len(errors) < MAX_REPORTED_VALUES:
+        path, item = pending.pop()
+        if isinstance(item, _Refused):
+            errors.append(FieldError(path or "body", item.message))
+        elif isinstance(item, str):
+            if surrogate := _SURROGATE.search(item):
+                errors.append(
+                    FieldError(
+                        path or "body",
+                        f"must be valid Unicode text ({_escaped(surrogate[0])} is half of a UTF-16 pair)",
+                    )
+                )
+        elif isinstance(item, dict):
+            children = []
+            for key, child in item.items():
+                if surrogate := _SURROGATE.search(key):
+                    errors.append(
+                        FieldError(
+                            path or "body",
+                            "keys must be valid Unicode text "
+                            f"({_escaped(surrogate[0])} is half of a UTF-16 pair)",
+                        )
+                    )
+                children.append((f"{path}.{_escaped(key)}" if path else _escaped(key), child))
+            pending.extend(reversed(children))
+        elif isinstance(item, list):
+            pending.extend(reversed([(f"{path}[{index}]", child) for index, child in enumerate(item)]))
+    return errors
+
+
+def _escaped(text: str) -> str:
+    """`text` as it can be shown in a response: a lone surrogate as its `\\udc00` escape."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 async def read_json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
@@ -31,9 +132,11 @@ async def read_json_object(request: Request, *, optional: bool = False) -> dict[
     if content_type not in ("application/json", ""):
         raise Problem(415, "unsupported_media_type", "send the body as application/json")
     try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
-        raise Problem(400, "invalid_json", "the body is not valid JSON") from None
+        value = parse_json(bytes(body))
+    except InvalidJson as exc:
+        raise Problem(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+    except ValidationFailed as exc:
+        raise validation_problem(exc.errors) from None
     if not isinstance(value, dict):
         raise Problem(422, "invalid_json", "the body must be a JSON object")
     return value

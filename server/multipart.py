@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from email.message import Message
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 from typing import BinaryIO
 
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from jobs.params import FieldError
@@ -20,6 +23,8 @@ from server.problems import Problem
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 16
+# The part that carries the image: it must be a file part (one with a filename).
+FILE_FIELD = "file"
 # Room for the fields and multipart framing around the file itself.
 ENVELOPE_BYTES = 1024 * 1024
 
@@ -37,6 +42,9 @@ class UploadedFile:
 class MultipartUpload:
     fields: dict[str, str] = field(default_factory=dict)
     files: list[UploadedFile] = field(default_factory=list)
+    # Fields the body got wrong (sent twice, not UTF-8, `file` without a filename): reported with the
+    # other validation errors, so one 422 names every problem.
+    errors: list[FieldError] = field(default_factory=list)
 
     def discard(self) -> None:
         for upload in self.files:
@@ -57,6 +65,9 @@ class _Receiver:
         self._headers: dict[bytes, bytes] = {}
         self._field_name = ""
         self._field_value = bytearray()
+        self._field_names: set[str] = set()
+        # Set for a part refused whole, whose data is then read past.
+        self._skipping = False
         self._file: UploadedFile | None = None
         self._sink: BinaryIO | None = None
         # Set by the closing boundary: a body cut short must not pass for a complete upload.
@@ -78,6 +89,7 @@ class _Receiver:
         self._headers = {}
         self._field_value = bytearray()
         self._file = None
+        self._skipping = False
 
     def _header_end(self) -> None:
         self._headers[bytes(self._header_field).lower()] = bytes(self._header_value)
@@ -85,11 +97,9 @@ class _Receiver:
         self._header_value.clear()
 
     def _headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition", b""))
-        self._field_name = options.get(b"name", b"").decode("utf-8", "replace")
-        if b"filename" not in options:
-            if len(self.result.fields) >= MAX_FIELDS:
-                self._fail(Problem(422, "too_many_fields", f"at most {MAX_FIELDS} form fields"))
+        self._field_name, filename = _disposition(self._headers.get(b"content-disposition", b""))
+        if filename is None:
+            self._field_started()
             return
         if len(self.result.files) >= self.max_files:
             message = f"at most {self.max_files} file part(s) per request"
@@ -98,17 +108,37 @@ class _Receiver:
                     422,
                     "too_many_files",
                     message,
-                    errors=[FieldError(self._field_name or "file", message)],
+                    errors=[FieldError(self._field_name or FILE_FIELD, message)],
                 )
             )
             return
         path, self._sink = self.storage.open_staging()
-        filename = options[b"filename"].decode("utf-8", "replace")
         self._file = UploadedFile(self._field_name, filename, path)
         self.result.files.append(self._file)
 
+    def _field_started(self) -> None:
+        """A part without a filename: a text field, unless it is refused whole (its data then skipped)."""
+        name = self._field_name
+        if name == FILE_FIELD:
+            # `curl -F 'file=<photo.jpg'` sends the bytes as a text field: no name to keep, and the
+            # 64 KB field cap would misreport it as an oversized field.
+            self._skip(
+                "must be a file part with a filename (Content-Disposition: form-data; "
+                'name="file"; filename="photo.jpg"), as curl -F file=@photo.jpg sends it'
+            )
+        elif name in self._field_names:
+            self._skip(f"was sent more than once: give {name} once")
+        elif len(self._field_names) >= MAX_FIELDS:
+            self._fail(Problem(422, "too_many_fields", f"at most {MAX_FIELDS} form fields"))
+        self._field_names.add(name)
+
+    def _skip(self, message: str) -> None:
+        self._skipping = True
+        if all(error.field != self._field_name for error in self.result.errors):
+            self.result.errors.append(FieldError(self._field_name, message))
+
     def _part_data(self, data: bytes, start: int, end: int) -> None:
-        if self.problem is not None:
+        if self.problem is not None or self._skipping:
             return
         chunk = data[start:end]
         if self._file is None:
@@ -127,11 +157,16 @@ class _Receiver:
         self._sink.write(chunk)
 
     def _part_end(self) -> None:
-        if self._file is None:
-            if self.problem is None:
-                self.result.fields[self._field_name] = self._field_value.decode("utf-8", "replace")
+        if self._file is not None:
+            self.close()
             return
-        self.close()
+        if self.problem is not None or self._skipping:
+            return
+        try:
+            self.result.fields[self._field_name] = self._field_value.decode()
+        except UnicodeDecodeError:
+            # Replacing the bad bytes would store text the partner never sent.
+            self.result.errors.append(FieldError(self._field_name, "must be UTF-8 text"))
 
     def _end(self) -> None:
         self.complete = True
@@ -147,6 +182,23 @@ class _Receiver:
             self._sink = None
 
 
+def _disposition(header: bytes) -> tuple[str, str | None]:
+    """A part's field name and file name (None for a text field) from its Content-Disposition.
+
+    Read with the standard library rather than python-multipart, which drops RFC 5987 `filename*` and
+    cuts `C:\\dir\\a.jpg` down to `a.jpg` but not `..\\a.jpg`: the name is kept as sent, in either
+    form (`filename*` first, as RFC 6266 asks), and made safe where it is used."""
+    message = Message()
+    message["content-disposition"] = header.decode("latin-1")
+    params: dict[str, str] = {}
+    for key, value in message.get_params([], header="content-disposition")[1:]:
+        if isinstance(value, tuple):  # RFC 2231 `key*=charset'lang'text`, percent-decoded here
+            params[key.lower()] = collapse_rfc2231_value(value)
+        else:  # header bytes, as UTF-8 clients send them
+            params.setdefault(key.lower(), value.encode("latin-1").decode("utf-8", "replace"))
+    return params.get("name", ""), params.get("filename")
+
+
 def _too_large(limit: int) -> Problem:
     return Problem(413, "file_too_large", f"the file exceeds the upload limit of {limit} bytes")
 
@@ -156,32 +208,76 @@ async def receive_multipart(
 ) -> MultipartUpload:
     """Parse the request body; on any problem, staged files are removed and the Problem is raised."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
-    boundary = options.get(b"boundary")
-    if content_type != b"multipart/form-data" or not boundary:
+    if content_type != b"multipart/form-data":
         raise Problem(
             415, "unsupported_media_type", "send the image as multipart/form-data with a `file` part"
+        )
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise _malformed(
+            "the Content-Type multipart/form-data has no boundary parameter; let your HTTP client set "
+            "the header (curl -F does) rather than setting it by hand"
+        )
+    if len(boundary) > MAX_BOUNDARY_LENGTH:
+        raise _malformed(
+            f"the multipart boundary is {len(boundary)} characters long; at most {MAX_BOUNDARY_LENGTH} "
+            "are accepted (RFC 2046 allows 70)"
         )
     declared = request.headers.get("content-length")
     body_limit = max_file_bytes * max_files + ENVELOPE_BYTES
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_file_bytes)
     receiver = _Receiver(storage, max_file_bytes, max_files)
-    parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
+    parsed = 0  # bytes of the body parsed before the current chunk, to say where a problem is
     try:
+        parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
         async for chunk in request.stream():
             parser.write(chunk)
+            parsed += len(chunk)
             if receiver.problem is not None:
                 raise receiver.problem
         parser.finalize()
         if not receiver.complete:
-            raise Problem(400, "malformed_multipart", "the multipart body ended before its closing boundary")
+            raise _malformed("the multipart body ended before its closing boundary")
     except Problem:
         receiver.result.discard()
         raise
+    except MultipartParseError as exc:
+        receiver.result.discard()
+        raise _malformed(f"{_explain(str(exc))} (at byte {parsed + exc.offset} of the body)") from None
     except Exception as exc:
         receiver.result.discard()
-        raise Problem(400, "malformed_multipart", f"the multipart body could not be parsed: {exc}") from None
+        raise _malformed(f"the multipart body could not be parsed: {exc}") from None
     finally:
         with contextlib.suppress(OSError):
             receiver.close()
     return receiver.result
+
+
+def _malformed(detail: str) -> Problem:
+    return Problem(400, "malformed_multipart", detail)
+
+
+# python-multipart's messages, by how they start, as a partner can act on them.
+_PARSER_MESSAGES = (
+    (
+        "Expected boundary character",
+        "the body does not start with `--` and the boundary given in Content-Type",
+    ),
+    ("Did not find CR at end of boundary", "a boundary line does not end with CRLF"),
+    ("Did not find LF at end of boundary", "a boundary line does not end with CRLF"),
+    ("Did not find CRLF after boundary padding", "a boundary line does not end with CRLF"),
+    ("Did not find - at end of boundary", "the closing boundary does not end with `--`"),
+    ("Maximum header size exceeded", "a part has a header line over 4 KB"),
+    ("Maximum header count exceeded", "a part has too many header lines"),
+    ("Found invalid character", "a part's header has a name with characters a header name cannot have"),
+    ("Found 0-length header", "a part has a header line without a name"),
+    ("Did not find LF", "a part's header line does not end with CRLF"),
+)
+
+
+def _explain(message: str) -> str:
+    sentence = next((text for start, text in _PARSER_MESSAGES if message.startswith(start)), None)
+    if sentence is None:
+        return f"the multipart body could not be parsed: {message}"
+    return f"the multipart body is malformed: {sentence}"

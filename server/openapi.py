@@ -110,9 +110,12 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         },
                         "304": {"description": "Not modified (If-None-Match matched the ETag)"},
                         "404": _NOT_FOUND,
-                        "409": _problem("The image is not completed"),
+                        "409": _problem(
+                            "The image is not completed (not_ready), or it failed (image_failed)"
+                        ),
                         "410": _problem("The stored result is gone"),
                         "422": _problem("Invalid variant parameters; see errors"),
+                        "503": _problem("Every variant renderer is busy; retry after Retry-After"),
                     },
                 },
             },
@@ -283,8 +286,12 @@ def _batch_paths() -> dict[str, Any]:
                     }
                 ],
                 "responses": {
-                    "200": {"description": "The archive (ETag)", "content": {"application/zip": {}}},
+                    "200": {
+                        "description": "The archive (ETag); also for a Range of another unit or bad syntax",
+                        "content": {"application/zip": {}},
+                    },
                     "206": {"description": "The requested range", "content": {"application/zip": {}}},
+                    "304": {"description": "Not modified (If-None-Match matched the ETag)"},
                     "404": _NO_BATCH,
                     "409": _problem("No archive asked for, not ready yet, or it failed"),
                     "410": _problem("The archive expired"),

@@ -35,8 +35,15 @@ class PageRequest:
 def parse_page(
     query: QueryParams, id_prefix: str, filters: dict[str, Sequence[str]]
 ) -> tuple[PageRequest, dict[str, str | None]]:
-    """Validate `limit`, `cursor` and enumerated filters together, so every problem is reported at once."""
-    errors: list[FieldError] = []
+    """Validate `limit`, `cursor` and enumerated filters together, so every problem is reported at once.
+
+    Each parameter is taken once: `?status=failed&status=completed` is refused rather than read as one of
+    them, or as both, silently."""
+    errors = [
+        FieldError(name, "must be given at most once")
+        for name in sorted(set(query.keys()))
+        if len(query.getlist(name)) > 1
+    ]
     limit = DEFAULT_PAGE_SIZE
     raw_limit = query.get("limit")
     if raw_limit is not None:

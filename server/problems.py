@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,12 @@ class Problem(Exception):
 
 class ProblemResponse(JSONResponse):
     media_type = "application/problem+json"
+
+    def render(self, content: Any) -> bytes:
+        # A detail or field may quote what the client sent: half a UTF-16 pair in it (a lone surrogate,
+        # not encodable as UTF-8) becomes "?" rather than turning the problem into a 500.
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        return text.encode("utf-8", "replace")
 
 
 def problem_response(problem: Problem) -> Response:

@@ -4,15 +4,21 @@
 result and kept next to it in storage (so deleting the image deletes its variants); later requests, from
 any web process, are served from that file. Results never change once completed, so every response has
 a strong ETag that is known before any file is touched and can be cached for a year.
+
+Rendering is the one place the web process decodes pixels, so it is bounded: at most RENDER_SLOTS
+renders at once per process (libvips uses every core for each); a request waits for a slot at most
+RENDER_WAIT_SECONDS, then answers 503 with Retry-After. An image keeps at most MAX_VARIANTS_PER_IMAGE
+variants: serving one marks it used (its mtime), and storing one more removes the least recently used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
-import re
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast, get_args
@@ -30,6 +36,7 @@ from jobs.records import ImageRecord, OutputInfo
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_variant
+from server.conditional import none_match
 from server.problems import Problem, validation_problem
 
 log = logging.getLogger("darkroom.variants")
@@ -38,6 +45,11 @@ VariantFormat = Literal["jpeg", "png", "webp", "avif"]
 VARIANT_FORMATS: tuple[VariantFormat, ...] = get_args(VariantFormat)
 QUERY_FIELDS = ("format", "quality", "width", "height", "preview")
 CACHE_CONTROL = "private, max-age=31536000, immutable"
+RENDER_SLOTS = os.cpu_count() or 1
+RENDER_WAIT_SECONDS = 10.0
+RENDER_RETRY_AFTER_SECONDS = 5
+# 40 widths of one 100 MP image cached 314 MB: a partner asking for every size gets the recent ones.
+MAX_VARIANTS_PER_IMAGE = 16
 
 
 @dataclass(frozen=True)
@@ -115,7 +127,7 @@ async def output_response(
     """The stored result (`spec` None) or its variant, honouring `If-None-Match`."""
     digest = _identity(image, output, spec)
     headers = {"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL}
-    if _none_match(request, headers["ETag"]):
+    if none_match(request, headers["ETag"]):
         return Response(status_code=304, headers=headers)
     storage: LocalStorage = request.app.state.storage
     if spec is None:
@@ -147,17 +159,6 @@ def _identity(image: ImageRecord, output: OutputInfo, spec: VariantSpec | None) 
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 
 
-_ENTITY_TAG = re.compile(r'(?:W/)?("[^"]*")')
-
-
-def _none_match(request: Request, etag: str) -> bool:
-    """RFC 9110 §13.1.2: `*` or any listed tag equal to ours under the weak comparison."""
-    header = ",".join(request.headers.getlist("if-none-match")).strip()
-    if not header:
-        return False
-    return header == "*" or etag in _ENTITY_TAG.findall(header)
-
-
 async def _cached_variant(
     request: Request, image: ImageRecord, output: OutputInfo, spec: VariantSpec, key: str
 ) -> Path:
@@ -165,29 +166,81 @@ async def _cached_variant(
     it at once: each writes its own staging file and the atomic commit makes either one the copy."""
     storage: LocalStorage = request.app.state.storage
     cached = storage.path(key)
-    if await _stat(cached) is not None:
+    if await _mark_used(cached):
         return cached
     source = storage.path(output.key)
     if await _stat(source) is None:
         raise _missing_output()
-    staged = storage.new_staging_path(cached.suffix)
-    try:
-        # Not abandoned on cancellation: the thread's file must exist before `finally` removes it.
-        await anyio.to_thread.run_sync(functools.partial(render_variant, source, staged, spec))
-        await anyio.to_thread.run_sync(storage.commit, staged, key)
-    except pyvips.Error:
-        log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
-        raise Problem(
-            500, "output_unreadable", "the stored result cannot be decoded to render this variant"
-        ) from None
-    finally:
-        staged.unlink(missing_ok=True)
+    async with _render_slot(request):
+        # A request for the same variant may have rendered it while this one waited.
+        if await _mark_used(cached):
+            return cached
+        staged = storage.new_staging_path(cached.suffix)
+        try:
+            # Not abandoned on cancellation: the thread's file must exist before `finally` removes it.
+            await anyio.to_thread.run_sync(functools.partial(render_variant, source, staged, spec))
+            await anyio.to_thread.run_sync(
+                _evict_least_recently_used, cached.parent, MAX_VARIANTS_PER_IMAGE - 1
+            )
+            await anyio.to_thread.run_sync(storage.commit, staged, key)
+        except pyvips.Error:
+            log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
+            raise Problem(
+                500, "output_unreadable", "the stored result cannot be decoded to render this variant"
+            ) from None
+        finally:
+            staged.unlink(missing_ok=True)
     store: Store = request.app.state.store
     if await store.get_account_image(image.account_id, image.id) is None:
         # Deleted while we rendered: its blobs are gone, and this one must not outlive them.
         await anyio.to_thread.run_sync(storage.delete_tree, f"{image.account_id}/{image.id}")
         raise Problem(404, "not_found", "no such image")
     return cached
+
+
+@contextlib.asynccontextmanager
+async def _render_slot(request: Request) -> AsyncIterator[None]:
+    """One of the process's RENDER_SLOTS, waited for at most RENDER_WAIT_SECONDS."""
+    state = request.app.state
+    if not hasattr(state, "variant_render_slots"):
+        # Made on first use, inside the app's event loop, and shared by every request of the process.
+        state.variant_render_slots = anyio.Semaphore(RENDER_SLOTS)
+    slots: anyio.Semaphore = state.variant_render_slots
+    try:
+        with anyio.fail_after(RENDER_WAIT_SECONDS):
+            await slots.acquire()
+    except TimeoutError:
+        raise Problem(
+            503,
+            "renderer_busy",
+            "every variant renderer is busy; retry shortly (stored variants are served meanwhile)",
+            headers={"Retry-After": str(RENDER_RETRY_AFTER_SECONDS)},
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+async def _mark_used(path: Path) -> bool:
+    """Record that the stored variant at `path` is being served (the eviction order); False if absent."""
+    try:
+        await anyio.to_thread.run_sync(os.utime, path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _evict_least_recently_used(folder: Path, keep: int) -> None:
+    """Remove the variants in `folder` beyond the `keep` most recently used. Blocking: run it in a thread."""
+    used: list[tuple[int, Path]] = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):  # another request evicted it first
+                used.append((entry.stat().st_mtime_ns, Path(entry.path)))
+    used.sort(reverse=True)
+    for _, path in used[keep:]:
+        path.unlink(missing_ok=True)
 
 
 async def _stat(path: Path) -> os.stat_result | None:

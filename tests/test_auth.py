@@ -101,6 +101,19 @@ async def test_x_api_key_header_works(
     assert [image["id"] for image in listing.json()["data"]] == [image_id]
 
 
+@pytest.mark.parametrize("padding", [" ", "\t", "  \t "])
+async def test_x_api_key_is_trimmed_like_bearer_credentials(
+    client: httpx.AsyncClient, account: Partner, padding: str
+) -> None:
+    bearer = await client.get("/v1/images", headers={"Authorization": f"Bearer {account.api_key}{padding}"})
+    assert bearer.status_code == 200, bearer.text
+    response = await client.get("/v1/images", headers={"X-API-Key": f"{padding}{account.api_key}{padding}"})
+    assert response.status_code == 200, response.text
+    blank = await client.get("/v1/images", headers={"X-API-Key": padding})
+    assert_unauthorized(blank)
+    assert blank.json()["code"] == "missing_api_key"
+
+
 async def test_wrong_x_api_key_is_401(client: httpx.AsyncClient, account: Partner) -> None:
     response = await client.get("/v1/images", headers={"X-API-Key": "sk_live_wrong"})
     assert_unauthorized(response)

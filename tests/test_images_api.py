@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import urllib.parse
+
 import httpx
 import pytest
 from redis.asyncio import Redis
@@ -10,7 +13,7 @@ from jobs.settings import Settings
 from tests import imagegen
 from tests.conftest import Partner, run_burst
 from tests.test_spine import upload
-from tests.test_upload_validation import assert_problem, stored_blobs
+from tests.test_upload_validation import assert_problem, multipart_body, multipart_headers, stored_blobs
 
 
 async def upload_many(client: httpx.AsyncClient, account: Partner, count: int) -> list[str]:
@@ -123,6 +126,24 @@ async def test_bad_status_filter_is_422(client: httpx.AsyncClient, account: Part
     assert_problem(response, 422, "validation_failed", fields=["status"])
 
 
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        pytest.param("?status=failed&status=completed", "status", id="status"),
+        pytest.param("?status=failed&status=failed", "status", id="same-status-twice"),
+        pytest.param("?limit=1&limit=50", "limit", id="limit"),
+        pytest.param("?batch_id=bat_a&batch_id=bat_b", "batch_id", id="batch_id"),
+    ],
+)
+async def test_a_list_parameter_given_twice_is_422_not_one_of_them(
+    client: httpx.AsyncClient, account: Partner, query: str, field: str
+) -> None:
+    await upload_many(client, account, 1)
+    response = await client.get(f"/v1/images{query}", headers=account.headers)
+    problem = assert_problem(response, 422, "validation_failed", fields=[field])
+    assert "at most once" in problem["errors"][0]["message"]
+
+
 @pytest.mark.parametrize("cursor", ["garbage", "img_", "img_01jd", "bat_01jd0000000000000000000000", "(img_"])
 async def test_bad_cursor_is_422_not_an_empty_page(
     client: httpx.AsyncClient, account: Partner, cursor: str
@@ -224,6 +245,67 @@ async def test_downloads_offer_the_uploaded_name_without_directories(
     output = await client.get(f"/v1/images/{image_id}/output", headers=account.headers)
     stem = offered.rsplit(".", 1)[0]
     assert output.headers["content-disposition"] == f'inline; filename="{stem}.png"'
+
+
+@pytest.mark.parametrize(
+    ("sent", "original", "output"),
+    [
+        pytest.param("..", "{id}.jpg", "{id}.png", id="dot-dot"),
+        pytest.param("..\\..\\win.ini", "win.ini.jpg", "win.ini.png", id="windows-relative-path"),
+        pytest.param("invoice\u202egpj.exe", "invoicegpj.exe.jpg", "invoicegpj.exe.png", id="rtl-override"),
+        pytest.param("tab\there\x01.jpg", "tab here.jpg", "tab here.png", id="control-characters"),
+        pytest.param(".htaccess", "htaccess.jpg", "htaccess.png", id="leading-dot"),
+        pytest.param("CON.jpg", "{id}.jpg", "{id}.png", id="windows-device"),
+    ],
+)
+async def test_download_names_are_made_safe_like_zip_entries(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, sent: str, original: str, output: str
+) -> None:
+    # Built by hand: httpx would percent-encode the control characters itself.
+    body = multipart_body(
+        [
+            ("file", sent, imagegen.jpeg()),
+            ("operations", None, b'[{"type": "convert", "params": {"format": "png"}}]'),
+        ]
+    )
+    created = await client.post("/v1/images", headers=multipart_headers(account), content=body)
+    assert created.status_code == 202, created.text
+    image_id = created.json()["id"]
+    assert created.json()["input"]["filename"] == sent
+    downloaded = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
+    assert offered_name(downloaded) == original.format(id=image_id)
+    await run_burst(settings)
+    result = await client.get(f"/v1/images/{image_id}/output", headers=account.headers)
+    assert offered_name(result) == output.format(id=image_id)
+
+
+def offered_name(response: httpx.Response) -> str:
+    """The file name of `Content-Disposition: inline; filename="…"` or `filename*=utf-8''…`."""
+    disposition = response.headers["content-disposition"]
+    if match := re.fullmatch(r"inline; filename\*=utf-8''(.*)", disposition):
+        return urllib.parse.unquote(match[1])
+    match = re.fullmatch(r'inline; filename="(.*)"', disposition)
+    assert match, disposition
+    return match[1]
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param("C:\\x\\y.jpg", id="windows-absolute"),
+        pytest.param("..\\..\\win.ini", id="windows-relative"),
+        pytest.param("../../etc/passwd.jpg", id="posix-relative"),
+        pytest.param("\\\\server\\share\\a.jpg", id="unc"),
+    ],
+)
+async def test_the_file_name_is_kept_as_sent_whatever_its_form(
+    client: httpx.AsyncClient, account: Partner, sent: str
+) -> None:
+    """`input.filename` echoes the name the partner sent, paths and all: it is made safe where it names
+    a file (downloads, ZIP entries), not silently cut short for some spellings and not others."""
+    created = await upload(client, account, imagegen.jpeg(), filename=sent)
+    assert created.status_code == 202, created.text
+    assert created.json()["input"]["filename"] == sent
 
 
 async def test_output_while_queued_is_409_problem(client: httpx.AsyncClient, account: Partner) -> None:

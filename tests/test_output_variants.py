@@ -4,6 +4,7 @@ result, cached in storage, with ETags and conditional requests."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,7 +239,7 @@ async def test_second_request_is_served_from_the_stored_variant(
     assert second.content == first.content
     assert second.headers["etag"] == first.headers["etag"]
     after = stored.stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert after.st_ino == before.st_ino  # the same file, not rendered and committed again
     assert len(renders) == 1
     # Another web process finds it too.
     async with api_client(settings) as other_process:
@@ -341,13 +342,18 @@ async def test_variant_of_an_unfinished_image_is_409(client: httpx.AsyncClient, 
     assert response.headers.get("retry-after")
 
 
-async def test_variant_of_a_failed_image_is_409_without_retry(
-    client: httpx.AsyncClient, account: Partner, settings: Settings
+@pytest.mark.parametrize("query", ["", "?width=10"])
+async def test_output_of_a_failed_image_is_409_image_failed_with_its_error(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, query: str
 ) -> None:
+    """Not `not_ready`: waiting will not help, and the problem says why there is no output."""
     created = await upload(client, account, imagegen.truncated_jpeg())
     await run_burst(settings)
-    response = await get_output(client, account, created.json()["id"], "?width=10")
-    assert "failed" in assert_problem(response, 409, "not_ready")["detail"]
+    image = (await client.get(f"/v1/images/{created.json()['id']}", headers=account.headers)).json()
+    response = await get_output(client, account, image["id"], query)
+    detail = assert_problem(response, 409, "image_failed")["detail"]
+    assert image["error"]["code"] == "corrupt_image"
+    assert image["error"]["code"] in detail and image["error"]["message"] in detail
     assert "retry-after" not in response.headers
 
 
@@ -425,4 +431,78 @@ async def test_delete_while_a_variant_renders_leaves_nothing_behind(
     response = await get_output(client, account, image["id"], "?width=100")
     assert_problem(response, 404)
     assert not (settings.storage_root / account.id / image["id"]).exists()
+    assert staged_files(settings) == []
+
+
+# --- limits on rendering -----------------------------------------------------------------------------
+
+
+async def test_an_image_keeps_only_its_most_recently_used_variants(
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    renders: list[VariantSpec],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server.variants, "MAX_VARIANTS_PER_IMAGE", 3)
+    image = await completed(client, account, settings, imagegen.jpeg(300, 200))
+    for width in (100, 110, 120):
+        assert (await get_output(client, account, image["id"], f"?width={width}")).status_code == 200
+    assert (await get_output(client, account, image["id"], "?width=100")).status_code == 200  # used again
+    for width in (130, 140):
+        assert (await get_output(client, account, image["id"], f"?width={width}")).status_code == 200
+    kept = sorted(
+        pyvips.Image.new_from_file(str(path)).width for path in variant_files(settings, account, image["id"])
+    )
+    assert kept == [100, 130, 140]
+    assert [spec.width for spec in renders] == [100, 110, 120, 130, 140]
+    renders.clear()
+    evicted = await get_output(client, account, image["id"], "?width=110")
+    assert decode(evicted).width == 110 and [spec.width for spec in renders] == [110]  # rendered again
+
+
+async def test_renders_share_a_bounded_number_of_slots_and_a_long_wait_is_503(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.variants, "RENDER_SLOTS", 2)
+    monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 0.3)
+    image = await completed(client, account, settings, imagegen.jpeg(300, 200))
+    running, most = 0, 0
+    changed = threading.Condition()
+    release = threading.Event()
+
+    def slow_render(source: Path, destination: Path, spec: VariantSpec) -> None:
+        nonlocal running, most
+        with changed:
+            running += 1
+            most = max(most, running)
+            changed.notify_all()
+        release.wait(10)
+        render_variant(source, destination, spec)
+        with changed:
+            running -= 1
+
+    def until_running(count: int) -> None:
+        with changed:
+            assert changed.wait_for(lambda: running >= count, timeout=10)
+
+    monkeypatch.setattr(server.variants, "render_variant", slow_render)
+    busy = [asyncio.create_task(get_output(client, account, image["id"], f"?width={w}")) for w in (50, 60)]
+    await asyncio.to_thread(until_running, 2)
+    waited = await get_output(client, account, image["id"], "?width=70")
+    assert_problem(waited, 503, "renderer_busy")
+    assert waited.headers["retry-after"] == str(server.variants.RENDER_RETRY_AFTER_SECONDS)
+    # A stored variant and a revalidation need no slot.
+    assert (await get_output(client, account, image["id"])).status_code == 200
+    release.set()
+    assert [response.status_code for response in await asyncio.gather(*busy)] == [200, 200]
+    monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 10.0)
+    release.clear()
+    queued = [
+        asyncio.create_task(get_output(client, account, image["id"], f"?width={w}")) for w in (80, 90, 100)
+    ]
+    await asyncio.to_thread(until_running, 2)
+    release.set()
+    assert [response.status_code for response in await asyncio.gather(*queued)] == [200, 200, 200]
+    assert most == 2
     assert staged_files(settings) == []
