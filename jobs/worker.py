@@ -31,9 +31,13 @@ from webhooks.transport import DeliveryClient
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
-# Webhook attempts in flight per worker process, and of those, at most this many to one origin.
+# Webhook attempts in flight per worker process, and of those, at most this many to one origin (the
+# dispatcher claims no more than that: see webhooks.dispatcher).
 WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
+# How many attempts' time a webhook lease lasts. One is enough, since no attempt waits for a connection;
+# the second covers recording it, and an origin spelled two ways sharing one connection pool.
+WEBHOOK_LEASE_ATTEMPTS = 2
 # When the archive sweep runs (minutes of the hour): expired archives go within this many minutes.
 SWEEP_MINUTES = frozenset(range(0, 60, 5))
 # arq's time limit on a task beyond the core's own deadline, so the core records its timeout first.
@@ -93,7 +97,6 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
         allow_private=settings.allow_private_callbacks,
     )
     store = Store(redis, message_retention=settings.webhook_retention)
-    queued_turns = WEBHOOK_CONCURRENCY // WEBHOOK_CONNECTIONS_PER_ORIGIN + 1
     policy = RetryPolicy(
         settings.retry_schedule,
         jitter=settings.retry_jitter,
@@ -107,9 +110,8 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
         policy,
         new_id=new_id,
         messages=store.messages,
-        # Longer than any attempt can take, queueing for one of its origin's connections included:
-        # a lease that runs out means its worker died.
-        lease_seconds=queued_turns * settings.webhook_timeout + 5,
+        # Longer than any attempt can take: a lease that runs out means its worker died.
+        lease_seconds=WEBHOOK_LEASE_ATTEMPTS * settings.webhook_timeout + 5,
         concurrency=WEBHOOK_CONCURRENCY,
         on_attempt=stats.count_attempt,
     )

@@ -14,7 +14,7 @@ from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 from webhooks.endpoints import EVENT_TYPES
-from webhooks.messages import LoggedMessage, MessageFilter
+from webhooks.messages import LoggedMessage, MessageFilter, is_endpoint
 
 
 async def _owned_message(request: Request, account_id: str) -> LoggedMessage:
@@ -64,8 +64,11 @@ async def list_deliveries(request: Request) -> Response:
 
 
 async def retry_delivery(request: Request) -> Response:
-    """Send the message again, now, to every destination not already waiting for an attempt (or to
-    `endpoint_id` alone). Its attempt history stays; receivers see the same `webhook-id`."""
+    """Send the message again, now, to each destination (or to `endpoint_id` alone): a finished delivery
+    becomes pending, one waiting for its next retry is brought forward. Its attempt history stays;
+    receivers see the same `webhook-id`. A destination with an attempt under way is left to it (409 when
+    that is every one chosen), and disabled or deleted endpoints are left out (409 when nothing else is
+    left)."""
     account = await require_account(request)
     logged = await _owned_message(request, account.id)
     body = await read_json_object(request, optional=True)
@@ -76,14 +79,30 @@ async def retry_delivery(request: Request) -> Response:
         errors.append(FieldError("endpoint_id", "this message was not sent to that endpoint"))
     if errors:
         raise validation_problem(errors)
-    chosen = [
-        delivery
-        for delivery in logged.deliveries
-        if delivery.status != "pending" and only in (None, delivery.destination)
-    ]
     store: Store = request.app.state.store
-    if chosen:
-        await store.redeliver(chosen)
+    chosen = [delivery for delivery in logged.deliveries if only in (None, delivery.destination)]
+    refusals = {}
+    for delivery in chosen:
+        if is_endpoint(delivery.destination):
+            endpoint = await store.endpoints.get(delivery.destination)
+            if endpoint is None:
+                refusals[delivery.destination] = ("endpoint_deleted", "the endpoint was deleted")
+            elif endpoint.status == "disabled":
+                refusals[delivery.destination] = (
+                    "endpoint_disabled",
+                    "the endpoint is disabled; enable it first",
+                )
+    sendable = [delivery for delivery in chosen if delivery.destination not in refusals]
+    if not sendable:
+        code, detail = sorted(refusals.values())[-1]  # endpoint_disabled first: it can be undone
+        raise Problem(409, code, detail)
+    outcomes = await store.messages.redeliver(sendable)
+    if all(outcome == "in_flight" for outcome in outcomes):
+        raise Problem(
+            409,
+            "attempt_in_progress",
+            "an attempt is under way; its outcome will show in the delivery log, retry after it",
+        )
     return await accepted_message(store, logged.id)
 
 

@@ -115,10 +115,6 @@ async def create_endpoint(request: Request) -> Response:
     account = await require_account(request)
     store: Store = request.app.state.store
     values = await _check_fields(await read_json_object(request), request.app.state.settings, creating=True)
-    if len(await store.endpoints.list_for_account(account.id)) >= MAX_ENDPOINTS_PER_ACCOUNT:
-        raise Problem(
-            409, "too_many_endpoints", f"an account has at most {MAX_ENDPOINTS_PER_ACCOUNT} endpoints"
-        )
     endpoint = await store.endpoints.create(
         new_id("ep"),
         account.id,
@@ -127,7 +123,12 @@ async def create_endpoint(request: Request) -> Response:
         values.get("description", ""),
         max_in_flight=values.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
         rate_limit=values.get("rate_limit"),
+        limit=MAX_ENDPOINTS_PER_ACCOUNT,
     )
+    if endpoint is None:
+        raise Problem(
+            409, "too_many_endpoints", f"an account has at most {MAX_ENDPOINTS_PER_ACCOUNT} endpoints"
+        )
     return JSONResponse(_with_secret(endpoint), status_code=201)
 
 
@@ -175,7 +176,7 @@ async def rotate_endpoint_secret(request: Request) -> Response:
     endpoint = await _owned_endpoint(request, account)
     store: Store = request.app.state.store
     settings: Settings = request.app.state.settings
-    rotated = await store.endpoints.rotate_secret(endpoint, settings.secret_rotation_grace)
+    rotated = await store.endpoints.rotate_secret(endpoint.id, settings.secret_rotation_grace)
     if rotated is None:
         raise Problem(404, "not_found", "no such webhook endpoint")
     return JSONResponse(_with_secret(rotated))

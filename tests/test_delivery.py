@@ -19,10 +19,8 @@ from tests.conftest import Partner, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_spine import upload
 from webhooks.dispatcher import Dispatcher, RetryPolicy
-from webhooks.endpoints import PARKED_ENDPOINTS_KEY
 from webhooks.messages import (
     CALLBACK,
-    DUE_KEY,
     Destination,
     Message,
     account_messages_key,
@@ -186,9 +184,8 @@ async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_s
     dying = Dispatcher(
         deps.redis, deps.http, deps.store.webhook_secrets, policy, new_id=new_id, lease_seconds=0.2
     )
-    claim = await dying._claim(keys=[DUE_KEY, PARKED_ENDPOINTS_KEY], args=[now_ms(), 10, now_ms() + 200, 100])
-    (claimed,) = claim[0]
-    msg_id = claimed.decode().partition(":")[0]
+    (claimed,) = (await dying._claim_due(10)).deliveries
+    msg_id = claimed.member.partition(":")[0]
 
     survivor = Dispatcher(
         deps.redis, deps.http, deps.store.webhook_secrets, policy, new_id=new_id, lease_seconds=0.2

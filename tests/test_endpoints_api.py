@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import socket
 from collections.abc import AsyncIterator
@@ -16,6 +17,8 @@ from server.endpoints import MAX_ENDPOINTS_PER_ACCOUNT
 from tests.conftest import Partner, api_client, make_account, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_upload_validation import assert_problem
+from webhooks.endpoints import MAX_VALID_SECRETS, EndpointStore, valid_secrets
+from webhooks.messages import now_ms
 
 ENDPOINTS = "/v1/webhook-endpoints"
 # Endpoint URLs for tests that never deliver: registration does not connect to them.
@@ -457,3 +460,64 @@ async def test_recover_of_a_disabled_endpoint_is_refused(client: httpx.AsyncClie
     )
 
     assert_problem(response, 409, "endpoint_disabled")
+
+
+async def stored_secrets(redis: Redis, endpoint_id: str) -> list[str]:
+    endpoint = await EndpointStore(redis).get(endpoint_id)
+    assert endpoint is not None
+    return valid_secrets(endpoint.secrets, now_ms())
+
+
+async def test_concurrent_rotations_keep_every_new_secret(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    created = await create_endpoint(client, account, SOMEWHERE)
+    rotate = f"{ENDPOINTS}/{created['id']}/rotate-secret"
+
+    answers = await asyncio.gather(*(client.post(rotate, headers=account.headers) for _ in range(4)))
+
+    returned = [answer.json()["secret"] for answer in answers]
+    assert len(set(returned)) == 4
+    assert sorted(await stored_secrets(redis, created["id"])) == sorted([created["secret"], *returned])
+    current = (await client.get(f"{ENDPOINTS}/{created['id']}/secret", headers=account.headers)).json()
+    assert current["secret"] in returned
+
+
+async def test_rotation_keeps_at_most_the_newest_few_secrets_signing(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    created = await create_endpoint(client, account, SOMEWHERE)
+    rotate = f"{ENDPOINTS}/{created['id']}/rotate-secret"
+
+    returned = [(await client.post(rotate, headers=account.headers)).json()["secret"] for _ in range(8)]
+
+    assert await stored_secrets(redis, created["id"]) == returned[::-1][:MAX_VALID_SECRETS]
+
+
+async def test_concurrent_creates_never_pass_the_endpoint_limit(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    for _ in range(MAX_ENDPOINTS_PER_ACCOUNT - 5):
+        await create_endpoint(client, account, SOMEWHERE)
+
+    answers = await asyncio.gather(
+        *(client.post(ENDPOINTS, headers=account.headers, json={"url": SOMEWHERE}) for _ in range(20))
+    )
+
+    assert sorted(answer.status_code for answer in answers) == [201] * 5 + [409] * 15
+    listed = (await client.get(ENDPOINTS, headers=account.headers)).json()["data"]
+    assert len(listed) == MAX_ENDPOINTS_PER_ACCOUNT
+
+
+async def test_disabling_an_endpoint_records_when_and_why(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    created = await create_endpoint(client, account, SOMEWHERE)
+    path = f"{ENDPOINTS}/{created['id']}"
+
+    disabled = (await client.patch(path, headers=account.headers, json={"status": "disabled"})).json()
+    again = (await client.patch(path, headers=account.headers, json={"status": "disabled"})).json()
+
+    assert (disabled["status"], disabled["disabled_reason"]) == ("disabled", "disabled by you")
+    assert disabled["disabled_at"] is not None and disabled["disabled_at"] >= created["created_at"]
+    assert again["disabled_at"] == disabled["disabled_at"]  # still the moment it was disabled

@@ -520,3 +520,20 @@ async def test_https_checks_the_certificate_against_the_url_host_name(
     assert response.status_code == 200
     assert tls_server.received[0].body == b'{"tls": true}'
     assert tls_server.received[0].headers["host"] == f"localhost:{tls_server.port}"
+
+
+def test_latency_is_measured_finer_than_the_loops_clock() -> None:
+    """uvloop's loop.time() moves in whole milliseconds: a latency from it says 0 or 1 ms for a fast
+    receiver. Latencies come from a high-resolution clock instead."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> list[float]:
+        server = await Server(script=deque([Answer()] * 10)).start()
+        try:
+            async with open_client() as client:
+                return [(await client.post(server.url(), b"{}", HEADERS)).elapsed_ms for _ in range(10)]
+        finally:
+            await server.stop()
+
+    latencies = uvloop.run(scenario())
+    assert any(latency != int(latency) for latency in latencies), latencies

@@ -14,8 +14,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from jobs.deps import WorkerDeps
 from jobs.ids import new_id
 from jobs.settings import Settings
+from jobs.worker import WEBHOOK_CONNECTIONS_PER_ORIGIN
 from tests import imagegen
 from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
 from tests.receiver import Answer, Receiver
@@ -29,7 +31,15 @@ from tests.test_endpoints_api import (
     send_test_event,
 )
 from tests.test_spine import upload
-from webhooks.messages import RESPONSE_EXCERPT_BYTES, Destination, delivery_key, message_key, new_message
+from tests.test_upload_validation import assert_problem
+from webhooks.messages import (
+    CALLBACK,
+    RESPONSE_EXCERPT_BYTES,
+    Destination,
+    delivery_key,
+    message_key,
+    new_message,
+)
 
 MakeReceiver = Callable[..., Receiver]
 WAIT_SECONDS = 10.0
@@ -306,6 +316,46 @@ async def test_an_endpoint_deleted_during_an_attempt_stays_deleted(
     assert len(receiver.deliveries) == 1
 
 
+async def test_deleting_an_endpoint_ends_its_pending_deliveries_at_once(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    """One delivery waits an hour for its next retry, another's attempt is under way: the first ends
+    failed on DELETE, the second when its attempt ends (a 500, which would have been retried)."""
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    receiver.script(500, Answer(500, hold=True))
+    patient = with_settings(settings, retry_schedule=(3600.0,))
+    sent = [await send_test_event(client, account, endpoint["id"]) for _ in range(2)]
+    async with worker_deps(patient) as deps:
+        deps.dispatcher.start()
+        first, second = await receiver.arrivals(2)  # answered in order of arrival: 500, then held
+        waiting, held = first.id, second.id
+
+        async def first_attempt_recorded() -> bool:
+            return bool(only_destination(await delivery_log(client, account, waiting))["attempts"])
+
+        await wait_until(first_attempt_recorded, "the first attempt recorded")
+        deleted = await client.delete(f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers)
+        assert deleted.status_code == 204
+
+        ended = only_destination(await delivery_log(client, account, waiting))
+        assert (ended["status"], ended["next_attempt_at"]) == ("failed", None)
+        assert [(a["status_code"], a["error"]) for a in ended["attempts"]] == [
+            (500, "HTTP 500"),
+            (None, "the endpoint was deleted"),
+        ]
+        assert (await delivery_log(client, account, held))["status"] == "pending"  # still in flight
+
+        receiver.release()
+
+        async def held_attempt_ended() -> bool:
+            return (await delivery_log(client, account, held))["status"] == "failed"
+
+        await wait_until(held_attempt_ended, "the held attempt ended")
+    (attempt,) = only_destination(await delivery_log(client, account, held))["attempts"]
+    assert (attempt["status_code"], attempt["next_attempt_at"]) == (500, None)
+    assert sorted(sent) == sorted([waiting, held]) and len(receiver.deliveries) == 2
+
+
 async def test_a_success_ends_the_failure_record(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
 ) -> None:
@@ -543,6 +593,54 @@ async def test_a_rate_limit_spreads_deliveries_over_seconds(
     assert arrived[-1].received_at - arrived[0].received_at > 0.95
 
 
+async def stage_test_events(deps: WorkerDeps, account: Partner, to: list[Destination], count: int) -> None:
+    """`count` webhook.test messages, due at once, spread over the destinations `to` in turn."""
+    async with deps.redis.pipeline(transaction=False) as pipe:
+        for n in range(count):
+            message = new_message(new_id("msg"), account.id, "webhook.test", {"n": n}, [to[n % len(to)]])
+            deps.store.messages.stage_new(pipe, message)
+        await pipe.execute()
+
+
+@pytest.mark.parametrize("route", ["callback", "endpoints"])
+async def test_a_receiver_that_never_answers_does_not_hold_back_other_deliveries(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver, route: str
+) -> None:
+    """150 deliveries due for a receiver that takes connections and never answers (at its callback URL, or
+    at two endpoints on its host allowed 100 in flight each): another receiver's webhook still goes at
+    once, the hanging one never has more requests than the worker has connections to it, and its backlog
+    follows as soon as it answers."""
+    hanging = receivers(account.webhook_secret)
+    hanging.script(*[Answer(hold=True)] * 150)
+    healthy = receivers(account.webhook_secret)
+    if route == "callback":
+        to = [Destination(CALLBACK, hanging.url)]
+    else:
+        endpoints = [
+            await create_endpoint(client, account, f"{hanging.url}/{name}", ["*"], max_in_flight=100)
+            for name in ("orders", "billing")
+        ]
+        to = [Destination(endpoint["id"], endpoint["url"]) for endpoint in endpoints]
+    async with worker_deps(settings) as deps:
+        await stage_test_events(deps, account, to, 150)
+        deps.dispatcher.start()
+        await hanging.arrivals(WEBHOOK_CONNECTIONS_PER_ORIGIN)
+
+        urgent = new_message(
+            new_id("msg"), account.id, "webhook.test", {}, [Destination(CALLBACK, healthy.url)]
+        )
+        await deps.store.save_message(urgent)
+        (delivery,) = await asyncio.to_thread(healthy.wait_for, 1, 2.0)
+        assert hanging.most_in_flight == WEBHOOK_CONNECTIONS_PER_ORIGIN
+
+        hanging.release()
+        arrived = await hanging.arrivals(150)
+
+    assert delivery.id == urgent.id
+    assert len({each.id for each in arrived}) == 150
+    assert hanging.most_in_flight == WEBHOOK_CONNECTIONS_PER_ORIGIN
+
+
 # --- manual control -------------------------------------------------------------------------------
 
 
@@ -651,6 +749,131 @@ async def test_a_manual_retry_leaves_a_pending_delivery_alone(
     assert response.status_code == 202
     assert len(receiver.deliveries) == 1
     assert len(only_destination(await delivery_log(client, account, msg_id))["attempts"]) == 1
+
+
+async def test_a_manual_retry_brings_a_waiting_retry_forward(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    receiver.script(500)
+    patient = with_settings(settings, retry_schedule=(3600.0,))
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    async with worker_deps(patient) as deps:
+        deps.dispatcher.start()
+
+        async def waiting_an_hour() -> bool:
+            destination = only_destination(await delivery_log(client, account, msg_id))
+            return destination["status"] == "pending" and destination["next_attempt_at"] is not None
+
+        await wait_until(waiting_an_hour, "waiting for its next retry")
+        response = await client.post(f"/v1/deliveries/{msg_id}/retry", headers=account.headers)
+        assert response.status_code == 202, response.text
+        await asyncio.to_thread(receiver.wait_for, 2, 2.0)
+
+        async def delivered() -> bool:
+            return (await delivery_log(client, account, msg_id))["status"] == "delivered"
+
+        await wait_until(delivered, "delivered")
+    attempts = only_destination(await delivery_log(client, account, msg_id))["attempts"]
+    assert [(a["number"], a["status_code"]) for a in attempts] == [(1, 500), (2, 200)]
+
+
+async def test_a_manual_retry_during_an_attempt_waits_for_it(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    receiver.script(500, Answer(200, hold=True))
+    once = with_settings(settings, retry_schedule=())
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    await deliver(once)
+    retry = f"/v1/deliveries/{msg_id}/retry"
+    async with worker_deps(once) as deps:
+        deps.dispatcher.start()
+        assert (await client.post(retry, headers=account.headers)).status_code == 202
+        await receiver.arrivals(2)  # the retry's attempt, held by the receiver
+
+        refused = await asyncio.gather(*(client.post(retry, headers=account.headers) for _ in range(20)))
+        receiver.release()
+
+        async def delivered() -> bool:
+            return (await delivery_log(client, account, msg_id))["status"] == "delivered"
+
+        await wait_until(delivered, "delivered")
+    for answer in refused:
+        assert_problem(answer, 409, "attempt_in_progress")
+    assert len(receiver.deliveries) == 2 and receiver.most_in_flight == 1
+    attempts = only_destination(await delivery_log(client, account, msg_id))["attempts"]
+    assert [(a["number"], a["status_code"]) for a in attempts] == [(1, 500), (2, 200)]
+
+
+async def test_concurrent_retries_send_one_at_a_time_and_log_every_request(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    """60 retries at once of a failed delivery to a slow receiver: never two requests at once, and every
+    request that went out is in the log."""
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    receiver.script(500, *[Answer(200, delay=0.3)] * 60)
+    once = with_settings(settings, retry_schedule=())
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    await deliver(once)
+    retry = f"/v1/deliveries/{msg_id}/retry"
+    async with worker_deps(once) as deps:
+        deps.dispatcher.start()
+        answers = await asyncio.gather(*(client.post(retry, headers=account.headers) for _ in range(60)))
+
+        async def settled() -> bool:
+            log = await delivery_log(client, account, msg_id)
+            return log["status"] == "delivered" and receiver.in_flight == 0
+
+        await wait_until(settled, "delivered")
+    assert {answer.status_code for answer in answers} <= {202, 409}
+    assert receiver.most_in_flight == 1
+    attempts = only_destination(await delivery_log(client, account, msg_id))["attempts"]
+    assert len(attempts) == len(receiver.deliveries)
+    assert [a["number"] for a in attempts] == list(range(1, len(attempts) + 1))
+
+
+async def test_a_manual_retry_to_a_disabled_endpoint_is_refused(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    receiver.script(500)
+    once = with_settings(settings, retry_schedule=())
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    await deliver(once)
+    await client.patch(f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers, json={"status": "disabled"})
+
+    response = await client.post(f"/v1/deliveries/{msg_id}/retry", headers=account.headers)
+    await deliver(once)
+
+    assert_problem(response, 409, "endpoint_disabled")
+    destination = only_destination(await delivery_log(client, account, msg_id))
+    assert destination["status"] == "failed"
+    assert [a["status_code"] for a in destination["attempts"]] == [500]  # no made-up attempt
+    assert len(receiver.deliveries) == 1
+
+
+async def test_attempts_record_the_url_they_went_to(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    endpoint, old_receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    new_receiver = receivers(endpoint["secret"])
+    old_receiver.script(500)
+    once = with_settings(settings, retry_schedule=())
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    await deliver(once)
+    await client.patch(
+        f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers, json={"url": new_receiver.url}
+    )
+
+    await client.post(f"/v1/deliveries/{msg_id}/retry", headers=account.headers)
+    await deliver(once)
+
+    attempts = only_destination(await delivery_log(client, account, msg_id))["attempts"]
+    assert [(a["status_code"], a["url"]) for a in attempts] == [
+        (500, old_receiver.url),
+        (200, new_receiver.url),
+    ]
 
 
 async def test_recover_redelivers_the_endpoints_failures_since_a_time(

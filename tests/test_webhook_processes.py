@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from jobs.settings import Settings
-from jobs.worker import WEBHOOK_CONCURRENCY, WEBHOOK_CONNECTIONS_PER_ORIGIN
+from jobs.worker import WEBHOOK_LEASE_ATTEMPTS
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import Partner
@@ -22,7 +22,7 @@ from tests.test_processes import BIN, Children, base_env
 from tests.test_spine import upload
 from tests.test_webhook_engine import wait_until
 from webhooks.endpoints import endpoint_leases_key
-from webhooks.messages import DUE_KEY, now_ms
+from webhooks.messages import DUE_KEY, LEASES_KEY, now_ms
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
 
@@ -48,11 +48,12 @@ def worker_env(settings: Settings, redis_server: EmbeddedRedis) -> dict[str, str
 async def expire_leases(redis: Redis, endpoint_id: str) -> list[str]:
     """Move the clock past the leases a dead worker left: what its lease running out does, minus the wait.
 
-    A worker process's lease is 6 x the webhook timeout + 5 s (95 s by default), and no environment
+    A worker process's lease is 2 x the webhook timeout + 5 s (35 s by default), and no environment
     variable shortens it, so the test cannot simply wait for it."""
     moment = now_ms()
     leased = [member.decode() for member, score in await redis.zrange(DUE_KEY, 0, -1, withscores=True)]
     await redis.zadd(DUE_KEY, dict.fromkeys(leased, moment))
+    await redis.zadd(LEASES_KEY, dict.fromkeys(leased, moment))
     endpoint_leases = endpoint_leases_key(endpoint_id)
     held = [member for member, _ in await redis.zrange(endpoint_leases, 0, -1, withscores=True)]
     if held:
@@ -91,11 +92,7 @@ async def test_a_worker_killed_mid_delivery_loses_nothing(
             assert all(destination["attempts"] == [] for destination in log["destinations"])
         due = dict(await redis.zrange(DUE_KEY, 0, -1, withscores=True))
         assert len(due) == 4
-        lease_ms = (
-            (WEBHOOK_CONCURRENCY // WEBHOOK_CONNECTIONS_PER_ORIGIN + 1)
-            * Settings.from_env(env).webhook_timeout
-            + 5
-        ) * 1000
+        lease_ms = (WEBHOOK_LEASE_ATTEMPTS * Settings.from_env(env).webhook_timeout + 5) * 1000
         assert all(now_ms() < score <= now_ms() + lease_ms for score in due.values()), due
 
         assert len(await expire_leases(redis, endpoint["id"])) == 4

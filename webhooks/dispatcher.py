@@ -6,8 +6,11 @@ attempt ends by removing the delivery (delivered, or failed for good) or by re-s
 retry. A worker killed mid-attempt loses nothing: the lease runs out and any worker claims the delivery
 again, under the same `webhook-id` (at least once).
 
-Registered endpoints get at most `max_in_flight` attempts at once across every worker (their leases sit
-in a per-endpoint sorted set, so a dead worker's run out) and at most `rate_limit` a second.
+A delivery has at most one attempt in flight: its lease also sits in one sorted set of leases, which a
+manual retry respects. Registered endpoints get at most `max_in_flight` attempts at once across every
+worker (their leases sit in a per-endpoint sorted set, so a dead worker's run out) and at most
+`rate_limit` a second. A worker sends at most as many attempts at once to one origin as it has
+connections to it, so that no attempt waits in its queue while other receivers' deliveries are due.
 
 Deliveries never wait behind image processing: they are not arq jobs and have their own concurrency.
 """
@@ -19,6 +22,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -30,6 +34,7 @@ from redis.exceptions import RedisError
 from webhooks.delivery import AttemptOutcome, post_signed
 from webhooks.endpoints import (
     PARKED_ENDPOINTS_KEY,
+    PARKED_ORIGINS_KEY,
     Endpoint,
     EndpointStore,
     endpoint_leases_key,
@@ -38,13 +43,15 @@ from webhooks.endpoints import (
 from webhooks.messages import (
     CALLBACK,
     DUE_KEY,
+    LEASES_KEY,
     WAKE_CHANNEL,
     Attempt,
     Delivery,
     DeliveryStatus,
     Message,
     MessageStore,
-    due_member,
+    endpoint_pending_key,
+    is_endpoint,
     iso,
     new_message,
     now_ms,
@@ -59,101 +66,188 @@ SecretsLookup = Callable[[str], Awaitable[Sequence[str] | None]]
 AttemptHook = Callable[[object, Attempt], None]
 NewId = Callable[[str], str]
 
-# Claim due deliveries. A delivery whose endpoint is at its in-flight limit is parked: moved, with its
-# score, from the due set to the endpoint's own parked set, so that a long backlog for one busy endpoint
-# never stands in front of everyone else's deliveries. Each claim first returns parked deliveries to the
-# due set as their endpoints free slots (an attempt finished, or a dead worker's lease ran out).
-# Deliveries over an endpoint's rate limit wait for the next second. Returns the claimed members, how
-# many deliveries stay parked, when the next delivery is due, and each claimed delivery's message,
-# delivery and endpoint records (so an attempt starts without another round trip, and never on a stale
-# copy of an endpoint its owner just deleted or disabled).
-# Key layouts: webhooks.messages, webhooks.endpoints.
+# Claim due deliveries, at most `room`, with a lease: their due score moves to the lease's end and
+# LEASES_KEY holds it, so that a manual retry never starts a second attempt beside one under way (and a
+# delivery made due again meanwhile is put back, not claimed twice).
+#
+# Two limits keep one slow receiver's backlog from standing in front of everyone else's deliveries:
+# an endpoint's `max_in_flight` across every worker (its leases sit in `dr:ep:{id}:leases`), and this
+# process's attempts per origin (scheme, host and port), which may not exceed its connections per origin
+# (ARGV[5]; the counts come as ARGV[6..] pairs) so that no attempt takes a slot only to queue for a
+# connection. A delivery over either limit is parked: moved, with its score, from the due set to the
+# endpoint's or the origin's parked set. Each claim first returns parked deliveries to the due set, oldest
+# first, as their endpoint or origin has room (an attempt finished, a dead worker's lease ran out, or this
+# is another process, with connections of its own): they keep their old scores, so they come before
+# younger deliveries and never starve. NX: one made due again meanwhile (a retry) keeps its place.
+# Deliveries over an endpoint's rate limit wait for the next second.
+#
+# A callback's URL is read from its message record, whose destinations Message.to_json writes as
+# {"name":"callback","url":"..."} (a quote inside the JSON body string is always escaped, so the body
+# never matches). A URL that yields no origin just goes without the origin limit.
+#
+# Returns the claimed members, each one's origin, how many deliveries stay parked, when the next delivery
+# is due, and each claimed delivery's message, delivery and endpoint records (so an attempt starts
+# without another round trip, and never on a stale copy of an endpoint its owner just deleted or
+# disabled). Key layouts: webhooks.messages, webhooks.endpoints.
 _CLAIM = """
 local now = tonumber(ARGV[1])
 local room = tonumber(ARGV[2])
 local lease_until = tonumber(ARGV[3])
-local parked_endpoints = KEYS[2]
+local per_origin = tonumber(ARGV[5])
+local due_key, parked_endpoints, leases, parked_origins = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local function free_slots(endpoint)
-  local leases = 'dr:ep:' .. endpoint .. ':leases'
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+local mine = {}
+for i = 6, #ARGV, 2 do mine[ARGV[i]] = tonumber(ARGV[i + 1]) end
+
+local function origin_of(url)
+  local scheme, authority = string.match(url or '', '^(%a[%w+.-]*)://([^/?#]*)')
+  if not scheme then return '' end
+  scheme = string.lower(scheme)
+  authority = string.lower((string.gsub(authority, '^.*@', '')))
+  local host, port = string.match(authority, '^(%[.*%]):?(%d*)$')
+  if not host then host, port = string.match(authority, '^([^:]*):?(%d*)$') end
+  if not host or host == '' then return '' end
+  if port == '' then port = (scheme == 'https') and '443' or '80' end
+  return scheme .. '://' .. host .. ':' .. port
+end
+
+local function endpoint_room(endpoint)
+  local endpoint_leases = 'dr:ep:' .. endpoint .. ':leases'
+  redis.call('ZREMRANGEBYSCORE', endpoint_leases, '-inf', now)
   local limit = tonumber(redis.call('HGET', 'dr:ep:' .. endpoint, 'max_in_flight')) or 10
-  return limit - redis.call('ZCARD', leases)
+  return limit - redis.call('ZCARD', endpoint_leases)
 end
 
-local still_parked = 0
-for _, endpoint in ipairs(redis.call('SMEMBERS', parked_endpoints)) do
-  local parked = 'dr:ep:' .. endpoint .. ':parked'
-  local free = free_slots(endpoint)
-  if free > 0 then
-    local returning = redis.call('ZRANGE', parked, 0, free - 1, 'WITHSCORES')
-    for i = 1, #returning, 2 do
-      redis.call('ZADD', KEYS[1], returning[i + 1], returning[i])
-      redis.call('ZREM', parked, returning[i])
+local function origin_room(origin)
+  return per_origin - (mine[origin] or 0)
+end
+
+local function park(parked, index, name, member, score)
+  redis.call('ZREM', due_key, member)
+  redis.call('ZADD', parked, score, member)
+  redis.call('SADD', index, name)
+end
+
+local function unpark_all(index, prefix, room_of)
+  local left_parked = 0
+  for _, name in ipairs(redis.call('SMEMBERS', index)) do
+    local parked = prefix .. name .. ':parked'
+    local free = room_of(name)
+    if free > 0 then
+      local returning = redis.call('ZRANGE', parked, 0, free - 1, 'WITHSCORES')
+      for i = 1, #returning, 2 do
+        redis.call('ZADD', due_key, 'NX', returning[i + 1], returning[i])
+        redis.call('ZREM', parked, returning[i])
+      end
     end
+    local left = redis.call('ZCARD', parked)
+    if left == 0 then redis.call('SREM', index, name) end
+    left_parked = left_parked + left
   end
-  local left = redis.call('ZCARD', parked)
-  if left == 0 then redis.call('SREM', parked_endpoints, endpoint) end
-  still_parked = still_parked + left
+  return left_parked
 end
 
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
-local claimed = {}
-local free = {}
+redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+local still_parked = unpark_all(parked_endpoints, 'dr:ep:', endpoint_room)
+  + unpark_all(parked_origins, 'dr:origin:', origin_room)
+
+local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
+local claimed, origins = {}, {}
+local endpoint_free = {}
 for i = 1, #due, 2 do
   if #claimed >= room then break end
   local member, score = due[i], due[i + 1]
-  local destination = string.match(member, ':(.*)$')
+  local msg_id, destination = string.match(member, '^([^:]*):(.*)$')
   local take = true
-  if string.sub(destination, 1, 3) == 'ep_' then
-    if free[destination] == nil then free[destination] = free_slots(destination) end
-    if free[destination] <= 0 then
-      take = false
-      redis.call('ZREM', KEYS[1], member)
-      redis.call('ZADD', 'dr:ep:' .. destination .. ':parked', score, member)
-      redis.call('SADD', parked_endpoints, destination)
+  local held = redis.call('ZSCORE', leases, member)
+  if held then
+    -- An attempt is under way (the delivery was made due again meanwhile): it waits for that one.
+    redis.call('ZADD', due_key, held, member)
+    take = false
+  end
+  local endpoint, url = nil, nil
+  if take and destination == 'callback' then
+    local raw = redis.call('GET', 'dr:msg:' .. msg_id)
+    if raw then url = string.match(raw, '{"name":"callback","url":"([^"]*)"') end
+  elseif take then
+    url = redis.call('HGET', 'dr:ep:' .. destination, 'url')
+    if url then endpoint = destination end  -- else deleted: the attempt records that, sending nothing
+  end
+  local origin = origin_of(url)
+  if take and endpoint then
+    if endpoint_free[endpoint] == nil then endpoint_free[endpoint] = endpoint_room(endpoint) end
+    if endpoint_free[endpoint] <= 0 then
+      park('dr:ep:' .. endpoint .. ':parked', parked_endpoints, endpoint, member, score)
       still_parked = still_parked + 1
-    else
-      local rate_limit = tonumber(redis.call('HGET', 'dr:ep:' .. destination, 'rate_limit'))
-      if rate_limit then
-        local second = math.floor(now / 1000)
-        local counter = 'dr:ep:' .. destination .. ':rate:' .. second
-        local sent = redis.call('INCR', counter)
-        if sent == 1 then redis.call('PEXPIRE', counter, 2000) end
-        if sent > rate_limit then
-          take = false
-          redis.call('ZADD', KEYS[1], (second + 1) * 1000, member)
-        end
-      end
-      if take then
-        redis.call('ZADD', 'dr:ep:' .. destination .. ':leases', lease_until, member)
-        free[destination] = free[destination] - 1
+      take = false
+    end
+  end
+  if take and origin ~= '' and origin_room(origin) <= 0 then
+    park('dr:origin:' .. origin .. ':parked', parked_origins, origin, member, score)
+    still_parked = still_parked + 1
+    take = false
+  end
+  if take and endpoint then
+    local rate_limit = tonumber(redis.call('HGET', 'dr:ep:' .. endpoint, 'rate_limit'))
+    if rate_limit then
+      local second = math.floor(now / 1000)
+      local counter = 'dr:ep:' .. endpoint .. ':rate:' .. second
+      local sent = redis.call('INCR', counter)
+      if sent == 1 then redis.call('PEXPIRE', counter, 2000) end
+      if sent > rate_limit then
+        take = false
+        redis.call('ZADD', due_key, (second + 1) * 1000, member)
       end
     end
   end
   if take then
-    redis.call('ZADD', KEYS[1], lease_until, member)
+    if endpoint then
+      redis.call('ZADD', 'dr:ep:' .. endpoint .. ':leases', lease_until, member)
+      endpoint_free[endpoint] = endpoint_free[endpoint] - 1
+    end
+    if origin ~= '' then mine[origin] = (mine[origin] or 0) + 1 end
+    redis.call('ZADD', due_key, lease_until, member)
+    redis.call('ZADD', leases, lease_until, member)
     table.insert(claimed, member)
+    table.insert(origins, origin)
   end
 end
-local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local next_due = redis.call('ZRANGE', due_key, 0, 0, 'WITHSCORES')
 local records = {}
 for _, member in ipairs(claimed) do
   local msg_id, destination = string.match(member, '^([^:]*):(.*)$')
   table.insert(records, redis.call('GET', 'dr:msg:' .. msg_id) or false)
   table.insert(records, redis.call('GET', 'dr:dlv:' .. msg_id .. ':' .. destination) or false)
-  if string.sub(destination, 1, 3) == 'ep_' then
+  if destination ~= 'callback' then
     table.insert(records, redis.call('HGETALL', 'dr:ep:' .. destination))
   else
     table.insert(records, false)
   end
 end
-return {claimed, still_parked, next_due[2] or false, records}
+return {claimed, origins, still_parked, next_due[2] or false, records}
 """
 # How many due deliveries one claim looks through, per free slot (those of full endpoints get parked).
 _SCAN_PER_SLOT = 4
 # With deliveries parked behind another process's attempts, look again this soon.
 _PARKED_POLL = 0.05
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    """One claimed delivery, with the records the claim read for it."""
+
+    member: str
+    origin: str  # "" when its URL names none (the attempt records why)
+    raw_message: bytes | None
+    raw_delivery: bytes | None
+    endpoint: Endpoint | None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    deliveries: list[_Claimed]
+    parked: int  # deliveries waiting for a slot of their endpoint or origin
+    next_due_ms: float | None
 
 
 @dataclass(frozen=True)
@@ -228,15 +322,15 @@ class Dispatcher:
         self._claim = redis.register_script(_CLAIM)
         self._account_secrets = _RecentSecrets(secrets_for)
         self._woken = asyncio.Event()
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._slot_freed = asyncio.Event()
+        self._in_flight: dict[asyncio.Task[None], str] = {}  # each attempt's origin
+        self._per_origin: Counter[str] = Counter()  # this process's attempts in flight, by origin
         self._loop: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._uncommitted: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
 
     def nudge(self) -> None:
-        """A delivery became due: look now rather than at the next poll."""
+        """A delivery became due, or a slot freed: look now rather than at the next poll."""
         self._woken.set()
 
     def start(self) -> None:
@@ -284,14 +378,14 @@ class Dispatcher:
             wait = self.idle_wait if next_due is None else (next_due - now_ms()) / 1000
             if parked:
                 wait = min(wait, _PARKED_POLL)
-            # A finished attempt frees a slot of ours, or of a parked delivery's endpoint: claim again then.
-            if len(self._in_flight) >= self.concurrency or (parked and self._in_flight):
-                self._slot_freed.clear()
+            if len(self._in_flight) >= self.concurrency:
+                wait = self.idle_wait  # nothing can start before an attempt of ours ends
+            if wait > 0:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation (stop())
+                # that comes as the event is set, and the loop would never end.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), self.idle_wait)
-            elif wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), min(wait, self.idle_wait))
+                    async with asyncio.timeout(min(wait, self.idle_wait)):
+                        await self._woken.wait()
 
     async def _listen(self) -> None:
         """Deliveries made due by other processes (a test event, a retry from the API) wake us."""
@@ -306,42 +400,66 @@ class Dispatcher:
                 log.warning("webhook wake-up channel lost (%s); polling until it is back", exc)
                 await asyncio.sleep(self.idle_wait)
 
+    async def _claim_due(self, room: int) -> _Claim:
+        """Claim up to `room` due deliveries (see _CLAIM)."""
+        now = now_ms()
+        mine = [str(each) for pair in self._per_origin.items() if pair[0] for each in pair]
+        claimed, origins, parked, next_due, records = await self._claim(
+            keys=[DUE_KEY, PARKED_ENDPOINTS_KEY, LEASES_KEY, PARKED_ORIGINS_KEY],
+            args=[
+                now,
+                room,
+                now + self.lease_ms,
+                room * _SCAN_PER_SLOT,
+                self.http.max_connections_per_origin,
+                *mine,
+            ],
+        )
+        deliveries = []
+        for index, (member, origin) in enumerate(zip(claimed, origins, strict=True)):
+            raw_message, raw_delivery, raw_endpoint = records[3 * index : 3 * index + 3]
+            endpoint = Endpoint.from_fields(raw_endpoint) if raw_endpoint else None
+            deliveries.append(_Claimed(member.decode(), origin.decode(), raw_message, raw_delivery, endpoint))
+        return _Claim(deliveries, int(parked), float(next_due) if next_due is not None else None)
+
     async def _claim_and_send(self) -> tuple[float | None, bool]:
         """Start attempts for the due deliveries there is room for; return when the next one is due
-        and whether deliveries are parked behind busy endpoints."""
+        and whether deliveries are parked behind busy endpoints or origins."""
         room = self.concurrency - len(self._in_flight)
         if room <= 0:
             return None, False
-        now = now_ms()
-        claimed, parked, next_due, records = await self._claim(
-            keys=[DUE_KEY, PARKED_ENDPOINTS_KEY], args=[now, room, now + self.lease_ms, room * _SCAN_PER_SLOT]
-        )
-        for index, raw_member in enumerate(claimed):
-            raw_message, raw_delivery, raw_endpoint = records[3 * index : 3 * index + 3]
-            endpoint = Endpoint.from_fields(raw_endpoint) if raw_endpoint else None
-            task = asyncio.create_task(
-                self._attempt(raw_member.decode(), raw_message, raw_delivery, endpoint)
-            )
-            self._in_flight.add(task)
+        claim = await self._claim_due(room)
+        for claimed in claim.deliveries:
+            task = asyncio.create_task(self._attempt(claimed))
+            self._in_flight[task] = claimed.origin
+            self._per_origin[claimed.origin] += 1
             task.add_done_callback(self._finished)
-        return (float(next_due) if next_due is not None else None), bool(parked)
+        return claim.next_due_ms, bool(claim.parked)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        self._slot_freed.set()
+        origin = self._in_flight.pop(task, None)
+        if origin is not None:
+            self._per_origin[origin] -= 1
+            if self._per_origin[origin] <= 0:
+                del self._per_origin[origin]
+        # A slot of ours, of its origin and of its endpoint is free: claim again now.
+        self._woken.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook attempt crashed", exc_info=task.exception())
 
-    async def _attempt(
-        self, member: str, raw_message: bytes | None, raw_delivery: bytes | None, endpoint: Endpoint | None
-    ) -> None:
+    async def _attempt(self, claimed: _Claimed) -> None:
+        member, endpoint = claimed.member, claimed.endpoint
         _, destination = parse_due_member(member)
+        raw_delivery, raw_message = claimed.raw_delivery, claimed.raw_message
         delivery = None if raw_delivery is None else Delivery.from_json(raw_delivery)
         if raw_message is None or delivery is None or delivery.status != "pending":
+            # Finished meanwhile (or expired): nothing to send, only the claim to give back.
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(DUE_KEY, member)
-                if destination != CALLBACK:
+                pipe.zrem(LEASES_KEY, member)
+                if is_endpoint(destination):
                     pipe.zrem(endpoint_leases_key(destination), member)
+                    pipe.srem(endpoint_pending_key(destination), member)
                 await pipe.execute()
             return
         message = Message.from_json(raw_message)
@@ -358,7 +476,7 @@ class Dispatcher:
         if refusal is not None or not secrets:
             attempt = Attempt(number, iso(started), None, 0.0, "", refusal or "no valid signing secret")
             # Not an attempt on the receiver: the endpoint's health record is left alone.
-            await self._record(delivery.with_attempt(attempt, "failed"), attempt, None, None, None)
+            await self._record(delivery, attempt, "failed", None, None, None)
             return
         outcome = await post_signed(self.http, url, message.id, message.body.encode(), secrets)
         delay = None if outcome.succeeded else self.policy.delay(number, outcome, self.rng)
@@ -371,10 +489,11 @@ class Dispatcher:
             response_excerpt=outcome.response_excerpt,
             error=outcome.error,
             next_attempt_at=None if next_at is None else iso(next_at),
+            url=url,
         )
         status: DeliveryStatus = "delivered" if outcome.succeeded else ("pending" if next_at else "failed")
         disable_reason = None if endpoint is None else self._disable_reason(endpoint, outcome, started)
-        await self._record(delivery.with_attempt(attempt, status), attempt, next_at, endpoint, disable_reason)
+        await self._record(delivery, attempt, status, next_at, endpoint, disable_reason)
 
     def _disable_reason(self, endpoint: Endpoint, outcome: AttemptOutcome, moment_ms: int) -> str | None:
         if outcome.succeeded:
@@ -393,14 +512,14 @@ class Dispatcher:
         self,
         delivery: Delivery,
         attempt: Attempt,
+        status: DeliveryStatus,
         next_at: int | None,
         endpoint: Endpoint | None,
         disable_reason: str | None,
     ) -> None:
-        """Save the attempt, re-score or finish the delivery, give back its endpoint slot and, when
+        """Append the attempt, re-score or finish the delivery, give back its leases and, when
         `endpoint` is given, record the receiver's health: all in one transaction (shared with the
         attempts that finish meanwhile; see `_commit`)."""
-        member = due_member(delivery.msg_id, delivery.destination)
         announcement = None
         if (
             endpoint is not None
@@ -410,13 +529,7 @@ class Dispatcher:
             announcement = await self._disabled_announcement(endpoint, disable_reason)
 
         def stage(pipe: Any) -> None:
-            self.messages.stage_delivery(pipe, delivery)
-            if next_at is None:
-                pipe.zrem(DUE_KEY, member)
-            else:
-                pipe.zadd(DUE_KEY, {member: next_at})
-            if delivery.destination != CALLBACK:
-                pipe.zrem(endpoint_leases_key(delivery.destination), member)
+            self.messages.stage_attempt(pipe, delivery, attempt, status, next_at)
             # The failure record changes only when the run of failures starts or ends.
             if endpoint is not None and attempt.succeeded and endpoint.failing_since_ms is not None:
                 EndpointStore.stage_success(pipe, endpoint.id)

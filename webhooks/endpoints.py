@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
-from webhooks.messages import Destination, iso, now_ms
+from webhooks.messages import (
+    DUE_KEY,
+    LEASES_KEY,
+    Attempt,
+    Destination,
+    endpoint_pending_key,
+    iso,
+    now_ms,
+)
 from webhooks.signing import generate_secret
 
 EndpointStatus = Literal["enabled", "disabled"]
@@ -41,6 +50,18 @@ def endpoint_leases_key(endpoint_id: str) -> str:
 
 # The endpoints with deliveries parked (in `dr:ep:{id}:parked`) until a slot frees; see the dispatcher.
 PARKED_ENDPOINTS_KEY = "dr:webhooks:parked"
+# The origins with deliveries parked (in `dr:origin:{scheme://host:port}:parked`), likewise.
+PARKED_ORIGINS_KEY = "dr:webhooks:parked-origins"
+# Secrets that sign at once, the current one included: each adds a signature to every delivery, and a
+# header past 8 KB is refused by common proxies (nginx's default), so the oldest rotated-out go first.
+MAX_VALID_SECRETS = 5
+# The reason shown for an endpoint its owner disabled (PATCH {"status": "disabled"}).
+DISABLED_BY_OWNER = "disabled by you"
+
+
+def endpoint_parked_key(endpoint_id: str) -> str:
+    """Deliveries to the endpoint waiting for one of its slots (see the dispatcher)."""
+    return f"dr:ep:{endpoint_id}:parked"
 
 
 def account_endpoints_key(account_id: str) -> str:
@@ -61,14 +82,15 @@ def valid_secrets(secrets: Sequence[SigningSecret], moment_ms: int) -> list[str]
 
 
 def rotated(secrets: Sequence[SigningSecret], new_secret: str, grace_ms: int) -> list[SigningSecret]:
-    """A new current secret; the old ones keep signing for `grace_ms`, expired ones are dropped."""
+    """A new current secret; the old ones keep signing for `grace_ms`, expired ones are dropped, and so
+    are the oldest beyond MAX_VALID_SECRETS (newest first, as stored)."""
     moment = now_ms()
     kept = [
         SigningSecret(each.secret, each.expires_at_ms or moment + grace_ms)
         for each in secrets
         if each.valid_at(moment)
     ]
-    return [SigningSecret(new_secret), *kept]
+    return [SigningSecret(new_secret), *kept][:MAX_VALID_SECRETS]
 
 
 def dump_secrets(secrets: Sequence[SigningSecret]) -> str:
@@ -162,6 +184,43 @@ class Endpoint:
         )
 
 
+# Create an endpoint unless its account has ARGV[1] already ('' for no limit): the count and the write
+# in one step, so that concurrent creates cannot pass the limit together.
+# KEYS: the endpoint, the account's endpoints. ARGV: limit, endpoint id, then its hash fields and values.
+_CREATE = """
+if ARGV[1] ~= '' and redis.call('SCARD', KEYS[2]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SADD', KEYS[2], ARGV[2])
+return 1
+"""
+# Delete an endpoint and end its pending deliveries failed, each with a last attempt saying why. One with
+# an attempt in flight is left to it: recording that attempt finds the endpoint gone and ends it too.
+# A delivery's record key is 'dr:dlv:' followed by its due-set member (webhooks.messages).
+# KEYS: the endpoint, the account's endpoints, its leases, its parked and its pending deliveries,
+# PARKED_ENDPOINTS_KEY, DUE_KEY, LEASES_KEY. ARGV: endpoint id, now (epoch ms), the last attempt (JSON).
+_DELETE = """
+local now = tonumber(ARGV[2])
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  local lease = redis.call('ZSCORE', KEYS[8], member)
+  if not (lease and tonumber(lease) > now) then
+    redis.call('ZREM', KEYS[7], member)
+    local raw = redis.call('GET', 'dr:dlv:' .. member)
+    if raw then
+      local record = cjson.decode(raw)
+      if record['status'] == 'pending' then
+        local attempt = cjson.decode(ARGV[3])
+        attempt['number'] = #record['attempts'] + 1
+        table.insert(record['attempts'], attempt)
+        record['status'] = 'failed'
+        redis.call('SET', 'dr:dlv:' .. member, cjson.encode(record), 'KEEPTTL')
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[6], ARGV[1])
+"""
 _MARK_FAILING = """
 if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSETNX', KEYS[1], 'failing_since', ARGV[1]) end
 """
@@ -176,6 +235,8 @@ class EndpointStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
         self._disable = redis.register_script(_DISABLE)
+        self._create = redis.register_script(_CREATE)
+        self._delete = redis.register_script(_DELETE)
 
     async def create(
         self,
@@ -187,7 +248,9 @@ class EndpointStore:
         *,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         rate_limit: int | None = None,
-    ) -> Endpoint:
+        limit: int | None = None,
+    ) -> Endpoint | None:
+        """A new endpoint; None when the account already has `limit` of them."""
         endpoint = Endpoint(
             id=endpoint_id,
             account_id=account_id,
@@ -199,11 +262,12 @@ class EndpointStore:
             max_in_flight=max_in_flight,
             rate_limit=rate_limit,
         )
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(endpoint_key(endpoint.id), mapping=endpoint.to_hash())
-            pipe.sadd(account_endpoints_key(account_id), endpoint.id)
-            await pipe.execute()
-        return endpoint
+        fields = [word for pair in endpoint.to_hash().items() for word in pair]
+        created = await self._create(
+            keys=[endpoint_key(endpoint.id), account_endpoints_key(account_id)],
+            args=["" if limit is None else limit, endpoint.id, *fields],
+        )
+        return endpoint if created else None
 
     async def get(self, endpoint_id: str) -> Endpoint | None:
         raw = await self.redis.hgetall(endpoint_key(endpoint_id))  # type: ignore[misc]
@@ -242,38 +306,60 @@ class EndpointStore:
                 fields[name] = str(value)
         if changes.get("status") == "enabled":
             removed += ["disabled_reason", "disabled_at", "failing_since"]
+        # Disabling goes through _DISABLE: it records when and why, and keeps the reason of an endpoint
+        # already disabled (a 410, say).
+        disabling = fields.get("status") == "disabled"
+        if disabling:
+            del fields["status"]
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.exists(endpoint_key(endpoint.id))
             if fields:
                 pipe.hset(endpoint_key(endpoint.id), mapping=fields)
             if removed:
                 pipe.hdel(endpoint_key(endpoint.id), *removed)
+            if disabling:
+                pipe.eval(_DISABLE, 1, endpoint_key(endpoint.id), DISABLED_BY_OWNER, iso(now_ms()))
             existed = (await pipe.execute())[0]
         if not existed:
             await self.redis.delete(endpoint_key(endpoint.id))
             return None
         return await self.get(endpoint.id)
 
-    async def rotate_secret(self, endpoint: Endpoint, grace_seconds: float) -> Endpoint | None:
-        secrets = rotated(endpoint.secrets, generate_secret(), int(grace_seconds * 1000))
-        return await self._replace_secrets(endpoint.id, secrets)
-
-    async def _replace_secrets(self, endpoint_id: str, secrets: Sequence[SigningSecret]) -> Endpoint | None:
+    async def rotate_secret(self, endpoint_id: str, grace_seconds: float) -> Endpoint | None:
+        """A new current secret (see `rotated`); None if the endpoint is gone. Optimistic: concurrent
+        rotations each keep the others' secrets, and each returns its own."""
         key = endpoint_key(endpoint_id)
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.exists(key)
-            pipe.hset(key, "secrets", dump_secrets(secrets))
-            existed = (await pipe.execute())[0]
-        if not existed:
-            await self.redis.delete(key)
-            return None
-        return await self.get(endpoint_id)
+            while True:
+                try:
+                    await pipe.watch(key)
+                    endpoint = Endpoint.from_hash(await pipe.hgetall(key))  # type: ignore[misc]
+                    if endpoint is None:
+                        return None
+                    secrets = rotated(endpoint.secrets, generate_secret(), int(grace_seconds * 1000))
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.hset(key, "secrets", dump_secrets(secrets))
+                    await pipe.execute()
+                    return replace(endpoint, secrets=tuple(secrets))
+                except WatchError:
+                    continue
 
     async def delete(self, endpoint: Endpoint) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(endpoint_key(endpoint.id), endpoint_leases_key(endpoint.id))
-            pipe.srem(account_endpoints_key(endpoint.account_id), endpoint.id)
-            await pipe.execute()
+        """Remove the endpoint; its pending deliveries end failed (see _DELETE)."""
+        last = Attempt(0, iso(now_ms()), None, 0.0, "", "the endpoint was deleted")
+        await self._delete(
+            keys=[
+                endpoint_key(endpoint.id),
+                account_endpoints_key(endpoint.account_id),
+                endpoint_leases_key(endpoint.id),
+                endpoint_parked_key(endpoint.id),
+                endpoint_pending_key(endpoint.id),
+                PARKED_ENDPOINTS_KEY,
+                DUE_KEY,
+                LEASES_KEY,
+            ],
+            args=[endpoint.id, now_ms(), last.to_json()],
+        )
 
     # --- health, recorded by the dispatcher inside its attempt transactions --------------------------
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TextIO
@@ -18,11 +19,24 @@ MAX_BODY_BYTES = 10 * 1024 * 1024
 
 
 def make_handler(secret: str, out: TextIO) -> type[BaseHTTPRequestHandler]:
+    # Deliveries arrive on threads of their own: each one's lines go out whole, in one write.
+    printing = threading.Lock()
+
+    def show(text: str) -> None:
+        with printing:
+            out.write(text + "\n")
+            out.flush()
+
     class Handler(BaseHTTPRequestHandler):
         server_version = "darkroom-listen"
 
         def do_POST(self) -> None:
-            length = int(self.headers.get("content-length") or 0)
+            raw_length = self.headers.get("content-length") or "0"
+            if not (raw_length.isascii() and raw_length.isdigit()):  # "-5", "abc", "²"
+                self.close_connection = True  # where this request's body ends is unknown
+                self._answer(400, "invalid Content-Length")
+                return
+            length = int(raw_length)
             if length > MAX_BODY_BYTES:
                 self._answer(413, "body too large")
                 return
@@ -30,10 +44,10 @@ def make_handler(secret: str, out: TextIO) -> type[BaseHTTPRequestHandler]:
             try:
                 verify(secret, dict(self.headers.items()), body)
             except WebhookVerificationError as exc:
-                print(f"✗ rejected {self.headers.get('webhook-id', '?')}: {exc}", file=out, flush=True)
+                show(f"✗ rejected {self.headers.get('webhook-id', '?')}: {exc}")
                 self._answer(400, str(exc))
                 return
-            print(_describe(self.headers.get("webhook-id", ""), body), file=out, flush=True)
+            show(_describe(self.headers.get("webhook-id", ""), body))
             self._answer(200, "ok")
 
         def _answer(self, status: int, text: str) -> None:
@@ -60,6 +74,12 @@ def _describe(msg_id: str, body: bytes) -> str:
     return summary + "\n" + json.dumps(event, indent=2)
 
 
+class ListenServer(ThreadingHTTPServer):
+    # Darkroom opens up to 10 connections at once to one receiver; the standard library's backlog of 5
+    # would reset some of them while the others are being accepted.
+    request_queue_size = 64
+
+
 def serve(
     secret: str,
     port: int,
@@ -67,7 +87,7 @@ def serve(
     out: TextIO = sys.stdout,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    with ThreadingHTTPServer((host, port), make_handler(secret, out)) as server:
+    with ListenServer((host, port), make_handler(secret, out)) as server:
         bound_port = server.server_address[1]
         print(
             f"Listening for Darkroom webhooks on http://{host}:{bound_port}/ (Ctrl-C to stop)",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -25,6 +25,9 @@ DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 DUE_KEY = "dr:webhooks:due"
 # Published when another process made deliveries due: every dispatcher looks at once, not at its next poll.
 WAKE_CHANNEL = "dr:webhooks:wake"
+# Deliveries with an attempt in flight, scored by when its lease runs out (see webhooks.dispatcher): at
+# most one attempt per delivery at a time, and a manual retry waits for the one under way.
+LEASES_KEY = "dr:webhooks:leases"
 # The destination name of a resource's own callback_url (endpoints are named by their `ep_` id).
 CALLBACK = "callback"
 
@@ -74,6 +77,15 @@ def account_messages_key(account_id: str) -> str:
     return f"dr:account:{account_id}:messages"
 
 
+def endpoint_pending_key(endpoint_id: str) -> str:
+    """The endpoint's pending deliveries (their due-set members), so that deleting it can end them."""
+    return f"dr:ep:{endpoint_id}:pending"
+
+
+def is_endpoint(destination: str) -> bool:
+    return destination != CALLBACK
+
+
 @dataclass(frozen=True)
 class Attempt:
     number: int
@@ -83,10 +95,19 @@ class Attempt:
     response_excerpt: str
     error: str | None
     next_attempt_at: str | None = None
+    url: str | None = None  # where the request went; None when none was sent (a refusal)
 
     @property
     def succeeded(self) -> bool:
         return is_success(self.status_code)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, separators=(",", ":"))
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Attempt:
+        # Redis' Lua JSON encoder writes 0.0 as 0: the latency is a float whatever the writer.
+        return cls(**{**data, "latency_ms": float(data["latency_ms"])})
 
 
 @dataclass(frozen=True)
@@ -130,9 +151,6 @@ class Delivery:
         last = self.attempts[-1] if self.attempts else None
         return last.next_attempt_at if last is not None and self.status == "pending" else None
 
-    def with_attempt(self, attempt: Attempt, status: DeliveryStatus) -> Delivery:
-        return replace(self, attempts=(*self.attempts, attempt), status=status)
-
     def to_json(self) -> str:
         # Not dataclasses.asdict, which deep-copies every attempt: this runs once per delivery attempt.
         record = {
@@ -146,7 +164,8 @@ class Delivery:
     @classmethod
     def from_json(cls, raw: bytes | str) -> Delivery:
         data = json.loads(raw)
-        data["attempts"] = tuple(Attempt(**attempt) for attempt in data["attempts"])
+        # Lua's encoder writes an empty list as {}: iterating either gives no attempts.
+        data["attempts"] = tuple(Attempt.from_record(attempt) for attempt in data["attempts"])
         return cls(**data)
 
 
@@ -222,6 +241,67 @@ class MessageFilter:
         return self.status is None or overall_status(deliveries) == self.status
 
 
+# Record one attempt's outcome: append it to the delivery's attempts (numbered by its place, so that no
+# attempt ever overwrites another's record), set the status, re-score or finish the delivery and give
+# back its leases. A retry of a deleted endpoint's delivery would go nowhere: it ends failed instead.
+# KEYS: the delivery record, DUE_KEY, LEASES_KEY. ARGV: member, destination, attempt (JSON), status,
+# next attempt (epoch ms, for a pending status), retention (seconds). Returns the status recorded.
+_RECORD_ATTEMPT = """
+local member, destination, status = ARGV[1], ARGV[2], ARGV[4]
+local attempt = cjson.decode(ARGV[3])
+local endpoint = nil
+if destination ~= 'callback' then endpoint = 'dr:ep:' .. destination end
+if status == 'pending' and endpoint and redis.call('EXISTS', endpoint) == 0 then
+  status = 'failed'
+  attempt['next_attempt_at'] = cjson.null
+end
+local raw = redis.call('GET', KEYS[1])
+local record
+if raw then
+  record = cjson.decode(raw)
+else
+  record = {msg_id = string.match(member, '^([^:]*)'), destination = destination, attempts = {}}
+end
+attempt['number'] = #record['attempts'] + 1
+table.insert(record['attempts'], attempt)
+record['status'] = status
+redis.call('SET', KEYS[1], cjson.encode(record), 'EX', ARGV[6])
+redis.call('ZREM', KEYS[3], member)
+if endpoint then redis.call('ZREM', endpoint .. ':leases', member) end
+if status == 'pending' then
+  redis.call('ZADD', KEYS[2], ARGV[5], member)
+else
+  redis.call('ZREM', KEYS[2], member)
+  if endpoint then redis.call('SREM', endpoint .. ':pending', member) end
+end
+return status
+"""
+
+# Make a delivery due now (a manual retry, an endpoint's recovery), unless an attempt holds its lease:
+# a second attempt beside it would send the same message twice at once. A finished delivery becomes
+# pending again, its attempts kept; one waiting for its next retry is brought forward (ZADD LT never
+# moves an earlier due time later).
+# KEYS: the delivery record, DUE_KEY, LEASES_KEY. ARGV: member, destination, now (epoch ms).
+# Returns 'due', 'in_flight' or 'gone' (the record expired).
+_REDELIVER = """
+local member, destination, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local lease = redis.call('ZSCORE', KEYS[3], member)
+if lease and tonumber(lease) > now then return 'in_flight' end
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 'gone' end
+local record = cjson.decode(raw)
+if record['status'] ~= 'pending' then
+  record['status'] = 'pending'
+  redis.call('SET', KEYS[1], cjson.encode(record), 'KEEPTTL')
+  if destination ~= 'callback' then redis.call('SADD', 'dr:ep:' .. destination .. ':pending', member) end
+end
+redis.call('ZADD', KEYS[2], 'LT', now, member)
+return 'due'
+"""
+
+RedeliveryOutcome = Literal["due", "in_flight", "gone"]
+
+
 class MessageStore:
     """`oldest_kept_id`, given the retention's start (epoch ms), names the oldest message id still kept:
     ids sort by time, so the account indexes are trimmed by id as messages expire."""
@@ -251,11 +331,6 @@ class MessageStore:
         raws = await self.redis.mget(keys) if keys else []
         return [Delivery.from_json(raw) for raw in raws if raw is not None]
 
-    def stage_delivery(self, pipe: Any, delivery: Delivery) -> None:
-        pipe.set(
-            delivery_key(delivery.msg_id, delivery.destination), delivery.to_json(), ex=self.retention_seconds
-        )
-
     def stage_new(self, pipe: Any, message: Message) -> None:
         """Add a new message, each destination due now, to a caller's transaction, so it commits with
         the event it announces. The account index has one score for all, so it is ordered by id, and
@@ -267,18 +342,60 @@ class MessageStore:
         if self.oldest_kept_id is not None:
             pipe.zremrangebylex(index, "-", f"({self.oldest_kept_id(due - self.retention_seconds * 1000)}")
         for destination in message.destinations:
-            self.stage_delivery(pipe, Delivery(message.id, destination.name))
-            pipe.zadd(DUE_KEY, {due_member(message.id, destination.name): due})
+            member = due_member(message.id, destination.name)
+            pipe.set(
+                delivery_key(message.id, destination.name),
+                Delivery(message.id, destination.name).to_json(),
+                ex=self.retention_seconds,
+            )
+            pipe.zadd(DUE_KEY, {member: due})
+            if is_endpoint(destination.name):
+                pipe.sadd(endpoint_pending_key(destination.name), member)
         pipe.publish(WAKE_CHANNEL, message.id)
 
+    def stage_attempt(
+        self, pipe: Any, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at: int | None
+    ) -> None:
+        """Record an attempt and what follows it (see _RECORD_ATTEMPT) in a caller's transaction."""
+        member = due_member(delivery.msg_id, delivery.destination)
+        pipe.eval(
+            _RECORD_ATTEMPT,
+            3,
+            delivery_key(delivery.msg_id, delivery.destination),
+            DUE_KEY,
+            LEASES_KEY,
+            member,
+            delivery.destination,
+            attempt.to_json(),
+            status,
+            "" if next_at is None else str(next_at),
+            str(self.retention_seconds),
+        )
+
     def stage_redeliver(self, pipe: Any, deliveries: Sequence[Delivery]) -> None:
-        """Make finished deliveries pending and due now (a manual retry or an endpoint's recovery);
-        their attempt history stays, and numbering goes on from it."""
+        """Make deliveries due now (a manual retry or an endpoint's recovery), except those with an
+        attempt under way; their attempt history stays, and numbering goes on from it. The pipeline's
+        results hold each one's RedeliveryOutcome, in order."""
         due = now_ms()
         for delivery in deliveries:
-            self.stage_delivery(pipe, replace(delivery, status="pending"))
-            pipe.zadd(DUE_KEY, {due_member(delivery.msg_id, delivery.destination): due})
+            pipe.eval(
+                _REDELIVER,
+                3,
+                delivery_key(delivery.msg_id, delivery.destination),
+                DUE_KEY,
+                LEASES_KEY,
+                due_member(delivery.msg_id, delivery.destination),
+                delivery.destination,
+                str(due),
+            )
         pipe.publish(WAKE_CHANNEL, "redeliver")
+
+    async def redeliver(self, deliveries: Sequence[Delivery]) -> list[RedeliveryOutcome]:
+        """`stage_redeliver` on its own; what became of each delivery."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            self.stage_redeliver(pipe, deliveries)
+            results = await pipe.execute()
+        return [result.decode() for result in results[: len(deliveries)]]
 
     async def list_for_account(
         self, account_id: str, *, limit: int, before: str | None, where: MessageFilter
