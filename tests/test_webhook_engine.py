@@ -92,6 +92,22 @@ async def endpoint_with_receiver(
     return endpoint, receiver
 
 
+async def failed_test_event(
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    receivers: MakeReceiver,
+    *then: int | Answer,
+) -> tuple[dict[str, Any], Receiver, str]:
+    """An endpoint whose receiver answered 500 to a test event that has no retry left: the endpoint,
+    its receiver (answering `then`, and 200 after those) and the failed message's id."""
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    receiver.script(500, *then)
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    await deliver(with_settings(settings, retry_schedule=()))
+    return endpoint, receiver, msg_id
+
+
 # --- retries ------------------------------------------------------------------------------------------
 
 
@@ -668,11 +684,8 @@ async def test_a_test_event_goes_to_that_endpoint_only(
 async def test_a_manual_retry_redelivers_under_the_same_id_and_numbering_goes_on(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
 ) -> None:
-    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
-    receiver.script(500)
+    _, receiver, msg_id = await failed_test_event(client, account, settings, receivers)
     once = with_settings(settings, retry_schedule=())
-    msg_id = await send_test_event(client, account, endpoint["id"])
-    await deliver(once)
     assert (await delivery_log(client, account, msg_id))["status"] == "failed"
 
     response = await client.post(f"/v1/deliveries/{msg_id}/retry", headers=account.headers)
@@ -781,11 +794,10 @@ async def test_a_manual_retry_brings_a_waiting_retry_forward(
 async def test_a_manual_retry_during_an_attempt_waits_for_it(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
 ) -> None:
-    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
-    receiver.script(500, Answer(200, hold=True))
+    _, receiver, msg_id = await failed_test_event(
+        client, account, settings, receivers, Answer(200, hold=True)
+    )
     once = with_settings(settings, retry_schedule=())
-    msg_id = await send_test_event(client, account, endpoint["id"])
-    await deliver(once)
     retry = f"/v1/deliveries/{msg_id}/retry"
     async with worker_deps(once) as deps:
         deps.dispatcher.start()
@@ -811,11 +823,10 @@ async def test_concurrent_retries_send_one_at_a_time_and_log_every_request(
 ) -> None:
     """60 retries at once of a failed delivery to a slow receiver: never two requests at once, and every
     request that went out is in the log."""
-    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
-    receiver.script(500, *[Answer(200, delay=0.3)] * 60)
+    _, receiver, msg_id = await failed_test_event(
+        client, account, settings, receivers, *[Answer(200, delay=0.3)] * 60
+    )
     once = with_settings(settings, retry_schedule=())
-    msg_id = await send_test_event(client, account, endpoint["id"])
-    await deliver(once)
     retry = f"/v1/deliveries/{msg_id}/retry"
     async with worker_deps(once) as deps:
         deps.dispatcher.start()
@@ -836,11 +847,8 @@ async def test_concurrent_retries_send_one_at_a_time_and_log_every_request(
 async def test_a_manual_retry_to_a_disabled_endpoint_is_refused(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
 ) -> None:
-    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
-    receiver.script(500)
+    endpoint, receiver, msg_id = await failed_test_event(client, account, settings, receivers)
     once = with_settings(settings, retry_schedule=())
-    msg_id = await send_test_event(client, account, endpoint["id"])
-    await deliver(once)
     await client.patch(f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers, json={"status": "disabled"})
 
     response = await client.post(f"/v1/deliveries/{msg_id}/retry", headers=account.headers)
