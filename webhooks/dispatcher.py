@@ -230,6 +230,12 @@ return {claimed, origins, still_parked, next_due[2] or false, records}
 _SCAN_PER_SLOT = 4
 # With deliveries parked behind another process's attempts, look again this soon.
 _PARKED_POLL = 0.05
+# Attempts this process keeps in flight per origin, per connection to it: one being answered and the
+# next ones ready, so a connection never idles while the next claim is on its way. At one per connection
+# a fast receiver got 45 % fewer deliveries a second (6,800/s against 12,300 before origins had a
+# limit), at three 25 % fewer (9,300/s: each parked delivery costs Redis a park and an unpark). A
+# hanging origin holds these slots at most, 30 of the worker's 50, and the others keep flowing.
+_ATTEMPTS_PER_CONNECTION = 3
 
 
 @dataclass(frozen=True)
@@ -411,7 +417,7 @@ class Dispatcher:
                 room,
                 now + self.lease_ms,
                 room * _SCAN_PER_SLOT,
-                self.http.max_connections_per_origin,
+                self.http.max_connections_per_origin * _ATTEMPTS_PER_CONNECTION,
                 *mine,
             ],
         )
