@@ -154,6 +154,7 @@ local still_parked = unpark_all(parked_endpoints, 'dr:ep:', endpoint_room)
 local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
 local claimed, origins = {}, {}
 local endpoint_free = {}
+local messages_read = {}
 for i = 1, #due, 2 do
   if #claimed >= room then break end
   local member, score = due[i], due[i + 1]
@@ -168,7 +169,10 @@ for i = 1, #due, 2 do
   local endpoint, url = nil, nil
   if take and destination == 'callback' then
     local raw = redis.call('GET', 'dr:msg:' .. msg_id)
-    if raw then url = string.match(raw, '{"name":"callback","url":"([^"]*)"') end
+    if raw then
+      messages_read[msg_id] = raw
+      url = string.match(raw, '{"name":"callback","url":"([^"]*)"')
+    end
   elseif take then
     url = redis.call('HGET', 'dr:ep:' .. destination, 'url')
     if url then endpoint = destination end  -- else deleted: the attempt records that, sending nothing
@@ -216,7 +220,7 @@ local next_due = redis.call('ZRANGE', due_key, 0, 0, 'WITHSCORES')
 local records = {}
 for _, member in ipairs(claimed) do
   local msg_id, destination = string.match(member, '^([^:]*):(.*)$')
-  table.insert(records, redis.call('GET', 'dr:msg:' .. msg_id) or false)
+  table.insert(records, messages_read[msg_id] or redis.call('GET', 'dr:msg:' .. msg_id) or false)
   table.insert(records, redis.call('GET', 'dr:dlv:' .. msg_id .. ':' .. destination) or false)
   if destination ~= 'callback' then
     table.insert(records, redis.call('HGETALL', 'dr:ep:' .. destination))
