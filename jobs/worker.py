@@ -23,7 +23,7 @@ from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from webhooks.dispatcher import Dispatcher, RetryPolicy
+from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
 from webhooks.transport import DeliveryClient
 
@@ -31,13 +31,10 @@ from webhooks.transport import DeliveryClient
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
-# Webhook attempts in flight per worker process, and of those, at most this many to one origin (the
-# dispatcher claims no more than that: see webhooks.dispatcher).
+# Webhook attempts in flight per worker process, and connections to one origin (the dispatcher keeps
+# webhooks.dispatcher.ATTEMPTS_PER_CONNECTION attempts per connection to an origin at most).
 WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
-# How many attempts' time a webhook lease lasts. One is enough, since no attempt waits for a connection;
-# the second covers recording it, and an origin spelled two ways sharing one connection pool.
-WEBHOOK_LEASE_ATTEMPTS = 2
 # When the archive sweep runs (minutes of the hour): expired archives go within this many minutes.
 SWEEP_MINUTES = frozenset(range(0, 60, 5))
 # arq's time limit on a task beyond the core's own deadline, so the core records its timeout first.
@@ -110,8 +107,7 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
         policy,
         new_id=new_id,
         messages=store.messages,
-        # Longer than any attempt can take: a lease that runs out means its worker died.
-        lease_seconds=WEBHOOK_LEASE_ATTEMPTS * settings.webhook_timeout + 5,
+        lease_seconds=lease_seconds_for(settings.webhook_timeout),
         concurrency=WEBHOOK_CONCURRENCY,
         on_attempt=stats.count_attempt,
     )

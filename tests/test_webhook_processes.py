@@ -12,7 +12,6 @@ import pytest
 from redis.asyncio import Redis
 
 from jobs.settings import Settings
-from jobs.worker import WEBHOOK_LEASE_ATTEMPTS
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import Partner
@@ -21,6 +20,7 @@ from tests.test_endpoints_api import create_endpoint, delivery_log, send_test_ev
 from tests.test_processes import BIN, Children, base_env
 from tests.test_spine import upload
 from tests.test_webhook_engine import wait_until
+from webhooks.dispatcher import lease_seconds_for
 from webhooks.endpoints import endpoint_leases_key
 from webhooks.messages import DUE_KEY, LEASES_KEY, now_ms
 
@@ -92,7 +92,7 @@ async def test_a_worker_killed_mid_delivery_loses_nothing(
             assert all(destination["attempts"] == [] for destination in log["destinations"])
         due = dict(await redis.zrange(DUE_KEY, 0, -1, withscores=True))
         assert len(due) == 4
-        lease_ms = (WEBHOOK_LEASE_ATTEMPTS * Settings.from_env(env).webhook_timeout + 5) * 1000
+        lease_ms = lease_seconds_for(Settings.from_env(env).webhook_timeout) * 1000
         assert all(now_ms() < score <= now_ms() + lease_ms for score in due.values()), due
 
         assert len(await expire_leases(redis, endpoint["id"])) == 4

@@ -239,7 +239,15 @@ _PARKED_POLL = 0.05
 # a fast receiver got 45 % fewer deliveries a second (6,800/s against 12,300 before origins had a
 # limit), at three 25 % fewer (9,300/s: each parked delivery costs Redis a park and an unpark). A
 # hanging origin holds these slots at most, 30 of the worker's 50, and the others keep flowing.
-_ATTEMPTS_PER_CONNECTION = 3
+ATTEMPTS_PER_CONNECTION = 3
+
+
+def lease_seconds_for(attempt_timeout: float) -> float:
+    """A lease longer than any attempt can take, so one that runs out means its worker died. The
+    connection pool does not count waiting for a connection against an attempt's timeout, and an attempt
+    may wait for the others ahead of it on its origin's connections before it takes its own time; one
+    more covers recording it, and an origin spelled two ways sharing one pool."""
+    return (ATTEMPTS_PER_CONNECTION + 1) * attempt_timeout + 5
 
 
 @dataclass(frozen=True)
@@ -421,7 +429,7 @@ class Dispatcher:
                 room,
                 now + self.lease_ms,
                 room * _SCAN_PER_SLOT,
-                self.http.max_connections_per_origin * _ATTEMPTS_PER_CONNECTION,
+                self.http.max_connections_per_origin * ATTEMPTS_PER_CONNECTION,
                 *mine,
             ],
         )
