@@ -18,7 +18,7 @@ from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from server import batches, deliveries, endpoints, health, images, metrics, openapi
+from server import batches, deliveries, endpoints, health, images, metrics, openapi, variants
 from server.problems import (
     Problem,
     handle_http_status,
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
+        app.state.variant_render_slots = variants.new_render_slots()
         try:
             yield
         finally:

@@ -198,14 +198,15 @@ async def _cached_variant(
     return cached
 
 
+def new_render_slots() -> anyio.Semaphore:
+    """The process's RENDER_SLOTS, made at start-up (the app's lifespan) and shared by every request."""
+    return anyio.Semaphore(RENDER_SLOTS)
+
+
 @contextlib.asynccontextmanager
 async def _render_slot(request: Request) -> AsyncIterator[None]:
-    """One of the process's RENDER_SLOTS, waited for at most RENDER_WAIT_SECONDS."""
-    state = request.app.state
-    if not hasattr(state, "variant_render_slots"):
-        # Made on first use, inside the app's event loop, and shared by every request of the process.
-        state.variant_render_slots = anyio.Semaphore(RENDER_SLOTS)
-    slots: anyio.Semaphore = state.variant_render_slots
+    """One of the process's render slots, waited for at most RENDER_WAIT_SECONDS."""
+    slots: anyio.Semaphore = request.app.state.variant_render_slots
     try:
         with anyio.fail_after(RENDER_WAIT_SECONDS):
             await slots.acquire()

@@ -462,47 +462,51 @@ async def test_an_image_keeps_only_its_most_recently_used_variants(
 
 
 async def test_renders_share_a_bounded_number_of_slots_and_a_long_wait_is_503(
-    client: httpx.AsyncClient, account: Partner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    account: Partner, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server.variants, "RENDER_SLOTS", 2)
     monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 0.3)
-    image = await completed(client, account, settings, imagegen.jpeg(300, 200))
-    running, most = 0, 0
-    changed = threading.Condition()
-    release = threading.Event()
+    async with api_client(settings) as client:  # its start-up makes the slots
+        image = await completed(client, account, settings, imagegen.jpeg(300, 200))
+        running, most = 0, 0
+        changed = threading.Condition()
+        release = threading.Event()
 
-    def slow_render(source: Path, destination: Path, spec: VariantSpec) -> None:
-        nonlocal running, most
-        with changed:
-            running += 1
-            most = max(most, running)
-            changed.notify_all()
-        release.wait(10)
-        render_variant(source, destination, spec)
-        with changed:
-            running -= 1
+        def slow_render(source: Path, destination: Path, spec: VariantSpec) -> None:
+            nonlocal running, most
+            with changed:
+                running += 1
+                most = max(most, running)
+                changed.notify_all()
+            release.wait(10)
+            render_variant(source, destination, spec)
+            with changed:
+                running -= 1
 
-    def until_running(count: int) -> None:
-        with changed:
-            assert changed.wait_for(lambda: running >= count, timeout=10)
+        def until_running(count: int) -> None:
+            with changed:
+                assert changed.wait_for(lambda: running >= count, timeout=10)
 
-    monkeypatch.setattr(server.variants, "render_variant", slow_render)
-    busy = [asyncio.create_task(get_output(client, account, image["id"], f"?width={w}")) for w in (50, 60)]
-    await asyncio.to_thread(until_running, 2)
-    waited = await get_output(client, account, image["id"], "?width=70")
-    assert_problem(waited, 503, "renderer_busy")
-    assert waited.headers["retry-after"] == str(server.variants.RENDER_RETRY_AFTER_SECONDS)
-    # A stored variant and a revalidation need no slot.
-    assert (await get_output(client, account, image["id"])).status_code == 200
-    release.set()
-    assert [response.status_code for response in await asyncio.gather(*busy)] == [200, 200]
-    monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 10.0)
-    release.clear()
-    queued = [
-        asyncio.create_task(get_output(client, account, image["id"], f"?width={w}")) for w in (80, 90, 100)
-    ]
-    await asyncio.to_thread(until_running, 2)
-    release.set()
-    assert [response.status_code for response in await asyncio.gather(*queued)] == [200, 200, 200]
-    assert most == 2
-    assert staged_files(settings) == []
+        monkeypatch.setattr(server.variants, "render_variant", slow_render)
+        busy = [
+            asyncio.create_task(get_output(client, account, image["id"], f"?width={w}")) for w in (50, 60)
+        ]
+        await asyncio.to_thread(until_running, 2)
+        waited = await get_output(client, account, image["id"], "?width=70")
+        assert_problem(waited, 503, "renderer_busy")
+        assert waited.headers["retry-after"] == str(server.variants.RENDER_RETRY_AFTER_SECONDS)
+        # A stored variant and a revalidation need no slot.
+        assert (await get_output(client, account, image["id"])).status_code == 200
+        release.set()
+        assert [response.status_code for response in await asyncio.gather(*busy)] == [200, 200]
+        monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 10.0)
+        release.clear()
+        queued = [
+            asyncio.create_task(get_output(client, account, image["id"], f"?width={w}"))
+            for w in (80, 90, 100)
+        ]
+        await asyncio.to_thread(until_running, 2)
+        release.set()
+        assert [response.status_code for response in await asyncio.gather(*queued)] == [200, 200, 200]
+        assert most == 2
+        assert staged_files(settings) == []
