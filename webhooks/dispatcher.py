@@ -9,8 +9,9 @@ again, under the same `webhook-id` (at least once).
 A delivery has at most one attempt in flight: its lease also sits in one sorted set of leases, which a
 manual retry respects. Registered endpoints get at most `max_in_flight` attempts at once across every
 worker (their leases sit in a per-endpoint sorted set, so a dead worker's run out) and at most
-`rate_limit` a second. A worker sends at most as many attempts at once to one origin as it has
-connections to it, so that no attempt waits in its queue while other receivers' deliveries are due.
+`rate_limit` a second. A worker keeps at most ATTEMPTS_PER_CONNECTION attempts per connection in flight
+to one origin, so that a slow origin's backlog holds only its own few slots while others' deliveries are
+due.
 
 Deliveries never wait behind image processing: they are not arq jobs and have their own concurrency.
 """
@@ -70,15 +71,14 @@ NewId = Callable[[str], str]
 # LEASES_KEY holds it, so that a manual retry never starts a second attempt beside one under way (and a
 # delivery made due again meanwhile is put back, not claimed twice).
 #
-# Two limits keep one slow receiver's backlog from standing in front of everyone else's deliveries:
-# an endpoint's `max_in_flight` across every worker (its leases sit in `dr:ep:{id}:leases`), and this
-# process's attempts per origin (scheme, host and port), which may not exceed its connections per origin
-# (ARGV[5]; the counts come as ARGV[6..] pairs) so that no attempt takes a slot only to queue for a
-# connection. A delivery over either limit is parked: moved, with its score, from the due set to the
-# endpoint's or the origin's parked set. Each claim first returns parked deliveries to the due set, oldest
-# first, as their endpoint or origin has room (an attempt finished, a dead worker's lease ran out, or this
-# is another process, with connections of its own): they keep their old scores, so they come before
-# younger deliveries and never starve. NX: one made due again meanwhile (a retry) keeps its place.
+# Two limits keep one slow receiver's backlog from standing in front of everyone else's deliveries: an
+# endpoint's `max_in_flight` across every worker (its leases sit in `dr:ep:{id}:leases`), and this process's
+# attempts per origin (scheme, host and port), at most ARGV[5] (ATTEMPTS_PER_CONNECTION per connection; this
+# process's counts come as ARGV[6..] pairs). A delivery over either limit is parked: moved, with its score,
+# from the due set to the endpoint's or the origin's parked set. Each claim first returns parked deliveries to
+# the due set, oldest first, as their endpoint or origin has room (an attempt finished, a dead worker's lease
+# ran out, or this is another process, with connections of its own): they keep their old scores, so they come
+# before younger deliveries and never starve. NX: one made due again meanwhile (a retry) keeps its place.
 # Deliveries over an endpoint's rate limit wait for the next second.
 #
 # A callback's URL is read from its message record, whose destinations Message.to_json writes as
