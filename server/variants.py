@@ -18,6 +18,7 @@ import functools
 import hashlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,7 @@ async def _cached_variant(
             await anyio.to_thread.run_sync(
                 _evict_least_recently_used, cached.parent, MAX_VARIANTS_PER_IMAGE - 1
             )
+            await anyio.to_thread.run_sync(_stamp_used, staged)
             await anyio.to_thread.run_sync(storage.commit, staged, key)
         except pyvips.Error:
             log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
@@ -226,10 +228,18 @@ async def _render_slot(request: Request) -> AsyncIterator[None]:
 async def _mark_used(path: Path) -> bool:
     """Record that the stored variant at `path` is being served (the eviction order); False if absent."""
     try:
-        await anyio.to_thread.run_sync(os.utime, path)
+        await anyio.to_thread.run_sync(_stamp_used, path)
     except FileNotFoundError:
         return False
     return True
+
+
+def _stamp_used(path: Path) -> None:
+    """Set the file's mtime, its place in the eviction order, from the precise clock: a file's own write
+    and a bare `utime` take the kernel's coarse one, whose ticks (several ms) would tie two uses and
+    let the order fall to the file names."""
+    now = time.time_ns()
+    os.utime(path, ns=(now, now))
 
 
 def _evict_least_recently_used(folder: Path, keep: int) -> None:
