@@ -45,6 +45,12 @@ class Settings:
     archive_ttl: float = 7 * 24 * 3600.0
     # Wall-clock seconds one archive may take to assemble (re-encoding included).
     archive_timeout: float = 3600.0
+    # One web process's limits on how requests arrive (server/http_limits.py).
+    max_header_bytes: int = 65536
+    header_timeout: float = 10.0
+    max_pending_connections: int = 500
+    body_idle_timeout: float = 30.0
+    body_timeout: float = 300.0
     queue_name: str = "darkroom:queue"
 
     @property
@@ -83,6 +89,11 @@ class Settings:
             webhook_retention=_positive_int(env, "DARKROOM_WEBHOOK_RETENTION", 30 * 24 * 3600),
             archive_ttl=_seconds(env, "DARKROOM_ARCHIVE_TTL", 7 * 24 * 3600.0),
             archive_timeout=float(_positive_int(env, "DARKROOM_ARCHIVE_TIMEOUT", 3600)),
+            max_header_bytes=_positive_int(env, "DARKROOM_MAX_HEADER_BYTES", 65536),
+            header_timeout=_positive_seconds(env, "DARKROOM_HEADER_TIMEOUT", 10.0),
+            max_pending_connections=_positive_int(env, "DARKROOM_MAX_PENDING_CONNECTIONS", 500),
+            body_idle_timeout=_positive_seconds(env, "DARKROOM_BODY_IDLE_TIMEOUT", 30.0),
+            body_timeout=_positive_seconds(env, "DARKROOM_BODY_TIMEOUT", 300.0),
         )
 
 
@@ -105,6 +116,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return _non_negative(env, name, default, "a number of seconds")
+
+
+def _positive_seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _seconds(env, name, default)
+    if value == 0:
+        raise SettingsError(f"{name} must be more than zero seconds")
+    return value
 
 
 def _fraction(env: Mapping[str, str], name: str, default: float) -> float:

@@ -12,6 +12,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 
 from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
@@ -19,6 +20,7 @@ from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from server import batches, deliveries, endpoints, health, images, metrics, openapi, variants
+from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.problems import (
     Problem,
     handle_http_status,
@@ -30,7 +32,7 @@ from server.problems import (
 
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_libvips()
         storage = LocalStorage(settings.storage_root)
         storage.prepare()
@@ -40,7 +42,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.storage = storage
         app.state.variant_render_slots = variants.new_render_slots()
         try:
-            yield
+            # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
+            yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
         finally:
             await redis.aclose(close_connection_pool=True)
 
@@ -60,6 +63,13 @@ def create_app(settings: Settings) -> Starlette:
             RedisError: handle_store_unavailable,
             Exception: handle_unexpected,
         },
+        middleware=[
+            Middleware(
+                BodyDeadlineMiddleware,
+                idle_timeout=settings.body_idle_timeout,
+                total_timeout=settings.body_timeout,
+            )
+        ],
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -19,6 +19,7 @@ from jobs.store import Store
 from server.children import child_process_options
 from server.cli import account_json, create_account
 from server.embedded_redis import EmbeddedRedis
+from server.http_limits import WEB_PROTOCOL
 
 DEV_ACCOUNT_FILE = "dev-account.json"
 STOP_GRACE_SECONDS = 10
@@ -98,6 +99,7 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
     try:
         account, created = _ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE)
         web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
+        web += ["--http", WEB_PROTOCOL]
         worker = [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"]
         for command in [web, *[worker] * workers]:
             processes.append(subprocess.Popen(command, env=env, **child_process_options()))

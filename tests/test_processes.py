@@ -176,6 +176,16 @@ def base_env(data_dir: Path, port: int) -> dict[str, str]:
     }
 
 
+def procfile_command(process: str, port: int) -> list[str]:
+    """The Procfile's line for `process`, run from this venv and listening on loopback only."""
+    for line in (REPO / "Procfile").read_text().splitlines():
+        name, _, command = line.partition(":")
+        if name == process:
+            words = command.replace("${PORT:-8000}", str(port)).replace("0.0.0.0", "127.0.0.1").split()
+            return [str(BIN / words[0]), *words[1:]]
+    raise AssertionError(f"the Procfile has no {process!r} line")
+
+
 def wait_until_ready(base_url: str, watched: Sequence[Child], timeout: float = START_TIMEOUT) -> None:
     """Poll /readyz until it answers 200 (bounded); fail early if a child exits."""
     deadline = time.monotonic() + timeout
@@ -282,10 +292,8 @@ def stack(children: Children, redis_server: EmbeddedRedis, tmp_path: Path) -> St
         "DARKROOM_PUBLIC_URL": base_url,
         "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
     }
-    web = children.start(
-        "web", [str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)], env
-    )
-    worker = children.start("worker", [str(BIN / "arq"), "jobs.worker.WorkerSettings"], env)
+    web = children.start("web", procfile_command("web", port), env)
+    worker = children.start("worker", procfile_command("worker", port), env)
     wait_until_ready(base_url, [web, worker])
     return Stack(base_url, env, web, worker)
 
