@@ -25,6 +25,8 @@ class Settings:
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     max_upload_bytes: int = 50_000_000
     max_pixels: int = 100_000_000
+    # Pages (or animation frames) an upload may hold.
+    max_pages: int = 1000
     # arq's own timeout is a failure without retry, so ours fires first and records why.
     job_timeout: float = 120.0
     # A job that keeps killing its worker (segfault, OOM) is given up after this many starts.
@@ -79,6 +81,7 @@ class Settings:
             retry_schedule=_schedule(env.get("DARKROOM_RETRY_SCHEDULE")),
             max_upload_bytes=_positive_int(env, "DARKROOM_MAX_UPLOAD_BYTES", 50_000_000),
             max_pixels=_positive_int(env, "DARKROOM_MAX_PIXELS", 100_000_000),
+            max_pages=_positive_int(env, "DARKROOM_MAX_PAGES", 1000),
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),

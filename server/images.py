@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
-from jobs.formats import ImageFormat, UnreadableImage, read_header, sniff_format
+from jobs.formats import ImageFormat, TooManyPages, UnreadableImage, read_header, sniff_format
 from jobs.ids import new_id
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
@@ -110,7 +110,11 @@ async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
         accepted = ", ".join(fmt.value for fmt in ImageFormat)
         raise Problem(415, "unsupported_format", f"the file is not an image Darkroom accepts ({accepted})")
     try:
-        header = await asyncio.to_thread(read_header, str(upload.path), image_format)
+        header = await asyncio.to_thread(
+            read_header, str(upload.path), image_format, max_pages=settings.max_pages
+        )
+    except TooManyPages as exc:
+        raise Problem(422, "too_many_pages", exc.message) from None
     except UnreadableImage as exc:
         raise Problem(
             422, "unreadable_image", f"the {image_format.value} file cannot be read: {exc}"

@@ -112,6 +112,28 @@ def tiff(width: int = 64, height: int = 48, *, pages: int = 1) -> bytes:
     return bytes(_frames(width, height, pages).write_to_buffer(".tif", keep="none"))
 
 
+def many_page_tiff(pages: int) -> bytes:
+    """A little-endian TIFF of `pages` 1x1 grey pages, each directory as small as libtiff reads (66 bytes),
+    so a few megabytes hold a hundred thousand pages."""
+    # ImageWidth, ImageLength, PhotometricInterpretation (SHORT 1); StripOffsets, StripByteCounts (LONG).
+    directory = struct.pack("<H", 5) + b"".join(
+        [
+            struct.pack("<HHIHH", 256, 3, 1, 1, 0),
+            struct.pack("<HHIHH", 257, 3, 1, 1, 0),
+            struct.pack("<HHIHH", 262, 3, 1, 1, 0),
+            struct.pack("<HHII", 273, 4, 1, 8),  # the one pixel, right after the header
+            struct.pack("<HHII", 279, 4, 1, 1),
+        ]
+    )
+    first = 16
+    step = len(directory) + 4
+    chain = b"".join(
+        directory + struct.pack("<I", first + (page + 1) * step if page + 1 < pages else 0)
+        for page in range(pages)
+    )
+    return b"II*\x00" + struct.pack("<I", first) + b"\x80" + bytes(7) + chain
+
+
 @functools.cache
 def can_save_avif() -> bool:
     """Whether this libvips build has an AV1 encoder (pyvips-binary's libheif has one, not HEVC)."""

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from jobs.formats import ImageFormat, ImageHeader, UnreadableImage, read_header, sniff_format
+from jobs.formats import (
+    ImageFormat,
+    ImageHeader,
+    TooManyPages,
+    UnreadableImage,
+    read_header,
+    sniff_format,
+)
 from tests import imagegen
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
@@ -190,3 +197,21 @@ def test_bad_corpus_files_are_refused_or_give_a_header_quickly(row: dict[str, st
     except UnreadableImage as refused:
         assert str(CORPUS) not in refused.message
     assert time.perf_counter() - started < 0.5
+
+
+def test_tiff_pages_are_counted_before_libvips_reads_them(tmp_path: Path) -> None:
+    path = write(tmp_path, imagegen.many_page_tiff(120_000))
+    started = time.perf_counter()
+    with pytest.raises(TooManyPages, match="more than 1,000 pages"):
+        read_header(path, ImageFormat.TIFF, max_pages=1000)
+    assert time.perf_counter() - started < 0.1
+    assert (
+        read_header(write(tmp_path, imagegen.tiff(8, 8, pages=3)), ImageFormat.TIFF, max_pages=3).pages == 3
+    )
+
+
+def test_a_tiff_whose_pages_loop_back_is_unreadable(tmp_path: Path) -> None:
+    data = bytearray(imagegen.many_page_tiff(3))
+    data[-4:] = (16).to_bytes(4, "little")  # the last page's "next" points back to the first
+    with pytest.raises(UnreadableImage, match="loop back after 3 pages"):
+        read_header(write(tmp_path, bytes(data)), ImageFormat.TIFF, max_pages=1000)

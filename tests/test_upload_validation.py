@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,9 +16,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from jobs.formats import ImageFormat, ImageHeader
 from jobs.settings import Settings
+from server import images
 from tests import imagegen
-from tests.conftest import Partner, api_client, run_burst, with_settings
+from tests.conftest import Partner, api_client, make_account, run_burst, with_settings
 from tests.receiver import Receiver
 from tests.test_spine import upload
 
@@ -129,6 +133,45 @@ async def test_png_claiming_ten_gigapixels_is_refused_before_queueing(
     assert "100000x100000" in body["detail"]
     assert f"{settings.max_pixels:,}" in body["detail"]  # names the limit
     await assert_nothing_kept(client, account, redis, settings)
+
+
+async def test_a_tiff_of_too_many_pages_is_refused_without_holding_up_other_uploads(
+    settings: Settings, account: Partner, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 8 MB: libvips alone takes about 3 s (and the process-wide header lock) to count its pages.
+    hostile = imagegen.many_page_tiff(120_000)
+    other_tenant = await make_account(redis, "other tenant")
+    checking_tiff = threading.Event()
+    read_header = images.read_header
+
+    def observed_read_header(path: str, fmt: ImageFormat, **limits: Any) -> ImageHeader:
+        if fmt is ImageFormat.TIFF:
+            checking_tiff.set()
+        return read_header(path, fmt, **limits)
+
+    monkeypatch.setattr(images, "read_header", observed_read_header)
+    async with api_client(with_settings(settings, max_upload_bytes=10_000_000)) as client:
+        hostile_upload = asyncio.create_task(upload(client, account, hostile, "pages.tif"))
+        assert await asyncio.to_thread(checking_tiff.wait, 10)
+        started = time.monotonic()
+        other_upload = await upload(client, other_tenant, imagegen.jpeg())
+        other_latency = time.monotonic() - started
+        refused = await hostile_upload
+    assert other_upload.status_code == 202, other_upload.text
+    assert other_latency < 1.0, other_latency
+    problem = assert_problem(refused, 422, "too_many_pages")
+    assert problem["detail"] == "the file has more than 1,000 pages; the limit is 1,000"
+
+
+async def test_an_animation_of_too_many_frames_is_refused(
+    settings: Settings, account: Partner, redis: Redis
+) -> None:
+    async with api_client(with_settings(settings, max_pages=20)) as client:
+        response = await upload(client, account, imagegen.gif(8, 8, pages=21), "frames.gif")
+        accepted = await upload(client, account, imagegen.tiff(8, 8, pages=20), "pages.tif")
+    problem = assert_problem(response, 422, "too_many_pages")
+    assert problem["detail"] == "the file has 21 pages; the limit is 20"
+    assert accepted.status_code == 202, accepted.text
 
 
 async def test_image_exactly_at_the_pixel_limit_is_accepted(
