@@ -47,6 +47,8 @@ class Settings:
     archive_ttl: float = 7 * 24 * 3600.0
     # Wall-clock seconds one archive may take to assemble (re-encoding included).
     archive_timeout: float = 3600.0
+    # A variant rendered by the web process is stopped after this many seconds.
+    variant_render_timeout: float = 20.0
     # One web process's limits on how requests arrive (server/http_limits.py).
     max_header_bytes: int = 65536
     header_timeout: float = 10.0
@@ -92,6 +94,7 @@ class Settings:
             webhook_retention=_positive_int(env, "DARKROOM_WEBHOOK_RETENTION", 30 * 24 * 3600),
             archive_ttl=_seconds(env, "DARKROOM_ARCHIVE_TTL", 7 * 24 * 3600.0),
             archive_timeout=float(_positive_int(env, "DARKROOM_ARCHIVE_TIMEOUT", 3600)),
+            variant_render_timeout=_positive_seconds(env, "DARKROOM_VARIANT_RENDER_TIMEOUT", 20.0),
             max_header_bytes=_positive_int(env, "DARKROOM_MAX_HEADER_BYTES", 65536),
             header_timeout=_positive_seconds(env, "DARKROOM_HEADER_TIMEOUT", 10.0),
             max_pending_connections=_positive_int(env, "DARKROOM_MAX_PENDING_CONNECTIONS", 500),

@@ -17,7 +17,7 @@ import pyvips
 from jobs.ops import encode
 from jobs.ops.base import max_value, restore_format
 from jobs.ops.encode import ConvertParams, OutputFormat
-from jobs.pipeline import FAIL_ON
+from jobs.pipeline import FAIL_ON, KillSwitch
 
 # A preview is a low-resolution copy that is useless as a final image: longest side at most this.
 PREVIEW_MAX_SIDE = 400
@@ -61,18 +61,24 @@ def fit_inside(width: int, height: int, box_width: int, box_height: int) -> tupl
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def render_variant(source: Path, destination: Path, spec: VariantSpec) -> None:
+def render_variant(
+    source: Path, destination: Path, spec: VariantSpec, kill_switch: KillSwitch | None = None
+) -> None:
     """Write the variant `spec` of the stored result `source` to `destination`.
 
-    Raises pyvips.Error for a result that cannot be decoded; nothing is left at `destination` then."""
+    Raises pyvips.Error for a result that cannot be decoded, or whose render `kill_switch` stopped;
+    nothing is left at `destination` then."""
     try:
-        _save_variant(source, destination, spec)
+        _save_variant(source, destination, spec, kill_switch)
     except pyvips.Error:
         destination.unlink(missing_ok=True)
         raise
+    finally:
+        if kill_switch is not None:
+            kill_switch.disarm()
 
 
-def _save_variant(source: Path, destination: Path, spec: VariantSpec) -> None:
+def _save_variant(source: Path, destination: Path, spec: VariantSpec, kill_switch: KillSwitch | None) -> None:
     # The images live in this frame only, so they are freed (and the file closed) when it returns or raises.
     # "force" lands on the exact size the spec was resolved to; its aspect ratio is the source's already.
     image = pyvips.Image.thumbnail(str(source), spec.width, height=spec.height, size="force", fail_on=FAIL_ON)
@@ -80,7 +86,10 @@ def _save_variant(source: Path, destination: Path, spec: VariantSpec) -> None:
         image = stamp_preview(image)
     convert = ConvertParams(format=spec.format, quality=spec.quality)
     image = encode.prepare_for_save(image, spec.format, convert)
-    encode.save(image, destination, spec.format, convert)
+    watch = kill_switch.arm if kill_switch is not None else None
+    if watch is not None:
+        watch(image)
+    encode.save(image, destination, spec.format, convert, watch=watch)
 
 
 def stamp_preview(image: pyvips.Image) -> pyvips.Image:

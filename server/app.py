@@ -40,7 +40,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
-        app.state.variant_render_slots = variants.new_render_slots()
+        app.state.variant_render_slots = variants.RenderSlots()
         try:
             # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
             yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}

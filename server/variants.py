@@ -6,13 +6,16 @@ any web process, are served from that file. Results never change once completed,
 a strong ETag that is known before any file is touched and can be cached for a year.
 
 Rendering is the one place the web process decodes pixels, so it is bounded: at most RENDER_SLOTS
-renders at once per process (libvips uses every core for each); a request waits for a slot at most
-RENDER_WAIT_SECONDS, then answers 503 with Retry-After. An image keeps at most MAX_VARIANTS_PER_IMAGE
+renders at once per process (libvips uses every core for each), of which one account holds at most half
+(so another account's request still finds one); a request waits for a slot at most RENDER_WAIT_SECONDS,
+then answers 503 with Retry-After. A render running past DARKROOM_VARIANT_RENDER_TIMEOUT is killed (its
+libvips evaluation stopped) and answers 503 render_too_slow. An image keeps at most MAX_VARIANTS_PER_IMAGE
 variants: serving one marks it used (its mtime), and storing one more removes the least recently used.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import hashlib
@@ -33,7 +36,9 @@ from starlette.responses import FileResponse, Response
 from jobs.ops.base import MAX_DIMENSION
 from jobs.ops.encode import MEDIA_TYPES, SAVERS, OutputFormat
 from jobs.params import FieldError
+from jobs.pipeline import KillSwitch
 from jobs.records import ImageRecord, OutputInfo
+from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_variant
@@ -172,20 +177,36 @@ async def _cached_variant(
     source = storage.path(output.key)
     if await _stat(source) is None:
         raise _missing_output()
-    async with _render_slot(request):
+    slots: RenderSlots = request.app.state.variant_render_slots
+    async with slots.hold(image.account_id):
         # A request for the same variant may have rendered it while this one waited.
         if await _mark_used(cached):
             return cached
         staged = storage.new_staging_path(cached.suffix)
+        settings: Settings = request.app.state.settings
+        kill_switch = KillSwitch()
+        deadline = asyncio.get_running_loop().call_later(settings.variant_render_timeout, kill_switch.fire)
         try:
-            # Not abandoned on cancellation: the thread's file must exist before `finally` removes it.
-            await anyio.to_thread.run_sync(functools.partial(render_variant, source, staged, spec))
+            try:
+                # Not abandoned on cancellation: the thread's file must exist before `finally` removes it.
+                await anyio.to_thread.run_sync(
+                    functools.partial(render_variant, source, staged, spec, kill_switch)
+                )
+            finally:
+                deadline.cancel()
             await anyio.to_thread.run_sync(
                 _evict_least_recently_used, cached.parent, MAX_VARIANTS_PER_IMAGE - 1
             )
             await anyio.to_thread.run_sync(_stamp_used, staged)
             await anyio.to_thread.run_sync(storage.commit, staged, key)
         except pyvips.Error:
+            if kill_switch.fired:
+                raise Problem(
+                    503,
+                    "render_too_slow",
+                    f"rendering this variant took longer than {settings.variant_render_timeout:g} s and was"
+                    " stopped; ask for a smaller size or another format",
+                ) from None
             log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
             raise Problem(
                 500, "output_unreadable", "the stored result cannot be decoded to render this variant"
@@ -200,29 +221,61 @@ async def _cached_variant(
     return cached
 
 
-def new_render_slots() -> anyio.Semaphore:
-    """The process's RENDER_SLOTS, made at start-up (the app's lifespan) and shared by every request."""
-    return anyio.Semaphore(RENDER_SLOTS)
+@dataclass
+class _Share:
+    """One account's part of the render slots, kept while any of its requests holds or waits for one."""
+
+    slots: anyio.Semaphore
+    users: int = 0
 
 
-@contextlib.asynccontextmanager
-async def _render_slot(request: Request) -> AsyncIterator[None]:
-    """One of the process's render slots, waited for at most RENDER_WAIT_SECONDS."""
-    slots: anyio.Semaphore = request.app.state.variant_render_slots
-    try:
-        with anyio.fail_after(RENDER_WAIT_SECONDS):
-            await slots.acquire()
-    except TimeoutError:
-        raise Problem(
-            503,
-            "renderer_busy",
-            "every variant renderer is busy; retry shortly (stored variants are served meanwhile)",
-            headers={"Retry-After": str(RENDER_RETRY_AFTER_SECONDS)},
-        ) from None
-    try:
-        yield
-    finally:
-        slots.release()
+class RenderSlots:
+    """The process's RENDER_SLOTS, made at start-up (the app's lifespan) and shared by every request, of
+    which one account holds at most half: a partner asking for a hundred sizes at once waits for its own
+    turns, and every other account's request still finds a slot."""
+
+    def __init__(self) -> None:
+        self.total = RENDER_SLOTS
+        self.per_account = max(1, RENDER_SLOTS // 2)
+        self._free = anyio.Semaphore(self.total)
+        self._shares: dict[str, _Share] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, account_id: str) -> AsyncIterator[None]:
+        """A slot of the account's share, waited for at most RENDER_WAIT_SECONDS in all."""
+        share = self._shares.setdefault(account_id, _Share(anyio.Semaphore(self.per_account)))
+        share.users += 1
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                own_share_full = True
+                try:
+                    with anyio.fail_after(RENDER_WAIT_SECONDS):
+                        await share.slots.acquire()
+                        held.callback(share.slots.release)
+                        own_share_full = False
+                        await self._free.acquire()
+                        held.callback(self._free.release)
+                except TimeoutError:
+                    raise _busy(own_share_full) from None
+                yield
+        finally:
+            share.users -= 1
+            if share.users == 0:
+                del self._shares[account_id]
+
+
+def _busy(own_share_full: bool) -> Problem:
+    detail = (
+        "this account's share of the variant renderers is busy with its other requests"
+        if own_share_full
+        else "every variant renderer is busy"
+    )
+    return Problem(
+        503,
+        "renderer_busy",
+        f"{detail}; retry shortly (stored variants are served meanwhile)",
+        headers={"Retry-After": str(RENDER_RETRY_AFTER_SECONDS)},
+    )
 
 
 async def _mark_used(path: Path) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +16,11 @@ import pyvips
 from redis.asyncio import Redis
 
 import server.variants
+from jobs.pipeline import KillSwitch
 from jobs.settings import Settings
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, render_variant
 from tests import imagegen
-from tests.conftest import Partner, api_client, make_account, run_burst
+from tests.conftest import Partner, api_client, make_account, run_burst, with_settings
 from tests.test_spine import upload
 from tests.test_upload_validation import assert_problem, staged_files
 
@@ -77,9 +78,11 @@ def renders(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[VariantSpec]]:
     """Every variant the web process renders (the real renderer still runs)."""
     seen: list[VariantSpec] = []
 
-    def counting(source: Path, destination: Path, spec: VariantSpec) -> None:
+    def counting(
+        source: Path, destination: Path, spec: VariantSpec, kill_switch: KillSwitch | None = None
+    ) -> None:
         seen.append(spec)
-        render_variant(source, destination, spec)
+        render_variant(source, destination, spec, kill_switch)
 
     monkeypatch.setattr(server.variants, "render_variant", counting)
     yield seen
@@ -419,8 +422,10 @@ async def test_delete_while_a_variant_renders_leaves_nothing_behind(
 ) -> None:
     image = await completed(client, account, settings, imagegen.jpeg(300, 200))
 
-    def render_then_delete(source: Path, destination: Path, spec: VariantSpec) -> None:
-        render_variant(source, destination, spec)
+    def render_then_delete(
+        source: Path, destination: Path, spec: VariantSpec, kill_switch: KillSwitch | None = None
+    ) -> None:
+        render_variant(source, destination, spec, kill_switch)
         # The owner deletes the image while this request still holds the rendered variant.
         deleted = anyio.from_thread.run(
             lambda: client.delete(f"/v1/images/{image['id']}", headers=account.headers)
@@ -461,52 +466,104 @@ async def test_an_image_keeps_only_its_most_recently_used_variants(
     assert decode(evicted).width == 110 and [spec.width for spec in renders] == [110]  # rendered again
 
 
+class SlowRenders:
+    """Replaces the web process's renderer: renders of `held` accounts wait for `release`, then render."""
+
+    def __init__(self, held: Sequence[Partner]) -> None:
+        self.held = [account.id for account in held]
+        self.running = 0
+        self.most = 0
+        self.release = threading.Event()
+        self._changed = threading.Condition()
+
+    def render(
+        self, source: Path, destination: Path, spec: VariantSpec, kill_switch: KillSwitch | None = None
+    ) -> None:
+        with self._changed:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self._changed.notify_all()
+        if any(account_id in str(source) for account_id in self.held):
+            self.release.wait(10)
+        render_variant(source, destination, spec, kill_switch)
+        with self._changed:
+            self.running -= 1
+
+    def until_running(self, count: int) -> None:
+        with self._changed:
+            assert self._changed.wait_for(lambda: self.running >= count, timeout=10)
+
+
 async def test_renders_share_a_bounded_number_of_slots_and_a_long_wait_is_503(
-    account: Partner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    account: Partner, redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(server.variants, "RENDER_SLOTS", 2)
     monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 0.3)
+    partners = [account, await make_account(redis, "second"), await make_account(redis, "third")]
     async with api_client(settings) as client:  # its start-up makes the slots
-        image = await completed(client, account, settings, imagegen.jpeg(300, 200))
-        running, most = 0, 0
-        changed = threading.Condition()
-        release = threading.Event()
-
-        def slow_render(source: Path, destination: Path, spec: VariantSpec) -> None:
-            nonlocal running, most
-            with changed:
-                running += 1
-                most = max(most, running)
-                changed.notify_all()
-            release.wait(10)
-            render_variant(source, destination, spec)
-            with changed:
-                running -= 1
-
-        def until_running(count: int) -> None:
-            with changed:
-                assert changed.wait_for(lambda: running >= count, timeout=10)
-
-        monkeypatch.setattr(server.variants, "render_variant", slow_render)
-        busy = [
-            asyncio.create_task(get_output(client, account, image["id"], f"?width={w}")) for w in (50, 60)
+        images = [
+            (partner, await completed(client, partner, settings, imagegen.jpeg(300, 200)))
+            for partner in partners
         ]
-        await asyncio.to_thread(until_running, 2)
-        waited = await get_output(client, account, image["id"], "?width=70")
-        assert_problem(waited, 503, "renderer_busy")
+        slow = SlowRenders(partners)
+        monkeypatch.setattr(server.variants, "render_variant", slow.render)
+        busy = [
+            asyncio.create_task(get_output(client, partner, image["id"], f"?width={width}"))
+            for (partner, image), width in zip(images[:2], (50, 60), strict=True)
+        ]
+        await asyncio.to_thread(slow.until_running, 2)
+        third, third_image = images[2]
+        waited = await get_output(client, third, third_image["id"], "?width=70")
+        problem = assert_problem(waited, 503, "renderer_busy")
+        assert problem["detail"].startswith("every variant renderer is busy")
         assert waited.headers["retry-after"] == str(server.variants.RENDER_RETRY_AFTER_SECONDS)
         # A stored variant and a revalidation need no slot.
-        assert (await get_output(client, account, image["id"])).status_code == 200
-        release.set()
+        assert (await get_output(client, third, third_image["id"])).status_code == 200
+        slow.release.set()
         assert [response.status_code for response in await asyncio.gather(*busy)] == [200, 200]
         monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 10.0)
-        release.clear()
+        slow.release.clear()
         queued = [
-            asyncio.create_task(get_output(client, account, image["id"], f"?width={w}"))
-            for w in (80, 90, 100)
+            asyncio.create_task(get_output(client, partner, image["id"], "?width=80"))
+            for partner, image in images
         ]
-        await asyncio.to_thread(until_running, 2)
-        release.set()
+        await asyncio.to_thread(slow.until_running, 2)
+        slow.release.set()
         assert [response.status_code for response in await asyncio.gather(*queued)] == [200, 200, 200]
-        assert most == 2
+        assert slow.most == 2
         assert staged_files(settings) == []
+
+
+async def test_one_account_holds_at_most_half_the_render_slots(
+    account: Partner, redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server.variants, "RENDER_SLOTS", 2)
+    monkeypatch.setattr(server.variants, "RENDER_WAIT_SECONDS", 0.3)
+    other = await make_account(redis, "other tenant")
+    async with api_client(settings) as client:
+        greedy_image = await completed(client, account, settings, imagegen.jpeg(300, 200))
+        other_image = await completed(client, other, settings, imagegen.jpeg(300, 200))
+        slow = SlowRenders([account])
+        monkeypatch.setattr(server.variants, "render_variant", slow.render)
+        first = asyncio.create_task(get_output(client, account, greedy_image["id"], "?width=50"))
+        await asyncio.to_thread(slow.until_running, 1)
+
+        second = await get_output(client, account, greedy_image["id"], "?width=60")
+        problem = assert_problem(second, 503, "renderer_busy")
+        assert problem["detail"].startswith("this account's share of the variant renderers is busy")
+        served = await get_output(client, other, other_image["id"], "?width=60")
+        assert decode(served).width == 60
+
+        slow.release.set()
+        assert (await first).status_code == 200
+
+
+async def test_a_render_past_the_time_limit_is_stopped_and_503(account: Partner, settings: Settings) -> None:
+    async with api_client(with_settings(settings, variant_render_timeout=0.05)) as client:
+        # Re-encoding 12 MP as WebP takes over a second.
+        image = await completed(client, account, settings, imagegen.jpeg(4000, 3000))
+        response = await get_output(client, account, image["id"], "?format=webp")
+    problem = assert_problem(response, 503, "render_too_slow")
+    assert "longer than 0.05 s" in problem["detail"]
+    assert variant_files(settings, account, image["id"]) == []
+    assert staged_files(settings) == []
