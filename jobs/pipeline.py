@@ -105,17 +105,21 @@ def render(
     kill_switch: KillSwitch | None = None,
     *,
     max_pixels: int | None = None,
+    max_memory: int | None = None,
 ) -> RenderedImage:
     """Process `source` into `destination_stem` + the output format's suffix.
 
     `max_pixels` caps the result as the upload check caps the input, so an `upscale` or a big
-    `resize` with `enlarge` fails cleanly instead of writing a gigapixel file."""
+    `resize` with `enlarge` fails cleanly instead of writing a gigapixel file. `max_memory` caps, in
+    bytes, a picture the chain must decode whole (see `_check_held_bytes`)."""
     steps = plan(chain)
     output_format = encode.output_format_for(input_format, steps.convert)
     destination = destination_stem.with_suffix(encode.SAVERS[output_format].suffix)
     failure: ProcessingError | None
     try:
-        width, height = _render_to(source, destination, steps, output_format, kill_switch, max_pixels)
+        width, height = _render_to(
+            source, destination, steps, output_format, kill_switch, max_pixels, max_memory
+        )
         failure = None
     except ProcessingError as exc:
         destination.unlink(missing_ok=True)
@@ -145,11 +149,12 @@ def _render_to(
     output_format: str,
     kill_switch: KillSwitch | None,
     max_pixels: int | None,
+    max_memory: int | None,
 ) -> tuple[int, int]:
     """Build and save; the result's size. The images live in this frame only, so they are gone once it
     returns or raises."""
     watch = kill_switch.arm if kill_switch is not None else _unwatched
-    image = _build(source, steps, output_format, max_pixels, watch)
+    image = _build(source, steps, output_format, max_pixels, max_memory, watch)
     watch(image)
     encode.save(image, destination, output_format, steps.convert, watch=watch)
     return image.width, image.height
@@ -173,12 +178,13 @@ def _build(
     steps: Plan,
     output_format: str,
     max_pixels: int | None,
+    max_memory: int | None,
     watch: Callable[[pyvips.Image], None],
 ) -> pyvips.Image:
     """The lazy libvips graph of the whole chain: nothing is decoded until the save pulls pixels, except
     by steps that hold or measure their input first (enhance, out-of-order reads). `watch` is handed
     each image such a step may render, so a kill switch can stop that pass too."""
-    image, remaining = _load(source, steps, watch)
+    image, remaining = _load(source, steps, max_memory, watch)
     _check_size(image, max_pixels)
     previous_stage = None
     for operation in remaining:
@@ -198,7 +204,7 @@ def _build(
 
 
 def _load(
-    source: Path, steps: Plan, watch: Callable[[pyvips.Image], None]
+    source: Path, steps: Plan, max_memory: int | None, watch: Callable[[pyvips.Image], None]
 ) -> tuple[pyvips.Image, Sequence[Operation]]:
     first = steps.steps[0] if steps.steps else None
     # libvips' thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead.
@@ -246,10 +252,38 @@ def _load(
     if upright_turn or any(reads_out_of_order(operation.params) for operation in steps.steps):
         # A sequential (streaming) load cannot serve rows out of order, as turns, vertical flips and
         # smart crops read them: a random-access load decodes the picture whole, when it is first read.
+        _check_held_bytes(image, max_memory)
         image = pyvips.Image.new_from_file(str(source), access="random", fail_on=FAIL_ON, **pages)
     if steps.auto_orient:
         image = image.autorot()
     return _to_srgb(image, steps), steps.steps
+
+
+# Bytes per sample of each libvips band format.
+_SAMPLE_BYTES = {
+    "uchar": 1, "char": 1, "ushort": 2, "short": 2, "uint": 4, "int": 4,
+    "float": 4, "double": 8, "complex": 8, "dpcomplex": 16,
+}  # fmt: skip
+# libwebp decodes a whole picture into its own RGBA buffer, which libvips then copies: four bytes a pixel
+# more than the copy (four 4 KB lossless WebPs of 100 MP, turned, took a worker to 2.9 GB).
+_WEBP_DECODER_BYTES_PER_PIXEL = 4
+
+
+def _check_held_bytes(image: pyvips.Image, max_memory: int | None) -> None:
+    """Refuse, from the header of `image` (a sequential load, nothing decoded), a picture whose whole
+    decoded copy would take more than `max_memory` bytes."""
+    pixels = image.width * image.height
+    held = pixels * image.bands * _SAMPLE_BYTES[image.format]
+    if image.get("vips-loader") == "webpload":
+        held += pixels * _WEBP_DECODER_BYTES_PER_PIXEL
+    if max_memory is not None and held > max_memory:
+        mib = 1024 * 1024
+        raise ProcessingError(
+            "image_too_large",
+            f"turning, flipping or smart-cropping this {image.width}x{image.height} picture needs it whole"
+            f" in memory, about {held // mib:,} MB; the limit is {max_memory // mib:,} MB"
+            " (resize first: a leading resize shrinks it while decoding)",
+        )
 
 
 def _frames_capped(image: pyvips.Image) -> pyvips.Image:

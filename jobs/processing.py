@@ -79,14 +79,23 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
     source = deps.storage.path(image.original_key)
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
-    limit = deps.settings.max_pixels
+    settings = deps.settings
     rendering = asyncio.ensure_future(
         asyncio.to_thread(
-            functools.partial(render, source, stem, chain, image.input.format, kill_switch, max_pixels=limit)
+            functools.partial(
+                render,
+                source,
+                stem,
+                chain,
+                image.input.format,
+                kill_switch,
+                max_pixels=settings.max_pixels,
+                max_memory=settings.job_memory_bytes,
+            )
         )
     )
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + deps.settings.job_timeout
+    deadline = loop.time() + settings.job_timeout
     try:
         while not rendering.done():
             left = deadline - loop.time()

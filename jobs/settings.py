@@ -32,6 +32,8 @@ class Settings:
     # A job that keeps killing its worker (segfault, OOM) is given up after this many starts.
     max_attempts: int = 3
     worker_concurrency: int = 4
+    # Largest picture, in decoded bytes, a job may hold whole in memory (turns, flips, smart crops).
+    job_memory_bytes: int = 512 * 1024 * 1024
     webhook_timeout: float = 15.0
     webhook_connect_timeout: float = 5.0
     # Each retry waits its scheduled delay ±this fraction, so a receiver's outage does not end in a stampede.
@@ -86,6 +88,7 @@ class Settings:
             max_pages=_positive_int(env, "DARKROOM_MAX_PAGES", 1000),
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
+            job_memory_bytes=_positive_int(env, "DARKROOM_JOB_MEMORY_MB", 512) * 1024 * 1024,
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
             webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),
             webhook_slow_down_seconds=_seconds(env, "DARKROOM_WEBHOOK_SLOW_DOWN", 60.0),

@@ -112,6 +112,12 @@ def tiff(width: int = 64, height: int = 48, *, pages: int = 1) -> bytes:
     return bytes(_frames(width, height, pages).write_to_buffer(".tif", keep="none"))
 
 
+def flat_lossless_webp(width: int, height: int) -> bytes:
+    """One colour, losslessly: a few kilobytes that decode to width x height pixels."""
+    flat = pyvips.Image.black(width, height, bands=3).linear(1, [30, 60, 90]).cast("uchar")
+    return bytes(flat.copy(interpretation="srgb").write_to_buffer(".webp", lossless=True, keep="none"))
+
+
 def many_page_tiff(pages: int) -> bytes:
     """A little-endian TIFF of `pages` 1x1 grey pages, each directory as small as libtiff reads (66 bytes),
     so a few megabytes hold a hundred thousand pages."""

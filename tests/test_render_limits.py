@@ -1,4 +1,5 @@
-"""A running render stops when its job's time limit passes or its owner deletes the image."""
+"""A running render stops when its job's time limit passes or its owner deletes the image, and a render
+that would hold too large a picture in memory is refused before it decodes anything."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from jobs.deps import WorkerDeps
 from jobs.pipeline import RenderedImage
 from jobs.settings import Settings
 from tests import imagegen
-from tests.conftest import Partner, with_settings, worker_deps
+from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
 from tests.test_spine import upload
 
 # About 15 s of libvips work on a 12 MP photo, stopped long before that.
@@ -71,3 +72,30 @@ async def test_deleting_an_image_stops_its_render(
     await asyncio.wait_for(processing_task, STOPPED_WITHIN_SECONDS)
     assert not deps.storage.path(f"{account.id}/{image_id}").exists()
     assert await deps.store.get_image(image_id) is None
+
+
+async def test_a_turn_that_would_hold_too_large_a_picture_in_memory_fails_before_decoding(
+    account: Partner, settings: Settings
+) -> None:
+    # 49 MP in a few kilobytes: turning it decodes it whole, 49 MP x (3 + libwebp's 4) bytes = 327 MB.
+    webp = imagegen.flat_lossless_webp(7000, 7000)
+    assert len(webp) < 8000
+    limited = with_settings(settings, job_memory_bytes=256 * 1024 * 1024)
+    turn = json.dumps([{"type": "rotate", "params": {"angle": 90}}])
+    shrink_then_turn = json.dumps(
+        [{"type": "resize", "params": {"width": 700}}, {"type": "rotate", "params": {"angle": 90}}]
+    )
+    async with api_client(limited) as client:
+        turned = (await upload(client, account, webp, "flat.webp", operations=turn)).json()["id"]
+        shrunk = (await upload(client, account, webp, "flat.webp", operations=shrink_then_turn)).json()["id"]
+        await run_burst(limited)
+        refused = (await client.get(f"/v1/images/{turned}", headers=account.headers)).json()
+        done = (await client.get(f"/v1/images/{shrunk}", headers=account.headers)).json()
+    assert refused["status"] == "failed"
+    assert refused["error"]["code"] == "image_too_large"
+    assert (
+        "7000x7000 picture needs it whole in memory, about 327 MB; the limit is 256 MB"
+        in (refused["error"]["message"])
+    )
+    assert done["status"] == "completed", done
+    assert (done["output"]["width"], done["output"]["height"]) == (700, 700)
