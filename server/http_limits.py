@@ -55,16 +55,10 @@ class HeaderGuard:
     def from_settings(cls, settings: Settings) -> HeaderGuard:
         return cls(settings.max_header_bytes, settings.header_timeout, settings.max_pending_connections)
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     def admit(self, connection: LimitedHttpToolsProtocol) -> None:
         """`connection` starts a header block; if that is one too many waiting, the longest waiting goes."""
         while len(self._pending) >= self.max_pending_connections:
-            oldest = next(iter(self._pending))
-            self.release(oldest)
-            oldest.drop()
+            next(iter(self._pending)).drop()  # which releases it
         self._pending[connection] = None
 
     def release(self, connection: LimitedHttpToolsProtocol) -> None:
@@ -98,8 +92,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        awaiting = self._guard is not None and self._guard.is_pending(self)
-        if awaiting:
+        if self._guard is not None and self._guard.is_pending(self):
             self._header_bytes += len(data)
         super().data_received(data)
         # Checked after parsing: the chunk that completes a header block may carry the start of the body.
