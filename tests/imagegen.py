@@ -107,9 +107,9 @@ def gif(width: int = 64, height: int = 48, *, pages: int = 1) -> bytes:
     return bytes(_frames(width, height, pages).write_to_buffer(".gif", keep="none"))
 
 
-def tiff(width: int = 64, height: int = 48, *, pages: int = 1) -> bytes:
-    """A TIFF; with `pages` > 1 a multi-page TIFF."""
-    return bytes(_frames(width, height, pages).write_to_buffer(".tif", keep="none"))
+def tiff(width: int = 64, height: int = 48, *, pages: int = 1, bigtiff: bool = False) -> bytes:
+    """A TIFF; with `pages` > 1 a multi-page TIFF; with `bigtiff` in the 64-bit BigTIFF layout."""
+    return bytes(_frames(width, height, pages).write_to_buffer(".tif", keep="none", bigtiff=bigtiff))
 
 
 def flat_lossless_webp(width: int, height: int) -> bytes:

@@ -205,9 +205,11 @@ def test_tiff_pages_are_counted_before_libvips_reads_them(tmp_path: Path) -> Non
     with pytest.raises(TooManyPages, match="more than 1,000 pages"):
         read_header(path, ImageFormat.TIFF, max_pages=1000)
     assert time.perf_counter() - started < 0.1
-    assert (
-        read_header(write(tmp_path, imagegen.tiff(8, 8, pages=3)), ImageFormat.TIFF, max_pages=3).pages == 3
-    )
+    for bigtiff in (False, True):
+        within = write(tmp_path, imagegen.tiff(8, 8, pages=3, bigtiff=bigtiff))
+        assert read_header(within, ImageFormat.TIFF, max_pages=3).pages == 3
+        with pytest.raises(TooManyPages, match="more than 2 pages"):
+            read_header(within, ImageFormat.TIFF, max_pages=2)
 
 
 def test_a_tiff_whose_pages_loop_back_is_unreadable(tmp_path: Path) -> None:
