@@ -14,7 +14,7 @@ from arq.cron import cron
 from arq.worker import Retry, func
 from redis.exceptions import RedisError
 
-from jobs import archive, processing, stats
+from jobs import archive, processing, retention, stats
 from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
 from jobs.deps import WorkerDeps
 from jobs.ids import new_id
@@ -35,7 +35,7 @@ REDIS_RETRY_SECONDS = 2
 # webhooks.dispatcher.ATTEMPTS_PER_CONNECTION attempts per connection to an origin at most).
 WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
-# When the archive sweep runs (minutes of the hour): expired archives go within this many minutes.
+# When the sweeps run (minutes of the hour): expired archives, images and batches go within 5 minutes.
 SWEEP_MINUTES = frozenset(range(0, 60, 5))
 # A sweep's time limit, under the interval so runs never overlap. Without one arq would count its
 # default 300 s, and lock every job at least that long.
@@ -83,6 +83,10 @@ async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
 
 async def sweep_archives(ctx: dict[str, Any]) -> None:
     await archive.sweep_archives(ctx["deps"])
+
+
+async def sweep_expired(ctx: dict[str, Any]) -> None:
+    await retention.sweep_expired(ctx["deps"])
 
 
 async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
@@ -148,13 +152,8 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             func(build_archive, name=BUILD_ARCHIVE, timeout=archive_task_timeout(settings)),
         ],
         "cron_jobs": [
-            cron(
-                sweep_archives,
-                name=SWEEP_ARCHIVES,
-                minute=set(SWEEP_MINUTES),
-                second=0,
-                timeout=SWEEP_TIMEOUT_SECONDS,
-            )
+            cron(task, name=name, minute=set(SWEEP_MINUTES), second=0, timeout=SWEEP_TIMEOUT_SECONDS)
+            for task, name in ((sweep_archives, SWEEP_ARCHIVES), (sweep_expired, retention.SWEEP_EXPIRED))
         ],
         "queue_name": settings.queue_name,
         "redis_pool": pool,

@@ -125,7 +125,8 @@ async def list_batches(request: Request) -> Response:
 
 
 async def add_images(request: Request) -> Response:
-    """Several `file` parts at once; `operations`, `callback_url` and `metadata` apply to each of them."""
+    """Several `file` parts at once; `operations`, `callback_url`, `metadata` and `retention` apply to
+    each of them."""
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     # Refused before the body is read: a closed batch should not cost the partner an upload.
@@ -134,7 +135,7 @@ async def add_images(request: Request) -> Response:
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST)
     try:
         fields = await validate_upload_fields(
-            upload, settings, accepted=("operations", "callback_url", "metadata")
+            upload, settings, accepted=("operations", "callback_url", "metadata", "retention")
         )
         files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if not files or len(files) != len(upload.files):

@@ -24,7 +24,7 @@ import pyvips
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from jobs import archive, processing
+from jobs import archive, processing, retention
 from jobs.archive import PARTIAL_SUFFIX, ArchivePlan, assemble, plan_archive, safe_entry_name, unique_names
 from jobs.batches import EXPIRING_ARCHIVES_KEY, PENDING_ARCHIVES_KEY, archive_job_id
 from jobs.deps import WorkerDeps
@@ -313,7 +313,7 @@ async def test_a_worker_killed_mid_assembly_leaves_no_archive_and_the_rerun_buil
     # What the killed worker left is removed by the sweep once no build could still be writing it.
     old = time.time() - 3 * settings.archive_timeout
     os.utime(partial, (old, old))
-    await archive.sweep_archives(deps)
+    await retention.sweep_expired(deps)
     assert not partial.exists()
 
 
