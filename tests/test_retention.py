@@ -192,3 +192,29 @@ async def test_the_sweep_removes_staging_leftovers_but_never_a_file_being_writte
 
     assert not left_behind.exists()
     assert being_written.exists() and upload_in_progress.exists()
+
+
+async def test_a_sweep_killed_midway_leaves_the_rest_for_the_next_one(
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    deps: WorkerDeps,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    image = (await upload(client, account, imagegen.jpeg())).json()
+    due = epoch_ms(image["expires_at"])
+
+    async def killed(*_: object) -> None:
+        raise asyncio.CancelledError  # as when arq cancels the sweep at its time limit
+
+    with monkeypatch.context() as patched:
+        patched.setattr(deps.store, "delete_image", killed)
+        with pytest.raises(asyncio.CancelledError):
+            await retention.sweep_expired(deps, due)
+    assert not (settings.storage_root / account.id / image["id"]).exists()  # the files went first
+    assert await redis.zscore(EXPIRING_IMAGES_KEY, image["id"]) == due  # so it is still listed
+
+    assert (await retention.sweep_expired(deps, due)).images == 1
+    assert await redis.get(image_key(image["id"])) is None
+    assert await redis.zcard(f"dr:account:{account.id}:images") == 0
