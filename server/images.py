@@ -113,7 +113,13 @@ def _retention(raw: str | None, settings: Settings, errors: list[FieldError]) ->
     longest = settings.image_retention
     shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
     text = raw.strip()
-    if text.isascii() and text.isdigit() and shortest <= int(text) <= longest:
+    # The length first: int() refuses strings of over 4300 digits.
+    if (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= len(str(longest))
+        and shortest <= int(text) <= longest
+    ):
         return int(text)
     errors.append(FieldError("retention", f"must be whole seconds from {shortest} to {longest}"))
     return longest

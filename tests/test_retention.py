@@ -104,7 +104,16 @@ async def test_an_image_past_its_expiry_answers_404_before_the_sweep_comes(
 
 @pytest.mark.parametrize(
     "retention_field",
-    ["59", str(HOUR - 1), str(30 * 24 * HOUR + 1), "1h", "-3600", "3600.5", "\uff13\uff16\uff10\uff10"],
+    [
+        "59",
+        str(HOUR - 1),
+        str(30 * 24 * HOUR + 1),
+        "1h",
+        "-3600",
+        "3600.5",
+        "\uff13\uff16\uff10\uff10",
+        "9" * 5000,
+    ],
 )
 async def test_a_retention_outside_its_bounds_is_refused_by_name(
     client: httpx.AsyncClient, account: Partner, redis: Redis, retention_field: str
