@@ -102,8 +102,9 @@ class Batches:
         async with self.store.redis.pipeline(transaction=True) as pipe:
             pipe.hset(batch_key(batch.id), "record", batch.fixed_json())
             pipe.zadd(account_batches_key(batch.account_id), {batch.id: 0})
-            kept_until_ms = epoch_ms(batch.created_at) + self.settings.image_retention * 1000
-            pipe.zadd(EXPIRING_BATCHES_KEY, {batch.id: kept_until_ms})
+            if batch.expires_at is not None:
+                pipe.hset(batch_key(batch.id), "expires_at", batch.expires_at)
+                pipe.zadd(EXPIRING_BATCHES_KEY, {batch.id: epoch_ms(batch.expires_at)})
             await pipe.execute()
 
     async def get(self, batch_id: str) -> BatchRecord | None:
@@ -138,7 +139,8 @@ class Batches:
 
     async def add_images(self, batch_id: str, images: Sequence[ImageRecord]) -> None:
         """Save new images into an open batch, all in one transaction with the check that it is open, so
-        an image can never slip in after the seal."""
+        an image can never slip in after the seal. The batch is kept at least as long as they are."""
+        latest = max((image.expires_at for image in images if image.expires_at is not None), default=None)
 
         async def plan(batch: BatchRecord | None) -> tuple[Writes, None]:
             if batch is None:
@@ -151,6 +153,9 @@ class Batches:
             def writes(pipe: Any) -> None:
                 for image in images:
                     self.store.stage_new_image(pipe, image, self.settings.queue_name)
+                if latest is not None and (batch.expires_at is None or latest > batch.expires_at):
+                    pipe.hset(batch_key(batch_id), "expires_at", latest)
+                    pipe.zadd(EXPIRING_BATCHES_KEY, {batch_id: epoch_ms(latest)})
 
             return writes, None
 

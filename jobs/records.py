@@ -252,6 +252,9 @@ class BatchRecord:
     completed_at: str | None = None
     completion_message_id: str | None = None
     archive_state: ArchiveState | None = None
+    # When the retention sweep deletes it, if its images have gone by then: the later of its creation
+    # plus the retention and its images' expiries.
+    expires_at: str | None = None
 
     @property
     def status(self) -> BatchStatus:
@@ -288,6 +291,7 @@ class BatchRecord:
             sealed_at=fields.get("sealed_at"),
             completed_at=fields.get("completed_at"),
             completion_message_id=fields.get("completion_message_id"),
+            expires_at=fields.get("expires_at"),
             archive_state=ArchiveState.from_json(fields["archive"]) if "archive" in fields else None,
         )
 
@@ -306,6 +310,7 @@ class BatchRecord:
             "created_at": self.created_at,
             "sealed_at": self.sealed_at,
             "completed_at": self.completed_at,
+            "expires_at": self.expires_at,
         }
 
     def _archive_resource(self, public_url: str, moment: str) -> dict[str, Any] | None:

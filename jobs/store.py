@@ -63,7 +63,7 @@ def _account_images_key(account_id: str) -> str:
     return f"dr:account:{account_id}:images"
 
 
-# Image ids scored by their expiry (epoch ms); a batch's score only ever grows (ZADD GT) as images join.
+# Image and batch ids scored by their expiry (epoch ms).
 EXPIRING_IMAGES_KEY = "dr:images:expiring"
 EXPIRING_BATCHES_KEY = "dr:batches:expiring"
 
@@ -262,10 +262,7 @@ class Store:
         pipe.set(image_key(image.id), image.to_json())
         pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
         if image.expires_at is not None:
-            expires_ms = epoch_ms(image.expires_at)
-            pipe.zadd(EXPIRING_IMAGES_KEY, {image.id: expires_ms})
-            if image.batch_id is not None:
-                pipe.zadd(EXPIRING_BATCHES_KEY, {image.batch_id: expires_ms}, gt=True)
+            pipe.zadd(EXPIRING_IMAGES_KEY, {image.id: epoch_ms(image.expires_at)})
         stage_batch_change(pipe, None, image)
         stats.count(pipe, "images_uploaded")
         stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))

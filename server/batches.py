@@ -33,6 +33,7 @@ from server.json_body import read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
+from webhooks.messages import iso, now_ms
 
 BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
 BATCH_STATUSES = ("open", "sealed", "processing", "completed")
@@ -74,10 +75,12 @@ async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) 
         errors.append(FieldError("metadata", problem))
     if errors:
         raise validation_problem(errors)
+    created_ms = now_ms()
     return BatchRecord(
         id=new_id("bat"),
         account_id=account_id,
-        created_at=utc_now(),
+        created_at=iso(created_ms),
+        expires_at=iso(created_ms + settings.image_retention * 1000),
         operations=operations,
         callback_url=callback_url,
         archive=archive,

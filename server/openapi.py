@@ -533,6 +533,10 @@ _BATCH_SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "sealed_at": _NULLABLE_STRING,
             "completed_at": _NULLABLE_STRING,
+            "expires_at": {
+                "type": ["string", "null"],
+                "description": "when the batch and its archive are deleted, once its images have expired",
+            },
         },
     },
     "BatchList": {

@@ -138,6 +138,8 @@ async def test_a_batch_goes_with_its_last_image_and_takes_its_archive(
             client, account, batch_id, [("b.jpg", imagegen.jpeg()), ("c.jpg", imagegen.jpeg())]
         )
         assert early.status_code == late.status_code == 202
+        latest = max(each["expires_at"] for each in late.json()["data"])
+        assert (await get_batch(client, account, batch_id))["expires_at"] == latest
         await seal(client, account, batch_id)
         await run_burst(two_hours)
         batch = await get_batch(client, account, batch_id)
@@ -153,8 +155,7 @@ async def test_a_batch_goes_with_its_last_image_and_takes_its_archive(
         assert batch["counts"] == {"total": 2, "queued": 0, "processing": 0, "completed": 2, "failed": 0}
         assert (await client.get(batch["archive"]["url"], headers=account.headers)).status_code == 200
 
-        last_due = max(epoch_ms(each["expires_at"]) for each in late.json()["data"])
-        outcomes = await asyncio.gather(*(retention.sweep_expired(deps, last_due) for _ in range(2)))
+        outcomes = await asyncio.gather(*(retention.sweep_expired(deps, epoch_ms(latest)) for _ in range(2)))
 
         assert sum(each.batches for each in outcomes) == 1
         response = await client.get(f"/v1/batches/{batch_id}", headers=account.headers)
@@ -174,6 +175,7 @@ async def test_an_empty_batch_expires_after_the_retention_from_its_creation(
 ) -> None:
     batch = await create_batch(client, account)
     due = epoch_ms(batch["created_at"]) + settings.image_retention * 1000
+    assert epoch_ms(batch["expires_at"]) == due
     assert (await retention.sweep_expired(deps, due - 1)).batches == 0
     assert (await retention.sweep_expired(deps, due)).batches == 1
     assert (await client.get(f"/v1/batches/{batch['id']}", headers=account.headers)).status_code == 404
