@@ -29,7 +29,6 @@ import re
 import stat
 import struct
 import threading
-import time
 import unicodedata
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -545,8 +544,9 @@ async def _finish(deps: WorkerDeps, batches: Batches, batch_id: str, outcome: Ar
 
 
 async def sweep_archives(deps: WorkerDeps) -> None:
-    """The periodic `sweep_archives` task: delete expired archives, enqueue builds whose enqueue was
-    lost, and remove partial files that killed workers left behind."""
+    """The periodic `sweep_archives` task: delete expired archives and enqueue builds whose enqueue was
+    lost. (Partial files that killed workers left behind go with every other staging leftover, in
+    jobs/retention.py.)"""
     batches = Batches(deps.store, deps.redis, deps.settings)
     moment = now_ms()
     for batch_id in await batches.due_expiries(moment):
@@ -557,16 +557,3 @@ async def sweep_archives(deps: WorkerDeps) -> None:
         await batches.expire_archive(batch_id)
     for batch_id in await batches.overdue_archives(moment - PENDING_GRACE_MS):
         await batches.enqueue_archive(batch_id)
-    await asyncio.to_thread(_remove_abandoned_partials, deps, 2 * deps.settings.archive_timeout)
-
-
-def _remove_abandoned_partials(deps: WorkerDeps, older_than: float) -> None:
-    """A partial archive untouched for longer than any build may take was left by a killed worker."""
-    staging = deps.storage.new_staging_path().parent
-    cutoff = time.time() - older_than
-    for partial in staging.glob(f"*{PARTIAL_SUFFIX}"):
-        try:
-            if partial.stat().st_mtime < cutoff:
-                partial.unlink()
-        except FileNotFoundError:
-            continue

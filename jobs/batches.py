@@ -18,6 +18,10 @@ The archive: the completion writes its `pending` state and lists the batch in `d
 same transaction, then enqueues the build (jobs/archive.py). The periodic sweep enqueues again any archive
 still pending after a minute, so an enqueue lost to a crash only comes late; the job id makes duplicates
 harmless. A ready archive is listed in `dr:archives:expiring` until the sweep deletes it.
+
+Retention: a batch is listed in `dr:batches:expiring` from its creation, scored by the later of its
+creation plus DARKROOM_IMAGE_RETENTION and its images' expiries; once that passes and its last image has
+expired, the retention sweep (jobs/retention.py) deletes it, its indexes and its archive.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import datetime
 from typing import Any, TypeVar
 
 from arq.connections import ArqRedis
@@ -34,9 +37,16 @@ from redis.exceptions import WatchError
 from jobs import events
 from jobs.ids import new_id
 from jobs.queue import enqueue
-from jobs.records import ArchiveState, BatchRecord, ImageRecord, utc_now
+from jobs.records import ArchiveState, BatchRecord, ImageRecord, epoch_ms, utc_now
 from jobs.settings import Settings
-from jobs.store import Store, batch_failures_key, batch_images_key, batch_key, image_key
+from jobs.store import (
+    EXPIRING_BATCHES_KEY,
+    Store,
+    batch_failures_key,
+    batch_images_key,
+    batch_key,
+    image_key,
+)
 from webhooks.messages import new_message, now_ms
 
 BUILD_ARCHIVE = "build_archive"
@@ -79,7 +89,7 @@ class BatchFull(Exception):
 
 
 class BatchMissing(LookupError):
-    """No batch has this id (batches are never deleted, so it never had)."""
+    """No batch has this id (any more: the retention sweep deletes batches whose images have all gone)."""
 
 
 class Batches:
@@ -92,6 +102,9 @@ class Batches:
         async with self.store.redis.pipeline(transaction=True) as pipe:
             pipe.hset(batch_key(batch.id), "record", batch.fixed_json())
             pipe.zadd(account_batches_key(batch.account_id), {batch.id: 0})
+            if batch.expires_at is not None:
+                pipe.hset(batch_key(batch.id), "expires_at", batch.expires_at)
+                pipe.zadd(EXPIRING_BATCHES_KEY, {batch.id: epoch_ms(batch.expires_at)})
             await pipe.execute()
 
     async def get(self, batch_id: str) -> BatchRecord | None:
@@ -126,7 +139,8 @@ class Batches:
 
     async def add_images(self, batch_id: str, images: Sequence[ImageRecord]) -> None:
         """Save new images into an open batch, all in one transaction with the check that it is open, so
-        an image can never slip in after the seal."""
+        an image can never slip in after the seal. The batch is kept at least as long as they are."""
+        latest = max((image.expires_at for image in images if image.expires_at is not None), default=None)
 
         async def plan(batch: BatchRecord | None) -> tuple[Writes, None]:
             if batch is None:
@@ -139,6 +153,9 @@ class Batches:
             def writes(pipe: Any) -> None:
                 for image in images:
                     self.store.stage_new_image(pipe, image, self.settings.queue_name)
+                if latest is not None and (batch.expires_at is None or latest > batch.expires_at):
+                    pipe.hset(batch_key(batch_id), "expires_at", latest)
+                    pipe.zadd(EXPIRING_BATCHES_KEY, {batch_id: epoch_ms(latest)})
 
             return writes, None
 
@@ -160,7 +177,7 @@ class Batches:
         await self._transaction(batch_id, plan)
         await self.complete_if_done(batch_id)
         sealed = await self.get(batch_id)
-        assert sealed is not None, "batches are never deleted"
+        assert sealed is not None, "a sealed batch has images, so the retention sweep keeps it"
         return sealed
 
     async def complete_if_done(self, batch_id: str) -> BatchRecord | None:
@@ -274,7 +291,7 @@ class Batches:
                 pipe.hset(batch_key(batch_id), "archive", final.to_json())
                 pipe.zrem(PENDING_ARCHIVES_KEY, batch_id)
                 if final.expires_at is not None:
-                    pipe.zadd(EXPIRING_ARCHIVES_KEY, {batch_id: _epoch_ms(final.expires_at)})
+                    pipe.zadd(EXPIRING_ARCHIVES_KEY, {batch_id: epoch_ms(final.expires_at)})
                 if message is not None:
                     self.store.messages.stage_new(pipe, message)
 
@@ -297,6 +314,25 @@ class Batches:
             return writes, None
 
         await self._transaction(batch_id, plan)
+
+    async def forget(self, batch_id: str) -> bool | None:
+        """Delete the batch, its indexes and its archive's listings (the caller deleted its files first):
+        True if this call deleted it, False if it was gone already, None if it has images (kept)."""
+
+        async def plan(batch: BatchRecord | None) -> tuple[Writes, bool] | None:
+            if batch is not None and batch.counts.total:
+                return None
+
+            def writes(pipe: Any) -> None:
+                pipe.delete(batch_key(batch_id), batch_images_key(batch_id), batch_failures_key(batch_id))
+                if batch is not None:
+                    pipe.zrem(account_batches_key(batch.account_id), batch_id)
+                for listing in (PENDING_ARCHIVES_KEY, EXPIRING_ARCHIVES_KEY, EXPIRING_BATCHES_KEY):
+                    pipe.zrem(listing, batch_id)
+
+            return writes, batch is not None
+
+        return await self._transaction(batch_id, plan)
 
     async def due_expiries(self, moment_ms: int) -> list[str]:
         ids = await self.store.redis.zrangebyscore(EXPIRING_ARCHIVES_KEY, "-inf", moment_ms)
@@ -331,7 +367,3 @@ class Batches:
                     return outcome
                 except WatchError:
                     continue
-
-
-def _epoch_ms(moment: str) -> int:
-    return int(datetime.fromisoformat(moment).timestamp() * 1000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from jobs.params import Bounds, FieldError, Params
@@ -18,6 +19,11 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed"})
 def utc_now() -> str:
     """ISO 8601 with milliseconds and a Z, the timestamp format of every resource."""
     return iso(now_ms())
+
+
+def epoch_ms(moment: str) -> int:
+    """An ISO 8601 timestamp of a resource as epoch milliseconds (the scores of sorted sets)."""
+    return int(datetime.fromisoformat(moment).timestamp() * 1000)
 
 
 @dataclass(frozen=True)
@@ -97,10 +103,16 @@ class ImageRecord:
     completed_at: str | None = None
     # The webhook message announcing the terminal state, fixed once so a re-run re-announces the same one.
     event_message_id: str | None = None
+    # When the retention sweep deletes it (ISO 8601); None for images stored before retention existed.
+    expires_at: str | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    def expired_at(self, moment: str) -> bool:
+        """Past its retention at `moment` (ISO 8601), even before the sweep has deleted it."""
+        return self.expires_at is not None and self.expires_at <= moment
 
     def evolve(self, **changes: Any) -> ImageRecord:
         return replace(self, **changes)
@@ -156,6 +168,7 @@ class ImageRecord:
             "created_at": self.created_at,
             "started_at": self.started_at,
             "completed_at": self.completed_at,
+            "expires_at": self.expires_at,
         }
 
 
@@ -239,6 +252,9 @@ class BatchRecord:
     completed_at: str | None = None
     completion_message_id: str | None = None
     archive_state: ArchiveState | None = None
+    # When the retention sweep deletes it, if its images have gone by then: the later of its creation
+    # plus the retention and its images' expiries.
+    expires_at: str | None = None
 
     @property
     def status(self) -> BatchStatus:
@@ -275,6 +291,7 @@ class BatchRecord:
             sealed_at=fields.get("sealed_at"),
             completed_at=fields.get("completed_at"),
             completion_message_id=fields.get("completion_message_id"),
+            expires_at=fields.get("expires_at"),
             archive_state=ArchiveState.from_json(fields["archive"]) if "archive" in fields else None,
         )
 
@@ -293,6 +310,7 @@ class BatchRecord:
             "created_at": self.created_at,
             "sealed_at": self.sealed_at,
             "completed_at": self.completed_at,
+            "expires_at": self.expires_at,
         }
 
     def _archive_resource(self, public_url: str, moment: str) -> dict[str, Any] | None:

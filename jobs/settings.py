@@ -45,6 +45,9 @@ class Settings:
     # A rotated-out signing secret keeps signing (beside the new one) for this long.
     secret_rotation_grace: float = 24 * 3600.0
     webhook_retention: int = 30 * 24 * 3600
+    # Seconds an image (record, original, output, variants) is kept after its upload; also the longest
+    # retention an upload may ask for, and how long a batch is kept after its creation.
+    image_retention: int = 30 * 24 * 3600
     # A batch's ZIP can be downloaded for this long after it is built, then it is deleted.
     archive_ttl: float = 7 * 24 * 3600.0
     # Wall-clock seconds one archive may take to assemble (re-encoding included).
@@ -95,6 +98,7 @@ class Settings:
             endpoint_disable_after=_seconds(env, "DARKROOM_ENDPOINT_DISABLE_AFTER", 5 * 24 * 3600.0),
             secret_rotation_grace=_seconds(env, "DARKROOM_SECRET_ROTATION_GRACE", 24 * 3600.0),
             webhook_retention=_positive_int(env, "DARKROOM_WEBHOOK_RETENTION", 30 * 24 * 3600),
+            image_retention=_positive_int(env, "DARKROOM_IMAGE_RETENTION", 30 * 24 * 3600),
             archive_ttl=_seconds(env, "DARKROOM_ARCHIVE_TTL", 7 * 24 * 3600.0),
             archive_timeout=float(_positive_int(env, "DARKROOM_ARCHIVE_TIMEOUT", 3600)),
             variant_render_timeout=_positive_seconds(env, "DARKROOM_VARIANT_RENDER_TIMEOUT", 20.0),

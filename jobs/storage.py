@@ -48,5 +48,18 @@ class LocalStorage:
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 
+    def remove_staged_before(self, cutoff: float) -> int:
+        """Remove staging files last written before `cutoff` (epoch seconds): what killed processes left
+        behind. How many."""
+        removed = 0
+        for entry in os.scandir(self._staging):
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:  # its writer committed or removed it meanwhile
+                continue
+        return removed
+
     def is_writable(self) -> bool:
         return self._staging.is_dir() and os.access(self._staging, os.W_OK)

@@ -4,6 +4,8 @@ Layout (every key under `dr:`):
 - `dr:account:{id}` account JSON; `dr:apikey:{sha256(key)}` → account id (keys are never stored);
 - `dr:image:{id}` image JSON; `dr:account:{id}:images` index of the account's image ids (one score, so
   ordered by id, and ids sort by creation time).
+- `dr:images:expiring` and `dr:batches:expiring`: image and batch ids scored by when the retention sweep
+  deletes them (jobs/retention.py); a batch's score is the latest of its creation's and its images'.
 - A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
   or deletes an image moves the batch's counters, its index and its failure list with it.
 """
@@ -25,7 +27,7 @@ from redis.exceptions import WatchError
 from jobs import stats
 from jobs.ids import lowest_id_at, new_id
 from jobs.queue import PROCESS_IMAGE, process_job_id, stage_new_job
-from jobs.records import BATCH_TOTAL, Account, ImageRecord, utc_now
+from jobs.records import BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
 from webhooks.endpoints import EndpointStore, rotated, valid_secrets
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
@@ -59,6 +61,11 @@ def image_key(image_id: str) -> str:
 
 def _account_images_key(account_id: str) -> str:
     return f"dr:account:{account_id}:images"
+
+
+# Image and batch ids scored by their expiry (epoch ms).
+EXPIRING_IMAGES_KEY = "dr:images:expiring"
+EXPIRING_BATCHES_KEY = "dr:batches:expiring"
 
 
 def batch_key(batch_id: str) -> str:
@@ -254,6 +261,8 @@ class Store:
         """A new image and its processing job, in one transaction: no `queued` image without a job."""
         pipe.set(image_key(image.id), image.to_json())
         pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
+        if image.expires_at is not None:
+            pipe.zadd(EXPIRING_IMAGES_KEY, {image.id: epoch_ms(image.expires_at)})
         stage_batch_change(pipe, None, image)
         stats.count(pipe, "images_uploaded")
         stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
@@ -266,9 +275,11 @@ class Store:
         return bool(await self.redis.exists(image_key(image_id)))
 
     async def get_account_image(self, account_id: str, image_id: str) -> ImageRecord | None:
-        """Another account's image is indistinguishable from a missing one."""
+        """Another account's image, or one past its retention, is indistinguishable from a missing one."""
         image = await self.get_image(image_id)
-        return image if image is not None and image.account_id == account_id else None
+        if image is None or image.account_id != account_id or image.expired_at(utc_now()):
+            return None
+        return image
 
     async def update_image(self, image: ImageRecord, *, previous: ImageRecord | None = None) -> bool:
         """Save changes to an image that still exists and is not finished; False if it was deleted or
@@ -346,6 +357,7 @@ class Store:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.delete(image_key(image.id))
                     pipe.zrem(_account_images_key(image.account_id), image.id)
+                    pipe.zrem(EXPIRING_IMAGES_KEY, image.id)
                     if raw is not None:
                         stage_batch_change(pipe, ImageRecord.from_json(raw), None)
                     await pipe.execute()
@@ -366,6 +378,7 @@ class Store:
         found: list[ImageRecord] = []
         maximum = f"({before}" if before else "+"
         index = _account_images_key(account_id)
+        moment = utc_now()
         while len(found) < limit:
             ids = await self.redis.zrevrangebylex(index, maximum, "-", start=0, num=max(limit * 2, 50))
             if not ids:
@@ -374,6 +387,8 @@ class Store:
                 if raw is None:
                     continue
                 image = ImageRecord.from_json(raw)
+                if image.expired_at(moment):
+                    continue
                 if (status is None or image.status == status) and (
                     batch_id is None or image.batch_id == batch_id
                 ):

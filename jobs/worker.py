@@ -14,7 +14,7 @@ from arq.cron import cron
 from arq.worker import Retry, func
 from redis.exceptions import RedisError
 
-from jobs import archive, processing, stats
+from jobs import archive, processing, retention, stats
 from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
 from jobs.deps import WorkerDeps
 from jobs.ids import new_id
@@ -35,8 +35,11 @@ REDIS_RETRY_SECONDS = 2
 # webhooks.dispatcher.ATTEMPTS_PER_CONNECTION attempts per connection to an origin at most).
 WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
-# When the archive sweep runs (minutes of the hour): expired archives go within this many minutes.
+# When the sweeps run (minutes of the hour): expired archives, images and batches go within 5 minutes.
 SWEEP_MINUTES = frozenset(range(0, 60, 5))
+# A sweep's time limit, under the interval so runs never overlap. Without one arq would count its
+# default 300 s, and lock every job at least that long.
+SWEEP_TIMEOUT_SECONDS = 240
 # arq's time limit on a task beyond the core's own deadline, so the core records its timeout first.
 TASK_TIMEOUT_GRACE_SECONDS = 30
 # How much longer than its task's time limit arq holds a job's lock (arq's own margin).
@@ -52,9 +55,9 @@ def archive_task_timeout(settings: Settings) -> float:
 
 
 async def hold_lock_for(ctx: dict[str, Any], task_timeout: float) -> None:
-    """arq locks every job for its longest task's time limit (an archive build's hour), and a job whose
-    worker died runs again only once its lock expires: a task with a shorter limit sets its own lock,
-    as arq would with that task alone."""
+    """arq locks every job for its longest task's time limit (an archive build's hour, or a sweep's),
+    and a job whose worker died runs again only once its lock expires: each task sets its own lock, as
+    arq would with that task alone."""
     deps: WorkerDeps = ctx["deps"]
     lock_ms = int((task_timeout + LOCK_MARGIN_SECONDS) * 1000)
     await deps.redis.pexpire(in_progress_key_prefix + ctx["job_id"], lock_ms)
@@ -72,6 +75,7 @@ async def process_image(ctx: dict[str, Any], image_id: str) -> None:
 
 async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
     try:
+        await hold_lock_for(ctx, archive_task_timeout(ctx["deps"].settings))
         await archive.build_archive(ctx["deps"], batch_id, ctx["job_try"])
     except RedisError as exc:
         raise Retry(defer=REDIS_RETRY_SECONDS) from exc
@@ -79,6 +83,10 @@ async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
 
 async def sweep_archives(ctx: dict[str, Any]) -> None:
     await archive.sweep_archives(ctx["deps"])
+
+
+async def sweep_expired(ctx: dict[str, Any]) -> None:
+    await retention.sweep_expired(ctx["deps"])
 
 
 async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
@@ -143,7 +151,10 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             func(process_image, name=PROCESS_IMAGE, timeout=image_task_timeout(settings)),
             func(build_archive, name=BUILD_ARCHIVE, timeout=archive_task_timeout(settings)),
         ],
-        "cron_jobs": [cron(sweep_archives, name=SWEEP_ARCHIVES, minute=set(SWEEP_MINUTES), second=0)],
+        "cron_jobs": [
+            cron(task, name=name, minute=set(SWEEP_MINUTES), second=0, timeout=SWEEP_TIMEOUT_SECONDS)
+            for task, name in ((sweep_archives, SWEEP_ARCHIVES), (sweep_expired, retention.SWEEP_EXPIRED))
+        ],
         "queue_name": settings.queue_name,
         "redis_pool": pool,
         "on_startup": startup,

@@ -33,6 +33,7 @@ from server.json_body import read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
+from webhooks.messages import iso, now_ms
 
 BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
 BATCH_STATUSES = ("open", "sealed", "processing", "completed")
@@ -74,10 +75,12 @@ async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) 
         errors.append(FieldError("metadata", problem))
     if errors:
         raise validation_problem(errors)
+    created_ms = now_ms()
     return BatchRecord(
         id=new_id("bat"),
         account_id=account_id,
-        created_at=utc_now(),
+        created_at=iso(created_ms),
+        expires_at=iso(created_ms + settings.image_retention * 1000),
         operations=operations,
         callback_url=callback_url,
         archive=archive,
@@ -125,7 +128,8 @@ async def list_batches(request: Request) -> Response:
 
 
 async def add_images(request: Request) -> Response:
-    """Several `file` parts at once; `operations`, `callback_url` and `metadata` apply to each of them."""
+    """Several `file` parts at once; `operations`, `callback_url`, `metadata` and `retention` apply to
+    each of them."""
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     # Refused before the body is read: a closed batch should not cost the partner an upload.
@@ -134,7 +138,7 @@ async def add_images(request: Request) -> Response:
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST)
     try:
         fields = await validate_upload_fields(
-            upload, settings, accepted=("operations", "callback_url", "metadata")
+            upload, settings, accepted=("operations", "callback_url", "metadata", "retention")
         )
         files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if not files or len(files) != len(upload.files):

@@ -21,7 +21,8 @@ from jobs.ids import new_id
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import BatchRecord, ImageRecord, InputInfo, utc_now
+from jobs.records import BatchRecord, ImageRecord, InputInfo
+from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
@@ -32,9 +33,10 @@ from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 from server.variants import output_response, parse_variant_query, resolve_variant
+from webhooks.messages import iso, now_ms
 
 MAX_METADATA_BYTES = 4096
-UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "batch_id")
+UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "retention", "batch_id")
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
 ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
@@ -61,6 +63,8 @@ class UploadFields:
     operations: list[dict[str, Any]] | None
     callback_url: str | None
     metadata: dict[str, Any]
+    # Seconds each image is kept after its upload.
+    retention: int
     batch_id: str | None = None
 
 
@@ -95,10 +99,30 @@ async def validate_upload_fields(
         metadata = {}
     elif problem := metadata_problem(metadata):
         errors.append(FieldError("metadata", problem))
+    retention = _retention(fields.get("retention"), settings, errors)
     errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
     if errors:
         raise validation_problem(errors)
-    return UploadFields(operations, callback_url, metadata, fields.get("batch_id") or None)
+    return UploadFields(operations, callback_url, metadata, retention, fields.get("batch_id") or None)
+
+
+def _retention(raw: str | None, settings: Settings, errors: list[FieldError]) -> int:
+    """The `retention` asked for, which may shorten the configured one but never lengthen it."""
+    if raw is None or raw.strip() == "":
+        return settings.image_retention
+    longest = settings.image_retention
+    shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
+    text = raw.strip()
+    # The length first: int() refuses strings of over 4300 digits.
+    if (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= len(str(longest))
+        and shortest <= int(text) <= longest
+    ):
+        return int(text)
+    errors.append(FieldError("retention", f"must be whole seconds from {shortest} to {longest}"))
+    return longest
 
 
 async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
@@ -197,6 +221,7 @@ async def accept_uploads(
     store: Store = request.app.state.store
     inputs = await _inspect_all(files, settings)
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
+    uploaded_ms = now_ms()
     images = [
         ImageRecord(
             id=(image_id := new_id("img")),
@@ -205,10 +230,11 @@ async def accept_uploads(
             operations=operations,
             input=input_info,
             original_key=f"{account_id}/{image_id}/original",
-            created_at=utc_now(),
+            created_at=iso(uploaded_ms),
             callback_url=fields.callback_url,
             batch_id=None if batch is None else batch.id,
             metadata=fields.metadata,
+            expires_at=iso(uploaded_ms + fields.retention * 1000),
         )
         for input_info in inputs
     ]

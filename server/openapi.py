@@ -39,6 +39,11 @@ def _operation_schemas() -> dict[str, Any]:
 
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
+_RETENTION = {
+    "type": "integer",
+    "minimum": 3600,
+    "description": "seconds kept after upload; at most DARKROOM_IMAGE_RETENTION (the default)",
+}
 _IMAGE_ID = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UNAUTHORIZED = _problem("Missing or invalid API key")
 _NOT_FOUND = _problem("No such image in this account")
@@ -153,6 +158,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         },
                         "callback_url": {"type": "string", "format": "uri"},
                         "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
+                        "retention": _RETENTION,
                         "batch_id": {
                             "type": "string",
                             "description": "an open batch to join (its operations apply when none are given)",
@@ -178,6 +184,10 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "created_at": {"type": "string", "format": "date-time"},
                         "started_at": _NULLABLE_STRING,
                         "completed_at": _NULLABLE_STRING,
+                        "expires_at": {
+                            "type": ["string", "null"],
+                            "description": "when the image and its files are deleted (404 from then on)",
+                        },
                     },
                 },
                 "ImageList": {
@@ -490,6 +500,7 @@ _BATCH_SCHEMAS: dict[str, Any] = {
             "operations": {"type": "array", "items": _ref("Operation"), "description": "JSON-encoded array"},
             "callback_url": {"type": "string", "format": "uri"},
             "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
+            "retention": _RETENTION,
         },
     },
     "Batch": {
@@ -522,6 +533,10 @@ _BATCH_SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "sealed_at": _NULLABLE_STRING,
             "completed_at": _NULLABLE_STRING,
+            "expires_at": {
+                "type": ["string", "null"],
+                "description": "when the batch and its archive are deleted, once its images have expired",
+            },
         },
     },
     "BatchList": {

@@ -21,14 +21,16 @@ from typing import Any
 import httpx
 import pytest
 import pyvips
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from jobs import archive, processing
+from jobs import archive, processing, retention
 from jobs.archive import PARTIAL_SUFFIX, ArchivePlan, assemble, plan_archive, safe_entry_name, unique_names
 from jobs.batches import EXPIRING_ARCHIVES_KEY, PENDING_ARCHIVES_KEY, archive_job_id
 from jobs.deps import WorkerDeps
 from jobs.records import ArchiveSpec, BatchRecord, ImageRecord, InputInfo, OutputInfo
 from jobs.settings import Settings
+from jobs.worker import LOCK_MARGIN_SECONDS, archive_task_timeout
 from server.children import child_process_options
 from tests import imagegen
 from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
@@ -311,7 +313,7 @@ async def test_a_worker_killed_mid_assembly_leaves_no_archive_and_the_rerun_buil
     # What the killed worker left is removed by the sweep once no build could still be writing it.
     old = time.time() - 3 * settings.archive_timeout
     os.utime(partial, (old, old))
-    await archive.sweep_archives(deps)
+    await retention.sweep_expired(deps)
     assert not partial.exists()
 
 
@@ -383,3 +385,28 @@ async def test_the_sweep_enqueues_a_build_whose_enqueue_was_lost(
 
     assert (await get_batch(client, account, batch_id))["archive"]["status"] == "ready"
     assert await redis.zcard(PENDING_ARCHIVES_KEY) == 0
+
+
+async def test_an_archive_job_is_locked_for_its_own_time_limit_not_the_sweeps(
+    account: Partner, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that dies mid-build leaves the job locked, and the build runs again once the lock
+    expires: DARKROOM_ARCHIVE_TIMEOUT + 40 s after it started. arq locks every job for its longest
+    task's limit, and a cron without its own limit counts as arq's default 300 s: with a 20 s archive
+    limit, a killed build waited 310 s."""
+    quick = with_settings(settings, archive_timeout=20.0)
+    locks_ms: list[int] = []
+    build = archive.build_archive
+
+    async def observed(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
+        locks_ms.append(await deps.redis.pttl(in_progress_key_prefix + archive_job_id(batch_id)))
+        await build(deps, batch_id, job_try)
+
+    monkeypatch.setattr(archive, "build_archive", observed)
+    async with api_client(quick) as client:
+        batch = await built_batch(client, account, quick, count=1, archive=True)
+    assert batch["archive"]["status"] == "ready"
+    (lock_ms,) = locks_ms
+    assert (
+        quick.archive_timeout * 1000 < lock_ms <= (archive_task_timeout(quick) + LOCK_MARGIN_SECONDS) * 1000
+    )

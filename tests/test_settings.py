@@ -7,6 +7,11 @@ import pytest
 from jobs.settings import Settings, SettingsError
 
 
+def test_images_are_kept_30_days_unless_configured() -> None:
+    assert Settings.from_env({}).image_retention == 30 * 24 * 3600
+    assert Settings.from_env({"DARKROOM_IMAGE_RETENTION": "86400"}).image_retention == 86400
+
+
 def test_webhook_attempts_time_out_as_configured() -> None:
     assert Settings.from_env({}).webhook_timeout == 15
     assert Settings.from_env({"DARKROOM_WEBHOOK_TIMEOUT": "30"}).webhook_timeout == 30
@@ -19,6 +24,7 @@ def test_webhook_attempts_time_out_as_configured() -> None:
         ("DARKROOM_WEBHOOK_TIMEOUT", "soon"),
         ("DARKROOM_MAX_PIXELS", "-1"),
         ("DARKROOM_RETRY_JITTER", "1.5"),
+        ("DARKROOM_IMAGE_RETENTION", "0"),
     ],
 )
 def test_an_unusable_value_is_refused_by_name(name: str, value: str) -> None:
