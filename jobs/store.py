@@ -201,8 +201,8 @@ class Store:
             await pipe.execute()
 
     async def redeliver_failed(self, account_id: str, where: MessageFilter) -> int:
-        """Make every failed delivery of the account's messages that `where` admits due again (for an
-        endpoint, only its own); how many."""
+        """Make every failed or skipped delivery of the account's messages that `where` admits due again
+        (for an endpoint, only its own); how many."""
         assert where.created_after is not None, "recovery goes back to a given time, not forever"
         count = 0
         cursor = None
@@ -217,7 +217,8 @@ class Store:
                 for logged in page
                 if where.admits(logged.message, logged.deliveries)
                 for delivery in logged.deliveries
-                if delivery.status == "failed" and where.endpoint_id in (None, delivery.destination)
+                if delivery.status in ("failed", "skipped")
+                and where.endpoint_id in (None, delivery.destination)
             ]
             if failed:
                 await self.redeliver(failed)

@@ -11,6 +11,7 @@ from starlette.routing import Route
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
 from webhooks.endpoints import EVENT_TYPES
+from webhooks.messages import DELIVERY_STATUSES
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -325,7 +326,7 @@ def _webhook_paths() -> dict[str, Any]:
             "get": {
                 "summary": "List webhook messages, newest first",
                 "parameters": [
-                    _query("status", {"enum": ["pending", "delivered", "failed"]}, "overall status"),
+                    _query("status", {"enum": list(DELIVERY_STATUSES)}, "overall status"),
                     _query("endpoint_id", {"type": "string"}, "messages sent to this endpoint"),
                     _query("event_type", {"enum": list(EVENT_TYPES)}, "one event type"),
                     _query("created_after", _TIME, "created at or after"),
@@ -539,7 +540,7 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "description": "the webhook-id every destination receives"},
             "event_type": {"enum": list(EVENT_TYPES)},
-            "status": {"enum": ["pending", "delivered", "failed"]},
+            "status": {"enum": list(DELIVERY_STATUSES)},
             "created_at": _TIME,
             "destinations": {
                 "type": "array",
@@ -551,7 +552,7 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
                             "description": "null for the resource's own callback_url",
                         },
                         "url": {"type": "string"},
-                        "status": {"enum": ["pending", "delivered", "failed"]},
+                        "status": {"enum": list(DELIVERY_STATUSES)},
                         "next_attempt_at": _NULLABLE_STRING,
                         "attempts": {"type": "array", "items": _ATTEMPT},
                     },
