@@ -45,6 +45,10 @@ class Settings:
     archive_ttl: float = 7 * 24 * 3600.0
     # Wall-clock seconds one archive may take to assemble (re-encoding included).
     archive_timeout: float = 3600.0
+    # Readiness fails below this much free storage, so a load balancer stops sending uploads.
+    min_free_bytes: int = 200_000_000
+    # A job that finds the storage full waits for room (with backoff) this long, then fails `storage_full`.
+    storage_full_give_up: float = 6 * 3600.0
     queue_name: str = "darkroom:queue"
 
     @property
@@ -83,6 +87,9 @@ class Settings:
             webhook_retention=_positive_int(env, "DARKROOM_WEBHOOK_RETENTION", 30 * 24 * 3600),
             archive_ttl=_seconds(env, "DARKROOM_ARCHIVE_TTL", 7 * 24 * 3600.0),
             archive_timeout=float(_positive_int(env, "DARKROOM_ARCHIVE_TIMEOUT", 3600)),
+            min_free_bytes=int(
+                _non_negative(env, "DARKROOM_MIN_FREE_BYTES", 200_000_000, "a number of bytes")
+            ),
         )
 
 

@@ -43,6 +43,7 @@ _NULLABLE_STRING = {"type": ["string", "null"]}
 _IMAGE_ID = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UNAUTHORIZED = _problem("Missing or invalid API key")
 _NOT_FOUND = _problem("No such image in this account")
+_STORAGE_FULL = _problem("Our storage is full: nothing was kept; retry after Retry-After")
 
 
 def build_openapi(public_url: str) -> dict[str, Any]:
@@ -70,6 +71,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "413": _problem("The file is over the upload limit"),
                         "415": _problem("Not an accepted image format"),
                         "422": _problem("Invalid fields, unreadable image or too many pixels"),
+                        "507": _STORAGE_FULL,
                     },
                 },
                 "get": {
@@ -117,6 +119,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "410": _problem("The stored result is gone"),
                         "422": _problem("Invalid variant parameters; see errors"),
                         "503": _problem("Every variant renderer is busy; retry after Retry-After"),
+                        "507": _STORAGE_FULL,
                     },
                 },
             },
@@ -260,6 +263,7 @@ def _batch_paths() -> dict[str, Any]:
                     "409": _problem("The batch is sealed, or would hold too many images"),
                     "413": _problem("A file is over the upload limit"),
                     "422": _problem("Invalid fields, or refused files (each named in errors)"),
+                    "507": _STORAGE_FULL,
                 },
             },
         },

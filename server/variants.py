@@ -34,11 +34,12 @@ from jobs.ops.base import MAX_DIMENSION
 from jobs.ops.encode import MEDIA_TYPES, SAVERS, OutputFormat
 from jobs.params import FieldError
 from jobs.records import ImageRecord, OutputInfo
-from jobs.storage import LocalStorage
+from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_variant
+from jobs.vips_errors import reports_storage_full
 from server.conditional import none_match
-from server.problems import Problem, validation_problem
+from server.problems import Problem, storage_full_problem, validation_problem
 
 log = logging.getLogger("darkroom.variants")
 
@@ -185,11 +186,17 @@ async def _cached_variant(
             )
             await anyio.to_thread.run_sync(_stamp_used, staged)
             await anyio.to_thread.run_sync(storage.commit, staged, key)
-        except pyvips.Error:
+        except pyvips.Error as exc:
+            if reports_storage_full(exc):
+                raise storage_full_problem() from None
             log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
             raise Problem(
                 500, "output_unreadable", "the stored result cannot be decoded to render this variant"
             ) from None
+        except OSError as exc:
+            if is_full(exc):
+                raise storage_full_problem() from None
+            raise
         finally:
             staged.unlink(missing_ok=True)
     store: Store = request.app.state.store
