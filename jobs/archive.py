@@ -44,7 +44,9 @@ from jobs.batches import Batches
 from jobs.deps import WorkerDeps
 from jobs.ops.encode import SAVERS, OutputFormat
 from jobs.records import ArchiveSpec, ArchiveState, BatchRecord, ImageError, ImageRecord, OutputInfo
+from jobs.storage import StorageFull, is_full
 from jobs.variants import VariantSpec, render_variant
+from jobs.vips_errors import reports_storage_full
 from webhooks.messages import iso, now_ms
 
 log = logging.getLogger("darkroom.archive")
@@ -215,6 +217,8 @@ def _assemble(
                 )
                 continue
             except pyvips.Error as exc:
+                if reports_storage_full(exc):
+                    raise StorageFull("no space left on the storage for the archive") from None
                 log.warning("re-encoding %s for its batch archive failed: %s", entry.image_id, exc)
                 message = f"its result could not be re-encoded as {entry.format}"
                 failed.append(_failure(entry.image_id, entry.filename, "conversion_failed", message))
@@ -484,7 +488,7 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
         if state.message_id is not None:
             deps.dispatcher.nudge()  # already announced in the transaction that recorded it: only hurry it
         return
-    if job_try > deps.settings.max_attempts:
+    if await deps.crashed_too_often(batch_id, job_try):
         message = f"assembling the archive stopped the worker {job_try - 1} times"
         await _finish(
             deps, batches, batch_id, ArchiveState("failed", error=ImageError("worker_crashed", message))
@@ -502,12 +506,22 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
         await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
         return
     except OSError as exc:
+        if is_full(exc):
+            await _wait_for_storage(deps, batches, batch_id)
+            return
         log.exception("the archive of %s could not be written", batch_id)
         error = ImageError("archive_failed", f"the archive could not be written: {exc.strerror or exc}")
         await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
         return
     key = archive_key(started)
-    await asyncio.to_thread(deps.storage.commit, staged, key)
+    try:
+        await asyncio.to_thread(deps.storage.commit, staged, key)
+    except OSError as exc:
+        staged.unlink(missing_ok=True)
+        if not is_full(exc):
+            raise
+        await _wait_for_storage(deps, batches, batch_id)
+        return
     built_ms = now_ms()
     built_at = iso(built_ms)
     ready = ArchiveState(
@@ -519,6 +533,21 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
         expires_at=iso(built_ms + round(deps.settings.archive_ttl * 1000)),
     )
     await _finish(deps, batches, batch_id, ready)
+
+
+async def _wait_for_storage(deps: WorkerDeps, batches: Batches, batch_id: str) -> None:
+    """No room for the archive: the build runs again later (WaitForStorage), its images untouched,
+    until space returns; only after `storage_full_give_up` of waiting does the archive fail."""
+    wait = await deps.wait_for_storage(batch_id)
+    if wait is None:
+        hours = deps.settings.storage_full_give_up / 3600
+        error = ImageError("storage_full", f"the storage stayed full for {hours:g} h")
+        await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
+        return
+    log.warning(
+        "no room in storage for the archive of %s; trying again later (wait %d)", batch_id, wait.waits
+    )
+    raise wait
 
 
 async def _assemble_with_deadline(deps: WorkerDeps, plan: ArchivePlan, staged: Path) -> ArchiveSummary:

@@ -26,7 +26,8 @@ from jobs.ops.geometry import (
     reads_out_of_order,
     thumbnail_args,
 )
-from jobs.vips_errors import describe_vips_error
+from jobs.storage import StorageFull, is_full
+from jobs.vips_errors import describe_vips_error, reports_storage_full
 
 # Truncated or corrupt data is an error, not a grey half-picture.
 FAIL_ON = "error"
@@ -107,7 +108,8 @@ def render(
     max_pixels: int | None = None,
     max_memory: int | None = None,
 ) -> RenderedImage:
-    """Process `source` into `destination_stem` + the output format's suffix.
+    """Process `source` into `destination_stem` + the output format's suffix. Raises ProcessingError
+    for what is wrong with the image or chain, StorageFull when there is no room to write the result.
 
     `max_pixels` caps the result as the upload check caps the input, so an `upscale` or a big
     `resize` with `enlarge` fails cleanly instead of writing a gigapixel file. `max_memory` caps, in
@@ -115,7 +117,7 @@ def render(
     steps = plan(chain)
     output_format = encode.output_format_for(input_format, steps.convert)
     destination = destination_stem.with_suffix(encode.SAVERS[output_format].suffix)
-    failure: ProcessingError | None
+    failure: ProcessingError | StorageFull | None
     try:
         width, height = _render_to(
             source, destination, steps, output_format, kill_switch, max_pixels, max_memory
@@ -129,8 +131,15 @@ def render(
         destination.unlink(missing_ok=True)
         if kill_switch is not None and kill_switch.fired:
             failure = ProcessingError("timeout", "processing took longer than the job time limit")
+        elif reports_storage_full(exc):
+            failure = StorageFull("no space left on the storage for the result")
         else:
             failure = ProcessingError(_error_code(exc), describe_vips_error(exc))
+    except OSError as exc:  # a size-capped encode is written by Python
+        destination.unlink(missing_ok=True)
+        if not is_full(exc):
+            raise
+        failure = StorageFull("no space left on the storage for the result")
     finally:
         if kill_switch is not None:
             kill_switch.disarm()

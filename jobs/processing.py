@@ -2,7 +2,8 @@
 
 arq runs a job at least once, so every step here may run again after a crash: the output blob is
 overwritten in place, the terminal state and its webhook message are committed together, and a re-run
-that finds the image already finished only makes sure the webhook is on its way.
+that finds the image already finished only makes sure the webhook is on its way. A full storage is not
+the image's fault: the job waits for room (see `_wait_for_storage`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
 from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
+from jobs.storage import StorageFull, is_full
 from webhooks.messages import new_message
 
 log = logging.getLogger("darkroom.processing")
@@ -36,7 +38,7 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     if image.is_terminal:
         await _settle(deps, image)
         return
-    if job_try > deps.settings.max_attempts:
+    if await deps.crashed_too_often(image.id, job_try):
         await _finish(
             deps,
             image,
@@ -51,6 +53,9 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         return
     try:
         rendered = await _render_with_deadline(deps, image)
+    except StorageFull:
+        await _wait_for_storage(deps, image)
+        return
     except ImageDeleted:
         log.info("stopped processing %s: its owner deleted it", image.id)
         return
@@ -64,9 +69,31 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         )
         return
     output_key = f"{image.account_id}/{image.id}/output{rendered.path.suffix}"
-    await asyncio.to_thread(deps.storage.commit, rendered.path, output_key)
+    try:
+        await asyncio.to_thread(deps.storage.commit, rendered.path, output_key)
+    except OSError as exc:
+        rendered.path.unlink(missing_ok=True)
+        if not is_full(exc):
+            raise
+        await _wait_for_storage(deps, image)
+        return
     output = OutputInfo(rendered.format, rendered.width, rendered.height, rendered.bytes, output_key)
     await _finish(deps, image, output=output)
+
+
+async def _wait_for_storage(deps: WorkerDeps, image: ImageRecord) -> None:
+    """No room to write the result: the image goes back to `queued` and its job runs again later
+    (WaitForStorage), until space returns; only after `storage_full_give_up` of waiting does it fail,
+    as `storage_full` (ours, not the partner's file)."""
+    wait = await deps.wait_for_storage(image.id)
+    if wait is None:
+        hours = deps.settings.storage_full_give_up / 3600
+        message = f"the storage stayed full for {hours:g} h; upload the image again"
+        await _finish(deps, image, error=ImageError("storage_full", message))
+        return
+    log.warning("no room in storage for the result of %s; trying again later (wait %d)", image.id, wait.waits)
+    if await deps.store.update_image(image.evolve(status="queued"), previous=image):
+        raise wait
 
 
 class ImageDeleted(Exception):

@@ -60,6 +60,10 @@ class Settings:
     max_pending_connections: int = 500
     body_idle_timeout: float = 30.0
     body_timeout: float = 300.0
+    # Readiness fails below this much free storage, so a load balancer stops sending uploads.
+    min_free_bytes: int = 200_000_000
+    # A job that finds the storage full waits for room (with backoff) this long, then fails `storage_full`.
+    storage_full_give_up: float = 6 * 3600.0
     queue_name: str = "darkroom:queue"
 
     @property
@@ -107,6 +111,9 @@ class Settings:
             max_pending_connections=_positive_int(env, "DARKROOM_MAX_PENDING_CONNECTIONS", 500),
             body_idle_timeout=_positive_seconds(env, "DARKROOM_BODY_IDLE_TIMEOUT", 30.0),
             body_timeout=_positive_seconds(env, "DARKROOM_BODY_TIMEOUT", 300.0),
+            min_free_bytes=int(
+                _non_negative(env, "DARKROOM_MIN_FREE_BYTES", 200_000_000, "a number of bytes")
+            ),
         )
 
 

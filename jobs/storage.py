@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -12,6 +13,42 @@ from typing import BinaryIO
 
 class StorageKeyError(ValueError):
     """A blob key that would escape the storage root."""
+
+
+# No room left on the storage's filesystem, or in the quota of the user we run as.
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# A job that found the storage full runs again after this long, doubling each time up to the most.
+FIRST_STORAGE_WAIT_SECONDS = 1.0
+LONGEST_STORAGE_WAIT_SECONDS = 60.0
+
+
+def is_full(exc: BaseException) -> bool:
+    """Whether an error says the storage is full: a passing condition of ours, never the file's fault."""
+    return isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS
+
+
+class StorageFull(OSError):
+    """Writing to the storage failed for want of room (libvips reports it as text: this carries it)."""
+
+    def __init__(self, detail: str = "no space left on the storage") -> None:
+        super().__init__(errno.ENOSPC, detail)
+
+
+class WaitForStorage(Exception):
+    """A job stopped because the storage is full: run it again after `delay` seconds (its `waits`-th
+    wait), when space may have returned."""
+
+    def __init__(self, waits: int) -> None:
+        super().__init__(f"the storage is full (wait {waits})")
+        self.waits = waits
+        self.delay = min(FIRST_STORAGE_WAIT_SECONDS * 2 ** (waits - 1), LONGEST_STORAGE_WAIT_SECONDS)
+
+
+def most_storage_waits(give_up_after: float) -> int:
+    """How many waits fit in `give_up_after` seconds at the shortest, so a job retry limit can allow
+    them all (the job itself gives up by time)."""
+    doublings = 1 + int(LONGEST_STORAGE_WAIT_SECONDS / FIRST_STORAGE_WAIT_SECONDS).bit_length()
+    return doublings + int(give_up_after / LONGEST_STORAGE_WAIT_SECONDS) + 1
 
 
 class LocalStorage:
@@ -63,3 +100,7 @@ class LocalStorage:
 
     def is_writable(self) -> bool:
         return self._staging.is_dir() and os.access(self._staging, os.W_OK)
+
+    def free_bytes(self) -> int:
+        """Room left for our writes (what an unprivileged user may use). Blocking: run it in a thread."""
+        return shutil.disk_usage(self._staging).free

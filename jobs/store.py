@@ -6,6 +6,7 @@ Layout (every key under `dr:`):
   ordered by id, and ids sort by creation time).
 - `dr:images:expiring` and `dr:batches:expiring`: image and batch ids scored by when the retention sweep
   deletes them (jobs/retention.py); a batch's score is the latest of its creation's and its images'.
+- `dr:storage-waits:{id}` how often an image's or archive's job found the storage full, and since when.
 - A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
   or deletes an image moves the batch's counters, its index and its failure list with it.
 """
@@ -57,6 +58,10 @@ def _api_key_key(key_hash: str) -> str:
 
 def image_key(image_id: str) -> str:
     return f"dr:image:{image_id}"
+
+
+def storage_waits_key(subject_id: str) -> str:
+    return f"dr:storage-waits:{subject_id}"
 
 
 def _account_images_key(account_id: str) -> str:
@@ -208,8 +213,8 @@ class Store:
             await pipe.execute()
 
     async def redeliver_failed(self, account_id: str, where: MessageFilter) -> int:
-        """Make every failed delivery of the account's messages that `where` admits due again (for an
-        endpoint, only its own); how many."""
+        """Make every failed or skipped delivery of the account's messages that `where` admits due again
+        (for an endpoint, only its own); how many."""
         assert where.created_after is not None, "recovery goes back to a given time, not forever"
         count = 0
         cursor = None
@@ -224,7 +229,8 @@ class Store:
                 for logged in page
                 if where.admits(logged.message, logged.deliveries)
                 for delivery in logged.deliveries
-                if delivery.status == "failed" and where.endpoint_id in (None, delivery.destination)
+                if delivery.status in ("failed", "skipped")
+                and where.endpoint_id in (None, delivery.destination)
             ]
             if failed:
                 await self.redeliver(failed)
@@ -270,6 +276,23 @@ class Store:
     async def get_image(self, image_id: str) -> ImageRecord | None:
         raw = await self.redis.get(image_key(image_id))
         return None if raw is None else ImageRecord.from_json(raw)
+
+    async def note_storage_wait(self, subject_id: str, keep_seconds: float) -> tuple[int, int]:
+        """Count one more time the job of an image or archive found the storage full: how many times so
+        far, and when the first was (epoch ms)."""
+        key = storage_waits_key(subject_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "since", str(now_ms()))
+            pipe.hincrby(key, "waits", 1)
+            pipe.hget(key, "since")
+            pipe.expire(key, int(keep_seconds))
+            _, waits, since, _ = await pipe.execute()
+        return int(waits), int(since)
+
+    async def storage_waits(self, subject_id: str) -> int:
+        """How many of the job's runs ended waiting for storage (runs that did not crash the worker)."""
+        raw = await self.redis.hget(storage_waits_key(subject_id), "waits")  # type: ignore[misc]
+        return int(raw or 0)
 
     async def image_exists(self, image_id: str) -> bool:
         return bool(await self.redis.exists(image_key(image_id)))

@@ -7,6 +7,8 @@ carry account ids. Only the meaningful lines are kept, with every absolute path 
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 import pyvips
@@ -23,3 +25,13 @@ def describe_vips_error(exc: pyvips.Error, fallback: str = "the image could not 
         if line and not any(noise in line for noise in _NOISE):
             return _SOURCE_PREFIX.sub("", line.removeprefix("the file: ")) or fallback
     return fallback
+
+
+# libvips reports a failed write as text ("system error: No space left on device"), not as an errno.
+_FULL_MESSAGES = tuple(os.strerror(number) for number in (errno.ENOSPC, errno.EDQUOT))
+
+
+def reports_storage_full(exc: pyvips.Error) -> bool:
+    """Whether libvips failed for want of room to write: the storage's fault, not the image's."""
+    text = f"{exc.message}\n{exc.detail}"
+    return any(message in text for message in _FULL_MESSAGES)

@@ -21,7 +21,7 @@ from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
+from jobs.storage import LocalStorage, WaitForStorage, most_storage_waits
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
@@ -71,6 +71,8 @@ async def process_image(ctx: dict[str, Any], image_id: str) -> None:
         # A job that raises is failed for good by arq, which would leave the image `processing`;
         # Redis being briefly unreachable is worth another try (the core is safe to re-run).
         raise Retry(defer=REDIS_RETRY_SECONDS) from exc
+    except WaitForStorage as wait:
+        raise Retry(defer=wait.delay) from wait
 
 
 async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
@@ -79,6 +81,14 @@ async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
         await archive.build_archive(ctx["deps"], batch_id, ctx["job_try"])
     except RedisError as exc:
         raise Retry(defer=REDIS_RETRY_SECONDS) from exc
+    except WaitForStorage as wait:
+        raise Retry(defer=wait.delay) from wait
+
+
+def job_tries(settings: Settings) -> int:
+    """arq's limit on a job's runs: our cores give up after settings.max_attempts starts that crashed
+    the worker and record why, and runs that waited for storage do not count; arq must not stop first."""
+    return settings.max_attempts + 1 + most_storage_waits(settings.storage_full_give_up)
 
 
 async def sweep_archives(ctx: dict[str, Any]) -> None:
@@ -162,8 +172,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
         "ctx": {"settings": settings},
         "max_jobs": settings.worker_concurrency,
         "poll_delay": BUSY_POLL_SECONDS,
-        # Our cores give up after settings.max_attempts starts and record why; arq must not stop first.
-        "max_tries": settings.max_attempts + 1,
+        "max_tries": job_tries(settings),
         "keep_result": 3600,
     }
 

@@ -14,7 +14,7 @@ from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
 from webhooks.endpoints import EVENT_TYPES
-from webhooks.messages import LoggedMessage, MessageFilter, is_endpoint
+from webhooks.messages import DELIVERY_STATUSES, LoggedMessage, MessageFilter, is_endpoint
 
 
 async def _owned_message(request: Request, account_id: str) -> LoggedMessage:
@@ -33,9 +33,7 @@ async def get_delivery(request: Request) -> Response:
 async def list_deliveries(request: Request) -> Response:
     account = await require_account(request)
     query = request.query_params
-    page, chosen = parse_page(
-        query, "msg", {"status": ("pending", "delivered", "failed"), "event_type": EVENT_TYPES}
-    )
+    page, chosen = parse_page(query, "msg", {"status": DELIVERY_STATUSES, "event_type": EVENT_TYPES})
     errors = []
     times = {}
     for name in ("created_after", "created_before"):

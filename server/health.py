@@ -1,4 +1,4 @@
-"""`/healthz` (the process answers) and `/readyz` (Redis and storage are reachable)."""
+"""`/healthz` (the process answers) and `/readyz` (Redis and storage are reachable, storage has room)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,23 @@ async def readyz(request: Request) -> Response:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
     storage: LocalStorage = request.app.state.storage
     checks["storage"] = "ok" if await asyncio.to_thread(storage.is_writable) else "not writable"
+    checks["storage_space"] = await storage_space_check(storage, request.app.state.settings.min_free_bytes)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
         {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
     )
+
+
+async def storage_space_check(storage: LocalStorage, min_free_bytes: int) -> str:
+    """Not ready with less free storage than DARKROOM_MIN_FREE_BYTES: uploads would soon fail (507), so
+    a load balancer should send them to a process whose storage has room."""
+    try:
+        free = await asyncio.to_thread(storage.free_bytes)
+    except OSError as exc:
+        return f"unknown: {exc.strerror or type(exc).__name__}"
+    if free < min_free_bytes:
+        return f"low: {free} bytes free, under DARKROOM_MIN_FREE_BYTES ({min_free_bytes})"
+    return "ok"
 
 
 routes = [Route("/healthz", healthz), Route("/readyz", readyz)]

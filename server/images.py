@@ -24,14 +24,14 @@ from jobs.params import FieldError, ValidationFailed
 from jobs.records import BatchRecord, ImageRecord, InputInfo
 from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
+from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
 from server.auth import require_account
 from server.destinations import check_destination_url
 from server.json_body import InvalidJson, parse_json
 from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
-from server.problems import Problem, validation_problem
+from server.problems import Problem, storage_full_problem, validation_problem
 from server.variants import output_response, parse_variant_query, resolve_variant
 from webhooks.messages import iso, now_ms
 
@@ -254,6 +254,12 @@ async def accept_uploads(
         # Not accepted, so nothing may stay: a transaction whose reply was lost may still have saved
         # the records (their jobs then find no image and end), and no blob may outlive its record.
         await _forget(storage, store, images, saved=True)
+        raise
+    except OSError as exc:
+        # A commit found no room for a folder; nothing was recorded yet.
+        await _forget(storage, store, images, saved=False)
+        if is_full(exc):
+            raise storage_full_problem() from None
         raise
     return images
 

@@ -18,8 +18,8 @@ from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, par
 from starlette.requests import Request
 
 from jobs.params import FieldError
-from jobs.storage import LocalStorage
-from server.problems import Problem
+from jobs.storage import LocalStorage, is_full
+from server.problems import Problem, storage_full_problem
 
 MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 16
@@ -178,8 +178,13 @@ class _Receiver:
 
     def close(self) -> None:
         if self._sink is not None:
-            self._sink.close()
-            self._sink = None
+            sink, self._sink = self._sink, None
+            sink.close()
+
+    def close_quietly(self) -> None:
+        """Close the staging file whatever happened: its buffered bytes may not fit on a full disk."""
+        with contextlib.suppress(OSError):
+            self.close()
 
 
 def _disposition(header: bytes) -> tuple[str, str | None]:
@@ -245,12 +250,17 @@ async def receive_multipart(
     except MultipartParseError as exc:
         receiver.result.discard()
         raise _malformed(f"{_explain(str(exc))} (at byte {parsed + exc.offset} of the body)") from None
+    except OSError as exc:
+        receiver.close_quietly()
+        receiver.result.discard()
+        if is_full(exc):
+            raise storage_full_problem() from None
+        raise
     except Exception as exc:
         receiver.result.discard()
         raise _malformed(f"the multipart body could not be parsed: {exc}") from None
     finally:
-        with contextlib.suppress(OSError):
-            receiver.close()
+        receiver.close_quietly()
     return receiver.result
 
 

@@ -11,6 +11,7 @@ from starlette.routing import Route
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
 from webhooks.endpoints import EVENT_TYPES
+from webhooks.messages import DELIVERY_STATUSES
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -47,6 +48,7 @@ _RETENTION = {
 _IMAGE_ID = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _UNAUTHORIZED = _problem("Missing or invalid API key")
 _NOT_FOUND = _problem("No such image in this account")
+_STORAGE_FULL = _problem("Our storage is full: nothing was kept; retry after Retry-After")
 
 
 def build_openapi(public_url: str) -> dict[str, Any]:
@@ -74,6 +76,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "413": _problem("The file is over the upload limit"),
                         "415": _problem("Not an accepted image format"),
                         "422": _problem("Invalid fields, unreadable image or too many pixels"),
+                        "507": _STORAGE_FULL,
                     },
                 },
                 "get": {
@@ -121,6 +124,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "410": _problem("The stored result is gone"),
                         "422": _problem("Invalid variant parameters; see errors"),
                         "503": _problem("Every variant renderer is busy; retry after Retry-After"),
+                        "507": _STORAGE_FULL,
                     },
                 },
             },
@@ -269,6 +273,7 @@ def _batch_paths() -> dict[str, Any]:
                     "409": _problem("The batch is sealed, or would hold too many images"),
                     "413": _problem("A file is over the upload limit"),
                     "422": _problem("Invalid fields, or refused files (each named in errors)"),
+                    "507": _STORAGE_FULL,
                 },
             },
         },
@@ -335,7 +340,7 @@ def _webhook_paths() -> dict[str, Any]:
             "get": {
                 "summary": "List webhook messages, newest first",
                 "parameters": [
-                    _query("status", {"enum": ["pending", "delivered", "failed"]}, "overall status"),
+                    _query("status", {"enum": list(DELIVERY_STATUSES)}, "overall status"),
                     _query("endpoint_id", {"type": "string"}, "messages sent to this endpoint"),
                     _query("event_type", {"enum": list(EVENT_TYPES)}, "one event type"),
                     _query("created_after", _TIME, "created at or after"),
@@ -554,7 +559,7 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
         "properties": {
             "id": {"type": "string", "description": "the webhook-id every destination receives"},
             "event_type": {"enum": list(EVENT_TYPES)},
-            "status": {"enum": ["pending", "delivered", "failed"]},
+            "status": {"enum": list(DELIVERY_STATUSES)},
             "created_at": _TIME,
             "destinations": {
                 "type": "array",
@@ -566,7 +571,7 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
                             "description": "null for the resource's own callback_url",
                         },
                         "url": {"type": "string"},
-                        "status": {"enum": ["pending", "delivered", "failed"]},
+                        "status": {"enum": list(DELIVERY_STATUSES)},
                         "next_attempt_at": _NULLABLE_STRING,
                         "attempts": {"type": "array", "items": _ATTEMPT},
                     },

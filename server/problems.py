@@ -27,7 +27,10 @@ _TITLES = {
     431: "Request header fields too large",
     500: "Internal server error",
     503: "Service unavailable",
+    507: "Insufficient storage",
 }
+# How long a client is told to wait before sending again into a full storage.
+STORAGE_FULL_RETRY_AFTER_SECONDS = 60
 
 
 class Problem(Exception):
@@ -74,6 +77,16 @@ class ProblemResponse(JSONResponse):
 
 def problem_response(problem: Problem) -> Response:
     return ProblemResponse(problem.body(), status_code=problem.status, headers=problem.headers)
+
+
+def storage_full_problem() -> Problem:
+    """Our storage has no room: nothing was kept, and the same request will work once space is freed."""
+    return Problem(
+        507,
+        "storage_full",
+        "the service's storage is full, so nothing was stored; retry later",
+        headers={"Retry-After": str(STORAGE_FULL_RETRY_AFTER_SECONDS)},
+    )
 
 
 def validation_problem(errors: Sequence[FieldError]) -> Problem:

@@ -39,11 +39,12 @@ from jobs.params import FieldError
 from jobs.pipeline import KillSwitch
 from jobs.records import ImageRecord, OutputInfo
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
+from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_variant
+from jobs.vips_errors import reports_storage_full
 from server.conditional import none_match
-from server.problems import Problem, validation_problem
+from server.problems import Problem, storage_full_problem, validation_problem
 
 log = logging.getLogger("darkroom.variants")
 
@@ -199,7 +200,7 @@ async def _cached_variant(
             )
             await anyio.to_thread.run_sync(_stamp_used, staged)
             await anyio.to_thread.run_sync(storage.commit, staged, key)
-        except pyvips.Error:
+        except pyvips.Error as exc:
             if kill_switch.fired:
                 raise Problem(
                     503,
@@ -207,10 +208,16 @@ async def _cached_variant(
                     f"rendering this variant took longer than {settings.variant_render_timeout:g} s and was"
                     " stopped; ask for a smaller size or another format",
                 ) from None
+            if reports_storage_full(exc):
+                raise storage_full_problem() from None
             log.exception("variant %s of %s cannot be rendered", spec.canonical(), image.id)
             raise Problem(
                 500, "output_unreadable", "the stored result cannot be decoded to render this variant"
             ) from None
+        except OSError as exc:
+            if is_full(exc):
+                raise storage_full_problem() from None
+            raise
         finally:
             staged.unlink(missing_ok=True)
     store: Store = request.app.state.store

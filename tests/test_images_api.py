@@ -386,7 +386,7 @@ async def test_readyz_reports_its_checks(client: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
-    assert body["checks"] == {"redis": "ok", "storage": "ok"}
+    assert body["checks"] == {"redis": "ok", "storage": "ok", "storage_space": "ok"}
 
 
 @pytest.mark.parametrize("path", ["/v2/images", "/v1/imagez", "/", "/v1/images/img_x/thumbnail"])

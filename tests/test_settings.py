@@ -17,6 +17,12 @@ def test_webhook_attempts_time_out_as_configured() -> None:
     assert Settings.from_env({"DARKROOM_WEBHOOK_TIMEOUT": "30"}).webhook_timeout == 30
 
 
+def test_readiness_wants_free_storage_as_configured() -> None:
+    assert Settings.from_env({}).min_free_bytes == 200_000_000
+    assert Settings.from_env({"DARKROOM_MIN_FREE_BYTES": "0"}).min_free_bytes == 0
+    assert Settings.from_env({"DARKROOM_MIN_FREE_BYTES": "1_000_000"}).min_free_bytes == 1_000_000
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -25,6 +31,8 @@ def test_webhook_attempts_time_out_as_configured() -> None:
         ("DARKROOM_MAX_PIXELS", "-1"),
         ("DARKROOM_RETRY_JITTER", "1.5"),
         ("DARKROOM_IMAGE_RETENTION", "0"),
+        ("DARKROOM_MIN_FREE_BYTES", "plenty"),
+        ("DARKROOM_MIN_FREE_BYTES", "-1"),
     ],
 )
 def test_an_unusable_value_is_refused_by_name(name: str, value: str) -> None:

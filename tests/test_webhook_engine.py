@@ -919,6 +919,66 @@ async def test_recover_redelivers_the_endpoints_failures_since_a_time(
     assert (await delivery_log(client, account, elsewhere))["status"] == "failed"
 
 
+async def test_recover_after_re_enabling_brings_back_what_happened_while_disabled(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["image.completed"])
+    receiver.script(410)
+    since = datetime.now().astimezone().isoformat()
+    first = await upload(client, account, imagegen.jpeg(16, 16))
+    await run_burst(settings)
+    assert (await get_endpoint(client, account, endpoint["id"]))["status"] == "disabled"
+    for _ in range(6):
+        assert (await upload(client, account, imagegen.jpeg(16, 16))).status_code == 202
+    await run_burst(settings)
+    assert len(receiver.deliveries) == 1
+
+    missed = await client.get(
+        f"/v1/deliveries?endpoint_id={endpoint['id']}&status=skipped", headers=account.headers
+    )
+    assert missed.status_code == 200, missed.text
+    skipped = [only_destination(log) for log in missed.json()["data"]]
+    assert len(skipped) == 6
+    assert {(d["status"], d["attempts"][0]["status_code"], d["attempts"][0]["url"]) for d in skipped} == {
+        ("skipped", None, None)
+    }
+    assert skipped[0]["attempts"][0]["error"].startswith("not sent: the endpoint was disabled")
+
+    enabled = await client.patch(
+        f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers, json={"status": "enabled"}
+    )
+    assert enabled.status_code == 200, enabled.text
+    response = await client.post(
+        f"{ENDPOINTS}/{endpoint['id']}/recover", headers=account.headers, json={"since": since}
+    )
+
+    assert response.status_code == 202, response.text
+    assert response.json()["redelivered"] == 7
+    await deliver(settings)
+    recovered = receiver.deliveries[1:]
+    assert len(recovered) == 7 and all(delivery.verified for delivery in recovered)
+    assert receiver.deliveries[0].id in {delivery.id for delivery in recovered}
+    listed = await client.get(f"/v1/deliveries?endpoint_id={endpoint['id']}", headers=account.headers)
+    assert sorted(log["id"] for log in listed.json()["data"]) == sorted(d.id for d in recovered)
+    assert {log["status"] for log in listed.json()["data"]} == {"delivered"}
+    assert first.json()["id"] in {d.event["data"]["id"] for d in recovered}
+
+
+async def test_a_deleted_endpoint_is_not_recorded_for_later_events(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["image.completed"])
+    await client.patch(f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers, json={"status": "disabled"})
+    assert (await client.delete(f"{ENDPOINTS}/{endpoint['id']}", headers=account.headers)).status_code == 204
+
+    assert (await upload(client, account, imagegen.jpeg(16, 16))).status_code == 202
+    await run_burst(settings)
+
+    listed = await client.get("/v1/deliveries", headers=account.headers)
+    assert listed.json()["data"] == []
+    assert receiver.deliveries == []
+
+
 # --- the delivery log -----------------------------------------------------------------------------
 
 

@@ -231,6 +231,12 @@ return 1
 """
 
 
+def _disabled_reason(endpoint: Endpoint) -> str | None:
+    if endpoint.status == "enabled":
+        return None
+    return endpoint.disabled_reason or DISABLED_BY_OWNER
+
+
 class EndpointStore:
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
@@ -285,11 +291,12 @@ class EndpointStore:
         return [endpoint for raw in raws if (endpoint := Endpoint.from_hash(raw)) is not None]
 
     async def subscribed(self, account_id: str, event_type: str) -> list[Destination]:
-        """The enabled endpoints of the account that receive `event_type`."""
+        """The endpoints of the account that receive `event_type`. A disabled one is among them with
+        its reason, so the event is recorded for it (skipped) and recovering the endpoint sends it."""
         return [
-            Destination(endpoint.id, endpoint.url)
+            Destination(endpoint.id, endpoint.url, _disabled_reason(endpoint))
             for endpoint in await self.list_for_account(account_id)
-            if endpoint.status == "enabled" and endpoint.subscribes_to(event_type)
+            if endpoint.subscribes_to(event_type)
         ]
 
     async def update(self, endpoint: Endpoint, changes: dict[str, Any]) -> Endpoint | None:

@@ -18,7 +18,10 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-DeliveryStatus = Literal["pending", "delivered", "failed"]
+# `skipped`: the event happened while its endpoint was disabled, so nothing was sent; recovering the
+# endpoint sends it.
+DeliveryStatus = Literal["pending", "delivered", "failed", "skipped"]
+DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = ("pending", "delivered", "failed", "skipped")
 RESPONSE_EXCERPT_BYTES = 8192
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 # Deliveries waiting for an attempt, scored by when it is due (epoch ms); see webhooks.dispatcher.
@@ -113,10 +116,13 @@ class Attempt:
 @dataclass(frozen=True)
 class Destination:
     """Where a message goes: `name` is CALLBACK or an endpoint id; `url` as it was when the event
-    happened (an endpoint's attempts use its current URL)."""
+    happened (an endpoint's attempts use its current URL). `disabled_reason` is set for an endpoint that
+    was disabled when the event happened: its delivery is recorded `skipped`, not sent, so that
+    recovering the endpoint later sends it."""
 
     name: str
     url: str
+    disabled_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,12 +175,18 @@ class Delivery:
         return cls(**data)
 
 
+def skipped_delivery(message: Message, destination: str, disabled_reason: str) -> Delivery:
+    """The record of an event not sent to a disabled endpoint: one attempt that says why (none was made,
+    so it has neither URL nor status code), as a refused attempt does."""
+    why = f"not sent: the endpoint was disabled ({disabled_reason})"
+    return Delivery(message.id, destination, "skipped", (Attempt(1, message.created_at, None, 0.0, "", why),))
+
+
 def overall_status(deliveries: Sequence[Delivery]) -> DeliveryStatus:
-    """Pending while any destination is; failed if any failed for good; else delivered."""
+    """Pending while any destination is; failed if any failed for good; skipped if any was not sent (its
+    endpoint disabled); else delivered."""
     statuses = {delivery.status for delivery in deliveries}
-    if "pending" in statuses:
-        return "pending"
-    return "failed" if "failed" in statuses else "delivered"
+    return next((status for status in ("pending", "failed", "skipped") if status in statuses), "delivered")
 
 
 @dataclass(frozen=True)
@@ -343,6 +355,13 @@ class MessageStore:
             pipe.zremrangebylex(index, "-", f"({self.oldest_kept_id(due - self.retention_seconds * 1000)}")
         for destination in message.destinations:
             member = due_member(message.id, destination.name)
+            if destination.disabled_reason is not None:
+                pipe.set(
+                    delivery_key(message.id, destination.name),
+                    skipped_delivery(message, destination.name, destination.disabled_reason).to_json(),
+                    ex=self.retention_seconds,
+                )
+                continue
             pipe.set(
                 delivery_key(message.id, destination.name),
                 Delivery(message.id, destination.name).to_json(),
