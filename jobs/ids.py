@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -10,6 +11,12 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _RANDOM_BITS = 80
 _lock = threading.Lock()
 _last = 0
+
+
+def is_id(prefix: str, text: str) -> bool:
+    """Whether `text` has the form of an id `new_id(prefix)` makes. Anything else names no record, and
+    must not reach Redis, where it would name another key (`img_…:images`) or another kind of key."""
+    return re.fullmatch(f"{prefix}_[{_ALPHABET}]{{26}}", text) is not None
 
 
 def lowest_id_at(prefix: str, epoch_ms: int) -> str:

@@ -1,0 +1,83 @@
+"""What fuzzing the API found (issue 11): each a 500 or a 503 where a partner should get a clear 4xx,
+or an image failed for the wrong reason. Through the real HTTP API, real Redis and a real worker."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+import pyvips
+from redis.asyncio import Redis
+
+from jobs.settings import Settings
+from server.json_body import MAX_JSON_DEPTH
+from tests import imagegen
+from tests.conftest import Partner, run_burst
+from tests.test_endpoints_api import create_endpoint, send_test_event
+from tests.test_output_variants import completed, decode, get_output
+from tests.test_spine import upload
+from tests.test_upload_validation import (
+    assert_nothing_kept,
+    assert_problem,
+    multipart_headers,
+)
+
+BOUNDARY = "darkroom-test"
+
+
+def _nested(depth: int) -> str:
+    """`depth` objects one inside the other, as JSON text (written by hand: the encoder cannot go deep)."""
+    return '{"inner":' * depth + '"deep"' + "}" * depth
+
+
+def _file_part(disposition: str, data: bytes) -> bytes:
+    return (
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; {disposition}\r\n\r\n'.encode()
+        + data
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+# --- ids -----------------------------------------------------------------------------------------------
+
+
+async def test_an_id_with_a_suffix_is_no_such_resource(client: httpx.AsyncClient, account: Partner) -> None:
+    """`bat_…:images` named the batch's image index in Redis, of another type: a 503 as if Redis were down."""
+    image = (await upload(client, account, imagegen.png())).json()
+    batch = (await client.post("/v1/batches", headers=account.headers, json={})).json()
+    endpoint = await create_endpoint(client, account, "http://127.0.0.1:9/hooks")
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    ep = f"/v1/webhook-endpoints/{endpoint['id']}:pending"
+    requests = [
+        ("GET", f"/v1/images/{image['id']}:x"),
+        ("DELETE", f"/v1/images/{image['id']}:x"),
+        ("GET", f"/v1/images/{image['id']}:x/output"),
+        ("GET", f"/v1/batches/{batch['id']}:images"),
+        ("GET", f"/v1/batches/{batch['id']}:failures"),
+        ("POST", f"/v1/batches/{batch['id']}:images/seal"),
+        ("GET", f"/v1/batches/{batch['id']}:images/archive"),
+        ("GET", f"/v1/deliveries/{msg_id}:callback"),
+        ("POST", f"/v1/deliveries/{msg_id}:callback/retry"),
+        ("GET", ep),
+        ("DELETE", ep),
+        ("GET", f"{ep}/secret"),
+        ("POST", f"{ep}/test"),
+    ]
+    for method, path in requests:
+        response = await client.request(method, path, headers=account.headers)
+        assert_problem(response, 404, "not_found")
+
+    added = await client.post(
+        f"/v1/batches/{batch['id']}:images/images",
+        headers=account.headers,
+        files={"file": ("a.png", imagegen.png(), "image/png")},
+    )
+    assert_problem(added, 404, "not_found")
+    joined = await upload(client, account, imagegen.png(), batch_id=f"{batch['id']}:images")
+    assert_problem(joined, 422, "validation_failed", fields=["batch_id"])
+    listing = await client.get(
+        "/v1/deliveries", headers=account.headers, params={"endpoint_id": f"{endpoint['id']}:pending"}
+    )
+    assert_problem(listing, 422, "validation_failed", fields=["endpoint_id"])
