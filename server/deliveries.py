@@ -77,7 +77,11 @@ async def retry_delivery(request: Request) -> Response:
     errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"endpoint_id"})]
     only = body.get("endpoint_id")
     names = {delivery.destination for delivery in logged.deliveries}
-    if only is not None and only not in names:
+    if only is not None and not (isinstance(only, str) and is_id("ep", only)):
+        errors.append(
+            FieldError("endpoint_id", "must be an endpoint id (ep_…), or null for every destination")
+        )
+    elif only is not None and only not in names:
         errors.append(FieldError("endpoint_id", "this message was not sent to that endpoint"))
     if errors:
         raise validation_problem(errors)

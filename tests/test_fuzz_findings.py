@@ -40,6 +40,24 @@ def _file_part(disposition: str, data: bytes) -> bytes:
     )
 
 
+# --- request shapes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint_id", [[], {}, 7, True, "ep_x:pending"])
+async def test_a_retry_naming_an_endpoint_by_anything_but_its_id_is_refused(
+    client: httpx.AsyncClient, account: Partner, endpoint_id: object
+) -> None:
+    endpoint = await create_endpoint(client, account, "http://127.0.0.1:9/hooks")
+    msg_id = await send_test_event(client, account, endpoint["id"])
+
+    response = await client.post(
+        f"/v1/deliveries/{msg_id}/retry", headers=account.headers, json={"endpoint_id": endpoint_id}
+    )
+
+    body = assert_problem(response, 422, "validation_failed", fields=["endpoint_id"])
+    assert "ep_" in body["errors"][0]["message"]
+
+
 # --- ids -----------------------------------------------------------------------------------------------
 
 
