@@ -40,6 +40,20 @@ def _file_part(disposition: str, data: bytes) -> bytes:
     )
 
 
+# --- previews of tiny results -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 1), (1, 5)])
+async def test_a_preview_of_a_result_a_few_pixels_wide_is_that_result_marked(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, size: tuple[int, int]
+) -> None:
+    image = await completed(client, account, settings, imagegen.png(*size), filename="dot.png")
+
+    preview = decode(await get_output(client, account, image["id"], "?preview=true"))
+
+    assert (preview.width, preview.height) == size
+
+
 # --- request shapes ------------------------------------------------------------------------------------
 
 
