@@ -113,3 +113,31 @@ async def test_an_id_with_a_suffix_is_no_such_resource(client: httpx.AsyncClient
         "/v1/deliveries", headers=account.headers, params={"endpoint_id": f"{endpoint['id']}:pending"}
     )
     assert_problem(listing, 422, "validation_failed", fields=["endpoint_id"])
+
+
+# --- animated output of a still picture ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "operations",
+    [
+        [{"type": "convert", "params": {"format": "webp", "animated": True}}],
+        [
+            {"type": "resize", "params": {"width": 32}},
+            {"type": "convert", "params": {"format": "gif", "animated": True}},
+        ],
+    ],
+)
+async def test_animated_output_of_a_still_picture_is_its_one_frame(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, operations: list[dict[str, Any]]
+) -> None:
+    created = await upload(client, account, imagegen.jpeg(64, 48), operations=json.dumps(operations))
+    assert created.status_code == 202, created.text
+
+    await run_burst(settings)
+
+    image = (await client.get(f"/v1/images/{created.json()['id']}", headers=account.headers)).json()
+    assert image["status"] == "completed", image["error"]
+    result = pyvips.Image.new_from_buffer((await get_output(client, account, image["id"])).content, "", n=-1)
+    expected_width = 32 if operations[0]["type"] == "resize" else 64
+    assert (result.width, result.get("n-pages") if result.get_typeof("n-pages") else 1) == (expected_width, 1)
