@@ -40,6 +40,44 @@ def _file_part(disposition: str, data: bytes) -> bytes:
     )
 
 
+# --- text that is not Unicode ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        "filename*=utf-7''+2AA-.png",  # decodes to \ud800, half of a UTF-16 pair
+        "filename*=unicode_escape''%5Cud800.png",  # the same, by another of Python's codecs
+        "filename*=utf-8''%ED%A0%80.png",  # a surrogate encoded as UTF-8: not UTF-8
+    ],
+)
+async def test_a_filename_that_is_not_unicode_text_is_refused_and_nothing_is_kept(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings, disposition: str
+) -> None:
+    response = await client.post(
+        "/v1/images", headers=multipart_headers(account), content=_file_part(disposition, imagegen.png())
+    )
+
+    body = assert_problem(response, 422, "validation_failed", fields=["file"])
+    assert "filename*" in body["errors"][0]["message"]
+    await assert_nothing_kept(client, account, redis, settings)
+
+
+async def test_a_filename_star_in_utf8_or_latin1_is_kept(client: httpx.AsyncClient, account: Partner) -> None:
+    for disposition, name in (
+        (
+            "filename*=UTF-8''%C3%A9t%C3%A9.png; filename=\"ete.png\"",
+            "été.png",
+        ),
+        ("filename*=iso-8859-1'fr'%E9t%E9.png", "été.png"),
+    ):
+        response = await client.post(
+            "/v1/images", headers=multipart_headers(account), content=_file_part(disposition, imagegen.png())
+        )
+        assert response.status_code == 202, response.text
+        assert response.json()["input"]["filename"] == name
+
+
 # --- previews of tiny results -------------------------------------------------------------------------
 
 
