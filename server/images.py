@@ -222,9 +222,10 @@ async def accept_uploads(
         if isinstance(exc, BatchClosed):
             raise batch_closed_problem(exc.batch) from None
         raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
-    except RedisError:
-        # Not accepted, so nothing may stay: a transaction whose reply was lost may still have saved
-        # the records (their jobs then find no image and end), and no blob may outlive its record.
+    except Exception:
+        # Not accepted (Redis unreachable, or a bug of ours: a 503 or a 500), so nothing may stay: a
+        # transaction whose reply was lost may still have saved the records (their jobs then find no
+        # image and end), and no blob may outlive its record.
         await _forget(storage, store, images, saved=True)
         raise
     return images

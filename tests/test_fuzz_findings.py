@@ -78,6 +78,43 @@ async def test_a_filename_star_in_utf8_or_latin1_is_kept(client: httpx.AsyncClie
         assert response.json()["input"]["filename"] == name
 
 
+# --- JSON nested too deep ----------------------------------------------------------------------------
+
+
+async def test_metadata_nested_deeper_than_the_limit_is_refused_and_nothing_is_kept(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
+) -> None:
+    # 965 levels: the reader takes them, writing the record back out (a few frames deeper) did not.
+    for depth in (MAX_JSON_DEPTH + 1, 965, 5000):
+        response = await upload(client, account, imagegen.png(), metadata=_nested(depth))
+
+        body = assert_problem(response, 422, "validation_failed")
+        (error,) = body["errors"]
+        assert error["field"].startswith("metadata")
+        assert f"at most {MAX_JSON_DEPTH}" in error["message"]
+        await assert_nothing_kept(client, account, redis, settings)
+
+    kept = await upload(client, account, imagegen.png(), metadata=_nested(MAX_JSON_DEPTH))
+    assert kept.status_code == 202, kept.text
+
+
+async def test_a_json_body_nested_too_deep_is_refused_by_path(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    # Too deep even to read: the body as a whole is named.
+    for depth, path in ((100, "metadata" + ".inner" * (MAX_JSON_DEPTH - 1)), (5000, "body")):
+        response = await client.post(
+            "/v1/batches",
+            headers={**account.headers, "Content-Type": "application/json"},
+            content='{"metadata":' + _nested(depth) + "}",
+        )
+
+        body = assert_problem(response, 422, "validation_failed")
+        assert [error["field"] for error in body["errors"]] == [path]
+    listing = await client.get("/v1/batches", headers=account.headers)
+    assert listing.status_code == 200 and listing.json()["data"] == []
+
+
 # --- previews of tiny results -------------------------------------------------------------------------
 
 
