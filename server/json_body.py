@@ -28,7 +28,12 @@ MAX_JSON_BODY_BYTES = 64 * 1024
 # Far more than any request needs (an operation chain is 4 deep), far less than the recursion limit.
 MAX_JSON_DEPTH = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-TIME_FORMAT_HINT = 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"'
+TIME_FORMAT_HINT = 'must be an RFC 3339 time with a zone, like "2026-11-21T10:00:00Z"'
+# Python reads far more (`20261121T1000Z`, offsets with seconds); partners are promised RFC 3339.
+_RFC3339_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Enough to fix a request; a hostile one would otherwise get a problem document as large as itself.
 MAX_REPORTED_VALUES = 20
@@ -154,14 +159,13 @@ async def read_json_object(request: Request, *, optional: bool = False) -> dict[
 
 
 def canonical_time(value: object) -> str | None:
-    """An ISO 8601 time with a zone, in the resources' own form (UTC, milliseconds, Z): those compare
-    correctly as text. None when it is not one."""
-    if not isinstance(value, str):
+    """An RFC 3339 time (`format: date-time`: every field and a zone), in the resources' own form (UTC,
+    milliseconds, Z): those compare correctly as text. None when it is not one, or when it falls
+    outside the years 1 to 9999 once moved to UTC (`0001-01-01T00:00:00+00:01` is in year 0)."""
+    if not isinstance(value, str) or not _RFC3339_TIME.fullmatch(value):
         return None
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
+        moment = datetime.fromisoformat(value.upper())  # RFC 3339 allows a lowercase t and z
+        return iso((moment - _EPOCH) // timedelta(milliseconds=1))
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        return None
-    return iso((moment - _EPOCH) // timedelta(milliseconds=1))

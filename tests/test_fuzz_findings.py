@@ -129,6 +129,51 @@ async def test_a_preview_of_a_result_a_few_pixels_wide_is_that_result_marked(
     assert (preview.width, preview.height) == size
 
 
+# --- times ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        "0001-01-01T00:00:00+00:01",  # year 0 in UTC
+        "9999-12-31T23:59:59-00:01",  # year 10000 in UTC
+        "20261121T100000Z",  # ISO 8601's basic form: not RFC 3339
+        "2026-11-21T10:00Z",  # no seconds
+        "2026-11-21T10:00:00+01:00:30",  # an offset with seconds
+        "2026-11-21T10:00:00",  # no zone
+    ],
+)
+async def test_a_time_that_is_not_an_rfc3339_moment_in_range_is_refused(
+    client: httpx.AsyncClient, account: Partner, moment: str
+) -> None:
+    listing = await client.get(
+        "/v1/deliveries", headers=account.headers, params={"created_after": moment, "created_before": moment}
+    )
+    assert_problem(listing, 422, "validation_failed", fields=["created_after", "created_before"])
+
+    endpoint = await create_endpoint(client, account, "http://127.0.0.1:9/hooks")
+    recover = await client.post(
+        f"/v1/webhook-endpoints/{endpoint['id']}/recover", headers=account.headers, json={"since": moment}
+    )
+    assert_problem(recover, 422, "validation_failed", fields=["since"])
+
+
+async def test_rfc3339_times_in_any_zone_and_case_are_read(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    endpoint = await create_endpoint(client, account, "http://127.0.0.1:9/hooks")
+    for moment, canonical in (
+        ("0001-01-01T00:00:00Z", "0001-01-01T00:00:00.000Z"),
+        ("2026-11-21t10:00:00.123456789+01:00", "2026-11-21T09:00:00.123Z"),
+        ("2026-11-21 10:00:00z", "2026-11-21T10:00:00.000Z"),
+    ):
+        recover = await client.post(
+            f"/v1/webhook-endpoints/{endpoint['id']}/recover", headers=account.headers, json={"since": moment}
+        )
+        assert recover.status_code == 202, recover.text
+        assert recover.json()["since"] == canonical
+
+
 # --- request shapes ------------------------------------------------------------------------------------
 
 
