@@ -13,10 +13,15 @@ _lock = threading.Lock()
 _last = 0
 
 
+def id_pattern(prefix: str) -> str:
+    """The form of the ids `new_id(prefix)` makes, as a regular expression (JSON Schema's dialect too)."""
+    return f"^{prefix}_[{_ALPHABET}]{{26}}$"
+
+
 def is_id(prefix: str, text: str) -> bool:
     """Whether `text` has the form of an id `new_id(prefix)` makes. Anything else names no record, and
     must not reach Redis, where it would name another key (`img_…:images`) or another kind of key."""
-    return re.fullmatch(f"{prefix}_[{_ALPHABET}]{{26}}", text) is not None
+    return re.fullmatch(id_pattern(prefix), text) is not None
 
 
 def lowest_id_at(prefix: str, epoch_ms: int) -> str:
