@@ -29,9 +29,10 @@ MAX_JSON_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 TIME_FORMAT_HINT = 'must be an RFC 3339 time with a zone, like "2026-11-21T10:00:00Z"'
-# Python reads far more (`20261121T1000Z`, offsets with seconds); partners are promised RFC 3339.
+# Python reads far more (`20261121T1000Z`, offsets with seconds); partners are promised RFC 3339, with
+# the seconds optional as ISO 8601 has them (`2026-11-21T10:00Z` was always accepted).
 _RFC3339_TIME = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,9})?"
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?"
     r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -159,7 +160,7 @@ async def read_json_object(request: Request, *, optional: bool = False) -> dict[
 
 
 def canonical_time(value: object) -> str | None:
-    """An RFC 3339 time (`format: date-time`: every field and a zone), in the resources' own form (UTC,
+    """An RFC 3339 time (`format: date-time`: a zone, the seconds optional), in the resources' own form (UTC,
     milliseconds, Z): those compare correctly as text. None when it is not one, or when it falls
     outside the years 1 to 9999 once moved to UTC (`0001-01-01T00:00:00+00:01` is in year 0)."""
     if not isinstance(value, str) or not _RFC3339_TIME.fullmatch(value):
