@@ -416,7 +416,14 @@ def _webhook_paths() -> dict[str, Any]:
                         }
                     },
                 },
-                "responses": {"202": _json("Redelivery queued", _ref("Delivery")), "404": _NOT_FOUND},
+                "responses": {
+                    "202": _json("Redelivery queued", _ref("Delivery")),
+                    "404": _problem("No such message"),
+                    "409": _problem(
+                        "Every destination chosen has an attempt under way (attempt_in_progress), or is "
+                        "a disabled or deleted endpoint (endpoint_disabled, endpoint_deleted)"
+                    ),
+                },
             },
         },
         "/v1/webhook-secret": {
@@ -435,7 +442,11 @@ def _webhook_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Register an endpoint for the account's events",
                 "requestBody": _body("WebhookEndpointInput"),
-                "responses": {"201": _json("The endpoint, with its secret", with_secret), "422": _INVALID},
+                "responses": {
+                    "201": _json("The endpoint, with its secret", with_secret),
+                    "409": _problem("The account has its 50 endpoints (too_many_endpoints)"),
+                    "422": _INVALID,
+                },
             },
             "get": {
                 "summary": "The account's endpoints",
