@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -10,6 +11,17 @@ _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _RANDOM_BITS = 80
 _lock = threading.Lock()
 _last = 0
+
+
+def id_pattern(prefix: str) -> str:
+    """The form of the ids `new_id(prefix)` makes, as a regular expression (JSON Schema's dialect too)."""
+    return f"^{prefix}_[{_ALPHABET}]{{26}}$"
+
+
+def is_id(prefix: str, text: str) -> bool:
+    """Whether `text` has the form of an id `new_id(prefix)` makes. Anything else names no record, and
+    must not reach Redis, where it would name another key (`img_…:images`) or another kind of key."""
+    return re.fullmatch(id_pattern(prefix), text) is not None
 
 
 def lowest_id_at(prefix: str, epoch_ms: int) -> str:

@@ -218,8 +218,10 @@ def _load(
     first = steps.steps[0] if steps.steps else None
     # libvips' thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead.
     sixteen_bit = steps.convert is not None and steps.convert.bit_depth == 16
-    # Every frame, as one strip of pages, or the first frame only (libvips' default).
-    animated = steps.convert is not None and bool(steps.convert.animated)
+    # Every frame, as one strip of pages, or the first frame only (libvips' default). A still picture
+    # asked for animated output is its one frame: the loaders of formats without pages (JPEG, PNG)
+    # refuse the option that asks for every page.
+    animated = steps.convert is not None and bool(steps.convert.animated) and _has_pages(source)
     if (
         first is not None
         and isinstance(first.params, ResizeParams)
@@ -304,6 +306,11 @@ def _frames_capped(image: pyvips.Image) -> pyvips.Image:
                 "too_many_frames", f"the animation has {frames} frames; at most {MAX_FRAMES}"
             )
     return image
+
+
+def _has_pages(source: Path) -> bool:
+    header = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+    return bool(header.get_typeof("n-pages")) and header.get("n-pages") > 1
 
 
 def _stored_size(source: Path, *, upright: bool) -> tuple[int, int]:

@@ -97,7 +97,11 @@ def stamp_preview(image: pyvips.Image) -> pyvips.Image:
     shows on any background. Transparent areas get the mark too, or a cut-out would hide it."""
     mark = _tiled_mark(image.width, image.height)
     offset = max(1, round(max(image.width, image.height) / 200))
-    shadow = mark.embed(offset, offset, image.width, image.height)
+    # Embedded into a canvas the offset larger, then cut: a picture no larger than the offset (a 1 px
+    # result) would leave the shadow no room, which libvips refuses.
+    shadow = mark.embed(offset, offset, image.width + offset, image.height + offset).crop(
+        0, 0, image.width, image.height
+    )
     ink = mark * _INK_OPACITY
     shade = shadow * _SHADOW_OPACITY
     top = max_value(image)

@@ -13,7 +13,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from jobs.batches import BatchClosed, BatchEmpty
-from jobs.ids import new_id
+from jobs.ids import is_id, new_id
 from jobs.operations import parse_operations
 from jobs.params import FieldError, ValidationFailed
 from jobs.records import ArchiveSpec, BatchRecord, utc_now
@@ -102,7 +102,10 @@ async def create_batch(request: Request) -> Response:
 
 async def _owned_batch(request: Request) -> BatchRecord:
     account = await require_account(request)
-    batch = await batches_of(request).get_for_account(account.id, request.path_params["batch_id"])
+    batch_id = request.path_params["batch_id"]
+    batch = (
+        await batches_of(request).get_for_account(account.id, batch_id) if is_id("bat", batch_id) else None
+    )
     if batch is None:
         raise Problem(404, "not_found", "no such batch")
     return batch

@@ -6,6 +6,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from jobs.ids import is_id
 from jobs.params import FieldError
 from jobs.settings import Settings
 from jobs.store import Store
@@ -19,7 +20,8 @@ from webhooks.messages import DELIVERY_STATUSES, LoggedMessage, MessageFilter, i
 
 async def _owned_message(request: Request, account_id: str) -> LoggedMessage:
     store: Store = request.app.state.store
-    logged = await store.messages.get_logged(request.path_params["msg_id"])
+    msg_id = request.path_params["msg_id"]
+    logged = await store.messages.get_logged(msg_id) if is_id("msg", msg_id) else None
     if logged is None or logged.message.account_id != account_id:
         raise Problem(404, "not_found", "no such delivery")
     return logged
@@ -42,7 +44,7 @@ async def list_deliveries(request: Request) -> Response:
         if raw and times[name] is None:
             errors.append(FieldError(name, TIME_FORMAT_HINT))
     endpoint_id = query.get("endpoint_id") or None
-    if endpoint_id is not None and not endpoint_id.startswith("ep_"):
+    if endpoint_id is not None and not is_id("ep", endpoint_id):
         errors.append(FieldError("endpoint_id", "must be an endpoint id (ep_…)"))
     if errors:
         raise validation_problem(errors)
@@ -73,7 +75,11 @@ async def retry_delivery(request: Request) -> Response:
     errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"endpoint_id"})]
     only = body.get("endpoint_id")
     names = {delivery.destination for delivery in logged.deliveries}
-    if only is not None and only not in names:
+    if only is not None and not (isinstance(only, str) and is_id("ep", only)):
+        errors.append(
+            FieldError("endpoint_id", "must be an endpoint id (ep_…), or null for every destination")
+        )
+    elif only is not None and only not in names:
         errors.append(FieldError("endpoint_id", "this message was not sent to that endpoint"))
     if errors:
         raise validation_problem(errors)

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from jobs.ids import new_id
+from jobs.ids import is_id, new_id
 from jobs.params import FieldError
 from jobs.records import Account
 from jobs.settings import Settings
@@ -101,7 +101,8 @@ def _check_count(raw: Any, maximum: int, *, nullable: bool) -> tuple[Any, str | 
 
 async def _owned_endpoint(request: Request, account: Account) -> Endpoint:
     store: Store = request.app.state.store
-    endpoint = await store.endpoints.get(request.path_params["endpoint_id"])
+    endpoint_id = request.path_params["endpoint_id"]
+    endpoint = await store.endpoints.get(endpoint_id) if is_id("ep", endpoint_id) else None
     if endpoint is None or endpoint.account_id != account.id:
         raise Problem(404, "not_found", "no such webhook endpoint")
     return endpoint

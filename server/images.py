@@ -17,7 +17,7 @@ from starlette.routing import Route
 from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
 from jobs.formats import ImageFormat, TooManyPages, UnreadableImage, read_header, sniff_format
-from jobs.ids import new_id
+from jobs.ids import is_id, new_id
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
@@ -193,7 +193,9 @@ async def open_batch(
 ) -> BatchRecord:
     """The account's batch, still taking images. A `batch_id` form field naming no batch is a bad field
     (422); a batch in the path that does not exist is a missing resource (404)."""
-    batch = await batches_of(request).get_for_account(account_id, batch_id)
+    batch = (
+        await batches_of(request).get_for_account(account_id, batch_id) if is_id("bat", batch_id) else None
+    )
     if batch is None:
         if named_by_field:
             raise validation_problem([FieldError("batch_id", "no such batch in this account")])
@@ -250,16 +252,17 @@ async def accept_uploads(
         if isinstance(exc, BatchClosed):
             raise batch_closed_problem(exc.batch) from None
         raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
-    except RedisError:
-        # Not accepted, so nothing may stay: a transaction whose reply was lost may still have saved
-        # the records (their jobs then find no image and end), and no blob may outlive its record.
-        await _forget(storage, store, images, saved=True)
-        raise
     except OSError as exc:
         # A commit found no room for a folder; nothing was recorded yet.
         await _forget(storage, store, images, saved=False)
         if is_full(exc):
             raise storage_full_problem() from None
+        raise
+    except Exception:
+        # Not accepted (Redis unreachable, or a bug of ours: a 503 or a 500), so nothing may stay: a
+        # transaction whose reply was lost may still have saved the records (their jobs then find no
+        # image and end), and no blob may outlive its record.
+        await _forget(storage, store, images, saved=True)
         raise
     return images
 
@@ -298,7 +301,8 @@ async def _inspect_all(files: Sequence[UploadedFile], settings: Settings) -> lis
 async def _owned_image(request: Request) -> ImageRecord:
     account = await require_account(request)
     store: Store = request.app.state.store
-    image = await store.get_account_image(account.id, request.path_params["image_id"])
+    image_id = request.path_params["image_id"]
+    image = await store.get_account_image(account.id, image_id) if is_id("img", image_id) else None
     if image is None:
         raise Problem(404, "not_found", "no such image")
     return image

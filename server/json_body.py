@@ -2,9 +2,10 @@
 
 Every JSON the API accepts — request bodies and JSON form fields — goes through `parse_json`. Python's
 reader takes more than a response can give back: `NaN` and `Infinity`, numbers such as `1e309` that
-overflow to infinity, integers too long to convert, and `\\ud800` escapes that are no Unicode text. Any
-of them stored would make every later rendering of the resource (responses, webhooks) fail, so they are
-refused here, each named by its path, before anything is accepted.
+overflow to infinity, integers too long to convert, `\\ud800` escapes that are no Unicode text, and
+nesting almost as deep as the interpreter's recursion limit (which writing it back out, a few frames
+deeper, then exceeds). Any of them stored would make every later rendering of the resource (responses,
+webhooks) fail, so they are refused here, each named by its path, before anything is accepted.
 """
 
 from __future__ import annotations
@@ -24,15 +25,23 @@ from server.problems import Problem, validation_problem
 from webhooks.messages import iso
 
 MAX_JSON_BODY_BYTES = 64 * 1024
+# Far more than any request needs (an operation chain is 4 deep), far less than the recursion limit.
+MAX_JSON_DEPTH = 32
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-TIME_FORMAT_HINT = 'must be an ISO 8601 time with a zone, like "2026-11-21T10:00:00Z"'
+TIME_FORMAT_HINT = 'must be an RFC 3339 time with a zone, like "2026-11-21T10:00:00Z"'
+# Python reads far more (`20261121T1000Z`, offsets with seconds); partners are promised RFC 3339, with
+# the seconds optional as ISO 8601 has them (`2026-11-21T10:00Z` was always accepted).
+_RFC3339_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,9})?)?"
+    r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Enough to fix a request; a hostile one would otherwise get a problem document as large as itself.
 MAX_REPORTED_VALUES = 20
 
 
 class InvalidJson(ValueError):
-    """The text is not JSON (the message says why and where), or it is nested too deeply to read."""
+    """The text is not JSON (the message says why and where)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def parse_json(raw: str | bytes, field: str = "") -> Any:
     except UnicodeDecodeError:
         raise InvalidJson("it is not UTF-8 text") from None
     except RecursionError:
-        raise InvalidJson("it is nested too deeply") from None
+        raise ValidationFailed([_too_deep(field)]) from None
     if errors := _refused_values(value, field):
         raise ValidationFailed(errors)
     return value
@@ -81,10 +90,12 @@ def _refused_values(value: Any, root: str) -> list[FieldError]:
 
     A loop, not recursion: the reader accepts nesting as deep as the interpreter's recursion limit."""
     errors: list[FieldError] = []
-    pending: list[tuple[str, Any]] = [(root, value)]
+    pending: list[tuple[str, Any, int]] = [(root, value, 1)]
     while pending and len(errors) < MAX_REPORTED_VALUES:
-        path, item = pending.pop()
-        if isinstance(item, _Refused):
+        path, item, depth = pending.pop()
+        if isinstance(item, dict | list) and depth > MAX_JSON_DEPTH:
+            errors.append(_too_deep(path))
+        elif isinstance(item, _Refused):
             errors.append(FieldError(path or "body", item.message))
         elif isinstance(item, str):
             if surrogate := _SURROGATE.search(item):
@@ -105,11 +116,17 @@ def _refused_values(value: Any, root: str) -> list[FieldError]:
                             f"({_escaped(surrogate[0])} is half of a UTF-16 pair)",
                         )
                     )
-                children.append((f"{path}.{_escaped(key)}" if path else _escaped(key), child))
+                children.append((f"{path}.{_escaped(key)}" if path else _escaped(key), child, depth + 1))
             pending.extend(reversed(children))
         elif isinstance(item, list):
-            pending.extend(reversed([(f"{path}[{index}]", child) for index, child in enumerate(item)]))
+            pending.extend(
+                reversed([(f"{path}[{index}]", child, depth + 1) for index, child in enumerate(item)])
+            )
     return errors
+
+
+def _too_deep(path: str) -> FieldError:
+    return FieldError(path or "body", f"must be nested at most {MAX_JSON_DEPTH} arrays or objects deep")
 
 
 def _escaped(text: str) -> str:
@@ -143,14 +160,13 @@ async def read_json_object(request: Request, *, optional: bool = False) -> dict[
 
 
 def canonical_time(value: object) -> str | None:
-    """An ISO 8601 time with a zone, in the resources' own form (UTC, milliseconds, Z): those compare
-    correctly as text. None when it is not one."""
-    if not isinstance(value, str):
+    """An RFC 3339 time (`format: date-time`: a zone, the seconds optional), in the resources' own form (UTC,
+    milliseconds, Z): those compare correctly as text. None when it is not one, or when it falls
+    outside the years 1 to 9999 once moved to UTC (`0001-01-01T00:00:00+00:01` is in year 0)."""
+    if not isinstance(value, str) or not _RFC3339_TIME.fullmatch(value):
         return None
     try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
+        moment = datetime.fromisoformat(value.upper())  # RFC 3339 allows a lowercase t and z
+        return iso((moment - _EPOCH) // timedelta(milliseconds=1))
+    except (ValueError, OverflowError):
         return None
-    if moment.tzinfo is None:
-        return None
-    return iso((moment - _EPOCH) // timedelta(milliseconds=1))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from email.message import Message
-from email.utils import collapse_rfc2231_value
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,6 +24,7 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_FIELDS = 16
 # The part that carries the image: it must be a file part (one with a filename).
 FILE_FIELD = "file"
+_EXTENDED_CHARSETS = ("utf-8", "iso-8859-1")
 # Room for the fields and multipart framing around the file itself.
 ENVELOPE_BYTES = 1024 * 1024
 
@@ -97,7 +97,12 @@ class _Receiver:
         self._header_value.clear()
 
     def _headers_finished(self) -> None:
-        self._field_name, filename = _disposition(self._headers.get(b"content-disposition", b""))
+        try:
+            self._field_name, filename = _disposition(self._headers.get(b"content-disposition", b""))
+        except UnreadableFilename as exc:
+            self._field_name = FILE_FIELD
+            self._skip(str(exc))
+            return
         if filename is None:
             self._field_started()
             return
@@ -187,6 +192,10 @@ class _Receiver:
             self.close()
 
 
+class UnreadableFilename(ValueError):
+    """A `filename*` in a charset other than RFC 8187's two, or bytes that are not text in it."""
+
+
 def _disposition(header: bytes) -> tuple[str, str | None]:
     """A part's field name and file name (None for a text field) from its Content-Disposition.
 
@@ -198,10 +207,23 @@ def _disposition(header: bytes) -> tuple[str, str | None]:
     params: dict[str, str] = {}
     for key, value in message.get_params([], header="content-disposition")[1:]:
         if isinstance(value, tuple):  # RFC 2231 `key*=charset'lang'text`, percent-decoded here
-            params[key.lower()] = collapse_rfc2231_value(value)
+            params[key.lower()] = _extended_value(key, *value)
         else:  # header bytes, as UTF-8 clients send them
             params.setdefault(key.lower(), value.encode("latin-1").decode("utf-8", "replace"))
     return params.get("name", ""), params.get("filename")
+
+
+def _extended_value(key: str, charset: str | None, language: str | None, text: str) -> str:
+    """An RFC 8187 value in UTF-8 or ISO-8859-1, decoded strictly. Python would decode any codec it
+    knows, some of which (UTF-7, unicode_escape) make text no response could carry: `+2AA-` is half of
+    a UTF-16 pair."""
+    if (charset or "").lower() not in _EXTENDED_CHARSETS:
+        raise UnreadableFilename(f"{key}* must be in UTF-8 or ISO-8859-1 (RFC 8187), not {charset!r}")
+    try:
+        # The standard library percent-decodes each byte to the character of that number.
+        return text.encode("latin-1").decode(charset or "")
+    except UnicodeError:
+        raise UnreadableFilename(f"{key}* is not {charset} text") from None
 
 
 def _too_large(limit: int) -> Problem:

@@ -8,6 +8,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
 from webhooks.endpoints import EVENT_TYPES
@@ -45,10 +46,19 @@ _RETENTION = {
     "minimum": 3600,
     "description": "seconds kept after upload; at most DARKROOM_IMAGE_RETENTION (the default)",
 }
-_IMAGE_ID = {"name": "image_id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _id(prefix: str) -> dict[str, str]:
+    return {"type": "string", "pattern": id_pattern(prefix)}
+
+
+def _path_id(name: str, prefix: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": _id(prefix)}
+
+
+_IMAGE_ID = _path_id("image_id", "img")
 _UNAUTHORIZED = _problem("Missing or invalid API key")
 _NOT_FOUND = _problem("No such image in this account")
-_STORAGE_FULL = _problem("Our storage is full: nothing was kept; retry after Retry-After")
 
 
 def build_openapi(public_url: str) -> dict[str, Any]:
@@ -62,85 +72,101 @@ def build_openapi(public_url: str) -> dict[str, Any]:
         },
         "servers": [{"url": public_url}],
         "security": [{"bearer": []}, {"apiKey": []}],
-        "paths": {
-            "/v1/images": {
-                "post": {
-                    "summary": "Upload an image to process",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"multipart/form-data": {"schema": _ref("ImageUpload")}},
-                    },
-                    "responses": {
-                        "202": _json("Queued", _ref("Image")),
-                        "401": _UNAUTHORIZED,
-                        "413": _problem("The file is over the upload limit"),
-                        "415": _problem("Not an accepted image format"),
-                        "422": _problem("Invalid fields, unreadable image or too many pixels"),
-                        "507": _STORAGE_FULL,
-                    },
-                },
-                "get": {
-                    "summary": "List images, newest first",
-                    "parameters": [
-                        {"name": "status", "in": "query", "schema": {"type": "string"}},
-                        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                        {"name": "cursor", "in": "query", "schema": {"type": "string"}},
-                    ],
-                    "responses": {"200": _json("A page of images", _ref("ImageList")), "401": _UNAUTHORIZED},
-                },
-            },
-            "/v1/images/{image_id}": {
-                "parameters": [_IMAGE_ID],
-                "get": {
-                    "summary": "Get an image",
-                    "responses": {"200": _json("The image", _ref("Image")), "404": _NOT_FOUND},
-                },
-                "delete": {
-                    "summary": "Delete an image and its files",
-                    "responses": {"204": {"description": "Deleted"}, "404": _NOT_FOUND},
-                },
-            },
-            "/v1/images/{image_id}/output": {
-                "parameters": [_IMAGE_ID],
-                "get": {
-                    "summary": "Download the result, or a variant of it rendered and cached on the fly",
-                    "parameters": [
-                        _query("format", {"enum": ["jpeg", "png", "webp", "avif"]}, "re-encode"),
-                        _query("quality", {"type": "integer", "minimum": 1, "maximum": 100}, "lossy formats"),
-                        _query("width", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"),
-                        _query("height", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"),
-                        _query("preview", {"type": "boolean"}, "≤ 400 px with a PREVIEW watermark"),
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "The image bytes (ETag, Cache-Control)",
-                            "content": {"image/*": {}},
+        "paths": _with_common_responses(
+            {
+                "/v1/images": {
+                    "post": {
+                        "summary": "Upload an image to process",
+                        "requestBody": {
+                            "required": True,
+                            "content": {"multipart/form-data": {"schema": _ref("ImageUpload")}},
                         },
-                        "304": {"description": "Not modified (If-None-Match matched the ETag)"},
-                        "404": _NOT_FOUND,
-                        "409": _problem(
-                            "The image is not completed (not_ready), or it failed (image_failed)"
-                        ),
-                        "410": _problem("The stored result is gone"),
-                        "422": _problem("Invalid variant parameters; see errors"),
-                        "503": _problem("Every variant renderer is busy; retry after Retry-After"),
-                        "507": _STORAGE_FULL,
+                        "responses": {
+                            "202": _json("Queued", _ref("Image")),
+                            "401": _UNAUTHORIZED,
+                            "413": _problem("The file is over the upload limit"),
+                            "415": _problem("Not an accepted image format"),
+                            "422": _problem("Invalid fields, unreadable image or too many pixels"),
+                        },
+                    },
+                    "get": {
+                        "summary": "List images, newest first",
+                        "parameters": [
+                            _query(
+                                "status", {"enum": ["queued", "processing", "completed", "failed"]}, "one"
+                            ),
+                            _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
+                            _query("batch_id", _id("bat"), "images of this batch"),
+                            _query("cursor", _id("img"), "the previous page's next_cursor"),
+                        ],
+                        "responses": {
+                            "200": _json("A page of images", _ref("ImageList")),
+                            "401": _UNAUTHORIZED,
+                        },
                     },
                 },
-            },
-            "/v1/images/{image_id}/original": {
-                "parameters": [_IMAGE_ID],
-                "get": {
-                    "summary": "Download the uploaded image",
-                    "responses": {
-                        "200": {"description": "The bytes as uploaded", "content": {"image/*": {}}},
-                        "404": _NOT_FOUND,
+                "/v1/images/{image_id}": {
+                    "parameters": [_IMAGE_ID],
+                    "get": {
+                        "summary": "Get an image",
+                        "responses": {"200": _json("The image", _ref("Image")), "404": _NOT_FOUND},
+                    },
+                    "delete": {
+                        "summary": "Delete an image and its files",
+                        "responses": {"204": {"description": "Deleted"}, "404": _NOT_FOUND},
                     },
                 },
-            },
-            **_batch_paths(),
-            **_webhook_paths(),
-        },
+                "/v1/images/{image_id}/output": {
+                    "parameters": [_IMAGE_ID],
+                    "get": {
+                        "summary": "Download the result, or a variant of it rendered and cached on the fly",
+                        "parameters": [
+                            _query("format", {"enum": ["jpeg", "png", "webp", "avif"]}, "re-encode"),
+                            _query(
+                                "quality", {"type": "integer", "minimum": 1, "maximum": 100}, "lossy formats"
+                            ),
+                            _query(
+                                "width", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"
+                            ),
+                            _query(
+                                "height", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"
+                            ),
+                            _query("preview", {"type": "boolean"}, "≤ 400 px with a PREVIEW watermark"),
+                        ],
+                        "responses": {
+                            "200": {
+                                "description": "The image bytes (ETag, Cache-Control)",
+                                "content": {"image/*": {}},
+                            },
+                            "304": {"description": "Not modified (If-None-Match matched the ETag)"},
+                            "404": _NOT_FOUND,
+                            "409": _problem(
+                                "The image is not completed (not_ready), or it failed (image_failed)"
+                            ),
+                            "410": _problem("The stored result is gone"),
+                            "422": _problem("Invalid variant parameters; see errors"),
+                            "503": _problem(
+                                "Every variant renderer is busy (renderer_busy), or the render took too long"
+                                " (render_too_slow); retry after Retry-After"
+                            ),
+                            "507": _problem("Our storage is full: the variant was not kept"),
+                        },
+                    },
+                },
+                "/v1/images/{image_id}/original": {
+                    "parameters": [_IMAGE_ID],
+                    "get": {
+                        "summary": "Download the uploaded image",
+                        "responses": {
+                            "200": {"description": "The bytes as uploaded", "content": {"image/*": {}}},
+                            "404": _NOT_FOUND,
+                        },
+                    },
+                },
+                **_batch_paths(),
+                **_webhook_paths(),
+            }
+        ),
         "components": {
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
@@ -226,7 +252,37 @@ def build_openapi(public_url: str) -> dict[str, Any]:
     }
 
 
-_BATCH_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_METHODS = ("get", "post", "patch", "delete")
+
+
+def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation documents the answers every route of its kind can give, beside its own: a bad
+    key, a missing resource in the path, and refused parameters or bodies."""
+    for path, item in paths.items():
+        for method in _METHODS:
+            operation = item.get(method)
+            if operation is None:
+                continue
+            common = {"401": _UNAUTHORIZED}
+            if "{" in path:
+                common["404"] = _problem("No such resource in this account")
+            if operation.get("parameters") or "requestBody" in operation:
+                common["422"] = _INVALID
+            content = operation.get("requestBody", {}).get("content", {})
+            if "application/json" in content:
+                common["400"] = _problem("The body is not JSON (invalid_json)")
+                common["413"] = _problem("The body is over 64 KB")
+                common["415"] = _problem("The body is not application/json")
+            if "multipart/form-data" in content:
+                common["400"] = _problem("The multipart body is malformed (malformed_multipart)")
+                common["413"] = _problem("A file or field is over its limit")
+                common["415"] = _problem("The body is not multipart/form-data")
+                common["507"] = _problem("Our storage is full: nothing was kept; retry after Retry-After")
+            operation["responses"] = {**common, **operation["responses"]}
+    return paths
+
+
+_BATCH_ID = _path_id("batch_id", "bat")
 _NO_BATCH = _problem("No such batch in this account")
 
 
@@ -244,7 +300,7 @@ def _batch_paths() -> dict[str, Any]:
                 "parameters": [
                     _query("status", {"enum": ["open", "sealed", "processing", "completed"]}, "one status"),
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                    _query("cursor", {"type": "string"}, "the previous page's next_cursor"),
+                    _query("cursor", _id("bat"), "the previous page's next_cursor"),
                 ],
                 "responses": {"200": _json("A page of batches", _ref("BatchList")), "422": _INVALID},
             },
@@ -273,7 +329,6 @@ def _batch_paths() -> dict[str, Any]:
                     "409": _problem("The batch is sealed, or would hold too many images"),
                     "413": _problem("A file is over the upload limit"),
                     "422": _problem("Invalid fields, or refused files (each named in errors)"),
-                    "507": _STORAGE_FULL,
                 },
             },
         },
@@ -317,8 +372,8 @@ def _batch_paths() -> dict[str, Any]:
     }
 
 
-_MSG_ID = {"name": "msg_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_ENDPOINT_ID = {"name": "endpoint_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_MSG_ID = _path_id("msg_id", "msg")
+_ENDPOINT_ID = _path_id("endpoint_id", "ep")
 _NO_ENDPOINT = _problem("No such webhook endpoint in this account")
 _INVALID = _problem("Invalid fields; see errors")
 _TIME = {"type": "string", "format": "date-time"}
@@ -341,12 +396,12 @@ def _webhook_paths() -> dict[str, Any]:
                 "summary": "List webhook messages, newest first",
                 "parameters": [
                     _query("status", {"enum": list(DELIVERY_STATUSES)}, "overall status"),
-                    _query("endpoint_id", {"type": "string"}, "messages sent to this endpoint"),
+                    _query("endpoint_id", _id("ep"), "messages sent to this endpoint"),
                     _query("event_type", {"enum": list(EVENT_TYPES)}, "one event type"),
                     _query("created_after", _TIME, "created at or after"),
                     _query("created_before", _TIME, "created before"),
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                    _query("cursor", {"type": "string"}, "the previous page's next_cursor"),
+                    _query("cursor", _id("msg"), "the previous page's next_cursor"),
                 ],
                 "responses": {"200": _json("A page of messages", _ref("DeliveryList")), "422": _INVALID},
             }
@@ -369,11 +424,22 @@ def _webhook_paths() -> dict[str, Any]:
                     "required": False,
                     "content": {
                         "application/json": {
-                            "schema": {"type": "object", "properties": {"endpoint_id": {"type": "string"}}}
+                            "schema": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"endpoint_id": {**_id("ep"), "type": ["string", "null"]}},
+                            }
                         }
                     },
                 },
-                "responses": {"202": _json("Redelivery queued", _ref("Delivery")), "404": _NOT_FOUND},
+                "responses": {
+                    "202": _json("Redelivery queued", _ref("Delivery")),
+                    "404": _problem("No such message"),
+                    "409": _problem(
+                        "Every destination chosen has an attempt under way (attempt_in_progress), or is "
+                        "a disabled or deleted endpoint (endpoint_disabled, endpoint_deleted)"
+                    ),
+                },
             },
         },
         "/v1/webhook-secret": {
@@ -392,7 +458,11 @@ def _webhook_paths() -> dict[str, Any]:
             "post": {
                 "summary": "Register an endpoint for the account's events",
                 "requestBody": _body("WebhookEndpointInput"),
-                "responses": {"201": _json("The endpoint, with its secret", with_secret), "422": _INVALID},
+                "responses": {
+                    "201": _json("The endpoint, with its secret", with_secret),
+                    "409": _problem("The account has its 50 endpoints (too_many_endpoints)"),
+                    "422": _INVALID,
+                },
             },
             "get": {
                 "summary": "The account's endpoints",

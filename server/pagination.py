@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -10,6 +9,7 @@ from typing import Any, Protocol, TypeVar
 from starlette.datastructures import QueryParams
 from starlette.responses import JSONResponse
 
+from jobs.ids import is_id
 from jobs.params import FieldError
 from server.problems import validation_problem
 
@@ -52,7 +52,7 @@ def parse_page(
         else:
             errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}"))
     cursor = query.get("cursor") or None
-    if cursor is not None and not re.fullmatch(rf"{id_prefix}_[0-9a-hjkmnp-tv-z]{{26}}", cursor):
+    if cursor is not None and not is_id(id_prefix, cursor):
         errors.append(FieldError("cursor", "must be the next_cursor of a previous page"))
     chosen: dict[str, str | None] = {}
     for name, allowed in filters.items():
