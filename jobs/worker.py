@@ -124,6 +124,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     deps.dispatcher.start()
     if isinstance(deps.redis, WakeableArqRedis):
         deps.redis.start_listening()
+        # on_startup runs in arq's main loop: outages are waited out while it polls.
+        main_loop = asyncio.current_task()
+        if main_loop is not None:
+            deps.redis.ride_outages_while(main_loop)
     ctx["deps"] = deps
 
 

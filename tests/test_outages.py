@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import pytest
 from arq.worker import Retry
+from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from jobs import worker
+from jobs.queue import WakeableArqRedis
 from jobs.settings import Settings
+from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import api_client, with_settings, worker_deps
 
@@ -40,3 +44,26 @@ async def test_redis_outage_mid_job_is_retried_not_failed(unreachable: Settings)
                 {"deps": deps, "job_try": 1, "job_id": "process:img_01m8000000000000000000000"},
                 "img_01m8000000000000000000000",
             )
+
+
+async def test_a_watch_cut_off_from_redis_still_reads_but_its_transaction_is_refused(
+    redis: Redis, redis_server: EmbeddedRedis, settings: Settings
+) -> None:
+    """A worker's WATCH dies with its connection (a Redis restart): the reads before MULTI still answer,
+    and the transaction fails as if the keys had changed, so the caller reads again, as arq and our
+    optimistic loops do, rather than the worker exiting on a connection error."""
+    await redis.set("dr:test:watched", "before")
+    pool = WakeableArqRedis.connect(redis_server.url, settings.queue_name)
+    try:
+        async with pool.pipeline(transaction=True) as pipe:
+            await pipe.watch("dr:test:watched")
+            await redis.client_kill_filter(_type="normal", skipme=True)  # every client but this one
+            assert await pipe.get("dr:test:watched") == b"before"
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set("dr:test:watched", "after")
+            with pytest.raises(WatchError):
+                await pipe.execute()
+        assert await redis.get("dr:test:watched") == b"before"
+        assert await pool.get("dr:test:watched") == b"before"
+    finally:
+        await pool.aclose()
