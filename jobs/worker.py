@@ -141,6 +141,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings)."""
+    settings.require_public_url()
     pool = WakeableArqRedis.connect(settings.require_redis(), settings.queue_name)
     return {
         "functions": [

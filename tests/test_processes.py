@@ -673,3 +673,19 @@ def heard_from_all(receiver: Receiver, image_ids: list[str]) -> dict[str, set[st
         ids[delivery.event["data"]["id"]].add(delivery.id)
     return dict(ids) if set(ids) >= set(image_ids) else None
 
+
+def test_a_worker_without_a_public_url_refuses_to_start(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    """A worker serves no HTTP: links it made up from its own defaults (localhost and a port) would send
+    partners nowhere, so it says what is missing instead of starting."""
+    env = {**base_env(tmp_path / "data", free_port()), "REDIS_URL": redis_server.url}
+    done = subprocess.run(
+        [str(BIN / "arq"), "jobs.worker.WorkerSettings"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "DARKROOM_PUBLIC_URL is not set" in done.stderr
