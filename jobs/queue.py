@@ -79,8 +79,12 @@ class QueuePool(ArqRedis):
         await self.aclose(close_connection_pool)
 
     @classmethod
-    def connect(cls, redis_url: str, queue_name: str) -> Self:
-        pool = cls(ConnectionPool.from_url(redis_url), default_queue_name=queue_name)
+    def connect(cls, redis_url: str, queue_name: str, *, command_timeout: float | None = None) -> Self:
+        """`command_timeout` bounds connecting and each reply (None: wait as long as Redis takes)."""
+        connections = ConnectionPool.from_url(
+            redis_url, socket_timeout=command_timeout, socket_connect_timeout=command_timeout
+        )
+        pool = cls(connections, default_queue_name=queue_name)
         pool.auto_close_connection_pool = True  # this client owns its connections: aclose() ends them
         return pool
 

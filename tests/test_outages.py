@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
+
 import pytest
 from arq.worker import Retry
 from redis.asyncio import Redis
@@ -10,6 +15,7 @@ from redis.exceptions import WatchError
 from jobs import worker
 from jobs.queue import WakeableArqRedis
 from jobs.settings import Settings
+from server.app import REDIS_COMMAND_TIMEOUT_SECONDS
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import api_client, with_settings, worker_deps
@@ -67,3 +73,26 @@ async def test_a_watch_cut_off_from_redis_still_reads_but_its_transaction_is_ref
         assert await pool.get("dr:test:watched") == b"before"
     finally:
         await pool.aclose()
+
+
+async def test_a_frozen_redis_answers_503_in_seconds_rather_than_hanging_requests(settings: Settings) -> None:
+    """A Redis that accepts connections but answers nothing (SIGSTOPped here; a hung host or a dropped
+    network route in production): a request ends with the same 503 as an unreachable one."""
+    with EmbeddedRedis(None) as server:
+        async with Redis.from_url(server.url) as probe:
+            pid = int((await probe.info("server"))["process_id"])
+        async with api_client(with_settings(settings, redis_url=server.url)) as client:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                response = await asyncio.wait_for(
+                    client.get("/v1/images", headers={"Authorization": "Bearer sk_live_" + "a" * 43}),
+                    timeout=REDIS_COMMAND_TIMEOUT_SECONDS * 3,
+                )
+                waited = time.monotonic() - started
+            finally:
+                os.kill(pid, signal.SIGCONT)
+    assert response.status_code == 503
+    assert response.json()["code"] == "store_unavailable"
+    assert response.headers["retry-after"] == "5"
+    assert waited < REDIS_COMMAND_TIMEOUT_SECONDS * 2
