@@ -627,7 +627,7 @@ def test_a_redis_outage_mid_load_loses_nothing_and_stops_no_process(
                 response = post_image(http, account.headers, receiver.url)
                 assert response.status_code == 202, response.text
                 accepted.append(response.json()["id"])
-            receiver.wait_for(HELD_WEBHOOKS)
+            held = [delivery.id for delivery in receiver.wait_for(HELD_WEBHOOKS)]
 
             os.kill(redis.pid, signal.SIGKILL)
             redis.process.wait()
@@ -656,6 +656,16 @@ def test_a_redis_outage_mid_load_loses_nothing_and_stops_no_process(
                 return images if all(image["status"] == "completed" for image in images) else None
 
             poll(all_completed, "every accepted image completed", SETTLE_TIMEOUT)
+
+            def held_ones_recorded() -> list[dict[str, Any]] | None:
+                logs = [
+                    http.get(f"/v1/deliveries/{msg_id}", headers=account.headers).json() for msg_id in held
+                ]
+                return logs if all(log["status"] == "delivered" for log in logs) else None
+
+            # Answered while Redis was down, recorded (once each) when it was back.
+            recorded = poll(held_ones_recorded, "the held webhooks recorded as delivered")
+            assert all(len(log["destinations"][0]["attempts"]) == 1 for log in recorded), recorded
         heard = poll(lambda: heard_from_all(receiver, accepted), "a webhook for every image", SETTLE_TIMEOUT)
     finally:
         receiver.stop()
