@@ -124,6 +124,10 @@ class RedisOutage:
     def __init__(self) -> None:
         self.lost_at: float | None = None
 
+    @property
+    def under_way(self) -> bool:
+        return self.lost_at is not None
+
     def lost(self, error: Exception) -> None:
         if self.lost_at is None:
             self.lost_at = time.monotonic()
