@@ -161,7 +161,8 @@ class OutageRidingPipeline(Pipeline):
 
     A transaction is sent again once Redis is back. A WATCH cannot survive its connection: after an
     outage the keys are watched again (so the reads that follow still answer), but the transaction fails
-    with WatchError, as if they had changed, and the caller reads again as it would then."""
+    with WatchError, as if they had changed, and the caller reads again as it would then; one cut off
+    under EXEC is reported as Redis left it (see _execute_watched)."""
 
     def __init__(self, pool: WakeableArqRedis, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
