@@ -21,6 +21,8 @@ class Settings:
     data_dir: Path = Path("data")
     storage_url: str = ""
     public_url: str = "http://localhost:8000"
+    # False when DARKROOM_PUBLIC_URL is unset and public_url is only the web process's own default.
+    public_url_configured: bool = True
     allow_private_callbacks: bool = False
     retry_schedule: tuple[float, ...] = DEFAULT_RETRY_SCHEDULE
     max_upload_bytes: int = 50_000_000
@@ -78,6 +80,16 @@ class Settings:
             raise SettingsError("REDIS_URL is not set (darkroom dev sets it for you)")
         return self.redis_url
 
+    def require_public_url(self) -> str:
+        """The base of the links a worker puts in webhooks. A worker serves no HTTP, so the web's default
+        (localhost and the web's port) would be a guess, and partners would get links that lead nowhere."""
+        if not self.public_url_configured:
+            raise SettingsError(
+                "DARKROOM_PUBLIC_URL is not set: a worker puts links to the web process in webhooks and "
+                "cannot know its address (e.g. https://images.example.com; darkroom dev sets it for you)"
+            )
+        return self.public_url
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
@@ -87,7 +99,8 @@ class Settings:
             redis_url=env.get("REDIS_URL", ""),
             data_dir=data_dir,
             storage_url=env.get("DARKROOM_STORAGE_URL") or data_dir.as_uri(),
-            public_url=env.get("DARKROOM_PUBLIC_URL", f"http://localhost:{port}").rstrip("/"),
+            public_url=(env.get("DARKROOM_PUBLIC_URL") or f"http://localhost:{port}").rstrip("/"),
+            public_url_configured=bool(env.get("DARKROOM_PUBLIC_URL")),
             allow_private_callbacks=_flag(env, "DARKROOM_ALLOW_PRIVATE_CALLBACKS"),
             retry_schedule=_schedule(env.get("DARKROOM_RETRY_SCHEDULE")),
             max_upload_bytes=_positive_int(env, "DARKROOM_MAX_UPLOAD_BYTES", 50_000_000),

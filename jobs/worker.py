@@ -6,6 +6,8 @@ Task functions are thin: each unpacks arq's ctx and calls a core that tests can 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -63,26 +65,35 @@ async def hold_lock_for(ctx: dict[str, Any], task_timeout: float) -> None:
     await deps.redis.pexpire(in_progress_key_prefix + ctx["job_id"], lock_ms)
 
 
-async def process_image(ctx: dict[str, Any], image_id: str) -> None:
+@contextlib.contextmanager
+def run_again_when_transient(deps: WorkerDeps) -> Iterator[None]:
+    """A job that raises is failed for good by arq, which would leave its image `processing` (or its
+    archive `building`); Redis failing is worth another try instead (the cores are safe to re-run). So
+    is arq's time limit running out while the job waits for Redis to come back: the limit is for the
+    work, and the job's own deadline could not record a timeout without Redis either. A full storage
+    is waited out the same way, at the delay the core chose."""
     try:
-        await hold_lock_for(ctx, image_task_timeout(ctx["deps"].settings))
-        await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
+        yield
     except RedisError as exc:
-        # A job that raises is failed for good by arq, which would leave the image `processing`;
-        # Redis being briefly unreachable is worth another try (the core is safe to re-run).
         raise Retry(defer=REDIS_RETRY_SECONDS) from exc
     except WaitForStorage as wait:
         raise Retry(defer=wait.delay) from wait
+    except asyncio.CancelledError:
+        if not (isinstance(deps.redis, WakeableArqRedis) and deps.redis.outage.under_way):
+            raise
+        raise Retry(defer=REDIS_RETRY_SECONDS) from None
+
+
+async def process_image(ctx: dict[str, Any], image_id: str) -> None:
+    with run_again_when_transient(ctx["deps"]):
+        await hold_lock_for(ctx, image_task_timeout(ctx["deps"].settings))
+        await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
 
 
 async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
-    try:
+    with run_again_when_transient(ctx["deps"]):
         await hold_lock_for(ctx, archive_task_timeout(ctx["deps"].settings))
         await archive.build_archive(ctx["deps"], batch_id, ctx["job_try"])
-    except RedisError as exc:
-        raise Retry(defer=REDIS_RETRY_SECONDS) from exc
-    except WaitForStorage as wait:
-        raise Retry(defer=wait.delay) from wait
 
 
 def job_tries(settings: Settings) -> int:
@@ -142,6 +153,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     deps.dispatcher.start()
     if isinstance(deps.redis, WakeableArqRedis):
         deps.redis.start_listening()
+        # on_startup runs in arq's main loop: outages are waited out while it polls.
+        main_loop = asyncio.current_task()
+        if main_loop is not None:
+            deps.redis.ride_outages_while(main_loop)
     ctx["deps"] = deps
 
 
@@ -155,6 +170,7 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings)."""
+    settings.require_public_url()
     pool = WakeableArqRedis.connect(settings.require_redis(), settings.queue_name)
     return {
         "functions": [

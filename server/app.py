@@ -29,6 +29,11 @@ from server.problems import (
     handle_unexpected,
 )
 
+# A request waits at most this long for Redis to connect or answer, then gets 503 store_unavailable: a
+# Redis that hangs (frozen, or its network gone) must not hang every request with it. The web sends no
+# blocking commands, and its slowest script answers in milliseconds.
+REDIS_COMMAND_TIMEOUT_SECONDS = 5.0
+
 
 def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
@@ -36,7 +41,9 @@ def create_app(settings: Settings) -> Starlette:
         configure_libvips()
         storage = LocalStorage(settings.storage_root)
         storage.prepare()
-        redis = QueuePool.connect(settings.require_redis(), settings.queue_name)
+        redis = QueuePool.connect(
+            settings.require_redis(), settings.queue_name, command_timeout=REDIS_COMMAND_TIMEOUT_SECONDS
+        )
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,10 @@ import redis
 
 from server import cli
 from server.children import child_process_options
-from server.embedded_redis import EmbeddedRedis
+from server.embedded_redis import EmbeddedRedis, find_redis_server
 from tests import imagegen
 from tests.conftest import CORPUS, Partner
-from tests.receiver import Delivery, Receiver
+from tests.receiver import Answer, Delivery, Receiver
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -565,3 +566,144 @@ def test_every_hostile_corpus_file_leaves_the_worker_process_running(stack: Stac
         assert image["status"] == "completed" or image["error"]["code"], (name, image)
     assert stack.worker.process.poll() is None, stack.worker.output()
     assert alive(worker_pid)
+
+
+UPLOADS_BEFORE = 12
+UPLOADS_AFTER = 6
+HELD_WEBHOOKS = 3  # in flight when Redis dies: their outcome can only be recorded once it is back
+SETTLE_TIMEOUT = 60.0
+
+
+def start_redis(children: Children, port: int, directory: Path) -> Child:
+    """redis-server as a plain child (so the test can SIGKILL it), persisting every write before it
+    answers, as a production Redis with `appendfsync always` does."""
+    server = children.start(
+        "redis-server",
+        [
+            find_redis_server(),
+            *("--port", str(port)),
+            *("--bind", "127.0.0.1"),
+            *("--dir", str(directory)),
+            *("--appendonly", "yes"),
+            *("--appendfsync", "always"),
+            *("--save", ""),
+        ],
+        dict(os.environ),
+    )
+    server.wait_for_line("Ready to accept connections")
+    return server
+
+
+def post_image(http: httpx.Client, headers: dict[str, str], callback_url: str) -> httpx.Response:
+    return http.post(
+        "/v1/images",
+        headers=headers,
+        files={"file": ("photo.jpg", imagegen.jpeg(1200, 900), "image/jpeg")},
+        data={"operations": json.dumps(RESIZE_TO_160), "callback_url": callback_url},
+    )
+
+
+def test_a_redis_outage_mid_load_loses_nothing_and_stops_no_process(
+    children: Children, tmp_path: Path
+) -> None:
+    """`redis-server` (AOF, fsync on every write) SIGKILLed mid-load and started again on the same port
+    and file: the web and worker processes that were running carry on, and every accepted image
+    completes with one webhook-id."""
+    redis_port, web_port = free_port(), free_port()
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    redis = start_redis(children, redis_port, redis_dir)
+    base_url = f"http://127.0.0.1:{web_port}"
+    env = {
+        **base_env(tmp_path / "data", web_port),
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "DARKROOM_PUBLIC_URL": base_url,
+        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
+    }
+    web = children.start(
+        "web", [str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(web_port)], env
+    )
+    worker = children.start("worker", [str(BIN / "arq"), "jobs.worker.WorkerSettings"], env)
+    wait_until_ready(base_url, [web, worker])
+    account = create_account(env, "outage")
+    receiver = Receiver(account.webhook_secret).start()
+    receiver.script(*[Answer(200, hold=True)] * HELD_WEBHOOKS)
+    accepted: list[str] = []
+    try:
+        with httpx.Client(base_url=base_url, timeout=10) as http:
+            for _ in range(UPLOADS_BEFORE):
+                response = post_image(http, account.headers, receiver.url)
+                assert response.status_code == 202, response.text
+                accepted.append(response.json()["id"])
+            held = [delivery.id for delivery in receiver.wait_for(HELD_WEBHOOKS)]
+
+            os.kill(redis.pid, signal.SIGKILL)
+            redis.process.wait()
+            worker.wait_for_line(r"Redis is unreachable")
+            receiver.release()  # answered while Redis is down: recorded once it is back
+            poll(lambda: receiver.in_flight == 0, "the held webhooks answered")
+
+            refused = post_image(http, account.headers, receiver.url)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"]
+            assert refused.json()["code"] == "store_unavailable"
+            ready = http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["redis"].startswith("unreachable")
+
+            start_redis(children, redis_port, redis_dir)
+            worker.wait_for_line(r"Redis is reachable again after \d+\.\d s")
+            for _ in range(UPLOADS_AFTER):
+                response = post_image(http, account.headers, receiver.url)
+                assert response.status_code == 202, response.text
+                accepted.append(response.json()["id"])
+
+            def all_completed() -> list[dict[str, Any]] | None:
+                assert worker.process.poll() is None, worker.output()
+                images = [http.get(f"/v1/images/{id_}", headers=account.headers).json() for id_ in accepted]
+                return images if all(image["status"] == "completed" for image in images) else None
+
+            poll(all_completed, "every accepted image completed", SETTLE_TIMEOUT)
+
+            def held_ones_recorded() -> list[dict[str, Any]] | None:
+                logs = [
+                    http.get(f"/v1/deliveries/{msg_id}", headers=account.headers).json() for msg_id in held
+                ]
+                return logs if all(log["status"] == "delivered" for log in logs) else None
+
+            # Answered while Redis was down, recorded (once each) when it was back.
+            recorded = poll(held_ones_recorded, "the held webhooks recorded as delivered")
+            assert all(len(log["destinations"][0]["attempts"]) == 1 for log in recorded), recorded
+        heard = poll(lambda: heard_from_all(receiver, accepted), "a webhook for every image", SETTLE_TIMEOUT)
+    finally:
+        receiver.stop()
+
+    assert all(len(ids) == 1 for ids in heard.values()), heard
+    assert web.process.poll() is None and worker.process.poll() is None
+    assert sum("Redis is unreachable" in line for line in worker.lines) == 1, worker.output()
+
+
+def heard_from_all(receiver: Receiver, image_ids: list[str]) -> dict[str, set[str]] | None:
+    """Each image's webhook-ids as the receiver heard them, once it heard from every image."""
+    ids: dict[str, set[str]] = defaultdict(set)
+    for delivery in list(receiver.deliveries):
+        assert delivery.verified
+        ids[delivery.event["data"]["id"]].add(delivery.id)
+    return dict(ids) if set(ids) >= set(image_ids) else None
+
+
+def test_a_worker_without_a_public_url_refuses_to_start(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
+    """A worker serves no HTTP: links it made up from its own defaults (localhost and a port) would send
+    partners nowhere, so it says what is missing instead of starting."""
+    env = {**base_env(tmp_path / "data", free_port()), "REDIS_URL": redis_server.url}
+    done = subprocess.run(
+        [str(BIN / "arq"), "jobs.worker.WorkerSettings"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "DARKROOM_PUBLIC_URL is not set" in done.stderr

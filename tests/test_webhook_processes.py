@@ -41,6 +41,7 @@ def worker_env(settings: Settings, redis_server: EmbeddedRedis) -> dict[str, str
     return {
         **base_env(settings.data_dir, 0),
         "REDIS_URL": redis_server.url,
+        "DARKROOM_PUBLIC_URL": settings.public_url,
         "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
     }
 

@@ -414,8 +414,11 @@ class Dispatcher:
                     async for message in pubsub.listen():
                         if message["type"] == "message":
                             self.nudge()
-            except (RedisError, OSError) as exc:
-                log.warning("webhook wake-up channel lost (%s); polling until it is back", exc)
+            except (RedisError, OSError):
+                # The worker's pool waits out an outage (and logs it once for the process) before
+                # answering a PING; then subscribe again. Meanwhile the loop polls every idle_wait.
+                with contextlib.suppress(RedisError, OSError):
+                    await self.redis.ping()
                 await asyncio.sleep(self.idle_wait)
 
     async def _claim_due(self, room: int) -> _Claim:
