@@ -7,6 +7,7 @@ libvips then picks must agree with it: a file that sniffs as one format but deco
 from __future__ import annotations
 
 import enum
+import io
 import struct
 import threading
 from dataclasses import dataclass
@@ -146,6 +147,8 @@ def count_tiff_pages(file: BinaryIO, limit: int) -> int:
     Reads 8 to 16 bytes per page. A chain that runs off the file ends there (libvips then says what is
     wrong); one that loops back raises UnreadableImage, as libtiff would refuse it.
     """
+    size = file.seek(0, io.SEEK_END)
+    file.seek(0)
     head = file.read(16)
     order = "<" if head[:2] == b"II" else ">"
     (version,) = struct.unpack(order + "H", head[2:4])
@@ -159,14 +162,14 @@ def count_tiff_pages(file: BinaryIO, limit: int) -> int:
         if offset in seen:
             raise UnreadableImage(f"its page directories loop back after {len(seen):,} pages")
         seen.add(offset)
+        # Offsets are checked against the size first: seeking to a BigTIFF's 2**64 - 1 raises.
+        if offset + count_size > size:
+            break
         file.seek(offset)
-        raw_count = file.read(count_size)
-        if len(raw_count) < count_size:
+        (entries,) = struct.unpack(order + count_format, file.read(count_size))
+        next_at = offset + count_size + entries * entry_size
+        if next_at + offset_size > size:
             break
-        (entries,) = struct.unpack(order + count_format, raw_count)
-        file.seek(offset + count_size + entries * entry_size)
-        raw_next = file.read(offset_size)
-        if len(raw_next) < offset_size:
-            break
-        (offset,) = struct.unpack(order + offset_format, raw_next)
+        file.seek(next_at)
+        (offset,) = struct.unpack(order + offset_format, file.read(offset_size))
     return len(seen)

@@ -201,10 +201,9 @@ def test_bad_corpus_files_are_refused_or_give_a_header_quickly(row: dict[str, st
 
 def test_tiff_pages_are_counted_before_libvips_reads_them(tmp_path: Path) -> None:
     path = write(tmp_path, imagegen.many_page_tiff(120_000))
-    started = time.perf_counter()
+    # "more than": our count stopped at the limit (libvips would have counted all 120,000).
     with pytest.raises(TooManyPages, match="more than 1,000 pages"):
         read_header(path, ImageFormat.TIFF, max_pages=1000)
-    assert time.perf_counter() - started < 0.1
     for bigtiff in (False, True):
         within = write(tmp_path, imagegen.tiff(8, 8, pages=3, bigtiff=bigtiff))
         assert read_header(within, ImageFormat.TIFF, max_pages=3).pages == 3
@@ -217,3 +216,18 @@ def test_a_tiff_whose_pages_loop_back_is_unreadable(tmp_path: Path) -> None:
     data[-4:] = (16).to_bytes(4, "little")  # the last page's "next" points back to the first
     with pytest.raises(UnreadableImage, match="loop back after 3 pages"):
         read_header(write(tmp_path, bytes(data)), ImageFormat.TIFF, max_pages=1000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"II+\x00\x08\x00\x00\x00" + (2**64 - 1).to_bytes(8, "little"), id="bigtiff-past-2**63"),
+        pytest.param(b"II*\x00" + (2**31).to_bytes(4, "little"), id="classic-past-the-end"),
+        pytest.param(b"II*\x00\x08\x00\x00\x00" + (65535).to_bytes(2, "little"), id="entries-past-the-end"),
+    ],
+)
+def test_a_tiff_whose_page_directory_lies_past_its_end_is_unreadable_not_a_crash(
+    tmp_path: Path, data: bytes
+) -> None:
+    with pytest.raises(UnreadableImage):
+        read_header(write(tmp_path, data), ImageFormat.TIFF, max_pages=1000)
