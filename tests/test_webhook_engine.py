@@ -20,7 +20,7 @@ from jobs.settings import Settings
 from jobs.worker import WEBHOOK_CONNECTIONS_PER_ORIGIN
 from tests import imagegen
 from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
-from tests.receiver import Answer, Receiver
+from tests.receiver import Answer, Receiver, SilentOrigins
 from tests.test_endpoints_api import (
     ENDPOINTS,
     PartnerDNS,
@@ -655,6 +655,40 @@ async def test_a_receiver_that_never_answers_does_not_hold_back_other_deliveries
     assert delivery.id == urgent.id
     assert len({each.id for each in arrived}) == 150
     assert hanging.most_in_flight == WEBHOOK_CONNECTIONS_PER_ORIGIN
+
+
+async def test_any_number_of_hanging_origins_leaves_a_prompt_receiver_its_webhooks_at_once(
+    account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    """Twelve receivers on origins of their own take connections and never answer, each with a backlog
+    of 40 webhooks (a fixed share per origin let two of them hold every slot for the whole timeout):
+    a receiver that has answered before still gets each new webhook at once, one after another."""
+    healthy = receivers(account.webhook_secret)
+    hanging = await SilentOrigins().start(12)
+    to_healthy = [Destination(CALLBACK, healthy.url)]
+    try:
+        async with worker_deps(settings) as deps:
+            deps.dispatcher.start()
+            await deps.store.save_message(
+                new_message(new_id("msg"), account.id, "webhook.test", {}, to_healthy)
+            )
+            await healthy.arrivals(1)
+
+            await stage_test_events(deps, account, [Destination(CALLBACK, url) for url in hanging.urls], 480)
+            deps.dispatcher.nudge()
+            async with asyncio.timeout(WAIT_SECONDS):
+                await hanging.wait_all_requested()
+            sent = []
+            for count in range(2, 12):
+                urgent = new_message(new_id("msg"), account.id, "webhook.test", {}, to_healthy)
+                await deps.store.save_message(urgent)
+                sent.append(urgent.id)
+                await asyncio.to_thread(healthy.wait_for, count, 3.0)
+            await hanging.close()
+    finally:
+        await hanging.close()
+
+    assert [delivery.id for delivery in healthy.deliveries[1:]] == sent
 
 
 # --- manual control -------------------------------------------------------------------------------
