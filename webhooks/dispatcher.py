@@ -298,22 +298,26 @@ class RetryPolicy:
 
     schedule: tuple[float, ...]
     jitter: float = 0.2  # each wait is scheduled ±20 %, so a receiver's outage does not end in a stampede
-    slow_down_seconds: float = 60.0  # a 429 or a timeout waits at least this long
+    slow_down_seconds: float = 60.0  # a 429 without Retry-After, or a timeout, waits at least this long
     disable_after_seconds: float = 5 * 24 * 3600  # an endpoint failing this long is disabled
 
     def delay(self, attempts_made: int, outcome: AttemptOutcome, rng: random.Random) -> float | None:
+        """The scheduled wait ±jitter, or longer when the receiver asked for more: a 429 or 503's
+        `Retry-After` (at most the schedule's longest delay), else the slow-down after a 429 or a
+        timeout. What was asked is a floor: never sooner, and up to `jitter` later, so deliveries turned
+        away together do not all come back in the same second."""
         index = attempts_made - 1
         if outcome.status_code == 410 or not 0 <= index < len(self.schedule):
             return None
         scheduled = self.schedule[index] * rng.uniform(1 - self.jitter, 1 + self.jitter)
-        wait = scheduled
         asked = _retry_after_seconds(outcome.retry_after) if outcome.status_code in (429, 503) else None
         if asked is not None:
-            # The receiver's own estimate, within reason: never sooner than planned, never past double.
-            wait = min(max(asked, scheduled), 2 * scheduled)
-        if outcome.status_code == 429 or outcome.timed_out:
-            wait = max(wait, self.slow_down_seconds)
-        return wait
+            floor = min(asked, max(self.schedule))
+        elif outcome.status_code == 429 or outcome.timed_out:
+            floor = self.slow_down_seconds
+        else:
+            return scheduled
+        return max(scheduled, floor * rng.uniform(1, 1 + self.jitter))
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
