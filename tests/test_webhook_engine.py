@@ -31,6 +31,7 @@ from tests.test_endpoints_api import (
     send_test_event,
 )
 from tests.test_spine import upload
+from tests.test_transport import DROP, Server
 from tests.test_upload_validation import assert_problem
 from webhooks.messages import (
     CALLBACK,
@@ -893,6 +894,39 @@ async def test_a_manual_retry_to_a_disabled_endpoint_is_refused(
     assert destination["status"] == "failed"
     assert [a["status_code"] for a in destination["attempts"]] == [500]  # no made-up attempt
     assert len(receiver.deliveries) == 1
+
+
+async def test_a_request_sent_again_on_a_new_connection_shows_in_the_delivery_log(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    """The receiver closes a kept-alive connection just as the next webhook goes out on it: the request
+    goes again on a new connection, and the log says so (the receiver may have seen it twice)."""
+    server = await Server().start()
+    to = [Destination(CALLBACK, server.url())]
+    first = new_message(new_id("msg"), account.id, "webhook.test", {"n": 1}, to)
+    second = new_message(new_id("msg"), account.id, "webhook.test", {"n": 2}, to)
+    try:
+        async with worker_deps(settings) as deps:
+            await deps.store.save_message(first)
+            await deps.dispatcher.run_until_idle()
+            server.script.append(DROP)
+            await deps.store.save_message(second)
+            await deps.dispatcher.run_until_idle()
+    finally:
+        await server.stop()
+
+    assert [(r.connection, r.headers["webhook-id"]) for r in server.received] == [
+        (1, first.id),
+        (1, second.id),
+        (2, second.id),
+    ]
+    (plain,) = only_destination(await delivery_log(client, account, first.id))["attempts"]
+    (resent,) = only_destination(await delivery_log(client, account, second.id))["attempts"]
+    assert plain["resent"] is None
+    assert (resent["status_code"], resent["error"]) == (200, None)
+    assert resent["resent"] == (
+        "the receiver closed the kept-alive connection without answering; sent again on a new connection"
+    )
 
 
 async def test_attempts_record_the_url_they_went_to(

@@ -532,6 +532,7 @@ class Dispatcher:
             error=outcome.error,
             next_attempt_at=None if next_at is None else iso(next_at),
             url=url,
+            resent=outcome.resent,
         )
         status: DeliveryStatus = "delivered" if outcome.succeeded else ("pending" if next_at else "failed")
         disable_reason = None if endpoint is None else self._disable_reason(endpoint, outcome, started)
