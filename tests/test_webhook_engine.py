@@ -692,6 +692,39 @@ async def test_any_number_of_hanging_origins_leaves_a_prompt_receiver_its_webhoo
     assert [delivery.id for delivery in healthy.deliveries[1:]] == sent
 
 
+async def test_receivers_that_start_hanging_give_back_the_prompt_slots_within_seconds(
+    account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    """Six receivers answer once, promptly, then hang with 40 webhooks each due: together they could
+    hold every prompt slot, until their requests have gone unanswered for a second. A receiver that
+    still answers gets its next webhook within seconds, not after their 15 s timeout."""
+    turned = [receivers(account.webhook_secret) for _ in range(6)]
+    for receiver in turned:
+        receiver.script(200, *[Answer(hold=True)] * 40)
+    healthy = receivers(account.webhook_secret)
+    async with worker_deps(settings) as deps:
+        deps.dispatcher.start()
+        everyone = [*turned, healthy]
+        await stage_test_events(deps, account, [Destination(CALLBACK, each.url) for each in everyone], 7)
+        for each in everyone:
+            await each.arrivals(1)
+
+        for each in turned:  # one receiver's backlog after another's: the first ones take what they may
+            await stage_test_events(deps, account, [Destination(CALLBACK, each.url)], 40)
+        deps.dispatcher.nudge()
+        for each in turned:
+            await each.arrivals(2)
+        urgent = new_message(
+            new_id("msg"), account.id, "webhook.test", {}, [Destination(CALLBACK, healthy.url)]
+        )
+        await deps.store.save_message(urgent)
+        arrived = await asyncio.to_thread(healthy.wait_for, 2, 3.0)
+        for each in turned:
+            each.release()
+
+    assert arrived[1].id == urgent.id
+
+
 # --- manual control -------------------------------------------------------------------------------
 
 
