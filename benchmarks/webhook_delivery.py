@@ -29,8 +29,14 @@ transaction, for an account made with `Store.create_account`.
 3. The same latency run while the worker is busy with --uploads slow image jobs (a 12 MP JPEG, resize
    4000 + sharpen + convert png, uploaded through the web process without callback URLs, so that no
    image event nudges the dispatcher): delivery must not wait behind image processing.
+4. Dead receivers: for each K in --hanging (1, 2, 10, 100), K endpoints, each on an origin of its own (a
+   port of a server in this process that accepts connections, reads and never answers), get a backlog of
+   --hanging-backlog messages each, committed at once; then the latency run of 2. to the fast receiver,
+   which has answered before. Its event-to-receipt p50/p99 must not care how many receivers hang. The
+   endpoints are then deleted (their pending deliveries end) and the servers closed before the next K.
 
 Prints one JSON object. Issue 4's goals: worker ≥ 0.5 x raw deliveries/s; p99 event to receipt ≤ 100 ms.
+Issue 11's: with any number of hanging receivers, the fast receiver's p99 event to receipt < 1 s.
 """
 
 from __future__ import annotations
@@ -101,6 +107,9 @@ UPLOAD_TIMEOUT = 300.0
 DISTURBED_CORES = 0.15
 GOAL_RATIO = 0.5
 GOAL_P99_MS = 100.0
+GOAL_P99_BESIDE_HANGING_MS = 1000.0
+# The hanging receivers' endpoints: the most the API allows, so the origin's lane is what bounds them.
+HANGING_MAX_IN_FLIGHT = 100
 
 
 # --- the receiver (child process) ---------------------------------------------------------------------
@@ -339,14 +348,16 @@ class Bench:
             await pipe.execute()
         return time.time_ns()
 
-    async def wait_delivered(self, path: str, count: int, within: float) -> dict[str, int]:
-        """Until the receiver has `count` distinct messages on `path` and the worker has recorded every
-        attempt (the due set is empty)."""
+    async def wait_delivered(
+        self, path: str, count: int, within: float, *, all_recorded: bool = True
+    ) -> dict[str, int]:
+        """Until the receiver has `count` distinct messages on `path` and, with `all_recorded`, the worker
+        has recorded every attempt (the due set is empty)."""
         deadline = time.monotonic() + within
         while True:
             self.service.check_running()
             stats = await self.receiver.stats(path)
-            if stats["unique"] >= count and await self.redis.zcard(DUE_KEY) == 0:
+            if stats["unique"] >= count and (not all_recorded or await self.redis.zcard(DUE_KEY) == 0):
                 return stats
             if time.monotonic() > deadline:
                 raise RuntimeError(
@@ -460,8 +471,11 @@ async def raw_run(
     )
 
 
-async def latency_run(bench: Bench, rate: float, seconds: float, path: str) -> dict[str, Any]:
-    """One message every 1/rate s, each in its own transaction; event-to-receipt latencies."""
+async def latency_run(
+    bench: Bench, rate: float, seconds: float, path: str, *, all_recorded: bool = True
+) -> dict[str, Any]:
+    """One message every 1/rate s, each in its own transaction; event-to-receipt latencies (waiting,
+    with `all_recorded`, for the worker to have recorded every attempt, others' too)."""
     await bench.receiver.call("POST", "/reset")
     count = max(1, round(rate * seconds))
     committed_ns: dict[str, int] = {}
@@ -490,7 +504,7 @@ async def latency_run(bench: Bench, rate: float, seconds: float, path: str) -> d
         tasks.append(asyncio.create_task(one()))
     await asyncio.gather(*tasks)
     window = bench.usage()
-    await bench.wait_delivered(path, count, SETTLE_TIMEOUT)
+    await bench.wait_delivered(path, count, SETTLE_TIMEOUT, all_recorded=all_recorded)
     receipts = await bench.receiver.receipts(path)
     stats = await bench.receiver.stats(path)
     from_commit = sorted((receipts[msg_id] - at) / 1e6 for msg_id, at in committed_ns.items())
@@ -658,6 +672,77 @@ async def load_phase(bench: Bench, args: argparse.Namespace, photo: LoadPhoto) -
     return result
 
 
+class HangingOrigins:
+    """Servers on 127.0.0.1 that accept connections, read what comes and never answer, one port each."""
+
+    def __init__(self) -> None:
+        self.servers: list[asyncio.Server] = []
+        self.connections: list[asyncio.StreamWriter] = []
+        self.reached: set[int] = set()  # which servers received a request
+
+    async def start(self, count: int) -> list[str]:
+        for index in range(count):
+            self.servers.append(await asyncio.start_server(self._swallower(index), "127.0.0.1", 0))
+        return [f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks" for server in self.servers]
+
+    def _swallower(self, index: int) -> Any:
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections.append(writer)
+            while await reader.read(65536):
+                self.reached.add(index)
+
+        return swallow
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for writer in self.connections:
+            writer.transport.abort()  # the worker's attempts on them end now
+        for server in self.servers:
+            await server.wait_closed()
+
+
+async def hanging_run(bench: Bench, args: argparse.Namespace, count: int) -> dict[str, Any]:
+    """The latency run while `count` receivers hang, each with a backlog (see the module's 4.)."""
+    hanging = HangingOrigins()
+    endpoints: list[Endpoint] = []
+    try:
+        for url in await hanging.start(count):
+            endpoint = await bench.store.endpoints.create(
+                new_id("ep"), bench.account_id, url, ["image.completed"], max_in_flight=HANGING_MAX_IN_FLIGHT
+            )
+            assert endpoint is not None
+            endpoints.append(endpoint)
+        backlog = [
+            new_message(new_id("msg"), bench.account_id, "image.completed", image_resource(), [destination])
+            for endpoint in endpoints
+            for destination in [Destination(endpoint.id, endpoint.url)] * args.hanging_backlog
+        ]
+        await bench.commit(backlog)
+        result = await latency_run(bench, args.rate, args.seconds, CALLBACK_PATH, all_recorded=False)
+        result["hanging_receivers"] = count
+        result["hanging_backlog"] = len(backlog)
+        result["hanging_reached"] = len(hanging.reached)
+        result["hanging_connections"] = len(hanging.connections)
+        return result
+    finally:
+        for endpoint in endpoints:
+            await bench.store.endpoints.delete(endpoint)
+        await hanging.close()
+        await wait_nothing_due(bench, SETTLE_TIMEOUT)
+
+
+async def wait_nothing_due(bench: Bench, within: float) -> None:
+    """Until the worker has recorded every attempt and nothing is waiting (the due set is empty)."""
+    deadline = time.monotonic() + within
+    while True:
+        if await bench.redis.zcard(DUE_KEY) == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"deliveries still due after {within:g} s; worker log in {bench.service.logs}")
+        await asyncio.sleep(0.1)
+
+
 # --- the whole run ------------------------------------------------------------------------------------
 
 
@@ -701,6 +786,11 @@ async def measure(service: Service, args: argparse.Namespace, photo: LoadPhoto) 
             log(f"latency, worker busy with {args.uploads} image jobs")
             latency["under_image_load"] = await load_phase(bench, args, photo)
         report["latency"] = latency
+        beside_hanging = {}
+        for count in args.hanging:
+            log(f"latency beside {count} hanging receivers")
+            beside_hanging[str(count)] = await hanging_run(bench, args, count)
+        report["beside_hanging"] = beside_hanging
         report["redis_version"] = (await redis.info("server"))["redis_version"]
         return report
     finally:
@@ -723,6 +813,10 @@ def judge(report: dict[str, Any], poll_seconds: float) -> None:
         # Events made outside the worker wait for its next poll: latencies then spread evenly over one
         # poll interval, so the p99 sits near it and the p50 near half of it.
         run_result["bounded_by_dispatcher_poll"] = p99 > GOAL_P99_MS and p99 >= 0.8 * poll_ms
+    for count, run_result in report["beside_hanging"].items():
+        p99 = run_result["event_to_receipt_ms"]["p99"]
+        goal = GOAL_P99_BESIDE_HANGING_MS
+        goals[f"beside_{count}_hanging_p99_lt_{goal:g}ms"] = p99 < goal
     report["goals"] = goals
     report["dispatcher_poll_interval_ms"] = poll_ms
 
@@ -774,6 +868,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--uploads", type=int, default=50, help="slow image jobs for the load run (0: skip)")
     parser.add_argument("--upload-concurrency", type=int, default=4, help="uploads in flight")
     parser.add_argument(
+        "--hanging",
+        type=lambda text: [int(each) for each in text.split(",") if each.strip()],
+        default=[1, 2, 10, 100],
+        help="hanging receivers beside the fast one, one latency run per number (comma separated; '' skips)",
+    )
+    parser.add_argument("--hanging-backlog", type=int, default=50, help="messages due for each hanging one")
+    parser.add_argument(
         "--verify-every", type=int, default=10, help="the receiver verifies every n-th request"
     )
     parser.add_argument(
@@ -813,6 +914,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "rate": args.rate,
             "seconds": args.seconds,
             "uploads": args.uploads,
+            "hanging": args.hanging,
+            "hanging_backlog": args.hanging_backlog,
             "worker_settings": args.worker_settings,
             "workers": 1,
         }

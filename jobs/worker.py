@@ -33,8 +33,8 @@ from webhooks.transport import DeliveryClient
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
-# Webhook attempts in flight per worker process, and connections to one origin (the dispatcher keeps
-# webhooks.dispatcher.ATTEMPTS_PER_CONNECTION attempts per connection to an origin at most).
+# Webhook attempts in flight per worker process for receivers that answer promptly (slow and new ones
+# have lanes of their own: webhooks.lanes), and connections to one origin.
 WEBHOOK_CONCURRENCY = 50
 WEBHOOK_CONNECTIONS_PER_ORIGIN = 10
 # When the sweeps run (minutes of the hour): expired archives, images and batches go within 5 minutes.

@@ -541,6 +541,11 @@ _ATTEMPT = {
         "response_excerpt": {"type": "string", "description": "at most 8 KB of the response body"},
         "error": _NULLABLE_STRING,
         "next_attempt_at": _NULLABLE_STRING,
+        "url": _NULLABLE_STRING,
+        "resent": {
+            "type": ["string", "null"],
+            "description": "why the request went twice in this attempt (the receiver may have seen both)",
+        },
     },
 }
 _COUNT = {"type": "integer", "minimum": 0}

@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -184,3 +185,48 @@ class Receiver:
                 pass
 
         return Handler
+
+
+class SilentOrigins:
+    """Loopback servers (one origin each: its own port, on 127.0.0.1, 127.0.0.2, …) that accept
+    connections, read whatever comes and never answer: receivers that hang. Runs on the test's loop."""
+
+    def __init__(self) -> None:
+        self.urls: list[str] = []
+        self.requested: set[str] = set()  # urls that received bytes
+        self._servers: list[asyncio.Server] = []
+        self._connections: list[asyncio.StreamWriter] = []
+        self._changed = asyncio.Event()
+
+    async def start(self, count: int) -> SilentOrigins:
+        for n in range(count):
+            host = f"127.0.0.{1 + n % 4}"
+            server = await asyncio.start_server(self._swallower(len(self.urls)), host, 0)
+            self.urls.append(f"http://{host}:{server.sockets[0].getsockname()[1]}/hooks")
+            self._servers.append(server)
+        return self
+
+    def _swallower(
+        self, index: int
+    ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._connections.append(writer)
+            while await reader.read(65536):
+                self.requested.add(self.urls[index])
+                self._changed.set()
+
+        return swallow
+
+    async def wait_all_requested(self) -> None:
+        while len(self.requested) < len(self.urls):
+            self._changed.clear()
+            await self._changed.wait()
+
+    async def close(self) -> None:
+        """Stop listening and drop every connection, so the attempts hanging on them end now."""
+        for server in self._servers:
+            server.close()
+        for writer in self._connections:
+            writer.transport.abort()
+        for server in self._servers:
+            await server.wait_closed()

@@ -17,6 +17,7 @@ import pytest
 
 from tests.test_addresses import fake_resolver
 from webhooks.transport import (
+    RESENT_ON_NEW_CONNECTION,
     BlockedDestination,
     ConnectError,
     ConnectTimeout,
@@ -320,6 +321,7 @@ async def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one(
     response = await client.post(server.url(), b'{"n": 2}', HEADERS)
 
     assert response.status_code == 200
+    assert response.resent == RESENT_ON_NEW_CONNECTION
     assert [(r.connection, r.body) for r in server.received] == [
         (1, b"{}"),
         (1, b'{"n": 2}'),
@@ -330,8 +332,9 @@ async def test_a_stale_keep_alive_connection_is_retried_once_on_a_fresh_one(
 async def test_the_retry_happens_only_once(server: Server, client: DeliveryClient) -> None:
     await client.post(server.url(), b"{}", HEADERS)
     server.script.extend([DROP, DROP])
-    with pytest.raises(ReadError, match=r"^the receiver closed the connection without answering$"):
+    with pytest.raises(ReadError, match=r"^the receiver closed the connection without answering$") as raised:
         await client.post(server.url(), b"{}", HEADERS)
+    assert raised.value.resent == RESENT_ON_NEW_CONNECTION
     assert [r.connection for r in server.received] == [1, 1, 2]
 
 
@@ -339,9 +342,10 @@ async def test_a_fresh_connection_dropped_without_an_answer_is_not_retried(
     server: Server, client: DeliveryClient
 ) -> None:
     server.script.append(DROP)
-    with pytest.raises(ReadError):
+    with pytest.raises(ReadError) as raised:
         await client.post(server.url(), b"{}", HEADERS)
     assert len(server.received) == 1
+    assert raised.value.resent is None
 
 
 async def test_connections_closed_while_idle_are_not_used(server: Server, client: DeliveryClient) -> None:

@@ -67,6 +67,9 @@ _TEREDO = IPv6Network("2001::/32")
 class TransportError(Exception):
     """Base of every delivery failure; the message is safe to show to the partner."""
 
+    # Why the request was sent a second time before this failure (see DeliveryClient.post), or None.
+    resent: str | None = None
+
 
 class InvalidURL(TransportError):
     """The URL cannot be a webhook destination, whatever it resolves to."""

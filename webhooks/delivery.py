@@ -19,6 +19,7 @@ class AttemptOutcome:
     error: str | None
     retry_after: str | None = None  # the receiver's Retry-After header, raw
     timed_out: bool = False
+    resent: str | None = None  # why the request went twice within this attempt (the transport's note)
 
     @property
     def succeeded(self) -> bool:
@@ -34,15 +35,17 @@ async def post_signed(
     try:
         response = await client.post(url, body, headers)
     except Timeout as exc:
-        return AttemptOutcome(None, _elapsed_ms(started), "", str(exc), timed_out=True)
+        return AttemptOutcome(None, _elapsed_ms(started), "", str(exc), timed_out=True, resent=exc.resent)
     except TransportError as exc:
-        return AttemptOutcome(None, _elapsed_ms(started), "", str(exc))
+        return AttemptOutcome(None, _elapsed_ms(started), "", str(exc), resent=exc.resent)
     status = response.status_code
     error = None if is_success(status) else f"HTTP {status}"
     if 300 <= status < 400:
         error = f"HTTP {status} redirect (not followed)"
     excerpt = response.body_excerpt.decode("utf-8", errors="replace")
-    return AttemptOutcome(status, response.elapsed_ms, excerpt, error, response.retry_after)
+    return AttemptOutcome(
+        status, response.elapsed_ms, excerpt, error, response.retry_after, resent=response.resent
+    )
 
 
 def _elapsed_ms(started: float) -> float:

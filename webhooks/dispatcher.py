@@ -9,9 +9,9 @@ again, under the same `webhook-id` (at least once).
 A delivery has at most one attempt in flight: its lease also sits in one sorted set of leases, which a
 manual retry respects. Registered endpoints get at most `max_in_flight` attempts at once across every
 worker (their leases sit in a per-endpoint sorted set, so a dead worker's run out) and at most
-`rate_limit` a second. A worker keeps at most ATTEMPTS_PER_CONNECTION attempts per connection in flight
-to one origin, so that a slow origin's backlog holds only its own few slots while others' deliveries are
-due.
+`rate_limit` a second. A worker splits its attempt slots into lanes by how each origin's attempts went
+(webhooks.lanes): origins that answer promptly have slots that hanging or slow ones never hold for longer
+than a second, however many of those there are.
 
 Deliveries never wait behind image processing: they are not arq jobs and have their own concurrency.
 """
@@ -23,7 +23,6 @@ import contextlib
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -41,6 +40,7 @@ from webhooks.endpoints import (
     endpoint_leases_key,
     valid_secrets,
 )
+from webhooks.lanes import ATTEMPTS_PER_CONNECTION, SLOW_AFTER_SECONDS, OriginLanes, Running
 from webhooks.messages import (
     CALLBACK,
     DUE_KEY,
@@ -73,13 +73,17 @@ NewId = Callable[[str], str]
 #
 # Two limits keep one slow receiver's backlog from standing in front of everyone else's deliveries: an
 # endpoint's `max_in_flight` across every worker (its leases sit in `dr:ep:{id}:leases`), and this process's
-# attempts per origin (scheme, host and port), at most ARGV[5] (ATTEMPTS_PER_CONNECTION per connection; this
-# process's counts come as ARGV[6..] pairs). A delivery over either limit is parked: moved, with its score,
-# from the due set to the endpoint's or the origin's parked set. Each claim first returns parked deliveries to
-# the due set, oldest first, as their endpoint or origin has room (an attempt finished, a dead worker's lease
-# ran out, or this is another process, with connections of its own): they keep their old scores, so they come
-# before younger deliveries and never starve. NX: one made due again meanwhile (a retry) keeps its place.
-# Deliveries over an endpoint's rate limit wait for the next second.
+# lanes (webhooks.lanes): each origin (scheme, host and port) takes this process's attempt slots from the lane
+# its past attempts earned (fast, new or slow: ARGV[5..7] free in each), within its lane's per-origin limit
+# (ARGV[10..12]), and a fast origin with ARGV[9] or more in flight leaves the fast lane's last ARGV[8]
+# slots to quieter ones. ARGV[13..] are (origin, lane, attempts in flight) of the
+# origins this process remembers; any other is new, with none. A delivery over either limit is parked:
+# moved, with its score, from the due set to the endpoint's or the origin's parked set. Each claim first
+# returns parked deliveries to the due set, oldest first, as their endpoint or origin has room (an attempt
+# finished or went slow, a dead worker's lease ran out, or this is another process, with slots of its own):
+# they keep their old scores, so they come before younger deliveries and never starve. NX: one made due
+# again meanwhile (a retry) keeps its place. Deliveries over an endpoint's rate limit wait for the next
+# second.
 #
 # A callback's URL is read from its message record, whose destinations Message.to_json writes as
 # {"name":"callback","url":"..."} (a quote inside the JSON body string is always escaped, so the body
@@ -93,11 +97,18 @@ _CLAIM = """
 local now = tonumber(ARGV[1])
 local room = tonumber(ARGV[2])
 local lease_until = tonumber(ARGV[3])
-local per_origin = tonumber(ARGV[5])
+local lane_room = {fast = tonumber(ARGV[5]), new = tonumber(ARGV[6]), slow = tonumber(ARGV[7])}
+local fast_reserve, busy_from = tonumber(ARGV[8]), tonumber(ARGV[9])
+local per_origin = {fast = tonumber(ARGV[10]), new = tonumber(ARGV[11]), slow = tonumber(ARGV[12])}
 local due_key, parked_endpoints, leases, parked_origins = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local mine = {}
-for i = 6, #ARGV, 2 do mine[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local lane_of, mine = {}, {}
+for i = 13, #ARGV, 3 do
+  lane_of[ARGV[i]] = ARGV[i + 1]
+  mine[ARGV[i]] = tonumber(ARGV[i + 2])
+end
+-- Slots promised to parked deliveries returned to the due set by this claim, by lane.
+local promised = {fast = 0, new = 0, slow = 0}
 
 local function origin_of(url)
   local scheme, authority = string.match(url or '', '^(%a[%w+.-]*)://([^/?#]*)')
@@ -118,8 +129,23 @@ local function endpoint_room(endpoint)
   return limit - redis.call('ZCARD', endpoint_leases)
 end
 
+local function lane(origin)
+  if origin == '' then return 'fast' end  -- refused without a request: no receiver's slot
+  return lane_of[origin] or 'new'
+end
+
 local function origin_room(origin)
-  return per_origin - (mine[origin] or 0)
+  local own_lane = lane(origin)
+  local in_flight = mine[origin] or 0
+  local free = lane_room[own_lane] - promised[own_lane]
+  if own_lane == 'fast' and in_flight >= busy_from then free = free - fast_reserve end
+  if origin == '' then return free end
+  return math.min(free, per_origin[own_lane] - in_flight)
+end
+
+local function promise(origin, count)
+  local own_lane = lane(origin)
+  promised[own_lane] = promised[own_lane] + count
 end
 
 local function park(parked, index, name, member, score)
@@ -128,7 +154,7 @@ local function park(parked, index, name, member, score)
   redis.call('SADD', index, name)
 end
 
-local function unpark_all(index, prefix, room_of)
+local function unpark_all(index, prefix, room_of, on_return)
   local left_parked = 0
   for _, name in ipairs(redis.call('SMEMBERS', index)) do
     local parked = prefix .. name .. ':parked'
@@ -139,6 +165,7 @@ local function unpark_all(index, prefix, room_of)
         redis.call('ZADD', due_key, 'NX', returning[i + 1], returning[i])
         redis.call('ZREM', parked, returning[i])
       end
+      if on_return then on_return(name, #returning / 2) end
     end
     local left = redis.call('ZCARD', parked)
     if left == 0 then redis.call('SREM', index, name) end
@@ -149,7 +176,8 @@ end
 
 redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
 local still_parked = unpark_all(parked_endpoints, 'dr:ep:', endpoint_room)
-  + unpark_all(parked_origins, 'dr:origin:', origin_room)
+  + unpark_all(parked_origins, 'dr:origin:', origin_room, promise)
+promised = {fast = 0, new = 0, slow = 0}  -- from here on, slots are taken as deliveries are claimed
 
 local due = redis.call('ZRANGEBYSCORE', due_key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[4]))
 local claimed, origins = {}, {}
@@ -186,7 +214,7 @@ for i = 1, #due, 2 do
       take = false
     end
   end
-  if take and origin ~= '' and origin_room(origin) <= 0 then
+  if take and origin_room(origin) <= 0 then
     park('dr:origin:' .. origin .. ':parked', parked_origins, origin, member, score)
     still_parked = still_parked + 1
     take = false
@@ -209,7 +237,8 @@ for i = 1, #due, 2 do
       redis.call('ZADD', 'dr:ep:' .. endpoint .. ':leases', lease_until, member)
       endpoint_free[endpoint] = endpoint_free[endpoint] - 1
     end
-    if origin ~= '' then mine[origin] = (mine[origin] or 0) + 1 end
+    mine[origin] = (mine[origin] or 0) + 1
+    lane_room[lane(origin)] = lane_room[lane(origin)] - 1
     redis.call('ZADD', due_key, lease_until, member)
     redis.call('ZADD', leases, lease_until, member)
     table.insert(claimed, member)
@@ -234,12 +263,6 @@ return {claimed, origins, still_parked, next_due[2] or false, records}
 _SCAN_PER_SLOT = 4
 # With deliveries parked behind another process's attempts, look again this soon.
 _PARKED_POLL = 0.05
-# Attempts this process keeps in flight per origin, per connection to it: one being answered and the
-# next ones ready, so a connection never idles while the next claim is on its way. At one per connection
-# a fast receiver got 45 % fewer deliveries a second (6,800/s against 12,300 before origins had a
-# limit), at three 25 % fewer (9,300/s: each parked delivery costs Redis a park and an unpark). A
-# hanging origin holds these slots at most, 30 of the worker's 50, and the others keep flowing.
-ATTEMPTS_PER_CONNECTION = 3
 
 
 def lease_seconds_for(attempt_timeout: float) -> float:
@@ -275,22 +298,26 @@ class RetryPolicy:
 
     schedule: tuple[float, ...]
     jitter: float = 0.2  # each wait is scheduled ±20 %, so a receiver's outage does not end in a stampede
-    slow_down_seconds: float = 60.0  # a 429 or a timeout waits at least this long
+    slow_down_seconds: float = 60.0  # a 429 without Retry-After, or a timeout, waits at least this long
     disable_after_seconds: float = 5 * 24 * 3600  # an endpoint failing this long is disabled
 
     def delay(self, attempts_made: int, outcome: AttemptOutcome, rng: random.Random) -> float | None:
+        """The scheduled wait ±jitter, or longer when the receiver asked for more: a 429 or 503's
+        `Retry-After` (at most the schedule's longest delay), else the slow-down after a 429 or a
+        timeout. What was asked is a floor: never sooner, and up to `jitter` later, so deliveries turned
+        away together do not all come back in the same second."""
         index = attempts_made - 1
         if outcome.status_code == 410 or not 0 <= index < len(self.schedule):
             return None
         scheduled = self.schedule[index] * rng.uniform(1 - self.jitter, 1 + self.jitter)
-        wait = scheduled
         asked = _retry_after_seconds(outcome.retry_after) if outcome.status_code in (429, 503) else None
         if asked is not None:
-            # The receiver's own estimate, within reason: never sooner than planned, never past double.
-            wait = min(max(asked, scheduled), 2 * scheduled)
-        if outcome.status_code == 429 or outcome.timed_out:
-            wait = max(wait, self.slow_down_seconds)
-        return wait
+            floor = min(asked, max(self.schedule))
+        elif outcome.status_code == 429 or outcome.timed_out:
+            floor = self.slow_down_seconds
+        else:
+            return scheduled
+        return max(scheduled, floor * rng.uniform(1, 1 + self.jitter))
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -333,15 +360,14 @@ class Dispatcher:
         self.policy = policy
         self.new_id = new_id
         self.lease_ms = int(lease_seconds * 1000)
-        self.concurrency = concurrency
         self.idle_wait = idle_wait
         self.on_attempt = on_attempt
         self.rng = rng or random.Random()
         self._claim = redis.register_script(_CLAIM)
         self._account_secrets = _RecentSecrets(secrets_for)
         self._woken = asyncio.Event()
-        self._in_flight: dict[asyncio.Task[None], str] = {}  # each attempt's origin
-        self._per_origin: Counter[str] = Counter()  # this process's attempts in flight, by origin
+        self._lanes = OriginLanes(concurrency, http.max_connections_per_origin)
+        self._in_flight: dict[asyncio.Task[None], tuple[Running, asyncio.TimerHandle]] = {}
         self._loop: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
         self._uncommitted: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
@@ -396,8 +422,8 @@ class Dispatcher:
             wait = self.idle_wait if next_due is None else (next_due - now_ms()) / 1000
             if parked:
                 wait = min(wait, _PARKED_POLL)
-            if len(self._in_flight) >= self.concurrency:
-                wait = self.idle_wait  # nothing can start before an attempt of ours ends
+            if self._lanes.full():
+                wait = self.idle_wait  # nothing can start before an attempt of ours ends or goes slow
             if wait > 0:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation (stop())
                 # that comes as the event is set, and the loop would never end.
@@ -424,17 +450,9 @@ class Dispatcher:
     async def _claim_due(self, room: int) -> _Claim:
         """Claim up to `room` due deliveries (see _CLAIM)."""
         now = now_ms()
-        mine = [str(each) for pair in self._per_origin.items() if pair[0] for each in pair]
         claimed, origins, parked, next_due, records = await self._claim(
             keys=[DUE_KEY, PARKED_ENDPOINTS_KEY, LEASES_KEY, PARKED_ORIGINS_KEY],
-            args=[
-                now,
-                room,
-                now + self.lease_ms,
-                room * _SCAN_PER_SLOT,
-                self.http.max_connections_per_origin * ATTEMPTS_PER_CONNECTION,
-                *mine,
-            ],
+            args=[now, room, now + self.lease_ms, room * _SCAN_PER_SLOT, *self._lanes.claim_arguments()],
         )
         deliveries = []
         for index, (member, origin) in enumerate(zip(claimed, origins, strict=True)):
@@ -446,23 +464,29 @@ class Dispatcher:
     async def _claim_and_send(self) -> tuple[float | None, bool]:
         """Start attempts for the due deliveries there is room for; return when the next one is due
         and whether deliveries are parked behind busy endpoints or origins."""
-        room = self.concurrency - len(self._in_flight)
+        room = sum(self._lanes.room().values())
         if room <= 0:
             return None, False
         claim = await self._claim_due(room)
+        loop = asyncio.get_running_loop()
         for claimed in claim.deliveries:
             task = asyncio.create_task(self._attempt(claimed))
-            self._in_flight[task] = claimed.origin
-            self._per_origin[claimed.origin] += 1
+            running = self._lanes.started(claimed.origin)
+            self._in_flight[task] = (running, loop.call_later(SLOW_AFTER_SECONDS, self._overdue, running))
             task.add_done_callback(self._finished)
         return claim.next_due_ms, bool(claim.parked)
 
+    def _overdue(self, running: Running) -> None:
+        # Its slot moved to the slow lane: a prompt origin's delivery may take the one it leaves.
+        self._lanes.overdue(running)
+        self._woken.set()
+
     def _finished(self, task: asyncio.Task[None]) -> None:
-        origin = self._in_flight.pop(task, None)
-        if origin is not None:
-            self._per_origin[origin] -= 1
-            if self._per_origin[origin] <= 0:
-                del self._per_origin[origin]
+        entry = self._in_flight.pop(task, None)
+        if entry is not None:
+            running, overdue_timer = entry
+            overdue_timer.cancel()
+            self._lanes.finished(running)
         # A slot of ours, of its origin and of its endpoint is free: claim again now.
         self._woken.set()
         if not task.cancelled() and task.exception() is not None:
@@ -511,6 +535,7 @@ class Dispatcher:
             error=outcome.error,
             next_attempt_at=None if next_at is None else iso(next_at),
             url=url,
+            resent=outcome.resent,
         )
         status: DeliveryStatus = "delivered" if outcome.succeeded else ("pending" if next_at else "failed")
         disable_reason = None if endpoint is None else self._disable_reason(endpoint, outcome, started)

@@ -99,6 +99,7 @@ class Attempt:
     error: str | None
     next_attempt_at: str | None = None
     url: str | None = None  # where the request went; None when none was sent (a refusal)
+    resent: str | None = None  # why the request went twice (a kept-alive connection closed unanswered)
 
     @property
     def succeeded(self) -> bool:

@@ -39,6 +39,7 @@ from webhooks.addresses import (
 )
 
 __all__ = [
+    "RESENT_ON_NEW_CONNECTION",
     "BlockedDestination",
     "ConnectError",
     "ConnectTimeout",
@@ -55,6 +56,10 @@ __all__ = [
 
 # A receiver sending more header bytes than this is broken or hostile; its bytes are not worth reading.
 MAX_HEAD_BYTES = 64 * 1024
+# Shown in the delivery log: the receiver may have seen the first request, so it may see this one twice.
+RESENT_ON_NEW_CONNECTION = (
+    "the receiver closed the kept-alive connection without answering; sent again on a new connection"
+)
 
 
 class ConnectError(TransportError):
@@ -91,6 +96,7 @@ class Response:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     body_excerpt: bytes  # at most max_response_bytes of the body
     elapsed_ms: float  # from sending (after any wait for a free connection) to the end of the excerpt
+    resent: str | None = None  # why the request went a second time, on a new connection
 
     @property
     def retry_after(self) -> str | None:
@@ -141,7 +147,8 @@ class DeliveryClient:
 
         `headers` are sent as given, after Host, User-Agent, Content-Length and Connection (do not repeat
         those). A request fails over to a fresh connection only when a reused keep-alive connection turns out
-        to have been closed by the server before answering a single byte, and only once.
+        to have been closed by the server before answering a single byte, and only once; the response (or
+        the error) then says so in `resent`.
         """
         if self.closed:
             raise RuntimeError("the delivery client is closed")
@@ -158,6 +165,7 @@ class DeliveryClient:
         started_precisely = time.perf_counter()
         deadline = started + self.total_timeout
         answer: _Answer | None = None
+        resent = None
         try:
             if connection is not None:
                 try:
@@ -165,20 +173,26 @@ class DeliveryClient:
                 except _Unanswered:
                     connection.close()
                     connection = None
+                    resent = RESENT_ON_NEW_CONNECTION
             if answer is None:
                 connection = await self._connect(
                     pool, destination, min(deadline, started + self.connect_timeout)
                 )
                 answer = await connection.exchange(request, deadline)
         except _TimedOut:
-            raise ReadTimeout(f"timed out after {self.total_timeout:g} s waiting for the response") from None
+            timed_out = ReadTimeout(f"timed out after {self.total_timeout:g} s waiting for the response")
+            timed_out.resent = resent
+            raise timed_out from None
+        except TransportError as exc:
+            exc.resent = resent
+            raise
         finally:
             if connection is None:
                 pool.slot_freed()
             else:
                 pool.release(connection, reusable=answer is not None and answer.keep_alive)
         elapsed_ms = round((time.perf_counter() - started_precisely) * 1000, 2)
-        return Response(answer.status_code, answer.headers, answer.body, elapsed_ms)
+        return Response(answer.status_code, answer.headers, answer.body, elapsed_ms, resent)
 
     async def aclose(self) -> None:
         """Close the idle connections; connections of requests still running close when those end."""
