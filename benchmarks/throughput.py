@@ -62,6 +62,7 @@ import pyvips
 from photos import find_photos, images_per_second, megapixels
 
 from server.embedded_redis import EmbeddedRedis
+from server.http_limits import WEB_PROTOCOL
 from webhooks.signing import WebhookVerificationError, verify
 from webhooks.transport import DeliveryClient
 
@@ -265,7 +266,10 @@ def running_service(
         if worker_concurrency is not None:
             env["DARKROOM_WORKER_CONCURRENCY"] = str(worker_concurrency)
         service = Service(f"http://127.0.0.1:{port}", env, logs)
-        web_cmd = [str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)]
+        web_cmd = [
+            *(str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)),
+            *("--http", WEB_PROTOCOL),  # as the Procfile runs it
+        ]
         worker_cmd = [str(BIN / "arq"), worker_settings]
         if profile in ("web", "worker"):
             target = web_cmd if profile == "web" else worker_cmd

@@ -37,12 +37,12 @@ from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import Partner
 from tests.test_processes import (
-    BIN,
     Children,
-    base_env,
     create_account,
     free_port,
     poll,
+    procfile_command,
+    service_env,
     wait_until_ready,
 )
 
@@ -96,19 +96,12 @@ def live_api(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[LiveApi]:
     store = redis.Redis.from_url(redis_server.url)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = {
-        **base_env(tmp_path / "data", port),
-        "REDIS_URL": redis_server.url,
-        "DARKROOM_PUBLIC_URL": base_url,
-        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
-    }
+    env = service_env(tmp_path / "data", port, redis_server.url)
     children = Children()
     try:
         store.flushall()
-        web = children.start(
-            "web", [str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)], env
-        )
-        worker = children.start("worker", [str(BIN / "arq"), "jobs.worker.WorkerSettings"], env)
+        web = children.start("web", procfile_command("web", port), env)
+        worker = children.start("worker", procfile_command("worker", port), env)
         wait_until_ready(base_url, [web, worker])
         partner = create_account(env, "fuzzer")
         ids = _seed(base_url, partner)

@@ -177,6 +177,17 @@ def base_env(data_dir: Path, port: int) -> dict[str, str]:
     }
 
 
+def service_env(data_dir: Path, port: int, redis_url: str) -> dict[str, str]:
+    """What web and worker processes of a test service share: its Redis, its own URL for links, and
+    callbacks to loopback receivers allowed."""
+    return {
+        **base_env(data_dir, port),
+        "REDIS_URL": redis_url,
+        "DARKROOM_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
+    }
+
+
 def procfile_command(process: str, port: int) -> list[str]:
     """The Procfile's line for `process`, run from this venv and listening on loopback only."""
     for line in (REPO / "Procfile").read_text().splitlines():
@@ -287,12 +298,7 @@ def stack(children: Children, redis_server: EmbeddedRedis, tmp_path: Path) -> St
         client.close()
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = {
-        **base_env(tmp_path / "data", port),
-        "REDIS_URL": redis_server.url,
-        "DARKROOM_PUBLIC_URL": base_url,
-        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
-    }
+    env = service_env(tmp_path / "data", port, redis_server.url)
     web = children.start("web", procfile_command("web", port), env)
     worker = children.start("worker", procfile_command("worker", port), env)
     wait_until_ready(base_url, [web, worker])
@@ -614,16 +620,9 @@ def test_a_redis_outage_mid_load_loses_nothing_and_stops_no_process(
     redis_dir.mkdir()
     redis = start_redis(children, redis_port, redis_dir)
     base_url = f"http://127.0.0.1:{web_port}"
-    env = {
-        **base_env(tmp_path / "data", web_port),
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "DARKROOM_PUBLIC_URL": base_url,
-        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
-    }
-    web = children.start(
-        "web", [str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(web_port)], env
-    )
-    worker = children.start("worker", [str(BIN / "arq"), "jobs.worker.WorkerSettings"], env)
+    env = service_env(tmp_path / "data", web_port, f"redis://127.0.0.1:{redis_port}/0")
+    web = children.start("web", procfile_command("web", web_port), env)
+    worker = children.start("worker", procfile_command("worker", web_port), env)
     wait_until_ready(base_url, [web, worker])
     account = create_account(env, "outage")
     receiver = Receiver(account.webhook_secret).start()
