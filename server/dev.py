@@ -107,7 +107,7 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
             print("darkroom dev: the web process did not start (its output is above)", file=sys.stderr)
             return 1
         print(_banner(settings, account, created), flush=True)
-        return _supervise(processes, env)
+        return _supervise(processes, env, redis)
     except KeyboardInterrupt:
         return 0
     finally:
@@ -141,12 +141,18 @@ def _wait_until_ready(readyz: str, processes: list[subprocess.Popen[bytes]]) -> 
     return False
 
 
-def _supervise(processes: list[subprocess.Popen[bytes]], env: dict[str, str]) -> int:
+def _supervise(
+    processes: list[subprocess.Popen[bytes]], env: dict[str, str], redis: EmbeddedRedis | None
+) -> int:
     """Block until Ctrl-C, or until the web process (`processes[0]`) exits, which ends the session. A
     worker killed by a signal (the OOM killer, a `kill -9`) is started again, as a process manager would:
     its job runs again once its lock expires. A worker that exits by itself (it could not start, or was
-    asked to stop) ends the session too."""
+    asked to stop) ends the session too. The embedded Redis, however it stopped, is started again on its
+    port and append-only file; web and workers wait for it meanwhile and carry on."""
     while True:
+        if redis is not None and redis.exited:
+            print("darkroom dev: redis-server stopped; starting it again", file=sys.stderr, flush=True)
+            redis.restart()
         for index, process in enumerate(processes):
             code = process.poll()
             if code is None:

@@ -56,6 +56,7 @@ class EmbeddedRedis:
         self.appendonly = appendonly and data_dir is not None
         self._requested_port = port
         self._port: int | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._running: contextlib.ExitStack | None = None
 
     @property
@@ -102,13 +103,28 @@ class EmbeddedRedis:
             resources.callback(_shut_down, process)
             _wait_until_answering(process, port, output)
             self._port = port
+            self._process = process
             self._running = resources.pop_all()
+
+    @property
+    def exited(self) -> bool:
+        """The server stopped by itself (killed, crashed), not by stop()."""
+        return self._process is not None and self._process.poll() is not None
+
+    def restart(self) -> None:
+        """Start it again on the same port and data directory: clients reconnect to the same URL, and the
+        append-only file brings back what it held."""
+        port = self.port
+        self.stop()
+        self._requested_port = port
+        self.start()
 
     def stop(self) -> None:
         if self._running is not None:
             self._running.close()
             self._running = None
         self._port = None
+        self._process = None
 
     def __enter__(self) -> EmbeddedRedis:
         self.start()

@@ -508,6 +508,25 @@ def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path:
     stop_dev(dev, whole_group=False)
 
 
+def test_darkroom_dev_starts_a_killed_redis_again(children: Children, tmp_path: Path) -> None:
+    """Redis killed mid-session comes back on its port and AOF: the image accepted before is still
+    there, and the same web and worker processes take the next upload to its webhook."""
+    dev = start_dev(children, tmp_path / "dev-data")
+    before, _ = upload_and_hear(dev)
+    processes = descendants(dev.child.pid)
+    (redis_pid,) = [pid for pid, command in processes.items() if "redis-server" in command]
+    others = [pid for pid in processes if pid != redis_pid]
+    os.kill(redis_pid, signal.SIGKILL)
+    dev.child.wait_for_line(r"redis-server stopped; starting it again")
+    wait_until_ready(dev.base_url, [dev.child])
+    image, delivery = upload_and_hear(dev)
+    assert delivery.event["data"]["id"] == image["id"]
+    with httpx.Client(base_url=dev.base_url, headers=dev.account.headers, timeout=10) as http:
+        assert http.get(f"/v1/images/{before['id']}").json()["status"] == "completed"
+    assert all(alive(pid) for pid in others)
+    stop_dev(dev, whole_group=False)
+
+
 def test_darkroom_dev_on_a_busy_port_says_so_and_starts_nothing(children: Children, tmp_path: Path) -> None:
     """Another server answering on the port must not pass for ours (its banner would hand out a key
     that server does not know)."""
