@@ -80,16 +80,6 @@ class Settings:
             raise SettingsError("REDIS_URL is not set (darkroom dev sets it for you)")
         return self.redis_url
 
-    def require_public_url(self) -> str:
-        """The base of the links a worker puts in webhooks. A worker serves no HTTP, so the web's default
-        (localhost and the web's port) would be a guess, and partners would get links that lead nowhere."""
-        if not self.public_url_configured:
-            raise SettingsError(
-                "DARKROOM_PUBLIC_URL is not set: a worker puts links to the web process in webhooks and "
-                "cannot know its address (e.g. https://images.example.com; darkroom dev sets it for you)"
-            )
-        return self.public_url
-
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ

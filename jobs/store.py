@@ -7,6 +7,7 @@ Layout (every key under `dr:`):
 - `dr:images:expiring` and `dr:batches:expiring`: image and batch ids scored by when the retention sweep
   deletes them (jobs/retention.py); a batch's score is the latest of its creation's and its images'.
 - `dr:storage-waits:{id}` how often an image's or archive's job found the storage full, and since when.
+- `dr:public-url` the base of links a web process last announced (for workers without DARKROOM_PUBLIC_URL).
 - A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
   or deletes an image moves the batch's counters, its index and its failure list with it.
 """
@@ -68,6 +69,7 @@ def _account_images_key(account_id: str) -> str:
     return f"dr:account:{account_id}:images"
 
 
+PUBLIC_URL_KEY = "dr:public-url"
 # Image and batch ids scored by their expiry (epoch ms).
 EXPIRING_IMAGES_KEY = "dr:images:expiring"
 EXPIRING_BATCHES_KEY = "dr:batches:expiring"
@@ -158,6 +160,13 @@ class Store:
 
     async def close(self) -> None:
         await self.redis.aclose()
+
+    async def announce_public_url(self, url: str) -> None:
+        await self.redis.set(PUBLIC_URL_KEY, url)
+
+    async def announced_public_url(self) -> str | None:
+        raw = await self.redis.get(PUBLIC_URL_KEY)
+        return None if raw is None else raw.decode()
 
     async def create_account(self, name: str) -> NewAccount:
         api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -31,6 +33,8 @@ from webhooks.transport import DeliveryClient
 
 # How often a worker with every job slot taken looks for a freed one. (A worker with a free slot and
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
+log = logging.getLogger("darkroom.worker")
+
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
 # Webhook attempts in flight per worker process for receivers that answer promptly (slow and new ones
@@ -46,6 +50,9 @@ SWEEP_TIMEOUT_SECONDS = 240
 TASK_TIMEOUT_GRACE_SECONDS = 30
 # How much longer than its task's time limit arq holds a job's lock (arq's own margin).
 LOCK_MARGIN_SECONDS = 10
+# How long a worker without DARKROOM_PUBLIC_URL, started beside the web, waits for the web's address.
+PUBLIC_URL_POLL_SECONDS = 0.2
+PUBLIC_URL_POLLS = 150  # 30 s
 
 
 def image_task_timeout(settings: Settings) -> float:
@@ -148,8 +155,30 @@ async def close_deps(deps: WorkerDeps) -> None:
     await deps.http.aclose()
 
 
+async def links_from_the_web(settings: Settings, store: Store) -> Settings:
+    """A worker serves no HTTP: without DARKROOM_PUBLIC_URL, the links it puts in webhooks use the base a
+    web process announced (its own DARKROOM_PUBLIC_URL, or localhost and its PORT), not the worker's own
+    PORT. Started beside the web, it waits for that a little; then it falls back to its own default."""
+    if settings.public_url_configured:
+        return settings
+    for _ in range(PUBLIC_URL_POLLS):
+        if (announced := await store.announced_public_url()) is not None:
+            break
+        await asyncio.sleep(PUBLIC_URL_POLL_SECONDS)
+    else:
+        log.warning(
+            "DARKROOM_PUBLIC_URL is not set and no web process has announced its address: links in "
+            "webhooks use %s; set DARKROOM_PUBLIC_URL",
+            settings.public_url,
+        )
+        return settings
+    log.info("DARKROOM_PUBLIC_URL is not set: links in webhooks use %s, as the web announced", announced)
+    return replace(settings, public_url=announced)
+
+
 async def startup(ctx: dict[str, Any]) -> None:
-    deps = await build_deps(ctx["settings"], ctx["redis"])
+    settings = await links_from_the_web(ctx["settings"], Store(ctx["redis"]))
+    deps = await build_deps(settings, ctx["redis"])
     deps.dispatcher.start()
     if isinstance(deps.redis, WakeableArqRedis):
         deps.redis.start_listening()
@@ -170,7 +199,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings)."""
-    settings.require_public_url()
     pool = WakeableArqRedis.connect(settings.require_redis(), settings.queue_name)
     return {
         "functions": [

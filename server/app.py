@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -48,6 +49,8 @@ def create_app(settings: Settings) -> Starlette:
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
         app.state.variant_render_slots = variants.RenderSlots()
+        with contextlib.suppress(RedisError):  # unreachable: /readyz says so; workers use their own
+            await app.state.store.announce_public_url(settings.public_url)
         try:
             # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
             yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}

@@ -177,6 +177,9 @@ def base_env(data_dir: Path, port: int) -> dict[str, str]:
     }
 
 
+ALLOW_PRIVATE = {"DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1"}  # our receivers listen on loopback
+
+
 def service_env(data_dir: Path, port: int, redis_url: str) -> dict[str, str]:
     """What web and worker processes of a test service share: its Redis, its own URL for links, and
     callbacks to loopback receivers allowed."""
@@ -184,7 +187,7 @@ def service_env(data_dir: Path, port: int, redis_url: str) -> dict[str, str]:
         **base_env(data_dir, port),
         "REDIS_URL": redis_url,
         "DARKROOM_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "DARKROOM_ALLOW_PRIVATE_CALLBACKS": "1",
+        **ALLOW_PRIVATE,
     }
 
 
@@ -710,18 +713,33 @@ def heard_from_all(receiver: Receiver, image_ids: list[str]) -> dict[str, set[st
     return dict(ids) if set(ids) >= set(image_ids) else None
 
 
-def test_a_worker_without_a_public_url_refuses_to_start(redis_server: EmbeddedRedis, tmp_path: Path) -> None:
-    """A worker serves no HTTP: links it made up from its own defaults (localhost and a port) would send
-    partners nowhere, so it says what is missing instead of starting."""
-    env = {**base_env(tmp_path / "data", free_port()), "REDIS_URL": redis_server.url}
-    done = subprocess.run(
-        [str(BIN / "arq"), "jobs.worker.WorkerSettings"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
+def test_a_worker_without_a_public_url_links_to_the_web_not_to_its_own_port(
+    children: Children, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """Neither process has DARKROOM_PUBLIC_URL, and each has its own PORT (as honcho gives them): the
+    worker serves no HTTP, so its webhooks link to the web that announced itself, localhost and the
+    web's PORT, never to the worker's."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    web_port, worker_port = free_port(), free_port()
+    web_env, worker_env = (
+        {**base_env(tmp_path / "data", port), "REDIS_URL": redis_server.url} | ALLOW_PRIVATE
+        for port in (web_port, worker_port)
     )
-    assert done.returncode != 0
-    assert "DARKROOM_PUBLIC_URL is not set" in done.stderr
+    web = children.start("web", procfile_command("web", web_port), web_env)
+    worker = children.start("worker", procfile_command("worker", worker_port), worker_env)
+    wait_until_ready(f"http://127.0.0.1:{web_port}", [web, worker])
+    account = create_account(web_env, "partner")
+    receiver = Receiver(account.webhook_secret).start()
+    try:
+        image = upload(
+            f"http://127.0.0.1:{web_port}", account, imagegen.jpeg(64, 48), RESIZE_TO_160, receiver.url
+        )
+        (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+    expected = f"http://localhost:{web_port}/v1/images/{image['id']}/output"
+    assert delivery.event["data"]["output"]["url"] == expected
