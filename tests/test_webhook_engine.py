@@ -257,8 +257,9 @@ async def test_an_endpoint_is_announced_disabled_once_when_several_attempts_get_
 ) -> None:
     gone, gone_receiver = await endpoint_with_receiver(client, account, receivers, ["image.completed"])
     _, watcher_receiver = await endpoint_with_receiver(client, account, receivers, ["endpoint.disabled"])
-    gone_receiver.script(*[Answer(410, delay=0.2)] * 3)
-    for _ in range(3):
+    # The first answer makes the origin known (a new one gets one attempt at a time); then three at once.
+    gone_receiver.script(200, *[Answer(410, delay=0.2)] * 3)
+    for _ in range(4):
         await send_test_event(client, account, gone["id"])
 
     await deliver(settings)
@@ -690,6 +691,29 @@ async def test_any_number_of_hanging_origins_leaves_a_prompt_receiver_its_webhoo
         await hanging.close()
 
     assert [delivery.id for delivery in healthy.deliveries[1:]] == sent
+
+
+async def test_a_receiver_never_heard_from_is_not_queued_behind_new_origins_that_hang(
+    account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    """Sixty origins this worker has never sent to, each with 40 webhooks due, turn out to hang; a
+    partner's first webhook, due after all of theirs, must not wait while they are being found out
+    (when new origins shared 20 slots, three attempts each, it waited 6 s)."""
+    hanging = await SilentOrigins().start(60)
+    healthy = receivers(account.webhook_secret)
+    try:
+        async with worker_deps(settings) as deps:
+            await stage_test_events(deps, account, [Destination(CALLBACK, url) for url in hanging.urls], 2400)
+            first = new_message(
+                new_id("msg"), account.id, "webhook.test", {}, [Destination(CALLBACK, healthy.url)]
+            )
+            await deps.store.save_message(first)
+            deps.dispatcher.start()
+            (delivery,) = await asyncio.to_thread(healthy.wait_for, 1, 1.0)
+            await hanging.close()
+    finally:
+        await hanging.close()
+    assert delivery.id == first.id
 
 
 async def test_receivers_that_start_hanging_give_back_the_prompt_slots_within_seconds(
