@@ -117,6 +117,7 @@ class Settings:
             min_free_bytes=int(
                 _non_negative(env, "DARKROOM_MIN_FREE_BYTES", 200_000_000, "a number of bytes")
             ),
+            storage_full_give_up=_positive_seconds(env, "DARKROOM_STORAGE_FULL_GIVE_UP", 6 * 3600.0),
         )
 
 

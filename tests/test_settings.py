@@ -23,6 +23,11 @@ def test_readiness_wants_free_storage_as_configured() -> None:
     assert Settings.from_env({"DARKROOM_MIN_FREE_BYTES": "1_000_000"}).min_free_bytes == 1_000_000
 
 
+def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
+    assert Settings.from_env({}).storage_full_give_up == 6 * 3600
+    assert Settings.from_env({"DARKROOM_STORAGE_FULL_GIVE_UP": "600"}).storage_full_give_up == 600
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -33,6 +38,7 @@ def test_readiness_wants_free_storage_as_configured() -> None:
         ("DARKROOM_IMAGE_RETENTION", "0"),
         ("DARKROOM_MIN_FREE_BYTES", "plenty"),
         ("DARKROOM_MIN_FREE_BYTES", "-1"),
+        ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
     ],
 )
 def test_an_unusable_value_is_refused_by_name(name: str, value: str) -> None:
