@@ -499,28 +499,23 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
         return
     plan = plan_archive(started, await batches.images(batch_id), deps.storage.path)
     staged = deps.storage.new_staging_path(PARTIAL_SUFFIX)
+    key = archive_key(started)
     try:
         summary = await _assemble_with_deadline(deps, plan, staged)
+        await asyncio.to_thread(deps.storage.commit, staged, key)
     except AssemblyStopped:
         error = ImageError("timeout", f"assembling took longer than {deps.settings.archive_timeout:g} s")
         await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
         return
     except OSError as exc:
+        with contextlib.suppress(OSError):  # tidying must not hide why the build ended
+            staged.unlink()
         if is_full(exc):
             await _wait_for_storage(deps, batches, batch_id)
             return
         log.exception("the archive of %s could not be written", batch_id)
         error = ImageError("archive_failed", f"the archive could not be written: {exc.strerror or exc}")
         await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
-        return
-    key = archive_key(started)
-    try:
-        await asyncio.to_thread(deps.storage.commit, staged, key)
-    except OSError as exc:
-        staged.unlink(missing_ok=True)
-        if not is_full(exc):
-            raise
-        await _wait_for_storage(deps, batches, batch_id)
         return
     built_ms = now_ms()
     built_at = iso(built_ms)

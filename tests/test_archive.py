@@ -347,6 +347,28 @@ async def test_an_archive_that_cannot_be_written_is_announced_failed(
     assert len(receiver.deliveries) == 2
 
 
+async def test_an_archive_its_final_place_refuses_is_announced_failed_not_left_building(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, deps: WorkerDeps, receiver: Receiver
+) -> None:
+    """Written, then refused where it must appear (a directory stands there): raised to arq, the job
+    failed for good and arq's kept result held off the sweep's re-enqueue for an hour, the archive
+    `building` all the while."""
+    batch_id = (await create_batch(client, account, archive=True, callback_url=receiver.url))["id"]
+    (image,) = (await add_files(client, account, batch_id, [("a.jpg", imagegen.jpeg())])).json()["data"]
+    await processing.process_image(deps, image["id"], 1)
+    await seal(client, account, batch_id)
+    final_place = deps.storage.path(f"{account.id}/batches/{batch_id}/archive.zip")
+    (final_place / "occupied").mkdir(parents=True)
+
+    await archive.build_archive(deps, batch_id, 1)
+    await deps.dispatcher.run_until_idle()
+
+    failed, _ = sorted(await receiver.arrivals(2), key=lambda d: d.event["type"])
+    assert failed.event["type"] == "batch.archive.failed"
+    assert failed.event["data"]["archive"]["error"]["code"] == "archive_failed"
+    assert list(deps.storage.new_staging_path().parent.iterdir()) == []
+
+
 async def test_archives_expire_after_their_ttl_and_the_sweep_deletes_them(
     account: Partner, settings: Settings, redis: Redis
 ) -> None:
