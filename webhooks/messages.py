@@ -275,8 +275,13 @@ if raw then
 else
   record = {msg_id = string.match(member, '^([^:]*)'), destination = destination, attempts = {}}
 end
-attempt['number'] = #record['attempts'] + 1
-table.insert(record['attempts'], attempt)
+-- The same attempt sent again (its transaction replayed after a lost reply) is recorded once: a
+-- delivery has one attempt in flight, so two of its attempts never share a millisecond.
+local last = record['attempts'][#record['attempts']]
+if not (last and last['at'] == attempt['at']) then
+  attempt['number'] = #record['attempts'] + 1
+  table.insert(record['attempts'], attempt)
+end
 record['status'] = status
 redis.call('SET', KEYS[1], cjson.encode(record), 'EX', ARGV[6])
 redis.call('ZREM', KEYS[3], member)
