@@ -82,6 +82,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._guard: HeaderGuard | None = app_state.get(HEADER_GUARD_STATE)
         self._header_bytes = 0
         self._header_deadline: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,6 +108,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse_large_header(guard.max_header_bytes)
 
     def on_message_begin(self) -> None:
+        if self._refused:
+            return
         super().on_message_begin()
         # The next request on a kept-alive connection: its header block gets the same limits.
         if self._guard is not None and not self._guard.is_pending(self):
@@ -114,7 +117,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._header_arrived()
+        guard = self._guard
+        # Counted again as parsed: a block that arrives whole is complete before data_received counts it.
+        parsed = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if guard is not None and parsed > guard.max_header_bytes:
+            self._refuse_large_header(guard.max_header_bytes)
+            return
         super().on_headers_complete()
+
+    # Once refused, the rest of what the parser reads from this connection is no request of ours.
+    def on_body(self, body: bytes) -> None:
+        if not self._refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._refused:
+            super().on_message_complete()
 
     def drop(self) -> None:
         """Close the connection before its header block arrived (too slow, or one too many waiting)."""
@@ -137,6 +155,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._header_deadline = None
 
     def _refuse_large_header(self, limit: int) -> None:
+        self._refused = True
         detail = f"the request's header block is larger than {limit:,} bytes"
         body = json.dumps(Problem(431, "header_too_large", detail).body()).encode()
         self.transport.write(

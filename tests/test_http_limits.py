@@ -119,6 +119,25 @@ def test_a_150_mb_header_is_refused_after_its_first_kilobytes(web: str) -> None:
     assert problem["status"] == 431 and problem["code"] == "header_too_large"
 
 
+@pytest.mark.parametrize("padding", [66_000, 120_000])
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["first-request", "kept-alive"])
+def test_a_header_block_over_the_limit_that_arrives_whole_is_refused(
+    web: str, padding: int, kept_alive: bool
+) -> None:
+    """Arriving in one piece, the block is complete before its bytes were counted: still 431."""
+    oversized = b"GET /healthz HTTP/1.1\r\nHost: darkroom\r\nX-Padding: " + b"a" * padding + b"\r\n\r\n"
+    with socket.create_connection(address(web)) as sock:
+        if kept_alive:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: darkroom\r\n\r\n")
+            served = b""
+            while not served.endswith(b'{"status":"ok"}'):
+                served += sock.recv(65536)
+            assert served.startswith(b"HTTP/1.1 200 ")
+        sock.sendall(oversized)
+        response = read_response(sock, QUICKLY)
+    assert response.startswith(b"HTTP/1.1 431 "), response[:200]
+
+
 def test_a_header_block_within_the_limit_is_served(web: str) -> None:
     response = httpx.get(f"{web}/healthz", headers={"X-Padding": "a" * 60_000}, timeout=QUICKLY)
     assert response.status_code == 200
