@@ -131,3 +131,11 @@ def test_an_empty_schedule_never_retries() -> None:
 def test_410_gone_is_never_retried(attempts_made: int) -> None:
     assert EXACT.delay(attempts_made, answered(410), random.Random(1)) is None
     assert EXACT.delay(attempts_made, answered(410, "5"), random.Random(1)) is None
+
+
+@pytest.mark.parametrize("retry_after", ["99999999999999999999", "36000", "30001"])
+def test_a_wait_the_receiver_asked_for_never_passes_the_longest_delay_even_spread(retry_after: str) -> None:
+    policy = RetryPolicy((5.0, 300.0, 36000.0), jitter=0.2, slow_down_seconds=60.0)
+    rng = random.Random(3)
+    waits = [policy.delay(1, answered(429, retry_after), rng) for _ in range(200)]
+    assert all(wait is not None and wait <= 36000.0 for wait in waits), max(w or 0 for w in waits)

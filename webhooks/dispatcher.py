@@ -311,13 +311,13 @@ class RetryPolicy:
             return None
         scheduled = self.schedule[index] * rng.uniform(1 - self.jitter, 1 + self.jitter)
         asked = _retry_after_seconds(outcome.retry_after) if outcome.status_code in (429, 503) else None
+        spread = rng.uniform(1, 1 + self.jitter)
         if asked is not None:
-            floor = min(asked, max(self.schedule))
-        elif outcome.status_code == 429 or outcome.timed_out:
-            floor = self.slow_down_seconds
-        else:
-            return scheduled
-        return max(scheduled, floor * rng.uniform(1, 1 + self.jitter))
+            # Spread, then capped: a receiver asking for years waits the longest delay, not 20 % past it.
+            return max(scheduled, min(asked * spread, max(self.schedule)))
+        if outcome.status_code == 429 or outcome.timed_out:
+            return max(scheduled, self.slow_down_seconds * spread)
+        return scheduled
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
