@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from jobs import archive, processing, retention, stats
 from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
-from jobs.deps import WorkerDeps
+from jobs.deps import CLEAN_STOPS_FORGIVEN, WorkerDeps
 from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
@@ -72,8 +72,8 @@ async def hold_lock_for(ctx: dict[str, Any], task_timeout: float) -> None:
     await deps.redis.pexpire(in_progress_key_prefix + ctx["job_id"], lock_ms)
 
 
-@contextlib.contextmanager
-def run_again_when_transient(deps: WorkerDeps) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def run_again_when_transient(deps: WorkerDeps, subject_id: str) -> AsyncIterator[None]:
     """A job that raises is failed for good by arq, which would leave its image `processing` (or its
     archive `building`); Redis failing is worth another try instead (the cores are safe to re-run). So
     is arq's time limit running out while the job waits for Redis to come back: the limit is for the
@@ -86,19 +86,22 @@ def run_again_when_transient(deps: WorkerDeps) -> Iterator[None]:
     except WaitForStorage as wait:
         raise Retry(defer=wait.delay) from wait
     except asyncio.CancelledError:
-        if not (isinstance(deps.redis, WakeableArqRedis) and deps.redis.outage.under_way):
-            raise
-        raise Retry(defer=REDIS_RETRY_SECONDS) from None
+        if isinstance(deps.redis, WakeableArqRedis) and deps.redis.outage.under_way:
+            raise Retry(defer=REDIS_RETRY_SECONDS) from None
+        # Stopped, not crashed: a worker shutting down (a deploy, Ctrl-C) cancels its jobs, and arq
+        # runs them again; three deploys must not fail an image as `worker_crashed`.
+        await deps.note_clean_stop(subject_id)
+        raise
 
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
-    with run_again_when_transient(ctx["deps"]):
+    async with run_again_when_transient(ctx["deps"], image_id):
         await hold_lock_for(ctx, image_task_timeout(ctx["deps"].settings))
         await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
 
 
 async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
-    with run_again_when_transient(ctx["deps"]):
+    async with run_again_when_transient(ctx["deps"], batch_id):
         await hold_lock_for(ctx, archive_task_timeout(ctx["deps"].settings))
         await archive.build_archive(ctx["deps"], batch_id, ctx["job_try"])
 
@@ -106,7 +109,9 @@ async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
 def job_tries(settings: Settings) -> int:
     """arq's limit on a job's runs: our cores give up after settings.max_attempts starts that crashed
     the worker and record why, and runs that waited for storage do not count; arq must not stop first."""
-    return settings.max_attempts + 1 + most_storage_waits(settings.storage_full_give_up)
+    return (
+        settings.max_attempts + 1 + most_storage_waits(settings.storage_full_give_up) + CLEAN_STOPS_FORGIVEN
+    )
 
 
 async def sweep_archives(ctx: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -9,9 +10,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from jobs import processing
+from jobs import processing, worker
 from jobs.deps import WorkerDeps
 from jobs.ids import lowest_id_at, new_id
+from jobs.queue import process_job_id
 from jobs.settings import Settings
 from jobs.store import Store
 from tests import imagegen
@@ -174,6 +176,27 @@ async def test_a_job_that_keeps_killing_its_worker_ends_failed(
     assert image["error"]["code"] == "worker_crashed"
     (delivery,) = receiver.wait_for(1)
     assert json.loads(delivery.body)["type"] == "image.failed"
+
+
+async def test_a_job_stopped_by_workers_shutting_down_is_not_blamed_as_a_crash(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, deps: WorkerDeps
+) -> None:
+    """Three deploys in a row each stop the image's job (arq cancels it and runs it again): the fourth
+    run completes it instead of failing it `worker_crashed`."""
+    image_id = (await upload(client, account, imagegen.jpeg())).json()["id"]
+    for job_try in range(1, settings.max_attempts + 1):
+        ctx = {"deps": deps, "job_try": job_try, "job_id": process_job_id(image_id)}
+        run = asyncio.create_task(worker.process_image(ctx, image_id))
+        await asyncio.sleep(0)  # under way: waiting on Redis for its lock
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+
+    ctx = {"deps": deps, "job_try": settings.max_attempts + 1, "job_id": process_job_id(image_id)}
+    await worker.process_image(ctx, image_id)
+
+    image = (await client.get(f"/v1/images/{image_id}", headers=account.headers)).json()
+    assert image["status"] == "completed", image["error"]
 
 
 async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_same_id(
