@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,6 +34,7 @@ from server.problems import (
 # Redis that hangs (frozen, or its network gone) must not hang every request with it. The web sends no
 # blocking commands, and its slowest script answers in milliseconds.
 REDIS_COMMAND_TIMEOUT_SECONDS = 5.0
+ANNOUNCE_RETRY_SECONDS = 1.0
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -49,12 +50,12 @@ def create_app(settings: Settings) -> Starlette:
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
         app.state.variant_render_slots = variants.RenderSlots()
-        with contextlib.suppress(RedisError):  # unreachable: /readyz says so; workers use their own
-            await app.state.store.announce_public_url(settings.public_url)
+        announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
         try:
             # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
             yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
         finally:
+            announcing.cancel()
             await redis.aclose(close_connection_pool=True)
 
     app = Starlette(
@@ -84,6 +85,17 @@ def create_app(settings: Settings) -> Starlette:
     )
     app.state.settings = settings
     return app
+
+
+async def _announce_public_url(store: Store, public_url: str) -> None:
+    """Tell workers without DARKROOM_PUBLIC_URL where this web process's links lead: once Redis answers,
+    which may be after this process started."""
+    while True:
+        try:
+            await store.announce_public_url(public_url)
+            return
+        except RedisError:
+            await asyncio.sleep(ANNOUNCE_RETRY_SECONDS)
 
 
 def __getattr__(name: str) -> Any:

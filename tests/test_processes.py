@@ -234,6 +234,13 @@ def poll(check: Callable[[], Any], what: str, timeout: float = WEBHOOK_TIMEOUT) 
         time.sleep(0.05)
 
 
+def answers_health(base_url: str) -> bool:
+    try:
+        return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 def create_account(env: dict[str, str], name: str) -> Partner:
     done = subprocess.run(
         [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json"],
@@ -713,24 +720,28 @@ def heard_from_all(receiver: Receiver, image_ids: list[str]) -> dict[str, set[st
     return dict(ids) if set(ids) >= set(image_ids) else None
 
 
+@pytest.mark.parametrize("redis_late", [False, True], ids=["redis-up", "redis-starts-after-them"])
 def test_a_worker_without_a_public_url_links_to_the_web_not_to_its_own_port(
-    children: Children, redis_server: EmbeddedRedis, tmp_path: Path
+    children: Children, tmp_path: Path, redis_late: bool
 ) -> None:
     """Neither process has DARKROOM_PUBLIC_URL, and each has its own PORT (as honcho gives them): the
     worker serves no HTTP, so its webhooks link to the web that announced itself, localhost and the
-    web's PORT, never to the worker's."""
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-    finally:
-        client.close()
-    web_port, worker_port = free_port(), free_port()
+    web's PORT, never to the worker's; also when Redis comes up only after both started."""
+    redis_port, web_port, worker_port = free_port(), free_port(), free_port()
+    redis_dir = tmp_path / "redis"
+    redis_dir.mkdir()
+    if not redis_late:
+        start_redis(children, redis_port, redis_dir)
     web_env, worker_env = (
-        {**base_env(tmp_path / "data", port), "REDIS_URL": redis_server.url} | ALLOW_PRIVATE
+        {**base_env(tmp_path / "data", port), "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+        | ALLOW_PRIVATE
         for port in (web_port, worker_port)
     )
     web = children.start("web", procfile_command("web", web_port), web_env)
     worker = children.start("worker", procfile_command("worker", worker_port), worker_env)
+    if redis_late:
+        poll(lambda: answers_health(f"http://127.0.0.1:{web_port}"), "the web serving without Redis")
+        start_redis(children, redis_port, redis_dir)
     wait_until_ready(f"http://127.0.0.1:{web_port}", [web, worker])
     account = create_account(web_env, "partner")
     receiver = Receiver(account.webhook_secret).start()
