@@ -195,7 +195,8 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    if isinstance(ctx["redis"], WakeableArqRedis):
+    # Stopped before arq reached Redis at start (it was down), the worker has no pool in ctx yet.
+    if isinstance(ctx.get("redis"), WakeableArqRedis):
         await ctx["redis"].stop_listening()
     deps: WorkerDeps | None = ctx.get("deps")
     if deps is not None:
