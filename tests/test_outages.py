@@ -150,3 +150,8 @@ async def test_a_job_whose_time_limit_runs_out_while_redis_is_down_runs_again(
                 await running.close()
         finally:
             task.cancel()
+
+
+async def test_a_worker_stopped_before_it_reached_redis_shuts_down_cleanly() -> None:
+    """SIGTERM while Redis was down at start: arq runs the shutdown hook with no pool in ctx yet."""
+    await worker.shutdown({})
