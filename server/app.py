@@ -83,6 +83,8 @@ def create_app(settings: Settings) -> Starlette:
         ],
         lifespan=lifespan,
     )
+    # `/v1/images/img_…/` is no route of ours: 404, not a redirect built from the client's Host header.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     return app
 

@@ -263,7 +263,10 @@ def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
             operation = item.get(method)
             if operation is None:
                 continue
-            common = {"401": _UNAUTHORIZED}
+            common = {
+                "401": _UNAUTHORIZED,
+                "503": _problem("Redis is unreachable (store_unavailable); retry after Retry-After"),
+            }
             if "{" in path:
                 common["404"] = _problem("No such resource in this account")
             if operation.get("parameters") or "requestBody" in operation:

@@ -216,6 +216,9 @@ async def test_an_id_with_a_suffix_is_no_such_resource(client: httpx.AsyncClient
         ("DELETE", ep),
         ("GET", f"{ep}/secret"),
         ("POST", f"{ep}/test"),
+        # A trailing slash is no route either: 404, not a redirect to the client's own Host header.
+        ("GET", f"/v1/images/{image['id']}/"),
+        ("GET", f"/v1/images/{image['id']}%2F"),
     ]
     for method, path in requests:
         response = await client.request(method, path, headers=account.headers)
