@@ -6,15 +6,15 @@ slot, so slots are split into lanes by what this process has seen of each origin
 - fast: origins whose last attempt was answered within SLOW_AFTER_SECONDS. The lane's last
   FAST_LANE_RESERVE slots are kept for origins with fewer than ATTEMPTS_PER_CONNECTION attempts in
   flight, so a receiver with a few webhooks always finds room beside busy ones.
-- new: origins not heard from yet, one attempt each until it is answered, NEW_LANE_SLOTS in all: a
-  hundred origins that turn out to hang are found out within a second while a partner's first webhook
-  still finds a slot.
+- new: origins not heard from yet, ATTEMPTS_PER_CONNECTION attempts each, NEW_LANE_SLOTS in all: sixty
+  origins that turn out to hang are found out within a second while a partner's first webhook still
+  finds a slot.
 - slow: origins with an attempt unanswered for SLOW_AFTER_SECONDS, or whose last attempt took that long
   (timeouts included), one attempt per connection each, SLOW_LANE_SLOTS in all.
 
 An attempt unanswered after SLOW_AFTER_SECONDS moves to the slow lane, whichever lane it started in, so
 a receiver that starts hanging gives back its fast or new slots within that time; one answered sooner
-brings its origin back to the fast lane. Attempts are sockets and small tasks, so the lanes' sum (200
+brings its origin back to the fast lane. Attempts are sockets and small tasks, so the lanes' sum (300
 by default) costs little; what they bound is how long a prompt receiver can wait.
 """
 
@@ -28,7 +28,7 @@ from typing import Literal
 Lane = Literal["fast", "new", "slow"]
 
 SLOW_AFTER_SECONDS = 1.0
-NEW_LANE_SLOTS = 100
+NEW_LANE_SLOTS = 200
 SLOW_LANE_SLOTS = 50
 FAST_LANE_RESERVE = 10
 # Attempts in flight per connection to a fast origin: one being answered and the next ones ready, so a
@@ -69,7 +69,7 @@ class OriginLanes:
         self.sizes: dict[Lane, int] = {"fast": fast_slots, "new": NEW_LANE_SLOTS, "slow": SLOW_LANE_SLOTS}
         self.per_origin: dict[Lane, int] = {
             "fast": connections_per_origin * ATTEMPTS_PER_CONNECTION,
-            "new": 1,
+            "new": ATTEMPTS_PER_CONNECTION,
             "slow": connections_per_origin,
         }
         self.used: Counter[Lane] = Counter()
