@@ -20,7 +20,7 @@ from arq.connections import ArqRedis
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
-from redis.asyncio import BlockingConnectionPool
+from redis.asyncio import ConnectionPool
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -42,9 +42,6 @@ APPLIED_MARKER_PREFIX = "dr:applied:"
 APPLIED_MARKER_TTL_MS = 600_000
 
 PROCESS_IMAGE = "process_image"
-# Connections one process opens to Redis at most (more wait for one to be free): far above what a web
-# process's requests or a worker's jobs and webhook attempts hold at once.
-MAX_CONNECTIONS = 1000
 
 
 def wake_channel(queue_name: str) -> str:
@@ -83,17 +80,9 @@ class QueuePool(ArqRedis):
 
     @classmethod
     def connect(cls, redis_url: str, queue_name: str, *, command_timeout: float | None = None) -> Self:
-        """`command_timeout` bounds connecting and each reply (None: wait as long as Redis takes).
-
-        A blocking pool, because it connects outside its lock: redis-py's plain pool makes each new
-        connection (connect and handshake) while holding it, so with a frozen Redis every request
-        waited for the ones before it to time out."""
-        connections = BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=command_timeout,
-            socket_timeout=command_timeout,
-            socket_connect_timeout=command_timeout,
+        """`command_timeout` bounds connecting and each reply (None: wait as long as Redis takes)."""
+        connections = ConnectionPool.from_url(
+            redis_url, socket_timeout=command_timeout, socket_connect_timeout=command_timeout
         )
         pool = cls(connections, default_queue_name=queue_name)
         pool.auto_close_connection_pool = True  # this client owns its connections: aclose() ends them
