@@ -157,11 +157,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _refuse_large_header(self, limit: int) -> None:
         self._refused = True
         detail = f"the request's header block is larger than {limit:,} bytes"
-        body = json.dumps(Problem(431, "header_too_large", detail).body()).encode()
+        self._answer_and_close(
+            b"431 Request Header Fields Too Large", Problem(431, "header_too_large", detail)
+        )
+
+    def send_400_response(self, msg: str) -> None:
+        """What the parser cannot read (a bad Content-Length, an empty Transfer-Encoding, …) is answered
+        as every other error is, a problem document, not uvicorn's plain text."""
+        detail = f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})"
+        self._answer_and_close(b"400 Bad Request", Problem(400, "malformed_request", detail))
+
+    def _answer_and_close(self, status: bytes, problem: Problem) -> None:
+        body = json.dumps(problem.body()).encode()
         self.transport.write(
             b"".join(
                 [
-                    b"HTTP/1.1 431 Request Header Fields Too Large\r\n",
+                    b"HTTP/1.1 " + status + b"\r\n",
                     b"content-type: application/problem+json\r\n",
                     b"content-length: %d\r\n" % len(body),
                     b"connection: close\r\n\r\n",

@@ -266,6 +266,7 @@ def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
             common = {
                 "401": _UNAUTHORIZED,
                 "503": _problem("Redis is unreachable (store_unavailable); retry after Retry-After"),
+                "400": _problem("The request is not valid HTTP (malformed_request)"),
             }
             if "{" in path:
                 common["404"] = _problem("No such resource in this account")

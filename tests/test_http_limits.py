@@ -138,6 +138,19 @@ def test_a_header_block_over_the_limit_that_arrives_whole_is_refused(
     assert response.startswith(b"HTTP/1.1 431 "), response[:200]
 
 
+@pytest.mark.parametrize(
+    "header", [b"Content-Length: -1", b"Content-Length: 1\r\nContent-Length: 2", b"Transfer-Encoding;"]
+)
+def test_a_request_the_parser_cannot_read_is_a_problem_document(web: str, header: bytes) -> None:
+    with socket.create_connection(address(web)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: darkroom\r\n" + header + b"\r\n\r\n")
+        response = read_response(sock, QUICKLY)
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), response[:200]
+    assert b"content-type: application/problem+json" in head
+    assert json.loads(body)["code"] == "malformed_request"
+
+
 def test_a_header_block_within_the_limit_is_served(web: str) -> None:
     response = httpx.get(f"{web}/healthz", headers={"X-Padding": "a" * 60_000}, timeout=QUICKLY)
     assert response.status_code == 200

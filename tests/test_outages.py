@@ -18,6 +18,7 @@ from redis.exceptions import WatchError
 from jobs import worker
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
+from jobs.store import PUBLIC_URL_KEY
 from server.app import REDIS_COMMAND_TIMEOUT_SECONDS
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
@@ -84,9 +85,12 @@ async def test_a_frozen_redis_answers_503_in_seconds_rather_than_hanging_request
     """A Redis that accepts connections but answers nothing (SIGSTOPped here; a hung host or a dropped
     network route in production): a request ends with the same 503 as an unreachable one."""
     with EmbeddedRedis(None) as server:
-        async with Redis.from_url(server.url) as probe:
-            pid = int((await probe.info("server"))["process_id"])
+        probe = Redis.from_url(server.url)
+        pid = int((await probe.info("server"))["process_id"])
         async with api_client(with_settings(settings, redis_url=server.url)) as client:
+            # The web's own start-up write (its link base) done, so only the request meets the freeze.
+            await wait_until(lambda: probe.exists(PUBLIC_URL_KEY), "the web announced its link base")
+            await probe.aclose()
             os.kill(pid, signal.SIGSTOP)
             try:
                 started = time.monotonic()
