@@ -50,12 +50,19 @@ def create_app(settings: Settings) -> Starlette:
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
         app.state.variant_render_slots = variants.RenderSlots()
-        announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
+        # Announced now (a task left running into shutdown would be cut off mid-command and leave its
+        # connection open); only when Redis is not there yet does a task keep trying.
+        announcing = None
+        try:
+            await app.state.store.announce_public_url(settings.public_url)
+        except RedisError:
+            announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
         try:
             # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
             yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
         finally:
-            announcing.cancel()
+            if announcing is not None:
+                announcing.cancel()
             await redis.aclose(close_connection_pool=True)
 
     app = Starlette(
