@@ -6,8 +6,8 @@ Layout (every key under `dr:`):
   ordered by id, and ids sort by creation time).
 - `dr:images:expiring` and `dr:batches:expiring`: image and batch ids scored by when the retention sweep
   deletes them (jobs/retention.py); a batch's score is the latest of its creation's and its images'.
-- `dr:storage-waits:{id}` how often an image's or archive's job found the storage full, and since when;
-  and how often a worker shutting down stopped it: runs that ended without crashing.
+- `dr:ended-runs:{id}` the runs of an image's or archive's job that ended without crashing: how often it
+  found the storage full (and since when), and how often a worker shutting down stopped it.
 - `dr:public-url` the base of links a web process last announced (for workers without DARKROOM_PUBLIC_URL).
 - A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
   or deletes an image moves the batch's counters, its index and its failure list with it.
@@ -62,8 +62,8 @@ def image_key(image_id: str) -> str:
     return f"dr:image:{image_id}"
 
 
-def storage_waits_key(subject_id: str) -> str:
-    return f"dr:storage-waits:{subject_id}"
+def ended_runs_key(subject_id: str) -> str:
+    return f"dr:ended-runs:{subject_id}"
 
 
 def _account_images_key(account_id: str) -> str:
@@ -290,7 +290,7 @@ class Store:
     async def note_storage_wait(self, subject_id: str, keep_seconds: float) -> tuple[int, int]:
         """Count one more time the job of an image or archive found the storage full: how many times so
         far, and when the first was (epoch ms)."""
-        key = storage_waits_key(subject_id)
+        key = ended_runs_key(subject_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hsetnx(key, "since", str(now_ms()))
             pipe.hincrby(key, "waits", 1)
@@ -301,7 +301,7 @@ class Store:
 
     async def note_clean_stop(self, subject_id: str, keep_seconds: float) -> None:
         """Count one more run of the job of an image or archive stopped by its worker shutting down."""
-        key = storage_waits_key(subject_id)
+        key = ended_runs_key(subject_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hincrby(key, "stops", 1)
             pipe.expire(key, int(keep_seconds))
@@ -310,7 +310,7 @@ class Store:
     async def runs_ended_without_crash(self, subject_id: str, most_stops: int) -> int:
         """How many of the job's runs ended waiting for storage or stopped by a shutdown (at most
         `most_stops` of those: past that, being stopped counts as crashing)."""
-        waits, stops = await self.redis.hmget(storage_waits_key(subject_id), ["waits", "stops"])  # type: ignore[misc]
+        waits, stops = await self.redis.hmget(ended_runs_key(subject_id), ["waits", "stops"])  # type: ignore[misc]
         return int(waits or 0) + min(int(stops or 0), most_stops)
 
     async def image_exists(self, image_id: str) -> bool:

@@ -31,10 +31,10 @@ from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
 from webhooks.transport import DeliveryClient
 
-# How often a worker with every job slot taken looks for a freed one. (A worker with a free slot and
-# nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 log = logging.getLogger("darkroom.worker")
 
+# How often a worker with every job slot taken looks for a freed one. (A worker with a free slot and
+# nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
 # Webhook attempts in flight per worker process for receivers that answer promptly (slow and new ones
@@ -108,7 +108,8 @@ async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
 
 def job_tries(settings: Settings) -> int:
     """arq's limit on a job's runs: our cores give up after settings.max_attempts starts that crashed
-    the worker and record why, and runs that waited for storage do not count; arq must not stop first."""
+    the worker and record why, and runs that waited for storage or were stopped by a shutdown (up to
+    CLEAN_STOPS_FORGIVEN) do not count; arq must not stop first."""
     return (
         settings.max_attempts + 1 + most_storage_waits(settings.storage_full_give_up) + CLEAN_STOPS_FORGIVEN
     )
