@@ -6,9 +6,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
+# S3 refuses multipart parts under 5 MiB (all but the last).
+MIN_S3_PART_BYTES = 5 * 1024 * 1024
+DEFAULT_S3_PART_BYTES = 8 * 1024 * 1024
 
 
 class SettingsError(ValueError):
@@ -66,14 +69,36 @@ class Settings:
     min_free_bytes: int = 200_000_000
     # A job that finds the storage full waits for room (with backoff) this long, then fails `storage_full`.
     storage_full_give_up: float = 6 * 3600.0
+    # S3-compatible storage (DARKROOM_STORAGE_URL=s3://bucket/prefix): another endpoint than AWS's
+    # (MinIO, R2), its region, the multipart part size (memory held per upload), and whether downloads
+    # redirect to a presigned GET instead of streaming through the web process.
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_part_size: int = DEFAULT_S3_PART_BYTES
+    s3_presigned_downloads: bool = False
     queue_name: str = "darkroom:queue"
+
+    @property
+    def uses_s3(self) -> bool:
+        return urlsplit(self.storage_url).scheme == "s3"
 
     @property
     def storage_root(self) -> Path:
         parsed = urlsplit(self.storage_url)
         if parsed.scheme != "file":
-            raise SettingsError(f"DARKROOM_STORAGE_URL: unsupported scheme {parsed.scheme!r} (use file://)")
+            raise SettingsError(
+                f"DARKROOM_STORAGE_URL: unsupported scheme {parsed.scheme!r} (use file:// or s3://)"
+            )
         return Path(parsed.path)
+
+    @property
+    def s3_location(self) -> tuple[str, str]:
+        """The bucket and the key prefix (empty, or ending in `/`) of an `s3://bucket/prefix` URL."""
+        parsed = urlsplit(self.storage_url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise SettingsError(f"DARKROOM_STORAGE_URL: {self.storage_url!r} is not s3://bucket[/prefix]")
+        prefix = parsed.path.strip("/")
+        return parsed.netloc, f"{prefix}/" if prefix else ""
 
     def require_redis(self) -> str:
         if not self.redis_url:
@@ -85,10 +110,16 @@ class Settings:
         env = os.environ if environ is None else environ
         data_dir = Path(env.get("DARKROOM_DATA_DIR", "./data")).resolve()
         port = env.get("PORT", "8000")
-        return cls(
+        storage_url = env.get("DARKROOM_STORAGE_URL") or data_dir.as_uri()
+        # The contract also takes `s3://bucket?endpoint_url=…&region=…`; the variables win over the query.
+        query = {name: values[-1] for name, values in parse_qs(urlsplit(storage_url).query).items()}
+        part_size = _positive_int(env, "DARKROOM_S3_PART_SIZE", DEFAULT_S3_PART_BYTES)
+        if part_size < MIN_S3_PART_BYTES:
+            raise SettingsError(f"DARKROOM_S3_PART_SIZE must be at least {MIN_S3_PART_BYTES} (5 MiB)")
+        settings = cls(
             redis_url=env.get("REDIS_URL", ""),
             data_dir=data_dir,
-            storage_url=env.get("DARKROOM_STORAGE_URL") or data_dir.as_uri(),
+            storage_url=storage_url,
             public_url=(env.get("DARKROOM_PUBLIC_URL") or f"http://localhost:{port}").rstrip("/"),
             public_url_configured=bool(env.get("DARKROOM_PUBLIC_URL")),
             allow_private_callbacks=_flag(env, "DARKROOM_ALLOW_PRIVATE_CALLBACKS"),
@@ -118,7 +149,14 @@ class Settings:
                 _non_negative(env, "DARKROOM_MIN_FREE_BYTES", 200_000_000, "a number of bytes")
             ),
             storage_full_give_up=_positive_seconds(env, "DARKROOM_STORAGE_FULL_GIVE_UP", 6 * 3600.0),
+            s3_endpoint_url=env.get("DARKROOM_S3_ENDPOINT_URL") or query.get("endpoint_url"),
+            s3_region=env.get("DARKROOM_S3_REGION") or query.get("region"),
+            s3_part_size=part_size,
+            s3_presigned_downloads=_flag(env, "DARKROOM_S3_PRESIGNED_DOWNLOADS"),
         )
+        # A storage URL Darkroom cannot use stops the process at start, not at its first upload.
+        _ = settings.s3_location if settings.uses_s3 else settings.storage_root
+        return settings
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

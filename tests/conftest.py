@@ -25,6 +25,7 @@ from server.app import create_app
 from server.embedded_redis import EmbeddedRedis
 from tests.pixels import Renderer
 from tests.receiver import Receiver
+from tests.s3server import CREDENTIALS, REGION, S3Server
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 
@@ -67,6 +68,36 @@ def settings(redis: Redis, redis_server: EmbeddedRedis, tmp_path: Path) -> Setti
         max_pixels=50_000_000,
         job_timeout=30,
     )
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """One moto S3 server for the session (each test gets its own bucket); its credentials in the
+    environment, where the AWS credential chain of our processes and their children finds them."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in CREDENTIALS.items():
+            patch.setenv(name, value)
+        server = S3Server().start()
+        yield server
+        server.stop()
+
+
+def on_s3(settings: Settings, server: S3Server) -> Settings:
+    """`settings` storing blobs in a new bucket of `server`, under a prefix."""
+    return replace(
+        settings,
+        storage_url=f"s3://{server.new_bucket()}/darkroom",
+        s3_endpoint_url=server.url,
+        s3_region=REGION,
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def any_storage_settings(request: pytest.FixtureRequest, settings: Settings) -> Settings:
+    """The same test on both storages: the local folder and an S3 bucket."""
+    if request.param == "local":
+        return settings
+    return on_s3(settings, request.getfixturevalue("s3_server"))
 
 
 @dataclass(frozen=True)

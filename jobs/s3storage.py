@@ -1,0 +1,329 @@
+"""Blob storage in a bucket of an S3-compatible service (AWS S3, MinIO, R2), with aiobotocore.
+
+aiobotocore rather than obstore: it is async on asyncio, takes credentials from botocore's whole chain
+(environment, shared profiles, SSO, container and instance metadata), and signs presigned POST forms
+with a `content-length-range` condition, which direct uploads need to cap a file's size; obstore's
+signer makes query-string URLs (GET, PUT) only, with no policy conditions.
+
+Large files go up as multipart uploads, a part at a time, so memory stays bounded by the part size
+(DARKROOM_S3_PART_SIZE). Anything the service answers other than "no such key" that stops an operation
+(a 5xx, throttling after botocore's own retries, a refused connection) is StorageUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import AioSession
+from botocore.exceptions import BotoCoreError, ClientError
+
+from jobs.settings import Settings
+from jobs.storage import (
+    STREAM_CHUNK_BYTES,
+    BlobInfo,
+    BlobMissing,
+    BlobWriter,
+    PresignedPost,
+    ScratchFolder,
+    StorageUnavailable,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef, ObjectIdentifierTypeDef
+
+log = logging.getLogger("darkroom.s3")
+
+T = TypeVar("T")
+
+# Connections kept open to the service: enough for every job slot, archive and download of a process.
+MAX_POOL_CONNECTIONS = 100
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 60.0
+# botocore's own attempts at a request that failed transiently, before we call the storage unavailable.
+MAX_ATTEMPTS = 3
+# DeleteObjects takes at most this many keys per request.
+DELETE_BATCH = 1000
+_NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
+
+
+class S3Storage(ScratchFolder):
+    """Keys live under the URL's prefix in its bucket; the client is made by `prepare` and closed by
+    `close` (the web's lifespan, the worker's start-up and shutdown)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings.data_dir / ".staging")
+        self.bucket, self.prefix = settings.s3_location
+        self.part_size = settings.s3_part_size
+        self._settings = settings
+        self._exit_stack = AsyncExitStack()
+        self._client: S3Client | None = None
+
+    async def prepare(self) -> None:
+        self._staging.mkdir(parents=True, exist_ok=True)
+        settings = self._settings
+        config = AioConfig(
+            max_pool_connections=MAX_POOL_CONNECTIONS,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            read_timeout=READ_TIMEOUT_SECONDS,
+            retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+            signature_version="s3v4",
+            # MinIO and moto serve buckets by path; AWS picks virtual hosts itself.
+            s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+        )
+        client = AioSession().create_client(
+            "s3", region_name=settings.s3_region, endpoint_url=settings.s3_endpoint_url, config=config
+        )
+        self._client = await self._exit_stack.enter_async_context(client)
+
+    async def close(self) -> None:
+        self._client = None
+        await self._exit_stack.aclose()
+
+    @property
+    def client(self) -> S3Client:
+        assert self._client is not None, "S3Storage.prepare() was not awaited"
+        return self._client
+
+    def object_key(self, key: str) -> str:
+        return self.prefix + key
+
+    async def put_file(self, staged: Path, key: str) -> None:
+        """Read a part at a time: one PutObject for a small file, a multipart upload for a large one."""
+        writer = self.open_writer(key)
+        try:
+            with await asyncio.to_thread(staged.open, "rb") as source:
+                while part := await asyncio.to_thread(source.read, self.part_size):
+                    await writer.write(part)
+            await writer.commit()
+        except BaseException:
+            await asyncio.shield(writer.abort())
+            raise
+        finally:
+            await asyncio.to_thread(staged.unlink, missing_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def local_copy(self, key: str) -> AsyncIterator[Path]:
+        copy = self.new_staging_path()
+        try:
+            _, chunks = await self.stream(key)
+            with copy.open("wb") as sink:
+                async for chunk in chunks:
+                    await asyncio.to_thread(sink.write, chunk)
+            yield copy
+        finally:
+            copy.unlink(missing_ok=True)
+
+    def open_writer(self, key: str) -> BlobWriter:
+        return _MultipartWriter(self, self.object_key(key))
+
+    async def stat(self, key: str) -> BlobInfo | None:
+        try:
+            head = await _call(self.client.head_object(Bucket=self.bucket, Key=self.object_key(key)))
+        except BlobMissing:
+            return None
+        return BlobInfo(head["ContentLength"], head["ETag"].strip('"'), head["LastModified"].timestamp())
+
+    async def read_head(self, key: str, size: int) -> bytes:
+        _, chunks = await self.stream(key, 0, size - 1)
+        return b"".join([chunk async for chunk in chunks])
+
+    async def touch(self, key: str) -> bool:
+        # S3 cannot change an object's time in place: the eviction order is the order they were written.
+        return await self.stat(key) is not None
+
+    async def evict_least_recent(self, prefix: str, keep: int) -> None:
+        listed = await self._list(prefix)
+        listed.sort(key=lambda entry: entry["LastModified"], reverse=True)
+        await self._delete([entry["Key"] for entry in listed[keep:]])
+
+    async def delete_tree(self, prefix: str) -> None:
+        listed = await self._list(prefix)
+        await self._delete([entry["Key"] for entry in listed])
+
+    async def _list(self, prefix: str) -> list[Any]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        listed: list[Any] = []
+
+        async def collect() -> None:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.object_key(prefix) + "/"):
+                listed.extend(page.get("Contents", []))
+
+        await _call(collect())
+        return listed
+
+    async def _delete(self, object_keys: list[str]) -> None:
+        for start in range(0, len(object_keys), DELETE_BATCH):
+            batch: list[ObjectIdentifierTypeDef] = [
+                {"Key": key} for key in object_keys[start : start + DELETE_BATCH]
+            ]
+            await _call(
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            )
+
+    async def abort_stale_uploads(self, started_before: float) -> int:
+        paginator = self.client.get_paginator("list_multipart_uploads")
+        stale: list[tuple[str, str]] = []
+
+        async def collect() -> None:
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() < started_before:
+                        stale.append((upload["Key"], upload["UploadId"]))
+
+        await _call(collect())
+        for key, upload_id in stale:
+            with contextlib.suppress(BlobMissing):  # finished or aborted meanwhile
+                await _call(
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+                )
+        return len(stale)
+
+    async def check(self) -> str:
+        try:
+            await _call(self.client.head_bucket(Bucket=self.bucket))
+        except (StorageUnavailable, BlobMissing) as exc:
+            return f"unreachable: {exc}"
+        return "ok"
+
+    async def presigned_get(self, key: str, expires_in: int, filename: str, content_type: str) -> str | None:
+        return await self.client.generate_presigned_url(
+            "get_object",
+            Params={
+                "Bucket": self.bucket,
+                "Key": self.object_key(key),
+                "ResponseContentDisposition": filename,
+                "ResponseContentType": content_type,
+            },
+            ExpiresIn=expires_in,
+        )
+
+    async def presign_post(
+        self,
+        key: str,
+        max_bytes: int,
+        expires_in: int,
+        success_redirect_url: str | None = None,
+        content_type: str | None = None,
+    ) -> PresignedPost | None:
+        fields: dict[str, str] = {}
+        conditions: list[Any] = [["content-length-range", 1, max_bytes]]
+        if success_redirect_url is not None:
+            fields["success_action_redirect"] = success_redirect_url
+            conditions.append({"success_action_redirect": success_redirect_url})
+        if content_type is not None:
+            fields["Content-Type"] = content_type
+            conditions.append({"Content-Type": content_type})
+        form = await self.client.generate_presigned_post(
+            Bucket=self.bucket,
+            Key=self.object_key(key),
+            Fields=fields,
+            Conditions=conditions,
+            ExpiresIn=expires_in,
+        )
+        return PresignedPost(form["url"], {name: str(value) for name, value in form["fields"].items()})
+
+    async def stream(
+        self, key: str, first: int | None = None, last: int | None = None
+    ) -> tuple[BlobInfo, AsyncIterator[bytes]]:
+        object_key = self.object_key(key)
+        if first is None and last is None:
+            response = await _call(self.client.get_object(Bucket=self.bucket, Key=object_key))
+        else:
+            wanted = f"bytes={first or 0}-{'' if last is None else last}"
+            response = await _call(self.client.get_object(Bucket=self.bucket, Key=object_key, Range=wanted))
+        content_range = response.get("ContentRange")
+        size = int(content_range.rpartition("/")[2]) if content_range else response["ContentLength"]
+        info = BlobInfo(size, response["ETag"].strip('"'), response["LastModified"].timestamp())
+        return info, _chunks(response["Body"])
+
+
+async def _chunks(body: Any) -> AsyncIterator[bytes]:
+    async with body:
+        try:
+            async for chunk in body.iter_chunks(STREAM_CHUNK_BYTES):
+                yield chunk
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise StorageUnavailable(f"the storage stopped sending: {exc}") from exc
+
+
+class _MultipartWriter:
+    """A multipart upload sending each part as soon as it is full (one part of memory at most), or one
+    PutObject when the whole blob fits one part."""
+
+    def __init__(self, storage: S3Storage, object_key: str) -> None:
+        self._storage = storage
+        self._key = object_key
+        self._buffer = bytearray()
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPartTypeDef] = []
+
+    async def write(self, chunk: bytes) -> None:
+        self._buffer += chunk
+        while len(self._buffer) >= self._storage.part_size:
+            part = bytes(self._buffer[: self._storage.part_size])
+            del self._buffer[: self._storage.part_size]
+            await self._send_part(part)
+
+    async def _send_part(self, part: bytes) -> None:
+        client, bucket = self._storage.client, self._storage.bucket
+        if self._upload_id is None:
+            started = await _call(client.create_multipart_upload(Bucket=bucket, Key=self._key))
+            self._upload_id = started["UploadId"]
+        number = len(self._parts) + 1
+        sent = await _call(
+            client.upload_part(
+                Bucket=bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=part
+            )
+        )
+        self._parts.append({"PartNumber": number, "ETag": sent["ETag"]})
+
+    async def commit(self) -> None:
+        client, bucket = self._storage.client, self._storage.bucket
+        if self._upload_id is None:
+            await _call(client.put_object(Bucket=bucket, Key=self._key, Body=bytes(self._buffer)))
+            self._buffer.clear()
+            return
+        if self._buffer:
+            await self._send_part(bytes(self._buffer))
+            self._buffer.clear()
+        await _call(
+            client.complete_multipart_upload(
+                Bucket=bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
+            )
+        )
+
+    async def abort(self) -> None:
+        self._buffer.clear()
+        if self._upload_id is None:
+            return
+        upload_id, self._upload_id = self._upload_id, None
+        try:
+            await _call(
+                self._storage.client.abort_multipart_upload(
+                    Bucket=self._storage.bucket, Key=self._key, UploadId=upload_id
+                )
+            )
+        except (StorageUnavailable, BlobMissing):
+            # The sweep aborts it later (abort_stale_uploads); a bucket lifecycle rule is the backstop.
+            log.warning("could not abort the multipart upload of %s; the sweep will", self._key)
+
+
+async def _call(operation: Awaitable[T]) -> T:
+    """An S3 request, its failures as ours: BlobMissing for a missing key, StorageUnavailable else."""
+    try:
+        return await operation
+    except ClientError as exc:
+        error = exc.response.get("Error", {})
+        if error.get("Code") in _NOT_FOUND:
+            raise BlobMissing(error.get("Message") or "no such blob") from None
+        raise StorageUnavailable(f"the storage answered {error.get('Code')}: {error.get('Message')}") from exc
+    except (BotoCoreError, OSError, TimeoutError) as exc:
+        raise StorageUnavailable(f"the storage cannot be reached: {exc}") from exc
