@@ -33,6 +33,7 @@ import unicodedata
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -44,7 +45,7 @@ from jobs.batches import Batches
 from jobs.deps import WorkerDeps
 from jobs.ops.encode import SAVERS, OutputFormat
 from jobs.records import ArchiveSpec, ArchiveState, BatchRecord, ImageError, ImageRecord, OutputInfo
-from jobs.storage import StorageFull, is_full
+from jobs.storage import BlobStorage, LocalStorage, StorageFull, StorageUnavailable, is_full
 from jobs.variants import VariantSpec, render_variant
 from jobs.vips_errors import reports_storage_full
 from webhooks.messages import iso, now_ms
@@ -187,13 +188,18 @@ def plan_archive(
 
 
 def assemble(
-    plan: ArchivePlan, destination: Path, scratch: Callable[[str], Path], stop: threading.Event
+    plan: ArchivePlan,
+    destination: Path,
+    scratch: Callable[[str], Path],
+    stop: threading.Event,
+    fetch: Callable[[Path], AbstractContextManager[Path]] = contextlib.nullcontext,
 ) -> ArchiveSummary:
-    """Write the archive to `destination`; blocking, so run it in a thread. Results that cannot be read or
-    re-encoded are left out and reported. On any error, and when `stop` is set (AssemblyStopped), the
-    partial file is removed before raising."""
+    """Write the archive to `destination`; blocking, so run it in a thread. Each entry's source is read
+    from the file `fetch` gives for it while it is added (the source itself by default). Results that
+    cannot be read or re-encoded are left out and reported. On any error, and when `stop` is set
+    (AssemblyStopped), the partial file is removed before raising."""
     try:
-        return _assemble(plan, destination, scratch, stop)
+        return _assemble(plan, destination, scratch, stop, fetch)
     except BaseException:
         with contextlib.suppress(OSError):
             destination.unlink(missing_ok=True)
@@ -201,7 +207,11 @@ def assemble(
 
 
 def _assemble(
-    plan: ArchivePlan, destination: Path, scratch: Callable[[str], Path], stop: threading.Event
+    plan: ArchivePlan,
+    destination: Path,
+    scratch: Callable[[str], Path],
+    stop: threading.Event,
+    fetch: Callable[[Path], AbstractContextManager[Path]],
 ) -> ArchiveSummary:
     failed = list(plan.failed)
     files: list[dict[str, Any]] = []
@@ -210,7 +220,8 @@ def _assemble(
             if stop.is_set():
                 raise AssemblyStopped
             try:
-                _add_entry(archive, entry, scratch)
+                with fetch(entry.source) as source:
+                    _add_entry(archive, replace(entry, source=source), scratch)
             except FileNotFoundError:
                 failed.append(
                     _failure(entry.image_id, entry.filename, "output_missing", "its result is gone")
@@ -497,12 +508,19 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
     started = await batches.start_archive(batch_id)
     if started is None:
         return
-    plan = plan_archive(started, await batches.images(batch_id), deps.storage.path)
-    staged = deps.storage.new_staging_path(PARTIAL_SUFFIX)
+    storage = deps.storage
+    # Local results are read where they are; S3 ones are fetched one at a time into the scratch folder.
+    locate = storage.path if isinstance(storage, LocalStorage) else Path
+    plan = plan_archive(started, await batches.images(batch_id), locate)
+    staged = storage.new_staging_path(PARTIAL_SUFFIX)
     key = archive_key(started)
     try:
         summary = await _assemble_with_deadline(deps, plan, staged)
-        await asyncio.to_thread(deps.storage.commit, staged, key)
+        await storage.put_file(staged, key)
+    except StorageUnavailable:
+        await asyncio.to_thread(staged.unlink, missing_ok=True)
+        await _wait_for_storage(deps, batches, batch_id, unavailable=True)
+        return
     except AssemblyStopped:
         error = ImageError("timeout", f"assembling took longer than {deps.settings.archive_timeout:g} s")
         await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
@@ -530,25 +548,34 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
     await _finish(deps, batches, batch_id, ready)
 
 
-async def _wait_for_storage(deps: WorkerDeps, batches: Batches, batch_id: str) -> None:
-    """No room for the archive: the build runs again later (WaitForStorage), its images untouched,
-    until space returns; only after `storage_full_give_up` of waiting does the archive fail."""
+async def _wait_for_storage(
+    deps: WorkerDeps, batches: Batches, batch_id: str, *, unavailable: bool = False
+) -> None:
+    """No room for the archive, or (`unavailable`) the storage did not answer: the build runs again later
+    (WaitForStorage), its images untouched, until the storage is back; only after
+    `storage_full_give_up` of waiting does the archive fail."""
     wait = await deps.wait_for_storage(batch_id)
     if wait is None:
         hours = deps.settings.storage_full_give_up / 3600
-        error = ImageError("storage_full", f"the storage stayed full for {hours:g} h")
+        code, state = ("storage_unavailable", "unreachable") if unavailable else ("storage_full", "full")
+        error = ImageError(code, f"the storage stayed {state} for {hours:g} h")
         await _finish(deps, batches, batch_id, ArchiveState("failed", error=error))
         return
     log.warning(
-        "no room in storage for the archive of %s; trying again later (wait %d)", batch_id, wait.waits
+        "storage %s for the archive of %s; trying again later (wait %d)",
+        "unreachable" if unavailable else "full",
+        batch_id,
+        wait.waits,
     )
     raise wait
 
 
 async def _assemble_with_deadline(deps: WorkerDeps, plan: ArchivePlan, staged: Path) -> ArchiveSummary:
     stop = threading.Event()
+    storage = deps.storage
+    fetch = contextlib.nullcontext if isinstance(storage, LocalStorage) else _fetcher(storage)
     work = asyncio.ensure_future(
-        asyncio.to_thread(assemble, plan, staged, deps.storage.new_staging_path, stop)
+        asyncio.to_thread(assemble, plan, staged, storage.new_staging_path, stop, fetch)
     )
     try:
         done, _ = await asyncio.wait({work}, timeout=deps.settings.archive_timeout)
@@ -559,6 +586,23 @@ async def _assemble_with_deadline(deps: WorkerDeps, plan: ArchivePlan, staged: P
         stop.set()
         raise AssemblyStopped
     return work.result()
+
+
+def _fetcher(storage: BlobStorage) -> Callable[[Path], AbstractContextManager[Path]]:
+    """For the assembling thread: a local copy of the blob whose key is the entry's source, made on
+    this event loop and removed once the entry is added."""
+    loop = asyncio.get_running_loop()
+
+    @contextlib.contextmanager
+    def fetch(key: Path) -> Iterator[Path]:
+        copy = storage.local_copy(key.as_posix())
+        path = asyncio.run_coroutine_threadsafe(copy.__aenter__(), loop).result()
+        try:
+            yield path
+        finally:
+            asyncio.run_coroutine_threadsafe(copy.__aexit__(None, None, None), loop).result()
+
+    return fetch
 
 
 async def _finish(deps: WorkerDeps, batches: Batches, batch_id: str, outcome: ArchiveState) -> None:
@@ -577,7 +621,7 @@ async def sweep_archives(deps: WorkerDeps) -> None:
         batch = await batches.get(batch_id)
         if batch is not None:
             # The file first: if we stop between, the record still lists it and the next sweep retries.
-            await asyncio.to_thread(deps.storage.delete_tree, f"{batch.account_id}/batches/{batch.id}")
+            await deps.storage.delete_tree(f"{batch.account_id}/batches/{batch.id}")
         await batches.expire_archive(batch_id)
     for batch_id in await batches.overdue_archives(moment - PENDING_GRACE_MS):
         await batches.enqueue_archive(batch_id)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from arq.connections import ArqRedis
 
 from jobs.settings import Settings
-from jobs.storage import LocalStorage, WaitForStorage
+from jobs.storage import BlobStorage, WaitForStorage
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher
 from webhooks.messages import now_ms
@@ -24,7 +24,7 @@ class WorkerDeps:
     settings: Settings
     redis: ArqRedis
     store: Store
-    storage: LocalStorage
+    storage: BlobStorage
     http: DeliveryClient
     dispatcher: Dispatcher
 

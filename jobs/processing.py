@@ -22,7 +22,7 @@ from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
 from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
-from jobs.storage import StorageFull, is_full
+from jobs.storage import BlobMissing, StorageFull, StorageUnavailable, is_full
 from webhooks.messages import new_message
 
 log = logging.getLogger("darkroom.processing")
@@ -56,6 +56,12 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     except StorageFull:
         await _wait_for_storage(deps, image)
         return
+    except StorageUnavailable:
+        await _wait_for_storage(deps, image, unavailable=True)
+        return
+    except BlobMissing:
+        await _finish(deps, image, error=ImageError("original_missing", "the uploaded file is gone"))
+        return
     except ImageDeleted:
         log.info("stopped processing %s: its owner deleted it", image.id)
         return
@@ -70,28 +76,35 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         return
     output_key = f"{image.account_id}/{image.id}/output{rendered.path.suffix}"
     try:
-        await asyncio.to_thread(deps.storage.commit, rendered.path, output_key)
-    except OSError as exc:
-        rendered.path.unlink(missing_ok=True)
-        if not is_full(exc):
+        await deps.storage.put_file(rendered.path, output_key)
+    except (OSError, StorageUnavailable) as exc:
+        await asyncio.to_thread(rendered.path.unlink, missing_ok=True)
+        if isinstance(exc, OSError) and not is_full(exc):
             raise
-        await _wait_for_storage(deps, image)
+        await _wait_for_storage(deps, image, unavailable=isinstance(exc, StorageUnavailable))
         return
     output = OutputInfo(rendered.format, rendered.width, rendered.height, rendered.bytes, output_key)
     await _finish(deps, image, output=output)
 
 
-async def _wait_for_storage(deps: WorkerDeps, image: ImageRecord) -> None:
-    """No room to write the result: the image goes back to `queued` and its job runs again later
-    (WaitForStorage), until space returns; only after `storage_full_give_up` of waiting does it fail,
-    as `storage_full` (ours, not the partner's file)."""
+async def _wait_for_storage(deps: WorkerDeps, image: ImageRecord, *, unavailable: bool = False) -> None:
+    """No room to write the result, or (`unavailable`) the storage did not answer: the image goes back
+    to `queued` and its job runs again later (WaitForStorage), until the storage is back; only after
+    `storage_full_give_up` of waiting does it fail, as `storage_full` or `storage_unavailable` (ours,
+    not the partner's file)."""
     wait = await deps.wait_for_storage(image.id)
     if wait is None:
         hours = deps.settings.storage_full_give_up / 3600
-        message = f"the storage stayed full for {hours:g} h; upload the image again"
-        await _finish(deps, image, error=ImageError("storage_full", message))
+        code, state = ("storage_unavailable", "unreachable") if unavailable else ("storage_full", "full")
+        message = f"the storage stayed {state} for {hours:g} h; upload the image again"
+        await _finish(deps, image, error=ImageError(code, message))
         return
-    log.warning("no room in storage for the result of %s; trying again later (wait %d)", image.id, wait.waits)
+    log.warning(
+        "storage %s for the result of %s; trying again later (wait %d)",
+        "unreachable" if unavailable else "full",
+        image.id,
+        wait.waits,
+    )
     if await deps.store.update_image(image.evolve(status="queued"), previous=image):
         raise wait
 
@@ -102,8 +115,12 @@ class ImageDeleted(Exception):
 
 async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> RenderedImage:
     """The render, stopped at the job's time limit or when the image is deleted meanwhile."""
+    async with deps.storage.local_copy(image.original_key) as source:
+        return await _render_copy_with_deadline(deps, image, source)
+
+
+async def _render_copy_with_deadline(deps: WorkerDeps, image: ImageRecord, source: Path) -> RenderedImage:
     chain = parse_operations(image.operations)
-    source = deps.storage.path(image.original_key)
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
     settings = deps.settings
@@ -175,7 +192,7 @@ async def _finish(
     stored = await deps.store.finish_image(final, message, previous=image)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.
-        await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
+        await deps.storage.delete_tree(f"{image.account_id}/{image.id}")
         return
     await _settle(deps, stored)
 

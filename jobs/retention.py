@@ -36,6 +36,8 @@ class SweepOutcome:
     images: int
     batches: int
     staging_files: int
+    # Multipart uploads to S3 that killed processes left unfinished (their parts cost storage).
+    stale_uploads: int = 0
 
 
 def staging_max_age(settings: Settings) -> float:
@@ -61,7 +63,8 @@ async def sweep_expired(deps: WorkerDeps, moment_ms: int | None = None) -> Sweep
             forgotten += deleted is True
     cutoff = time.time() - staging_max_age(deps.settings)
     staging_files = await asyncio.to_thread(deps.storage.remove_staged_before, cutoff)
-    return SweepOutcome(images, forgotten, staging_files)
+    stale_uploads = await deps.storage.abort_stale_uploads(cutoff)
+    return SweepOutcome(images, forgotten, staging_files, stale_uploads)
 
 
 async def _due(deps: WorkerDeps, listing: str, moment_ms: int, *, skip: int) -> list[str]:
@@ -75,11 +78,11 @@ async def _expire_image(deps: WorkerDeps, batches: Batches, image_id: str) -> No
         await deps.redis.zrem(EXPIRING_IMAGES_KEY, image_id)
         return
     folder = f"{image.account_id}/{image.id}"
-    await asyncio.to_thread(deps.storage.delete_tree, folder)
+    await deps.storage.delete_tree(folder)
     await deps.store.delete_image(image)
     # Again: a render or a variant may have committed a file in between (after the record is gone, they
     # remove their own).
-    await asyncio.to_thread(deps.storage.delete_tree, folder)
+    await deps.storage.delete_tree(folder)
     if image.batch_id is not None:
         # It may have been the last unfinished image of a sealed batch.
         await batches.complete_if_done(image.batch_id)
@@ -91,5 +94,5 @@ async def _expire_batch(deps: WorkerDeps, batches: Batches, batch_id: str) -> bo
     if batch is not None:
         if batch.counts.total:
             return None
-        await asyncio.to_thread(deps.storage.delete_tree, f"{batch.account_id}/batches/{batch.id}")
+        await deps.storage.delete_tree(f"{batch.account_id}/batches/{batch.id}")
     return await batches.forget(batch_id)

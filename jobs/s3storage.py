@@ -187,6 +187,8 @@ class S3Storage(ScratchFolder):
         return len(stale)
 
     async def check(self) -> str:
+        if not await asyncio.to_thread(self.is_writable):
+            return "scratch folder not writable"
         try:
             await _call(self.client.head_bucket(Bucket=self.bucket))
         except (StorageUnavailable, BlobMissing) as exc:

@@ -25,7 +25,7 @@ from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
-from jobs.storage import LocalStorage, WaitForStorage, most_storage_waits
+from jobs.storage import WaitForStorage, most_storage_waits, open_storage
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
@@ -126,8 +126,7 @@ async def sweep_expired(ctx: dict[str, Any]) -> None:
 async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
     """Everything the task cores use, made once per worker process (tests build it the same way)."""
     configure_libvips()
-    storage = LocalStorage(settings.storage_root)
-    storage.prepare()
+    storage = await open_storage(settings)
     http = DeliveryClient(
         connect_timeout=settings.webhook_connect_timeout,
         total_timeout=settings.webhook_timeout,
@@ -159,6 +158,7 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
 async def close_deps(deps: WorkerDeps) -> None:
     await deps.dispatcher.stop()
     await deps.http.aclose()
+    await deps.storage.close()
 
 
 async def links_from_the_web(settings: Settings, store: Store) -> Settings:

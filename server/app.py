@@ -18,7 +18,7 @@ from starlette.middleware import Middleware
 from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
+from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from server import batches, deliveries, endpoints, health, images, metrics, openapi, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
@@ -26,6 +26,7 @@ from server.problems import (
     Problem,
     handle_http_status,
     handle_problem,
+    handle_storage_unavailable,
     handle_store_unavailable,
     handle_unexpected,
 )
@@ -41,8 +42,7 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_libvips()
-        storage = LocalStorage(settings.storage_root)
-        storage.prepare()
+        storage = await open_storage(settings)
         redis = QueuePool.connect(
             settings.require_redis(), settings.queue_name, command_timeout=REDIS_COMMAND_TIMEOUT_SECONDS
         )
@@ -64,6 +64,7 @@ def create_app(settings: Settings) -> Starlette:
             if announcing is not None:
                 announcing.cancel()
             await redis.aclose(close_connection_pool=True)
+            await storage.close()
 
     app = Starlette(
         routes=[
@@ -79,6 +80,7 @@ def create_app(settings: Settings) -> Starlette:
             Problem: handle_problem,
             HTTPException: handle_http_status,
             RedisError: handle_store_unavailable,
+            StorageUnavailable: handle_storage_unavailable,
             Exception: handle_unexpected,
         },
         middleware=[

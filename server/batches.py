@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
 from typing import Any
 
-import anyio.to_thread
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from jobs.batches import BatchClosed, BatchEmpty
 from jobs.ids import is_id, new_id
@@ -18,8 +15,9 @@ from jobs.operations import parse_operations
 from jobs.params import FieldError, ValidationFailed
 from jobs.records import ArchiveSpec, BatchRecord, utc_now
 from jobs.settings import Settings
-from jobs.storage import LocalStorage
+from jobs.storage import BlobStorage
 from server.auth import require_account
+from server.blobs import blob_response
 from server.conditional import none_match
 from server.destinations import check_destination_url
 from server.images import (
@@ -137,7 +135,7 @@ async def add_images(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     # Refused before the body is read: a closed batch should not cost the partner an upload.
     batch = await open_batch(request, account.id, request.path_params["batch_id"], named_by_field=False)
-    storage: LocalStorage = request.app.state.storage
+    storage: BlobStorage = request.app.state.storage
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST)
     try:
         fields = await validate_upload_fields(
@@ -189,41 +187,28 @@ async def get_archive(request: Request) -> Response:
         )
     if state.status == "expired" or state.key is None:
         raise Problem(410, "archive_expired", f"the archive expired at {state.expires_at}")
-    storage: LocalStorage = request.app.state.storage
-    path = storage.path(state.key)
-    try:
-        stat = await anyio.to_thread.run_sync(os.stat, path)
-    except FileNotFoundError:
-        raise Problem(410, "archive_expired", f"the archive expired at {state.expires_at}") from None
+    storage: BlobStorage = request.app.state.storage
+    expired = Problem(410, "archive_expired", f"the archive expired at {state.expires_at}")
+    found = await storage.stat(state.key)
+    if found is None:
+        raise expired
     headers = {"ETag": f'"{state.etag}"', "Cache-Control": "private"}
     if none_match(request, headers["ETag"]):
         return Response(status_code=304, headers=headers)
     range_header = request.headers.get("range")
     understood = range_header is not None and _ranges_understood(range_header)
     if understood:
-        _refuse_unsatisfiable(range_header, stat.st_size)
-    return _ArchiveResponse(
-        path,
+        _refuse_unsatisfiable(range_header, found.size)
+    return await blob_response(
+        request,
+        state.key,
         media_type="application/zip",
         filename=f"{batch.id}.zip",
+        disposition="attachment",
         headers=headers,
-        stat_result=stat,
-        ignore_range=not understood,
+        missing=expired,
+        honour_range=understood,
     )
-
-
-class _ArchiveResponse(FileResponse):
-    """FileResponse, told to send the whole file for a `Range` it should not act on: Starlette answers
-    a range in another unit or of bad syntax with a 400, where RFC 9110 §14.2 asks to ignore it."""
-
-    def __init__(self, *args: Any, ignore_range: bool, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.ignore_range = ignore_range
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.ignore_range:
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
-        await super().__call__(scope, receive, send)
 
 
 def _ranges_understood(header: str) -> bool:

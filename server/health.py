@@ -9,7 +9,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from jobs.storage import LocalStorage
+from jobs.storage import BlobStorage
+
+# A storage that does not answer within this is as good as unreachable to a load balancer.
+STORAGE_CHECK_SECONDS = 5.0
 
 
 async def healthz(request: Request) -> Response:
@@ -23,8 +26,11 @@ async def readyz(request: Request) -> Response:
         checks["redis"] = "ok"
     except (RedisError, OSError, TimeoutError) as exc:
         checks["redis"] = f"unreachable: {type(exc).__name__}"
-    storage: LocalStorage = request.app.state.storage
-    checks["storage"] = "ok" if await asyncio.to_thread(storage.is_writable) else "not writable"
+    storage: BlobStorage = request.app.state.storage
+    try:
+        checks["storage"] = await asyncio.wait_for(storage.check(), timeout=STORAGE_CHECK_SECONDS)
+    except TimeoutError:
+        checks["storage"] = f"unreachable: no answer within {STORAGE_CHECK_SECONDS:g} s"
     checks["storage_space"] = await storage_space_check(storage, request.app.state.settings.min_free_bytes)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse(
@@ -32,7 +38,7 @@ async def readyz(request: Request) -> Response:
     )
 
 
-async def storage_space_check(storage: LocalStorage, min_free_bytes: int) -> str:
+async def storage_space_check(storage: BlobStorage, min_free_bytes: int) -> str:
     """Not ready with less free storage than DARKROOM_MIN_FREE_BYTES: uploads would soon fail (507), so
     a load balancer should send them to a process whose storage has room."""
     try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.archive import safe_entry_name
@@ -24,9 +24,10 @@ from jobs.params import FieldError, ValidationFailed
 from jobs.records import BatchRecord, ImageRecord, InputInfo
 from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
-from jobs.storage import LocalStorage, is_full
+from jobs.storage import BlobStorage, StorageUnavailable, is_full
 from jobs.store import Store
 from server.auth import require_account
+from server.blobs import blob_response
 from server.destinations import check_destination_url
 from server.json_body import InvalidJson, parse_json
 from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
@@ -164,7 +165,7 @@ async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
 async def create_image(request: Request) -> Response:
     account = await require_account(request)
     settings: Settings = request.app.state.settings
-    storage: LocalStorage = request.app.state.storage
+    storage: BlobStorage = request.app.state.storage
     upload = await receive_multipart(request, storage, settings.max_upload_bytes)
     try:
         fields = await validate_upload_fields(upload, settings)
@@ -219,7 +220,7 @@ async def accept_uploads(
     """Inspect every file, store it, save its record (into `batch`, if any) and queue it: all of them, or
     none if any is refused. The caller discards the staged files."""
     settings: Settings = request.app.state.settings
-    storage: LocalStorage = request.app.state.storage
+    storage: BlobStorage = request.app.state.storage
     store: Store = request.app.state.store
     inputs = await _inspect_all(files, settings)
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
@@ -242,7 +243,7 @@ async def accept_uploads(
     ]
     try:
         for upload, image in zip(files, images, strict=True):
-            await asyncio.to_thread(storage.commit, upload.path, image.original_key)
+            await storage.put_file(upload.path, image.original_key)
         if batch is None:
             await store.save_new_images(images, settings.queue_name)
         else:
@@ -267,9 +268,10 @@ async def accept_uploads(
     return images
 
 
-async def _forget(storage: LocalStorage, store: Store, images: Sequence[ImageRecord], *, saved: bool) -> None:
+async def _forget(storage: BlobStorage, store: Store, images: Sequence[ImageRecord], *, saved: bool) -> None:
     for image in images:
-        await asyncio.to_thread(storage.delete_tree, f"{image.account_id}/{image.id}")
+        with contextlib.suppress(StorageUnavailable):  # the retention sweep removes it with the record
+            await storage.delete_tree(f"{image.account_id}/{image.id}")
         if saved:
             with contextlib.suppress(RedisError):
                 await store.delete_image(image)
@@ -358,22 +360,22 @@ async def get_output(request: Request) -> Response:
 
 async def get_original(request: Request) -> Response:
     image = await _owned_image(request)
-    storage: LocalStorage = request.app.state.storage
-    return FileResponse(
-        storage.path(image.original_key),
+    return await blob_response(
+        request,
+        image.original_key,
         media_type=MEDIA_TYPES[image.input.format],
         filename=safe_entry_name(image.input.filename, image.id, ORIGINAL_SUFFIXES[image.input.format]),
-        content_disposition_type="inline",
         headers={"Cache-Control": "private, max-age=31536000, immutable"},
+        missing=Problem(410, "original_missing", "the uploaded file of this image is missing"),
     )
 
 
 async def delete_image(request: Request) -> Response:
     image = await _owned_image(request)
     store: Store = request.app.state.store
-    storage: LocalStorage = request.app.state.storage
+    storage: BlobStorage = request.app.state.storage
     await store.delete_image(image)
-    await asyncio.to_thread(storage.delete_tree, f"{image.account_id}/{image.id}")
+    await storage.delete_tree(f"{image.account_id}/{image.id}")
     if image.batch_id is not None:
         # It may have been the last unfinished image of a sealed batch.
         await batches_of(request).complete_if_done(image.batch_id)

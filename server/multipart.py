@@ -17,7 +17,7 @@ from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, par
 from starlette.requests import Request
 
 from jobs.params import FieldError
-from jobs.storage import LocalStorage, is_full
+from jobs.storage import BlobStorage, is_full
 from server.problems import Problem, storage_full_problem
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -54,7 +54,7 @@ class MultipartUpload:
 class _Receiver:
     """python-multipart callbacks, collecting fields in memory and files on disk."""
 
-    def __init__(self, storage: LocalStorage, max_file_bytes: int, max_files: int) -> None:
+    def __init__(self, storage: BlobStorage, max_file_bytes: int, max_files: int) -> None:
         self.storage = storage
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
@@ -231,7 +231,7 @@ def _too_large(limit: int) -> Problem:
 
 
 async def receive_multipart(
-    request: Request, storage: LocalStorage, max_file_bytes: int, max_files: int = 1
+    request: Request, storage: BlobStorage, max_file_bytes: int, max_files: int = 1
 ) -> MultipartUpload:
     """Parse the request body; on any problem, staged files are removed and the Problem is raised."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))

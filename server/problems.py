@@ -31,6 +31,7 @@ _TITLES = {
 }
 # How long a client is told to wait before sending again into a full storage.
 STORAGE_FULL_RETRY_AFTER_SECONDS = 60
+STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS = 5
 
 
 class Problem(Exception):
@@ -106,6 +107,18 @@ async def handle_store_unavailable(request: Request, exc: Exception) -> Response
             "store_unavailable",
             "the service cannot reach its store; retry shortly",
             headers={"Retry-After": "5"},
+        )
+    )
+
+
+async def handle_storage_unavailable(request: Request, exc: Exception) -> Response:
+    """The blob storage (S3) failed or cannot be reached: nothing was accepted; trying again shortly works."""
+    return problem_response(
+        Problem(
+            503,
+            "storage_unavailable",
+            "the service cannot reach its file storage; retry shortly",
+            headers={"Retry-After": str(STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS)},
         )
     )
 

@@ -21,17 +21,16 @@ import functools
 import hashlib
 import logging
 import os
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import PurePosixPath
 from typing import Literal, cast, get_args
 
 import anyio.to_thread
 import pyvips
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response
 
 from jobs.ops.base import MAX_DIMENSION
 from jobs.ops.encode import MEDIA_TYPES, SAVERS, OutputFormat
@@ -39,10 +38,11 @@ from jobs.params import FieldError
 from jobs.pipeline import KillSwitch
 from jobs.records import ImageRecord, OutputInfo
 from jobs.settings import Settings
-from jobs.storage import LocalStorage, is_full
+from jobs.storage import BlobMissing, BlobStorage, is_full
 from jobs.store import Store
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_variant
 from jobs.vips_errors import reports_storage_full
+from server.blobs import blob_response
 from server.conditional import none_match
 from server.problems import Problem, storage_full_problem, validation_problem
 
@@ -136,25 +136,16 @@ async def output_response(
     headers = {"ETag": f'"{digest}"', "Cache-Control": CACHE_CONTROL}
     if none_match(request, headers["ETag"]):
         return Response(status_code=304, headers=headers)
-    storage: LocalStorage = request.app.state.storage
     if spec is None:
-        path = storage.path(output.key)
-        media_type, filename = MEDIA_TYPES[output.format], f"{download_stem}{path.suffix}"
+        key = output.key
+        media_type, filename = MEDIA_TYPES[output.format], f"{download_stem}{PurePosixPath(key).suffix}"
     else:
         suffix = SAVERS[spec.format].suffix
         key = f"{image.account_id}/{image.id}/variants/{digest}{suffix}"
-        path = await _cached_variant(request, image, output, spec, key)
+        await _cached_variant(request, image, output, spec, key)
         media_type, filename = MEDIA_TYPES[spec.format], f"{download_stem}{_label(spec, output)}{suffix}"
-    stat = await _stat(path)
-    if stat is None:
-        raise _missing_output()
-    return FileResponse(
-        path,
-        media_type=media_type,
-        filename=filename,
-        content_disposition_type="inline",
-        headers=headers,
-        stat_result=stat,
+    return await blob_response(
+        request, key, media_type=media_type, filename=filename, headers=headers, missing=_missing_output()
     )
 
 
@@ -168,38 +159,41 @@ def _identity(image: ImageRecord, output: OutputInfo, spec: VariantSpec | None) 
 
 async def _cached_variant(
     request: Request, image: ImageRecord, output: OutputInfo, spec: VariantSpec, key: str
-) -> Path:
-    """The variant's file, rendered and stored first if no request has yet. Two requests may render
-    it at once: each writes its own staging file and the atomic commit makes either one the copy."""
-    storage: LocalStorage = request.app.state.storage
-    cached = storage.path(key)
-    if await _mark_used(cached):
-        return cached
-    source = storage.path(output.key)
-    if await _stat(source) is None:
-        raise _missing_output()
+) -> None:
+    """Make sure the variant is stored under `key`, rendering it first if no request has yet. Two requests
+    may render it at once: each writes its own staging file and either one's ends up stored."""
+    storage: BlobStorage = request.app.state.storage
+    if await storage.touch(key):
+        return
     slots: RenderSlots = request.app.state.variant_render_slots
     async with slots.hold(image.account_id):
         # A request for the same variant may have rendered it while this one waited.
-        if await _mark_used(cached):
-            return cached
-        staged = storage.new_staging_path(cached.suffix)
+        if await storage.touch(key):
+            return
+        staged = storage.new_staging_path(PurePosixPath(key).suffix)
         settings: Settings = request.app.state.settings
         kill_switch = KillSwitch()
-        deadline = asyncio.get_running_loop().call_later(settings.variant_render_timeout, kill_switch.fire)
         try:
             try:
-                # Not abandoned on cancellation: the thread's file must exist before `finally` removes it.
-                await anyio.to_thread.run_sync(
-                    functools.partial(render_variant, source, staged, spec, kill_switch)
-                )
-            finally:
-                deadline.cancel()
-            await anyio.to_thread.run_sync(
-                _evict_least_recently_used, cached.parent, MAX_VARIANTS_PER_IMAGE - 1
+                async with storage.local_copy(output.key) as source:
+                    deadline = asyncio.get_running_loop().call_later(
+                        settings.variant_render_timeout, kill_switch.fire
+                    )
+                    try:
+                        # Not abandoned on cancellation: the thread's file must exist before `finally`
+                        # removes it.
+                        await anyio.to_thread.run_sync(
+                            functools.partial(render_variant, source, staged, spec, kill_switch)
+                        )
+                    finally:
+                        deadline.cancel()
+            except BlobMissing:
+                raise _missing_output() from None
+            await storage.evict_least_recent(
+                f"{image.account_id}/{image.id}/variants", MAX_VARIANTS_PER_IMAGE - 1
             )
-            await anyio.to_thread.run_sync(_stamp_used, staged)
-            await anyio.to_thread.run_sync(storage.commit, staged, key)
+            await storage.put_file(staged, key)
+            await storage.touch(key)
         except pyvips.Error as exc:
             if kill_switch.fired:
                 raise Problem(
@@ -219,13 +213,12 @@ async def _cached_variant(
                 raise storage_full_problem() from None
             raise
         finally:
-            staged.unlink(missing_ok=True)
+            await anyio.to_thread.run_sync(functools.partial(staged.unlink, missing_ok=True))
     store: Store = request.app.state.store
     if await store.get_account_image(image.account_id, image.id) is None:
         # Deleted while we rendered: its blobs are gone, and this one must not outlive them.
-        await anyio.to_thread.run_sync(storage.delete_tree, f"{image.account_id}/{image.id}")
+        await storage.delete_tree(f"{image.account_id}/{image.id}")
         raise Problem(404, "not_found", "no such image")
-    return cached
 
 
 @dataclass
@@ -283,42 +276,6 @@ def _busy(own_share_full: bool) -> Problem:
         f"{detail}; retry shortly (stored variants are served meanwhile)",
         headers={"Retry-After": str(RENDER_RETRY_AFTER_SECONDS)},
     )
-
-
-async def _mark_used(path: Path) -> bool:
-    """Record that the stored variant at `path` is being served (the eviction order); False if absent."""
-    try:
-        await anyio.to_thread.run_sync(_stamp_used, path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _stamp_used(path: Path) -> None:
-    """Set the file's mtime, its place in the eviction order, from the precise clock: a file's own write
-    and a bare `utime` take the kernel's coarse one, whose ticks (several ms) would tie two uses and
-    let the order fall to the file names."""
-    now = time.time_ns()
-    os.utime(path, ns=(now, now))
-
-
-def _evict_least_recently_used(folder: Path, keep: int) -> None:
-    """Remove the variants in `folder` beyond the `keep` most recently used. Blocking: run it in a thread."""
-    used: list[tuple[int, Path]] = []
-    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(FileNotFoundError):  # another request evicted it first
-                used.append((entry.stat().st_mtime_ns, Path(entry.path)))
-    used.sort(reverse=True)
-    for _, path in used[keep:]:
-        path.unlink(missing_ok=True)
-
-
-async def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return await anyio.to_thread.run_sync(os.stat, path)
-    except FileNotFoundError:
-        return None
 
 
 def _missing_output() -> Problem:

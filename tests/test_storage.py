@@ -131,7 +131,9 @@ async def test_local_storage_presigns_nothing(settings: Settings) -> None:
     assert await storage.presigned_get("acc_1/upl_1/original", 60, "a.jpg", "image/jpeg") is None
 
 
-async def test_readiness_check_fails_when_the_s3_server_stops(settings: Settings, s3_server: S3Server) -> None:
+async def test_readiness_check_fails_when_the_s3_server_stops(
+    settings: Settings, s3_server: S3Server
+) -> None:
     server = S3Server().start()  # its own, to stop
     storage = await open_storage(on_s3(settings, server))
     try:

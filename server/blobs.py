@@ -1,0 +1,134 @@
+"""Downloads of stored blobs (originals, results, variants, archives), from either storage.
+
+Local storage: the file itself (Starlette's FileResponse: Range, Last-Modified). S3: the object streamed
+through this process, a single byte range passed on to S3 (several ranges get the whole blob, as RFC 9110
+allows), or with DARKROOM_S3_PRESIGNED_DOWNLOADS a 302 to a short-lived presigned GET, which carries the
+same Content-Type and Content-Disposition.
+"""
+
+from __future__ import annotations
+
+import re
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from jobs.settings import Settings
+from jobs.storage import BlobInfo, BlobMissing, BlobStorage, LocalStorage
+from server.problems import Problem
+
+# A presigned download link lives this long: enough to follow the redirect, not to pass it around.
+PRESIGNED_GET_SECONDS = 300
+_SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+async def blob_response(
+    request: Request,
+    key: str,
+    *,
+    media_type: str,
+    filename: str,
+    headers: dict[str, str],
+    missing: Problem,
+    disposition: str = "inline",
+    honour_range: bool = True,
+) -> Response:
+    """The blob under `key`, or `missing` raised when there is none."""
+    storage: BlobStorage = request.app.state.storage
+    if isinstance(storage, LocalStorage):
+        info = await storage.stat(key)
+        if info is None:
+            raise missing
+        return _LocalBlobResponse(
+            storage.path(key),
+            media_type=media_type,
+            filename=filename,
+            content_disposition_type=disposition,
+            headers=headers,
+            ignore_range=not honour_range,
+        )
+    settings: Settings = request.app.state.settings
+    content_disposition = _content_disposition(disposition, filename)
+    if settings.s3_presigned_downloads:
+        if await storage.stat(key) is None:
+            raise missing
+        url = await storage.presigned_get(key, PRESIGNED_GET_SECONDS, content_disposition, media_type)
+        if url is not None:
+            return RedirectResponse(url, status_code=302, headers={"Cache-Control": "no-store"})
+    if_range = request.headers.get("if-range")
+    # A range is only for the representation the client already holds part of (RFC 9110 §13.1.5).
+    honour_range = honour_range and (if_range is None or if_range == headers.get("ETag"))
+    wanted = _single_range(request.headers.get("range")) if honour_range else None
+    if wanted is not None:
+        found = await storage.stat(key)
+        if found is None:
+            raise missing
+        if wanted[0] is not None and wanted[0] >= found.size:
+            raise Problem(
+                416,
+                "range_not_satisfiable",
+                f"the file is {found.size} bytes; the range selects none of them",
+                headers={"Content-Range": f"bytes */{found.size}"},
+            )
+    try:
+        info, chunks = await storage.stream(key, *(wanted or (None, None)))
+    except BlobMissing:
+        raise missing from None
+    sent_headers = {
+        **headers,
+        "Content-Disposition": content_disposition,
+        "Accept-Ranges": "bytes",
+        "Last-Modified": formatdate(info.modified, usegmt=True),
+    }
+    sent_headers.setdefault("ETag", f'"{info.etag}"')
+    if wanted is None:
+        sent_headers["Content-Length"] = str(info.size)
+        return StreamingResponse(chunks, media_type=media_type, headers=sent_headers)
+    first, last = _resolve(wanted, info)
+    sent_headers["Content-Length"] = str(last - first + 1)
+    sent_headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
+    return StreamingResponse(chunks, status_code=206, media_type=media_type, headers=sent_headers)
+
+
+def _single_range(header: str | None) -> tuple[int | None, int | None] | None:
+    """One `bytes=first-last` or `bytes=first-` range (a suffix `-n` is asked of S3 as such); None for
+    anything else, which is answered whole."""
+    match = _SINGLE_RANGE.fullmatch((header or "").replace(" ", ""))
+    if match is None or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if not first:
+        return None  # a suffix range: the size is needed first, so the blob is sent whole
+    return int(first), int(last) if last else None
+
+
+def _resolve(wanted: tuple[int | None, int | None], info: BlobInfo) -> tuple[int, int]:
+    first = wanted[0] or 0
+    last = info.size - 1 if wanted[1] is None else min(wanted[1], info.size - 1)
+    return first, last
+
+
+def _content_disposition(disposition: str, filename: str) -> str:
+    # As Starlette's FileResponse writes it, so both storages send the same header.
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"{disposition}; filename*=utf-8''{quoted}"
+    return f'{disposition}; filename="{filename}"'
+
+
+class _LocalBlobResponse(FileResponse):
+    """FileResponse, told to send the whole file for a `Range` it should not act on: Starlette answers
+    a range in another unit or of bad syntax with a 400, where RFC 9110 §14.2 asks to ignore it."""
+
+    def __init__(self, *args: Any, ignore_range: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ignore_range = ignore_range
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.ignore_range:
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+        await super().__call__(scope, receive, send)
