@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -68,10 +69,14 @@ class S3Server:
             self._process = None
 
     def client(self) -> Any:
+        return self.client_for(self.url)
+
+    @staticmethod
+    def client_for(url: str) -> Any:
         """A plain boto3 client, for tests to look into the bucket behind Darkroom's back."""
         return boto3.client(
             "s3",
-            endpoint_url=self.url,
+            endpoint_url=url,
             region_name=REGION,
             aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
@@ -82,3 +87,70 @@ class S3Server:
         name = f"darkroom-{uuid.uuid4().hex[:12]}"
         self.client().create_bucket(Bucket=name)
         return name
+
+
+class Outage:
+    """A loopback TCP relay in front of the S3 server that can drop every connection (`cut`) and let
+    them through again (`restore`): an S3 outage whose bucket survives it."""
+
+    def __init__(self, server: S3Server) -> None:
+        self._target_port = server.port
+        self.port = 0
+        self.down = False
+        self.refused = 0
+        self._listener: asyncio.Server | None = None
+        self._relays: set[asyncio.Task[None]] = set()
+        self.first_refusal = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> Outage:
+        self._listener = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._listener.sockets[0].getsockname()[1]
+        return self
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            await self._listener.wait_closed()
+        for relay in self._relays:
+            relay.cancel()
+
+    def cut(self) -> None:
+        self.down = True
+        for relay in self._relays:
+            relay.cancel()
+
+    def restore(self) -> None:
+        self.down = False
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.down:
+            self.refused += 1
+            self.first_refusal.set()
+            writer.transport.abort()
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._relays.add(task)
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
+            try:
+                await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+            finally:
+                upstream_writer.transport.abort()
+        except (asyncio.CancelledError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+            self._relays.discard(task)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
