@@ -265,7 +265,10 @@ def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
                 continue
             common = {
                 "401": _UNAUTHORIZED,
-                "503": _problem("Redis is unreachable (store_unavailable); retry after Retry-After"),
+                "503": _problem(
+                    "Redis is unreachable (store_unavailable), or the file storage is "
+                    "(storage_unavailable); retry after Retry-After"
+                ),
                 "400": _problem("The request is not valid HTTP (malformed_request)"),
             }
             if "{" in path:

@@ -176,6 +176,8 @@ async def test_during_an_s3_outage_uploads_answer_503_and_readiness_fails(
         assert response.status_code == 503, response.text
         assert response.json()["code"] == "storage_unavailable"
         assert response.headers["retry-after"] == "5"
+        documented = (await client.get("/openapi.json")).json()["paths"]["/v1/images"]["post"]["responses"]
+        assert "storage_unavailable" in documented["503"]["description"]
         ready = await client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["storage"].startswith("unreachable")
         assert (await client.get("/v1/images", headers=account.headers)).status_code == 200
