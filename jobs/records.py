@@ -26,6 +26,10 @@ def epoch_ms(moment: str) -> int:
     return int(datetime.fromisoformat(moment).timestamp() * 1000)
 
 
+def original_key(account_id: str, image_id: str) -> str:
+    return f"{account_id}/{image_id}/original"
+
+
 @dataclass(frozen=True)
 class Account:
     id: str

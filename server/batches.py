@@ -136,7 +136,9 @@ async def add_images(request: Request) -> Response:
     # Refused before the body is read: a closed batch should not cost the partner an upload.
     batch = await open_batch(request, account.id, request.path_params["batch_id"], named_by_field=False)
     storage: BlobStorage = request.app.state.storage
-    upload = await receive_multipart(request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST)
+    upload = await receive_multipart(
+        request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST, account_id=account.id
+    )
     try:
         fields = await validate_upload_fields(
             upload, settings, accepted=("operations", "callback_url", "metadata", "retention")
@@ -146,7 +148,7 @@ async def add_images(request: Request) -> Response:
             raise validation_problem([FieldError("file", "send one or more file parts, each named `file`")])
         images = await accept_uploads(request, account.id, files, fields, batch)
     finally:
-        upload.discard()
+        await upload.discard()
     public_url = settings.public_url
     return JSONResponse(
         {"object": "list", "data": [image.resource(public_url) for image in images]}, status_code=202

@@ -17,11 +17,11 @@ from starlette.routing import Route
 from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
 from jobs.formats import ImageFormat, TooManyPages, UnreadableImage, read_header, sniff_format
-from jobs.ids import is_id, new_id
+from jobs.ids import is_id
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import BatchRecord, ImageRecord, InputInfo
+from jobs.records import BatchRecord, ImageRecord, InputInfo, original_key
 from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, StorageUnavailable, is_full
@@ -166,7 +166,7 @@ async def create_image(request: Request) -> Response:
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
-    upload = await receive_multipart(request, storage, settings.max_upload_bytes)
+    upload = await receive_multipart(request, storage, settings.max_upload_bytes, account_id=account.id)
     try:
         fields = await validate_upload_fields(upload, settings)
         files = [f for f in upload.files if f.field_name == FILE_FIELD]
@@ -177,7 +177,7 @@ async def create_image(request: Request) -> Response:
             batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
         (image,) = await accept_uploads(request, account.id, files, fields, batch)
     finally:
-        upload.discard()
+        await upload.discard()
     return JSONResponse(
         image.resource(settings.public_url),
         status_code=202,
@@ -227,23 +227,23 @@ async def accept_uploads(
     uploaded_ms = now_ms()
     images = [
         ImageRecord(
-            id=(image_id := new_id("img")),
+            id=upload.image_id,
             account_id=account_id,
             status="queued",
             operations=operations,
             input=input_info,
-            original_key=f"{account_id}/{image_id}/original",
+            original_key=original_key(account_id, upload.image_id),
             created_at=iso(uploaded_ms),
             callback_url=fields.callback_url,
             batch_id=None if batch is None else batch.id,
             metadata=fields.metadata,
             expires_at=iso(uploaded_ms + fields.retention * 1000),
         )
-        for input_info in inputs
+        for upload, input_info in zip(files, inputs, strict=True)
     ]
     try:
         for upload, image in zip(files, images, strict=True):
-            await storage.put_file(upload.path, image.original_key)
+            await upload.commit(storage, image.original_key)
         if batch is None:
             await store.save_new_images(images, settings.queue_name)
         else:

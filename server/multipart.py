@@ -1,11 +1,15 @@
 """Stream a multipart upload to storage, never holding the file in memory, refusing it past a size cap.
 
 Starlette's `request.form()` spools files without a size limit; this reads the body chunk by chunk,
-writes file parts straight to a staging file and stops the moment the cap is crossed.
+writes file parts straight to a staging file and stops the moment the cap is crossed. With S3 storage
+each file is also sent on to its original's key while it arrives (a multipart upload, a part at a time),
+so a large upload is in the bucket moments after its last byte; it becomes visible only when the caller
+commits it, after the checks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass, field
 from email.message import Message
@@ -16,8 +20,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MAX_BOUNDARY_LENGTH, MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from jobs.ids import new_id
 from jobs.params import FieldError
-from jobs.storage import BlobStorage, is_full
+from jobs.records import original_key
+from jobs.storage import BlobStorage, BlobWriter, LocalStorage, StorageUnavailable, is_full
 from server.problems import Problem, storage_full_problem
 
 MAX_FIELD_BYTES = 64 * 1024
@@ -36,6 +42,26 @@ class UploadedFile:
     path: Path
     size: int = 0
     head: bytes = b""
+    # The image it will be: its original's key is known while it arrives.
+    image_id: str = field(default_factory=lambda: new_id("img"))
+    # The original on its way to S3 (None for local storage, and once committed or aborted).
+    stored: BlobWriter | None = None
+    unsent: bytearray = field(default_factory=bytearray)
+
+    async def send_arrived(self) -> None:
+        if self.stored is not None and self.unsent:
+            chunk = bytes(self.unsent)
+            self.unsent.clear()
+            await self.stored.write(chunk)
+
+    async def commit(self, storage: BlobStorage, key: str) -> None:
+        """Store the file under `key`: the upload under way is completed, or the staged file stored."""
+        if self.stored is None:
+            await storage.put_file(self.path, key)
+            return
+        stored, self.stored = self.stored, None
+        await self.send_arrived()
+        await stored.commit()
 
 
 @dataclass
@@ -46,16 +72,24 @@ class MultipartUpload:
     # other validation errors, so one 422 names every problem.
     errors: list[FieldError] = field(default_factory=list)
 
-    def discard(self) -> None:
+    async def discard(self) -> None:
+        """Remove the staged files, and abandon the uploads to S3 not committed."""
         for upload in self.files:
             upload.path.unlink(missing_ok=True)
+            stored, upload.stored = upload.stored, None
+            if stored is not None:
+                await stored.abort()
 
 
 class _Receiver:
     """python-multipart callbacks, collecting fields in memory and files on disk."""
 
-    def __init__(self, storage: BlobStorage, max_file_bytes: int, max_files: int) -> None:
+    def __init__(
+        self, storage: BlobStorage, max_file_bytes: int, max_files: int, account_id: str | None
+    ) -> None:
         self.storage = storage
+        # Files are sent on to S3 as they arrive when the account (so the original's key) is known.
+        self.account_id = None if isinstance(storage, LocalStorage) else account_id
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
         self.result = MultipartUpload()
@@ -119,6 +153,8 @@ class _Receiver:
             return
         path, self._sink = self.storage.open_staging()
         self._file = UploadedFile(self._field_name, filename, path)
+        if self.account_id is not None and self._field_name == FILE_FIELD:
+            self._file.stored = self.storage.open_writer(original_key(self.account_id, self._file.image_id))
         self.result.files.append(self._file)
 
     def _field_started(self) -> None:
@@ -160,6 +196,8 @@ class _Receiver:
             self._file.head += chunk[: 64 - len(self._file.head)]
         assert self._sink is not None
         self._sink.write(chunk)
+        if self._file.stored is not None:
+            self._file.unsent += chunk
 
     def _part_end(self) -> None:
         if self._file is not None:
@@ -231,9 +269,14 @@ def _too_large(limit: int) -> Problem:
 
 
 async def receive_multipart(
-    request: Request, storage: BlobStorage, max_file_bytes: int, max_files: int = 1
+    request: Request,
+    storage: BlobStorage,
+    max_file_bytes: int,
+    max_files: int = 1,
+    account_id: str | None = None,
 ) -> MultipartUpload:
-    """Parse the request body; on any problem, staged files are removed and the Problem is raised."""
+    """Parse the request body; on any problem, staged files are removed (uploads under way abandoned)
+    and the Problem is raised. With `account_id`, files go on to S3 as they arrive (see above)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
         raise Problem(
@@ -254,7 +297,7 @@ async def receive_multipart(
     body_limit = max_file_bytes * max_files + ENVELOPE_BYTES
     if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_file_bytes)
-    receiver = _Receiver(storage, max_file_bytes, max_files)
+    receiver = _Receiver(storage, max_file_bytes, max_files, account_id)
     parsed = 0  # bytes of the body parsed before the current chunk, to say where a problem is
     try:
         parser = MultipartParser(boundary, receiver.callbacks())  # type: ignore[arg-type]
@@ -263,23 +306,27 @@ async def receive_multipart(
             parsed += len(chunk)
             if receiver.problem is not None:
                 raise receiver.problem
+            for upload in receiver.result.files:
+                await upload.send_arrived()
         parser.finalize()
         if not receiver.complete:
             raise _malformed("the multipart body ended before its closing boundary")
-    except Problem:
-        receiver.result.discard()
+    except (Problem, StorageUnavailable):
+        await receiver.result.discard()
         raise
     except MultipartParseError as exc:
-        receiver.result.discard()
+        await receiver.result.discard()
         raise _malformed(f"{_explain(str(exc))} (at byte {parsed + exc.offset} of the body)") from None
     except OSError as exc:
         receiver.close_quietly()
-        receiver.result.discard()
+        await receiver.result.discard()
         if is_full(exc):
             raise storage_full_problem() from None
         raise
-    except Exception as exc:
-        receiver.result.discard()
+    except BaseException as exc:
+        await asyncio.shield(receiver.result.discard())
+        if not isinstance(exc, Exception):
+            raise  # cancelled: the client went away
         raise _malformed(f"the multipart body could not be parsed: {exc}") from None
     finally:
         receiver.close_quietly()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -201,3 +202,35 @@ async def test_a_job_that_meets_an_s3_outage_completes_once_it_is_over(
     assert image["status"] == "completed", image
     (delivery,) = receiver.wait_for(1)
     assert delivery.event["type"] == "image.completed"
+
+
+async def test_a_refused_upload_sent_on_in_parts_leaves_no_object_and_no_pending_upload(
+    account: Partner, settings: Settings, s3_server: S3Server
+) -> None:
+    on_bucket = replace(
+        on_s3(settings, s3_server), s3_part_size=MIN_S3_PART_BYTES, max_upload_bytes=4 * MIN_S3_PART_BYTES
+    )
+    not_an_image = os.urandom(2 * MIN_S3_PART_BYTES + 1)  # two parts reach S3 before it is refused
+    async with api_client(on_bucket) as client:
+        response = await upload(client, account, not_an_image, filename="big.jpg")
+    assert response.status_code == 415, response.text
+    bucket, _ = on_bucket.s3_location
+    s3 = s3_server.client()
+    assert s3.list_objects_v2(Bucket=bucket).get("Contents", []) == []
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+
+
+async def test_presigned_downloads_redirect_to_the_bucket(
+    account: Partner, settings: Settings, s3_server: S3Server
+) -> None:
+    on_bucket = replace(on_s3(settings, s3_server), s3_presigned_downloads=True)
+    original = imagegen.jpeg(64, 48)
+    async with api_client(on_bucket) as client:
+        image_id = (await upload(client, account, original, filename="été.jpg")).json()["id"]
+        redirect = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
+    assert redirect.status_code == 302
+    async with httpx.AsyncClient() as outside:  # no API key: the URL is signed
+        fetched = await outside.get(redirect.headers["location"])
+    assert fetched.status_code == 200 and fetched.content == original
+    assert fetched.headers["content-type"] == "image/jpeg"
+    assert fetched.headers["content-disposition"] == "inline; filename*=utf-8''%C3%A9t%C3%A9.jpg"
