@@ -249,6 +249,7 @@ def running_service(
     worker_concurrency: int | None,
     profile: str | None,
     worker_settings: str = "jobs.worker.WorkerSettings",
+    extra_env: dict[str, str] | None = None,
 ) -> Iterator[Service]:
     data_dir = work_dir / "data"
     logs = work_dir / "logs"
@@ -265,6 +266,7 @@ def running_service(
         )
         if worker_concurrency is not None:
             env["DARKROOM_WORKER_CONCURRENCY"] = str(worker_concurrency)
+        env.update(extra_env or {})
         service = Service(f"http://127.0.0.1:{port}", env, logs)
         web_cmd = [
             *(str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)),

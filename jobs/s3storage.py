@@ -75,6 +75,10 @@ class S3Storage(ScratchFolder):
             read_timeout=READ_TIMEOUT_SECONDS,
             retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
             signature_version="s3v4",
+            # Checksums only where S3 requires them: TLS and S3's own MD5/ETag already guard the bytes,
+            # and a CRC32 of every part and download costs CPU the renders need.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
             # MinIO and moto serve buckets by path; AWS picks virtual hosts itself.
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
         )

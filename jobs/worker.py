@@ -25,7 +25,7 @@ from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
-from jobs.storage import WaitForStorage, most_storage_waits, open_storage
+from jobs.storage import StorageUnavailable, WaitForStorage, most_storage_waits, open_storage
 from jobs.store import Store
 from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
@@ -85,6 +85,9 @@ async def run_again_when_transient(deps: WorkerDeps, subject_id: str) -> AsyncIt
         raise Retry(defer=REDIS_RETRY_SECONDS) from exc
     except WaitForStorage as wait:
         raise Retry(defer=wait.delay) from wait
+    except StorageUnavailable as exc:
+        # Only where a core had nothing to put back (tidying up after a job): retried like Redis failing.
+        raise Retry(defer=REDIS_RETRY_SECONDS) from exc
     except asyncio.CancelledError:
         if isinstance(deps.redis, WakeableArqRedis) and deps.redis.outage.under_way:
             raise Retry(defer=REDIS_RETRY_SECONDS) from None

@@ -44,3 +44,39 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
 def test_an_unusable_value_is_refused_by_name(name: str, value: str) -> None:
     with pytest.raises(SettingsError, match=name):
         Settings.from_env({name: value})
+
+
+def test_an_s3_storage_url_names_bucket_prefix_endpoint_and_region() -> None:
+    settings = Settings.from_env(
+        {
+            "DARKROOM_STORAGE_URL": "s3://photos/darkroom/prod?endpoint_url=http://127.0.0.1:9000&region=eu-west-1"
+        }
+    )
+    assert settings.uses_s3
+    assert settings.s3_location == ("photos", "darkroom/prod/")
+    assert (settings.s3_endpoint_url, settings.s3_region) == ("http://127.0.0.1:9000", "eu-west-1")
+    assert settings.s3_part_size == 8 * 1024 * 1024 and not settings.s3_presigned_downloads
+    overridden = Settings.from_env(
+        {
+            "DARKROOM_STORAGE_URL": "s3://photos?region=eu-west-1",
+            "DARKROOM_S3_REGION": "us-east-2",
+            "DARKROOM_S3_ENDPOINT_URL": "https://r2.example",
+            "DARKROOM_S3_PRESIGNED_DOWNLOADS": "1",
+        }
+    )
+    assert overridden.s3_location == ("photos", "")
+    assert (overridden.s3_endpoint_url, overridden.s3_region) == ("https://r2.example", "us-east-2")
+    assert overridden.s3_presigned_downloads
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"DARKROOM_STORAGE_URL": "gs://photos"}, "DARKROOM_STORAGE_URL"),
+        ({"DARKROOM_STORAGE_URL": "s3:///prefix"}, "DARKROOM_STORAGE_URL"),
+        ({"DARKROOM_S3_PART_SIZE": "1048576"}, "DARKROOM_S3_PART_SIZE"),
+    ],
+)
+def test_a_storage_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str], named: str) -> None:
+    with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)

@@ -1,0 +1,123 @@
+"""Several machines: 2 web and 2 worker processes, each with its own empty DARKROOM_DATA_DIR, sharing only
+Redis and an S3 bucket (a real S3 API server, moto's, as a separate process), one worker killed -9."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import zipfile
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pyvips
+import redis
+
+from server.embedded_redis import EmbeddedRedis
+from tests import imagegen
+from tests.receiver import Receiver
+from tests.s3server import REGION, S3Server
+from tests.test_processes import (
+    RESIZE_TO_160,
+    WEBHOOK_TIMEOUT,
+    Children,
+    create_account,
+    free_port,
+    poll,
+    procfile_command,
+    service_env,
+    upload,
+    wait_until_ready,
+)
+
+PART_SIZE = 5 * 1024 * 1024
+# A killed worker's image job is run again once its lock lapses: the job time limit + 40 s.
+JOB_TIMEOUT = 2
+
+
+def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
+    children: Children, redis_server: EmbeddedRedis, s3_server: S3Server, tmp_path: Path
+) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    bucket = s3_server.new_bucket()
+    web_ports = [free_port(), free_port()]
+    public_url = f"http://127.0.0.1:{web_ports[0]}"
+
+    def env_of(name: str, port: int) -> dict[str, str]:
+        return {
+            **service_env(tmp_path / name, port, redis_server.url),  # its own data dir, empty
+            "DARKROOM_PUBLIC_URL": public_url,
+            "DARKROOM_STORAGE_URL": f"s3://{bucket}/shared",
+            "DARKROOM_S3_ENDPOINT_URL": s3_server.url,
+            "DARKROOM_S3_REGION": REGION,
+            "DARKROOM_S3_PART_SIZE": str(PART_SIZE),
+            "DARKROOM_MAX_UPLOAD_BYTES": str(4 * PART_SIZE),
+            "DARKROOM_JOB_TIMEOUT": str(JOB_TIMEOUT),
+        }
+
+    webs = [
+        children.start(f"web{i}", procfile_command("web", port), env_of(f"web{i}", port))
+        for i, port in enumerate(web_ports)
+    ]
+    workers = [
+        children.start(f"worker{i}", procfile_command("worker", 0), env_of(f"worker{i}", 0)) for i in range(2)
+    ]
+    bases = [f"http://127.0.0.1:{port}" for port in web_ports]
+    for base in bases:
+        wait_until_ready(base, [*webs, *workers])
+    account = create_account(env_of("cli", 0), "scale-out")
+    receiver = Receiver(account.webhook_secret).start()
+    try:
+        noise = pyvips.Image.gaussnoise(1800, 1400).bandjoin([pyvips.Image.gaussnoise(1800, 1400)] * 2)
+        large = noise.cast("uchar").jpegsave_buffer(Q=100)
+        assert len(large) > PART_SIZE  # goes up in parts
+        photos = [large, *(imagegen.jpeg(640, 480) for _ in range(7))]
+        images = [
+            upload(bases[index % 2], account, photo, RESIZE_TO_160, receiver.url)
+            for index, photo in enumerate(photos)
+        ]
+        os.kill(workers[0].pid, signal.SIGKILL)  # whatever it held runs again on the other
+
+        with httpx.Client(timeout=10, headers=account.headers) as http:
+            batch = http.post(f"{bases[0]}/v1/batches", json={"archive": True, "callback_url": receiver.url})
+            batch_id = batch.json()["id"]
+            parts = [("file", (f"p{i}.jpg", imagegen.jpeg(320, 240), "image/jpeg")) for i in range(3)]
+            assert http.post(f"{bases[1]}/v1/batches/{batch_id}/images", files=parts).status_code == 202
+            assert http.post(f"{bases[0]}/v1/batches/{batch_id}/seal").status_code == 200
+
+            def settled() -> bool:
+                arrived = {(d.event["type"], d.event["data"]["id"]) for d in receiver.deliveries}
+                wanted = {("image.completed", image["id"]) for image in images}
+                return wanted <= arrived and ("batch.archive.ready", batch_id) in arrived
+
+            poll(settled, "every webhook", WEBHOOK_TIMEOUT + 2 * (JOB_TIMEOUT + 40))
+            ids_by_event: dict[tuple[str, str], set[str]] = defaultdict(set)
+            for delivery in receiver.deliveries:
+                assert delivery.verified
+                event = delivery.event
+                ids_by_event[(event["type"], event["data"]["id"])].add(delivery.headers["webhook-id"])
+            assert all(len(ids) == 1 for ids in ids_by_event.values()), ids_by_event
+
+            for index, image in enumerate(images):  # every output from the web that did not take it
+                output = http.get(f"{bases[(index + 1) % 2]}/v1/images/{image['id']}/output")
+                assert output.status_code == 200
+                assert pyvips.Image.new_from_buffer(output.content, "").width == 160
+            original = http.get(f"{bases[1]}/v1/images/{images[0]['id']}/original")
+            assert original.content == large
+
+            archive_url = poll(
+                lambda: http.get(f"{bases[1]}/v1/batches/{batch_id}").json()["archive"]["url"], "archive url"
+            )
+            whole = http.get(archive_url)
+            with zipfile.ZipFile(io.BytesIO(whole.content)) as archive:
+                assert sorted(archive.namelist()) == ["_report.json", "p0.jpg", "p1.jpg", "p2.jpg"]
+                assert json.loads(archive.read("_report.json"))["archived"] == 3
+            part = http.get(archive_url, headers={"Range": "bytes=100-199"})
+            assert part.status_code == 206 and part.content == whole.content[100:200]
+    finally:
+        receiver.stop()
+    for folder in ("web0", "web1", "worker0", "worker1"):  # nothing but scratch, and nothing left in it
+        assert {p.name for p in (tmp_path / folder).iterdir()} <= {".staging"}
