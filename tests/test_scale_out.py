@@ -31,10 +31,11 @@ from tests.test_processes import (
     upload,
     wait_until_ready,
 )
+from tests.test_processes import children as children  # the fixture
 
 PART_SIZE = 5 * 1024 * 1024
 # A killed worker's image job is run again once its lock lapses: the job time limit + 40 s.
-JOB_TIMEOUT = 2
+JOB_TIMEOUT = 1
 
 
 def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
@@ -62,24 +63,33 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
         children.start(f"web{i}", procfile_command("web", port), env_of(f"web{i}", port))
         for i, port in enumerate(web_ports)
     ]
-    workers = [
-        children.start(f"worker{i}", procfile_command("worker", 0), env_of(f"worker{i}", 0)) for i in range(2)
-    ]
+    doomed = children.start("worker0", procfile_command("worker", 0), env_of("worker0", 0))
     bases = [f"http://127.0.0.1:{port}" for port in web_ports]
     for base in bases:
-        wait_until_ready(base, [*webs, *workers])
+        wait_until_ready(base, [*webs, doomed])
     account = create_account(env_of("cli", 0), "scale-out")
     receiver = Receiver(account.webhook_secret).start()
     try:
         noise = pyvips.Image.gaussnoise(1800, 1400).bandjoin([pyvips.Image.gaussnoise(1800, 1400)] * 2)
         large = noise.cast("uchar").jpegsave_buffer(Q=100)
         assert len(large) > PART_SIZE  # goes up in parts
-        photos = [large, *(imagegen.jpeg(640, 480) for _ in range(7))]
-        images = [
-            upload(bases[index % 2], account, photo, RESIZE_TO_160, receiver.url)
-            for index, photo in enumerate(photos)
+        first = upload(bases[1], account, large, RESIZE_TO_160, receiver.url)
+        with httpx.Client(timeout=10, headers=account.headers) as http:
+            poll(
+                lambda: http.get(f"{bases[0]}/v1/images/{first['id']}").json()["status"] == "processing",
+                "the first worker holding the large image",
+            )
+        os.kill(doomed.pid, signal.SIGKILL)  # mid-job: another worker runs it again once its lock lapses
+        # The second worker, and the first one restarted (as a supervisor would) on its own data dir.
+        workers = [
+            children.start(name, procfile_command("worker", 0), env_of(folder, 0))
+            for name, folder in (("worker1", "worker1"), ("worker0-again", "worker0"))
         ]
-        os.kill(workers[0].pid, signal.SIGKILL)  # whatever it held runs again on the other
+        images = [first] + [
+            upload(bases[index % 2], account, imagegen.jpeg(640, 480), RESIZE_TO_160, receiver.url)
+            for index in range(7)
+        ]
+        assert all(worker.process.poll() is None for worker in workers)
 
         with httpx.Client(timeout=10, headers=account.headers) as http:
             batch = http.post(f"{bases[0]}/v1/batches", json={"archive": True, "callback_url": receiver.url})
@@ -100,6 +110,8 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
                 event = delivery.event
                 ids_by_event[(event["type"], event["data"]["id"])].add(delivery.headers["webhook-id"])
             assert all(len(ids) == 1 for ids in ids_by_event.values()), ids_by_event
+            rerun = http.get(f"{bases[0]}/v1/images/{first['id']}").json()
+            assert rerun["status"] == "completed" and rerun["attempts"] == 2  # the killed run, then one more
 
             for index, image in enumerate(images):  # every output from the web that did not take it
                 output = http.get(f"{bases[(index + 1) % 2]}/v1/images/{image['id']}/output")
@@ -119,5 +131,5 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
             assert part.status_code == 206 and part.content == whole.content[100:200]
     finally:
         receiver.stop()
-    for folder in ("web0", "web1", "worker0", "worker1"):  # nothing but scratch, and nothing left in it
+    for folder in ("web0", "web1", "worker0", "worker1"):  # each one's scratch, and nothing else
         assert {p.name for p in (tmp_path / folder).iterdir()} <= {".staging"}
