@@ -75,6 +75,9 @@ class S3Storage(ScratchFolder):
             read_timeout=READ_TIMEOUT_SECONDS,
             retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
             signature_version="s3v4",
+            # Our requests are built here, typed against the S3 API: checking each again cost 1.5 ms of
+            # CPU per request (9.2 -> 7.7 ms for a 1 MB PutObject to moto).
+            parameter_validation=False,
             # Checksums only where S3 requires them: TLS and S3's own MD5/ETag already guard the bytes,
             # and a CRC32 of every part and download costs CPU the renders need.
             request_checksum_calculation="when_required",
