@@ -1,7 +1,9 @@
 """A batch's ZIP: every completed result streamed from storage into a staging file, then committed.
 
 The archive is written chunk by chunk (never whole in memory) to a staging file on the storage's
-filesystem and made visible by an atomic rename, and only then recorded `ready`: a worker killed while
+filesystem and made visible by an atomic rename (with S3: results are fetched into the scratch folder one
+at a time, and the finished file goes up as a multipart upload; a file, not a stream, because each entry's
+CRC is written back into its local header), and only then recorded `ready`: a worker killed while
 assembling leaves no archive anyone can see, and arq's re-run builds it again from the start. Entries of
 compressed formats are stored as they are (deflating a JPEG costs time and saves nothing), copied by the
 kernel; others are deflated. ZIP64 fields are written where sizes, offsets or counts need them. Entry

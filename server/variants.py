@@ -10,7 +10,8 @@ renders at once per process (libvips uses every core for each), of which one acc
 (so another account's request still finds one); a request waits for a slot at most RENDER_WAIT_SECONDS,
 then answers 503 with Retry-After. A render running past DARKROOM_VARIANT_RENDER_TIMEOUT is killed (its
 libvips evaluation stopped) and answers 503 render_too_slow. An image keeps at most MAX_VARIANTS_PER_IMAGE
-variants: serving one marks it used (its mtime), and storing one more removes the least recently used.
+variants: storing one more removes the least recently used (local storage: serving one marks it used, its
+mtime; S3 objects cannot be touched, so there the oldest written goes).
 """
 
 from __future__ import annotations

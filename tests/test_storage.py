@@ -16,7 +16,7 @@ import pytest
 from jobs.settings import MIN_S3_PART_BYTES, Settings
 from jobs.storage import BlobMissing, BlobStorage, open_storage
 from tests.conftest import on_s3
-from tests.s3server import S3Server
+from tests.s3server import Outage, S3Server
 
 
 @pytest.fixture
@@ -131,15 +131,17 @@ async def test_local_storage_presigns_nothing(settings: Settings) -> None:
     assert await storage.presigned_get("acc_1/upl_1/original", 60, "a.jpg", "image/jpeg") is None
 
 
-async def test_readiness_check_fails_when_the_s3_server_stops(
+async def test_readiness_check_fails_while_the_s3_server_cannot_be_reached(
     settings: Settings, s3_server: S3Server
 ) -> None:
-    server = S3Server().start()  # its own, to stop
-    storage = await open_storage(on_s3(settings, server))
+    outage = await Outage(s3_server).start()
+    storage = await open_storage(replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url))
     try:
         assert await storage.check() == "ok"
-        server.stop()
+        outage.cut()
         assert (await storage.check()).startswith("unreachable")
+        outage.restore()
+        assert await storage.check() == "ok"
     finally:
         await storage.close()
-        server.stop()
+        await outage.stop()
