@@ -374,8 +374,15 @@ async def delete_image(request: Request) -> Response:
     image = await _owned_image(request)
     store: Store = request.app.state.store
     storage: BlobStorage = request.app.state.storage
+    folder = f"{image.account_id}/{image.id}"
+    # The files first: a storage that cannot be reached answers 503 with the image still there to
+    # delete again, never a record gone and files no sweep would find.
+    await storage.delete_tree(folder)
     await store.delete_image(image)
-    await storage.delete_tree(f"{image.account_id}/{image.id}")
+    # Again, quietly: a render or a variant may have stored a file in between (after the record is gone,
+    # they remove their own).
+    with contextlib.suppress(StorageUnavailable):
+        await storage.delete_tree(folder)
     if image.batch_id is not None:
         # It may have been the last unfinished image of a sealed batch.
         await batches_of(request).complete_if_done(image.batch_id)

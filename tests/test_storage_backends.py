@@ -234,3 +234,18 @@ async def test_presigned_downloads_redirect_to_the_bucket(
     assert fetched.status_code == 200 and fetched.content == original
     assert fetched.headers["content-type"] == "image/jpeg"
     assert fetched.headers["content-disposition"] == "inline; filename*=utf-8''%C3%A9t%C3%A9.jpg"
+
+
+async def test_a_delete_during_an_s3_outage_answers_503_and_works_once_it_is_over(
+    account: Partner, settings: Settings, s3_server: S3Server, outage: Outage
+) -> None:
+    on_bucket = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    async with api_client(on_bucket) as client:
+        image_id = (await upload(client, account, imagegen.jpeg())).json()["id"]
+        outage.cut()
+        refused = await client.delete(f"/v1/images/{image_id}", headers=account.headers)
+        assert refused.status_code == 503 and refused.json()["code"] == "storage_unavailable"
+        outage.restore()
+        assert (await client.get(f"/v1/images/{image_id}", headers=account.headers)).status_code == 200
+        assert (await client.delete(f"/v1/images/{image_id}", headers=account.headers)).status_code == 204
+    assert await stored_keys(on_bucket, f"{account.id}/{image_id}") == []
