@@ -63,6 +63,14 @@ async def blob_response(
     # A range is only for the representation the client already holds part of (RFC 9110 §13.1.5).
     honour_range = honour_range and (if_range is None or if_range == headers.get("ETag"))
     wanted = _single_range(request.headers.get("range")) if honour_range else None
+    if request.method == "HEAD":
+        # The headers a GET would send, without fetching the body from the bucket.
+        found = await storage.stat(key)
+        if found is None:
+            raise missing
+        return Response(
+            headers=_headers(headers, content_disposition, found, found.size), media_type=media_type
+        )
     if wanted is not None:
         found = await storage.stat(key)
         if found is None:
@@ -78,20 +86,29 @@ async def blob_response(
         info, chunks = await storage.stream(key, *(wanted or (None, None)))
     except BlobMissing:
         raise missing from None
-    sent_headers = {
+    if wanted is None:
+        sent_headers = _headers(headers, content_disposition, info, info.size)
+        return StreamingResponse(chunks, media_type=media_type, headers=sent_headers)
+    first, last = _resolve(wanted, info)
+    sent_headers = _headers(headers, content_disposition, info, last - first + 1)
+    sent_headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
+    return StreamingResponse(chunks, status_code=206, media_type=media_type, headers=sent_headers)
+
+
+def _headers(
+    headers: dict[str, str], content_disposition: str, info: BlobInfo, length: int
+) -> dict[str, str]:
+    """As FileResponse sends them for a local file, from the object's own ETag and time when the caller
+    has no ETag of its own."""
+    sent = {
         **headers,
         "Content-Disposition": content_disposition,
         "Accept-Ranges": "bytes",
         "Last-Modified": formatdate(info.modified, usegmt=True),
+        "Content-Length": str(length),
     }
-    sent_headers.setdefault("ETag", f'"{info.etag}"')
-    if wanted is None:
-        sent_headers["Content-Length"] = str(info.size)
-        return StreamingResponse(chunks, media_type=media_type, headers=sent_headers)
-    first, last = _resolve(wanted, info)
-    sent_headers["Content-Length"] = str(last - first + 1)
-    sent_headers["Content-Range"] = f"bytes {first}-{last}/{info.size}"
-    return StreamingResponse(chunks, status_code=206, media_type=media_type, headers=sent_headers)
+    sent.setdefault("ETag", f'"{info.etag}"')
+    return sent
 
 
 def _single_range(header: str | None) -> tuple[int | None, int | None] | None:

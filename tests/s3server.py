@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import boto3
@@ -106,6 +107,7 @@ class Outage:
         self._listener: asyncio.Server | None = None
         self._relays: set[asyncio.Task[None]] = set()
         self.first_refusal = asyncio.Event()
+        self.bytes_from_s3 = 0
 
     @property
     def url(self) -> str:
@@ -143,7 +145,9 @@ class Outage:
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target_port)
             try:
-                await asyncio.gather(_pipe(reader, upstream_writer), _pipe(upstream_reader, writer))
+                await asyncio.gather(
+                    _pipe(reader, upstream_writer), self._pipe_from_s3(upstream_reader, writer)
+                )
             finally:
                 upstream_writer.transport.abort()
         except (asyncio.CancelledError, OSError):
@@ -152,9 +156,19 @@ class Outage:
             writer.transport.abort()
             self._relays.discard(task)
 
+    async def _pipe_from_s3(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _pipe(reader, writer, self._count)
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _count(self, data: bytes) -> None:
+        self.bytes_from_s3 += len(data)
+
+
+async def _pipe(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seen: Callable[[bytes], None] | None = None
+) -> None:
     while data := await reader.read(65536):
+        if seen is not None:
+            seen(data)
         writer.write(data)
         await writer.drain()
     if writer.can_write_eof():

@@ -69,6 +69,10 @@ async def test_upload_webhook_downloads_and_delete(
 
     stored = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
     assert stored.status_code == 200 and stored.content == original
+    head = await client.head(f"/v1/images/{image_id}/original", headers=account.headers)
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == str(len(original))
+    assert head.headers["content-type"] == "image/jpeg"
     part = await client.get(
         f"/v1/images/{image_id}/original", headers={**account.headers, "Range": "bytes=2-11"}
     )
@@ -249,3 +253,16 @@ async def test_a_delete_during_an_s3_outage_answers_503_and_works_once_it_is_ove
         assert (await client.get(f"/v1/images/{image_id}", headers=account.headers)).status_code == 200
         assert (await client.delete(f"/v1/images/{image_id}", headers=account.headers)).status_code == 204
     assert await stored_keys(on_bucket, f"{account.id}/{image_id}") == []
+
+
+async def test_a_head_request_reads_no_bytes_from_the_bucket(
+    account: Partner, settings: Settings, s3_server: S3Server, outage: Outage
+) -> None:
+    on_bucket = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    original = imagegen.png(600, 400)  # uncompressed enough to stand out from the headers
+    async with api_client(on_bucket) as client:
+        image_id = (await upload(client, account, original, filename="a.png")).json()["id"]
+        before = outage.bytes_from_s3
+        head = await client.head(f"/v1/images/{image_id}/original", headers=account.headers)
+        assert head.status_code == 200 and head.headers["content-length"] == str(len(original))
+        assert outage.bytes_from_s3 - before < len(original) // 2
