@@ -224,24 +224,16 @@ def _load(
     max_memory: int | None,
     watch: Callable[[pyvips.Image], None],
 ) -> tuple[pyvips.Image, Sequence[Operation]]:
-    first = steps.steps[0] if steps.steps else None
-    # libvips' thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead.
-    sixteen_bit = steps.convert is not None and steps.convert.bit_depth == 16
     if input_format == ImageFormat.HEIF:
         header = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
         if heic.is_hevc(header):
-            return _load_hevc(source, header, steps, sixteen_bit, max_pixels, max_memory)
+            return _load_hevc(source, header, steps, max_pixels, max_memory)
     # Every frame, as one strip of pages, or the first frame only (libvips' default). A still picture
     # asked for animated output is its one frame: the loaders of formats without pages (JPEG, PNG)
     # refuse the option that asks for every page.
     animated = steps.convert is not None and bool(steps.convert.animated) and _has_pages(source)
-    if (
-        first is not None
-        and isinstance(first.params, ResizeParams)
-        and first.params.shrinks_on_load
-        and not sixteen_bit
-    ):
-        params = first.params
+    params = _leading_shrink(steps)
+    if params is not None:
         args = thumbnail_args(lambda: _stored_size(source, upright=steps.auto_orient), params)
         options: dict[str, Any] = {
             "height": args.height,
@@ -283,11 +275,23 @@ def _load(
     return _to_srgb(image, steps), steps.steps
 
 
+def _sixteen_bit(steps: Plan) -> bool:
+    return steps.convert is not None and steps.convert.bit_depth == 16
+
+
+def _leading_shrink(steps: Plan) -> ResizeParams | None:
+    """The chain's first step when it is a resize libvips' thumbnail can do, shrinking on load.
+    thumbnail always makes 8 bits: a 16-bit result resizes the decoded pixels instead."""
+    first = steps.steps[0] if steps.steps else None
+    if first is None or not isinstance(first.params, ResizeParams) or _sixteen_bit(steps):
+        return None
+    return first.params if first.params.shrinks_on_load else None
+
+
 def _load_hevc(
     source: Path,
     header: pyvips.Image,
     steps: Plan,
-    sixteen_bit: bool,
     max_pixels: int | None,
     max_memory: int | None,
 ) -> tuple[pyvips.Image, Sequence[Operation]]:
@@ -300,6 +304,7 @@ def _load_hevc(
             "image_too_large",
             f"the picture is {header.width}x{header.height} = {pixels:,} pixels; the limit is {max_pixels:,}",
         )
+    sixteen_bit = _sixteen_bit(steps)
     held = heic.decoded_bytes(header, sixteen_bit=sixteen_bit)
     if max_memory is not None and held > max_memory:
         mib = 1024 * 1024
@@ -309,8 +314,17 @@ def _load_hevc(
             f" {held // mib:,} MB; the limit is {max_memory // mib:,} MB",
         )
     image = heic.decode(source, sixteen_bit=sixteen_bit)
-    # Already whole in memory: the chain's resize works on it as any later step would.
-    return _to_srgb(image, steps), steps.steps
+    params = _leading_shrink(steps)
+    if params is None:
+        return _to_srgb(image, steps), steps.steps
+    # Resized before its colours are converted, as a thumbnail load is: converting an 8.5 MP iPhone
+    # photo from Display P3 took 0.3 s, its 512 px thumbnail 5 ms.
+    args = thumbnail_args(lambda: (image.width, image.height), params)
+    options: dict[str, Any] = {"height": args.height, "size": args.size}
+    if args.crop is not None:
+        options["crop"] = args.crop
+    thumbnail = image.thumbnail_image(args.width, **options)
+    return finish_resize(_to_srgb(thumbnail, steps), params), steps.steps[1:]
 
 
 # Bytes per sample of each libvips band format.

@@ -225,3 +225,22 @@ def test_kept_exif_says_upright(renderer: Renderer) -> None:
     assert (output.width, output.height) == (64, 48)
     assert output.get_typeof("exif-data")
     assert output.get("orientation") == 1
+
+
+def test_a_resize_then_a_turn_reads_the_resized_picture_in_any_order(renderer: Renderer) -> None:
+    chain = [{"type": "resize", "params": {"width": 32}}, {"type": "rotate", "params": {"angle": 90}}]
+    output = renderer.run(imagegen.heic(64, 48, orientation=6), chain, "heif")
+    expected = imagegen.picture(64, 48).resize(0.5, kernel="linear").rot90()
+    assert mean_difference(output, expected) < 6
+
+
+def test_contain_pads_with_the_asked_colour_after_the_colour_conversion(renderer: Renderer) -> None:
+    """The padding is drawn in sRGB: padded before the conversion from Display P3, #c83232 came out
+    (218, 24, 41)."""
+    chain = [
+        {"type": "resize", "params": {"width": 64, "height": 64, "fit": "contain", "background": "#c83232"}},
+        {"type": "convert", "params": {"format": "png"}},
+    ]
+    output = renderer.run(imagegen.heic(64, 48, display_p3=True), chain, "heif")
+    assert (output.width, output.height) == (64, 64)
+    assert output(32, 1) == [200, 50, 50]
