@@ -112,8 +112,9 @@ def test_display_p3_is_converted_to_srgb(renderer: Renderer) -> None:
 
 @pytest.mark.skipif(not IPHONE_PHOTO.is_file(), reason=f"no {IPHONE_PHOTO}")
 def test_iphone_photo_matches_a_reference_decode(renderer: Renderer) -> None:
-    """The corpus's iPhone photo (Display P3, tiled) rendered losslessly: within half a level of another
-    stack's decode, where leaving its colours unconverted is 2.5 levels off and upside down 70."""
+    """The corpus's iPhone photo (Display P3, tiled) rendered losslessly: 1.1 levels from another stack's
+    decode (libvips' thumbnail against Pillow's Lanczos), where unconverted colours are 3.0 off and
+    upside down 70."""
     chain = [
         {"type": "resize", "params": {"width": 256, "height": 256}},
         {"type": "convert", "params": {"format": "png"}},
@@ -121,8 +122,8 @@ def test_iphone_photo_matches_a_reference_decode(renderer: Renderer) -> None:
     output = renderer.run(IPHONE_PHOTO.read_bytes(), chain, "heif").cast("float")
     reference = reference_thumbnail(IPHONE_PHOTO, 256)
     assert (output.width, output.height) == (198, 256)
-    assert mean_difference(output, reference) < 0.8
-    assert mean_difference(output, reference_thumbnail(IPHONE_PHOTO, 256, convert_colours=False)) > 2
+    assert mean_difference(output, reference) < 1.5
+    assert mean_difference(output, reference_thumbnail(IPHONE_PHOTO, 256, convert_colours=False)) > 2.5
 
 
 def test_alpha_is_kept(renderer: Renderer) -> None:
