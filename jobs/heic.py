@@ -41,7 +41,10 @@ def decode(source: Path, *, sixteen_bit: bool) -> pyvips.Image:
 
     libheif applies the HEIF transforms (irot, imir) while decoding, and iPhones also write the EXIF
     orientation: that is reset to 1 here, so the picture is never turned a second time. 10- and 12-bit
-    pictures come as 8 bits (the top bits of each sample) unless `sixteen_bit`, then as 16."""
+    pictures come as 8 bits unless `sixteen_bit`, then as 16."""
+    cut_short = _cut_short(source)
+    if cut_short is not None:
+        raise ProcessingError("corrupt_image", cut_short)
     try:
         heif_file = pillow_heif.open_heif(source, convert_hdr_to_8bit=not sixteen_bit)
         picture = heif_file[heif_file.primary_index]
@@ -62,6 +65,28 @@ def decode(source: Path, *, sixteen_bit: bool) -> pyvips.Image:
         pillow_heif.set_orientation(info)
         image.set_type(pyvips.GValue.blob_type, "exif-data", info["exif"])
     return image
+
+
+def _cut_short(source: Path) -> str | None:
+    """Why the file is truncated, when its top-level boxes run past its end; else None.
+
+    libheif refuses a truncated single picture, but fills the missing tiles of a tiled one (as iPhones
+    write them: 512 px tiles) with green and reports success: half an upload would complete."""
+    size = source.stat().st_size
+    with source.open("rb") as file:
+        offset = 0
+        while offset + 8 <= size:
+            file.seek(offset)
+            header = file.read(16)
+            box_size = int.from_bytes(header[:4], "big")
+            if box_size == 1 and len(header) == 16:  # a 64-bit size follows the type
+                box_size = int.from_bytes(header[8:16], "big")
+            if box_size < 8:
+                return None  # 0 runs to the end of the file; a smaller size is libheif's to refuse
+            if offset + box_size > size:
+                return f"the HEIC is cut short: its boxes need {offset + box_size:,} bytes, it has {size:,}"
+            offset += box_size
+    return None
 
 
 def _decode_failure(exc: Exception) -> ProcessingError:

@@ -169,6 +169,7 @@ def heic(
     ten_bit: bool = False,
     display_p3: bool = False,
     frames_before: int = 0,
+    tile_size: int = 0,
 ) -> bytes:
     """An HEVC-coded HEIC (pillow-heif's x265, 4:4:4) that displays as `width` x `height`.
 
@@ -176,7 +177,7 @@ def heic(
     HEIF transform (irot/imir) and the EXIF tag saying so. `display_p3` stores the picture's colours in
     Display P3 with that ICC profile; `alpha` adds a left-to-right alpha ramp; `ten_bit` codes 10 bits a
     sample. `frames_before` puts that many other (black, half-size) pictures first, this one primary,
-    as in a burst."""
+    as in a burst. A `tile_size` makes it a grid of tiles that size, as iPhones write theirs (512 px)."""
     upright = picture(width, height)
     if display_p3:
         upright = upright.icc_transform("p3")
@@ -198,7 +199,7 @@ def heic(
     if display_p3:
         extra["icc_profile"] = upright.get("icc-profile-data")
     output = io.BytesIO()
-    container.save(output, quality=90, chroma=444, primary_index=frames_before, **extra)
+    container.save(output, quality=90, chroma=444, primary_index=frames_before, tile_size=tile_size, **extra)
     return output.getvalue()
 
 

@@ -151,9 +151,11 @@ def test_a_burst_gives_its_primary_picture(renderer: Renderer) -> None:
     assert mean_difference(output, imagegen.picture(64, 48)) < 4  # not the black frames before it
 
 
-def test_truncated_heic_fails_corrupt_image(renderer: Renderer) -> None:
+@pytest.mark.parametrize("tile_size", [0, 64], ids=["single", "tiled"])
+def test_truncated_heic_fails_corrupt_image(renderer: Renderer, tile_size: int) -> None:
+    """A tiled one (as iPhones write them) too, whose missing tiles libheif would fill with green."""
     with pytest.raises(ProcessingError) as failure:
-        renderer.render(truncated(imagegen.heic(64, 48)), [], "heif")
+        renderer.render(truncated(imagegen.heic(256, 192, tile_size=tile_size)), [], "heif")
     assert failure.value.code == "corrupt_image"
     assert "HEIC" in failure.value.message and str(renderer.directory) not in failure.value.message
 
