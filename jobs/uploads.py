@@ -125,6 +125,10 @@ class UploadNotPending(Exception):
         self.image = image
 
 
+class UploadGone(LookupError):
+    """The upload's image was deleted (by its owner, or its retention) while the request worked."""
+
+
 @dataclass(frozen=True)
 class UploadDesk:
     """Takes direct uploads' bytes on, starts them, and expires those never sent: in the web process
@@ -138,8 +142,8 @@ class UploadDesk:
     async def land(self, image: ImageRecord, key: str) -> ImageRecord:
         """The bytes of `image`'s upload are stored under `key`: check them as a multipart upload is
         checked, then record the input and queue the job (if the upload said how to process it), all
-        in one transaction. Raises UploadRefused (the image is failed, the blob deleted) or
-        UploadNotPending (another request or the sweep moved it on first; the blob is deleted)."""
+        in one transaction. Raises UploadRefused (the image is failed, the blob deleted), UploadNotPending
+        (another request or the sweep moved it on first) or UploadGone (the blob is deleted with both)."""
         upload = image.upload
         if upload is None or upload.status != "pending":
             raise UploadNotPending(image)
@@ -147,6 +151,9 @@ class UploadDesk:
             input_info = await asyncio.to_thread(
                 _inspect_stored, self.storage.path(key), upload.filename, self.settings
             )
+        except FileNotFoundError:
+            # Deleted with its image (files go first) while the bytes were stored.
+            raise UploadNotPending(await self._current(image)) from None
         except RefusedFile as refusal:
             await asyncio.to_thread(self.storage.delete, key)
             if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
@@ -164,7 +171,7 @@ class UploadDesk:
 
     async def start(self, image: ImageRecord, changes: dict[str, Any]) -> ImageRecord:
         """Hand a received upload to processing with `changes` (operations, callback_url, metadata)
-        applied. Raises UploadNotPending (as it is now) unless it is `received`."""
+        applied. Raises UploadNotPending (as it is now) unless it is `received`, UploadGone once deleted."""
         upload = image.upload
         if upload is None or upload.status != "received":
             raise UploadNotPending(image)
@@ -202,7 +209,10 @@ class UploadDesk:
         await self.store.redis.zrem(EXPIRING_UPLOADS_KEY, image.id)
 
     async def _current(self, image: ImageRecord) -> ImageRecord:
-        return await self.store.get_image(image.id) or image
+        current = await self.store.get_image(image.id)
+        if current is None:
+            raise UploadGone(image.id)
+        return current
 
     async def sweep(self, moment_ms: int | None = None) -> int:
         """The core of the `sweep_uploads` cron job: fail every upload whose bytes have not landed by

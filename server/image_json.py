@@ -13,7 +13,7 @@ from jobs.params import FieldError
 from jobs.records import ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
-from jobs.uploads import UploadDesk, UploadNotPending, image_id_for
+from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, image_id_for
 from server.auth import require_account
 from server.json_body import read_json_object
 from server.problems import Problem
@@ -55,15 +55,20 @@ async def start_upload(request: Request) -> Response:
         else None
     )
     if image is None or image.upload is None:
-        raise Problem(404, "not_found", "no such upload")
+        raise _no_such_upload()
     desk: UploadDesk = request.app.state.uploads
     while True:
         try:
             started = await desk.start(image, changes)
             break
+        except UploadGone:
+            raise _no_such_upload() from None
         except UploadNotPending as moved_on:
             image = moved_on.image
-            if image.upload is not None and image.upload.status == "started":
+            status = None if image.upload is None else image.upload.status
+            if status == "received":  # it changed otherwise meanwhile: try again on what it is now
+                continue
+            if status == "started":
                 started = _unchanged_by(image, changes)
                 break
             raise _not_startable(image) from None
@@ -72,6 +77,10 @@ async def start_upload(request: Request) -> Response:
         status_code=202,
         headers={"Location": f"{settings.public_url}/v1/images/{started.id}"},
     )
+
+
+def _no_such_upload() -> Problem:
+    return Problem(404, "not_found", "no such upload")
 
 
 def _unchanged_by(image: ImageRecord, changes: dict[str, Any]) -> ImageRecord:

@@ -28,7 +28,14 @@ from jobs.records import ImageRecord, UploadState, epoch_ms
 from jobs.settings import Settings
 from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
-from jobs.uploads import UploadDesk, UploadNotPending, UploadRefused, image_id_for, upload_id_for
+from jobs.uploads import (
+    UploadDesk,
+    UploadGone,
+    UploadNotPending,
+    UploadRefused,
+    image_id_for,
+    upload_id_for,
+)
 from server.auth import require_account
 from server.images import open_batch, record_new_images, refused_problem
 from server.json_body import read_json_object
@@ -202,8 +209,12 @@ async def _verified_upload(request: Request) -> ImageRecord:
     store: Store = request.app.state.store
     image = await store.get_image(image_id_for(upload_id))
     if image is None or image.upload is None or image.expired_at(iso(now_ms())):
-        raise Problem(404, "not_found", "no such upload (its image was deleted)")
+        raise _gone()
     return image
+
+
+def _gone() -> Problem:
+    return Problem(404, "not_found", "no such upload (its image was deleted)")
 
 
 def _expired() -> Problem:
@@ -258,6 +269,8 @@ async def receive_content(request: Request) -> Response:
         raise refused_problem(refused.refusal) from None
     except UploadNotPending as moved_on:
         raise _not_pending_problem(moved_on.image) from None
+    except UploadGone:
+        raise _gone() from None
     return JSONResponse(landed.resource(settings.public_url))
 
 

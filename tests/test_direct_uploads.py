@@ -311,3 +311,39 @@ def test_upload_urls_last_an_hour_unless_configured_and_at_most_7_days() -> None
     assert Settings.from_env({"DARKROOM_UPLOAD_URL_TTL": "600"}).upload_url_ttl == 600
     with pytest.raises(SettingsError, match="DARKROOM_UPLOAD_URL_TTL"):
         Settings.from_env({"DARKROOM_UPLOAD_URL_TTL": str(8 * 24 * 3600)})
+
+
+async def test_an_upload_deleted_before_its_bytes_came_takes_none(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, redis: Redis
+) -> None:
+    photo = imagegen.jpeg()
+    created = await create_upload(client, account, photo, operations=[])
+    deleted = await client.delete(f"/v1/images/{created['image']['id']}", headers=account.headers)
+    assert deleted.status_code == 204
+    assert_problem(await put_bytes(client, created, photo), 404, "not_found")
+    assert stored_blobs(settings) == []
+    assert await redis.zcard(settings.queue_name) == 0
+    async with worker_deps(settings) as deps:
+        desk = UploadDesk(deps.settings, deps.redis, deps.store, deps.storage)
+        assert await desk.sweep(int(time.time() * 1000) + 10 * 24 * 3600 * 1000) == 0
+
+
+async def test_an_upload_deleted_while_its_bytes_arrive_keeps_none(
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    photo = imagegen.jpeg()
+    created = await create_upload(client, account, photo, operations=[])
+    land = UploadDesk.land
+
+    async def deleted_first(desk: UploadDesk, image: Any, key: str) -> Any:
+        assert (await client.delete(f"/v1/images/{image.id}", headers=account.headers)).status_code == 204
+        return await land(desk, image, key)
+
+    monkeypatch.setattr(UploadDesk, "land", deleted_first)
+    assert_problem(await put_bytes(client, created, photo), 404, "not_found")
+    assert stored_blobs(settings) == []
+    assert await redis.zcard(settings.queue_name) == 0
