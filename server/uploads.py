@@ -187,19 +187,18 @@ async def create_upload(request: Request) -> Response:
     )
 
 
-def _url_problem(code: str, detail: str) -> Problem:
-    return Problem(403, code, detail)
-
-
 async def _verified_upload(request: Request) -> ImageRecord:
     """The image whose upload the URL's signature names, if the URL is ours and has not expired."""
     upload_id = request.path_params["upload_id"]
     expires = request.query_params.get("expires", "")
     signature = request.query_params.get("signature", "")
-    invalid = _url_problem("upload_url_invalid", "the upload URL is not one we signed; use it as given")
-    if not (is_id("upl", upload_id) and expires.isascii() and expires.isdigit()):
-        raise invalid
-    if len(expires) > _MAX_EXPIRES_DIGITS:
+    invalid = Problem(403, "upload_url_invalid", "the upload URL is not one we signed; use it as given")
+    if not (
+        is_id("upl", upload_id)
+        and expires.isascii()
+        and expires.isdigit()
+        and len(expires) <= _MAX_EXPIRES_DIGITS
+    ):
         raise invalid
     expected = _signature(await _signing_key(request), upload_id, int(expires))
     if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
@@ -218,7 +217,7 @@ def _gone() -> Problem:
 
 
 def _expired() -> Problem:
-    return _url_problem("upload_url_expired", "the upload URL has expired; create a new upload")
+    return Problem(403, "upload_url_expired", "the upload URL has expired; create a new upload")
 
 
 def _not_pending_problem(image: ImageRecord) -> Problem:
