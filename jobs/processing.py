@@ -38,6 +38,9 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     if image.is_terminal:
         await _settle(deps, image)
         return
+    if image.input is None:
+        log.error("%s has a job but no bytes yet; left for its upload to start it", image.id)
+        return
     if await deps.crashed_too_often(image.id, job_try):
         await _finish(
             deps,
@@ -103,6 +106,8 @@ class ImageDeleted(Exception):
 async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> RenderedImage:
     """The render, stopped at the job's time limit or when the image is deleted meanwhile."""
     chain = parse_operations(image.operations)
+    assert image.input is not None, "only images with bytes are rendered"
+    input_format = image.input.format
     source = deps.storage.path(image.original_key)
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
@@ -114,7 +119,7 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
                 source,
                 stem,
                 chain,
-                image.input.format,
+                input_format,
                 kill_switch,
                 max_pixels=settings.max_pixels,
                 max_memory=settings.job_memory_bytes,
