@@ -38,6 +38,9 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     if image.is_terminal:
         await _settle(deps, image)
         return
+    if image.input is None:
+        log.error("%s has a job but no bytes yet; left for its upload to start it", image.id)
+        return
     if await deps.crashed_too_often(image.id, job_try):
         await _finish(
             deps,
@@ -121,6 +124,8 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
 
 async def _render_copy_with_deadline(deps: WorkerDeps, image: ImageRecord, source: Path) -> RenderedImage:
     chain = parse_operations(image.operations)
+    assert image.input is not None, "only images with bytes are rendered"
+    input_format = image.input.format
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
     settings = deps.settings
@@ -131,7 +136,7 @@ async def _render_copy_with_deadline(deps: WorkerDeps, image: ImageRecord, sourc
                 source,
                 stem,
                 chain,
-                image.input.format,
+                input_format,
                 kill_switch,
                 max_pixels=settings.max_pixels,
                 max_memory=settings.job_memory_bytes,

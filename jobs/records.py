@@ -73,6 +73,28 @@ class InputInfo:
     filename: str | None = None
 
 
+UploadStatus = Literal["pending", "received", "started", "refused", "expired"]
+UploadStart = Literal["on_upload", "on_request"]
+
+
+@dataclass(frozen=True)
+class UploadState:
+    """An image created by `POST /v1/uploads`, whose bytes the partner sends to a signed URL.
+
+    `pending` until they land; then `started` (handed to processing) if the upload said how to process
+    it (`starts` `on_upload`), else `received` until `POST /v1/images {upload_id}` starts it. Bytes
+    failing the upload checks end it `refused` (the image `failed`), and bytes never sent `expired`."""
+
+    id: str
+    status: UploadStatus
+    starts: UploadStart
+    # Declared at creation: the PUT must carry exactly this many bytes.
+    size: int
+    content_type: str
+    expires_at: str
+    filename: str | None = None
+
+
 @dataclass(frozen=True)
 class OutputInfo:
     format: str
@@ -94,7 +116,8 @@ class ImageRecord:
     account_id: str
     status: ImageStatus
     operations: list[dict[str, Any]]
-    input: InputInfo
+    # None while a direct upload waits for its bytes.
+    input: InputInfo | None
     original_key: str
     created_at: str
     callback_url: str | None = None
@@ -109,10 +132,24 @@ class ImageRecord:
     event_message_id: str | None = None
     # When the retention sweep deletes it (ISO 8601); None for images stored before retention existed.
     expires_at: str | None = None
+    upload: UploadState | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def filename(self) -> str | None:
+        """The partner's name for the file: as uploaded, or as declared for a direct upload."""
+        if self.input is not None:
+            return self.input.filename
+        return None if self.upload is None else self.upload.filename
+
+    @property
+    def awaits_start(self) -> bool:
+        """A direct upload not yet handed to processing: it has no job until its bytes land (and, for
+        one created without operations, until `POST /v1/images` starts it)."""
+        return self.upload is not None and self.upload.status in ("pending", "received")
 
     def expired_at(self, moment: str) -> bool:
         """Past its retention at `moment` (ISO 8601), even before the sweep has deleted it."""
@@ -125,7 +162,8 @@ class ImageRecord:
         # What dataclasses.asdict makes, built directly: asdict deep-copies every value on the way, and
         # a record is written several times per image.
         data = dict(vars(self))
-        data["input"] = vars(self.input)
+        data["input"] = None if self.input is None else vars(self.input)
+        data["upload"] = None if self.upload is None else vars(self.upload)
         data["output"] = None if self.output is None else vars(self.output)
         data["error"] = None if self.error is None else vars(self.error)
         return json.dumps(data, separators=(",", ":"))
@@ -133,7 +171,8 @@ class ImageRecord:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ImageRecord:
         data = json.loads(raw)
-        data["input"] = InputInfo(**data["input"])
+        data["input"] = InputInfo(**data["input"]) if data.get("input") else None
+        data["upload"] = UploadState(**data["upload"]) if data.get("upload") else None
         data["output"] = OutputInfo(**data["output"]) if data.get("output") else None
         data["error"] = ImageError(**data["error"]) if data.get("error") else None
         return cls(**data)
@@ -146,7 +185,9 @@ class ImageRecord:
             "id": self.id,
             "status": self.status,
             "operations": self.operations,
-            "input": {
+            "input": None
+            if self.input is None
+            else {
                 "format": self.input.format,
                 "width": self.input.width,
                 "height": self.input.height,
@@ -154,6 +195,17 @@ class ImageRecord:
                 "bytes": self.input.bytes,
                 "filename": self.input.filename,
                 "url": f"{base}/original",
+            },
+            "upload": None
+            if self.upload is None
+            else {
+                "id": self.upload.id,
+                "status": self.upload.status,
+                "starts": self.upload.starts,
+                "filename": self.upload.filename,
+                "content_type": self.upload.content_type,
+                "size": self.upload.size,
+                "expires_at": self.upload.expires_at,
             },
             "output": None
             if self.output is None

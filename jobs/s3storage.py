@@ -151,6 +151,9 @@ class S3Storage(ScratchFolder):
         listed.sort(key=lambda entry: entry["LastModified"], reverse=True)
         await self._delete([entry["Key"] for entry in listed[keep:]])
 
+    async def delete(self, key: str) -> None:
+        await _call(self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
+
     async def delete_tree(self, prefix: str) -> None:
         listed = await self._list(prefix)
         await self._delete([entry["Key"] for entry in listed])

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+# The longest a direct upload's signed URL may stay valid (S3's limit on a presigned URL, too).
+MAX_UPLOAD_URL_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # S3 refuses multipart parts under 5 MiB (all but the last).
 MIN_S3_PART_BYTES = 5 * 1024 * 1024
@@ -76,6 +78,8 @@ class Settings:
     s3_region: str | None = None
     s3_part_size: int = DEFAULT_S3_PART_BYTES
     s3_presigned_downloads: bool = False
+    # Seconds a direct upload's signed URL stays valid; its image fails `upload_expired` if nothing came.
+    upload_url_ttl: int = 3600
     queue_name: str = "darkroom:queue"
 
     @property
@@ -153,6 +157,7 @@ class Settings:
             s3_region=env.get("DARKROOM_S3_REGION") or query.get("region"),
             s3_part_size=part_size,
             s3_presigned_downloads=_flag(env, "DARKROOM_S3_PRESIGNED_DOWNLOADS"),
+            upload_url_ttl=_upload_url_ttl(env),
         )
         # A storage URL Darkroom cannot use stops the process at start, not at its first upload.
         _ = settings.s3_location if settings.uses_s3 else settings.storage_root
@@ -174,6 +179,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _upload_url_ttl(env: Mapping[str, str]) -> int:
+    ttl = _positive_int(env, "DARKROOM_UPLOAD_URL_TTL", 3600)
+    if ttl > MAX_UPLOAD_URL_TTL_SECONDS:
+        raise SettingsError(f"DARKROOM_UPLOAD_URL_TTL must be at most {MAX_UPLOAD_URL_TTL_SECONDS} (7 days)")
+    return ttl
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

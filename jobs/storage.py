@@ -142,6 +142,9 @@ class BlobStorage(Protocol):
     async def evict_least_recent(self, prefix: str, keep: int) -> None:
         """Delete the blobs under `prefix` beyond the `keep` most recently used (or written)."""
 
+    async def delete(self, key: str) -> None:
+        """Remove one blob; nothing happens if there is none."""
+
     async def delete_tree(self, prefix: str) -> None: ...
 
     async def abort_stale_uploads(self, started_before: float) -> int:
@@ -271,6 +274,9 @@ class LocalStorage(ScratchFolder):
 
     async def evict_least_recent(self, prefix: str, keep: int) -> None:
         await asyncio.to_thread(_evict_least_recently_used, self.path(prefix), keep)
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self.path(key).unlink, missing_ok=True)
 
     async def delete_tree(self, prefix: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.path(prefix), ignore_errors=True)

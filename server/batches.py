@@ -20,17 +20,12 @@ from server.auth import require_account
 from server.blobs import blob_response
 from server.conditional import none_match
 from server.destinations import check_destination_url
-from server.images import (
-    accept_uploads,
-    batches_of,
-    metadata_problem,
-    open_batch,
-    validate_upload_fields,
-)
+from server.images import accept_uploads, batches_of, open_batch
 from server.json_body import read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
+from server.upload_fields import metadata_problem, validate_upload_fields
 from webhooks.messages import iso, now_ms
 
 BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -16,153 +13,46 @@ from starlette.routing import Route
 
 from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
-from jobs.formats import ImageFormat, TooManyPages, UnreadableImage, read_header, sniff_format
 from jobs.ids import is_id
-from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
-from jobs.params import FieldError, ValidationFailed
+from jobs.params import FieldError
 from jobs.records import BatchRecord, ImageRecord, InputInfo, original_key
-from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, StorageUnavailable, is_full
 from jobs.store import Store
+from jobs.uploads import RefusedFile, inspect_file
 from server.auth import require_account
 from server.blobs import blob_response
-from server.destinations import check_destination_url
-from server.json_body import InvalidJson, parse_json
-from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
+from server.image_json import start_upload
+from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
+from server.upload_fields import UploadFields, validate_upload_fields
 from server.variants import output_response, parse_variant_query, resolve_variant
 from webhooks.messages import iso, now_ms
 
-MAX_METADATA_BYTES = 4096
-UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "retention", "batch_id")
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
 ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
 
 
-def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError]) -> Any:
-    raw = fields.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return parse_json(raw, name)
-    except InvalidJson as exc:
-        errors.append(FieldError(name, f"is not valid JSON: {exc}"))
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    return None
-
-
-@dataclass(frozen=True)
-class UploadFields:
-    """The form fields that come with uploaded files, validated."""
-
-    # None when not given, so a batch's default operations apply (an empty list is a choice).
-    operations: list[dict[str, Any]] | None
-    callback_url: str | None
-    metadata: dict[str, Any]
-    # Seconds each image is kept after its upload.
-    retention: int
-    batch_id: str | None = None
-
-
-def metadata_problem(metadata: Any) -> str | None:
-    if not isinstance(metadata, dict):
-        return "must be a JSON object"
-    if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
-        return f"must be at most {MAX_METADATA_BYTES} bytes as JSON"
-    return None
-
-
-async def validate_upload_fields(
-    upload: MultipartUpload, settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
-) -> UploadFields:
-    """Every problem of the fields reported at once; `accepted` names the fields the route takes."""
-    fields = upload.fields
-    errors = list(upload.errors)
-    operations: list[dict[str, Any]] | None = None
-    raw_operations = _parse_json_field(fields, "operations", errors)
-    try:
-        if raw_operations is not None:
-            operations = [operation.to_json() for operation in parse_operations(raw_operations)]
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    callback_url = fields.get("callback_url") or None
-    if callback_url is not None:
-        problem = await check_destination_url(callback_url, settings)
-        if problem:
-            errors.append(FieldError("callback_url", problem))
-    metadata = _parse_json_field(fields, "metadata", errors)
-    if metadata is None:
-        metadata = {}
-    elif problem := metadata_problem(metadata):
-        errors.append(FieldError("metadata", problem))
-    retention = _retention(fields.get("retention"), settings, errors)
-    errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
-    if errors:
-        raise validation_problem(errors)
-    return UploadFields(operations, callback_url, metadata, retention, fields.get("batch_id") or None)
-
-
-def _retention(raw: str | None, settings: Settings, errors: list[FieldError]) -> int:
-    """The `retention` asked for, which may shorten the configured one but never lengthen it."""
-    if raw is None or raw.strip() == "":
-        return settings.image_retention
-    longest = settings.image_retention
-    shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
-    text = raw.strip()
-    # The length first: int() refuses strings of over 4300 digits.
-    if (
-        text.isascii()
-        and text.isdigit()
-        and len(text) <= len(str(longest))
-        and shortest <= int(text) <= longest
-    ):
-        return int(text)
-    errors.append(FieldError("retention", f"must be whole seconds from {shortest} to {longest}"))
-    return longest
-
-
 async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
     """Decide the format from the bytes and refuse oversized images before anything is queued."""
-    if upload.size == 0:
-        raise Problem(422, "empty_file", "the uploaded file is empty")
-    image_format = sniff_format(upload.head)
-    if image_format is None:
-        accepted = ", ".join(fmt.value for fmt in ImageFormat)
-        raise Problem(415, "unsupported_format", f"the file is not an image Darkroom accepts ({accepted})")
     try:
-        header = await asyncio.to_thread(
-            read_header, str(upload.path), image_format, max_pages=settings.max_pages
+        return await asyncio.to_thread(
+            inspect_file, upload.path, upload.head, upload.size, upload.filename, settings
         )
-    except TooManyPages as exc:
-        raise Problem(422, "too_many_pages", exc.message) from None
-    except UnreadableImage as exc:
-        raise Problem(
-            422, "unreadable_image", f"the {image_format.value} file cannot be read: {exc}"
-        ) from None
-    if header.pixels > settings.max_pixels:
-        raise Problem(
-            422,
-            "image_too_large",
-            f"{header.width}x{header.height}"
-            + (f"x{header.pages} pages" if header.pages > 1 else "")
-            + f" is {header.pixels:,} pixels; the limit is {settings.max_pixels:,}",
-        )
-    return InputInfo(
-        format=header.format.value,
-        width=header.width,
-        height=header.height,
-        pages=header.pages,
-        bytes=upload.size,
-        filename=upload.filename or None,
-    )
+    except RefusedFile as refusal:
+        raise refused_problem(refusal) from None
+
+
+def refused_problem(refusal: RefusedFile) -> Problem:
+    return Problem(refusal.status, refusal.code, refusal.message)
 
 
 async def create_image(request: Request) -> Response:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+        return await start_upload(request)
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
@@ -244,15 +134,10 @@ async def accept_uploads(
     try:
         for upload, image in zip(files, images, strict=True):
             await upload.commit(storage, image.original_key)
-        if batch is None:
-            await store.save_new_images(images, settings.queue_name)
-        else:
-            await batches_of(request).add_images(batch.id, images)
-    except (BatchClosed, BatchFull) as exc:
+        await record_new_images(request, images, batch)
+    except Problem:
         await _forget(storage, store, images, saved=False)
-        if isinstance(exc, BatchClosed):
-            raise batch_closed_problem(exc.batch) from None
-        raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
+        raise
     except OSError as exc:
         # A commit found no room for a folder; nothing was recorded yet.
         await _forget(storage, store, images, saved=False)
@@ -266,6 +151,23 @@ async def accept_uploads(
         await _forget(storage, store, images, saved=True)
         raise
     return images
+
+
+async def record_new_images(
+    request: Request, images: Sequence[ImageRecord], batch: BatchRecord | None
+) -> None:
+    """Save new image records and their jobs, into `batch` if any; a batch sealed or full meanwhile is a
+    409 problem, and nothing was saved."""
+    settings: Settings = request.app.state.settings
+    try:
+        if batch is None:
+            await request.app.state.store.save_new_images(images, settings.queue_name)
+        else:
+            await batches_of(request).add_images(batch.id, images)
+    except BatchClosed as exc:
+        raise batch_closed_problem(exc.batch) from None
+    except BatchFull:
+        raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
 
 
 async def _forget(storage: BlobStorage, store: Store, images: Sequence[ImageRecord], *, saved: bool) -> None:
@@ -354,12 +256,14 @@ async def get_output(request: Request) -> Response:
         )
     spec = resolve_variant(wanted, image.output)
     # The partner's name, made as safe as a ZIP entry's: it names a file on someone's disk.
-    stem = safe_entry_name(image.input.filename, image.id, "")
+    stem = safe_entry_name(image.filename, image.id, "")
     return await output_response(request, image, image.output, spec, download_stem=stem)
 
 
 async def get_original(request: Request) -> Response:
     image = await _owned_image(request)
+    if image.input is None:
+        raise Problem(409, "upload_not_received", "the image's bytes have not been uploaded yet")
     return await blob_response(
         request,
         image.original_key,
