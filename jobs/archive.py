@@ -172,14 +172,14 @@ def plan_archive(
         if image.status == "completed" and image.output is not None:
             convert = _conversion(batch.archive, image.output)
             written = convert.format if convert else image.output.format
-            name = safe_entry_name(image.input.filename, image.id, SAVERS[written].suffix)
+            name = safe_entry_name(image.filename, image.id, SAVERS[written].suffix)
             source = locate(image.output.key)
             when = _zip_time(image.completed_at)
-            entries.append(ArchiveEntry(name, image.id, image.input.filename, source, written, when, convert))
+            entries.append(ArchiveEntry(name, image.id, image.filename, source, written, when, convert))
         elif image.error is not None:
-            failed.append(_failure(image.id, image.input.filename, image.error.code, image.error.message))
+            failed.append(_failure(image.id, image.filename, image.error.code, image.error.message))
         else:
-            failed.append(_failure(image.id, image.input.filename, "not_completed", f"it is {image.status}"))
+            failed.append(_failure(image.id, image.filename, "not_completed", f"it is {image.status}"))
     names = unique_names([entry.name for entry in entries])
     entries = [replace(entry, name=name) for entry, name in zip(entries, names, strict=True)]
     report = {"batch_id": batch.id, "format": batch.archive.format, "images": len(images)}

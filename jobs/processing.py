@@ -17,11 +17,13 @@ from pathlib import Path
 from jobs import events
 from jobs.batches import Batches
 from jobs.deps import WorkerDeps
+from jobs.fetch import source_filename
 from jobs.ids import new_id
+from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
-from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
+from jobs.records import ImageError, ImageRecord, InputInfo, OutputInfo, utc_now
 from jobs.storage import StorageFull, is_full
 from webhooks.messages import new_message
 
@@ -51,8 +53,13 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     stored, image = image, image.evolve(status="processing", attempts=job_try, started_at=utc_now())
     if not await deps.store.update_image(image, previous=stored):
         return
+    # One time limit for the whole job: fetching a source_url, then rendering.
+    deadline = asyncio.get_running_loop().time() + deps.settings.job_timeout
     try:
-        rendered = await _render_with_deadline(deps, image)
+        original = image.input
+        if original is None:
+            image, original = await _fetch_source(deps, image, deadline)
+        rendered = await _render_with_deadline(deps, image, original, deadline)
     except StorageFull:
         await _wait_for_storage(deps, image)
         return
@@ -100,7 +107,45 @@ class ImageDeleted(Exception):
     """The image's owner deleted it while it was rendered: there is nobody to render it for."""
 
 
-async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> RenderedImage:
+async def _fetch_source(
+    deps: WorkerDeps, image: ImageRecord, deadline: float
+) -> tuple[ImageRecord, InputInfo]:
+    """Fetch the image's `source_url`, check it as an upload is checked, store it as the original and
+    record its `input`. A re-run fetches it again (its original is overwritten)."""
+    if image.source_url is None:
+        raise ProcessingError("internal_error", "the image has neither an original nor a source URL")
+    staged, sink = deps.storage.open_staging()
+    try:
+        try:
+            with sink:
+                fetched = await deps.sources.fetch(image.source_url, sink, deadline)
+            info = await asyncio.to_thread(
+                inspect_image,
+                staged,
+                fetched.head,
+                fetched.size,
+                source_filename(image.source_url),
+                deps.settings,
+            )
+        except ImageRefused as refused:
+            raise ProcessingError(refused.code, refused.message) from None
+        await asyncio.to_thread(deps.storage.commit, staged, image.original_key)
+    except OSError as exc:
+        if is_full(exc):
+            raise StorageFull() from exc
+        raise
+    finally:
+        staged.unlink(missing_ok=True)
+    fetched_image = image.evolve(input=info)
+    if not await deps.store.update_image(fetched_image, previous=image):
+        await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
+        raise ImageDeleted(image.id)
+    return fetched_image, info
+
+
+async def _render_with_deadline(
+    deps: WorkerDeps, image: ImageRecord, original: InputInfo, deadline: float
+) -> RenderedImage:
     """The render, stopped at the job's time limit or when the image is deleted meanwhile."""
     chain = parse_operations(image.operations)
     source = deps.storage.path(image.original_key)
@@ -114,7 +159,7 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
                 source,
                 stem,
                 chain,
-                image.input.format,
+                original.format,
                 kill_switch,
                 max_pixels=settings.max_pixels,
                 max_memory=settings.job_memory_bytes,
@@ -122,7 +167,6 @@ async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> Rendere
         )
     )
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.job_timeout
     try:
         while not rendering.done():
             left = deadline - loop.time()

@@ -90,7 +90,8 @@ class ImageRecord:
     account_id: str
     status: ImageStatus
     operations: list[dict[str, Any]]
-    input: InputInfo
+    # None until a `source_url` is fetched (an upload is inspected before it is accepted).
+    input: InputInfo | None
     original_key: str
     created_at: str
     callback_url: str | None = None
@@ -105,10 +106,17 @@ class ImageRecord:
     event_message_id: str | None = None
     # When the retention sweep deletes it (ISO 8601); None for images stored before retention existed.
     expires_at: str | None = None
+    # Where the worker fetches the original from, for an image submitted by URL.
+    source_url: str | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def filename(self) -> str | None:
+        """The partner's name for the file, if any: uploaded, or taken from the source URL once fetched."""
+        return None if self.input is None else self.input.filename
 
     def expired_at(self, moment: str) -> bool:
         """Past its retention at `moment` (ISO 8601), even before the sweep has deleted it."""
@@ -121,7 +129,7 @@ class ImageRecord:
         # What dataclasses.asdict makes, built directly: asdict deep-copies every value on the way, and
         # a record is written several times per image.
         data = dict(vars(self))
-        data["input"] = vars(self.input)
+        data["input"] = None if self.input is None else vars(self.input)
         data["output"] = None if self.output is None else vars(self.output)
         data["error"] = None if self.error is None else vars(self.error)
         return json.dumps(data, separators=(",", ":"))
@@ -129,7 +137,7 @@ class ImageRecord:
     @classmethod
     def from_json(cls, raw: bytes | str) -> ImageRecord:
         data = json.loads(raw)
-        data["input"] = InputInfo(**data["input"])
+        data["input"] = InputInfo(**data["input"]) if data.get("input") else None
         data["output"] = OutputInfo(**data["output"]) if data.get("output") else None
         data["error"] = ImageError(**data["error"]) if data.get("error") else None
         return cls(**data)
@@ -142,7 +150,9 @@ class ImageRecord:
             "id": self.id,
             "status": self.status,
             "operations": self.operations,
-            "input": {
+            "input": None
+            if self.input is None
+            else {
                 "format": self.input.format,
                 "width": self.input.width,
                 "height": self.input.height,
@@ -151,6 +161,7 @@ class ImageRecord:
                 "filename": self.input.filename,
                 "url": f"{base}/original",
             },
+            "source": None if self.source_url is None else {"url": self.source_url},
             "output": None
             if self.output is None
             else {

@@ -110,7 +110,7 @@ def stage_batch_change(pipe: Any, before: ImageRecord | None, after: ImageRecord
     if after is not None:
         pipe.hincrby(key, after.status, 1)
         if after.status == "failed" and after.error is not None:
-            failure = {"image_id": after.id, "filename": after.input.filename, "error": asdict(after.error)}
+            failure = {"image_id": after.id, "filename": after.filename, "error": asdict(after.error)}
             pipe.hset(batch_failures_key(image.batch_id), after.id, json.dumps(failure))
 
 

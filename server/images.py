@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -16,8 +17,8 @@ from starlette.routing import Route
 
 from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
-from jobs.formats import ImageFormat, TooManyPages, UnreadableImage, read_header, sniff_format
 from jobs.ids import is_id, new_id
+from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
@@ -27,8 +28,8 @@ from jobs.settings import Settings
 from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
 from server.auth import require_account
-from server.destinations import check_destination_url
-from server.json_body import InvalidJson, parse_json
+from server.destinations import check_destination_url, url_problem
+from server.json_body import InvalidJson, parse_json, read_json_object
 from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
@@ -37,6 +38,7 @@ from webhooks.messages import iso, now_ms
 
 MAX_METADATA_BYTES = 4096
 UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "retention", "batch_id")
+SOURCE_FIELDS = ("source_url", *UPLOAD_FIELDS)
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
 ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
@@ -79,40 +81,58 @@ def metadata_problem(metadata: Any) -> str | None:
 async def validate_upload_fields(
     upload: MultipartUpload, settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
 ) -> UploadFields:
-    """Every problem of the fields reported at once; `accepted` names the fields the route takes."""
-    fields = upload.fields
+    """Every problem of the form fields reported at once; `accepted` names the fields the route takes."""
+    fields: dict[str, Any] = dict(upload.fields)
     errors = list(upload.errors)
+    for name in ("operations", "metadata"):
+        if name in fields:
+            fields[name] = _parse_json_field(upload.fields, name, errors)
+    return await validate_fields(fields, settings, accepted, errors)
+
+
+async def validate_fields(
+    fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
+) -> UploadFields:
+    """The fields of an upload or a JSON body (`operations` and `metadata` decoded), with the problems
+    found before (`errors`): every problem reported at once."""
     operations: list[dict[str, Any]] | None = None
-    raw_operations = _parse_json_field(fields, "operations", errors)
     try:
-        if raw_operations is not None:
-            operations = [operation.to_json() for operation in parse_operations(raw_operations)]
+        if fields.get("operations") is not None:
+            operations = [operation.to_json() for operation in parse_operations(fields["operations"])]
     except ValidationFailed as exc:
         errors.extend(exc.errors)
     callback_url = fields.get("callback_url") or None
     if callback_url is not None:
-        problem = await check_destination_url(callback_url, settings)
+        problem = (
+            "must be a string"
+            if not isinstance(callback_url, str)
+            else await check_destination_url(callback_url, settings)
+        )
         if problem:
             errors.append(FieldError("callback_url", problem))
-    metadata = _parse_json_field(fields, "metadata", errors)
+    metadata = fields.get("metadata")
     if metadata is None:
         metadata = {}
     elif problem := metadata_problem(metadata):
         errors.append(FieldError("metadata", problem))
     retention = _retention(fields.get("retention"), settings, errors)
+    batch_id = fields.get("batch_id") or None
+    if batch_id is not None and not isinstance(batch_id, str):
+        errors.append(FieldError("batch_id", "must be a string"))
     errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
     if errors:
         raise validation_problem(errors)
-    return UploadFields(operations, callback_url, metadata, retention, fields.get("batch_id") or None)
+    return UploadFields(operations, callback_url, metadata, retention, batch_id)
 
 
-def _retention(raw: str | None, settings: Settings, errors: list[FieldError]) -> int:
-    """The `retention` asked for, which may shorten the configured one but never lengthen it."""
-    if raw is None or raw.strip() == "":
+def _retention(raw: object, settings: Settings, errors: list[FieldError]) -> int:
+    """The `retention` asked for (a form field's text, or a JSON number), which may shorten the
+    configured one but never lengthen it."""
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         return settings.image_retention
     longest = settings.image_retention
     shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
-    text = raw.strip()
+    text = raw.strip() if isinstance(raw, str) else str(raw) if type(raw) is int else ""
     # The length first: int() refuses strings of over 4300 digits.
     if (
         text.isascii()
@@ -127,41 +147,18 @@ def _retention(raw: str | None, settings: Settings, errors: list[FieldError]) ->
 
 async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
     """Decide the format from the bytes and refuse oversized images before anything is queued."""
-    if upload.size == 0:
-        raise Problem(422, "empty_file", "the uploaded file is empty")
-    image_format = sniff_format(upload.head)
-    if image_format is None:
-        accepted = ", ".join(fmt.value for fmt in ImageFormat)
-        raise Problem(415, "unsupported_format", f"the file is not an image Darkroom accepts ({accepted})")
     try:
-        header = await asyncio.to_thread(
-            read_header, str(upload.path), image_format, max_pages=settings.max_pages
+        return await asyncio.to_thread(
+            inspect_image, upload.path, upload.head, upload.size, upload.filename or None, settings
         )
-    except TooManyPages as exc:
-        raise Problem(422, "too_many_pages", exc.message) from None
-    except UnreadableImage as exc:
-        raise Problem(
-            422, "unreadable_image", f"the {image_format.value} file cannot be read: {exc}"
-        ) from None
-    if header.pixels > settings.max_pixels:
-        raise Problem(
-            422,
-            "image_too_large",
-            f"{header.width}x{header.height}"
-            + (f"x{header.pages} pages" if header.pages > 1 else "")
-            + f" is {header.pixels:,} pixels; the limit is {settings.max_pixels:,}",
-        )
-    return InputInfo(
-        format=header.format.value,
-        width=header.width,
-        height=header.height,
-        pages=header.pages,
-        bytes=upload.size,
-        filename=upload.filename or None,
-    )
+    except ImageRefused as refused:
+        status = 415 if refused.code == "unsupported_format" else 422
+        raise Problem(status, refused.code, refused.message) from None
 
 
 async def create_image(request: Request) -> Response:
+    if _media_type(request) == "application/json":
+        return await create_image_from_url(request)
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     storage: LocalStorage = request.app.state.storage
@@ -171,12 +168,46 @@ async def create_image(request: Request) -> Response:
         files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if len(files) != 1 or len(upload.files) != 1:
             raise validation_problem([FieldError(FILE_FIELD, "send exactly one file part named `file`")])
-        batch = None
-        if fields.batch_id is not None:
-            batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
+        batch = await _batch_named(request, account.id, fields)
         (image,) = await accept_uploads(request, account.id, files, fields, batch)
     finally:
         upload.discard()
+    return _accepted(image, settings)
+
+
+async def create_image_from_url(request: Request) -> Response:
+    """`POST /v1/images` with a JSON body naming `source_url`: a worker fetches the file, checks it as
+    an upload is checked, and processes it. Accepted at once; what the fetch finds ends in the image."""
+    account = await require_account(request)
+    settings: Settings = request.app.state.settings
+    body = await read_json_object(request)
+    errors: list[FieldError] = []
+    source_url = body.get("source_url")
+    if source_url is None:
+        errors.append(FieldError("source_url", "is required: the http or https URL of the image"))
+    elif not isinstance(source_url, str):
+        errors.append(FieldError("source_url", "must be a string"))
+    elif problem := url_problem(source_url, settings):
+        errors.append(FieldError("source_url", problem))
+    fields = await validate_fields(body, settings, SOURCE_FIELDS, errors)
+    assert isinstance(source_url, str)  # validate_fields raised otherwise
+    batch = await _batch_named(request, account.id, fields)
+    (image,) = _new_images(account.id, fields, batch, [None], source_url)
+    await _store_and_queue(request, [image], batch, originals=())
+    return _accepted(image, settings)
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+async def _batch_named(request: Request, account_id: str, fields: UploadFields) -> BatchRecord | None:
+    if fields.batch_id is None:
+        return None
+    return await open_batch(request, account_id, fields.batch_id, named_by_field=True)
+
+
+def _accepted(image: ImageRecord, settings: Settings) -> Response:
     return JSONResponse(
         image.resource(settings.public_url),
         status_code=202,
@@ -218,13 +249,23 @@ async def accept_uploads(
 ) -> list[ImageRecord]:
     """Inspect every file, store it, save its record (into `batch`, if any) and queue it: all of them, or
     none if any is refused. The caller discards the staged files."""
-    settings: Settings = request.app.state.settings
-    storage: LocalStorage = request.app.state.storage
-    store: Store = request.app.state.store
-    inputs = await _inspect_all(files, settings)
+    inputs = await _inspect_all(files, request.app.state.settings)
+    images = _new_images(account_id, fields, batch, inputs)
+    originals = [(upload.path, image.original_key) for upload, image in zip(files, images, strict=True)]
+    await _store_and_queue(request, images, batch, originals)
+    return images
+
+
+def _new_images(
+    account_id: str,
+    fields: UploadFields,
+    batch: BatchRecord | None,
+    inputs: Sequence[InputInfo | None],
+    source_url: str | None = None,
+) -> list[ImageRecord]:
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
     uploaded_ms = now_ms()
-    images = [
+    return [
         ImageRecord(
             id=(image_id := new_id("img")),
             account_id=account_id,
@@ -237,12 +278,26 @@ async def accept_uploads(
             batch_id=None if batch is None else batch.id,
             metadata=fields.metadata,
             expires_at=iso(uploaded_ms + fields.retention * 1000),
+            source_url=source_url,
         )
         for input_info in inputs
     ]
+
+
+async def _store_and_queue(
+    request: Request,
+    images: Sequence[ImageRecord],
+    batch: BatchRecord | None,
+    originals: Sequence[tuple[Path, str]],
+) -> None:
+    """Store the staged originals under their keys (an image by URL has none yet), save the records
+    (into `batch`, if any) and queue them: all, or none."""
+    settings: Settings = request.app.state.settings
+    storage: LocalStorage = request.app.state.storage
+    store: Store = request.app.state.store
     try:
-        for upload, image in zip(files, images, strict=True):
-            await asyncio.to_thread(storage.commit, upload.path, image.original_key)
+        for staged, key in originals:
+            await asyncio.to_thread(storage.commit, staged, key)
         if batch is None:
             await store.save_new_images(images, settings.queue_name)
         else:
@@ -264,7 +319,6 @@ async def accept_uploads(
         # image and end), and no blob may outlive its record.
         await _forget(storage, store, images, saved=True)
         raise
-    return images
 
 
 async def _forget(storage: LocalStorage, store: Store, images: Sequence[ImageRecord], *, saved: bool) -> None:
@@ -352,19 +406,36 @@ async def get_output(request: Request) -> Response:
         )
     spec = resolve_variant(wanted, image.output)
     # The partner's name, made as safe as a ZIP entry's: it names a file on someone's disk.
-    stem = safe_entry_name(image.input.filename, image.id, "")
+    stem = safe_entry_name(image.filename, image.id, "")
     return await output_response(request, image, image.output, spec, download_stem=stem)
 
 
 async def get_original(request: Request) -> Response:
     image = await _owned_image(request)
     storage: LocalStorage = request.app.state.storage
+    original = image.input
+    if original is None:
+        raise _not_fetched_problem(image)
     return FileResponse(
         storage.path(image.original_key),
-        media_type=MEDIA_TYPES[image.input.format],
-        filename=safe_entry_name(image.input.filename, image.id, ORIGINAL_SUFFIXES[image.input.format]),
+        media_type=MEDIA_TYPES[original.format],
+        filename=safe_entry_name(original.filename, image.id, ORIGINAL_SUFFIXES[original.format]),
         content_disposition_type="inline",
         headers={"Cache-Control": "private, max-age=31536000, immutable"},
+    )
+
+
+def _not_fetched_problem(image: ImageRecord) -> Problem:
+    """An image submitted by URL has no original until its source is fetched, and none if that failed."""
+    if image.is_terminal and image.error is not None:
+        error = image.error
+        detail = f"the image failed ({error.code}: {error.message}) before its source was stored"
+        return Problem(409, "image_failed", detail)
+    return Problem(
+        409,
+        "not_ready",
+        f"the image is {image.status}; its original exists once its source_url is fetched",
+        headers={"Retry-After": "1"},
     )
 
 

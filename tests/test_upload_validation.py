@@ -16,9 +16,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from jobs import inspection
 from jobs.formats import ImageFormat, ImageHeader
 from jobs.settings import Settings
-from server import images
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, run_burst, with_settings
 from tests.receiver import Receiver
@@ -142,14 +142,14 @@ async def test_a_tiff_of_too_many_pages_is_refused_without_holding_up_other_uplo
     hostile = imagegen.many_page_tiff(120_000)
     other_tenant = await make_account(redis, "other tenant")
     checking_tiff = threading.Event()
-    read_header = images.read_header
+    read_header = inspection.read_header
 
     def observed_read_header(path: str, fmt: ImageFormat, **limits: Any) -> ImageHeader:
         if fmt is ImageFormat.TIFF:
             checking_tiff.set()
         return read_header(path, fmt, **limits)
 
-    monkeypatch.setattr(images, "read_header", observed_read_header)
+    monkeypatch.setattr(inspection, "read_header", observed_read_header)
     async with api_client(with_settings(settings, max_upload_bytes=10_000_000)) as client:
         hostile_upload = asyncio.create_task(upload(client, account, hostile, "pages.tif"))
         assert await asyncio.to_thread(checking_tiff.wait, 10)
@@ -614,7 +614,6 @@ async def test_two_file_parts_are_422(
 @pytest.mark.parametrize(
     ("content_type", "content"),
     [
-        pytest.param("application/json", b'{"operations": []}', id="json"),
         pytest.param("image/jpeg", imagegen.jpeg(), id="raw-image"),
         pytest.param("application/x-www-form-urlencoded", b"file=photo.jpg", id="urlencoded"),
         pytest.param("text/plain", b"hello", id="text"),
