@@ -29,7 +29,7 @@ from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
 from server.auth import require_account
 from server.destinations import check_destination_url, url_problem
-from server.json_body import InvalidJson, parse_json, read_json_object
+from server.json_body import InvalidJson, media_type, parse_json, read_json_object
 from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
@@ -87,14 +87,17 @@ async def validate_upload_fields(
     for name in ("operations", "metadata"):
         if name in fields:
             fields[name] = _parse_json_field(upload.fields, name, errors)
-    return await validate_fields(fields, settings, accepted, errors)
+    try:
+        return await validate_fields(fields, settings, accepted, errors)
+    except ValidationFailed as exc:
+        raise validation_problem(exc.errors) from None
 
 
 async def validate_fields(
     fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
 ) -> UploadFields:
-    """The fields of an upload or a JSON body (`operations` and `metadata` decoded), with the problems
-    found before (`errors`): every problem reported at once."""
+    """The fields of an upload or a JSON body (`operations` and `metadata` decoded); ValidationFailed
+    names every problem, those found before (`errors`) first."""
     operations: list[dict[str, Any]] | None = None
     try:
         if fields.get("operations") is not None:
@@ -121,7 +124,7 @@ async def validate_fields(
         errors.append(FieldError("batch_id", "must be a string"))
     errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
     if errors:
-        raise validation_problem(errors)
+        raise ValidationFailed(errors)
     return UploadFields(operations, callback_url, metadata, retention, batch_id)
 
 
@@ -157,7 +160,7 @@ async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
 
 
 async def create_image(request: Request) -> Response:
-    if _media_type(request) == "application/json":
+    if media_type(request) == "application/json":
         return await create_image_from_url(request)
     account = await require_account(request)
     settings: Settings = request.app.state.settings
@@ -181,6 +184,21 @@ async def create_image_from_url(request: Request) -> Response:
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     body = await read_json_object(request)
+    try:
+        source_url, fields = await validate_source(body, settings, SOURCE_FIELDS)
+    except ValidationFailed as exc:
+        raise validation_problem(exc.errors) from None
+    batch = await _batch_named(request, account.id, fields)
+    images = new_images(account.id, fields, batch, [None], source_url)
+    await store_and_queue(request, images, batch, originals=())
+    return _accepted(images[0], settings)
+
+
+async def validate_source(
+    body: Mapping[str, Any], settings: Settings, accepted: Sequence[str]
+) -> tuple[str, UploadFields]:
+    """The `source_url` of an image sent by URL, and its other fields; ValidationFailed names every
+    problem. The URL is judged from its text here: the worker resolves its host when it fetches it."""
     errors: list[FieldError] = []
     source_url = body.get("source_url")
     if source_url is None:
@@ -189,16 +207,9 @@ async def create_image_from_url(request: Request) -> Response:
         errors.append(FieldError("source_url", "must be a string"))
     elif problem := url_problem(source_url, settings):
         errors.append(FieldError("source_url", problem))
-    fields = await validate_fields(body, settings, SOURCE_FIELDS, errors)
+    fields = await validate_fields(body, settings, accepted, errors)
     assert isinstance(source_url, str)  # validate_fields raised otherwise
-    batch = await _batch_named(request, account.id, fields)
-    (image,) = _new_images(account.id, fields, batch, [None], source_url)
-    await _store_and_queue(request, [image], batch, originals=())
-    return _accepted(image, settings)
-
-
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return source_url, fields
 
 
 async def _batch_named(request: Request, account_id: str, fields: UploadFields) -> BatchRecord | None:
@@ -250,13 +261,13 @@ async def accept_uploads(
     """Inspect every file, store it, save its record (into `batch`, if any) and queue it: all of them, or
     none if any is refused. The caller discards the staged files."""
     inputs = await _inspect_all(files, request.app.state.settings)
-    images = _new_images(account_id, fields, batch, inputs)
+    images = new_images(account_id, fields, batch, inputs)
     originals = [(upload.path, image.original_key) for upload, image in zip(files, images, strict=True)]
-    await _store_and_queue(request, images, batch, originals)
+    await store_and_queue(request, images, batch, originals)
     return images
 
 
-def _new_images(
+def new_images(
     account_id: str,
     fields: UploadFields,
     batch: BatchRecord | None,
@@ -284,7 +295,7 @@ def _new_images(
     ]
 
 
-async def _store_and_queue(
+async def store_and_queue(
     request: Request,
     images: Sequence[ImageRecord],
     batch: BatchRecord | None,

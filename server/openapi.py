@@ -76,10 +76,13 @@ def build_openapi(public_url: str) -> dict[str, Any]:
             {
                 "/v1/images": {
                     "post": {
-                        "summary": "Upload an image to process",
+                        "summary": "Upload an image to process, or name the URL a worker fetches it from",
                         "requestBody": {
                             "required": True,
-                            "content": {"multipart/form-data": {"schema": _ref("ImageUpload")}},
+                            "content": {
+                                "multipart/form-data": {"schema": _ref("ImageUpload")},
+                                "application/json": {"schema": _ref("ImageFromUrl")},
+                            },
                         },
                         "responses": {
                             "202": _json("Queued", _ref("Image")),
@@ -195,13 +198,46 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         },
                     },
                 },
+                "ImageFromUrl": {
+                    "type": "object",
+                    "required": ["source_url"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "source_url": {
+                            "type": "string",
+                            "format": "uri",
+                            "maxLength": 2048,
+                            "description": "http or https, public addresses only; fetched by a worker",
+                        },
+                        "operations": {
+                            "type": "array",
+                            "maxItems": MAX_CHAIN_LENGTH,
+                            "items": _ref("Operation"),
+                        },
+                        "callback_url": {"type": "string", "format": "uri"},
+                        "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+                        "retention": _RETENTION,
+                        "batch_id": {
+                            "type": "string",
+                            "description": "an open batch to join (its operations apply when none are given)",
+                        },
+                    },
+                },
                 "Image": {
                     "type": "object",
                     "properties": {
                         "id": {"type": "string"},
                         "status": {"enum": ["queued", "processing", "completed", "failed"]},
                         "operations": {"type": "array", "items": _ref("Operation")},
-                        "input": {"type": "object"},
+                        "input": {
+                            "type": ["object", "null"],
+                            "description": "null until the source_url of an image sent by URL is fetched",
+                        },
+                        "source": {
+                            "type": ["object", "null"],
+                            "properties": {"url": {"type": "string"}},
+                            "description": "where an image submitted by URL is fetched from",
+                        },
                         "output": {"type": ["object", "null"]},
                         "error": {
                             "type": ["object", "null"],
@@ -319,10 +355,13 @@ def _batch_paths() -> dict[str, Any]:
         "/v1/batches/{batch_id}/images": {
             "parameters": [_BATCH_ID],
             "post": {
-                "summary": "Add images: several `file` parts; all are accepted or none",
+                "summary": "Add images: several `file` parts, or JSON source URLs; all are accepted or none",
                 "requestBody": {
                     "required": True,
-                    "content": {"multipart/form-data": {"schema": _ref("BatchImagesUpload")}},
+                    "content": {
+                        "multipart/form-data": {"schema": _ref("BatchImagesUpload")},
+                        "application/json": {"schema": _ref("BatchImagesFromUrl")},
+                    },
                 },
                 "responses": {
                     "202": _json(
@@ -574,6 +613,30 @@ _BATCH_SCHEMAS: dict[str, Any] = {
                 "description": 'true: {"format": "original"}',
             },
             "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+        },
+    },
+    "BatchImagesFromUrl": {
+        "type": "object",
+        "required": ["images"],
+        "additionalProperties": False,
+        "properties": {
+            "images": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 50,
+                "items": {
+                    "type": "object",
+                    "required": ["source_url"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "source_url": {"type": "string", "format": "uri", "maxLength": 2048},
+                        "operations": {"type": "array", "items": _ref("Operation")},
+                        "callback_url": {"type": "string", "format": "uri"},
+                        "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+                        "retention": _RETENTION,
+                    },
+                },
+            }
         },
     },
     "BatchImagesUpload": {

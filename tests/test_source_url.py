@@ -145,7 +145,8 @@ FAILURES: dict[str, tuple[Callable[[SourceServer], str], str, str]] = {
     "connection refused": (lambda s: _refused_port(), "source_unreachable", "cannot fetch from 127.0.0.1"),
     "six redirects": (lambda s: _redirect_chain(s, 6), "source_too_many_redirects", "more than 5"),
     "over the cap, declared": (
-        lambda s: s.serve("/big.jpg", Reply(body=PHOTO + b"\0" * UPLOAD_CAP)),
+        # It stalls after its first bytes: only a cap read from Content-Length ends it at once.
+        lambda s: s.serve("/big.jpg", Reply(body=PHOTO + b"\0" * UPLOAD_CAP, stall_after=100)),
         "source_too_large",
         "200,000 bytes",
     ),
@@ -353,3 +354,57 @@ async def test_a_source_url_joins_a_batch_that_completes(
     done = (await client.get(f"/v1/batches/{batch['id']}", headers=account.headers)).json()
     assert done["status"] == "completed"
     assert done["counts"]["completed"] == 1
+
+
+async def test_a_batch_takes_several_source_urls_at_once(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, source: SourceServer
+) -> None:
+    operations = [{"type": "resize", "params": {"width": 16}}]
+    batch = (
+        await client.post("/v1/batches", headers=account.headers, json={"operations": operations})
+    ).json()
+    urls = [
+        source.serve("/a.jpg", Reply(body=PHOTO)),
+        source.serve("/b.png", Reply(body=imagegen.png(20, 10))),
+    ]
+    response = await client.post(
+        f"/v1/batches/{batch['id']}/images",
+        headers=account.headers,
+        json={"images": [{"source_url": urls[0]}, {"source_url": urls[1], "metadata": {"n": 2}}]},
+    )
+    assert response.status_code == 202, response.text
+    added = response.json()["data"]
+    assert [image["source"]["url"] for image in added] == urls
+    assert [image["metadata"] for image in added] == [{}, {"n": 2}]
+    await client.post(f"/v1/batches/{batch['id']}/seal", headers=account.headers)
+    await run_burst(settings)
+    listed = (await client.get(f"/v1/images?batch_id={batch['id']}", headers=account.headers)).json()["data"]
+    assert sorted(image["input"]["filename"] for image in listed) == ["a.jpg", "b.png"]
+    assert all(image["output"]["width"] == 16 for image in listed)
+    done = (await client.get(f"/v1/batches/{batch['id']}", headers=account.headers)).json()
+    assert done["counts"]["completed"] == 2
+
+
+async def test_one_bad_entry_refuses_the_whole_list_naming_each_problem(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    batch = (await client.post("/v1/batches", headers=account.headers, json={})).json()
+    response = await client.post(
+        f"/v1/batches/{batch['id']}/images",
+        headers=account.headers,
+        json={
+            "images": [
+                {"source_url": "https://photos.example/a.jpg"},
+                {"source_url": "gopher://photos.example/b.jpg", "batch_id": batch["id"]},
+                "https://photos.example/c.jpg",
+            ]
+        },
+    )
+    problem = assert_problem(response, 422, "validation_failed")
+    assert [error["field"] for error in problem["errors"]] == [
+        "images[1].source_url",
+        "images[1].batch_id",
+        "images[2]",
+    ]
+    listed = (await client.get(f"/v1/images?batch_id={batch['id']}", headers=account.headers)).json()["data"]
+    assert listed == []
