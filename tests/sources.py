@@ -31,6 +31,7 @@ class SourceServer:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._replies: dict[str, deque[Reply]] = defaultdict(deque)
         self._stopping = threading.Event()
+        self._arrived = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
@@ -50,6 +51,12 @@ class SourceServer:
 
     def hits(self, path: str) -> int:
         return sum(1 for requested, _ in self.requests if requested == path)
+
+    def wait_for_hits(self, path: str, count: int, timeout: float = 10.0) -> None:
+        """Block until `path` was requested `count` times (call through asyncio.to_thread)."""
+        with self._arrived:
+            if not self._arrived.wait_for(lambda: self.hits(path) >= count, timeout):
+                raise TimeoutError(f"{path} was requested {self.hits(path)} of {count} times")
 
     def start(self) -> SourceServer:
         self._thread.start()
@@ -71,7 +78,9 @@ class SourceServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                with server._arrived:
+                    server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                    server._arrived.notify_all()
                 reply = server._next(self.path)
                 self.send_response(reply.status)
                 for name, value in reply.headers.items():

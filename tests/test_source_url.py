@@ -4,19 +4,22 @@ its signed webhook."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
 from typing import Any
 
 import httpx
 import pytest
+from arq.worker import Worker
 
-from jobs import fetch
+from jobs import fetch, processing
 from jobs.settings import Settings
 from server import destinations
 from tests import imagegen
-from tests.conftest import Partner, api_client, run_burst, with_settings
+from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.sources import Reply, SourceServer
 from tests.test_processes import free_port
@@ -408,3 +411,46 @@ async def test_one_bad_entry_refuses_the_whole_list_naming_each_problem(
     ]
     listed = (await client.get(f"/v1/images?batch_id={batch['id']}", headers=account.headers)).json()["data"]
     assert listed == []
+
+
+async def test_a_job_stopped_mid_fetch_fetches_again_when_it_runs_again(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, source: SourceServer
+) -> None:
+    url = source.serve("/photo.jpg", Reply(body=PHOTO, stall_after=100), Reply(body=PHOTO))
+    image_id = (await submit(client, account, url))["id"]
+    async with worker_deps(settings) as deps:
+        first_run = asyncio.create_task(processing.process_image(deps, image_id, 1))
+        await asyncio.to_thread(source.wait_for_hits, "/photo.jpg", 1)
+        first_run.cancel()  # as a worker killed mid-fetch: arq runs the job again
+        with pytest.raises(asyncio.CancelledError):
+            await first_run
+        await processing.process_image(deps, image_id, 2)
+    image = (await client.get(f"/v1/images/{image_id}", headers=account.headers)).json()
+    assert image["status"] == "completed", image["error"]
+    assert image["input"]["bytes"] == len(PHOTO)
+    assert source.hits("/photo.jpg") == 2
+    assert list((settings.storage_root / ".staging").iterdir()) == []
+
+
+async def test_stalled_sources_holding_every_job_slot_do_not_hold_up_webhooks(
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    source: SourceServer,
+    receiver: Receiver,
+    worker: Worker,
+) -> None:
+    url = source.serve("/slow.jpg", Reply(body=PHOTO, stall_after=100))
+    for _ in range(settings.worker_concurrency):
+        await submit(client, account, url)
+    await asyncio.to_thread(source.wait_for_hits, "/slow.jpg", settings.worker_concurrency)
+    endpoint = await client.post(
+        "/v1/webhook-endpoints", headers=account.headers, json={"url": receiver.url, "events": ["*"]}
+    )
+    receiver.trust(endpoint.json()["secret"])
+    started = time.monotonic()
+    await client.post(f"/v1/webhook-endpoints/{endpoint.json()['id']}/test", headers=account.headers)
+    (delivery,) = await receiver.arrivals(1)
+    # Well before the fetches give up (DARKROOM_SOURCE_TIMEOUT, 3 s here).
+    assert time.monotonic() - started < 1.5
+    assert delivery.event["type"] == "webhook.test"
