@@ -210,6 +210,9 @@ class SourceFetcher:
                 "source_timeout", f"connecting to {where} took longer than {connect:g} s"
             ) from None
         except (httpcore.NetworkError, httpcore.RemoteProtocolError) as exc:
+            tls_problem = _tls_problem(exc, where)
+            if tls_problem is not None:  # the same certificate would come back: not worth retrying
+                raise ProcessingError("source_unreachable", tls_problem) from None
             detail = str(exc) or type(exc).__name__
             raise _Transient(
                 ProcessingError("source_unreachable", f"cannot fetch from {where}: {detail}")
@@ -265,6 +268,19 @@ def _inflate(inflater: zlib._Decompress, chunk: bytes, room: int) -> list[bytes]
         room -= len(piece)
         data = inflater.unconsumed_tail
     return pieces
+
+
+def _tls_problem(exc: Exception, where: str) -> str | None:
+    """What went wrong in the TLS handshake that `exc` (httpcore's) stands for, in words; None for
+    another failure."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return f"the TLS certificate of {where} was rejected: {cause.verify_message}"
+    if isinstance(cause, ssl.SSLError):
+        return f"the TLS handshake with {where} failed ({cause.reason or 'protocol error'})"
+    return None
 
 
 def _blocked(exc: BlockedDestination, url: str, hop: int) -> ProcessingError:

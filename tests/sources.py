@@ -5,6 +5,7 @@ Each answer closes its connection (HTTP/1.0 style), so a body sent without Conte
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -27,13 +28,18 @@ class Reply:
 
 
 class SourceServer:
-    def __init__(self) -> None:
+    """`tls` serves https with that server context (the handshake on the accepting thread)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._replies: dict[str, deque[Reply]] = defaultdict(deque)
         self._stopping = threading.Event()
         self._arrived = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
+        self.scheme = "http" if tls is None else "https"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
 
     @property
@@ -42,7 +48,7 @@ class SourceServer:
         return port
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
+        return f"{self.scheme}://{host}:{self.port}{path}"
 
     def serve(self, path: str, *replies: Reply) -> str:
         """Answer `path` with `replies` in turn, the last one from then on; its URL."""

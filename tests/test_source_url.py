@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +24,7 @@ from tests import imagegen
 from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.sources import Reply, SourceServer
+from tests.test_addresses import fake_resolver
 from tests.test_processes import free_port
 from tests.test_upload_validation import assert_problem
 from webhooks import addresses, transport
@@ -212,8 +215,8 @@ async def test_a_failing_source_ends_the_image_with_its_code_and_webhook(
 
 # --- the SSRF guard, with private addresses not allowed -----------------------------------------------
 
-# Names the tests resolve themselves (DNS would leave the machine): public ones that lead to our servers
-# on 127.0.0.1, and one whose DNS answer is private.
+# DNS would leave the machine, so the tests answer it: names the guard takes for public that lead to our
+# servers on 127.0.0.1, and one the system resolver (faked) answers with a loopback address.
 PUBLIC_NAMES = frozenset({"photos.example", "hooks.example"})
 PRIVATE_NAME = "rebind.example"
 
@@ -221,12 +224,11 @@ PRIVATE_NAME = "rebind.example"
 @pytest.fixture
 def guarded(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     real_resolve = addresses.resolve
+    fake_resolver(monkeypatch, {PRIVATE_NAME: ["127.0.0.1"]})
 
     async def resolve(host: str, port: int, *, allow_private: bool) -> list[IPAddress]:
         if host in PUBLIC_NAMES:
             return [IPv4Address("127.0.0.1")]
-        if host == PRIVATE_NAME:
-            return await real_resolve("127.0.0.1", port, allow_private=allow_private)
         return await real_resolve(host, port, allow_private=allow_private)
 
     for module in (fetch, transport, destinations):
@@ -454,3 +456,36 @@ async def test_stalled_sources_holding_every_job_slot_do_not_hold_up_webhooks(
     # Well before the fetches give up (DARKROOM_SOURCE_TIMEOUT, 3 s here).
     assert time.monotonic() - started < 1.5
     assert delivery.event["type"] == "webhook.test"
+
+
+# --- https ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_source(certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> Iterator[SourceServer]:
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # trust our certificate, made for localhost
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    server = SourceServer(tls=context).start()
+    yield server
+    server.stop()
+
+
+async def test_https_connects_to_the_checked_address_and_verifies_the_url_host_name(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, tls_source: SourceServer
+) -> None:
+    tls_source.serve("/photo.jpg", Reply(body=PHOTO))
+    by_name = await submit(client, account, tls_source.url("/photo.jpg", "localhost"))
+    by_address = await submit(client, account, tls_source.url("/photo.jpg"))
+    await run_burst(settings)
+    named = (await client.get(f"/v1/images/{by_name['id']}", headers=account.headers)).json()
+    assert named["status"] == "completed", named["error"]
+    # The certificate names localhost, not 127.0.0.1: the name is what is checked, not the address.
+    addressed = (await client.get(f"/v1/images/{by_address['id']}", headers=account.headers)).json()
+    assert addressed["error"]["code"] == "source_unreachable"
+    assert addressed["error"] == {
+        "code": "source_unreachable",
+        "message": f"the TLS certificate of 127.0.0.1:{tls_source.port} was rejected: "
+        "IP address mismatch, certificate is not valid for '127.0.0.1'.",
+    }
+    assert tls_source.hits("/photo.jpg") == 1
