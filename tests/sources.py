@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +33,7 @@ class SourceServer:
 
     def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.arrived_at: list[float] = []  # time.monotonic() of each request, in order
         self._replies: dict[str, deque[Reply]] = defaultdict(deque)
         self._stopping = threading.Event()
         self._arrived = threading.Condition()
@@ -86,6 +88,7 @@ class SourceServer:
             def do_GET(self) -> None:
                 with server._arrived:
                     server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                    server.arrived_at.append(time.monotonic())
                     server._arrived.notify_all()
                 reply = server._next(self.path)
                 self.send_response(reply.status)

@@ -124,6 +124,9 @@ async def test_a_server_error_then_the_photo_is_retried_within_the_job(
     assert image["status"] == "completed", image["error"]
     assert image["attempts"] == 1
     assert source.hits("/flaky.jpg") == 3
+    first, second, third = source.arrived_at
+    assert 0.5 <= second - first < 1.0  # the first backoff
+    assert third - second >= 1.0  # Retry-After: 1
 
 
 def _redirect_chain(source: SourceServer, redirects: int) -> str:
@@ -149,6 +152,16 @@ FAILURES: dict[str, tuple[Callable[[SourceServer], str], str, str]] = {
         "503 Service Unavailable",
     ),
     "connection refused": (lambda s: _refused_port(), "source_unreachable", "cannot fetch from 127.0.0.1"),
+    "a Retry-After past the time left": (
+        lambda s: s.serve("/busy.jpg", Reply(429, headers={"Retry-After": "3600"})),
+        "source_http_error",
+        "429 Too Many Requests",
+    ),
+    "a redirect to another scheme": (
+        lambda s: s.serve("/ftp.jpg", Reply(301, headers={"Location": "ftp://photos.example/a.jpg"})),
+        "source_invalid_url",
+        "redirect 1 (to ftp://photos.example/a.jpg)",
+    ),
     "six redirects": (lambda s: _redirect_chain(s, 6), "source_too_many_redirects", "more than 5"),
     "over the cap, declared": (
         # It stalls after its first bytes: only a cap read from Content-Length ends it at once.
