@@ -127,7 +127,7 @@ class SourceFetcher:
         """Write the body `url` leads to into `sink`, by the loop time `deadline` at the latest (and
         within DARKROOM_SOURCE_TIMEOUT); raise ProcessingError with a `source_…` code otherwise."""
         loop = asyncio.get_running_loop()
-        timeout = min(self.settings.source_timeout, deadline - loop.time())
+        timeout = max(0.0, min(self.settings.source_timeout, deadline - loop.time()))
         deadline = loop.time() + timeout
         attempt = 1
         while True:

@@ -138,7 +138,9 @@ async def _fetch_source(
         staged.unlink(missing_ok=True)
     fetched_image = image.evolve(input=info)
     if not await deps.store.update_image(fetched_image, previous=image):
-        await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
+        # Deleted meanwhile (its original must not outlive it), or finished by an overlapping run.
+        if not await deps.store.image_exists(image.id):
+            await asyncio.to_thread(deps.storage.delete_tree, f"{image.account_id}/{image.id}")
         raise ImageDeleted(image.id)
     return fetched_image, info
 

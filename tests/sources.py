@@ -19,7 +19,8 @@ STALL_LIMIT_SECONDS = 30.0
 @dataclass(frozen=True)
 class Reply:
     """`status` with `headers` and `body`; `content_length=False` sends no Content-Length (the body ends
-    when the connection closes); `stall_after` sends that many body bytes, then nothing more."""
+    when the connection closes); `stall_after` sends that many body bytes, then the rest only once the
+    server is released."""
 
     status: int = 200
     body: bytes = b""
@@ -35,7 +36,7 @@ class SourceServer:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.arrived_at: list[float] = []  # time.monotonic() of each request, in order
         self._replies: dict[str, deque[Reply]] = defaultdict(deque)
-        self._stopping = threading.Event()
+        self._released = threading.Event()
         self._arrived = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -70,8 +71,12 @@ class SourceServer:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """Let stalled answers go on."""
+        self._released.set()
+
     def stop(self) -> None:
-        self._stopping.set()
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -103,7 +108,8 @@ class SourceServer:
                     return
                 self.wfile.write(reply.body[: reply.stall_after])
                 self.wfile.flush()
-                server._stopping.wait(STALL_LIMIT_SECONDS)
+                if server._released.wait(STALL_LIMIT_SECONDS):
+                    self.wfile.write(reply.body[reply.stall_after :])
 
             def log_message(self, format: str, *args: object) -> None:
                 pass

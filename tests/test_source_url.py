@@ -447,6 +447,23 @@ async def test_a_job_stopped_mid_fetch_fetches_again_when_it_runs_again(
     assert list((settings.storage_root / ".staging").iterdir()) == []
 
 
+async def test_an_image_deleted_during_its_fetch_leaves_no_original(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, source: SourceServer, receiver: Receiver
+) -> None:
+    url = source.serve("/photo.jpg", Reply(body=PHOTO, stall_after=100))
+    image_id = (await submit(client, account, url, callback_url=receiver.url))["id"]
+    async with worker_deps(settings) as deps:
+        run = asyncio.create_task(processing.process_image(deps, image_id, 1))
+        await asyncio.to_thread(source.wait_for_hits, "/photo.jpg", 1)
+        deleted = await client.delete(f"/v1/images/{image_id}", headers=account.headers)
+        assert deleted.status_code == 204
+        source.release()
+        await run
+        await deps.dispatcher.run_until_idle()
+    assert not (settings.storage_root / account.id / image_id).exists()
+    assert receiver.deliveries == []
+
+
 async def test_stalled_sources_holding_every_job_slot_do_not_hold_up_webhooks(
     client: httpx.AsyncClient,
     account: Partner,
