@@ -11,6 +11,7 @@ the bytes as they are stored (`Accept-Encoding: identity`), and a server that co
 inflated in bounded steps, each byte of the result counted against DARKROOM_MAX_UPLOAD_BYTES.
 
 This pool is the fetches' own: a slow source never takes a connection or a slot webhook deliveries need.
+They share only the guard's resolver threads (16), of which fetches hold at most one per running job.
 """
 
 from __future__ import annotations
