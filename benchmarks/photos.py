@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pillow_heif
 import pyvips
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,18 @@ def find_photos(generated_dir: Path, source: str = "corpus") -> tuple[list[Path]
         )
         photos.append(two_k)
     return photos, "the corpus' photos cut to 2048x1365, JPEG q85"
+
+
+def heic_photo(directory: Path) -> tuple[Path, str]:
+    """The corpus' iPhone HEIC (8.5 MP, Display P3, tiled), else a generated 4032x3024 HEIC (an iPhone's
+    12 MP; pillow-heif's x265, q80) of the photo-like content `generated_jpegs` draws."""
+    iphone = CORPUS / "good" / "IMG_5195.HEIC"
+    if iphone.is_file():
+        return iphone, str(iphone)
+    drawn = pyvips.Image.new_from_file(str(generated_jpegs(directory, 4032, 3024, count=1)[0]))
+    path = directory / "generated-4032x3024.heic"
+    pillow_heif.from_bytes("RGB", (drawn.width, drawn.height), drawn.write_to_memory()).save(path, quality=80)
+    return path, "a generated 4032x3024 HEIC"
 
 
 def megapixels(path: Path) -> float:

@@ -19,6 +19,11 @@ turns; the best thread count's median counts. Peak RSS: each implementation in a
 working through the photos with 2 threads; `peak_rss_mb` is the process's high-water mark and
 `peak_growth_mb` its growth over the same process after imports (what the work itself costs).
 
+HEIC (`--heic-only` runs just this): the same chain on an iPhone HEIC, which Darkroom decodes with
+pillow-heif, against the same done by hand with Pillow and pillow-heif (decode, LittleCMS from the
+photo's Display P3 profile to sRGB as Darkroom converts it, resize, sharpen, save): seconds per image,
+one at a time and --repeat times each round, and each one's peak RSS in a fresh process.
+
 Also: the giant 280 MP grayscale JPEG of the corpus (bad/giant-image.jpg) rendered with the pixel cap
 lifted, each chain in a fresh process: peak RSS (the goal: ≤ 300 MB).
 
@@ -28,6 +33,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -40,9 +46,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pillow_heif
 import pyvips
-from photos import CORPUS, find_photos, images_per_second, megapixels
-from PIL import Image, ImageFilter, ImageOps
+from photos import CORPUS, find_photos, heic_photo, images_per_second, megapixels
+from PIL import Image, ImageCms, ImageFilter, ImageOps
 
 from jobs.operations import parse_operations
 from jobs.pipeline import configure_libvips, render
@@ -102,6 +109,23 @@ def pillow_resize_task(source: Path, destination: Path) -> None:
     _pillow_sharpen_and_save(upright.resize((WIDTH, height), Image.Resampling.LANCZOS), destination)
 
 
+def darkroom_heic_task(source: Path, destination: Path) -> None:
+    render(source, destination.with_suffix(""), parse_operations(CHAIN), "heif")
+
+
+def pillow_heif_task(source: Path, destination: Path) -> None:
+    heif_file = pillow_heif.open_heif(source)
+    picture = heif_file[heif_file.primary_index]
+    image = picture.to_pillow()  # upright: libheif applies the HEIF transforms
+    if picture.info.get("icc_profile"):
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(picture.info["icc_profile"]))
+        converted = ImageCms.profileToProfile(image, profile, ImageCms.createProfile("sRGB"))
+        assert converted is not None
+        image = converted
+    height = round(image.height * WIDTH / image.width)
+    _pillow_sharpen_and_save(image.resize((WIDTH, height), Image.Resampling.LANCZOS), destination)
+
+
 def _pillow_sharpen_and_save(image: Image.Image, destination: Path) -> None:
     image = image.filter(ImageFilter.UnsharpMask(radius=2 * SHARPEN_SIGMA, percent=100, threshold=0))
     image.save(destination, "JPEG", quality=QUALITY, optimize=True)
@@ -112,6 +136,10 @@ TASKS: dict[str, Callable[[Path, Path], None]] = {
     "pyvips": pyvips_task,
     "pillow_thumbnail": pillow_thumbnail_task,
     "pillow_resize": pillow_resize_task,
+}
+HEIC_TASKS: dict[str, Callable[[Path, Path], None]] = {
+    "darkroom_heic": darkroom_heic_task,
+    "pillow_heif": pillow_heif_task,
 }
 
 
@@ -154,7 +182,7 @@ def run_child(args: argparse.Namespace) -> None:
         detail: dict[str, Any] = {"output": f"{rendered.width}x{rendered.height} {rendered.format}"}
     else:
         photos = [Path(path) for path in args.photos]
-        images_per_second(TASKS[args.child], photos, out, 2)
+        images_per_second((TASKS | HEIC_TASKS)[args.child], photos, out, 2)
         detail = {"images": len(photos)}
     elapsed = time.perf_counter() - started
     peak = peak_rss_mb()
@@ -181,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=4, help="times each photo is processed per round")
     parser.add_argument("--threads", default="1,2,4", help="thread counts to try, comma separated")
-    parser.add_argument("--child", choices=[*TASKS, "giant"], help=argparse.SUPPRESS)
+    parser.add_argument("--heic-only", action="store_true", help="run only the HEIC comparison")
+    parser.add_argument("--child", choices=[*TASKS, *HEIC_TASKS, "giant"], help=argparse.SUPPRESS)
     parser.add_argument("--chain", choices=list(GIANT_CHAINS), help=argparse.SUPPRESS)
     parser.add_argument("--photos", nargs="*", default=[], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -191,6 +220,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     configure_libvips()
     work = Path(tempfile.mkdtemp(prefix="darkroom-bench-pipeline-"))
+    if args.heic_only:
+        print(json.dumps({"heic": heic_report(work, args)}, indent=2))
+        _remove(work)
+        return
     photos, source = find_photos(work / "photos")
     sequence = [photo for _ in range(args.repeat) for photo in photos]
     thread_counts = [int(part) for part in args.threads.split(",")]
@@ -251,10 +284,38 @@ def main(argv: Sequence[str] | None = None) -> None:
             "pillow": Image.__version__,
         },
     }
+    report["heic"] = heic_report(work, args)
+    _remove(work)
+    print(json.dumps(report, indent=2))
+
+
+def heic_report(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """HEIC decode + the chain: Darkroom against Pillow + pillow-heif by hand, one image at a time."""
+    (work / "heic").mkdir()
+    photo, source = heic_photo(work / "heic")
+    sequence = [photo] * args.repeat
+    for task in HEIC_TASKS.values():  # warm the page cache and each library
+        task(photo, work / "heic" / "warm.jpg")
+    rates: dict[str, list[float]] = {name: [] for name in HEIC_TASKS}
+    for _ in range(args.rounds):
+        for name, task in HEIC_TASKS.items():
+            rates[name].append(images_per_second(task, sequence, work / "heic", 1))
+    seconds = {name: round(1 / statistics.median(rates[name]), 3) for name in HEIC_TASKS}
+    return {
+        "chain": "HEIC decode + resize 512 wide + sharpen + JPEG q80",
+        "photo": {"source": source, "megapixels": megapixels(photo)},
+        "seconds_per_image": seconds,
+        "darkroom_vs_pillow_heif_time": round(seconds["darkroom_heic"] / seconds["pillow_heif"], 2),
+        "peak_rss": {name: child(["--child", name, "--photos", str(photo)]) for name in HEIC_TASKS},
+        "rounds_images_per_s": {name: [round(rate, 2) for rate in rates[name]] for name in HEIC_TASKS},
+        "pillow_heif": pillow_heif.__version__,
+    }
+
+
+def _remove(work: Path) -> None:
     for path in sorted(work.rglob("*"), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink()
     work.rmdir()
-    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

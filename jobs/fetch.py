@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from typing import BinaryIO
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import urljoin
 
 import httpcore
 
@@ -99,12 +99,6 @@ class _Transient(Exception):
         super().__init__(failure.message)
         self.failure = failure
         self.retry_after = retry_after
-
-
-def source_filename(url: str) -> str | None:
-    """The name a source URL gives its file (its path's last segment), as an upload's file name."""
-    name = unquote(urlsplit(url).path.rpartition("/")[2])
-    return name[:255] or None
 
 
 class SourceFetcher:

@@ -17,14 +17,13 @@ from pathlib import Path
 from jobs import events
 from jobs.batches import Batches
 from jobs.deps import WorkerDeps
-from jobs.fetch import source_filename
 from jobs.ids import new_id
 from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
-from jobs.records import ImageError, ImageRecord, InputInfo, OutputInfo, utc_now
-from jobs.storage import StorageFull, is_full
+from jobs.records import ImageError, ImageRecord, InputInfo, OutputInfo, source_filename, utc_now
+from jobs.storage import is_full
 from webhooks.messages import new_message
 
 log = logging.getLogger("darkroom.processing")
@@ -39,6 +38,9 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         return  # deleted by its owner before we got to it
     if image.is_terminal:
         await _settle(deps, image)
+        return
+    if image.input is None and image.source_url is None:
+        log.error("%s has a job but no bytes yet; left for its upload to start it", image.id)
         return
     if await deps.crashed_too_often(image.id, job_try):
         await _finish(
@@ -60,16 +62,17 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         if original is None:
             image, original = await _fetch_source(deps, image, deadline)
         rendered = await _render_with_deadline(deps, image, original, deadline)
-    except StorageFull:
-        await _wait_for_storage(deps, image)
-        return
     except ImageDeleted:
         log.info("stopped processing %s: its owner deleted it", image.id)
         return
     except ProcessingError as exc:
         await _finish(deps, image, error=ImageError(exc.code, exc.message))
         return
-    except Exception:
+    except Exception as exc:
+        # No room for the fetched original or the result (StorageFull, or the OSError of a move).
+        if is_full(exc):
+            await _wait_for_storage(deps, image)
+            return
         log.exception("processing %s failed unexpectedly", image.id)
         await _finish(
             deps, image, error=ImageError("internal_error", "an unexpected error stopped processing")
@@ -112,28 +115,22 @@ async def _fetch_source(
 ) -> tuple[ImageRecord, InputInfo]:
     """Fetch the image's `source_url`, check it as an upload is checked, store it as the original and
     record its `input`. A re-run fetches it again (its original is overwritten)."""
-    if image.source_url is None:
-        raise ProcessingError("internal_error", "the image has neither an original nor a source URL")
+    assert image.source_url is not None, "process_image leaves images with neither to their upload"
     staged, sink = deps.storage.open_staging()
     try:
-        try:
-            with sink:
-                fetched = await deps.sources.fetch(image.source_url, sink, deadline)
-            info = await asyncio.to_thread(
-                inspect_image,
-                staged,
-                fetched.head,
-                fetched.size,
-                source_filename(image.source_url),
-                deps.settings,
-            )
-        except ImageRefused as refused:
-            raise ProcessingError(refused.code, refused.message) from None
+        with sink:
+            fetched = await deps.sources.fetch(image.source_url, sink, deadline)
+        info = await asyncio.to_thread(
+            inspect_image,
+            staged,
+            fetched.head,
+            fetched.size,
+            source_filename(image.source_url),
+            deps.settings,
+        )
         await asyncio.to_thread(deps.storage.commit, staged, image.original_key)
-    except OSError as exc:
-        if is_full(exc):
-            raise StorageFull() from exc
-        raise
+    except ImageRefused as refused:
+        raise ProcessingError(refused.code, refused.message) from None
     finally:
         staged.unlink(missing_ok=True)
     fetched_image = image.evolve(input=info)

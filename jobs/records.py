@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from jobs.params import Bounds, FieldError, Params
 from webhooks.endpoints import SigningSecret
@@ -69,6 +70,34 @@ class InputInfo:
     filename: str | None = None
 
 
+UploadStatus = Literal["pending", "received", "started", "refused", "expired"]
+UploadStart = Literal["on_upload", "on_request"]
+
+
+def source_filename(url: str) -> str | None:
+    """The name a source URL gives its file (its path's last segment), as an upload's file name."""
+    name = unquote(urlsplit(url).path.rpartition("/")[2])
+    return name[:255] or None
+
+
+@dataclass(frozen=True)
+class UploadState:
+    """An image created by `POST /v1/uploads`, whose bytes the partner sends to a signed URL.
+
+    `pending` until they land; then `started` (handed to processing) if the upload said how to process
+    it (`starts` `on_upload`), else `received` until `POST /v1/images {upload_id}` starts it. Bytes
+    failing the upload checks end it `refused` (the image `failed`), and bytes never sent `expired`."""
+
+    id: str
+    status: UploadStatus
+    starts: UploadStart
+    # Declared at creation: the PUT must carry exactly this many bytes.
+    size: int
+    content_type: str
+    expires_at: str
+    filename: str | None = None
+
+
 @dataclass(frozen=True)
 class OutputInfo:
     format: str
@@ -90,7 +119,7 @@ class ImageRecord:
     account_id: str
     status: ImageStatus
     operations: list[dict[str, Any]]
-    # None until a `source_url` is fetched (an upload is inspected before it is accepted).
+    # None until its bytes land (a direct upload) or its source_url is fetched.
     input: InputInfo | None
     original_key: str
     created_at: str
@@ -106,6 +135,7 @@ class ImageRecord:
     event_message_id: str | None = None
     # When the retention sweep deletes it (ISO 8601); None for images stored before retention existed.
     expires_at: str | None = None
+    upload: UploadState | None = None
     # Where the worker fetches the original from, for an image submitted by URL.
     source_url: str | None = None
 
@@ -115,8 +145,19 @@ class ImageRecord:
 
     @property
     def filename(self) -> str | None:
-        """The partner's name for the file, if any: uploaded, or taken from the source URL once fetched."""
-        return None if self.input is None else self.input.filename
+        """The partner's name for the file: as uploaded, as declared for a direct upload, or as its
+        source URL names it."""
+        if self.input is not None:
+            return self.input.filename
+        if self.upload is not None:
+            return self.upload.filename
+        return None if self.source_url is None else source_filename(self.source_url)
+
+    @property
+    def awaits_start(self) -> bool:
+        """A direct upload not yet handed to processing: it has no job until its bytes land (and, for
+        one created without operations, until `POST /v1/images` starts it)."""
+        return self.upload is not None and self.upload.status in ("pending", "received")
 
     def expired_at(self, moment: str) -> bool:
         """Past its retention at `moment` (ISO 8601), even before the sweep has deleted it."""
@@ -130,6 +171,7 @@ class ImageRecord:
         # a record is written several times per image.
         data = dict(vars(self))
         data["input"] = None if self.input is None else vars(self.input)
+        data["upload"] = None if self.upload is None else vars(self.upload)
         data["output"] = None if self.output is None else vars(self.output)
         data["error"] = None if self.error is None else vars(self.error)
         return json.dumps(data, separators=(",", ":"))
@@ -138,6 +180,7 @@ class ImageRecord:
     def from_json(cls, raw: bytes | str) -> ImageRecord:
         data = json.loads(raw)
         data["input"] = InputInfo(**data["input"]) if data.get("input") else None
+        data["upload"] = UploadState(**data["upload"]) if data.get("upload") else None
         data["output"] = OutputInfo(**data["output"]) if data.get("output") else None
         data["error"] = ImageError(**data["error"]) if data.get("error") else None
         return cls(**data)
@@ -162,6 +205,17 @@ class ImageRecord:
                 "url": f"{base}/original",
             },
             "source": None if self.source_url is None else {"url": self.source_url},
+            "upload": None
+            if self.upload is None
+            else {
+                "id": self.upload.id,
+                "status": self.upload.status,
+                "starts": self.upload.starts,
+                "filename": self.upload.filename,
+                "content_type": self.upload.content_type,
+                "size": self.upload.size,
+                "expires_at": self.upload.expires_at,
+            },
             "output": None
             if self.output is None
             else {

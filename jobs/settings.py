@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+# The longest a direct upload's signed URL may stay valid (S3's limit on a presigned URL, too).
+MAX_UPLOAD_URL_TTL_SECONDS = 7 * 24 * 3600
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 
 
@@ -69,6 +71,8 @@ class Settings:
     min_free_bytes: int = 200_000_000
     # A job that finds the storage full waits for room (with backoff) this long, then fails `storage_full`.
     storage_full_give_up: float = 6 * 3600.0
+    # Seconds a direct upload's signed URL stays valid; its image fails `upload_expired` if nothing came.
+    upload_url_ttl: int = 3600
     queue_name: str = "darkroom:queue"
 
     @property
@@ -122,6 +126,7 @@ class Settings:
                 _non_negative(env, "DARKROOM_MIN_FREE_BYTES", 200_000_000, "a number of bytes")
             ),
             storage_full_give_up=_positive_seconds(env, "DARKROOM_STORAGE_FULL_GIVE_UP", 6 * 3600.0),
+            upload_url_ttl=_upload_url_ttl(env),
         )
 
 
@@ -140,6 +145,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {raw!r}")
     return value
+
+
+def _upload_url_ttl(env: Mapping[str, str]) -> int:
+    ttl = _positive_int(env, "DARKROOM_UPLOAD_URL_TTL", 3600)
+    if ttl > MAX_UPLOAD_URL_TTL_SECONDS:
+        raise SettingsError(f"DARKROOM_UPLOAD_URL_TTL must be at most {MAX_UPLOAD_URL_TTL_SECONDS} (7 days)")
+    return ttl
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

@@ -82,6 +82,9 @@ class LocalStorage:
         os.replace(staged, target)
         return target
 
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
     def delete_tree(self, prefix: str) -> None:
         shutil.rmtree(self.path(prefix), ignore_errors=True)
 

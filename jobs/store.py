@@ -8,6 +8,8 @@ Layout (every key under `dr:`):
   deletes them (jobs/retention.py); a batch's score is the latest of its creation's and its images'.
 - `dr:ended-runs:{id}` the runs of an image's or archive's job that ended without crashing: how often it
   found the storage full (and since when), and how often a worker shutting down stopped it.
+- `dr:uploads:expiring` direct uploads whose bytes have not landed, by image id, scored by when their
+  signed URL expires (jobs/uploads.py); `dr:upload-signing-key` the secret that signs those URLs.
 - `dr:public-url` the base of links a web process last announced (for workers without DARKROOM_PUBLIC_URL).
 - A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
   or deletes an image moves the batch's counters, its index and its failure list with it.
@@ -71,9 +73,12 @@ def _account_images_key(account_id: str) -> str:
 
 
 PUBLIC_URL_KEY = "dr:public-url"
+UPLOAD_SIGNING_KEY = "dr:upload-signing-key"
 # Image and batch ids scored by their expiry (epoch ms).
 EXPIRING_IMAGES_KEY = "dr:images:expiring"
 EXPIRING_BATCHES_KEY = "dr:batches:expiring"
+# Image ids of direct uploads still waiting for their bytes, scored by their URL's expiry (epoch ms).
+EXPIRING_UPLOADS_KEY = "dr:uploads:expiring"
 
 
 def batch_key(batch_id: str) -> str:
@@ -280,8 +285,40 @@ class Store:
         if image.expires_at is not None:
             pipe.zadd(EXPIRING_IMAGES_KEY, {image.id: epoch_ms(image.expires_at)})
         stage_batch_change(pipe, None, image)
-        stats.count(pipe, "images_uploaded")
-        stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+        if image.upload is not None and image.upload.status == "pending":
+            pipe.zadd(EXPIRING_UPLOADS_KEY, {image.id: epoch_ms(image.upload.expires_at)})
+        if not image.awaits_start:
+            stats.count(pipe, "images_uploaded")
+            stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+
+    async def settle_upload(
+        self, image: ImageRecord, previous: ImageRecord, message: Message | None, queue_name: str
+    ) -> bool:
+        """Move a direct upload on from `previous` (its bytes landed, were refused, or never came; or its
+        start was asked for), only if the record is still exactly `previous`: of two requests racing
+        (a PUT sent twice, a PUT and the expiry sweep), one wins and the other is told False. Its job
+        (once it no longer awaits its start) and its announcement (once failed) commit with it."""
+
+        def writes(pipe: Any) -> None:
+            pipe.set(image_key(image.id), image.to_json())
+            stage_batch_change(pipe, previous, image)
+            if image.upload is not None and image.upload.status != "pending":
+                pipe.zrem(EXPIRING_UPLOADS_KEY, image.id)
+            if message is not None:
+                self.messages.stage_new(pipe, message)
+            if image.is_terminal:
+                stats.count_finished(pipe, image.status, image.error.code if image.error else None)
+            elif not image.awaits_start and previous.awaits_start:
+                stats.count(pipe, "images_uploaded")
+                stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+
+        return await self._commit_if_unchanged(image_key(image.id), previous.to_json(), writes)
+
+    async def upload_signing_key(self) -> bytes:
+        """The secret every web process signs upload URLs with: made by whichever asks first."""
+        await self.redis.set(UPLOAD_SIGNING_KEY, secrets.token_bytes(32), nx=True)
+        key: bytes = await self.redis.get(UPLOAD_SIGNING_KEY)
+        return key
 
     async def get_image(self, image_id: str) -> ImageRecord | None:
         raw = await self.redis.get(image_key(image_id))
@@ -400,6 +437,7 @@ class Store:
                     pipe.delete(image_key(image.id))
                     pipe.zrem(_account_images_key(image.account_id), image.id)
                     pipe.zrem(EXPIRING_IMAGES_KEY, image.id)
+                    pipe.zrem(EXPIRING_UPLOADS_KEY, image.id)
                     if raw is not None:
                         stage_batch_change(pipe, ImageRecord.from_json(raw), None)
                     await pipe.execute()

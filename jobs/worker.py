@@ -28,6 +28,7 @@ from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
 from jobs.settings import Settings
 from jobs.storage import LocalStorage, WaitForStorage, most_storage_waits
 from jobs.store import Store
+from jobs.uploads import SWEEP_UPLOADS, UploadDesk
 from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
 from webhooks.transport import DeliveryClient
@@ -47,6 +48,7 @@ SWEEP_MINUTES = frozenset(range(0, 60, 5))
 # A sweep's time limit, under the interval so runs never overlap. Without one arq would count its
 # default 300 s, and lock every job at least that long.
 SWEEP_TIMEOUT_SECONDS = 240
+UPLOAD_SWEEP_TIMEOUT_SECONDS = 50
 # arq's time limit on a task beyond the core's own deadline, so the core records its timeout first.
 TASK_TIMEOUT_GRACE_SECONDS = 30
 # How much longer than its task's time limit arq holds a job's lock (arq's own margin).
@@ -122,6 +124,11 @@ async def sweep_archives(ctx: dict[str, Any]) -> None:
 
 async def sweep_expired(ctx: dict[str, Any]) -> None:
     await retention.sweep_expired(ctx["deps"])
+
+
+async def sweep_uploads(ctx: dict[str, Any]) -> None:
+    deps: WorkerDeps = ctx["deps"]
+    await UploadDesk(deps.settings, deps.redis, deps.store, deps.storage).sweep()
 
 
 async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
@@ -215,8 +222,12 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
             func(build_archive, name=BUILD_ARCHIVE, timeout=archive_task_timeout(settings)),
         ],
         "cron_jobs": [
-            cron(task, name=name, minute=set(SWEEP_MINUTES), second=0, timeout=SWEEP_TIMEOUT_SECONDS)
-            for task, name in ((sweep_archives, SWEEP_ARCHIVES), (sweep_expired, retention.SWEEP_EXPIRED))
+            *(
+                cron(task, name=name, minute=set(SWEEP_MINUTES), second=0, timeout=SWEEP_TIMEOUT_SECONDS)
+                for task, name in ((sweep_archives, SWEEP_ARCHIVES), (sweep_expired, retention.SWEEP_EXPIRED))
+            ),
+            # Every minute: a batch waiting on an upload never sent completes soon after its URL expires.
+            cron(sweep_uploads, name=SWEEP_UPLOADS, second=0, timeout=UPLOAD_SWEEP_TIMEOUT_SECONDS),
         ],
         "queue_name": settings.queue_name,
         "redis_pool": pool,

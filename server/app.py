@@ -20,7 +20,8 @@ from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import LocalStorage
 from jobs.store import Store
-from server import batches, deliveries, endpoints, health, images, metrics, openapi, variants
+from jobs.uploads import UploadDesk
+from server import batches, deliveries, endpoints, health, images, metrics, openapi, uploads, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.problems import (
     Problem,
@@ -49,6 +50,9 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.storage = storage
+        app.state.uploads = UploadDesk(settings, redis, app.state.store, storage)
+        # Read from Redis when the first upload URL is signed or checked.
+        app.state.upload_signing_key = None
         app.state.variant_render_slots = variants.RenderSlots()
         # Announced now (a task left running into shutdown would be cut off mid-command and leave its
         # connection open); only when Redis is not there yet does a task keep trying.
@@ -71,6 +75,7 @@ def create_app(settings: Settings) -> Starlette:
             *metrics.routes,
             *openapi.routes,
             *images.routes,
+            *uploads.routes,
             *batches.routes,
             *deliveries.routes,
             *endpoints.routes,

@@ -25,17 +25,16 @@ from server.destinations import check_destination_url
 from server.images import (
     accept_uploads,
     batches_of,
-    metadata_problem,
     new_images,
     open_batch,
     store_and_queue,
     validate_source,
-    validate_upload_fields,
 )
 from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
+from server.upload_fields import metadata_problem, validate_upload_fields
 from webhooks.messages import iso, now_ms
 
 BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")

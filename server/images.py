@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,149 +17,48 @@ from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
 from jobs.ids import is_id, new_id
 from jobs.inspection import ImageRefused, inspect_image
-from jobs.operations import parse_operations
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import BatchRecord, ImageRecord, InputInfo
-from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
+from jobs.records import Account, BatchRecord, ImageRecord, InputInfo
 from jobs.settings import Settings
 from jobs.storage import LocalStorage, is_full
 from jobs.store import Store
 from server.auth import require_account
-from server.destinations import check_destination_url, url_problem
-from server.json_body import InvalidJson, media_type, parse_json, read_json_object
-from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile, receive_multipart
+from server.destinations import url_problem
+from server.image_json import start_upload
+from server.json_body import media_type, read_json_object
+from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
+from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
 from server.variants import output_response, parse_variant_query, resolve_variant
 from webhooks.messages import iso, now_ms
 
-MAX_METADATA_BYTES = 4096
-UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "retention", "batch_id")
 SOURCE_FIELDS = ("source_url", *UPLOAD_FIELDS)
+# The JSON forms of `POST /v1/images`, told apart by the one of these fields the body names.
+JSON_FORMS = ("upload_id", "source_url")
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
 ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
-
-
-def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError]) -> Any:
-    raw = fields.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return parse_json(raw, name)
-    except InvalidJson as exc:
-        errors.append(FieldError(name, f"is not valid JSON: {exc}"))
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    return None
-
-
-@dataclass(frozen=True)
-class UploadFields:
-    """The form fields that come with uploaded files, validated."""
-
-    # None when not given, so a batch's default operations apply (an empty list is a choice).
-    operations: list[dict[str, Any]] | None
-    callback_url: str | None
-    metadata: dict[str, Any]
-    # Seconds each image is kept after its upload.
-    retention: int
-    batch_id: str | None = None
-
-
-def metadata_problem(metadata: Any) -> str | None:
-    if not isinstance(metadata, dict):
-        return "must be a JSON object"
-    if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
-        return f"must be at most {MAX_METADATA_BYTES} bytes as JSON"
-    return None
-
-
-async def validate_upload_fields(
-    upload: MultipartUpload, settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
-) -> UploadFields:
-    """Every problem of the form fields reported at once; `accepted` names the fields the route takes."""
-    fields: dict[str, Any] = dict(upload.fields)
-    errors = list(upload.errors)
-    for name in ("operations", "metadata"):
-        if name in fields:
-            fields[name] = _parse_json_field(upload.fields, name, errors)
-    try:
-        return await validate_fields(fields, settings, accepted, errors)
-    except ValidationFailed as exc:
-        raise validation_problem(exc.errors) from None
-
-
-async def validate_fields(
-    fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
-) -> UploadFields:
-    """The fields of an upload or a JSON body (`operations` and `metadata` decoded); ValidationFailed
-    names every problem, those found before (`errors`) first."""
-    operations: list[dict[str, Any]] | None = None
-    try:
-        if fields.get("operations") is not None:
-            operations = [operation.to_json() for operation in parse_operations(fields["operations"])]
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    callback_url = fields.get("callback_url") or None
-    if callback_url is not None:
-        problem = (
-            "must be a string"
-            if not isinstance(callback_url, str)
-            else await check_destination_url(callback_url, settings)
-        )
-        if problem:
-            errors.append(FieldError("callback_url", problem))
-    metadata = fields.get("metadata")
-    if metadata is None:
-        metadata = {}
-    elif problem := metadata_problem(metadata):
-        errors.append(FieldError("metadata", problem))
-    retention = _retention(fields.get("retention"), settings, errors)
-    batch_id = fields.get("batch_id") or None
-    if batch_id is not None and not isinstance(batch_id, str):
-        errors.append(FieldError("batch_id", "must be a string"))
-    errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
-    if errors:
-        raise ValidationFailed(errors)
-    return UploadFields(operations, callback_url, metadata, retention, batch_id)
-
-
-def _retention(raw: object, settings: Settings, errors: list[FieldError]) -> int:
-    """The `retention` asked for (a form field's text, or a JSON number), which may shorten the
-    configured one but never lengthen it."""
-    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
-        return settings.image_retention
-    longest = settings.image_retention
-    shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
-    text = raw.strip() if isinstance(raw, str) else str(raw) if type(raw) is int else ""
-    # The length first: int() refuses strings of over 4300 digits.
-    if (
-        text.isascii()
-        and text.isdigit()
-        and len(text) <= len(str(longest))
-        and shortest <= int(text) <= longest
-    ):
-        return int(text)
-    errors.append(FieldError("retention", f"must be whole seconds from {shortest} to {longest}"))
-    return longest
 
 
 async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
     """Decide the format from the bytes and refuse oversized images before anything is queued."""
     try:
         return await asyncio.to_thread(
-            inspect_image, upload.path, upload.head, upload.size, upload.filename or None, settings
+            inspect_image, upload.path, upload.head, upload.size, upload.filename, settings
         )
-    except ImageRefused as refused:
-        status = 415 if refused.code == "unsupported_format" else 422
-        raise Problem(status, refused.code, refused.message) from None
+    except ImageRefused as refusal:
+        raise refused_problem(refusal) from None
+
+
+def refused_problem(refusal: ImageRefused) -> Problem:
+    return Problem(refusal.status, refusal.code, refusal.message)
 
 
 async def create_image(request: Request) -> Response:
     if media_type(request) == "application/json":
-        return await create_image_from_url(request)
+        return await _create_image_from_json(request)
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     storage: LocalStorage = request.app.state.storage
@@ -178,12 +75,24 @@ async def create_image(request: Request) -> Response:
     return _accepted(image, settings)
 
 
-async def create_image_from_url(request: Request) -> Response:
+async def _create_image_from_json(request: Request) -> Response:
+    """A JSON body names either `upload_id` (start a direct upload, server/image_json.py) or
+    `source_url` (fetch the image from there)."""
+    account = await require_account(request)
+    body = await read_json_object(request)
+    named = [name for name in JSON_FORMS if name in body]
+    if len(named) != 1:
+        message = "give exactly one of upload_id (a direct upload's) and source_url (a URL to fetch)"
+        raise validation_problem([FieldError(name, message) for name in JSON_FORMS])
+    if named == ["upload_id"]:
+        return await start_upload(request, account, body)
+    return await create_image_from_url(request, account, body)
+
+
+async def create_image_from_url(request: Request, account: Account, body: dict[str, Any]) -> Response:
     """`POST /v1/images` with a JSON body naming `source_url`: a worker fetches the file, checks it as
     an upload is checked, and processes it. Accepted at once; what the fetch finds ends in the image."""
-    account = await require_account(request)
     settings: Settings = request.app.state.settings
-    body = await read_json_object(request)
     try:
         source_url, fields = await validate_source(body, settings, SOURCE_FIELDS)
     except ValidationFailed as exc:
@@ -303,21 +212,15 @@ async def store_and_queue(
 ) -> None:
     """Store the staged originals under their keys (an image by URL has none yet), save the records
     (into `batch`, if any) and queue them: all, or none."""
-    settings: Settings = request.app.state.settings
     storage: LocalStorage = request.app.state.storage
     store: Store = request.app.state.store
     try:
         for staged, key in originals:
             await asyncio.to_thread(storage.commit, staged, key)
-        if batch is None:
-            await store.save_new_images(images, settings.queue_name)
-        else:
-            await batches_of(request).add_images(batch.id, images)
-    except (BatchClosed, BatchFull) as exc:
+        await record_new_images(request, images, batch)
+    except Problem:
         await _forget(storage, store, images, saved=False)
-        if isinstance(exc, BatchClosed):
-            raise batch_closed_problem(exc.batch) from None
-        raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
+        raise
     except OSError as exc:
         # A commit found no room for a folder; nothing was recorded yet.
         await _forget(storage, store, images, saved=False)
@@ -330,6 +233,23 @@ async def store_and_queue(
         # image and end), and no blob may outlive its record.
         await _forget(storage, store, images, saved=True)
         raise
+
+
+async def record_new_images(
+    request: Request, images: Sequence[ImageRecord], batch: BatchRecord | None
+) -> None:
+    """Save new image records and their jobs, into `batch` if any; a batch sealed or full meanwhile is a
+    409 problem, and nothing was saved."""
+    settings: Settings = request.app.state.settings
+    try:
+        if batch is None:
+            await request.app.state.store.save_new_images(images, settings.queue_name)
+        else:
+            await batches_of(request).add_images(batch.id, images)
+    except BatchClosed as exc:
+        raise batch_closed_problem(exc.batch) from None
+    except BatchFull:
+        raise Problem(409, "batch_full", f"a batch holds at most {MAX_IMAGES_PER_BATCH:,} images") from None
 
 
 async def _forget(storage: LocalStorage, store: Store, images: Sequence[ImageRecord], *, saved: bool) -> None:
@@ -426,7 +346,7 @@ async def get_original(request: Request) -> Response:
     storage: LocalStorage = request.app.state.storage
     original = image.input
     if original is None:
-        raise _not_fetched_problem(image)
+        raise _no_original_problem(image)
     return FileResponse(
         storage.path(image.original_key),
         media_type=MEDIA_TYPES[original.format],
@@ -436,12 +356,17 @@ async def get_original(request: Request) -> Response:
     )
 
 
-def _not_fetched_problem(image: ImageRecord) -> Problem:
-    """An image submitted by URL has no original until its source is fetched, and none if that failed."""
+def _no_original_problem(image: ImageRecord) -> Problem:
+    """A direct upload has no original until its bytes land, an image by URL none until its source is
+    fetched, and neither has one if that failed (refused, expired, or the fetch failed)."""
     if image.is_terminal and image.error is not None:
         error = image.error
-        detail = f"the image failed ({error.code}: {error.message}) before its source was stored"
+        detail = f"the image failed ({error.code}: {error.message}) before its original was stored"
         return Problem(409, "image_failed", detail)
+    if image.upload is not None:
+        return Problem(
+            409, "upload_not_received", "the image's bytes have not been uploaded to its upload_url yet"
+        )
     return Problem(
         409,
         "not_ready",

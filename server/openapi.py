@@ -46,6 +46,16 @@ _RETENTION = {
     "minimum": 3600,
     "description": "seconds kept after upload; at most DARKROOM_IMAGE_RETENTION (the default)",
 }
+_BATCH_ID = {
+    "type": "string",
+    "description": "an open batch to join (its operations apply when none are given)",
+}
+# What every JSON body making or starting an image may say of its processing.
+_JSON_IMAGE_FIELDS: dict[str, Any] = {
+    "operations": {"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": _ref("Operation")},
+    "callback_url": {"type": "string", "format": "uri"},
+    "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+}
 
 
 def _id(prefix: str) -> dict[str, str]:
@@ -76,17 +86,29 @@ def build_openapi(public_url: str) -> dict[str, Any]:
             {
                 "/v1/images": {
                     "post": {
-                        "summary": "Upload an image to process, or name the URL a worker fetches it from",
+                        "summary": "Upload an image, start a direct upload, or name a URL to fetch it from",
+                        "description": "multipart with the file; or JSON in one of two forms:"
+                        " `{upload_id, …}` starts a direct upload whose bytes have landed (see"
+                        " POST /v1/uploads), `{source_url, …}` has a worker fetch the image."
+                        " A body naming both, or neither, is a 422",
                         "requestBody": {
                             "required": True,
                             "content": {
                                 "multipart/form-data": {"schema": _ref("ImageUpload")},
-                                "application/json": {"schema": _ref("ImageFromUrl")},
+                                "application/json": {
+                                    "schema": {"oneOf": [_ref("UploadStart"), _ref("ImageFromUrl")]}
+                                },
                             },
                         },
                         "responses": {
                             "202": _json("Queued", _ref("Image")),
                             "401": _UNAUTHORIZED,
+                            "404": _problem("No such upload in this account"),
+                            "409": _problem(
+                                "A batch sealed or full; or the upload's bytes have not landed"
+                                " (upload_not_received), it expired (upload_expired), was refused"
+                                " (upload_refused) or started with other fields (upload_already_started)"
+                            ),
                             "413": _problem("The file is over the upload limit"),
                             "415": _problem("Not an accepted image format"),
                             "422": _problem("Invalid fields, unreadable image or too many pixels"),
@@ -163,9 +185,15 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "responses": {
                             "200": {"description": "The bytes as uploaded", "content": {"image/*": {}}},
                             "404": _NOT_FOUND,
+                            "409": _problem(
+                                "No original yet: a source_url not fetched (not_ready), a direct upload's"
+                                " bytes not landed (upload_not_received); or the image failed first"
+                                " (image_failed)"
+                            ),
                         },
                     },
                 },
+                **_upload_paths(),
                 **_batch_paths(),
                 **_webhook_paths(),
             }
@@ -192,10 +220,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "callback_url": {"type": "string", "format": "uri"},
                         "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
                         "retention": _RETENTION,
-                        "batch_id": {
-                            "type": "string",
-                            "description": "an open batch to join (its operations apply when none are given)",
-                        },
+                        "batch_id": _BATCH_ID,
                     },
                 },
                 "ImageFromUrl": {
@@ -209,20 +234,12 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                             "maxLength": 2048,
                             "description": "http or https, public addresses only; fetched by a worker",
                         },
-                        "operations": {
-                            "type": "array",
-                            "maxItems": MAX_CHAIN_LENGTH,
-                            "items": _ref("Operation"),
-                        },
-                        "callback_url": {"type": "string", "format": "uri"},
-                        "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+                        **_JSON_IMAGE_FIELDS,
                         "retention": _RETENTION,
-                        "batch_id": {
-                            "type": "string",
-                            "description": "an open batch to join (its operations apply when none are given)",
-                        },
+                        "batch_id": _BATCH_ID,
                     },
                 },
+                **_UPLOAD_SCHEMAS,
                 "Image": {
                     "type": "object",
                     "properties": {
@@ -231,7 +248,12 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "operations": {"type": "array", "items": _ref("Operation")},
                         "input": {
                             "type": ["object", "null"],
-                            "description": "null until the source_url of an image sent by URL is fetched",
+                            "description": "null until a direct upload's bytes land or an image's"
+                            " source_url is fetched",
+                        },
+                        "upload": {
+                            "oneOf": [_ref("UploadState"), {"type": "null"}],
+                            "description": "for an image created by POST /v1/uploads",
                         },
                         "source": {
                             "type": ["object", "null"],
@@ -288,7 +310,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
     }
 
 
-_METHODS = ("get", "post", "patch", "delete")
+_METHODS = ("get", "post", "put", "patch", "delete")
 
 
 def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
@@ -320,6 +342,105 @@ def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
                 common["507"] = _problem("Our storage is full: nothing was kept; retry after Retry-After")
             operation["responses"] = {**common, **operation["responses"]}
     return paths
+
+
+_UPLOAD_STATUSES = ["pending", "received", "started", "refused", "expired"]
+_UPLOAD_SCHEMAS: dict[str, Any] = {
+    "UploadInput": {
+        "type": "object",
+        "required": ["filename", "content_type", "size"],
+        "properties": {
+            "filename": {"type": "string", "minLength": 1, "maxLength": 255},
+            "content_type": {"type": "string", "description": "image/jpeg, image/png, image/heic, …"},
+            "size": {"type": "integer", "minimum": 1, "description": "exactly what the PUT will carry"},
+            **_JSON_IMAGE_FIELDS,
+            "batch_id": _BATCH_ID,
+            "retention": _RETENTION,
+        },
+    },
+    "UploadStart": {
+        "type": "object",
+        "required": ["upload_id"],
+        "additionalProperties": False,
+        "properties": {
+            "upload_id": _id("upl"),
+            **_JSON_IMAGE_FIELDS,
+        },
+    },
+    "UploadState": {
+        "type": "object",
+        "properties": {
+            "id": _id("upl"),
+            "status": {"enum": _UPLOAD_STATUSES},
+            "starts": {
+                "enum": ["on_upload", "on_request"],
+                "description": "processing starts when the bytes land, or at POST /v1/images {upload_id}",
+            },
+            "filename": {"type": "string"},
+            "content_type": {"type": "string"},
+            "size": {"type": "integer"},
+            "expires_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Upload": {
+        "type": "object",
+        "properties": {
+            "id": _id("upl"),
+            "image": _ref("Image"),
+            "upload_url": {"type": "string", "format": "uri"},
+            "upload_method": {"const": "PUT"},
+            "upload_headers": {"type": "object"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "max_bytes": {"type": "integer"},
+        },
+    },
+}
+
+
+def _upload_paths() -> dict[str, Any]:
+    return {
+        "/v1/uploads": {
+            "post": {
+                "summary": "Create an image whose bytes you PUT to the signed upload_url it answers",
+                "requestBody": _body("UploadInput"),
+                "responses": {
+                    "201": _json("The waiting image and where to send its bytes", _ref("Upload")),
+                    "409": _problem("The batch is sealed or full"),
+                    "413": _problem("The declared size is over the upload limit (file_too_large)"),
+                },
+            }
+        },
+        "/v1/uploads/{upload_id}/content": {
+            "parameters": [
+                _path_id("upload_id", "upl"),
+                {**_query("expires", {"type": "string"}, "as signed"), "required": True},
+                {**_query("signature", {"type": "string"}, "as signed"), "required": True},
+            ],
+            "put": {
+                "summary": "Send the image's bytes (no API key: the URL is signed and expires)",
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                    },
+                },
+                "responses": {
+                    "200": _json("Received and checked", _ref("Image")),
+                    "400": _problem("Fewer bytes than declared (upload_incomplete)"),
+                    "403": _problem(
+                        "Not a URL we signed (upload_url_invalid), or expired (upload_url_expired)"
+                    ),
+                    "404": _problem("The upload's image was deleted"),
+                    "409": _problem("Its bytes were received already (upload_already_received)"),
+                    "413": _problem("More bytes than declared (upload_too_large): none was kept"),
+                    "415": _problem("Not an accepted image format: the image failed"),
+                    "422": _problem("Unreadable, too many pixels or pages: the image failed with that code"),
+                    "507": _problem("Our storage is full: nothing was kept; retry after Retry-After"),
+                },
+            },
+        },
+    }
 
 
 _BATCH_ID = _path_id("batch_id", "bat")

@@ -9,11 +9,14 @@ generator says otherwise.
 from __future__ import annotations
 
 import functools
+import io
 import struct
 import zlib
 from collections.abc import Callable
 
+import pillow_heif
 import pyvips
+from PIL import Image as PillowImage
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BLOCK_RGB = (220, 30, 30)
@@ -152,6 +155,52 @@ def can_save_avif() -> bool:
 
 def avif(width: int = 64, height: int = 48) -> bytes:
     return bytes(picture(width, height).write_to_buffer(".avif", keep="none"))
+
+
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def heic(
+    width: int = 64,
+    height: int = 48,
+    *,
+    orientation: int | None = None,
+    alpha: bool = False,
+    ten_bit: bool = False,
+    display_p3: bool = False,
+    frames_before: int = 0,
+    tile_size: int = 0,
+) -> bytes:
+    """An HEVC-coded HEIC (pillow-heif's x265, 4:4:4) that displays as `width` x `height`.
+
+    With an orientation it is written as an iPhone writes it: the stored pixels turned, and both the
+    HEIF transform (irot/imir) and the EXIF tag saying so. `display_p3` stores the picture's colours in
+    Display P3 with that ICC profile; `alpha` adds a left-to-right alpha ramp; `ten_bit` codes 10 bits a
+    sample. `frames_before` puts that many other (black, half-size) pictures first, this one primary,
+    as in a burst. A `tile_size` makes it a grid of tiles that size, as iPhones write theirs (512 px)."""
+    upright = picture(width, height)
+    if display_p3:
+        upright = upright.icc_transform("p3")
+    if alpha:
+        upright = upright.bandjoin((pyvips.Image.xyz(width, height)[0] * (255 / width)).cast("uchar"))
+    stored = _STORED_FOR_ORIENTATION[orientation or 1](upright)
+    mode = "RGBA" if alpha else "RGB"
+    if ten_bit:
+        stored, mode = (stored.cast("ushort") * 257).cast("ushort"), f"{mode};16"
+    container = pillow_heif.HeifFile()
+    for _ in range(frames_before):
+        container.add_frombytes("RGB", (width // 2, height // 2), bytes(width // 2 * (height // 2) * 3))
+    container.add_frombytes(mode, (stored.width, stored.height), stored.write_to_memory())
+    extra: dict[str, bytes] = {}
+    if orientation is not None:
+        exif = PillowImage.Exif()
+        exif[_EXIF_ORIENTATION_TAG] = orientation
+        extra["exif"] = exif.tobytes()
+    if display_p3:
+        extra["icc_profile"] = upright.get("icc-profile-data")
+    output = io.BytesIO()
+    container.save(output, quality=90, chroma=444, primary_index=frames_before, tile_size=tile_size, **extra)
+    return output.getvalue()
 
 
 def truncated_jpeg(width: int = 64, height: int = 48) -> bytes:

@@ -75,6 +75,8 @@ def _seed(base_url: str, partner: Partner) -> dict[str, str]:
     with httpx.Client(base_url=base_url, headers=partner.headers, timeout=10) as http:
         image = http.post("/v1/images", files={"file": ("dot.png", imagegen.png(1, 1), "image/png")})
         assert image.status_code == 202, image.text
+        direct = http.post("/v1/uploads", json={"filename": "a.png", "content_type": "image/png", "size": 9})
+        assert direct.status_code == 201, direct.text
         batch = http.post("/v1/batches", json={"archive": True})
         assert batch.status_code == 201, batch.text
         endpoint = http.post("/v1/webhook-endpoints", json={"url": UNREACHABLE_URL, "events": ["*"]})
@@ -85,6 +87,7 @@ def _seed(base_url: str, partner: Partner) -> dict[str, str]:
         poll(lambda: http.get(f"/v1/images/{image_id}").json()["status"] == "completed", "processed")
     return {
         "image_id": image_id,
+        "upload_id": direct.json()["id"],
         "batch_id": batch.json()["id"],
         "endpoint_id": endpoint.json()["id"],
         "msg_id": message.json()["id"],

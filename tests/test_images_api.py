@@ -200,6 +200,7 @@ async def test_unknown_image_is_404(client: httpx.AsyncClient, account: Partner,
         pytest.param(imagegen.png(40, 30, alpha=True), "image/png", id="png"),
         pytest.param(imagegen.webp(40, 30), "image/webp", id="webp"),
         pytest.param(imagegen.gif(40, 30, pages=3), "image/gif", id="gif"),
+        pytest.param(imagegen.heic(40, 30), "image/heic", id="heic"),
     ],
 )
 async def test_original_returns_the_uploaded_bytes_exactly(

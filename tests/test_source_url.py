@@ -340,7 +340,6 @@ async def test_every_problem_of_the_json_body_is_named_at_once(
 @pytest.mark.parametrize(
     ("source_url", "message"),
     [
-        (None, "is required"),
         (42, "must be a string"),
         ("https://user:secret@photos.example/a.jpg", "user name or password"),
         ("https://photos.example/" + "a" * 2048, "at most 2048 characters"),
@@ -350,12 +349,29 @@ async def test_every_problem_of_the_json_body_is_named_at_once(
 async def test_a_bad_source_url_is_422(
     client: httpx.AsyncClient, account: Partner, source_url: object, message: str
 ) -> None:
-    body = {} if source_url is None else {"source_url": source_url}
-    response = await client.post("/v1/images", headers=account.headers, json=body)
+    response = await client.post("/v1/images", headers=account.headers, json={"source_url": source_url})
     problem = assert_problem(response, 422, "validation_failed")
     (error,) = problem["errors"]
     assert error["field"] == "source_url"
     assert message in error["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"operations": []},
+        {"upload_id": "upl_01m94xrkk62k8ej3t560hsrf7c", "source_url": "http://127.0.0.1/a.jpg"},
+    ],
+    ids=["neither", "both"],
+)
+async def test_a_json_image_naming_neither_or_both_of_upload_id_and_source_url_is_422(
+    client: httpx.AsyncClient, account: Partner, body: dict[str, object]
+) -> None:
+    """The two JSON forms of POST /v1/images are told apart by these fields: one of them, exactly."""
+    response = await client.post("/v1/images", headers=account.headers, json=body)
+    problem = assert_problem(response, 422, "validation_failed")
+    assert [error["field"] for error in problem["errors"]] == ["upload_id", "source_url"]
+    assert all("exactly one of upload_id" in error["message"] for error in problem["errors"])
 
 
 async def test_a_source_url_joins_a_batch_that_completes(
@@ -372,6 +388,25 @@ async def test_a_source_url_joins_a_batch_that_completes(
     done = (await client.get(f"/v1/batches/{batch['id']}", headers=account.headers)).json()
     assert done["status"] == "completed"
     assert done["counts"]["completed"] == 1
+
+
+async def test_a_source_that_fails_is_named_in_its_batch_by_the_urls_file_name(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, source: SourceServer, receiver: Receiver
+) -> None:
+    """Never fetched, it has no input to name it, but the partner knows it by its URL's file name."""
+    batch = (
+        await client.post("/v1/batches", headers=account.headers, json={"callback_url": receiver.url})
+    ).json()
+    url = source.serve("/listing/front%20door.jpg", Reply(status=404))
+    accepted = await submit(client, account, url, batch_id=batch["id"])
+    await client.post(f"/v1/batches/{batch['id']}/seal", headers=account.headers)
+    image = await finished(client, account, settings, accepted["id"])
+    assert (image["status"], image["input"]) == ("failed", None)
+    (completed,) = await receiver.arrivals(1)
+    assert completed.event["type"] == "batch.completed"
+    (failure,) = completed.event["data"]["failures"]
+    assert (failure["image_id"], failure["filename"]) == (image["id"], "front door.jpg")
+    assert failure["error"]["code"] == "source_http_error"
 
 
 async def test_a_batch_takes_several_source_urls_at_once(

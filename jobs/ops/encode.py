@@ -106,7 +106,7 @@ MEDIA_TYPES = {
     "avif": "image/avif",
     "tiff": "image/tiff",
     "gif": "image/gif",
-    "heif": "image/heif",
+    "heif": "image/heic",
 }
 
 

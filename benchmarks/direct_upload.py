@@ -1,0 +1,164 @@
+"""Direct upload against a multipart upload of the same photo: upload → webhook latency, same run.
+
+    python benchmarks/direct_upload.py [--rounds 30] [--photo-source corpus|tiny|2k]
+
+It starts what production runs (an embedded redis-server, `uvicorn server.app:app`, one arq worker) as
+child processes (benchmarks/throughput.py's), then, one image at a time, taking turns:
+
+- multipart: `POST /v1/images` with the file and the operations, sent → signed webhook received;
+- direct: `POST /v1/uploads` with the operations, then `PUT` of the bytes to its upload_url, create sent
+  → webhook received (and the create's own round trip, and PUT sent → webhook);
+- a plain API request, `GET /v1/images/{id}`, timed the same way: the unit "one request of latency".
+
+Same photo, same resize-to-512 + JPEG q80 chain, one keep-alive connection. Prints one JSON object;
+issue 12's goal: direct p50 - multipart p50 ≤ one request's p50 (`extra_over_multipart_ms` against
+`plain_request_ms`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from photos import find_photos
+from throughput import (
+    BOUNDARY,
+    OPERATIONS,
+    Receiver,
+    create_account,
+    log,
+    multipart_body,
+    percentile,
+    running_service,
+    wait_ready,
+)
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    return {
+        "p50": round(statistics.median(seconds) * 1000, 2),
+        "p95": round(percentile(seconds, 0.95) * 1000, 2),
+    }
+
+
+async def multipart_once(
+    session: aiohttp.ClientSession, base_url: str, headers: dict[str, str], body: bytes, receiver: Receiver
+) -> float:
+    sent = time.time()
+    form = {**headers, "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+    async with session.post(f"{base_url}/v1/images", data=body, headers=form) as response:
+        assert response.status == 202, await response.text()
+        image_id = (await response.json())["id"]
+    return await receiver.wait(image_id) - sent
+
+
+async def direct_once(
+    session: aiohttp.ClientSession,
+    base_url: str,
+    headers: dict[str, str],
+    photo: bytes,
+    receiver: Receiver,
+) -> tuple[float, float, float]:
+    """(create sent → webhook, the create's round trip, PUT sent → webhook)."""
+    create = {
+        "filename": "photo.jpg",
+        "content_type": "image/jpeg",
+        "size": len(photo),
+        "operations": json.loads(OPERATIONS),
+        "callback_url": receiver.url,
+    }
+    sent = time.time()
+    async with session.post(f"{base_url}/v1/uploads", json=create, headers=headers) as response:
+        assert response.status == 201, await response.text()
+        created = await response.json()
+    put_sent = time.time()
+    async with session.put(created["upload_url"], data=photo, headers=created["upload_headers"]) as response:
+        assert response.status == 200, await response.text()
+    arrived = await receiver.wait(created["image"]["id"])
+    return arrived - sent, put_sent - sent, arrived - put_sent
+
+
+async def plain_request_once(
+    session: aiohttp.ClientSession, base_url: str, headers: dict[str, str], image_id: str
+) -> float:
+    sent = time.perf_counter()
+    async with session.get(f"{base_url}/v1/images/{image_id}", headers=headers) as response:
+        assert response.status == 200
+        await response.read()
+    return time.perf_counter() - sent
+
+
+async def run(rounds: int, photo_path: Path, work_dir: Path) -> dict[str, Any]:
+    photo = await asyncio.to_thread(photo_path.read_bytes)
+    with running_service(work_dir, None, None) as service:
+        account = create_account(service.env)
+        headers = {"Authorization": f"Bearer {account['api_key']}"}
+        receiver = Receiver(account["webhook_secret"])
+        await receiver.start()
+        body = multipart_body(photo, receiver.url)
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await wait_ready(session, service)
+            # Warm-up: the first of each kind pays for imports and connections.
+            await multipart_once(session, service.base_url, headers, body, receiver)
+            await direct_once(session, service.base_url, headers, photo, receiver)
+            multipart: list[float] = []
+            direct: list[float] = []
+            creates: list[float] = []
+            after_put: list[float] = []
+            plain: list[float] = []
+            image_id = ""
+            for round_index in range(rounds):
+                multipart.append(await multipart_once(session, service.base_url, headers, body, receiver))
+                total, create, put_to_hook = await direct_once(
+                    session, service.base_url, headers, photo, receiver
+                )
+                direct.append(total)
+                creates.append(create)
+                after_put.append(put_to_hook)
+                if not image_id:
+                    image_id = next(iter(receiver.arrived))
+                plain.append(await plain_request_once(session, service.base_url, headers, image_id))
+                log(f"round {round_index + 1}/{rounds}")
+        await receiver.stop()
+    multipart_ms, direct_ms, plain_ms = summary(multipart), summary(direct), summary(plain)
+    extra = round(direct_ms["p50"] - multipart_ms["p50"], 2)
+    return {
+        "photo": str(photo_path),
+        "photo_bytes": len(photo),
+        "rounds": rounds,
+        "multipart_upload_to_webhook_ms": multipart_ms,
+        "direct_create_to_webhook_ms": direct_ms,
+        "direct_create_request_ms": summary(creates),
+        "direct_put_to_webhook_ms": summary(after_put),
+        "plain_request_ms": plain_ms,
+        "extra_over_multipart_ms": extra,
+        "extra_in_requests": round(extra / plain_ms["p50"], 2) if plain_ms["p50"] else None,
+        "goal_met": extra <= plain_ms["p50"],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--photo-source", choices=["corpus", "tiny", "2k"], default="corpus")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="darkroom-direct-upload-") as scratch:
+        photos, where = find_photos(Path(scratch) / "photos", args.photo_source)
+        log(f"photo: {photos[0]} (from {where})")
+        result = asyncio.run(run(args.rounds, photos[0], Path(scratch) / "service"))
+    json.dump(result, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`POST /v1/images` with a JSON body `{upload_id, operations?, callback_url?, metadata?}`: start a
+direct upload whose bytes have landed, choosing how to process it now (jobs/uploads.py). The body's other
+form, `{source_url, …}`, is server/images.py's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jobs.ids import is_id
+from jobs.params import FieldError
+from jobs.records import Account, ImageRecord
+from jobs.settings import Settings
+from jobs.store import Store
+from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, image_id_for
+from server.problems import Problem
+from server.upload_fields import checked_fields
+
+START_FIELDS = ("upload_id", "operations", "callback_url", "metadata")
+
+
+async def start_upload(request: Request, account: Account, body: dict[str, Any]) -> Response:
+    settings: Settings = request.app.state.settings
+    errors: list[FieldError] = []
+    upload_id = body.get("upload_id")
+    if not isinstance(upload_id, str):
+        errors.append(FieldError("upload_id", "must be the id POST /v1/uploads answered (upl_…)"))
+    fields = await checked_fields(body, settings, START_FIELDS, errors)
+    # Only what the body gives changes; what the upload was created with stands otherwise.
+    changes: dict[str, Any] = {}
+    if fields.operations is not None:
+        changes["operations"] = fields.operations
+    if fields.callback_url is not None:
+        changes["callback_url"] = fields.callback_url
+    if body.get("metadata") is not None:
+        changes["metadata"] = fields.metadata
+    store: Store = request.app.state.store
+    assert isinstance(upload_id, str)
+    image = (
+        await store.get_account_image(account.id, image_id_for(upload_id))
+        if is_id("upl", upload_id)
+        else None
+    )
+    if image is None or image.upload is None:
+        raise _no_such_upload()
+    desk: UploadDesk = request.app.state.uploads
+    while True:
+        try:
+            started = await desk.start(image, changes)
+            break
+        except UploadGone:
+            raise _no_such_upload() from None
+        except UploadNotPending as moved_on:
+            image = moved_on.image
+            status = None if image.upload is None else image.upload.status
+            if status == "received":  # it changed otherwise meanwhile: try again on what it is now
+                continue
+            if status == "started":
+                started = _unchanged_by(image, changes)
+                break
+            raise _not_startable(image) from None
+    return JSONResponse(
+        started.resource(settings.public_url),
+        status_code=202,
+        headers={"Location": f"{settings.public_url}/v1/images/{started.id}"},
+    )
+
+
+def _no_such_upload() -> Problem:
+    return Problem(404, "not_found", "no such upload")
+
+
+def _unchanged_by(image: ImageRecord, changes: dict[str, Any]) -> ImageRecord:
+    """A started upload asked again (a retry after a lost answer): the same image, if the request asks
+    for nothing it does not already have."""
+    if image.evolve(**changes) != image:
+        raise Problem(
+            409,
+            "upload_already_started",
+            "the image is processing already with what it was given; it cannot be changed now",
+        )
+    return image
+
+
+def _not_startable(image: ImageRecord) -> Problem:
+    upload = image.upload
+    assert upload is not None
+    if upload.status == "pending":
+        return Problem(
+            409,
+            "upload_not_received",
+            "the upload's bytes have not arrived yet: PUT them to its upload_url first",
+        )
+    if upload.status == "expired":
+        return Problem(409, "upload_expired", "the upload URL expired before any bytes were sent")
+    error = image.error
+    return Problem(
+        409,
+        "upload_refused",
+        f"the uploaded file was refused ({error.code}: {error.message})"
+        if error
+        else "the uploaded file was refused",
+    )

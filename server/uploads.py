@@ -1,0 +1,275 @@
+"""`/v1/uploads`: direct uploads. The partner creates the image first, then sends its bytes to a signed,
+expiring URL that needs no API key (so a phone app can upload without holding one); see jobs/uploads.py.
+
+The URL is `{DARKROOM_PUBLIC_URL}/v1/uploads/{upl_…}/content?expires=…&signature=…`: the signature is an
+HMAC-SHA256 of the method, path and expiry under a secret kept in Redis, made by the first web process
+that needs it and shared by all, so any web process can check a URL another one signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import time
+import uuid
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from jobs.ids import is_id, new_id
+from jobs.ops.encode import MEDIA_TYPES
+from jobs.params import FieldError
+from jobs.records import ImageRecord, UploadState, epoch_ms
+from jobs.settings import Settings
+from jobs.storage import LocalStorage, is_full
+from jobs.store import Store
+from jobs.uploads import (
+    UploadDesk,
+    UploadGone,
+    UploadNotPending,
+    UploadRefused,
+    image_id_for,
+    upload_id_for,
+)
+from server.auth import require_account
+from server.images import open_batch, record_new_images, refused_problem
+from server.json_body import read_json_object
+from server.problems import Problem, storage_full_problem
+from server.upload_fields import checked_fields
+from webhooks.messages import iso, now_ms
+
+UPLOAD_BODY_FIELDS = (
+    "filename",
+    "content_type",
+    "size",
+    "operations",
+    "callback_url",
+    "batch_id",
+    "metadata",
+    "retention",
+)
+# The media types a direct upload may declare: what we decode (the bytes decide the format in the end).
+ACCEPTED_CONTENT_TYPES = frozenset(
+    {*MEDIA_TYPES.values(), "image/jpg", "image/heic", "image/heic-sequence", "image/heif-sequence"}
+)
+MAX_FILENAME_CHARS = 255
+# Digits of a unix time in seconds, far past any expiry we sign.
+_MAX_EXPIRES_DIGITS = 12
+
+
+def content_path(upload_id: str) -> str:
+    return f"/v1/uploads/{upload_id}/content"
+
+
+def _signature(key: bytes, upload_id: str, expires: int) -> str:
+    signed = f"PUT\n{content_path(upload_id)}\n{expires}".encode()
+    return base64.urlsafe_b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode().rstrip("=")
+
+
+async def _signing_key(request: Request) -> bytes:
+    state = request.app.state
+    if state.upload_signing_key is None:
+        store: Store = state.store
+        state.upload_signing_key = await store.upload_signing_key()
+    key: bytes = state.upload_signing_key
+    return key
+
+
+async def signed_upload_url(request: Request, upload: UploadState) -> str:
+    settings: Settings = request.app.state.settings
+    expires = _epoch_seconds(upload.expires_at)
+    signature = _signature(await _signing_key(request), upload.id, expires)
+    return f"{settings.public_url}{content_path(upload.id)}?expires={expires}&signature={signature}"
+
+
+def _epoch_seconds(moment: str) -> int:
+    return epoch_ms(moment) // 1000
+
+
+def _declared(body: dict[str, Any], errors: list[FieldError]) -> tuple[str, str, int]:
+    """The file's name, media type and size as the body declares them."""
+    filename = body.get("filename")
+    if not isinstance(filename, str) or not 1 <= len(filename) <= MAX_FILENAME_CHARS:
+        errors.append(FieldError("filename", f"must be a string of 1 to {MAX_FILENAME_CHARS} characters"))
+        filename = ""
+    content_type = body.get("content_type")
+    media_type = content_type.split(";")[0].strip().lower() if isinstance(content_type, str) else ""
+    if media_type not in ACCEPTED_CONTENT_TYPES:
+        errors.append(
+            FieldError("content_type", f"must be one of {', '.join(sorted(ACCEPTED_CONTENT_TYPES))}")
+        )
+    size = body.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        errors.append(FieldError("size", "must be the file's size in bytes, at least 1"))
+        size = 0
+    return filename, media_type, size
+
+
+async def create_upload(request: Request) -> Response:
+    account = await require_account(request)
+    settings: Settings = request.app.state.settings
+    body = await read_json_object(request)
+    errors: list[FieldError] = []
+    filename, content_type, size = _declared(body, errors)
+    fields = await checked_fields(body, settings, UPLOAD_BODY_FIELDS, errors)
+    if size > settings.max_upload_bytes:
+        raise Problem(
+            413, "file_too_large", f"the file exceeds the upload limit of {settings.max_upload_bytes} bytes"
+        )
+    batch = None
+    if fields.batch_id is not None:
+        batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
+    created_ms = now_ms()
+    image_id = new_id("img")
+    upload = UploadState(
+        id=upload_id_for(image_id),
+        status="pending",
+        # With nothing to wait for (its operations given, or its batch's), it starts when its bytes land.
+        starts="on_upload" if fields.operations is not None or batch is not None else "on_request",
+        size=size,
+        content_type=content_type,
+        # Whole seconds, as the URL carries it.
+        expires_at=iso((created_ms // 1000 + settings.upload_url_ttl) * 1000),
+        filename=filename,
+    )
+    operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
+    image = ImageRecord(
+        id=image_id,
+        account_id=account.id,
+        status="queued",
+        operations=operations,
+        input=None,
+        original_key=f"{account.id}/{image_id}/original",
+        created_at=iso(created_ms),
+        callback_url=fields.callback_url,
+        batch_id=None if batch is None else batch.id,
+        metadata=fields.metadata,
+        expires_at=iso(created_ms + fields.retention * 1000),
+        upload=upload,
+    )
+    upload_url = await signed_upload_url(request, upload)
+    await record_new_images(request, [image], batch)
+    return JSONResponse(
+        {
+            "object": "upload",
+            "id": upload.id,
+            "image": image.resource(settings.public_url),
+            "upload_url": upload_url,
+            "upload_method": "PUT",
+            "upload_headers": {"Content-Type": content_type},
+            "expires_at": upload.expires_at,
+            "max_bytes": size,
+        },
+        status_code=201,
+        headers={"Location": f"{settings.public_url}/v1/images/{image.id}"},
+    )
+
+
+async def _verified_upload(request: Request) -> ImageRecord:
+    """The image whose upload the URL's signature names, if the URL is ours and has not expired."""
+    upload_id = request.path_params["upload_id"]
+    expires = request.query_params.get("expires", "")
+    signature = request.query_params.get("signature", "")
+    invalid = Problem(403, "upload_url_invalid", "the upload URL is not one we signed; use it as given")
+    if not (
+        is_id("upl", upload_id)
+        and expires.isascii()
+        and expires.isdigit()
+        and len(expires) <= _MAX_EXPIRES_DIGITS
+    ):
+        raise invalid
+    expected = _signature(await _signing_key(request), upload_id, int(expires))
+    if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
+        raise invalid
+    if int(expires) <= time.time():
+        raise _expired()
+    store: Store = request.app.state.store
+    image = await store.get_image(image_id_for(upload_id))
+    if image is None or image.upload is None or image.expired_at(iso(now_ms())):
+        raise _gone()
+    return image
+
+
+def _gone() -> Problem:
+    return Problem(404, "not_found", "no such upload (its image was deleted)")
+
+
+def _expired() -> Problem:
+    return Problem(403, "upload_url_expired", "the upload URL has expired; create a new upload")
+
+
+def _not_pending_problem(image: ImageRecord) -> Problem:
+    assert image.upload is not None
+    if image.upload.status == "expired":
+        return _expired()
+    return Problem(
+        409,
+        "upload_already_received",
+        f"the bytes of this upload were received already ({image.upload.status})",
+    )
+
+
+async def receive_content(request: Request) -> Response:
+    """`PUT` the raw bytes: exactly the declared size, checked as a multipart upload is, then queued."""
+    image = await _verified_upload(request)
+    upload = image.upload
+    assert upload is not None
+    if upload.status != "pending":
+        raise _not_pending_problem(image)
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit():
+        _check_size(int(declared), upload.size, complete=True)
+    settings: Settings = request.app.state.settings
+    storage: LocalStorage = request.app.state.storage
+    key = f"{image.account_id}/{image.id}/original-{uuid.uuid4().hex}"
+    staged, sink = storage.open_staging()
+    try:
+        with sink:
+            received = 0
+            async for chunk in request.stream():
+                received += len(chunk)
+                _check_size(received, upload.size, complete=False)
+                sink.write(chunk)
+            _check_size(received, upload.size, complete=True)
+        await asyncio.to_thread(storage.commit, staged, key)
+    except OSError as exc:
+        if is_full(exc):
+            raise storage_full_problem() from None
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            staged.unlink(missing_ok=True)
+    desk: UploadDesk = request.app.state.uploads
+    try:
+        landed = await desk.land(image, key)
+    except UploadRefused as refused:
+        raise refused_problem(refused.refusal) from None
+    except UploadNotPending as moved_on:
+        raise _not_pending_problem(moved_on.image) from None
+    except UploadGone:
+        raise _gone() from None
+    return JSONResponse(landed.resource(settings.public_url))
+
+
+def _check_size(received: int, declared: int, *, complete: bool) -> None:
+    if received > declared:
+        raise Problem(
+            413,
+            "upload_too_large",
+            f"the upload declared {declared} bytes; more were sent, and none was kept",
+        )
+    if complete and received < declared:
+        raise Problem(
+            400, "upload_incomplete", f"the upload declared {declared} bytes; only {received} were sent"
+        )
+
+
+routes = [
+    Route("/v1/uploads", create_upload, methods=["POST"]),
+    Route("/v1/uploads/{upload_id}/content", receive_content, methods=["PUT"]),
+]
