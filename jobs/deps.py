@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from arq.connections import ArqRedis
 
+from jobs.fetch import SourceFetcher
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, WaitForStorage
 from jobs.store import Store
@@ -27,6 +28,7 @@ class WorkerDeps:
     storage: BlobStorage
     http: DeliveryClient
     dispatcher: Dispatcher
+    sources: SourceFetcher
 
     async def crashed_too_often(self, subject_id: str, job_try: int) -> bool:
         """Whether the job of `subject_id` (an image or a batch's archive) started more than

@@ -18,10 +18,11 @@ from jobs import events
 from jobs.batches import Batches
 from jobs.deps import WorkerDeps
 from jobs.ids import new_id
+from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
-from jobs.records import ImageError, ImageRecord, OutputInfo, utc_now
+from jobs.records import ImageError, ImageRecord, InputInfo, OutputInfo, source_filename, utc_now
 from jobs.storage import BlobMissing, StorageFull, StorageUnavailable, is_full
 from webhooks.messages import new_message
 
@@ -38,7 +39,7 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     if image.is_terminal:
         await _settle(deps, image)
         return
-    if image.input is None:
+    if image.input is None and image.source_url is None:
         log.error("%s has a job but no bytes yet; left for its upload to start it", image.id)
         return
     if await deps.crashed_too_often(image.id, job_try):
@@ -54,8 +55,13 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     stored, image = image, image.evolve(status="processing", attempts=job_try, started_at=utc_now())
     if not await deps.store.update_image(image, previous=stored):
         return
+    # One time limit for the whole job: fetching a source_url, then rendering.
+    deadline = asyncio.get_running_loop().time() + deps.settings.job_timeout
     try:
-        rendered = await _render_with_deadline(deps, image)
+        original = image.input
+        if original is None:
+            image, original = await _fetch_source(deps, image, deadline)
+        rendered = await _render_with_deadline(deps, image, original, deadline)
     except StorageFull:
         await _wait_for_storage(deps, image)
         return
@@ -71,7 +77,11 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     except ProcessingError as exc:
         await _finish(deps, image, error=ImageError(exc.code, exc.message))
         return
-    except Exception:
+    except Exception as exc:
+        # No room for the fetched original or the result (StorageFull, or the OSError of a move).
+        if is_full(exc):
+            await _wait_for_storage(deps, image)
+            return
         log.exception("processing %s failed unexpectedly", image.id)
         await _finish(
             deps, image, error=ImageError("internal_error", "an unexpected error stopped processing")
@@ -116,16 +126,50 @@ class ImageDeleted(Exception):
     """The image's owner deleted it while it was rendered: there is nobody to render it for."""
 
 
-async def _render_with_deadline(deps: WorkerDeps, image: ImageRecord) -> RenderedImage:
+async def _fetch_source(
+    deps: WorkerDeps, image: ImageRecord, deadline: float
+) -> tuple[ImageRecord, InputInfo]:
+    """Fetch the image's `source_url`, check it as an upload is checked, store it as the original and
+    record its `input`. A re-run fetches it again (its original is overwritten)."""
+    assert image.source_url is not None, "process_image leaves images with neither to their upload"
+    staged, sink = deps.storage.open_staging()
+    try:
+        with sink:
+            fetched = await deps.sources.fetch(image.source_url, sink, deadline)
+        info = await asyncio.to_thread(
+            inspect_image,
+            staged,
+            fetched.head,
+            fetched.size,
+            source_filename(image.source_url),
+            deps.settings,
+        )
+        await deps.storage.put_file(staged, image.original_key)
+    except ImageRefused as refused:
+        raise ProcessingError(refused.code, refused.message) from None
+    finally:
+        staged.unlink(missing_ok=True)
+    fetched_image = image.evolve(input=info)
+    if not await deps.store.update_image(fetched_image, previous=image):
+        # Deleted meanwhile (its original must not outlive it), or finished by an overlapping run.
+        if not await deps.store.image_exists(image.id):
+            await deps.storage.delete_tree(f"{image.account_id}/{image.id}")
+        raise ImageDeleted(image.id)
+    return fetched_image, info
+
+
+async def _render_with_deadline(
+    deps: WorkerDeps, image: ImageRecord, original: InputInfo, deadline: float
+) -> RenderedImage:
     """The render, stopped at the job's time limit or when the image is deleted meanwhile."""
     async with deps.storage.local_copy(image.original_key) as source:
-        return await _render_copy_with_deadline(deps, image, source)
+        return await _render_copy_with_deadline(deps, image, original, source, deadline)
 
 
-async def _render_copy_with_deadline(deps: WorkerDeps, image: ImageRecord, source: Path) -> RenderedImage:
+async def _render_copy_with_deadline(
+    deps: WorkerDeps, image: ImageRecord, original: InputInfo, source: Path, deadline: float
+) -> RenderedImage:
     chain = parse_operations(image.operations)
-    assert image.input is not None, "only images with bytes are rendered"
-    input_format = image.input.format
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
     settings = deps.settings
@@ -136,7 +180,7 @@ async def _render_copy_with_deadline(deps: WorkerDeps, image: ImageRecord, sourc
                 source,
                 stem,
                 chain,
-                input_format,
+                original.format,
                 kill_switch,
                 max_pixels=settings.max_pixels,
                 max_memory=settings.job_memory_bytes,
@@ -144,7 +188,6 @@ async def _render_copy_with_deadline(deps: WorkerDeps, image: ImageRecord, sourc
         )
     )
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + settings.job_timeout
     try:
         while not rendering.done():
             left = deadline - loop.time()

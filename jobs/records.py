@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from jobs.params import Bounds, FieldError, Params
 from webhooks.endpoints import SigningSecret
@@ -77,6 +78,12 @@ UploadStatus = Literal["pending", "received", "started", "refused", "expired"]
 UploadStart = Literal["on_upload", "on_request"]
 
 
+def source_filename(url: str) -> str | None:
+    """The name a source URL gives its file (its path's last segment), as an upload's file name."""
+    name = unquote(urlsplit(url).path.rpartition("/")[2])
+    return name[:255] or None
+
+
 @dataclass(frozen=True)
 class UploadState:
     """An image created by `POST /v1/uploads`, whose bytes the partner sends to a signed URL.
@@ -116,7 +123,7 @@ class ImageRecord:
     account_id: str
     status: ImageStatus
     operations: list[dict[str, Any]]
-    # None while a direct upload waits for its bytes.
+    # None until its bytes land (a direct upload) or its source_url is fetched.
     input: InputInfo | None
     original_key: str
     created_at: str
@@ -133,6 +140,8 @@ class ImageRecord:
     # When the retention sweep deletes it (ISO 8601); None for images stored before retention existed.
     expires_at: str | None = None
     upload: UploadState | None = None
+    # Where the worker fetches the original from, for an image submitted by URL.
+    source_url: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -140,10 +149,13 @@ class ImageRecord:
 
     @property
     def filename(self) -> str | None:
-        """The partner's name for the file: as uploaded, or as declared for a direct upload."""
+        """The partner's name for the file: as uploaded, as declared for a direct upload, or as its
+        source URL names it."""
         if self.input is not None:
             return self.input.filename
-        return None if self.upload is None else self.upload.filename
+        if self.upload is not None:
+            return self.upload.filename
+        return None if self.source_url is None else source_filename(self.source_url)
 
     @property
     def awaits_start(self) -> bool:
@@ -196,6 +208,7 @@ class ImageRecord:
                 "filename": self.input.filename,
                 "url": f"{base}/original",
             },
+            "source": None if self.source_url is None else {"url": self.source_url},
             "upload": None
             if self.upload is None
             else {

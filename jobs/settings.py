@@ -43,6 +43,9 @@ class Settings:
     job_memory_bytes: int = 512 * 1024 * 1024
     webhook_timeout: float = 15.0
     webhook_connect_timeout: float = 5.0
+    # A `source_url` fetch, retries included, within the image's job_timeout; connecting to it.
+    source_timeout: float = 60.0
+    source_connect_timeout: float = 10.0
     # Each retry waits its scheduled delay ±this fraction, so a receiver's outage does not end in a stampede.
     retry_jitter: float = 0.2
     # A 429 or a timed-out attempt waits at least this long before the next.
@@ -136,6 +139,7 @@ class Settings:
             job_memory_bytes=_positive_int(env, "DARKROOM_JOB_MEMORY_MB", 512) * 1024 * 1024,
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
             webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),
+            source_timeout=_positive_seconds(env, "DARKROOM_SOURCE_TIMEOUT", 60.0),
             webhook_slow_down_seconds=_seconds(env, "DARKROOM_WEBHOOK_SLOW_DOWN", 60.0),
             endpoint_disable_after=_seconds(env, "DARKROOM_ENDPOINT_DISABLE_AFTER", 5 * 24 * 3600.0),
             secret_rotation_grace=_seconds(env, "DARKROOM_SECRET_ROTATION_GRACE", 24 * 3600.0),

@@ -28,8 +28,8 @@ from arq.connections import ArqRedis
 
 from jobs import events
 from jobs.batches import Batches
-from jobs.formats import ImageFormat, TooManyPages, UnreadableImage, read_header, sniff_format
 from jobs.ids import new_id
+from jobs.inspection import ImageRefused, inspect_stored
 from jobs.records import ImageError, ImageRecord, InputInfo, UploadStatus, utc_now
 from jobs.settings import Settings
 from jobs.storage import BlobStorage
@@ -39,8 +39,6 @@ from webhooks.messages import new_message, now_ms
 log = logging.getLogger("darkroom.uploads")
 
 SWEEP_UPLOADS = "sweep_uploads"
-# Bytes read to tell a file's format from its signature.
-HEAD_BYTES = 64
 # Ids read per round trip by the sweep.
 SWEEP_CHUNK = 200
 
@@ -55,63 +53,10 @@ def image_id_for(upload_id: str) -> str:
     return "img_" + upload_id.removeprefix("upl_")
 
 
-class RefusedFile(Exception):
-    """A file that fails the upload checks: `status` and `code` are the problem a partner gets."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
-def inspect_file(path: Path, head: bytes, size: int, filename: str | None, settings: Settings) -> InputInfo:
-    """Decide the format from the bytes and refuse oversized images before anything is queued. Blocking:
-    run it in a thread."""
-    if size == 0:
-        raise RefusedFile(422, "empty_file", "the uploaded file is empty")
-    image_format = sniff_format(head)
-    if image_format is None:
-        accepted = ", ".join(fmt.value for fmt in ImageFormat)
-        raise RefusedFile(
-            415, "unsupported_format", f"the file is not an image Darkroom accepts ({accepted})"
-        )
-    try:
-        header = read_header(str(path), image_format, max_pages=settings.max_pages)
-    except TooManyPages as exc:
-        raise RefusedFile(422, "too_many_pages", exc.message) from None
-    except UnreadableImage as exc:
-        raise RefusedFile(
-            422, "unreadable_image", f"the {image_format.value} file cannot be read: {exc}"
-        ) from None
-    if header.pixels > settings.max_pixels:
-        raise RefusedFile(
-            422,
-            "image_too_large",
-            f"{header.width}x{header.height}"
-            + (f"x{header.pages} pages" if header.pages > 1 else "")
-            + f" is {header.pixels:,} pixels; the limit is {settings.max_pixels:,}",
-        )
-    return InputInfo(
-        format=header.format.value,
-        width=header.width,
-        height=header.height,
-        pages=header.pages,
-        bytes=size,
-        filename=filename or None,
-    )
-
-
-def _inspect_stored(path: Path, filename: str | None, settings: Settings) -> InputInfo:
-    with path.open("rb") as stored:
-        head = stored.read(HEAD_BYTES)
-    return inspect_file(path, head, path.stat().st_size, filename, settings)
-
-
 class UploadRefused(Exception):
     """The bytes failed the upload checks: the image ended failed with `refusal`'s code."""
 
-    def __init__(self, refusal: RefusedFile) -> None:
+    def __init__(self, refusal: ImageRefused) -> None:
         super().__init__(refusal.message)
         self.refusal = refusal
 
@@ -151,15 +96,13 @@ class UploadDesk:
         try:
             if local is None:
                 async with self.storage.local_copy(key) as copy:
-                    input_info = await asyncio.to_thread(
-                        _inspect_stored, copy, upload.filename, self.settings
-                    )
+                    input_info = await self._inspect(copy, upload.filename)
             else:
-                input_info = await asyncio.to_thread(_inspect_stored, local, upload.filename, self.settings)
+                input_info = await self._inspect(local, upload.filename)
         except FileNotFoundError:
             # Deleted with its image (files go first) while the bytes were stored.
             raise UploadNotPending(await self._current(image)) from None
-        except RefusedFile as refusal:
+        except ImageRefused as refusal:
             await self.storage.delete(key)
             if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
                 raise UploadNotPending(await self._current(image)) from None
@@ -174,8 +117,8 @@ class UploadDesk:
             raise UploadNotPending(await self._current(image))
         return landed
 
-    async def _inspect(self, path: Path, filename: str) -> InputInfo:
-        return await asyncio.to_thread(_inspect_stored, path, filename, self.settings)
+    async def _inspect(self, path: Path, filename: str | None) -> InputInfo:
+        return await asyncio.to_thread(inspect_stored, path, filename, self.settings)
 
     async def start(self, image: ImageRecord, changes: dict[str, Any]) -> ImageRecord:
         """Hand a received upload to processing with `changes` (operations, callback_url, metadata)

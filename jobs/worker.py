@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from jobs import archive, processing, retention, stats
 from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
 from jobs.deps import CLEAN_STOPS_FORGIVEN, WorkerDeps
+from jobs.fetch import SourceFetcher
 from jobs.ids import new_id
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
@@ -162,13 +163,14 @@ async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
         concurrency=WEBHOOK_CONCURRENCY,
         on_attempt=stats.count_attempt,
     )
-    return WorkerDeps(settings, redis, store, storage, http, dispatcher)
+    return WorkerDeps(settings, redis, store, storage, http, dispatcher, SourceFetcher(settings))
 
 
 async def close_deps(deps: WorkerDeps) -> None:
     await deps.dispatcher.stop()
     await deps.http.aclose()
     await deps.storage.close()
+    await deps.sources.aclose()
 
 
 async def links_from_the_web(settings: Settings, store: Store) -> Settings:

@@ -13,15 +13,22 @@ from jobs.batches import BatchClosed, BatchEmpty
 from jobs.ids import is_id, new_id
 from jobs.operations import parse_operations
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import ArchiveSpec, BatchRecord, utc_now
+from jobs.records import ArchiveSpec, BatchRecord, ImageRecord, utc_now
 from jobs.settings import Settings
 from jobs.storage import BlobStorage
 from server.auth import require_account
 from server.blobs import blob_response
 from server.conditional import none_match
 from server.destinations import check_destination_url
-from server.images import accept_uploads, batches_of, open_batch
-from server.json_body import read_json_object
+from server.images import (
+    accept_uploads,
+    batches_of,
+    new_images,
+    open_batch,
+    store_and_queue,
+    validate_source,
+)
+from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
@@ -29,6 +36,8 @@ from server.upload_fields import metadata_problem, validate_upload_fields
 from webhooks.messages import iso, now_ms
 
 BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
+# The fields of images added to a batch (each upload, or each image by URL, besides its source_url).
+BATCH_IMAGE_FIELDS = ("operations", "callback_url", "metadata", "retention")
 BATCH_STATUSES = ("open", "sealed", "processing", "completed")
 MAX_FILES_PER_REQUEST = 50
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -125,29 +134,69 @@ async def list_batches(request: Request) -> Response:
 
 async def add_images(request: Request) -> Response:
     """Several `file` parts at once; `operations`, `callback_url`, `metadata` and `retention` apply to
-    each of them."""
+    each of them. Or JSON naming each image's `source_url` (add_images_by_url)."""
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     # Refused before the body is read: a closed batch should not cost the partner an upload.
     batch = await open_batch(request, account.id, request.path_params["batch_id"], named_by_field=False)
-    storage: BlobStorage = request.app.state.storage
-    upload = await receive_multipart(
-        request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST, account_id=account.id
-    )
-    try:
-        fields = await validate_upload_fields(
-            upload, settings, accepted=("operations", "callback_url", "metadata", "retention")
-        )
-        files = [f for f in upload.files if f.field_name == FILE_FIELD]
-        if not files or len(files) != len(upload.files):
-            raise validation_problem([FieldError("file", "send one or more file parts, each named `file`")])
-        images = await accept_uploads(request, account.id, files, fields, batch)
-    finally:
-        await upload.discard()
+    if media_type(request) == "application/json":
+        images = await add_images_by_url(request, account.id, batch)
+    else:
+        images = await _add_uploads(request, account.id, batch)
     public_url = settings.public_url
     return JSONResponse(
         {"object": "list", "data": [image.resource(public_url) for image in images]}, status_code=202
     )
+
+
+async def _add_uploads(request: Request, account_id: str, batch: BatchRecord) -> list[ImageRecord]:
+    settings: Settings = request.app.state.settings
+    storage: BlobStorage = request.app.state.storage
+    upload = await receive_multipart(
+        request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST, account_id=account_id
+    )
+    try:
+        fields = await validate_upload_fields(upload, settings, accepted=BATCH_IMAGE_FIELDS)
+        files = [f for f in upload.files if f.field_name == FILE_FIELD]
+        if not files or len(files) != len(upload.files):
+            raise validation_problem([FieldError("file", "send one or more file parts, each named `file`")])
+        return await accept_uploads(request, account_id, files, fields, batch)
+    finally:
+        await upload.discard()
+
+
+async def add_images_by_url(request: Request, account_id: str, batch: BatchRecord) -> list[ImageRecord]:
+    """`{"images": [{source_url, operations?, callback_url?, metadata?, retention?}, …]}`: each image
+    fetched by a worker, as on `POST /v1/images`; all are accepted, or none."""
+    settings: Settings = request.app.state.settings
+    body = await read_json_object(request)
+    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"images"})]
+    entries = body.get("images")
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_FILES_PER_REQUEST:
+        errors.append(
+            FieldError("images", f"must be a list of 1 to {MAX_FILES_PER_REQUEST} objects with a source_url")
+        )
+        raise validation_problem(errors)
+    sources = []
+    for index, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, dict):
+                raise ValidationFailed([FieldError("", "must be an object with a source_url")])
+            sources.append(await validate_source(entry, settings, ("source_url", *BATCH_IMAGE_FIELDS)))
+        except ValidationFailed as exc:
+            errors.extend(
+                FieldError(f"images[{index}]" + (f".{error.field}" if error.field else ""), error.message)
+                for error in exc.errors
+            )
+    if errors:
+        raise validation_problem(errors)
+    images = [
+        image
+        for source_url, fields in sources
+        for image in new_images(account_id, fields, batch, [(new_id("img"), None)], source_url)
+    ]
+    await store_and_queue(request, images, batch, originals=())
+    return images
 
 
 async def seal_batch(request: Request) -> Response:

@@ -5,19 +5,26 @@ from __future__ import annotations
 import asyncio
 
 from jobs.settings import Settings
-from webhooks.addresses import TransportError, parse_destination, resolve
+from webhooks.addresses import TransportError, check_url, parse_destination, resolve
 
 MAX_URL_LENGTH = 2048
 RESOLVE_TIMEOUT = 5.0
 
 
-async def check_destination_url(url: str, settings: Settings) -> str | None:
-    """The problem with a URL to deliver to, or None. Its host must resolve to public addresses only
-    (unless DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks again, since DNS answers change."""
+def url_problem(url: str, settings: Settings) -> str | None:
+    """What is wrong with a URL we are to call, judged from its text alone (no DNS), or None."""
     if len(url) > MAX_URL_LENGTH:
         return f"must be at most {MAX_URL_LENGTH} characters"
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         return "must not contain spaces or control characters"
+    return check_url(url, allow_private=settings.allow_private_callbacks)
+
+
+async def check_destination_url(url: str, settings: Settings) -> str | None:
+    """The problem with a URL to deliver to, or None. Its host must resolve to public addresses only
+    (unless DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks again, since DNS answers change."""
+    if problem := url_problem(url, settings):
+        return problem
     allow_private = settings.allow_private_callbacks
     try:
         destination = parse_destination(url, allow_private=allow_private)

@@ -1,5 +1,6 @@
 """`POST /v1/images` with a JSON body `{upload_id, operations?, callback_url?, metadata?}`: start a
-direct upload whose bytes have landed, choosing how to process it now (jobs/uploads.py)."""
+direct upload whose bytes have landed, choosing how to process it now (jobs/uploads.py). The body's other
+form, `{source_url, …}`, is server/images.py's."""
 
 from __future__ import annotations
 
@@ -10,35 +11,23 @@ from starlette.responses import JSONResponse, Response
 
 from jobs.ids import is_id
 from jobs.params import FieldError
-from jobs.records import ImageRecord
+from jobs.records import Account, ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
 from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, image_id_for
-from server.auth import require_account
-from server.json_body import read_json_object
 from server.problems import Problem
-from server.upload_fields import checked_upload_fields
+from server.upload_fields import checked_fields
 
 START_FIELDS = ("upload_id", "operations", "callback_url", "metadata")
 
 
-async def start_upload(request: Request) -> Response:
-    account = await require_account(request)
+async def start_upload(request: Request, account: Account, body: dict[str, Any]) -> Response:
     settings: Settings = request.app.state.settings
-    body = await read_json_object(request)
-    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - set(START_FIELDS))]
+    errors: list[FieldError] = []
     upload_id = body.get("upload_id")
     if not isinstance(upload_id, str):
         errors.append(FieldError("upload_id", "must be the id POST /v1/uploads answered (upl_…)"))
-    fields = await checked_upload_fields(
-        settings,
-        errors,
-        raw_operations=body.get("operations"),
-        callback_url=body.get("callback_url"),
-        metadata=body.get("metadata"),
-        retention=None,
-        batch_id=None,
-    )
+    fields = await checked_fields(body, settings, START_FIELDS, errors)
     # Only what the body gives changes; what the upload was created with stands otherwise.
     changes: dict[str, Any] = {}
     if fields.operations is not None:

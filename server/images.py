@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -13,24 +14,29 @@ from starlette.routing import Route
 
 from jobs.archive import safe_entry_name
 from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
-from jobs.ids import is_id
+from jobs.ids import is_id, new_id
+from jobs.inspection import ImageRefused, inspect_image
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
-from jobs.params import FieldError
-from jobs.records import BatchRecord, ImageRecord, InputInfo, original_key
+from jobs.params import FieldError, ValidationFailed
+from jobs.records import Account, BatchRecord, ImageRecord, InputInfo, original_key
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, StorageUnavailable, is_full
 from jobs.store import Store
-from jobs.uploads import RefusedFile, inspect_file
 from server.auth import require_account
 from server.blobs import blob_response
+from server.destinations import url_problem
 from server.image_json import start_upload
+from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
-from server.upload_fields import UploadFields, validate_upload_fields
+from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
 from server.variants import output_response, parse_variant_query, resolve_variant
 from webhooks.messages import iso, now_ms
 
+SOURCE_FIELDS = ("source_url", *UPLOAD_FIELDS)
+# The JSON forms of `POST /v1/images`, told apart by the one of these fields the body names.
+JSON_FORMS = ("upload_id", "source_url")
 IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
 ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
@@ -40,19 +46,19 @@ async def _inspect(upload: UploadedFile, settings: Settings) -> InputInfo:
     """Decide the format from the bytes and refuse oversized images before anything is queued."""
     try:
         return await asyncio.to_thread(
-            inspect_file, upload.path, upload.head, upload.size, upload.filename, settings
+            inspect_image, upload.path, upload.head, upload.size, upload.filename, settings
         )
-    except RefusedFile as refusal:
+    except ImageRefused as refusal:
         raise refused_problem(refusal) from None
 
 
-def refused_problem(refusal: RefusedFile) -> Problem:
+def refused_problem(refusal: ImageRefused) -> Problem:
     return Problem(refusal.status, refusal.code, refusal.message)
 
 
 async def create_image(request: Request) -> Response:
-    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-        return await start_upload(request)
+    if media_type(request) == "application/json":
+        return await _create_image_from_json(request)
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
@@ -62,12 +68,66 @@ async def create_image(request: Request) -> Response:
         files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if len(files) != 1 or len(upload.files) != 1:
             raise validation_problem([FieldError(FILE_FIELD, "send exactly one file part named `file`")])
-        batch = None
-        if fields.batch_id is not None:
-            batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
+        batch = await _batch_named(request, account.id, fields)
         (image,) = await accept_uploads(request, account.id, files, fields, batch)
     finally:
         await upload.discard()
+    return _accepted(image, settings)
+
+
+async def _create_image_from_json(request: Request) -> Response:
+    """A JSON body names either `upload_id` (start a direct upload, server/image_json.py) or
+    `source_url` (fetch the image from there)."""
+    account = await require_account(request)
+    body = await read_json_object(request)
+    named = [name for name in JSON_FORMS if name in body]
+    if len(named) != 1:
+        message = "give exactly one of upload_id (a direct upload's) and source_url (a URL to fetch)"
+        raise validation_problem([FieldError(name, message) for name in JSON_FORMS])
+    if named == ["upload_id"]:
+        return await start_upload(request, account, body)
+    return await create_image_from_url(request, account, body)
+
+
+async def create_image_from_url(request: Request, account: Account, body: dict[str, Any]) -> Response:
+    """`POST /v1/images` with a JSON body naming `source_url`: a worker fetches the file, checks it as
+    an upload is checked, and processes it. Accepted at once; what the fetch finds ends in the image."""
+    settings: Settings = request.app.state.settings
+    try:
+        source_url, fields = await validate_source(body, settings, SOURCE_FIELDS)
+    except ValidationFailed as exc:
+        raise validation_problem(exc.errors) from None
+    batch = await _batch_named(request, account.id, fields)
+    images = new_images(account.id, fields, batch, [(new_id("img"), None)], source_url)
+    await store_and_queue(request, images, batch, originals=())
+    return _accepted(images[0], settings)
+
+
+async def validate_source(
+    body: Mapping[str, Any], settings: Settings, accepted: Sequence[str]
+) -> tuple[str, UploadFields]:
+    """The `source_url` of an image sent by URL, and its other fields; ValidationFailed names every
+    problem. The URL is judged from its text here: the worker resolves its host when it fetches it."""
+    errors: list[FieldError] = []
+    source_url = body.get("source_url")
+    if source_url is None:
+        errors.append(FieldError("source_url", "is required: the http or https URL of the image"))
+    elif not isinstance(source_url, str):
+        errors.append(FieldError("source_url", "must be a string"))
+    elif problem := url_problem(source_url, settings):
+        errors.append(FieldError("source_url", problem))
+    fields = await validate_fields(body, settings, accepted, errors)
+    assert isinstance(source_url, str)  # validate_fields raised otherwise
+    return source_url, fields
+
+
+async def _batch_named(request: Request, account_id: str, fields: UploadFields) -> BatchRecord | None:
+    if fields.batch_id is None:
+        return None
+    return await open_batch(request, account_id, fields.batch_id, named_by_field=True)
+
+
+def _accepted(image: ImageRecord, settings: Settings) -> Response:
     return JSONResponse(
         image.resource(settings.public_url),
         status_code=202,
@@ -109,30 +169,58 @@ async def accept_uploads(
 ) -> list[ImageRecord]:
     """Inspect every file, store it, save its record (into `batch`, if any) and queue it: all of them, or
     none if any is refused. The caller discards the staged files."""
-    settings: Settings = request.app.state.settings
-    storage: BlobStorage = request.app.state.storage
-    store: Store = request.app.state.store
-    inputs = await _inspect_all(files, settings)
+    inputs = await _inspect_all(files, request.app.state.settings)
+    images = new_images(
+        account_id,
+        fields,
+        batch,
+        [(upload.image_id, info) for upload, info in zip(files, inputs, strict=True)],
+    )
+    await store_and_queue(request, images, batch, list(zip(files, images, strict=True)))
+    return images
+
+
+def new_images(
+    account_id: str,
+    fields: UploadFields,
+    batch: BatchRecord | None,
+    entries: Sequence[tuple[str, InputInfo | None]],
+    source_url: str | None = None,
+) -> list[ImageRecord]:
+    """Records of new images, each an id and what its bytes are (None until a source is fetched)."""
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
     uploaded_ms = now_ms()
-    images = [
+    return [
         ImageRecord(
-            id=upload.image_id,
+            id=image_id,
             account_id=account_id,
             status="queued",
             operations=operations,
             input=input_info,
-            original_key=original_key(account_id, upload.image_id),
+            original_key=original_key(account_id, image_id),
             created_at=iso(uploaded_ms),
             callback_url=fields.callback_url,
             batch_id=None if batch is None else batch.id,
             metadata=fields.metadata,
             expires_at=iso(uploaded_ms + fields.retention * 1000),
+            source_url=source_url,
         )
-        for upload, input_info in zip(files, inputs, strict=True)
+        for image_id, input_info in entries
     ]
+
+
+async def store_and_queue(
+    request: Request,
+    images: Sequence[ImageRecord],
+    batch: BatchRecord | None,
+    originals: Sequence[tuple[UploadedFile, ImageRecord]],
+) -> None:
+    """Store the staged originals under their keys (an image by URL has none yet), save the records
+    (into `batch`, if any) and queue them: all, or none."""
+    storage: BlobStorage = request.app.state.storage
+    store: Store = request.app.state.store
     try:
-        for upload, image in zip(files, images, strict=True):
+        for upload, image in originals:
             await upload.commit(storage, image.original_key)
         await record_new_images(request, images, batch)
     except Problem:
@@ -150,7 +238,6 @@ async def accept_uploads(
         # image and end), and no blob may outlive its record.
         await _forget(storage, store, images, saved=True)
         raise
-    return images
 
 
 async def record_new_images(
@@ -262,15 +349,35 @@ async def get_output(request: Request) -> Response:
 
 async def get_original(request: Request) -> Response:
     image = await _owned_image(request)
-    if image.input is None:
-        raise Problem(409, "upload_not_received", "the image's bytes have not been uploaded yet")
+    original = image.input
+    if original is None:
+        raise _no_original_problem(image)
     return await blob_response(
         request,
         image.original_key,
-        media_type=MEDIA_TYPES[image.input.format],
-        filename=safe_entry_name(image.input.filename, image.id, ORIGINAL_SUFFIXES[image.input.format]),
+        media_type=MEDIA_TYPES[original.format],
+        filename=safe_entry_name(original.filename, image.id, ORIGINAL_SUFFIXES[original.format]),
         headers={"Cache-Control": "private, max-age=31536000, immutable"},
         missing=Problem(410, "original_missing", "the uploaded file of this image is missing"),
+    )
+
+
+def _no_original_problem(image: ImageRecord) -> Problem:
+    """A direct upload has no original until its bytes land, an image by URL none until its source is
+    fetched, and neither has one if that failed (refused, expired, or the fetch failed)."""
+    if image.is_terminal and image.error is not None:
+        error = image.error
+        detail = f"the image failed ({error.code}: {error.message}) before its original was stored"
+        return Problem(409, "image_failed", detail)
+    if image.upload is not None:
+        return Problem(
+            409, "upload_not_received", "the image's bytes have not been uploaded to its upload_url yet"
+        )
+    return Problem(
+        409,
+        "not_ready",
+        f"the image is {image.status}; its original exists once its source_url is fetched",
+        headers={"Retry-After": "1"},
     )
 
 

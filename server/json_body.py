@@ -134,9 +134,14 @@ def _escaped(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode()
 
 
+def media_type(request: Request) -> str:
+    """The request's Content-Type without its parameters, in lower case ("" when there is none)."""
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
 async def read_json_object(request: Request, *, optional: bool = False) -> dict[str, Any]:
     """The body as a JSON object; an empty body is `{}` when `optional`."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)

@@ -46,6 +46,16 @@ _RETENTION = {
     "minimum": 3600,
     "description": "seconds kept after upload; at most DARKROOM_IMAGE_RETENTION (the default)",
 }
+_BATCH_ID = {
+    "type": "string",
+    "description": "an open batch to join (its operations apply when none are given)",
+}
+# What every JSON body making or starting an image may say of its processing.
+_JSON_IMAGE_FIELDS: dict[str, Any] = {
+    "operations": {"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": _ref("Operation")},
+    "callback_url": {"type": "string", "format": "uri"},
+    "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+}
 
 
 def _id(prefix: str) -> dict[str, str]:
@@ -76,14 +86,18 @@ def build_openapi(public_url: str) -> dict[str, Any]:
             {
                 "/v1/images": {
                     "post": {
-                        "summary": "Upload an image to process",
-                        "description": "multipart with the file; or JSON `{upload_id, …}` to start a direct"
-                        " upload whose bytes have landed (see POST /v1/uploads)",
+                        "summary": "Upload an image, start a direct upload, or name a URL to fetch it from",
+                        "description": "multipart with the file; or JSON in one of two forms:"
+                        " `{upload_id, …}` starts a direct upload whose bytes have landed (see"
+                        " POST /v1/uploads), `{source_url, …}` has a worker fetch the image."
+                        " A body naming both, or neither, is a 422",
                         "requestBody": {
                             "required": True,
                             "content": {
                                 "multipart/form-data": {"schema": _ref("ImageUpload")},
-                                "application/json": {"schema": _ref("UploadStart")},
+                                "application/json": {
+                                    "schema": {"oneOf": [_ref("UploadStart"), _ref("ImageFromUrl")]}
+                                },
                             },
                         },
                         "responses": {
@@ -171,6 +185,11 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "responses": {
                             "200": {"description": "The bytes as uploaded", "content": {"image/*": {}}},
                             "404": _NOT_FOUND,
+                            "409": _problem(
+                                "No original yet: a source_url not fetched (not_ready), a direct upload's"
+                                " bytes not landed (upload_not_received); or the image failed first"
+                                " (image_failed)"
+                            ),
                         },
                     },
                 },
@@ -201,10 +220,23 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "callback_url": {"type": "string", "format": "uri"},
                         "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
                         "retention": _RETENTION,
-                        "batch_id": {
+                        "batch_id": _BATCH_ID,
+                    },
+                },
+                "ImageFromUrl": {
+                    "type": "object",
+                    "required": ["source_url"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "source_url": {
                             "type": "string",
-                            "description": "an open batch to join (its operations apply when none are given)",
+                            "format": "uri",
+                            "maxLength": 2048,
+                            "description": "http or https, public addresses only; fetched by a worker",
                         },
+                        **_JSON_IMAGE_FIELDS,
+                        "retention": _RETENTION,
+                        "batch_id": _BATCH_ID,
                     },
                 },
                 **_UPLOAD_SCHEMAS,
@@ -216,11 +248,17 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "operations": {"type": "array", "items": _ref("Operation")},
                         "input": {
                             "type": ["object", "null"],
-                            "description": "null while a direct upload waits for its bytes",
+                            "description": "null until a direct upload's bytes land or an image's"
+                            " source_url is fetched",
                         },
                         "upload": {
                             "oneOf": [_ref("UploadState"), {"type": "null"}],
                             "description": "for an image created by POST /v1/uploads",
+                        },
+                        "source": {
+                            "type": ["object", "null"],
+                            "properties": {"url": {"type": "string"}},
+                            "description": "where an image submitted by URL is fetched from",
                         },
                         "output": {"type": ["object", "null"]},
                         "error": {
@@ -318,21 +356,18 @@ _UPLOAD_SCHEMAS: dict[str, Any] = {
             "filename": {"type": "string", "minLength": 1, "maxLength": 255},
             "content_type": {"type": "string", "description": "image/jpeg, image/png, image/heic, …"},
             "size": {"type": "integer", "minimum": 1, "description": "exactly what the PUT will carry"},
-            "operations": {"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": _ref("Operation")},
-            "callback_url": {"type": "string", "format": "uri"},
-            "batch_id": {"type": "string"},
-            "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+            **_JSON_IMAGE_FIELDS,
+            "batch_id": _BATCH_ID,
             "retention": _RETENTION,
         },
     },
     "UploadStart": {
         "type": "object",
         "required": ["upload_id"],
+        "additionalProperties": False,
         "properties": {
             "upload_id": _id("upl"),
-            "operations": {"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": _ref("Operation")},
-            "callback_url": {"type": "string", "format": "uri"},
-            "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+            **_JSON_IMAGE_FIELDS,
         },
     },
     "UploadState": {
@@ -444,10 +479,13 @@ def _batch_paths() -> dict[str, Any]:
         "/v1/batches/{batch_id}/images": {
             "parameters": [_BATCH_ID],
             "post": {
-                "summary": "Add images: several `file` parts; all are accepted or none",
+                "summary": "Add images: several `file` parts, or JSON source URLs; all are accepted or none",
                 "requestBody": {
                     "required": True,
-                    "content": {"multipart/form-data": {"schema": _ref("BatchImagesUpload")}},
+                    "content": {
+                        "multipart/form-data": {"schema": _ref("BatchImagesUpload")},
+                        "application/json": {"schema": _ref("BatchImagesFromUrl")},
+                    },
                 },
                 "responses": {
                     "202": _json(
@@ -699,6 +737,30 @@ _BATCH_SCHEMAS: dict[str, Any] = {
                 "description": 'true: {"format": "original"}',
             },
             "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+        },
+    },
+    "BatchImagesFromUrl": {
+        "type": "object",
+        "required": ["images"],
+        "additionalProperties": False,
+        "properties": {
+            "images": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 50,
+                "items": {
+                    "type": "object",
+                    "required": ["source_url"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "source_url": {"type": "string", "format": "uri", "maxLength": 2048},
+                        "operations": {"type": "array", "items": _ref("Operation")},
+                        "callback_url": {"type": "string", "format": "uri"},
+                        "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+                        "retention": _RETENTION,
+                    },
+                },
+            }
         },
     },
     "BatchImagesUpload": {

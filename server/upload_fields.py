@@ -1,9 +1,10 @@
-"""The fields an upload comes with (a multipart form's or a JSON body's), checked the same way."""
+"""The fields an image comes with (a multipart form's, or a JSON body's: a direct upload's, a start of
+one, an image by URL), checked the same way."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ MAX_METADATA_BYTES = 4096
 UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "retention", "batch_id")
 
 
-def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError]) -> Any:
+def _parse_json_field(fields: Mapping[str, str], name: str, errors: list[FieldError]) -> Any:
     raw = fields.get(name)
     if raw is None or raw.strip() == "":
         return None
@@ -35,7 +36,7 @@ def _parse_json_field(fields: dict[str, str], name: str, errors: list[FieldError
 
 @dataclass(frozen=True)
 class UploadFields:
-    """The form fields that come with uploaded files, validated."""
+    """The fields that come with an image, validated."""
 
     # None when not given, so a batch's default operations apply (an empty list is a choice).
     operations: list[dict[str, Any]] | None
@@ -57,41 +58,39 @@ def metadata_problem(metadata: Any) -> str | None:
 async def validate_upload_fields(
     upload: MultipartUpload, settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
 ) -> UploadFields:
-    """Every problem of the fields reported at once; `accepted` names the fields the route takes."""
-    fields = upload.fields
+    """Every problem of the form fields reported at once (422); `accepted` names the fields the route
+    takes."""
+    fields: dict[str, Any] = dict(upload.fields)
     errors = list(upload.errors)
-    raw_operations = _parse_json_field(fields, "operations", errors)
-    metadata = _parse_json_field(fields, "metadata", errors)
-    errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
-    return await checked_upload_fields(
-        settings,
-        errors,
-        raw_operations=raw_operations,
-        callback_url=fields.get("callback_url") or None,
-        metadata=metadata,
-        retention=fields.get("retention"),
-        batch_id=fields.get("batch_id") or None,
-    )
+    for name in ("operations", "metadata"):
+        if name in fields:
+            fields[name] = _parse_json_field(upload.fields, name, errors)
+    return await checked_fields(fields, settings, accepted, errors)
 
 
-async def checked_upload_fields(
-    settings: Settings,
-    errors: list[FieldError],
-    *,
-    raw_operations: Any,
-    callback_url: object,
-    metadata: Any,
-    retention: str | None,
-    batch_id: object,
+async def checked_fields(
+    fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
 ) -> UploadFields:
-    """The fields an upload comes with, decoded (from a form or a JSON body), checked; 422 naming every
-    problem, `errors` included."""
+    """validate_fields for a request with one image: its problems answered as a 422."""
+    try:
+        return await validate_fields(fields, settings, accepted, errors)
+    except ValidationFailed as exc:
+        raise validation_problem(exc.errors) from None
+
+
+async def validate_fields(
+    fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
+) -> UploadFields:
+    """The fields of an upload or a JSON body (`operations` and `metadata` decoded); ValidationFailed
+    names every problem, those found before (`errors`) first. Fields `accepted` but not checked here
+    (a direct upload's `size`, say) are the caller's."""
     operations: list[dict[str, Any]] | None = None
     try:
-        if raw_operations is not None:
-            operations = [operation.to_json() for operation in parse_operations(raw_operations)]
+        if fields.get("operations") is not None:
+            operations = [operation.to_json() for operation in parse_operations(fields["operations"])]
     except ValidationFailed as exc:
         errors.extend(exc.errors)
+    callback_url = fields.get("callback_url") or None
     if callback_url is not None:
         problem = (
             "must be a string"
@@ -100,31 +99,29 @@ async def checked_upload_fields(
         )
         if problem:
             errors.append(FieldError("callback_url", problem))
+    metadata = fields.get("metadata")
     if metadata is None:
         metadata = {}
     elif problem := metadata_problem(metadata):
         errors.append(FieldError("metadata", problem))
+    retention = _retention(fields.get("retention"), settings, errors)
+    batch_id = fields.get("batch_id") or None
     if batch_id is not None and not isinstance(batch_id, str):
         errors.append(FieldError("batch_id", "must be a string"))
-    checked_retention = _retention(retention, settings, errors)
+    errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
     if errors:
-        raise validation_problem(errors)
-    return UploadFields(
-        operations,
-        callback_url if isinstance(callback_url, str) else None,
-        metadata,
-        checked_retention,
-        batch_id if isinstance(batch_id, str) else None,
-    )
+        raise ValidationFailed(errors)
+    return UploadFields(operations, callback_url, metadata, retention, batch_id)
 
 
-def _retention(raw: str | None, settings: Settings, errors: list[FieldError]) -> int:
-    """The `retention` asked for, which may shorten the configured one but never lengthen it."""
-    if raw is None or raw.strip() == "":
+def _retention(raw: object, settings: Settings, errors: list[FieldError]) -> int:
+    """The `retention` asked for (a form field's text, or a JSON number), which may shorten the
+    configured one but never lengthen it."""
+    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
         return settings.image_retention
     longest = settings.image_retention
     shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
-    text = raw.strip()
+    text = raw.strip() if isinstance(raw, str) else str(raw) if type(raw) is int else ""
     # The length first: int() refuses strings of over 4300 digits.
     if (
         text.isascii()

@@ -39,7 +39,7 @@ from server.auth import require_account
 from server.images import open_batch, record_new_images, refused_problem
 from server.json_body import read_json_object
 from server.problems import Problem, storage_full_problem
-from server.upload_fields import checked_upload_fields
+from server.upload_fields import checked_fields
 from webhooks.messages import iso, now_ms
 
 UPLOAD_BODY_FIELDS = (
@@ -109,30 +109,13 @@ def _declared(body: dict[str, Any], errors: list[FieldError]) -> tuple[str, str,
     return filename, media_type, size
 
 
-def _retention_text(raw: object) -> str | None:
-    """`retention` of a JSON body as the form field's text, which the checks read."""
-    if raw is None:
-        return None
-    if isinstance(raw, int) and not isinstance(raw, bool):
-        return str(raw)
-    return "not whole seconds"
-
-
 async def create_upload(request: Request) -> Response:
     account = await require_account(request)
     settings: Settings = request.app.state.settings
     body = await read_json_object(request)
-    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - set(UPLOAD_BODY_FIELDS))]
+    errors: list[FieldError] = []
     filename, content_type, size = _declared(body, errors)
-    fields = await checked_upload_fields(
-        settings,
-        errors,
-        raw_operations=body.get("operations"),
-        callback_url=body.get("callback_url"),
-        metadata=body.get("metadata"),
-        retention=_retention_text(body.get("retention")),
-        batch_id=body.get("batch_id"),
-    )
+    fields = await checked_fields(body, settings, UPLOAD_BODY_FIELDS, errors)
     if size > settings.max_upload_bytes:
         raise Problem(
             413, "file_too_large", f"the file exceeds the upload limit of {settings.max_upload_bytes} bytes"

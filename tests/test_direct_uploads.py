@@ -108,6 +108,8 @@ async def test_upload_first_then_choose_operations_at_post_images(
 
     early = await client.post("/v1/images", headers=account.headers, json={"upload_id": created["id"]})
     assert_problem(early, 409, "upload_not_received")
+    no_bytes = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
+    assert_problem(no_bytes, 409, "upload_not_received")
 
     landed = await put_bytes(client, created, photo)
     assert landed.status_code == 200, landed.text
@@ -224,6 +226,9 @@ async def test_a_corrupt_file_is_refused_and_fails_the_image_with_its_webhook(
     assert delivery.event["data"]["error"]["code"] == "unreadable_image"
     retried = await client.post("/v1/images", headers=account.headers, json={"upload_id": created["id"]})
     assert_problem(retried, 409, "upload_refused")
+    # Waiting will not bring its bytes: the original of a refused upload is the failed image's problem.
+    original = await client.get(f"/v1/images/{image['id']}/original", headers=account.headers)
+    assert "unreadable_image" in assert_problem(original, 409, "image_failed")["detail"]
 
 
 async def test_a_batch_waiting_on_an_upload_never_sent_completes_after_the_expiry_sweep(

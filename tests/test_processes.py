@@ -37,6 +37,7 @@ from server.embedded_redis import EmbeddedRedis, find_redis_server
 from tests import imagegen
 from tests.conftest import CORPUS, Partner
 from tests.receiver import Answer, Delivery, Receiver
+from tests.sources import Reply, SourceServer
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -332,6 +333,29 @@ def test_web_and_worker_processes_deliver_a_signed_webhook(stack: Stack) -> None
     assert event["data"]["status"] == "completed"
     assert event["data"]["output"]["url"] == f"{stack.base_url}/v1/images/{image['id']}/output"
     check_output(stack.base_url, account, image["id"], (160, 120))
+
+
+def test_the_procfile_worker_fetches_a_source_url(stack: Stack) -> None:
+    """As deployed: `arq jobs.worker.WorkerSettings` on uvloop, its fetch pool made at start-up."""
+    account = create_account(stack.env, "partner")
+    receiver = Receiver(account.webhook_secret).start()
+    source = SourceServer().start()
+    try:
+        url = source.serve("/big/photo.jpg", Reply(body=imagegen.jpeg(640, 480)))
+        with httpx.Client(base_url=stack.base_url, headers=account.headers, timeout=10) as http:
+            accepted = http.post(
+                "/v1/images",
+                json={"source_url": url, "operations": RESIZE_TO_160, "callback_url": receiver.url},
+            )
+            assert accepted.status_code == 202, accepted.text
+            (delivery,) = receiver.wait_for(1, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+        source.stop()
+    assert delivery.verified
+    assert delivery.event["type"] == "image.completed", delivery.event["data"]["error"]
+    assert delivery.event["data"]["input"]["filename"] == "photo.jpg"
+    check_output(stack.base_url, account, accepted.json()["id"], (160, 120))
 
 
 def test_failed_delivery_is_retried_with_the_same_message_id(stack: Stack) -> None:

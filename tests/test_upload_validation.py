@@ -16,7 +16,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from jobs import uploads
+from jobs import inspection
 from jobs.formats import ImageFormat, ImageHeader
 from jobs.settings import Settings
 from tests import imagegen
@@ -142,14 +142,14 @@ async def test_a_tiff_of_too_many_pages_is_refused_without_holding_up_other_uplo
     hostile = imagegen.many_page_tiff(120_000)
     other_tenant = await make_account(redis, "other tenant")
     checking_tiff = threading.Event()
-    read_header = uploads.read_header
+    read_header = inspection.read_header
 
     def observed_read_header(path: str, fmt: ImageFormat, **limits: Any) -> ImageHeader:
         if fmt is ImageFormat.TIFF:
             checking_tiff.set()
         return read_header(path, fmt, **limits)
 
-    monkeypatch.setattr(uploads, "read_header", observed_read_header)
+    monkeypatch.setattr(inspection, "read_header", observed_read_header)
     async with api_client(with_settings(settings, max_upload_bytes=10_000_000)) as client:
         hostile_upload = asyncio.create_task(upload(client, account, hostile, "pages.tif"))
         assert await asyncio.to_thread(checking_tiff.wait, 10)
