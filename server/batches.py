@@ -53,14 +53,8 @@ async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) 
     except ValidationFailed as exc:
         errors.extend(exc.errors)
     callback_url = body.get("callback_url")
-    if callback_url is not None:
-        problem = (
-            "must be a string"
-            if not isinstance(callback_url, str)
-            else await check_destination_url(callback_url, settings)
-        )
-        if problem:
-            errors.append(FieldError("callback_url", problem))
+    if callback_url is not None and (problem := await check_destination_url(callback_url, settings)):
+        errors.append(FieldError("callback_url", problem))
     archive = None
     raw_archive = body.get("archive")
     if raw_archive is True:

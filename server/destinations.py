@@ -20,9 +20,12 @@ def url_problem(url: str, settings: Settings) -> str | None:
     return check_url(url, allow_private=settings.allow_private_callbacks)
 
 
-async def check_destination_url(url: str, settings: Settings) -> str | None:
-    """The problem with a URL to deliver to, or None. Its host must resolve to public addresses only
-    (unless DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks again, since DNS answers change."""
+async def check_destination_url(url: object, settings: Settings) -> str | None:
+    """The problem with a URL to deliver to (a field's value, of any JSON type), or None. Its host must
+    resolve to public addresses only (unless DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks
+    again, since DNS answers change."""
+    if not isinstance(url, str):
+        return "must be a string"
     if problem := url_problem(url, settings):
         return problem
     allow_private = settings.allow_private_callbacks

@@ -44,10 +44,7 @@ async def _check_fields(body: dict[str, Any], settings: Settings, *, creating: b
         checked.errors.append(FieldError("url", "is required"))
     if "url" in body:
         url = body["url"]
-        problem = (
-            "must be a string" if not isinstance(url, str) else await check_destination_url(url, settings)
-        )
-        _keep(checked, "url", url, problem)
+        _keep(checked, "url", url, await check_destination_url(url, settings))
     if "events" in body or creating:
         _keep(checked, "events", *_check_events(body.get("events", [ALL_EVENTS])))
     if "description" in body:

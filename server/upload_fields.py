@@ -91,14 +91,8 @@ async def validate_fields(
     except ValidationFailed as exc:
         errors.extend(exc.errors)
     callback_url = fields.get("callback_url") or None
-    if callback_url is not None:
-        problem = (
-            "must be a string"
-            if not isinstance(callback_url, str)
-            else await check_destination_url(callback_url, settings)
-        )
-        if problem:
-            errors.append(FieldError("callback_url", problem))
+    if callback_url is not None and (problem := await check_destination_url(callback_url, settings)):
+        errors.append(FieldError("callback_url", problem))
     metadata = fields.get("metadata")
     if metadata is None:
         metadata = {}

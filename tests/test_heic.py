@@ -26,13 +26,9 @@ from jobs.settings import Settings
 from tests import imagegen
 from tests.conftest import CORPUS, Partner, run_burst
 from tests.pixels import Renderer
+from tests.test_pipeline import RESIZE_FIRST, RESIZE_LATER
 from tests.test_spine import upload
 
-RESIZE_FIRST = [{"type": "resize", "params": {"width": 32}}]
-RESIZE_LATER = [
-    {"type": "convert", "params": {"format": "jpeg"}},
-    {"type": "resize", "params": {"width": 32}},
-]
 CHAINS: dict[str, list[dict[str, Any]]] = {
     "no-resize": [],
     "resize": RESIZE_FIRST,
