@@ -15,6 +15,7 @@ PROBLEM_BASE = "https://darkroom.dev/problems/"
 _TITLES = {
     400: "Bad request",
     401: "Unauthorized",
+    403: "Forbidden",
     404: "Not found",
     405: "Method not allowed",
     408: "Request timeout",
