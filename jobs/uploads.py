@@ -9,6 +9,10 @@ blob, then either the job is queued in the same transaction that records the inp
 image record (Store.settle_upload), so of a PUT sent twice, or a PUT racing the expiry sweep, exactly
 one wins and nothing is processed twice.
 
+With S3 storage the bytes may also go by a presigned form POST straight to the bucket, under the
+image's `original_key`: they land when the client follows the bucket's redirect to us, or at `POST
+/v1/images {upload_id}`, or at the sweep, whichever looks first (`land_posted`).
+
 Bytes never sent: the `sweep_uploads` cron fails the image `upload_expired` (image.failed, batch
 counts) once its URL has expired and the longest body a request may take has passed, and deletes
 anything a request left under the image. An upload that failed is kept listed in
@@ -117,6 +121,28 @@ class UploadDesk:
             raise UploadNotPending(await self._current(image))
         return landed
 
+    async def land_posted(self, image: ImageRecord) -> ImageRecord | None:
+        """Land what a form POST put in the bucket under `image`'s original key, as `land` does; None
+        if nothing is there. S3 is asked to refuse a file over the declared size, but not every
+        S3-compatible server enforces a form's policy: a larger one is refused here."""
+        upload = image.upload
+        if upload is None or upload.status != "pending":
+            raise UploadNotPending(image)
+        info = await self.storage.stat(image.original_key)
+        if info is None:
+            return None
+        if info.size > upload.size:
+            refusal = ImageRefused(
+                413,
+                "upload_too_large",
+                f"the upload declared {upload.size} bytes; {info.size} were sent, and none was kept",
+            )
+            await self.storage.delete(image.original_key)
+            if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
+                raise UploadNotPending(await self._current(image))
+            raise UploadRefused(refusal)
+        return await self.land(image, image.original_key)
+
     async def _inspect(self, path: Path, filename: str | None) -> InputInfo:
         return await asyncio.to_thread(inspect_stored, path, filename, self.settings)
 
@@ -185,6 +211,14 @@ class UploadDesk:
                 # Failed by a request, or by a sweep that stopped before its batch check: finish that.
                 await self._settle_failed(image)
                 return False
+            try:
+                # Sent in time by a form POST whose client never followed the bucket's redirect.
+                if await self.land_posted(image) is not None:
+                    return False
+            except UploadRefused:
+                return False
+            except (UploadNotPending, UploadGone):
+                continue
             error = ImageError(
                 "upload_expired",
                 f"no bytes were sent to the upload URL before it expired ({image.upload.expires_at})",
