@@ -23,7 +23,10 @@ leaves that check to the sweep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,12 @@ def upload_id_for(image_id: str) -> str:
 
 def image_id_for(upload_id: str) -> str:
     return "img_" + upload_id.removeprefix("upl_")
+
+
+def received_original_key(image: ImageRecord) -> str:
+    """Where bytes that arrived for `image`'s upload are kept: a name of their own, so that neither a
+    second request nor a second POST of the form (good until it expires) can replace what was checked."""
+    return f"{image.account_id}/{image.id}/original-{uuid.uuid4().hex}"
 
 
 class UploadRefused(Exception):
@@ -122,13 +131,14 @@ class UploadDesk:
         return landed
 
     async def land_posted(self, image: ImageRecord) -> ImageRecord | None:
-        """Land what a form POST put in the bucket under `image`'s original key, as `land` does; None
-        if nothing is there. S3 is asked to refuse a file over the declared size, but not every
-        S3-compatible server enforces a form's policy: a larger one is refused here."""
+        """Land what a form POST put in the bucket under `image`'s original key, as `land` does, kept
+        under a key of its own; None if nothing is there. S3 is asked to refuse a file over the declared
+        size, but not every S3-compatible server enforces a form's policy: a larger one is refused here."""
         upload = image.upload
         if upload is None or upload.status != "pending":
             raise UploadNotPending(image)
-        info = await self.storage.stat(image.original_key)
+        posted_key = image.original_key
+        info = await self.storage.stat(posted_key)
         if info is None:
             return None
         if info.size > upload.size:
@@ -137,11 +147,28 @@ class UploadDesk:
                 "upload_too_large",
                 f"the upload declared {upload.size} bytes; {info.size} were sent, and none was kept",
             )
-            await self.storage.delete(image.original_key)
+            await self.storage.delete(posted_key)
             if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
                 raise UploadNotPending(await self._current(image))
             raise UploadRefused(refusal)
-        return await self.land(image, image.original_key)
+        key = received_original_key(image)
+        staged = self.storage.new_staging_path()
+        try:
+            async with self.storage.local_copy(posted_key) as posted:
+                await asyncio.to_thread(os.link, posted, staged)
+                await self.storage.put_file(staged, key)
+                landed = await self.land(image, key, local=posted)
+        except UploadRefused:
+            await self.storage.delete(posted_key)
+            raise
+        except FileNotFoundError:
+            # Deleted with its image, or landed and removed by a request that looked first.
+            raise UploadNotPending(await self._current(image)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                staged.unlink(missing_ok=True)
+        await self.storage.delete(posted_key)
+        return landed
 
     async def _inspect(self, path: Path, filename: str | None) -> InputInfo:
         return await asyncio.to_thread(inspect_stored, path, filename, self.settings)

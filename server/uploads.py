@@ -18,7 +18,6 @@ import hashlib
 import hmac
 import math
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ from jobs.uploads import (
     UploadNotPending,
     UploadRefused,
     image_id_for,
+    received_original_key,
     upload_id_for,
 )
 from server.auth import require_account
@@ -254,7 +254,7 @@ async def receive_content(request: Request) -> Response:
         _check_size(int(declared), upload.size, complete=True)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
-    key = f"{image.account_id}/{image.id}/original-{uuid.uuid4().hex}"
+    key = received_original_key(image)
     desk: UploadDesk = request.app.state.uploads
     # Kept in scratch for the checks; with S3 also sent on as it arrives (a multipart upload), so the
     # bytes are stored moments after the last one came.

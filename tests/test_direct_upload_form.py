@@ -196,3 +196,21 @@ async def test_a_form_post_lands_once_when_the_redirect_and_a_start_race(
     )
     assert (landed.status_code, started.status_code) == (200, 202), (landed.text, started.text)
     assert await redis.zcard(s3_settings.queue_name) == 1
+
+
+async def test_a_second_form_post_after_landing_does_not_replace_the_checked_original(
+    client: httpx.AsyncClient, account: Partner, s3_settings: Settings
+) -> None:
+    photo = imagegen.jpeg(64, 48)
+    created = await create_upload(client, account, photo, operations=RESIZE_TO_32_PNG)
+    landed = await client.get(landed_url(await post_form(created, photo)))
+    assert landed.status_code == 200, landed.text
+    # The form is good until it expires: posted again, with other bytes of the same size, after the checks.
+    other = imagegen.png(40, 30)
+    other += b"\0" * (len(photo) - len(other))
+    landed_url(await post_form(created, other))
+    await run_burst(s3_settings)
+    original = await client.get(f"/v1/images/{created['image']['id']}/original", headers=account.headers)
+    assert original.content == photo
+    output = await client.get(f"/v1/images/{created['image']['id']}/output", headers=account.headers)
+    assert pyvips.Image.new_from_buffer(output.content, "").height == 24
