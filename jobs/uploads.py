@@ -9,6 +9,10 @@ blob, then either the job is queued in the same transaction that records the inp
 image record (Store.settle_upload), so of a PUT sent twice, or a PUT racing the expiry sweep, exactly
 one wins and nothing is processed twice.
 
+With S3 storage the bytes may also go by a presigned form POST straight to the bucket, under the
+image's `original_key`: they land when the client follows the bucket's redirect to us, or at `POST
+/v1/images {upload_id}`, or at the sweep, whichever looks first (`land_posted`).
+
 Bytes never sent: the `sweep_uploads` cron fails the image `upload_expired` (image.failed, batch
 counts) once its URL has expired and the longest body a request may take has passed, and deletes
 anything a request left under the image. An upload that failed is kept listed in
@@ -19,7 +23,10 @@ leaves that check to the sweep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,12 @@ def upload_id_for(image_id: str) -> str:
 
 def image_id_for(upload_id: str) -> str:
     return "img_" + upload_id.removeprefix("upl_")
+
+
+def received_original_key(image: ImageRecord) -> str:
+    """Where bytes that arrived for `image`'s upload are kept: a name of their own, so that neither a
+    second request nor a second POST of the form (good until it expires) can replace what was checked."""
+    return f"{image.account_id}/{image.id}/original-{uuid.uuid4().hex}"
 
 
 class UploadRefused(Exception):
@@ -115,6 +128,46 @@ class UploadDesk:
         if not await self.store.settle_upload(landed, image, None, self.settings.queue_name):
             await self.storage.delete(key)
             raise UploadNotPending(await self._current(image))
+        return landed
+
+    async def land_posted(self, image: ImageRecord) -> ImageRecord | None:
+        """Land what a form POST put in the bucket under `image`'s original key, as `land` does, kept
+        under a key of its own; None if nothing is there. S3 is asked to refuse a file over the declared
+        size, but not every S3-compatible server enforces a form's policy: a larger one is refused here."""
+        upload = image.upload
+        if upload is None or upload.status != "pending":
+            raise UploadNotPending(image)
+        posted_key = image.original_key
+        info = await self.storage.stat(posted_key)
+        if info is None:
+            return None
+        if info.size > upload.size:
+            refusal = ImageRefused(
+                413,
+                "upload_too_large",
+                f"the upload declared {upload.size} bytes; {info.size} were sent, and none was kept",
+            )
+            await self.storage.delete(posted_key)
+            if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
+                raise UploadNotPending(await self._current(image))
+            raise UploadRefused(refusal)
+        key = received_original_key(image)
+        staged = self.storage.new_staging_path()
+        try:
+            async with self.storage.local_copy(posted_key) as posted:
+                await asyncio.to_thread(os.link, posted, staged)
+                await self.storage.put_file(staged, key)
+                landed = await self.land(image, key, local=posted)
+        except UploadRefused:
+            await self.storage.delete(posted_key)
+            raise
+        except FileNotFoundError:
+            # Deleted with its image, or landed and removed by a request that looked first.
+            raise UploadNotPending(await self._current(image)) from None
+        finally:
+            with contextlib.suppress(OSError):
+                staged.unlink(missing_ok=True)
+        await self.storage.delete(posted_key)
         return landed
 
     async def _inspect(self, path: Path, filename: str | None) -> InputInfo:
@@ -185,6 +238,14 @@ class UploadDesk:
                 # Failed by a request, or by a sweep that stopped before its batch check: finish that.
                 await self._settle_failed(image)
                 return False
+            try:
+                # Sent in time by a form POST whose client never followed the bucket's redirect.
+                if await self.land_posted(image) is not None:
+                    return False
+            except UploadRefused:
+                return False
+            except (UploadNotPending, UploadGone):
+                continue
             error = ImageError(
                 "upload_expired",
                 f"no bytes were sent to the upload URL before it expired ({image.upload.expires_at})",

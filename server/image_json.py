@@ -14,7 +14,7 @@ from jobs.params import FieldError
 from jobs.records import Account, ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
-from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, image_id_for
+from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, UploadRefused, image_id_for
 from server.problems import Problem
 from server.upload_fields import checked_fields
 
@@ -60,12 +60,32 @@ async def start_upload(request: Request, account: Account, body: dict[str, Any])
             if status == "started":
                 started = _unchanged_by(image, changes)
                 break
+            if status == "pending" and (posted := await _land_posted(desk, store, image)) is not None:
+                image = posted
+                continue
             raise _not_startable(image) from None
     return JSONResponse(
         started.resource(settings.public_url),
         status_code=202,
         headers={"Location": f"{settings.public_url}/v1/images/{started.id}"},
     )
+
+
+async def _land_posted(desk: UploadDesk, store: Store, image: ImageRecord) -> ImageRecord | None:
+    """The upload as it is once bytes a form POST left in the bucket are landed (its client did not
+    follow the bucket's redirect); None if the bucket holds none."""
+    try:
+        return await desk.land_posted(image)
+    except UploadNotPending as moved_on:
+        return moved_on.image
+    except UploadRefused:
+        # Failed now with the check's code: answered as any refused upload is.
+        refused = await store.get_image(image.id)
+        if refused is None:
+            raise _no_such_upload() from None
+        return refused
+    except UploadGone:
+        raise _no_such_upload() from None
 
 
 def _no_such_upload() -> Problem:
@@ -91,7 +111,7 @@ def _not_startable(image: ImageRecord) -> Problem:
         return Problem(
             409,
             "upload_not_received",
-            "the upload's bytes have not arrived yet: PUT them to its upload_url first",
+            "the upload's bytes have not arrived yet: send them to its upload_url (or upload_form) first",
         )
     if upload.status == "expired":
         return Problem(409, "upload_expired", "the upload URL expired before any bytes were sent")

@@ -393,6 +393,16 @@ _UPLOAD_SCHEMAS: dict[str, Any] = {
             "upload_url": {"type": "string", "format": "uri"},
             "upload_method": {"const": "PUT"},
             "upload_headers": {"type": "object"},
+            "upload_form": {
+                "type": ["object", "null"],
+                "description": "with S3 storage: a form to POST the file straight to the bucket (its"
+                " fields, then the `file` part last); the bucket then redirects to"
+                " /v1/uploads/{upload_id}/landed, which lands it. null with local storage",
+                "properties": {
+                    "url": {"type": "string", "format": "uri"},
+                    "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
             "expires_at": {"type": "string", "format": "date-time"},
             "max_bytes": {"type": "integer"},
         },
@@ -404,7 +414,8 @@ def _upload_paths() -> dict[str, Any]:
     return {
         "/v1/uploads": {
             "post": {
-                "summary": "Create an image whose bytes you PUT to the signed upload_url it answers",
+                "summary": "Create an image whose bytes you PUT to the signed upload_url it answers"
+                " (or, with S3 storage, POST to the bucket with upload_form)",
                 "requestBody": _body("UploadInput"),
                 "responses": {
                     "201": _json("The waiting image and where to send its bytes", _ref("Upload")),
@@ -440,6 +451,31 @@ def _upload_paths() -> dict[str, Any]:
                     "415": _problem("Not an accepted image format: the image failed"),
                     "422": _problem("Unreadable, too many pixels or pages: the image failed with that code"),
                     "507": _problem("Our storage is full: nothing was kept; retry after Retry-After"),
+                },
+            },
+        },
+        "/v1/uploads/{upload_id}/landed": {
+            "parameters": [
+                _path_id("upload_id", "upl"),
+                {**_query("expires", {"type": "string"}, "as signed"), "required": True},
+                {**_query("signature", {"type": "string"}, "as signed"), "required": True},
+            ],
+            "get": {
+                "summary": "Where the bucket redirects after the upload_form POST: the bytes land",
+                "description": "No API key: the URL is signed and expires. Answers the image as it is"
+                " when the bytes landed already (followed twice, or started first).",
+                "security": [],
+                "responses": {
+                    "200": _json("Received and checked (or as it is, if it was already)", _ref("Image")),
+                    "403": _problem(
+                        "Not a URL we signed (upload_url_invalid), or expired (upload_url_expired)"
+                    ),
+                    "404": _problem("The upload's image was deleted"),
+                    "409": _problem("The bucket holds no file for it yet (upload_not_received)"),
+                    "413": _problem("More bytes than declared (upload_too_large): the image failed"),
+                    "415": _problem("Not an accepted image format: the image failed"),
+                    "422": _problem("Unreadable, too many pixels or pages: the image failed with that code"),
+                    "503": _problem("The storage did not answer (storage_unavailable); follow it again"),
                 },
             },
         },

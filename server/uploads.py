@@ -4,6 +4,10 @@ expiring URL that needs no API key (so a phone app can upload without holding on
 The URL is `{DARKROOM_PUBLIC_URL}/v1/uploads/{upl_…}/content?expires=…&signature=…`: the signature is an
 HMAC-SHA256 of the method, path and expiry under a secret kept in Redis, made by the first web process
 that needs it and shared by all, so any web process can check a URL another one signed.
+
+With S3 storage the upload also offers a presigned form POST straight to the bucket, whose
+`success_action_redirect` is `/v1/uploads/{upl_…}/landed?expires=…&signature=…`, signed the same way:
+the client following the bucket's 303 there lands the bytes.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import base64
 import contextlib
 import hashlib
 import hmac
+import math
 import time
-import uuid
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -33,6 +38,7 @@ from jobs.uploads import (
     UploadNotPending,
     UploadRefused,
     image_id_for,
+    received_original_key,
     upload_id_for,
 )
 from server.auth import require_account
@@ -65,8 +71,12 @@ def content_path(upload_id: str) -> str:
     return f"/v1/uploads/{upload_id}/content"
 
 
-def _signature(key: bytes, upload_id: str, expires: int) -> str:
-    signed = f"PUT\n{content_path(upload_id)}\n{expires}".encode()
+def landed_path(upload_id: str) -> str:
+    return f"/v1/uploads/{upload_id}/landed"
+
+
+def _signature(key: bytes, method: str, path: str, expires: int) -> str:
+    signed = f"{method}\n{path}\n{expires}".encode()
     return base64.urlsafe_b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode().rstrip("=")
 
 
@@ -79,11 +89,28 @@ async def _signing_key(request: Request) -> bytes:
     return key
 
 
-async def signed_upload_url(request: Request, upload: UploadState) -> str:
+async def _signed_url(request: Request, method: str, path: str, expires: int) -> str:
     settings: Settings = request.app.state.settings
+    signature = _signature(await _signing_key(request), method, path, expires)
+    return f"{settings.public_url}{path}?expires={expires}&signature={signature}"
+
+
+async def _upload_form(request: Request, upload: UploadState, key: str) -> dict[str, Any] | None:
+    """The form that POSTs the file straight to the bucket (None: the storage has none), redirecting
+    to our signed landed URL. The redirect URL outlives the form by the longest a body may take, as a
+    PUT started just in time may finish."""
+    settings: Settings = request.app.state.settings
+    storage: BlobStorage = request.app.state.storage
     expires = _epoch_seconds(upload.expires_at)
-    signature = _signature(await _signing_key(request), upload.id, expires)
-    return f"{settings.public_url}{content_path(upload.id)}?expires={expires}&signature={signature}"
+    redirect_expires = expires + math.ceil(settings.body_timeout)
+    form = await storage.presign_post(
+        key,
+        max_bytes=upload.size,
+        expires_in=max(1, expires - int(time.time())),
+        success_redirect_url=await _signed_url(request, "GET", landed_path(upload.id), redirect_expires),
+        content_type=upload.content_type,
+    )
+    return None if form is None else {"url": form.url, "fields": form.fields}
 
 
 def _epoch_seconds(moment: str) -> int:
@@ -151,7 +178,8 @@ async def create_upload(request: Request) -> Response:
         expires_at=iso(created_ms + fields.retention * 1000),
         upload=upload,
     )
-    upload_url = await signed_upload_url(request, upload)
+    upload_url = await _signed_url(request, "PUT", content_path(upload.id), _epoch_seconds(upload.expires_at))
+    upload_form = await _upload_form(request, upload, image.original_key)
     await record_new_images(request, [image], batch)
     return JSONResponse(
         {
@@ -161,6 +189,7 @@ async def create_upload(request: Request) -> Response:
             "upload_url": upload_url,
             "upload_method": "PUT",
             "upload_headers": {"Content-Type": content_type},
+            "upload_form": upload_form,
             "expires_at": upload.expires_at,
             "max_bytes": size,
         },
@@ -169,7 +198,7 @@ async def create_upload(request: Request) -> Response:
     )
 
 
-async def _verified_upload(request: Request) -> ImageRecord:
+async def _verified_upload(request: Request, path_for: Callable[[str], str]) -> ImageRecord:
     """The image whose upload the URL's signature names, if the URL is ours and has not expired."""
     upload_id = request.path_params["upload_id"]
     expires = request.query_params.get("expires", "")
@@ -182,7 +211,7 @@ async def _verified_upload(request: Request) -> ImageRecord:
         and len(expires) <= _MAX_EXPIRES_DIGITS
     ):
         raise invalid
-    expected = _signature(await _signing_key(request), upload_id, int(expires))
+    expected = _signature(await _signing_key(request), request.method, path_for(upload_id), int(expires))
     if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
         raise invalid
     if int(expires) <= time.time():
@@ -215,7 +244,7 @@ def _not_pending_problem(image: ImageRecord) -> Problem:
 
 async def receive_content(request: Request) -> Response:
     """`PUT` the raw bytes: exactly the declared size, checked as a multipart upload is, then queued."""
-    image = await _verified_upload(request)
+    image = await _verified_upload(request, content_path)
     upload = image.upload
     assert upload is not None
     if upload.status != "pending":
@@ -225,7 +254,7 @@ async def receive_content(request: Request) -> Response:
         _check_size(int(declared), upload.size, complete=True)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
-    key = f"{image.account_id}/{image.id}/original-{uuid.uuid4().hex}"
+    key = received_original_key(image)
     desk: UploadDesk = request.app.state.uploads
     # Kept in scratch for the checks; with S3 also sent on as it arrives (a multipart upload), so the
     # bytes are stored moments after the last one came.
@@ -269,6 +298,33 @@ async def receive_content(request: Request) -> Response:
     return JSONResponse(landed.resource(settings.public_url))
 
 
+async def land_posted_form(request: Request) -> Response:
+    """Where the bucket redirects the client after a form POST: land the bytes it stored, or answer
+    the image as it is if they landed already (a repeat, or the sweep or a start looked first)."""
+    image = await _verified_upload(request, landed_path)
+    settings: Settings = request.app.state.settings
+    desk: UploadDesk = request.app.state.uploads
+    try:
+        while image.upload is not None and image.upload.status == "pending":
+            try:
+                landed = await desk.land_posted(image)
+            except UploadNotPending as moved_on:
+                image = moved_on.image
+                continue
+            if landed is None:
+                raise Problem(
+                    409,
+                    "upload_not_received",
+                    "the bucket holds no file for this upload: POST it with the upload_form first",
+                )
+            image = landed
+    except UploadRefused as refused:
+        raise refused_problem(refused.refusal) from None
+    except UploadGone:
+        raise _gone() from None
+    return JSONResponse(image.resource(settings.public_url))
+
+
 def _check_size(received: int, declared: int, *, complete: bool) -> None:
     if received > declared:
         raise Problem(
@@ -285,4 +341,5 @@ def _check_size(received: int, declared: int, *, complete: bool) -> None:
 routes = [
     Route("/v1/uploads", create_upload, methods=["POST"]),
     Route("/v1/uploads/{upload_id}/content", receive_content, methods=["PUT"]),
+    Route("/v1/uploads/{upload_id}/landed", land_posted_form, methods=["GET"]),
 ]

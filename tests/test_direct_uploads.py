@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from jobs.settings import Settings, SettingsError
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server.uploads import _signature
+from server.uploads import _signature, content_path
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
@@ -202,7 +202,8 @@ async def test_expired_and_forged_urls_are_refused(
     # A URL we signed whose time has passed (signed here as the web would have, an hour ago).
     key = await Store(redis).upload_signing_key()
     past = int(time.time()) - 1
-    expired = url.copy_merge_params({"expires": str(past), "signature": _signature(key, created["id"], past)})
+    signature = _signature(key, "PUT", content_path(created["id"]), past)
+    expired = url.copy_merge_params({"expires": str(past), "signature": signature})
     assert_problem(await client.put(expired, content=photo), 403, "upload_url_expired")
     assert (await put_bytes(client, created, photo)).status_code == 200
 

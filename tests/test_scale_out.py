@@ -1,5 +1,6 @@
 """Several machines: 2 web and 2 worker processes, each with its own empty DARKROOM_DATA_DIR, sharing only
-Redis and an S3 bucket (a real S3 API server, moto's, as a separate process), one worker killed -9."""
+Redis and an S3 bucket (a real S3 API server, moto's, as a separate process), one worker killed -9; every
+way in (multipart, direct upload by PUT and by the bucket's form, by URL) spread over both webs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import zipfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pyvips
@@ -19,6 +21,7 @@ from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.receiver import Receiver
 from tests.s3server import REGION, S3Server
+from tests.sources import Reply, SourceServer
 from tests.test_processes import (
     RESIZE_TO_160,
     WEBHOOK_TIMEOUT,
@@ -36,6 +39,31 @@ from tests.test_processes import children as children  # the fixture
 PART_SIZE = 5 * 1024 * 1024
 # A killed worker's image job is run again once its lock lapses: the job time limit + 40 s.
 JOB_TIMEOUT = 1
+
+
+def on_web(base: str, url: str) -> str:
+    """`url` (made with DARKROOM_PUBLIC_URL, the load balancer) sent to the web process at `base`."""
+    return base + httpx.URL(url).raw_path.decode()
+
+
+def create_direct_upload(
+    http: httpx.Client, base: str, filename: str, data: bytes, batch_id: str, callback_url: str
+) -> dict[str, Any]:
+    declared = {"filename": filename, "content_type": "image/jpeg", "size": len(data)}
+    created = http.post(
+        f"{base}/v1/uploads",
+        json={**declared, "operations": RESIZE_TO_160, "batch_id": batch_id, "callback_url": callback_url},
+    )
+    assert created.status_code == 201, created.text
+    upload: dict[str, Any] = created.json()
+    return upload
+
+
+def post_to_bucket(form: dict[str, Any], filename: str, data: bytes) -> str:
+    """The form POST an app makes straight to the bucket; the Location the bucket redirects it to."""
+    posted = httpx.post(form["url"], data=form["fields"], files={"file": (filename, data)}, timeout=10)
+    assert posted.status_code == 303, posted.text
+    return posted.headers["location"]
 
 
 def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
@@ -69,6 +97,7 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
         wait_until_ready(base, [*webs, doomed])
     account = create_account(env_of("cli", 0), "scale-out")
     receiver = Receiver(account.webhook_secret).start()
+    source = SourceServer().start()
     try:
         noise = pyvips.Image.gaussnoise(1800, 1400).bandjoin([pyvips.Image.gaussnoise(1800, 1400)] * 2)
         large = noise.cast("uchar").jpegsave_buffer(Q=100)
@@ -95,7 +124,40 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
             batch = http.post(f"{bases[0]}/v1/batches", json={"archive": True, "callback_url": receiver.url})
             batch_id = batch.json()["id"]
             parts = [("file", (f"p{i}.jpg", imagegen.jpeg(320, 240), "image/jpeg")) for i in range(3)]
-            assert http.post(f"{bases[1]}/v1/batches/{batch_id}/images", files=parts).status_code == 202
+            added = http.post(
+                f"{bases[1]}/v1/batches/{batch_id}/images",
+                files=parts,
+                data={"operations": json.dumps(RESIZE_TO_160), "callback_url": receiver.url},
+            )
+            assert added.status_code == 202, added.text
+            images += added.json()["data"]
+            for index in range(2):  # created on one web, the bytes PUT to the other
+                name = f"put{index}.jpg"
+                photo = imagegen.jpeg(320, 240)
+                made = create_direct_upload(http, bases[index], name, photo, batch_id, receiver.url)
+                put = http.put(on_web(bases[1 - index], made["upload_url"]), content=photo)
+                assert put.status_code == 200, put.text
+                images.append(made["image"])
+            for index in range(2):  # straight to the bucket, the redirect followed on the other web
+                name = f"form{index}.jpg"
+                photo = imagegen.jpeg(320, 240)
+                made = create_direct_upload(http, bases[index], name, photo, batch_id, receiver.url)
+                landed = http.get(on_web(bases[1 - index], post_to_bucket(made["upload_form"], name, photo)))
+                assert landed.status_code == 200, landed.text
+                images.append(made["image"])
+            for index in range(2):
+                url = source.serve(f"/listing/url{index}.jpg", Reply(body=imagegen.jpeg(320, 240)))
+                fetched = http.post(
+                    f"{bases[index]}/v1/images",
+                    json={
+                        "source_url": url,
+                        "operations": RESIZE_TO_160,
+                        "batch_id": batch_id,
+                        "callback_url": receiver.url,
+                    },
+                )
+                assert fetched.status_code == 202, fetched.text
+                images.append(fetched.json())
             assert http.post(f"{bases[0]}/v1/batches/{batch_id}/seal").status_code == 200
 
             def settled() -> bool:
@@ -123,13 +185,15 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
             archive_url = poll(
                 lambda: http.get(f"{bases[1]}/v1/batches/{batch_id}").json()["archive"]["url"], "archive url"
             )
-            whole = http.get(archive_url)
+            whole = http.get(on_web(bases[1], archive_url))  # the batch was made on web 0
             with zipfile.ZipFile(io.BytesIO(whole.content)) as archive:
-                assert sorted(archive.namelist()) == ["_report.json", "p0.jpg", "p1.jpg", "p2.jpg"]
-                assert json.loads(archive.read("_report.json"))["archived"] == 3
-            part = http.get(archive_url, headers={"Range": "bytes=100-199"})
+                names = ["p0.jpg", "p1.jpg", "p2.jpg", "put0.jpg", "put1.jpg", "form0.jpg", "form1.jpg"]
+                assert sorted(archive.namelist()) == sorted(["_report.json", *names, "url0.jpg", "url1.jpg"])
+                assert json.loads(archive.read("_report.json"))["archived"] == 9
+            part = http.get(on_web(bases[1], archive_url), headers={"Range": "bytes=100-199"})
             assert part.status_code == 206 and part.content == whole.content[100:200]
     finally:
         receiver.stop()
+        source.stop()
     for folder in ("web0", "web1", "worker0", "worker1"):  # each one's scratch, and nothing else
         assert {p.name for p in (tmp_path / folder).iterdir()} <= {".staging"}
