@@ -333,7 +333,7 @@ async def _refusal(response: aiohttp.ClientResponse) -> Exception:
             said = {}
     code = said.get(b"Code", str(response.status).encode()).decode(errors="replace")
     message = said.get(b"Message", (response.reason or "").encode()).decode(errors="replace")
-    if response.status == 404 or code in _NOT_FOUND:
+    if code in _NOT_FOUND:  # not NoSuchBucket, a 404 too: that is the storage misconfigured
         return BlobMissing(message or "no such blob")
     return StorageUnavailable(f"the storage answered {code}: {message}")
 
