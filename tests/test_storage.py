@@ -14,9 +14,9 @@ import httpx
 import pytest
 
 from jobs.settings import MIN_S3_PART_BYTES, Settings
-from jobs.storage import BlobMissing, BlobStorage, open_storage
+from jobs.storage import BlobMissing, BlobStorage, StorageUnavailable, open_storage
 from tests.conftest import on_s3
-from tests.s3server import Outage, S3Server
+from tests.s3server import REGION, Outage, S3Server
 
 
 @pytest.fixture
@@ -145,3 +145,25 @@ async def test_readiness_check_fails_while_the_s3_server_cannot_be_reached(
     finally:
         await storage.close()
         await outage.stop()
+
+
+async def test_a_missing_bucket_is_the_storage_unavailable_not_a_missing_blob(
+    settings: Settings, s3_server: S3Server
+) -> None:
+    # S3 answers 404 NoSuchBucket: taken for a missing blob, a worker would fail the image as
+    # original_missing instead of waiting for the storage to be put right.
+    storage = await open_storage(
+        replace(
+            settings,
+            storage_url="s3://no-such-bucket/darkroom",
+            s3_endpoint_url=s3_server.url,
+            s3_region=REGION,
+        )
+    )
+    try:
+        with pytest.raises(StorageUnavailable, match="NoSuchBucket"):
+            await storage.stream("acc_1/img_1/original")
+        with pytest.raises(StorageUnavailable, match="NoSuchBucket"):
+            await storage.put_file(staged_file(storage, b"bytes"), "acc_1/img_1/original")
+    finally:
+        await storage.close()
