@@ -35,19 +35,16 @@ import aiohttp
 import pyvips
 from photos import find_photos
 from throughput import (
-    READY_TIMEOUT,
-    UPLOAD_ANSWER_BYTES,
     Client,
     Receiver,
     Service,
+    benchmark_uploader,
     cpu_seconds,
     cycle,
     log,
     running_service,
     wait_ready,
 )
-
-from webhooks.transport import DeliveryClient
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the tests' S3 server helper, reused rather than copied
@@ -72,14 +69,7 @@ async def alternate(
 ) -> Measured:
     receiver = Receiver("")
     await receiver.start()
-    uploader = DeliveryClient(
-        total_timeout=READY_TIMEOUT,
-        max_response_bytes=UPLOAD_ANSWER_BYTES,
-        max_connections_per_origin=concurrency,
-        idle_timeout=1.0,
-        allow_private=True,
-        user_agent="darkroom-benchmark",
-    )
+    uploader = benchmark_uploader(concurrency)
     measured = Measured({name: [] for name in services}, {name: [] for name in services})
     try:
         connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=1.0)

@@ -463,6 +463,18 @@ class Stamps:
     image_id: str
 
 
+def benchmark_uploader(concurrency: int) -> DeliveryClient:
+    """The client that sends the benchmark's uploads: Darkroom's own pooled transport."""
+    return DeliveryClient(
+        total_timeout=READY_TIMEOUT,
+        max_response_bytes=UPLOAD_ANSWER_BYTES,
+        max_connections_per_origin=concurrency,
+        idle_timeout=1.0,
+        allow_private=True,
+        user_agent="darkroom-benchmark",
+    )
+
+
 class Client:
     """Uploads photos to the service and waits for their webhooks."""
 
@@ -563,14 +575,7 @@ async def run_rounds(
     await receiver.start()
     # Idle connections close before uvicorn's 5 s keep-alive would drop them under a request.
     connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=1.0)
-    uploader = DeliveryClient(
-        total_timeout=READY_TIMEOUT,
-        max_response_bytes=UPLOAD_ANSWER_BYTES,
-        max_connections_per_origin=concurrency,
-        idle_timeout=1.0,
-        allow_private=True,
-        user_agent="darkroom-benchmark",
-    )
+    uploader = benchmark_uploader(concurrency)
     try:
         async with aiohttp.ClientSession(connector=connector) as session:
             await wait_ready(session, service)
