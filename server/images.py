@@ -18,7 +18,7 @@ from jobs.ids import is_id, new_id
 from jobs.inspection import ImageRefused, inspect_image
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import Account, BatchRecord, ImageRecord, InputInfo, original_key
+from jobs.records import Account, BatchRecord, ImageRecord, InputInfo, UploadState, original_key
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, StorageUnavailable, is_full
 from jobs.store import Store
@@ -68,7 +68,7 @@ async def create_image(request: Request) -> Response:
         files = [f for f in upload.files if f.field_name == FILE_FIELD]
         if len(files) != 1 or len(upload.files) != 1:
             raise validation_problem([FieldError(FILE_FIELD, "send exactly one file part named `file`")])
-        batch = await _batch_named(request, account.id, fields)
+        batch = await batch_named(request, account.id, fields)
         (image,) = await accept_uploads(request, account.id, files, fields, batch)
     finally:
         await upload.discard()
@@ -97,7 +97,7 @@ async def create_image_from_url(request: Request, account: Account, body: dict[s
         source_url, fields = await validate_source(body, settings, SOURCE_FIELDS)
     except ValidationFailed as exc:
         raise validation_problem(exc.errors) from None
-    batch = await _batch_named(request, account.id, fields)
+    batch = await batch_named(request, account.id, fields)
     images = new_images(account.id, fields, batch, [(new_id("img"), None)], source_url)
     await store_and_queue(request, images, batch, originals=())
     return _accepted(images[0], settings)
@@ -121,7 +121,7 @@ async def validate_source(
     return source_url, fields
 
 
-async def _batch_named(request: Request, account_id: str, fields: UploadFields) -> BatchRecord | None:
+async def batch_named(request: Request, account_id: str, fields: UploadFields) -> BatchRecord | None:
     if fields.batch_id is None:
         return None
     return await open_batch(request, account_id, fields.batch_id, named_by_field=True)
@@ -186,8 +186,10 @@ def new_images(
     batch: BatchRecord | None,
     entries: Sequence[tuple[str, InputInfo | None]],
     source_url: str | None = None,
+    upload: UploadState | None = None,
 ) -> list[ImageRecord]:
-    """Records of new images, each an id and what its bytes are (None until a source is fetched)."""
+    """Records of new images, each an id and what its bytes are (None until a source is fetched or a
+    direct upload's bytes land)."""
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
     uploaded_ms = now_ms()
     return [
@@ -204,6 +206,7 @@ def new_images(
             metadata=fields.metadata,
             expires_at=iso(uploaded_ms + fields.retention * 1000),
             source_url=source_url,
+            upload=upload,
         )
         for image_id, input_info in entries
     ]

@@ -42,7 +42,7 @@ from jobs.uploads import (
     upload_id_for,
 )
 from server.auth import require_account
-from server.images import open_batch, record_new_images, refused_problem
+from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
 from server.problems import Problem, storage_full_problem
 from server.upload_fields import checked_fields
@@ -147,9 +147,7 @@ async def create_upload(request: Request) -> Response:
         raise Problem(
             413, "file_too_large", f"the file exceeds the upload limit of {settings.max_upload_bytes} bytes"
         )
-    batch = None
-    if fields.batch_id is not None:
-        batch = await open_batch(request, account.id, fields.batch_id, named_by_field=True)
+    batch = await batch_named(request, account.id, fields)
     created_ms = now_ms()
     image_id = new_id("img")
     upload = UploadState(
@@ -163,21 +161,7 @@ async def create_upload(request: Request) -> Response:
         expires_at=iso((created_ms // 1000 + settings.upload_url_ttl) * 1000),
         filename=filename,
     )
-    operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
-    image = ImageRecord(
-        id=image_id,
-        account_id=account.id,
-        status="queued",
-        operations=operations,
-        input=None,
-        original_key=f"{account.id}/{image_id}/original",
-        created_at=iso(created_ms),
-        callback_url=fields.callback_url,
-        batch_id=None if batch is None else batch.id,
-        metadata=fields.metadata,
-        expires_at=iso(created_ms + fields.retention * 1000),
-        upload=upload,
-    )
+    (image,) = new_images(account.id, fields, batch, [(image_id, None)], upload=upload)
     upload_url = await _signed_url(request, "PUT", content_path(upload.id), _epoch_seconds(upload.expires_at))
     upload_form = await _upload_form(request, upload, image.original_key)
     await record_new_images(request, [image], batch)
