@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from jobs.params import Bounds, FieldError, Params
+from jobs.plans import DEFAULT_TIER, TIERS, Plan
 from webhooks.endpoints import SigningSecret
 from webhooks.messages import iso, now_ms
 
@@ -40,6 +41,7 @@ class Account:
     created_at: str
     # Secrets rotated out and when they stop signing: (secret, epoch ms).
     retired_webhook_secrets: tuple[tuple[str, int], ...] = ()
+    plan: Plan = TIERS[DEFAULT_TIER]
 
     @property
     def signing_secrets(self) -> list[SigningSecret]:
@@ -61,6 +63,8 @@ class Account:
         data["retired_webhook_secrets"] = tuple(
             (secret, expires) for secret, expires in data.get("retired_webhook_secrets", ())
         )
+        # Accounts made before plans existed have the default tier.
+        data["plan"] = Plan.from_dict(data["plan"]) if "plan" in data else TIERS[DEFAULT_TIER]
         return cls(**data)
 
 
