@@ -31,6 +31,7 @@ from server.problems import (
     handle_store_unavailable,
     handle_unexpected,
 )
+from server.query import guard_queries
 
 # A request waits at most this long for Redis to connect or answer, then gets 503 store_unavailable: a
 # Redis that hangs (frozen, or its network gone) must not hang every request with it. The web sends no
@@ -71,16 +72,18 @@ def create_app(settings: Settings) -> Starlette:
             await storage.close()
 
     app = Starlette(
-        routes=[
-            *health.routes,
-            *metrics.routes,
-            *openapi.routes,
-            *images.routes,
-            *uploads.routes,
-            *batches.routes,
-            *deliveries.routes,
-            *endpoints.routes,
-        ],
+        routes=guard_queries(
+            [
+                *health.routes,
+                *metrics.routes,
+                *openapi.routes,
+                *images.routes,
+                *uploads.routes,
+                *batches.routes,
+                *deliveries.routes,
+                *endpoints.routes,
+            ]
+        ),
         exception_handlers={
             Problem: handle_problem,
             HTTPException: handle_http_status,

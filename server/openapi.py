@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
+from server.query import QueryModel, non_null, query_model
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
 
@@ -71,7 +73,7 @@ _UNAUTHORIZED = _problem("Missing or invalid API key")
 _NOT_FOUND = _problem("No such image in this account")
 
 
-def build_openapi(public_url: str) -> dict[str, Any]:
+def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any]:
     operations = _operation_schemas()
     return {
         "openapi": "3.1.0",
@@ -83,6 +85,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
         "servers": [{"url": public_url}],
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": _with_common_responses(
+            routes,
             {
                 "/v1/images": {
                     "post": {
@@ -116,14 +119,6 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                     },
                     "get": {
                         "summary": "List images, newest first",
-                        "parameters": [
-                            _query(
-                                "status", {"enum": ["queued", "processing", "completed", "failed"]}, "one"
-                            ),
-                            _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                            _query("batch_id", _id("bat"), "images of this batch"),
-                            _query("cursor", _id("img"), "the previous page's next_cursor"),
-                        ],
                         "responses": {
                             "200": _json("A page of images", _ref("ImageList")),
                             "401": _UNAUTHORIZED,
@@ -145,19 +140,6 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                     "parameters": [_IMAGE_ID],
                     "get": {
                         "summary": "Download the result, or a variant of it rendered and cached on the fly",
-                        "parameters": [
-                            _query("format", {"enum": ["jpeg", "png", "webp", "avif"]}, "re-encode"),
-                            _query(
-                                "quality", {"type": "integer", "minimum": 1, "maximum": 100}, "lossy formats"
-                            ),
-                            _query(
-                                "width", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"
-                            ),
-                            _query(
-                                "height", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"
-                            ),
-                            _query("preview", {"type": "boolean"}, "≤ 400 px with a PREVIEW watermark"),
-                        ],
                         "responses": {
                             "200": {
                                 "description": "The image bytes (ETag, Cache-Control)",
@@ -196,7 +178,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                 **_upload_paths(),
                 **_batch_paths(),
                 **_webhook_paths(),
-            }
+            },
         ),
         "components": {
             "securitySchemes": {
@@ -313,14 +295,39 @@ def build_openapi(public_url: str) -> dict[str, Any]:
 _METHODS = ("get", "post", "put", "patch", "delete")
 
 
-def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
-    """Every operation documents the answers every route of its kind can give, beside its own: a bad
-    key, a missing resource in the path, and refused parameters or bodies."""
+def _query_parameters(model: type[QueryModel]) -> list[dict[str, Any]]:
+    """The parameters of `model`, each with the schema it is validated by."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, described in schema["properties"].items():
+        accepted = {
+            key: value for key, value in non_null(described).items() if key not in ("title", "description")
+        }
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": accepted}
+        if "description" in described:
+            parameter["description"] = described["description"]
+        parameters.append(parameter)
+    return parameters
+
+
+def _with_common_responses(routes: Sequence[BaseRoute], paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation documents the query parameters its route's model takes, and the answers every
+    route of its kind can give, beside its own: a bad key, a missing resource in the path, and refused
+    parameters or bodies."""
+    models = {
+        (route.path, method.lower()): query_model(route.endpoint)
+        for route in routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+    }
     for path, item in paths.items():
         for method in _METHODS:
             operation = item.get(method)
             if operation is None:
                 continue
+            if query := _query_parameters(models[path, method]):
+                operation["parameters"] = query
             common = {
                 "401": _UNAUTHORIZED,
                 "503": _problem(
@@ -331,8 +338,8 @@ def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
             }
             if "{" in path:
                 common["404"] = _problem("No such resource in this account")
-            if operation.get("parameters") or "requestBody" in operation:
-                common["422"] = _INVALID
+            # Any route refuses a query parameter it does not take.
+            common["422"] = _INVALID
             content = operation.get("requestBody", {}).get("content", {})
             if "application/json" in content:
                 common["400"] = _problem("The body is not JSON (invalid_json)")
@@ -425,11 +432,7 @@ def _upload_paths() -> dict[str, Any]:
             }
         },
         "/v1/uploads/{upload_id}/content": {
-            "parameters": [
-                _path_id("upload_id", "upl"),
-                {**_query("expires", {"type": "string"}, "as signed"), "required": True},
-                {**_query("signature", {"type": "string"}, "as signed"), "required": True},
-            ],
+            "parameters": [_path_id("upload_id", "upl")],
             "put": {
                 "summary": "Send the image's bytes (no API key: the URL is signed and expires)",
                 "security": [],
@@ -455,11 +458,7 @@ def _upload_paths() -> dict[str, Any]:
             },
         },
         "/v1/uploads/{upload_id}/landed": {
-            "parameters": [
-                _path_id("upload_id", "upl"),
-                {**_query("expires", {"type": "string"}, "as signed"), "required": True},
-                {**_query("signature", {"type": "string"}, "as signed"), "required": True},
-            ],
+            "parameters": [_path_id("upload_id", "upl")],
             "get": {
                 "summary": "Where the bucket redirects after the upload_form POST: the bytes land",
                 "description": "No API key: the URL is signed and expires. Answers the image as it is"
@@ -482,7 +481,7 @@ def _upload_paths() -> dict[str, Any]:
     }
 
 
-_BATCH_ID = _path_id("batch_id", "bat")
+_BATCH_PATH_ID = _path_id("batch_id", "bat")
 _NO_BATCH = _problem("No such batch in this account")
 
 
@@ -497,23 +496,18 @@ def _batch_paths() -> dict[str, Any]:
             },
             "get": {
                 "summary": "List batches, newest first",
-                "parameters": [
-                    _query("status", {"enum": ["open", "sealed", "processing", "completed"]}, "one status"),
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                    _query("cursor", _id("bat"), "the previous page's next_cursor"),
-                ],
                 "responses": {"200": _json("A page of batches", _ref("BatchList")), "422": _INVALID},
             },
         },
         "/v1/batches/{batch_id}": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "get": {
                 "summary": "A batch: status, counts of its images by status, archive state",
                 "responses": {"200": _json("The batch", batch), "404": _NO_BATCH},
             },
         },
         "/v1/batches/{batch_id}/images": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "post": {
                 "summary": "Add images: several `file` parts, or JSON source URLs; all are accepted or none",
                 "requestBody": {
@@ -536,7 +530,7 @@ def _batch_paths() -> dict[str, Any]:
             },
         },
         "/v1/batches/{batch_id}/seal": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "post": {
                 "summary": "No more images; the batch completes once every image has finished",
                 "responses": {
@@ -547,7 +541,7 @@ def _batch_paths() -> dict[str, Any]:
             },
         },
         "/v1/batches/{batch_id}/archive": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "get": {
                 "summary": "Download the ZIP of the results (resumable: Range, If-Range)",
                 "parameters": [
@@ -578,12 +572,11 @@ def _batch_paths() -> dict[str, Any]:
 _MSG_ID = _path_id("msg_id", "msg")
 _ENDPOINT_ID = _path_id("endpoint_id", "ep")
 _NO_ENDPOINT = _problem("No such webhook endpoint in this account")
-_INVALID = _problem("Invalid fields; see errors")
+_INVALID = _problem(
+    "Invalid fields (validation_failed), or a query parameter the route does not take"
+    " (unknown_query_parameter); see errors"
+)
 _TIME = {"type": "string", "format": "date-time"}
-
-
-def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
 def _body(schema_name: str) -> dict[str, Any]:
@@ -597,15 +590,6 @@ def _webhook_paths() -> dict[str, Any]:
         "/v1/deliveries": {
             "get": {
                 "summary": "List webhook messages, newest first",
-                "parameters": [
-                    _query("status", {"enum": list(DELIVERY_STATUSES)}, "overall status"),
-                    _query("endpoint_id", _id("ep"), "messages sent to this endpoint"),
-                    _query("event_type", {"enum": list(EVENT_TYPES)}, "one event type"),
-                    _query("created_after", _TIME, "created at or after"),
-                    _query("created_before", _TIME, "created before"),
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                    _query("cursor", _id("msg"), "the previous page's next_cursor"),
-                ],
                 "responses": {"200": _json("A page of messages", _ref("DeliveryList")), "422": _INVALID},
             }
         },
@@ -926,7 +910,7 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(build_openapi(request.app.state.settings.public_url))
+    return JSONResponse(build_openapi(request.app.state.settings.public_url, request.app.routes))
 
 
 _DOCS_PAGE = """<!doctype html>

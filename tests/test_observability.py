@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+from openapi_spec_validator import validate
 from starlette.routing import Route
 
 from jobs.ops.geometry import ResizeParams
@@ -66,3 +67,23 @@ async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, sett
     }
     assert served - described == set()
     assert described - served == set()
+
+
+async def test_openapi_is_a_valid_openapi_3_1_document(client: httpx.AsyncClient) -> None:
+    validate((await client.get("/openapi.json")).json())
+
+
+async def test_openapi_query_parameters_are_the_ones_each_route_validates(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    listing = {parameter["name"]: parameter for parameter in spec["paths"]["/v1/images"]["get"]["parameters"]}
+    assert list(listing) == ["limit", "cursor", "status", "batch_id"]
+    assert listing["batch_id"]["schema"]["pattern"].startswith("^bat_")
+    assert listing["status"]["schema"]["enum"] == ["queued", "processing", "completed", "failed"]
+    assert (listing["limit"]["schema"]["minimum"], listing["limit"]["schema"]["maximum"]) == (1, 100)
+    output = spec["paths"]["/v1/images/{image_id}/output"]["get"]["parameters"]
+    width = next(parameter for parameter in output if parameter["name"] == "width")
+    assert width["schema"] == {"type": "integer", "minimum": 1, "maximum": 16384}
+    # A route without a model takes no query parameter, and says so by listing none; every route
+    # documents the 422 its unknown ones get.
+    assert "parameters" not in spec["paths"]["/v1/images/{image_id}"]["get"]
+    assert "422" in spec["paths"]["/v1/images/{image_id}"]["get"]["responses"]
