@@ -178,9 +178,12 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                 **_upload_paths(),
                 **_batch_paths(),
                 **_webhook_paths(),
+                **_service_paths(),
             },
         ),
         "components": {
+            "parameters": _HEADER_PARAMETERS,
+            "headers": _RESPONSE_HEADERS,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -311,10 +314,81 @@ def _query_parameters(model: type[QueryModel]) -> list[dict[str, Any]]:
     return parameters
 
 
+def _service_paths() -> dict[str, Any]:
+    """The routes for load balancers, scrapers and readers of this document: no API key."""
+
+    def unauthenticated(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+        return {"get": {"summary": summary, "security": [], "responses": responses}}
+
+    return {
+        "/healthz": unauthenticated("The process answers", {"200": _json("Alive", {"type": "object"})}),
+        "/readyz": unauthenticated(
+            "Redis and the storage answer, and the storage has room",
+            {
+                "200": _json("Ready", {"type": "object"}),
+                "503": _json("Not ready: each check says why", {"type": "object"}),
+            },
+        ),
+        "/metrics": unauthenticated(
+            "Prometheus metrics",
+            {"200": {"description": "The text exposition format", "content": {"text/plain": {}}}},
+        ),
+        "/openapi.json": unauthenticated("This document", {"200": _json("OpenAPI 3.1", {"type": "object"})}),
+        "/docs": unauthenticated(
+            "This document, to read and try",
+            {"200": {"description": "An HTML page", "content": {"text/html": {}}}},
+        ),
+    }
+
+
+def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "schema": schema or {"type": "string"}}
+
+
+_HEADER_PARAMETERS: dict[str, Any] = {
+    "RequestId": {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "description": "Your id for this request, echoed in the response, its problem body and our logs;"
+        " one is made when none is given",
+        "schema": {"type": "string"},
+    },
+    "IdempotencyKey": {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Makes a POST safe to retry for 24 h: a repeat answers the stored response with"
+        " Idempotent-Replayed: true; the same key with another body is 422 idempotency_key_reused,"
+        " and while the first is still in flight 409 idempotency_key_in_use",
+        "schema": {"type": "string"},
+    },
+}
+_INTEGER = {"type": "integer", "minimum": 0}
+_RESPONSE_HEADERS: dict[str, Any] = {
+    "X-Request-Id": _header("The request's id: the one sent, or one made for it"),
+    "X-RateLimit-Limit": _header("Requests the account's plan allows per window", _INTEGER),
+    "X-RateLimit-Remaining": _header("Requests left in the current window", _INTEGER),
+    "X-RateLimit-Reset": _header("Seconds until the window has room again", _INTEGER),
+    "RateLimit": _header("The same, as the IETF RateLimit field"),
+    "RateLimit-Policy": _header("The account's quota, as the IETF RateLimit-Policy field"),
+    "Retry-After": _header("Seconds to wait before sending again", _INTEGER),
+    "Idempotent-Replayed": _header("true when this is the stored response of an earlier request"),
+}
+_RATE_LIMITED = {
+    **_problem("Over the plan's rate (rate_limited); retry after Retry-After"),
+    "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+}
+
+
+def _header_refs(*names: str) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
 def _with_common_responses(routes: Sequence[BaseRoute], paths: dict[str, Any]) -> dict[str, Any]:
-    """Every operation documents the query parameters its route's model takes, and the answers every
-    route of its kind can give, beside its own: a bad key, a missing resource in the path, and refused
-    parameters or bodies."""
+    """Every operation documents the query parameters its route's model takes, the headers every route
+    (and every POST) takes and answers, and the answers every route of its kind can give, beside its
+    own: a bad key, a missing resource in the path, and refused parameters or bodies."""
     models = {
         (route.path, method.lower()): query_model(route.endpoint)
         for route in routes
@@ -326,16 +400,22 @@ def _with_common_responses(routes: Sequence[BaseRoute], paths: dict[str, Any]) -
             operation = item.get(method)
             if operation is None:
                 continue
-            if query := _query_parameters(models[path, method]):
-                operation["parameters"] = query
+            api = path.startswith("/v1/")
+            headers = [{"$ref": "#/components/parameters/RequestId"}]
+            if api and method == "post":
+                headers.append({"$ref": "#/components/parameters/IdempotencyKey"})
+            operation["parameters"] = [*headers, *_query_parameters(models[path, method])]
             common = {
-                "401": _UNAUTHORIZED,
                 "503": _problem(
                     "Redis is unreachable (store_unavailable), or the file storage is "
                     "(storage_unavailable); retry after Retry-After"
                 ),
                 "400": _problem("The request is not valid HTTP (malformed_request)"),
             }
+            if operation.get("security") != []:
+                common["401"] = _UNAUTHORIZED
+            if api:
+                common["429"] = _RATE_LIMITED
             if "{" in path:
                 common["404"] = _problem("No such resource in this account")
             # Any route refuses a query parameter it does not take.
@@ -350,8 +430,44 @@ def _with_common_responses(routes: Sequence[BaseRoute], paths: dict[str, Any]) -
                 common["413"] = _problem("A file or field is over its limit")
                 common["415"] = _problem("The body is not multipart/form-data")
                 common["507"] = _problem("Our storage is full: nothing was kept; retry after Retry-After")
-            operation["responses"] = {**common, **operation["responses"]}
+            responses = {**common, **operation["responses"]}
+            if api and method == "post":
+                responses = _with_idempotency_refusals(responses)
+            every = ("X-Request-Id", *(_RATE_LIMIT_HEADERS if api else ()))
+            replayed = ("Idempotent-Replayed",) if api and method == "post" else ()
+            operation["responses"] = {
+                status: {
+                    **response,
+                    "headers": {**response.get("headers", {}), **_header_refs(*every, *replayed)},
+                }
+                for status, response in responses.items()
+            }
     return paths
+
+
+_RATE_LIMIT_HEADERS = (
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "RateLimit",
+    "RateLimit-Policy",
+)
+
+
+def _with_idempotency_refusals(responses: dict[str, Any]) -> dict[str, Any]:
+    """A POST's 409 and 422 also tell of its Idempotency-Key."""
+    refusals = {
+        "409": "the Idempotency-Key's first request is still in flight (idempotency_key_in_use)",
+        "422": "the Idempotency-Key was used with another request (idempotency_key_reused)",
+    }
+    updated = dict(responses)
+    for status, refusal in refusals.items():
+        own = responses.get(status)
+        if own is None:
+            updated[status] = _problem(refusal[0].upper() + refusal[1:])
+        else:
+            updated[status] = {**own, "description": f"{own['description']}; or {refusal}"}
+    return updated
 
 
 _UPLOAD_STATUSES = ["pending", "received", "started", "refused", "expired"]

@@ -175,7 +175,12 @@ def guard_queries(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
             middleware = [Middleware(_QueryGuard, model=query_model(route.endpoint))]
             guarded.append(
                 Route(
-                    route.path, route.endpoint, methods=route.methods, name=route.name, middleware=middleware
+                    route.path,
+                    route.endpoint,
+                    methods=route.methods,
+                    name=route.name,
+                    include_in_schema=route.include_in_schema,
+                    middleware=middleware,
                 )
             )
         elif isinstance(route, Mount):
