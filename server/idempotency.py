@@ -12,7 +12,8 @@ never held in memory here), hashed on the way.
 
 What is not kept frees the key, so the client may send the request again: a response of ours that
 failed (5xx), one refused before it was the account's to keep (401, 429) or before its body was taken
-(408, 413, 415), a request whose client went away before its body arrived, and a response body over
+(408, 413, 415) or answered before a body over 64 KB was read (an upload refused before its bytes
+came), a request whose client went away before its body arrived, and a response body over
 MAX_STORED_BODY_BYTES (larger than any POST of ours answers: 50 images' resources are ~250 KB).
 """
 
@@ -41,6 +42,10 @@ log = logging.getLogger("darkroom.idempotency")
 KEY_HEADER = b"idempotency-key"
 MAX_KEY_LENGTH = 255
 MAX_STORED_BODY_BYTES = 1024 * 1024
+# A route that answers without reading the body (a seal, a retry) is kept once the rest of the body is
+# read for the fingerprint; a larger body than this (an upload the route refused before its bytes) is not
+# read, and its response not kept.
+MAX_UNREAD_BODY_BYTES = 64 * 1024
 IN_USE_RETRY_AFTER_SECONDS = 1
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 # Statuses below 500 that are not kept (see the module's docstring).
@@ -162,6 +167,14 @@ class RequestFingerprint:
         return self._hash.hexdigest()
 
 
+def small_body(scope: Scope) -> bool:
+    """A body of at most MAX_UNREAD_BODY_BYTES, or none."""
+    headers = dict(scope["headers"])
+    if b"content-length" in headers:
+        return int(headers[b"content-length"]) <= MAX_UNREAD_BODY_BYTES
+    return b"transfer-encoding" not in headers
+
+
 def kept_status(status: int) -> bool:
     return status < 500 and status not in _NOT_KEPT
 
@@ -266,7 +279,10 @@ class IdempotencyMiddleware:
             return message
 
         async def take_rest_of_body() -> bool:
-            """The rest of a body the route did not read, for the fingerprint; False if it never came."""
+            """The rest of a body the route did not read, for the fingerprint; False if it never came,
+            or is an upload's (a route refuses before the body so that the client need not send it)."""
+            if not fingerprint.complete and not small_body(scope):
+                return False
             try:
                 while not fingerprint.complete:
                     if (await receive_hashed())["type"] != "http.request":

@@ -146,6 +146,29 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     assert [each["id"] for each in listed] == [created.json()["id"]]
 
 
+def test_a_retried_seal_is_answered_from_the_first(web: Web, partner: Partner) -> None:
+    batch = web.post("/v1/batches", partner, None, json={}).json()
+    added = web.post(f"/v1/batches/{batch['id']}/images", partner, None, files={"file": ("a.jpg", PHOTO)})
+    assert added.status_code == 202, added.text
+    key = new_key()
+    sealed = web.post(f"/v1/batches/{batch['id']}/seal", partner, key)
+    assert sealed.status_code == 200, sealed.text
+    assert_replays(sealed, web.post(f"/v1/batches/{batch['id']}/seal", partner, key))
+    assert web.post(f"/v1/batches/{batch['id']}/seal", partner, None).json()["code"] == "batch_sealed"
+
+    # Refused before its bytes were read: not kept (the client need not send them), so a retry runs.
+    upload_key = new_key()
+    for _ in range(2):
+        late = web.post(
+            f"/v1/batches/{batch['id']}/images",
+            partner,
+            upload_key,
+            files={"file": ("big.jpg", bytes(200_000))},
+        )
+        assert late.status_code == 409 and late.json()["code"] == "batch_sealed", late.text
+        assert "idempotent-replayed" not in late.headers
+
+
 def test_the_same_key_for_another_request_is_refused(web: Web, partner: Partner) -> None:
     key = new_key()
     assert web.upload(partner, key).status_code == 202
