@@ -21,7 +21,7 @@ from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, endpoints, health, images, metrics, openapi, uploads, variants
+from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware
 from server.problems import (
@@ -76,6 +76,7 @@ def create_app(settings: Settings) -> Starlette:
             *health.routes,
             *metrics.routes,
             *openapi.routes,
+            *docs.routes,
             *images.routes,
             *uploads.routes,
             *batches.routes,
