@@ -32,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,10 @@ from throughput import (
     Client,
     Receiver,
     Service,
+    Stamps,
     benchmark_uploader,
     cycle,
+    iso_seconds,
     log,
     percentile,
     running_service,
@@ -53,6 +56,7 @@ from throughput import (
 from jobs.queue import queued_jobs
 from jobs.settings import Settings
 
+PARTS = ("upload", "queued", "processing", "announce")
 UPLOADS_IN_FLIGHT = 12
 # Uploads of the backlog sent between two reads of the queue's length.
 BACKLOG_STEP = 100
@@ -66,15 +70,38 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
-async def timed_uploads(client: Client, photos: list[Path], rate: float) -> list[float]:
-    """Upload to webhook, in seconds, of each photo, sent one every 1/rate s whatever came back."""
+@dataclass
+class Timings:
+    """Seconds from upload sent to webhook received, and that time's parts (ms) by the image's record:
+    upload (sent to created), queued (to started), processing (to completed), announce (to received)."""
 
-    async def one(delay: float, photo: Path) -> float:
+    total: list[float] = field(default_factory=list)
+    parts_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        parts = {name: round(statistics.median(values), 1) for name, values in self.parts_ms.items()}
+        return {**summary(self.total), "median_parts_ms": parts}
+
+
+async def timed_uploads(client: Client, photos: list[Path], rate: float) -> Timings:
+    """Each photo sent one every 1/rate s whatever came back, timed to its webhook."""
+
+    async def one(delay: float, photo: Path) -> Stamps:
         await asyncio.sleep(delay)
-        stamps = await client.one(photo)
-        return stamps.received - stamps.sent
+        return await client.one(photo)
 
-    return list(await asyncio.gather(*(one(index / rate, photo) for index, photo in enumerate(photos))))
+    timings = Timings()
+    for stamps in await asyncio.gather(*(one(index / rate, photo) for index, photo in enumerate(photos))):
+        timings.total.append(stamps.received - stamps.sent)
+        record = await client.image(stamps.image_id)
+        moments = [
+            stamps.sent,
+            *(iso_seconds(record[name]) for name in ("created_at", "started_at", "completed_at")),
+            stamps.received,
+        ]
+        for name, start, end in zip(PARTS, moments, moments[1:], strict=False):
+            timings.parts_ms.setdefault(name, []).append((end - start) * 1000)
+    return timings
 
 
 async def queued(redis: Redis) -> int:
@@ -125,9 +152,9 @@ async def measure(service: Service, photos: list[Path], args: argparse.Namespace
             await receiver.stop()
         await redis.aclose()
     return {
-        "idle": summary(idle),
-        "loaded": summary(loaded),
-        "p99_ratio": round(percentile(loaded, 0.99) / percentile(idle, 0.99), 2),
+        "idle": idle.report(),
+        "loaded": loaded.report(),
+        "p99_ratio": round(percentile(loaded.total, 0.99) / percentile(idle.total, 0.99), 2),
         "backlog_uploaded": sent,
         "backlog_queued_at_start": backlog_at_start,
         "backlog_queued_at_end": backlog_at_end,

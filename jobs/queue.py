@@ -8,10 +8,11 @@ worker neither spins nor sleeps through new work, and deferred retries still sta
 Fair scheduling (start-time fair queueing on arq's sorted set). An image's job first waits in its
 account's list (`{queue}:fair:waiting:{account}`); a worker's poll admits it into arq's queue while the
 account has fewer than its plan's `max_processing` jobs admitted (`…:admitted:{account}`), scored by a
-virtual-time tag: the account's previous tag, or the queue's clock if that is later, plus 5040/share.
-Tags are negative scores (from -2^52), so they sort before every real-timed job and among themselves
-interleave the accounts in proportion to their shares; the clock follows the tag of the job last picked,
-so an account that was idle starts level with the others instead of ahead or behind. A poll picks due
+virtual-time start tag: where the account's previous job's tag ends (its tag plus 5040/share), or the
+queue's clock if that is later. Tags are negative scores (from -2^52), so they sort before every
+real-timed job and among themselves interleave the accounts in proportion to their shares; the clock
+follows the tag of the job last picked, so an account that was idle starts level with the others (its
+first image next in line), neither with credit saved up nor behind their backlogs. A poll picks due
 real-timed jobs (retries, archives, sweeps) first, then tagged ones. The slot is given back when the job
 ends for good (`release_slot`), so an account never holds more than `max_processing` images in the
 queue or in processing; a job run again (a dead worker, a retry) keeps the slot it has.
@@ -169,6 +170,7 @@ for _, account in ipairs(redis.call('SMEMBERS', ready)) do
   local max_processing, share = plan_of(account)
   local room = fair and max_processing - redis.call('SCARD', slots) or math.huge
   local step = math.max(1, math.floor(UNIT / share + 0.5))
+  -- The account's next start tag: where its last admitted job ends, or the clock if that is later.
   local tag = math.max(tonumber(redis.call('HGET', tags, account) or '0'), clock)
   while room > 0 do
     local oldest = redis.call('ZPOPMIN', waiting)
@@ -179,8 +181,8 @@ for _, account in ipairs(redis.call('SMEMBERS', ready)) do
       redis.call('HDEL', payloads, job)
       redis.call('PSETEX', job_prefix .. job, job_ttl, payload)
       if fair then
-        tag = tag + step
         redis.call('ZADD', queue, string.format('%.0f', tag - BASE), job)
+        tag = tag + step
         redis.call('SADD', slots, job)
         redis.call('HSET', owners, job, account)
       else
