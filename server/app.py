@@ -21,8 +21,9 @@ from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, endpoints, health, images, metrics, openapi, uploads, variants
+from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
+from server.idempotency import IdempotencyMiddleware
 from server.problems import (
     Problem,
     handle_http_status,
@@ -75,6 +76,7 @@ def create_app(settings: Settings) -> Starlette:
             *health.routes,
             *metrics.routes,
             *openapi.routes,
+            *docs.routes,
             *images.routes,
             *uploads.routes,
             *batches.routes,
@@ -93,7 +95,8 @@ def create_app(settings: Settings) -> Starlette:
                 BodyDeadlineMiddleware,
                 idle_timeout=settings.body_idle_timeout,
                 total_timeout=settings.body_timeout,
-            )
+            ),
+            Middleware(IdempotencyMiddleware, settings=settings),
         ],
         lifespan=lifespan,
     )
