@@ -28,6 +28,12 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
     assert Settings.from_env({"DARKROOM_STORAGE_FULL_GIVE_UP": "600"}).storage_full_give_up == 600
 
 
+def test_workers_share_themselves_between_accounts_unless_told_first_come_first_served() -> None:
+    assert Settings.from_env({}).fair_scheduling
+    assert not Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "off"}).fair_scheduling
+    assert Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "1"}).fair_scheduling
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -38,6 +44,7 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
         ("DARKROOM_IMAGE_RETENTION", "0"),
         ("DARKROOM_MIN_FREE_BYTES", "plenty"),
         ("DARKROOM_MIN_FREE_BYTES", "-1"),
+        ("DARKROOM_FAIR_SCHEDULING", "sometimes"),
         ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
     ],
 )
