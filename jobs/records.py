@@ -28,6 +28,10 @@ def epoch_ms(moment: str) -> int:
     return int(datetime.fromisoformat(moment).timestamp() * 1000)
 
 
+# `dr:account:{id}` holds the account's JSON (jobs/store.py); the queue reads plans from it.
+ACCOUNT_KEY_PREFIX = "dr:account:"
+
+
 def original_key(account_id: str, image_id: str) -> str:
     return f"{account_id}/{image_id}/original"
 

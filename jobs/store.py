@@ -32,8 +32,8 @@ from redis.exceptions import WatchError
 from jobs import stats
 from jobs.ids import lowest_id_at, new_id
 from jobs.plans import DEFAULT_TIER, TIERS, Plan
-from jobs.queue import PROCESS_IMAGE, process_job_id, stage_new_job
-from jobs.records import BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
+from jobs.queue import stage_image_job
+from jobs.records import ACCOUNT_KEY_PREFIX, BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
 from webhooks.endpoints import EndpointStore, rotated, valid_secrets
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
@@ -50,11 +50,8 @@ API_KEY_PREFIX = "sk_live_"
 REDELIVERY_BATCH = 200
 
 
-_ACCOUNT_KEY_PREFIX = "dr:account:"
-
-
 def _account_key(account_id: str) -> str:
-    return _ACCOUNT_KEY_PREFIX + account_id
+    return ACCOUNT_KEY_PREFIX + account_id
 
 
 def _api_key_key(key_hash: str) -> str:
@@ -277,7 +274,7 @@ class Store:
         if not api_key.startswith(API_KEY_PREFIX):
             return None
         key_hash = hash_api_key(api_key)
-        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[_ACCOUNT_KEY_PREFIX])
+        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[ACCOUNT_KEY_PREFIX])
         if raw is None:
             return None
         account = Account.from_json(raw)
@@ -302,7 +299,7 @@ class Store:
             pipe.zadd(EXPIRING_UPLOADS_KEY, {image.id: epoch_ms(image.upload.expires_at)})
         if not image.awaits_start:
             stats.count(pipe, "images_uploaded")
-            stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+            stage_image_job(pipe, queue_name, image.id, image.account_id)
 
     async def settle_upload(
         self, image: ImageRecord, previous: ImageRecord, message: Message | None, queue_name: str
@@ -323,7 +320,7 @@ class Store:
                 stats.count_finished(pipe, image.status, image.error.code if image.error else None)
             elif not image.awaits_start and previous.awaits_start:
                 stats.count(pipe, "images_uploaded")
-                stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+                stage_image_job(pipe, queue_name, image.id, image.account_id)
 
         return await self._commit_if_unchanged(image_key(image.id), previous.to_json(), writes)
 

@@ -12,7 +12,7 @@ from server.ratelimit import count_request, request_limits
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     authorization = request.headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -27,7 +27,7 @@ async def require_account(request: Request) -> Account:
     known = request_limits(request)
     if known is not None:
         return known.account
-    api_key = _presented_key(request)
+    api_key = presented_key(request)
     if api_key is None:
         raise Problem(
             401,

@@ -156,7 +156,7 @@ async def run_burst(settings: Settings) -> Worker:
     included.
 
     It polls a plain pool: the wake-up wait would hold a burst worker on an empty queue."""
-    pool = QueuePool.connect(settings.redis_url, settings.queue_name)
+    pool = QueuePool.connect(settings.redis_url, settings.queue_name, fair=settings.fair_scheduling)
     worker = make_worker(settings, burst=True, redis_pool=pool)
     try:
         await worker.async_run()

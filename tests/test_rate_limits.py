@@ -254,3 +254,20 @@ async def test_a_changed_plan_applies_from_the_next_request(
     await Store(redis).change_plan(account.id, TIERS["free"])  # type: ignore[arg-type]
     after = await client.get("/v1/images", headers=account.headers)
     assert after.headers["x-ratelimit-limit"] == "120"
+
+
+async def test_a_replayed_request_counts_and_carries_its_own_limits(
+    client: httpx.AsyncClient, redis: object
+) -> None:
+    partner = await make_account(redis, "retrier", plan(requests_per_minute=6))  # type: ignore[arg-type]
+    keyed = {**partner.headers, "Idempotency-Key": "create-batch-1"}
+    first = await client.post("/v1/batches", headers=keyed, json={})
+    replayed = await client.post("/v1/batches", headers=keyed, json={})
+    assert [first.status_code, replayed.status_code] == [201, 201]
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert replayed.json()["id"] == first.json()["id"]
+    assert [allowance(first, "requests"), allowance(replayed, "requests")] == [
+        {"r": 5, "t": 10},
+        {"r": 4, "t": 20},
+    ]
+    assert replayed.headers["x-ratelimit-remaining"] == "4"
