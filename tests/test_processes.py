@@ -242,9 +242,10 @@ def answers_health(base_url: str) -> bool:
         return False
 
 
-def create_account(env: dict[str, str], name: str) -> Partner:
+def create_account(env: dict[str, str], name: str, *plan: str) -> Partner:
+    """An account made with `darkroom accounts create`; `plan` its plan flags (`--plan scale`, …)."""
     done = subprocess.run(
-        [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json"],
+        [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json", *plan],
         env=env,
         cwd=REPO,
         capture_output=True,
