@@ -21,8 +21,9 @@ from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, endpoints, health, images, metrics, openapi, uploads, variants
+from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
+from server.idempotency import IdempotencyMiddleware
 from server.problems import (
     Problem,
     handle_http_status,
@@ -32,6 +33,7 @@ from server.problems import (
     handle_unexpected,
 )
 from server.query import guard_queries
+from server.ratelimit import RateLimiter, RateLimitHeaders
 
 # A request waits at most this long for Redis to connect or answer, then gets 503 store_unavailable: a
 # Redis that hangs (frozen, or its network gone) must not hang every request with it. The web sends no
@@ -50,6 +52,7 @@ def create_app(settings: Settings) -> Starlette:
         )
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
+        app.state.rate_limiter = RateLimiter(redis)
         app.state.storage = storage
         app.state.uploads = UploadDesk(settings, redis, app.state.store, storage)
         # Read from Redis when the first upload URL is signed or checked.
@@ -77,6 +80,7 @@ def create_app(settings: Settings) -> Starlette:
                 *health.routes,
                 *metrics.routes,
                 *openapi.routes,
+                *docs.routes,
                 *images.routes,
                 *uploads.routes,
                 *batches.routes,
@@ -92,11 +96,13 @@ def create_app(settings: Settings) -> Starlette:
             Exception: handle_unexpected,
         },
         middleware=[
+            Middleware(RateLimitHeaders),
             Middleware(
                 BodyDeadlineMiddleware,
                 idle_timeout=settings.body_idle_timeout,
                 total_timeout=settings.body_timeout,
-            )
+            ),
+            Middleware(IdempotencyMiddleware, settings=settings),
         ],
         lifespan=lifespan,
     )

@@ -17,7 +17,7 @@ from server.auth import require_account
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.pagination import MessageCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
-from server.query import BLANK_IS_ABSENT, EndpointId, Hint, query_of, takes_query
+from server.query import BLANK_IS_ABSENT, BatchId, EndpointId, Hint, ImageId, query_of, takes_query
 from webhooks.endpoints import EventType
 from webhooks.messages import DeliveryStatus, LoggedMessage, MessageFilter, is_endpoint
 
@@ -67,6 +67,18 @@ class DeliveryListQuery(PageQuery):
         Hint("must be an endpoint id (ep_…)"),
         Field(description="Only messages sent to this endpoint"),
     ] = None
+    image_id: Annotated[
+        ImageId | None,
+        BLANK_IS_ABSENT,
+        Hint("must be an image id (img_…)"),
+        Field(description="Only messages about this image"),
+    ] = None
+    batch_id: Annotated[
+        BatchId | None,
+        BLANK_IS_ABSENT,
+        Hint("must be a batch id (bat_…)"),
+        Field(description="Only messages about this batch"),
+    ] = None
     event_type: Annotated[EventType | None, BLANK_IS_ABSENT, Field(description="Only this kind of event")] = (
         None
     )
@@ -84,6 +96,7 @@ async def list_deliveries(request: Request) -> Response:
         event_type=query.event_type,
         created_after=query.created_after,
         created_before=query.created_before,
+        resource_ids=tuple(about for about in (query.image_id, query.batch_id) if about is not None),
     )
     store: Store = request.app.state.store
 

@@ -28,6 +28,12 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
     assert Settings.from_env({"DARKROOM_STORAGE_FULL_GIVE_UP": "600"}).storage_full_give_up == 600
 
 
+def test_workers_share_themselves_between_accounts_unless_told_first_come_first_served() -> None:
+    assert Settings.from_env({}).fair_scheduling
+    assert not Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "off"}).fair_scheduling
+    assert Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "1"}).fair_scheduling
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -38,6 +44,7 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
         ("DARKROOM_IMAGE_RETENTION", "0"),
         ("DARKROOM_MIN_FREE_BYTES", "plenty"),
         ("DARKROOM_MIN_FREE_BYTES", "-1"),
+        ("DARKROOM_FAIR_SCHEDULING", "sometimes"),
         ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
     ],
 )
@@ -79,4 +86,32 @@ def test_an_s3_storage_url_names_bucket_prefix_endpoint_and_region() -> None:
 )
 def test_a_storage_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_idempotency_keys_are_kept_a_day_and_held_six_minutes_unless_configured() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.idempotency_ttl, defaults.idempotency_lock_timeout) == (86400, 360)
+    configured = Settings.from_env(
+        {
+            "DARKROOM_IDEMPOTENCY_TTL": "3600",
+            "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "90",
+            "DARKROOM_BODY_TIMEOUT": "60",
+        }
+    )
+    assert (configured.idempotency_ttl, configured.idempotency_lock_timeout) == (3600, 90)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DARKROOM_IDEMPOTENCY_TTL": "0"},
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "0"},
+        # A request still receiving its body would lose its key to a retry.
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "300"},
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "60", "DARKROOM_BODY_TIMEOUT": "120"},
+    ],
+)
+def test_an_idempotency_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="DARKROOM_IDEMPOTENCY"):
         Settings.from_env(env)
