@@ -21,8 +21,10 @@ ID_PREFIXES = {"image_id": "img", "batch_id": "bat", "msg_id": "msg", "endpoint_
 
 
 def with_ids(path: str) -> str:
-    """`path` with its parameters filled with well-formed ids (of nothing)."""
-    return re.sub(r"\{(\w+)\}", lambda name: new_id(ID_PREFIXES[name[1]]), path)
+    """`path` with its id parameters filled with well-formed ids (of nothing), others with their name."""
+    return re.sub(
+        r"\{(\w+)\}", lambda name: new_id(ID_PREFIXES[name[1]]) if name[1] in ID_PREFIXES else name[1], path
+    )
 
 
 async def test_every_route_refuses_a_query_parameter_it_does_not_declare(
