@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Route
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
+from server.idempotency import MAX_KEY_LENGTH
 from server.query import QueryModel, non_null, query_model
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
@@ -345,6 +346,9 @@ def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str,
     return {"description": description, "schema": schema or {"type": "string"}}
 
 
+_PRINTABLE_ASCII = "^[\\x20-\\x7e]*$"
+# What we promise to carry into logs and problem bodies as sent.
+MAX_REQUEST_ID_LENGTH = 128
 _HEADER_PARAMETERS: dict[str, Any] = {
     "RequestId": {
         "name": "X-Request-Id",
@@ -352,7 +356,7 @@ _HEADER_PARAMETERS: dict[str, Any] = {
         "required": False,
         "description": "Your id for this request, echoed in the response, its problem body and our logs;"
         " one is made when none is given",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "maxLength": MAX_REQUEST_ID_LENGTH, "pattern": _PRINTABLE_ASCII},
     },
     "IdempotencyKey": {
         "name": "Idempotency-Key",
@@ -361,7 +365,12 @@ _HEADER_PARAMETERS: dict[str, Any] = {
         "description": "Makes a POST safe to retry for 24 h: a repeat answers the stored response with"
         " Idempotent-Replayed: true; the same key with another body is 422 idempotency_key_reused,"
         " and while the first is still in flight 409 idempotency_key_in_use",
-        "schema": {"type": "string"},
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH,
+            "pattern": _PRINTABLE_ASCII,
+        },
     },
 }
 _INTEGER = {"type": "integer", "minimum": 0}
@@ -455,8 +464,10 @@ _RATE_LIMIT_HEADERS = (
 
 
 def _with_idempotency_refusals(responses: dict[str, Any]) -> dict[str, Any]:
-    """A POST's 409 and 422 also tell of its Idempotency-Key."""
+    """A POST's 400, 409 and 422 also tell of its Idempotency-Key."""
     refusals = {
+        "400": f"the Idempotency-Key is not 1 to {MAX_KEY_LENGTH} printable ASCII characters, or is sent"
+        " twice (invalid_idempotency_key)",
         "409": "the Idempotency-Key's first request is still in flight (idempotency_key_in_use)",
         "422": "the Idempotency-Key was used with another request (idempotency_key_reused)",
     }
