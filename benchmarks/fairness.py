@@ -10,7 +10,10 @@ generated JPEGs (640x480, resized to 512 px wide and re-encoded, as throughput.p
 thousands drains in a minute or two.
 
 1. Idle: B uploads --samples images, one every 1/--rate s (not waiting for the previous one), and each
-   is timed from its upload sent to its signed webhook received.
+   is timed from its upload sent to its signed webhook received, that time split by the image's record
+   into upload (sent to created), queued (to started), processing (to completed) and announce (to
+   received), and the cores the machine's other processes kept busy meanwhile (`others_cores`, from
+   /proc: on a shared machine, a disturbed phase shows there).
 2. Loaded: A uploads images, 12 in flight, until --backlog of them are queued (waiting their turn
    included); then B does the same as in 1. The queued count is read again when B's last webhook
    arrives: A's backlog stood the whole time.
@@ -48,7 +51,9 @@ from throughput import (
     cycle,
     iso_seconds,
     log,
+    machine_busy_seconds,
     percentile,
+    processes_total,
     running_service,
     wait_ready,
 )
@@ -77,10 +82,12 @@ class Timings:
 
     total: list[float] = field(default_factory=list)
     parts_ms: dict[str, list[float]] = field(default_factory=dict)
+    # Cores the machine's other processes kept busy meanwhile: a disturbed phase shows here.
+    others_cores: float = 0.0
 
     def report(self) -> dict[str, Any]:
         parts = {name: round(statistics.median(values), 1) for name, values in self.parts_ms.items()}
-        return {**summary(self.total), "median_parts_ms": parts}
+        return {**summary(self.total), "median_parts_ms": parts, "others_cores": round(self.others_cores, 2)}
 
 
 async def timed_uploads(client: Client, photos: list[Path], rate: float) -> Timings:
@@ -91,7 +98,12 @@ async def timed_uploads(client: Client, photos: list[Path], rate: float) -> Timi
         return await client.one(photo)
 
     timings = Timings()
-    for stamps in await asyncio.gather(*(one(index / rate, photo) for index, photo in enumerate(photos))):
+    cpu_before, busy_before, started = client.service.cpu(), machine_busy_seconds(), time.monotonic()
+    sent = await asyncio.gather(*(one(index / rate, photo) for index, photo in enumerate(photos)))
+    cpu_after, busy_after, elapsed = client.service.cpu(), machine_busy_seconds(), time.monotonic() - started
+    ours = processes_total({name: cpu_after[name] - cpu_before[name] for name in cpu_before})
+    timings.others_cores = max(busy_after - busy_before - ours, 0) / elapsed
+    for stamps in sent:
         timings.total.append(stamps.received - stamps.sent)
         record = await client.image(stamps.image_id)
         moments = [
