@@ -23,7 +23,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -31,6 +31,7 @@ from redis.exceptions import WatchError
 
 from jobs import stats
 from jobs.ids import lowest_id_at, new_id
+from jobs.plans import DEFAULT_TIER, TIERS, Plan
 from jobs.queue import stage_image_job
 from jobs.records import ACCOUNT_KEY_PREFIX, BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
 from webhooks.endpoints import EndpointStore, rotated, valid_secrets
@@ -171,7 +172,7 @@ class Store:
         raw = await self.redis.get(PUBLIC_URL_KEY)
         return None if raw is None else raw.decode()
 
-    async def create_account(self, name: str) -> NewAccount:
+    async def create_account(self, name: str, plan: Plan = TIERS[DEFAULT_TIER]) -> NewAccount:
         api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         account = Account(
             id=new_id("acc"),
@@ -179,6 +180,7 @@ class Store:
             webhook_secret=generate_secret(),
             api_key_hash=hash_api_key(api_key),
             created_at=utc_now(),
+            plan=plan,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(_account_key(account.id), account.to_json())
@@ -198,6 +200,21 @@ class Store:
 
     async def rotate_webhook_secret(self, account_id: str, grace_seconds: float) -> Account | None:
         """A new callback signing secret; the old one keeps signing beside it for `grace_seconds`."""
+        grace_ms = int(grace_seconds * 1000)
+        return await self._change_account(
+            account_id,
+            lambda account: account.with_signing_secrets(
+                rotated(account.signing_secrets, generate_secret(), grace_ms)
+            ),
+        )
+
+    async def change_plan(self, account_id: str, plan: Plan) -> Account | None:
+        """Give the account `plan`: its limits apply from its next request on, in every web process."""
+        return await self._change_account(account_id, lambda account: replace(account, plan=plan))
+
+    async def _change_account(self, account_id: str, change: Callable[[Account], Account]) -> Account | None:
+        """The account changed by `change` and saved, unless another change came between reading and
+        saving it (then `change` runs again on that one); None if there is no such account."""
         key = _account_key(account_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -206,15 +223,11 @@ class Store:
                     raw = await pipe.get(key)
                     if raw is None:
                         return None
-                    account = Account.from_json(raw)
-                    grace_ms = int(grace_seconds * 1000)
-                    renewed = account.with_signing_secrets(
-                        rotated(account.signing_secrets, generate_secret(), grace_ms)
-                    )
+                    changed = change(Account.from_json(raw))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, renewed.to_json())
+                    pipe.set(key, changed.to_json())
                     await pipe.execute()
-                    return renewed
+                    return changed
                 except WatchError:
                     continue
 
