@@ -7,6 +7,7 @@ from starlette.requests import Request
 from jobs.records import Account
 from jobs.store import Store
 from server.problems import Problem
+from server.request_log import note_account
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
@@ -33,4 +34,5 @@ async def require_account(request: Request) -> Account:
     account = await store.authenticate(api_key)
     if account is None:
         raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
+    note_account(request, account.id)
     return account

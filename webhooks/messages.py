@@ -46,12 +46,19 @@ def iso(epoch_ms: int) -> str:
 
 
 def new_message(
-    msg_id: str, account_id: str, event_type: str, data: dict[str, Any], to: Sequence[Destination]
+    msg_id: str,
+    account_id: str,
+    event_type: str,
+    data: dict[str, Any],
+    to: Sequence[Destination],
+    *,
+    request_id: str | None = None,
 ) -> Message:
-    """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so."""
+    """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so.
+    `request_id`: of the request that led to it, for the dispatcher's log lines (never sent)."""
     created_at = iso(now_ms())
     body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
-    return Message(msg_id, account_id, event_type, body, created_at, tuple(to))
+    return Message(msg_id, account_id, event_type, body, created_at, tuple(to), request_id)
 
 
 def is_success(status_code: int | None) -> bool:
@@ -135,6 +142,7 @@ class Message:
     body: str
     created_at: str
     destinations: tuple[Destination, ...]
+    request_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
