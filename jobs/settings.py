@@ -85,6 +85,11 @@ class Settings:
     s3_presigned_downloads: bool = False
     # Seconds a direct upload's signed URL stays valid; its image fails `upload_expired` if nothing came.
     upload_url_ttl: int = 3600
+    # An Idempotency-Key's stored response is replayed for this many seconds.
+    idempotency_ttl: int = 24 * 3600
+    # A request holding a key frees it after this long even if its web process died holding it; longer
+    # than body_timeout, so a live request's claim never lapses while its body is still arriving.
+    idempotency_lock_timeout: float = 360.0
     queue_name: str = "darkroom:queue"
     # One line per event on stderr: JSON for a log pipeline, or text for a person (`darkroom dev`).
     log_format: str = "json"
@@ -169,7 +174,14 @@ class Settings:
             upload_url_ttl=_upload_url_ttl(env),
             log_format=_choice(env, "DARKROOM_LOG_FORMAT", LOG_FORMATS, "json", str.lower),
             log_level=_choice(env, "DARKROOM_LOG_LEVEL", LOG_LEVELS, "INFO", str.upper),
+            idempotency_ttl=_positive_int(env, "DARKROOM_IDEMPOTENCY_TTL", 24 * 3600),
+            idempotency_lock_timeout=_positive_seconds(env, "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT", 360.0),
         )
+        if settings.idempotency_lock_timeout <= settings.body_timeout:
+            raise SettingsError(
+                "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT must be longer than DARKROOM_BODY_TIMEOUT "
+                f"({settings.body_timeout:g} s): a request still receiving its body would lose its key"
+            )
         # A storage URL Darkroom cannot use stops the process at start, not at its first upload.
         _ = settings.s3_location if settings.uses_s3 else settings.storage_root
         return settings

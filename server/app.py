@@ -22,8 +22,9 @@ from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, endpoints, health, images, metrics, openapi, uploads, variants
+from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
+from server.idempotency import IdempotencyMiddleware
 from server.problems import (
     Problem,
     handle_http_status,
@@ -77,6 +78,7 @@ def create_app(settings: Settings) -> Starlette:
             *health.routes,
             *metrics.routes,
             *openapi.routes,
+            *docs.routes,
             *images.routes,
             *uploads.routes,
             *batches.routes,
@@ -97,6 +99,7 @@ def create_app(settings: Settings) -> Starlette:
                 idle_timeout=settings.body_idle_timeout,
                 total_timeout=settings.body_timeout,
             ),
+            Middleware(IdempotencyMiddleware, settings=settings),
         ],
         lifespan=lifespan,
     )

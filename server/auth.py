@@ -12,7 +12,7 @@ from server.request_log import note_account
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     authorization = request.headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -22,7 +22,7 @@ def _presented_key(request: Request) -> str | None:
 
 
 async def require_account(request: Request) -> Account:
-    api_key = _presented_key(request)
+    api_key = presented_key(request)
     if api_key is None:
         raise Problem(
             401,

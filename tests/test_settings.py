@@ -88,3 +88,31 @@ def test_an_s3_storage_url_names_bucket_prefix_endpoint_and_region() -> None:
 def test_a_storage_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
         Settings.from_env(env)
+
+
+def test_idempotency_keys_are_kept_a_day_and_held_six_minutes_unless_configured() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.idempotency_ttl, defaults.idempotency_lock_timeout) == (86400, 360)
+    configured = Settings.from_env(
+        {
+            "DARKROOM_IDEMPOTENCY_TTL": "3600",
+            "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "90",
+            "DARKROOM_BODY_TIMEOUT": "60",
+        }
+    )
+    assert (configured.idempotency_ttl, configured.idempotency_lock_timeout) == (3600, 90)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DARKROOM_IDEMPOTENCY_TTL": "0"},
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "0"},
+        # A request still receiving its body would lose its key to a retry.
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "300"},
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "60", "DARKROOM_BODY_TIMEOUT": "120"},
+    ],
+)
+def test_an_idempotency_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="DARKROOM_IDEMPOTENCY"):
+        Settings.from_env(env)
