@@ -214,6 +214,7 @@ class Batches:
                     "batch.completed",
                     data,
                     to,
+                    [batch_id],
                     request_id=batch.request_id,
                 )
 
@@ -291,7 +292,13 @@ class Batches:
             if final.message_id is not None:
                 data = finished.resource(self.settings.public_url)
                 message = new_message(
-                    final.message_id, batch.account_id, event_type, data, to, request_id=batch.request_id
+                    final.message_id,
+                    batch.account_id,
+                    event_type,
+                    data,
+                    to,
+                    [batch_id],
+                    request_id=batch.request_id,
                 )
 
             def writes(pipe: Any) -> None:

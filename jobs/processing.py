@@ -18,7 +18,6 @@ from pathlib import Path
 from jobs import events
 from jobs.batches import Batches
 from jobs.deps import WorkerDeps
-from jobs.ids import new_id
 from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
@@ -266,13 +265,19 @@ async def _finish(
         output=output,
         error=error,
         completed_at=utc_now(),
-        event_message_id=new_id("msg") if to else None,
+        **events.image_announcement(to),
     )
     message = None
     if final.event_message_id:
         data = final.resource(deps.settings.public_url)
         message = new_message(
-            final.event_message_id, final.account_id, event_type, data, to, request_id=final.request_id
+            final.event_message_id,
+            final.account_id,
+            event_type,
+            data,
+            to,
+            final.resource_ids,
+            request_id=final.request_id,
         )
     stored = await deps.store.finish_image(final, message, previous=image)
     if stored is None:

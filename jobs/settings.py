@@ -41,6 +41,8 @@ class Settings:
     # A job that keeps killing its worker (segfault, OOM) is given up after this many starts.
     max_attempts: int = 3
     worker_concurrency: int = 4
+    # Workers share themselves between accounts by plan (jobs/queue.py); off: first come, first served.
+    fair_scheduling: bool = True
     # Largest picture, in decoded bytes, a job may hold whole in memory (turns, flips, smart crops).
     job_memory_bytes: int = 512 * 1024 * 1024
     webhook_timeout: float = 15.0
@@ -146,6 +148,7 @@ class Settings:
             max_pages=_positive_int(env, "DARKROOM_MAX_PAGES", 1000),
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
+            fair_scheduling=_switch(env, "DARKROOM_FAIR_SCHEDULING", default=True),
             job_memory_bytes=_positive_int(env, "DARKROOM_JOB_MEMORY_MB", 512) * 1024 * 1024,
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
             webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),
@@ -200,6 +203,17 @@ def _choice(
     if spelling(raw) not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return spelling(raw)
+
+
+def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be on or off, not {raw!r}")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -33,6 +33,7 @@ from server.problems import (
     handle_store_unavailable,
     handle_unexpected,
 )
+from server.ratelimit import RateLimiter, RateLimitHeaders
 from server.request_log import RequestLogMiddleware
 
 # A request waits at most this long for Redis to connect or answer, then gets 503 store_unavailable: a
@@ -52,6 +53,7 @@ def create_app(settings: Settings) -> Starlette:
         )
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
+        app.state.rate_limiter = RateLimiter(redis)
         app.state.storage = storage
         app.state.uploads = UploadDesk(settings, redis, app.state.store, storage)
         # Read from Redis when the first upload URL is signed or checked.
@@ -94,6 +96,7 @@ def create_app(settings: Settings) -> Starlette:
         },
         middleware=[
             Middleware(RequestLogMiddleware),
+            Middleware(RateLimitHeaders),
             Middleware(
                 BodyDeadlineMiddleware,
                 idle_timeout=settings.body_idle_timeout,

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from jobs.records import Account
 from jobs.store import Store
 from server.problems import Problem
+from server.ratelimit import count_request, request_limits
 from server.request_log import note_account
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
@@ -22,6 +23,11 @@ def presented_key(request: Request) -> str | None:
 
 
 async def require_account(request: Request) -> Account:
+    """The request's account, its request counted against its plan's rate limit (429 when over it).
+    Asked again for the same request, the same account, not counted again."""
+    known = request_limits(request)
+    if known is not None:
+        return known.account
     api_key = presented_key(request)
     if api_key is None:
         raise Problem(
@@ -35,4 +41,5 @@ async def require_account(request: Request) -> Account:
     if account is None:
         raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
     note_account(request, account.id)
+    await count_request(request, account)
     return account

@@ -32,6 +32,7 @@ from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, validation_problem
+from server.ratelimit import require_upload_room
 from server.request_log import request_id_of
 from server.upload_fields import metadata_problem, validate_upload_fields
 from webhooks.messages import iso, now_ms
@@ -141,6 +142,7 @@ async def add_images(request: Request) -> Response:
     if media_type(request) == "application/json":
         images = await add_images_by_url(request, account.id, batch)
     else:
+        await require_upload_room(request)
         images = await _add_uploads(request, account.id, batch)
     public_url = settings.public_url
     return JSONResponse(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
@@ -66,12 +67,13 @@ _PAGE = f"""<!doctype html>
 
 def content_security_policy(public_url: str) -> str:
     """Everything from this origin only, no inline script or style; "Try it out" may also call the
-    spec's server, the public URL, when the page was opened under another name. Swagger UI's icons are
-    data: URLs."""
+    spec's server, the public URL's origin, when the page was opened under another name. Swagger UI's
+    icons are data: URLs."""
+    public = urlsplit(public_url)
     return "; ".join(
         (
             "default-src 'self'",
-            f"connect-src 'self' {public_url}",
+            f"connect-src 'self' {public.scheme}://{public.netloc}",
             "img-src 'self' data:",
             "object-src 'none'",
             "base-uri 'none'",

@@ -33,8 +33,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.settings import Settings
-from jobs.store import Store
-from server.auth import presented_key
+from server.auth import require_account
 from server.problems import Problem, handle_store_unavailable, problem_response
 
 log = logging.getLogger("darkroom.idempotency")
@@ -218,13 +217,9 @@ class IdempotencyMiddleware:
             return
         request = Request(scope, receive)
         try:
-            api_key = presented_key(request)
-            store: Store = request.app.state.store
-            account = await store.authenticate(api_key) if api_key is not None else None
-            if account is None:
-                # The route answers 401; a key is kept only for an account.
-                await self.app(scope, receive, send)
-                return
+            # A 401 or 429 answered here is not kept. The request is counted against the account's rate
+            # limit here, once (the route asks again and is not counted again): a replay is a request too.
+            account = await require_account(request)
             record = record_key(account.id, idempotency_key(scope))
             token = secrets.token_hex(16)
             records = self._records_of(request.app.state.redis)

@@ -30,6 +30,7 @@ from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
+from server.ratelimit import count_uploads, require_upload_room
 from server.request_log import request_id_of
 from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
 from server.variants import output_response, parse_variant_query, resolve_variant
@@ -61,6 +62,7 @@ async def create_image(request: Request) -> Response:
     if media_type(request) == "application/json":
         return await _create_image_from_json(request)
     account = await require_account(request)
+    await require_upload_room(request)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, account_id=account.id)
@@ -253,9 +255,10 @@ async def store_and_queue(
 async def record_new_images(
     request: Request, images: Sequence[ImageRecord], batch: BatchRecord | None
 ) -> None:
-    """Save new image records and their jobs, into `batch` if any; a batch sealed or full meanwhile is a
-    409 problem, and nothing was saved."""
+    """Save new image records and their jobs, into `batch` if any, each image counted against the
+    account's upload rate limit; a batch sealed or full meanwhile is a 409 problem, and nothing was saved."""
     settings: Settings = request.app.state.settings
+    await count_uploads(request, len(images))
     try:
         if batch is None:
             await request.app.state.store.save_new_images(images, settings.queue_name)

@@ -26,6 +26,7 @@ _TITLES = {
     415: "Unsupported media type",
     416: "Range not satisfiable",
     422: "Unprocessable content",
+    429: "Too many requests",
     431: "Request header fields too large",
     500: "Internal server error",
     503: "Service unavailable",

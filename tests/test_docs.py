@@ -7,7 +7,7 @@ import re
 
 import httpx
 
-from server.docs import ASSET_PATH
+from server.docs import ASSET_PATH, content_security_policy
 
 
 async def test_the_docs_page_loads_only_its_own_versioned_assets(client: httpx.AsyncClient) -> None:
@@ -38,3 +38,8 @@ async def test_docs_assets_of_another_version_or_outside_the_list_are_not_found(
     assert older.headers["content-type"] == "application/problem+json"
     for name in ("index.html", "..%2F__init__.py", "swagger-initializer.js"):
         assert (await client.get(f"{ASSET_PATH}/{name}")).status_code == 404, name
+
+
+def test_try_it_out_may_call_the_public_origin_under_whatever_name_the_page_was_opened() -> None:
+    policy = content_security_policy("https://api.example.com/darkroom")
+    assert "connect-src 'self' https://api.example.com;" in policy

@@ -262,7 +262,7 @@ def test_a_failure_of_ours_is_not_kept_and_the_retry_runs(
 def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
     children: Children, flushed: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    timeouts = {"DARKROOM_BODY_TIMEOUT": "2", "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "3"}
+    timeouts = {"DARKROOM_BODY_TIMEOUT": "4", "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "5"}
     doomed = start_web(children, flushed, tmp_path / "data", "doomed web", **timeouts)
     survivor = start_web(children, flushed, tmp_path / "data", "surviving web", **timeouts)
     partner = create_account(survivor.env, "partner")

@@ -242,9 +242,10 @@ def answers_health(base_url: str) -> bool:
         return False
 
 
-def create_account(env: dict[str, str], name: str) -> Partner:
+def create_account(env: dict[str, str], name: str, *plan: str) -> Partner:
+    """An account made with `darkroom accounts create`; `plan` its plan flags (`--plan scale`, …)."""
     done = subprocess.run(
-        [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json"],
+        [str(BIN / "darkroom"), "accounts", "create", "--name", name, "--json", *plan],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -447,9 +448,19 @@ def test_a_request_id_follows_an_image_into_worker_and_dispatcher_logs(stack: St
     assert not any("POST /v1/images" in line for line in stack.web.lines if not line.startswith("{"))
 
 
-def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: Children) -> None:
+def test_webhooks_listen_verifies_and_prints_callback_and_endpoint_deliveries(
+    stack: Stack, children: Children
+) -> None:
+    """The README's tour: one listener, given the callback secret and an endpoint's, hears both."""
     account = create_account(stack.env, "listener")
     port = free_port()
+    listener_url = f"http://127.0.0.1:{port}/"
+    with httpx.Client(base_url=stack.base_url, headers=account.headers, timeout=10) as http:
+        created = http.post(
+            "/v1/webhook-endpoints", json={"url": listener_url, "events": ["image.completed"]}
+        )
+    assert created.status_code == 201, created.text
+    endpoint = created.json()
     listener = children.start(
         "listen",
         [
@@ -457,7 +468,9 @@ def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: 
             "webhooks",
             "listen",
             "--secret",
-            account.webhook_secret,
+            f"callback={account.webhook_secret}",
+            "--secret",
+            f"{endpoint['id']}={endpoint['secret']}",
             "--port",
             str(port),
         ],
@@ -466,7 +479,7 @@ def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: 
     listener.wait_for_line(rf"Listening for Darkroom webhooks on http://127\.0\.0\.1:{port}/")
 
     forged = httpx.post(
-        f"http://127.0.0.1:{port}/",
+        listener_url,
         content=b'{"type":"image.completed"}',
         headers={
             "webhook-id": "msg_forged",
@@ -475,13 +488,15 @@ def test_webhooks_listen_verifies_and_prints_a_delivery(stack: Stack, children: 
         },
     )
     assert forged.status_code == 400
-    listener.wait_for_line(r"✗ rejected msg_forged")
+    listener.wait_for_line(r"✗ rejected msg_forged: no signature matches any of the 2 secrets")
 
-    image = upload(
-        stack.base_url, account, imagegen.jpeg(320, 240), RESIZE_TO_160, f"http://127.0.0.1:{port}/"
-    )
-    printed = listener.wait_for_line(r"✓ image\.completed (msg_\S+) (img_\S+) completed", WEBHOOK_TIMEOUT)
-    assert printed.group(2) == image["id"]
+    image = upload(stack.base_url, account, imagegen.jpeg(320, 240), RESIZE_TO_160, listener_url)
+    heard = r"✓ image\.completed (msg_\S+) (img_\S+) completed \[(\S+)\]"
+    first = listener.wait_for_line(heard, WEBHOOK_TIMEOUT)
+    second = listener.wait_for_line(heard, WEBHOOK_TIMEOUT)
+    assert {first.group(3), second.group(3)} == {"callback", endpoint["id"]}
+    assert first.group(1) == second.group(1)
+    assert first.group(2) == second.group(2) == image["id"]
     listener.wait_for_line(r'"type": "image.completed"')
 
 

@@ -34,6 +34,12 @@ def test_logs_are_json_at_info_unless_configured() -> None:
     assert (configured.log_format, configured.log_level) == ("text", "WARNING")
 
 
+def test_workers_share_themselves_between_accounts_unless_told_first_come_first_served() -> None:
+    assert Settings.from_env({}).fair_scheduling
+    assert not Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "off"}).fair_scheduling
+    assert Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "1"}).fair_scheduling
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -46,6 +52,7 @@ def test_logs_are_json_at_info_unless_configured() -> None:
         ("DARKROOM_IMAGE_RETENTION", "0"),
         ("DARKROOM_MIN_FREE_BYTES", "plenty"),
         ("DARKROOM_MIN_FREE_BYTES", "-1"),
+        ("DARKROOM_FAIR_SCHEDULING", "sometimes"),
         ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
     ],
 )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import random
 import time
@@ -682,12 +681,10 @@ class _RecentSecrets:
 
 
 def _subject_of(message: Message) -> dict[str, str]:
-    """The image or batch an event is about, for the log lines of its deliveries."""
-    kind = message.event_type.partition(".")[0]
-    if kind not in ("image", "batch"):
-        return {}
-    subject = json.loads(message.body)["data"].get("id")
-    return {f"{kind}_id": subject} if isinstance(subject, str) else {}
+    """The image and batch an event is about, for the log lines of its deliveries."""
+    prefixes = {"img": "image_id", "bat": "batch_id"}
+    named = ((prefixes.get(resource.partition("_")[0]), resource) for resource in message.resource_ids)
+    return {field: resource for field, resource in named if field is not None}
 
 
 def _duration(seconds: float) -> str:
