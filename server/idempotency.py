@@ -162,6 +162,15 @@ class RequestFingerprint:
             self._held = tail[cut:]
         self.complete = not more
 
+    async def take_rest(self, receive: Receive) -> bool:
+        """Reads and hashes what is left of the body; False if the client went away before its end."""
+        while not self.complete:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False
+            self.add(message)
+        return True
+
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
@@ -280,12 +289,9 @@ class IdempotencyMiddleware:
             if not fingerprint.complete and not small_body(scope):
                 return False
             try:
-                while not fingerprint.complete:
-                    if (await receive_hashed())["type"] != "http.request":
-                        return False
+                return await fingerprint.take_rest(receive)
             except Problem:  # the body deadline passed
                 return False
-            return True
 
         async def send_keeping(message: Message) -> None:
             nonlocal status, headers, body_size, keeping, kept
@@ -325,11 +331,8 @@ class IdempotencyMiddleware:
     ) -> None:
         request = Request(scope)
         try:
-            while not fingerprint.complete:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # the client went away
-                fingerprint.add(message)
+            if not await fingerprint.take_rest(receive):
+                return  # the client went away
         except Problem as problem:  # the body deadline passed
             await problem_response(request, problem)(scope, receive, send)
             return
