@@ -135,7 +135,11 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     batch_key, endpoint_key = new_key(), new_key()
     batch = web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}})
     assert batch.status_code == 201, batch.text
-    assert_replays(batch, web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}}))
+    again = web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}})
+    assert_replays(batch, again)
+    # A replay is a request: counted against the rate limit, and told what is left of it.
+    assert again.headers["x-ratelimit-limit"] == batch.headers["x-ratelimit-limit"]
+    assert int(again.headers["x-ratelimit-remaining"]) >= 0
 
     endpoint = {"url": "https://hooks.example.com/darkroom"}
     created = web.post("/v1/webhook-endpoints", partner, endpoint_key, json=endpoint)
