@@ -135,7 +135,11 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     batch_key, endpoint_key = new_key(), new_key()
     batch = web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}})
     assert batch.status_code == 201, batch.text
-    assert_replays(batch, web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}}))
+    again = web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}})
+    assert_replays(batch, again)
+    # A replay is a request: counted against the rate limit, and told what is left of it.
+    assert again.headers["x-ratelimit-limit"] == batch.headers["x-ratelimit-limit"]
+    assert int(again.headers["x-ratelimit-remaining"]) >= 0
 
     endpoint = {"url": "https://hooks.example.com/darkroom"}
     created = web.post("/v1/webhook-endpoints", partner, endpoint_key, json=endpoint)
@@ -261,6 +265,31 @@ def test_a_failure_of_ours_is_not_kept_and_the_retry_runs(
     assert_replays(retried, web.upload(partner, key))
 
 
+def half_sent_batch_create(web: Web, partner: Partner, key: str) -> socket.socket:
+    """A connection that sent the headers and the start of a JSON body, the rest never coming."""
+    connection = socket.create_connection(("127.0.0.1", int(web.base_url.rsplit(":", 1)[1])))
+    connection.sendall(
+        b"POST /v1/batches HTTP/1.1\r\nHost: darkroom\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {partner.api_key}\r\nIdempotency-Key: {key}\r\n".encode()
+        + b"Content-Length: 100\r\n\r\n{"
+    )
+    return connection
+
+
+def test_a_client_gone_mid_body_frees_its_key_at_once(
+    web: Web, partner: Partner, flushed: EmbeddedRedis
+) -> None:
+    key = new_key()
+    with redis.Redis.from_url(flushed.url) as store:
+        with half_sent_batch_create(web, partner, key):
+            poll(lambda: store.keys("idempotency:*"), "the key claimed", timeout=10)
+        # Released when the connection closed, not 6 minutes later when the claim would lapse.
+        poll(lambda: not store.keys("idempotency:*"), "the key released", timeout=10)
+    created = web.post("/v1/batches", partner, key, json={})
+    assert created.status_code == 201, created.text
+    assert "idempotent-replayed" not in created.headers
+
+
 def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
     children: Children, flushed: EmbeddedRedis, tmp_path: Path
 ) -> None:
@@ -269,16 +298,7 @@ def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
     survivor = start_web(children, flushed, tmp_path / "data", "surviving web", settings=timeouts)
     partner = create_account(survivor.env, "partner")
     key = new_key()
-    with (
-        redis.Redis.from_url(flushed.url) as store,
-        socket.create_connection(("127.0.0.1", int(doomed.base_url.rsplit(":", 1)[1]))) as half_sent,
-    ):
-        # Headers and the start of a JSON body; the rest never comes.
-        half_sent.sendall(
-            b"POST /v1/batches HTTP/1.1\r\nHost: darkroom\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {partner.api_key}\r\nIdempotency-Key: {key}\r\n".encode()
-            + b"Content-Length: 100\r\n\r\n{"
-        )
+    with redis.Redis.from_url(flushed.url) as store, half_sent_batch_create(doomed, partner, key):
         poll(lambda: store.keys("idempotency:*"), "the key claimed", timeout=10)
         os.kill(doomed.child.pid, signal.SIGKILL)
         busy = survivor.post("/v1/batches", partner, key, json={})

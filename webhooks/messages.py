@@ -52,12 +52,17 @@ def new_message(
     data: dict[str, Any],
     to: Sequence[Destination],
     resource_ids: Sequence[str] = (),
+    *,
+    request_id: str | None = None,
 ) -> Message:
     """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so;
-    `resource_ids` name what it is about, for the delivery log's filters."""
+    `resource_ids` name what it is about, for the delivery log's filters; `request_id` is the request
+    that led to it, for the dispatcher's log lines (never sent)."""
     created_at = iso(now_ms())
     body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
-    return Message(msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids))
+    return Message(
+        msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids), request_id
+    )
 
 
 def is_success(status_code: int | None) -> bool:
@@ -148,6 +153,8 @@ class Message:
     destinations: tuple[Destination, ...]
     # The resources it is about: an image and its batch, or a batch (none for messages made before).
     resource_ids: tuple[str, ...] = ()
+    # The X-Request-Id of the request that led to it, for the dispatcher's log lines (never sent).
+    request_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
