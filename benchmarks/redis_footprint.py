@@ -88,8 +88,13 @@ async def save(
         queued, finished = completed_image(account_id, retention_s)
         await store.save_new_images([queued], settings.queue_name)
         await store.finish_image(finished, None, previous=queued)
-    # What a worker removes when each job ends.
-    await store.redis.delete(settings.queue_name, *[k async for k in store.redis.scan_iter(match="arq:*")])
+    # What a worker removes when each job ends (the queue, its jobs waiting their turn, arq's records).
+    ended = [
+        k
+        for pattern in (f"{settings.queue_name}*", "arq:*")
+        async for k in store.redis.scan_iter(match=pattern)
+    ]
+    await store.redis.delete(*ended)
 
 
 async def measure(settings: Settings, count: int, retention_s: int | None) -> dict[str, Any]:

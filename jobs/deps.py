@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arq.connections import ArqRedis
-
 from jobs.fetch import SourceFetcher
+from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, WaitForStorage
 from jobs.store import Store
@@ -23,7 +22,7 @@ CLEAN_STOP_MEMORY_SECONDS = 2 * 24 * 3600
 @dataclass(frozen=True)
 class WorkerDeps:
     settings: Settings
-    redis: ArqRedis
+    redis: QueuePool
     store: Store
     storage: BlobStorage
     http: DeliveryClient

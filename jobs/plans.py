@@ -7,7 +7,7 @@ changes an existing partner's limits behind their back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -36,3 +36,17 @@ TIERS: dict[str, Plan] = {
     )
 }
 DEFAULT_TIER = "pro"
+# The name of a plan whose numbers are no tier's.
+CUSTOM = "custom"
+PLAN_NUMBERS = ("requests_per_minute", "uploads_per_minute", "max_processing", "share")
+
+
+def plan_with(base: Plan, numbers: dict[str, int | None]) -> Plan:
+    """`base` with the numbers given (None: keep `base`'s), named after the tier it then equals, else
+    `custom`."""
+    given: dict[str, Any] = {name: value for name, value in numbers.items() if value is not None}
+    changed = replace(base, **given)
+    for tier in TIERS.values():
+        if replace(changed, name=tier.name) == tier:
+            return tier
+    return replace(changed, name=CUSTOM)

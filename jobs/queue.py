@@ -1,8 +1,21 @@
-"""The arq queue, woken by Redis pub/sub so a job starts milliseconds after it is enqueued.
+"""The arq queue, woken by Redis pub/sub so a job starts milliseconds after it is enqueued, and shared
+fairly between accounts.
 
 arq polls its queue (0.5 s by default). Producers here publish on a channel after each enqueue; the
 worker's pool turns an empty poll into a wait for that signal, bounded by `idle_wait`, so an idle
 worker neither spins nor sleeps through new work, and deferred retries still start on time.
+
+Fair scheduling (start-time fair queueing on arq's sorted set). An image's job first waits in its
+account's list (`{queue}:fair:waiting:{account}`); a worker's poll admits it into arq's queue while the
+account has fewer than its plan's `max_processing` jobs admitted (`…:admitted:{account}`), scored by a
+virtual-time start tag: where the account's previous job's tag ends (its tag plus 5040/share), or the
+queue's clock if that is later. Tags are negative scores (from -2^52), so they sort before every
+real-timed job and among themselves interleave the accounts in proportion to their shares; the clock
+follows the tag of the job last picked, so an account that was idle starts level with the others (its
+first image next in line), neither with credit saved up nor behind their backlogs. A poll picks due
+real-timed jobs (retries, archives, sweeps) first, then tagged ones. The slot is given back when the job
+ends for good (`release_slot`), so an account never holds more than `max_processing` images in the
+queue or in processing; a job run again (a dead worker, a retry) keeps the slot it has.
 """
 
 from __future__ import annotations
@@ -20,11 +33,14 @@ from arq.connections import ArqRedis
 from arq.constants import expires_extra_ms, in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
-from redis.asyncio import ConnectionPool
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
+
+from jobs.plans import DEFAULT_TIER, TIERS
+from jobs.records import ACCOUNT_KEY_PREFIX
 
 log = logging.getLogger("darkroom.queue")
 
@@ -61,54 +77,234 @@ def process_job_id(image_id: str) -> str:
     return f"process:{image_id}"
 
 
-def stage_new_job(pipe: Any, queue_name: str, function: str, *args: Any, job_id: str) -> None:
-    """Queue a job, due now, inside the caller's transaction, so the job exists exactly when what it
-    works on does. Only for an id no job has had (a new record's): unlike `enqueue`, nothing checks for
-    an earlier job of that id. The job is arq's own, as `enqueue_job` writes it."""
+def _fair_key(queue_name: str, name: str) -> str:
+    return f"{queue_name}:fair:{name}"
+
+
+def waiting_jobs_key(queue_name: str, account_id: str) -> str:
+    """The account's jobs not admitted yet, oldest first (scored by when they were queued)."""
+    return _fair_key(queue_name, f"waiting:{account_id}")
+
+
+def admitted_jobs_key(queue_name: str, account_id: str) -> str:
+    """The account's jobs admitted into arq's queue and not ended yet: its slots in use."""
+    return _fair_key(queue_name, f"admitted:{account_id}")
+
+
+def stage_image_job(pipe: Any, queue_name: str, image_id: str, account_id: str) -> None:
+    """Queue an image's job inside the caller's transaction, so the job exists exactly when its image
+    does: in its account's waiting list, for the next poll to admit. Only for an id no job has had (a
+    new record's): unlike `enqueue`, nothing checks for an earlier job of that id. Plain commands, so
+    that a Lua script can replay them (Store._commit_if_unchanged). arq's own job (as `enqueue_job`
+    writes it) is kept aside until its admission, so that a long wait cannot expire it."""
     now = timestamp_ms()
-    pipe.psetex(job_key_prefix + job_id, expires_extra_ms, serialize_job(function, args, {}, None, now))
-    pipe.zadd(queue_name, {job_id: now})
+    job_id = process_job_id(image_id)
+    pipe.hset(_fair_key(queue_name, "jobs"), job_id, serialize_job(PROCESS_IMAGE, (image_id,), {}, None, now))
+    pipe.zadd(waiting_jobs_key(queue_name, account_id), {job_id: now})
+    pipe.sadd(_fair_key(queue_name, "ready"), account_id)
     pipe.publish(wake_channel(queue_name), b"1")
 
 
+async def queued_jobs(redis: Redis, queue_name: str) -> int:
+    """Jobs in the queue (due, deferred or running) or waiting for their admission into it."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(queue_name)
+        pipe.hlen(_fair_key(queue_name, "jobs"))
+        queued, waiting = await pipe.execute()
+    return int(queued) + int(waiting)
+
+
+# The job ended for good: its account's slot is free, and a poll may admit the account's next job.
+# Idempotent: a job that ends twice (run again after its worker died) frees one slot.
+_RELEASE_SLOT = """
+local queue, job = KEYS[1], ARGV[1]
+local owners = queue .. ':fair:owners'
+local account = redis.call('HGET', owners, job)
+if not account then return 0 end
+redis.call('HDEL', owners, job)
+redis.call('SREM', queue .. ':fair:admitted:' .. account, job)
+if redis.call('ZCARD', queue .. ':fair:waiting:' .. account) > 0 then
+  redis.call('SADD', queue .. ':fair:ready', account)
+end
+return 1
+"""
+
+# Scores are doubles: exact integers up to 2^53, so the tags (-2^52 + virtual time) stay exact. Lua's
+# tostring would print them in exponent form, losing digits: numbers go back to Redis through '%.0f'.
+# 5040 = 7!: the tag steps of shares 1 to 10 are whole numbers.
+_ADMIT_AND_PICK = """
+local queue, now, limit, running_prefix = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local job_prefix, job_ttl, account_prefix, wake = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local fair, default_max, default_share = ARGV[8] == '1', tonumber(ARGV[9]), tonumber(ARGV[10])
+local reclaim_every_ms, offer_ms = ARGV[11], ARGV[12]
+local BASE, UNIT = 4503599627370496, 5040
+local fair_prefix = queue .. ':fair:'
+local ready, payloads, owners = fair_prefix .. 'ready', fair_prefix .. 'jobs', fair_prefix .. 'owners'
+local tags, clock_key = fair_prefix .. 'tags', fair_prefix .. 'clock'
+local clock = tonumber(redis.call('GET', clock_key) or '0')
+
+local function plan_of(account)
+  local raw = redis.call('GET', account_prefix .. account)
+  local plan = raw and cjson.decode(raw).plan
+  if type(plan) == 'table' then return plan.max_processing, plan.share end
+  return default_max, default_share
+end
+
+-- A job that ended without giving its slot back (arq gave up on it: its time limit, a crash past
+-- its tries) is no longer in arq's queue, where every admitted job stays until it ends.
+if fair and redis.call('SET', fair_prefix .. 'reclaimed', '1', 'NX', 'PX', reclaim_every_ms) then
+  local owned = redis.call('HGETALL', owners)
+  for i = 1, #owned, 2 do
+    local job, account = owned[i], owned[i + 1]
+    if not redis.call('ZSCORE', queue, job) then
+      redis.call('HDEL', owners, job)
+      redis.call('SREM', fair_prefix .. 'admitted:' .. account, job)
+      redis.call('SADD', ready, account)
+    end
+  end
+end
+
+local admitted = 0
+for _, account in ipairs(redis.call('SMEMBERS', ready)) do
+  local waiting, slots = fair_prefix .. 'waiting:' .. account, fair_prefix .. 'admitted:' .. account
+  local max_processing, share = plan_of(account)
+  local room = fair and max_processing - redis.call('SCARD', slots) or math.huge
+  local step = math.max(1, math.floor(UNIT / share + 0.5))
+  -- The account's next start tag: where its last admitted job ends, or the clock if that is later.
+  local tag = math.max(tonumber(redis.call('HGET', tags, account) or '0'), clock)
+  while room > 0 do
+    local oldest = redis.call('ZPOPMIN', waiting)
+    if #oldest == 0 then break end
+    local job, queued_at = oldest[1], oldest[2]
+    local payload = redis.call('HGET', payloads, job)
+    if payload then
+      redis.call('HDEL', payloads, job)
+      redis.call('PSETEX', job_prefix .. job, job_ttl, payload)
+      if fair then
+        redis.call('ZADD', queue, string.format('%.0f', tag - BASE), job)
+        tag = tag + step
+        redis.call('SADD', slots, job)
+        redis.call('HSET', owners, job, account)
+      else
+        redis.call('ZADD', queue, queued_at, job)
+      end
+      admitted = admitted + 1
+      room = room - 1
+    end
+  end
+  if fair then redis.call('HSET', tags, account, string.format('%.0f', tag)) end
+  -- Back in `ready` when one of its slots is given back (or it queues another job).
+  redis.call('SREM', ready, account)
+end
+
+-- arq keeps a running job in its queue until it ends, so its poll returns the running jobs too and a
+-- busy worker would never wait. Only jobs due and not running: real-timed ones first, then tagged.
+-- Nor those just handed to another worker's poll, not claimed yet: workers polling together each get
+-- one of their own instead of all the same (the claim's WATCH would leave all but one with nothing).
+local startable, picked_tag = {}, nil
+local function collect(low, high)
+  local offset = 0
+  while #startable < limit do
+    local due = redis.call('ZRANGEBYSCORE', queue, low, high, 'WITHSCORES', 'LIMIT', offset, 100)
+    if #due == 0 then return end
+    for i = 1, #due, 2 do
+      local offered = queue .. ':offered:' .. due[i]
+      if redis.call('EXISTS', running_prefix .. due[i], offered) == 0 then
+        redis.call('SET', offered, '1', 'PX', offer_ms)
+        startable[#startable + 1] = due[i]
+        local score = tonumber(due[i + 1])
+        if score < 0 then picked_tag = math.max(picked_tag or score, score) end
+        if #startable >= limit then return end
+      end
+    end
+    offset = offset + #due / 2
+  end
+end
+collect('0', now)
+collect('-inf', '(0')
+if picked_tag and picked_tag + BASE > clock then
+  redis.call('SET', clock_key, string.format('%.0f', picked_tag + BASE))
+end
+if admitted > #startable then redis.call('PUBLISH', wake, '1') end
+local next_due = redis.call('ZRANGEBYSCORE', queue, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+return {startable, next_due[2] or false}
+"""
+# How often a poll looks for slots held by jobs that ended without giving them back.
+RECLAIM_EVERY_MS = 60_000
+# Jobs a poll hands arq. arq works through the whole list, waiting for a free slot before each, so a
+# longer list would be started in the order of its poll however the queue changed meanwhile (a new
+# account's image would wait behind it): one, and arq polls again as soon as a slot is free.
+JOBS_PER_POLL = 1
+# How long a job handed to a poll is kept from the others' polls: ample for arq to claim it (one round
+# trip); should the worker not, the job is handed out again after that.
+OFFER_MS = 200
+
+
 class QueuePool(ArqRedis):
-    """arq's pool, for producers and for a worker that polls."""
+    """arq's pool, for producers and for a worker that polls: its poll of the queue admits waiting
+    jobs, fairly between accounts (or, with `fair` off, all of them, in the order they came)."""
+
+    def __init__(self, *args: Any, fair: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fair = fair
+        self._admit_and_pick_script = self.register_script(_ADMIT_AND_PICK)
+        self._release_slot_script = self.register_script(_RELEASE_SLOT)
 
     async def close(self, close_connection_pool: bool | None = None) -> None:
         """arq's Worker.close still calls redis-py's deprecated `close`."""
         await self.aclose(close_connection_pool)
 
     @classmethod
-    def connect(cls, redis_url: str, queue_name: str, *, command_timeout: float | None = None) -> Self:
+    def connect(
+        cls, redis_url: str, queue_name: str, *, command_timeout: float | None = None, fair: bool = True
+    ) -> Self:
         """`command_timeout` bounds connecting and each reply (None: wait as long as Redis takes)."""
         connections = ConnectionPool.from_url(
             redis_url, socket_timeout=command_timeout, socket_connect_timeout=command_timeout
         )
-        pool = cls(connections, default_queue_name=queue_name)
+        pool = cls(connections, default_queue_name=queue_name, fair=fair)
         pool.auto_close_connection_pool = True  # this client owns its connections: aclose() ends them
         return pool
 
+    async def zrangebyscore(self, name: Any, *args: Any, **kwargs: Any) -> Any:
+        """arq's poll of the queue: admits waiting jobs, then the jobs to start."""
+        if name != self.default_queue_name:
+            return await super().zrangebyscore(name, *args, **kwargs)
+        startable, _ = await self._startable(name)
+        return startable
 
-# arq keeps a running job in its queue until it ends, so its poll returns the running jobs too and a
-# busy worker would never wait. This returns only jobs that are due and not running, and when there are
-# none, when the next deferred job is due.
-_STARTABLE_JOBS = """
-local queue, now, limit, running_prefix = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local startable, offset = {}, 0
-while #startable < limit do
-  local due = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'LIMIT', offset, 100)
-  if #due == 0 then break end
-  for _, id in ipairs(due) do
-    if redis.call('EXISTS', running_prefix .. id) == 0 then
-      startable[#startable + 1] = id
-      if #startable >= limit then break end
-    end
-  end
-  offset = offset + #due
-end
-local next_due = redis.call('ZRANGEBYSCORE', queue, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-return {startable, next_due[2] or false}
-"""
+    async def zcard(self, name: Any) -> Any:
+        """arq's count of the queue (a burst worker stops at 0; /metrics): waiting jobs included."""
+        if name != self.default_queue_name:
+            return await super().zcard(name)
+        return await queued_jobs(self, name)
+
+    async def release_slot(self, job_id: str) -> None:
+        """The job ended for good (not to run again): its account may have its next job admitted."""
+        await self._release_slot_script(keys=[self.default_queue_name], args=[job_id])
+
+    async def _startable(self, queue_name: str) -> tuple[list[bytes], float | None]:
+        """Admits waiting jobs; then due jobs not running yet, and the score of the next deferred one
+        (one round trip)."""
+        default_plan = TIERS[DEFAULT_TIER]
+        startable, next_due = await self._admit_and_pick_script(
+            keys=[queue_name],
+            args=[
+                timestamp_ms(),
+                JOBS_PER_POLL,
+                in_progress_key_prefix,
+                job_key_prefix,
+                expires_extra_ms,
+                ACCOUNT_KEY_PREFIX,
+                wake_channel(queue_name),
+                int(self.fair),
+                default_plan.max_processing,
+                default_plan.share,
+                RECLAIM_EVERY_MS,
+                OFFER_MS,
+            ],
+        )
+        return list(startable), float(next_due) if next_due else None
 
 
 def outage_wait(failures: int) -> float:
@@ -242,7 +438,6 @@ class WakeableArqRedis(QueuePool):
         self._ride_while: asyncio.Task[Any] | None = None
         self._woken = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
-        self._startable_script = self.register_script(_STARTABLE_JOBS)
 
     def ride_outages_while(self, task: asyncio.Task[Any]) -> None:
         """Wait out outages only while `task` (the worker's main loop) runs: once arq is shutting down,
@@ -273,22 +468,14 @@ class WakeableArqRedis(QueuePool):
     async def zrangebyscore(self, name: Any, *args: Any, **kwargs: Any) -> Any:
         if self._listener is None or name != self.default_queue_name:
             return await super().zrangebyscore(name, *args, **kwargs)
-        limit = int(kwargs.get("num") or 100)
         self._woken.clear()
-        startable, next_due = await self._startable(name, limit)
+        startable, next_due = await self._startable(name)
         if startable:
             return startable
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._woken.wait(), self._wait_for(next_due))
-        startable, _ = await self._startable(name, limit)
+        startable, _ = await self._startable(name)
         return startable
-
-    async def _startable(self, queue_name: str, limit: int) -> tuple[list[bytes], float | None]:
-        """Due jobs not running yet, and the score of the next deferred one (one round trip)."""
-        startable, next_due = await self._startable_script(
-            keys=[queue_name], args=[timestamp_ms(), limit, in_progress_key_prefix]
-        )
-        return list(startable), float(next_due) if next_due else None
 
     def _wait_for(self, next_due: float | None) -> float:
         """Until the next deferred job is due (a retry starts on time), at most `idle_wait`."""

@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 from jobs.params import Bounds, FieldError, Params
 from jobs.plans import DEFAULT_TIER, TIERS, Plan
 from webhooks.endpoints import SigningSecret
-from webhooks.messages import iso, now_ms
+from webhooks.messages import is_endpoint, iso, now_ms
 
 ImageStatus = Literal["queued", "processing", "completed", "failed"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed"})
@@ -26,6 +26,10 @@ def utc_now() -> str:
 def epoch_ms(moment: str) -> int:
     """An ISO 8601 timestamp of a resource as epoch milliseconds (the scores of sorted sets)."""
     return int(datetime.fromisoformat(moment).timestamp() * 1000)
+
+
+# `dr:account:{id}` holds the account's JSON (jobs/store.py); the queue reads plans from it.
+ACCOUNT_KEY_PREFIX = "dr:account:"
 
 
 def original_key(account_id: str, image_id: str) -> str:
@@ -139,13 +143,17 @@ class ImageRecord:
     attempts: int = 0
     started_at: str | None = None
     completed_at: str | None = None
-    # The webhook message announcing the terminal state, fixed once so a re-run re-announces the same one.
+    # The webhook message announcing the terminal state, fixed once so a re-run re-announces the same one,
+    # and whom it went to: CALLBACK or endpoint ids, in its order.
     event_message_id: str | None = None
+    event_destinations: tuple[str, ...] = ()
     # When the retention sweep deletes it (ISO 8601); None for images stored before retention existed.
     expires_at: str | None = None
     upload: UploadState | None = None
     # Where the worker fetches the original from, for an image submitted by URL.
     source_url: str | None = None
+    # The X-Request-Id of the request that created it: the worker's and dispatcher's log lines carry it.
+    request_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -160,6 +168,11 @@ class ImageRecord:
         if self.upload is not None:
             return self.upload.filename
         return None if self.source_url is None else source_filename(self.source_url)
+
+    @property
+    def resource_ids(self) -> tuple[str, ...]:
+        """What its events are about, for the delivery log's filters: the image, and its batch."""
+        return (self.id,) if self.batch_id is None else (self.id, self.batch_id)
 
     @property
     def awaits_start(self) -> bool:
@@ -191,6 +204,7 @@ class ImageRecord:
         data["upload"] = UploadState(**data["upload"]) if data.get("upload") else None
         data["output"] = OutputInfo(**data["output"]) if data.get("output") else None
         data["error"] = ImageError(**data["error"]) if data.get("error") else None
+        data["event_destinations"] = tuple(data.get("event_destinations", ()))
         return cls(**data)
 
     def resource(self, public_url: str) -> dict[str, Any]:
@@ -234,6 +248,14 @@ class ImageRecord:
                 "url": f"{base}/output",
             },
             "error": None if self.error is None else asdict(self.error),
+            "webhooks": [
+                {
+                    "id": self.event_message_id,
+                    "type": f"image.{self.status}",
+                    "endpoint_id": destination if is_endpoint(destination) else None,
+                }
+                for destination in self.event_destinations
+            ],
             "batch_id": self.batch_id,
             "callback_url": self.callback_url,
             "metadata": self.metadata,
@@ -328,6 +350,8 @@ class BatchRecord:
     # When the retention sweep deletes it, if its images have gone by then: the later of its creation
     # plus the retention and its images' expiries.
     expires_at: str | None = None
+    # The X-Request-Id of the request that created it, carried by its webhook messages.
+    request_id: str | None = None
 
     @property
     def status(self) -> BatchStatus:
@@ -347,6 +371,7 @@ class BatchRecord:
             "callback_url": self.callback_url,
             "archive": None if self.archive is None else asdict(self.archive),
             "metadata": self.metadata,
+            "request_id": self.request_id,
         }
         return json.dumps(fixed, separators=(",", ":"))
 

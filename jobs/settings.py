@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -14,6 +14,8 @@ DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # S3 refuses multipart parts under 5 MiB (all but the last).
 MIN_S3_PART_BYTES = 5 * 1024 * 1024
 DEFAULT_S3_PART_BYTES = 8 * 1024 * 1024
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -39,6 +41,8 @@ class Settings:
     # A job that keeps killing its worker (segfault, OOM) is given up after this many starts.
     max_attempts: int = 3
     worker_concurrency: int = 4
+    # Workers share themselves between accounts by plan (jobs/queue.py); off: first come, first served.
+    fair_scheduling: bool = True
     # Largest picture, in decoded bytes, a job may hold whole in memory (turns, flips, smart crops).
     job_memory_bytes: int = 512 * 1024 * 1024
     webhook_timeout: float = 15.0
@@ -83,7 +87,15 @@ class Settings:
     s3_presigned_downloads: bool = False
     # Seconds a direct upload's signed URL stays valid; its image fails `upload_expired` if nothing came.
     upload_url_ttl: int = 3600
+    # An Idempotency-Key's stored response is replayed for this many seconds.
+    idempotency_ttl: int = 24 * 3600
+    # A request holding a key frees it after this long even if its web process died holding it; longer
+    # than body_timeout, so a live request's claim never lapses while its body is still arriving.
+    idempotency_lock_timeout: float = 360.0
     queue_name: str = "darkroom:queue"
+    # One line per event on stderr: JSON for a log pipeline, or text for a person (`darkroom dev`).
+    log_format: str = "json"
+    log_level: str = "INFO"
 
     @property
     def uses_s3(self) -> bool:
@@ -136,6 +148,7 @@ class Settings:
             max_pages=_positive_int(env, "DARKROOM_MAX_PAGES", 1000),
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
+            fair_scheduling=_switch(env, "DARKROOM_FAIR_SCHEDULING", default=True),
             job_memory_bytes=_positive_int(env, "DARKROOM_JOB_MEMORY_MB", 512) * 1024 * 1024,
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
             webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),
@@ -162,7 +175,16 @@ class Settings:
             s3_part_size=part_size,
             s3_presigned_downloads=_flag(env, "DARKROOM_S3_PRESIGNED_DOWNLOADS"),
             upload_url_ttl=_upload_url_ttl(env),
+            log_format=_choice(env, "DARKROOM_LOG_FORMAT", LOG_FORMATS, "json", str.lower),
+            log_level=_choice(env, "DARKROOM_LOG_LEVEL", LOG_LEVELS, "INFO", str.upper),
+            idempotency_ttl=_positive_int(env, "DARKROOM_IDEMPOTENCY_TTL", 24 * 3600),
+            idempotency_lock_timeout=_positive_seconds(env, "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT", 360.0),
         )
+        if settings.idempotency_lock_timeout <= settings.body_timeout:
+            raise SettingsError(
+                "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT must be longer than DARKROOM_BODY_TIMEOUT "
+                f"({settings.body_timeout:g} s): a request still receiving its body would lose its key"
+            )
         # A storage URL Darkroom cannot use stops the process at start, not at its first upload.
         _ = settings.s3_location if settings.uses_s3 else settings.storage_root
         return settings
@@ -170,6 +192,28 @@ class Settings:
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _choice(
+    env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str, spelling: Callable[[str], str]
+) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if spelling(raw) not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return spelling(raw)
+
+
+def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name} must be on or off, not {raw!r}")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

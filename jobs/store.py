@@ -23,7 +23,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -31,8 +31,9 @@ from redis.exceptions import WatchError
 
 from jobs import stats
 from jobs.ids import lowest_id_at, new_id
-from jobs.queue import PROCESS_IMAGE, process_job_id, stage_new_job
-from jobs.records import BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
+from jobs.plans import DEFAULT_TIER, TIERS, Plan
+from jobs.queue import stage_image_job
+from jobs.records import ACCOUNT_KEY_PREFIX, BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
 from webhooks.endpoints import EndpointStore, rotated, valid_secrets
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
@@ -49,11 +50,8 @@ API_KEY_PREFIX = "sk_live_"
 REDELIVERY_BATCH = 200
 
 
-_ACCOUNT_KEY_PREFIX = "dr:account:"
-
-
 def _account_key(account_id: str) -> str:
-    return _ACCOUNT_KEY_PREFIX + account_id
+    return ACCOUNT_KEY_PREFIX + account_id
 
 
 def _api_key_key(key_hash: str) -> str:
@@ -174,7 +172,7 @@ class Store:
         raw = await self.redis.get(PUBLIC_URL_KEY)
         return None if raw is None else raw.decode()
 
-    async def create_account(self, name: str) -> NewAccount:
+    async def create_account(self, name: str, plan: Plan = TIERS[DEFAULT_TIER]) -> NewAccount:
         api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         account = Account(
             id=new_id("acc"),
@@ -182,6 +180,7 @@ class Store:
             webhook_secret=generate_secret(),
             api_key_hash=hash_api_key(api_key),
             created_at=utc_now(),
+            plan=plan,
         )
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.set(_account_key(account.id), account.to_json())
@@ -201,6 +200,21 @@ class Store:
 
     async def rotate_webhook_secret(self, account_id: str, grace_seconds: float) -> Account | None:
         """A new callback signing secret; the old one keeps signing beside it for `grace_seconds`."""
+        grace_ms = int(grace_seconds * 1000)
+        return await self._change_account(
+            account_id,
+            lambda account: account.with_signing_secrets(
+                rotated(account.signing_secrets, generate_secret(), grace_ms)
+            ),
+        )
+
+    async def change_plan(self, account_id: str, plan: Plan) -> Account | None:
+        """Give the account `plan`: its limits apply from its next request on, in every web process."""
+        return await self._change_account(account_id, lambda account: replace(account, plan=plan))
+
+    async def _change_account(self, account_id: str, change: Callable[[Account], Account]) -> Account | None:
+        """The account changed by `change` and saved, unless another change came between reading and
+        saving it (then `change` runs again on that one); None if there is no such account."""
         key = _account_key(account_id)
         async with self.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -209,15 +223,11 @@ class Store:
                     raw = await pipe.get(key)
                     if raw is None:
                         return None
-                    account = Account.from_json(raw)
-                    grace_ms = int(grace_seconds * 1000)
-                    renewed = account.with_signing_secrets(
-                        rotated(account.signing_secrets, generate_secret(), grace_ms)
-                    )
+                    changed = change(Account.from_json(raw))
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    pipe.set(key, renewed.to_json())
+                    pipe.set(key, changed.to_json())
                     await pipe.execute()
-                    return renewed
+                    return changed
                 except WatchError:
                     continue
 
@@ -264,7 +274,7 @@ class Store:
         if not api_key.startswith(API_KEY_PREFIX):
             return None
         key_hash = hash_api_key(api_key)
-        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[_ACCOUNT_KEY_PREFIX])
+        raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[ACCOUNT_KEY_PREFIX])
         if raw is None:
             return None
         account = Account.from_json(raw)
@@ -289,7 +299,7 @@ class Store:
             pipe.zadd(EXPIRING_UPLOADS_KEY, {image.id: epoch_ms(image.upload.expires_at)})
         if not image.awaits_start:
             stats.count(pipe, "images_uploaded")
-            stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+            stage_image_job(pipe, queue_name, image.id, image.account_id)
 
     async def settle_upload(
         self, image: ImageRecord, previous: ImageRecord, message: Message | None, queue_name: str
@@ -310,7 +320,7 @@ class Store:
                 stats.count_finished(pipe, image.status, image.error.code if image.error else None)
             elif not image.awaits_start and previous.awaits_start:
                 stats.count(pipe, "images_uploaded")
-                stage_new_job(pipe, queue_name, PROCESS_IMAGE, image.id, job_id=process_job_id(image.id))
+                stage_image_job(pipe, queue_name, image.id, image.account_id)
 
         return await self._commit_if_unchanged(image_key(image.id), previous.to_json(), writes)
 

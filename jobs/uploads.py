@@ -35,7 +35,6 @@ from arq.connections import ArqRedis
 
 from jobs import events
 from jobs.batches import Batches
-from jobs.ids import new_id
 from jobs.inspection import ImageRefused, inspect_stored
 from jobs.records import ImageError, ImageRecord, InputInfo, UploadStatus, utc_now
 from jobs.settings import Settings
@@ -193,13 +192,21 @@ class UploadDesk:
             status="failed",
             error=error,
             completed_at=utc_now(),
-            event_message_id=new_id("msg") if to else None,
             upload=replace(image.upload, status=status),
+            **events.image_announcement(to),
         )
         message = None
         if failed.event_message_id is not None:
             data = failed.resource(self.settings.public_url)
-            message = new_message(failed.event_message_id, failed.account_id, "image.failed", data, to)
+            message = new_message(
+                failed.event_message_id,
+                failed.account_id,
+                "image.failed",
+                data,
+                to,
+                failed.resource_ids,
+                request_id=failed.request_id,
+            )
         if not await self.store.settle_upload(failed, image, message, self.settings.queue_name):
             return None
         await self._settle_failed(failed)

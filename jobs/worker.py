@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
-from arq.connections import ArqRedis
 from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.worker import Retry, func
@@ -23,8 +22,9 @@ from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
 from jobs.deps import CLEAN_STOPS_FORGIVEN, WorkerDeps
 from jobs.fetch import SourceFetcher
 from jobs.ids import new_id
+from jobs.logs import log_config
 from jobs.pipeline import configure_libvips
-from jobs.queue import PROCESS_IMAGE, WakeableArqRedis
+from jobs.queue import PROCESS_IMAGE, QueuePool, WakeableArqRedis
 from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, WaitForStorage, most_storage_waits, open_storage
 from jobs.store import Store
@@ -53,6 +53,8 @@ UPLOAD_SWEEP_TIMEOUT_SECONDS = 50
 TASK_TIMEOUT_GRACE_SECONDS = 30
 # How much longer than its task's time limit arq holds a job's lock (arq's own margin).
 LOCK_MARGIN_SECONDS = 10
+# The `arq` command's options that log as the settings say (otherwise arq sets up its own lines only).
+WORKER_LOG_ARGS = ("--custom-log-dict", "jobs.worker.LOG_CONFIG")
 # How long a worker without DARKROOM_PUBLIC_URL, started beside the web, waits for the web's address.
 PUBLIC_URL_POLL_SECONDS = 0.2
 PUBLIC_URL_POLLS = 150  # 30 s
@@ -101,9 +103,12 @@ async def run_again_when_transient(deps: WorkerDeps, subject_id: str) -> AsyncIt
 
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
-    async with run_again_when_transient(ctx["deps"], image_id):
-        await hold_lock_for(ctx, image_task_timeout(ctx["deps"].settings))
-        await processing.process_image(ctx["deps"], image_id, ctx["job_try"])
+    deps: WorkerDeps = ctx["deps"]
+    async with run_again_when_transient(deps, image_id):
+        await hold_lock_for(ctx, image_task_timeout(deps.settings))
+        await processing.process_image(deps, image_id, ctx["job_try"])
+        # Ended for good (a run to come raised above instead): the account's next image may start.
+        await deps.redis.release_slot(ctx["job_id"])
 
 
 async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
@@ -134,7 +139,7 @@ async def sweep_uploads(ctx: dict[str, Any]) -> None:
     await UploadDesk(deps.settings, deps.redis, deps.store, deps.storage).sweep()
 
 
-async def build_deps(settings: Settings, redis: ArqRedis) -> WorkerDeps:
+async def build_deps(settings: Settings, redis: QueuePool) -> WorkerDeps:
     """Everything the task cores use, made once per worker process (tests build it the same way)."""
     configure_libvips()
     storage = await open_storage(settings)
@@ -218,7 +223,9 @@ async def shutdown(ctx: dict[str, Any]) -> None:
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings)."""
-    pool = WakeableArqRedis.connect(settings.require_redis(), settings.queue_name)
+    pool = WakeableArqRedis.connect(
+        settings.require_redis(), settings.queue_name, fair=settings.fair_scheduling
+    )
     return {
         "functions": [
             func(process_image, name=PROCESS_IMAGE, timeout=image_task_timeout(settings)),
@@ -259,4 +266,6 @@ def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
         _use_uvloop()
         return worker_settings(Settings.from_env())
+    if name == "LOG_CONFIG":
+        return log_config(Settings.from_env())
     raise AttributeError(name)

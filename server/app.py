@@ -15,14 +15,16 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
+from jobs.logs import configure_logging
 from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, endpoints, health, images, metrics, openapi, uploads, variants
+from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
+from server.idempotency import IdempotencyMiddleware
 from server.problems import (
     Problem,
     handle_http_status,
@@ -31,6 +33,8 @@ from server.problems import (
     handle_store_unavailable,
     handle_unexpected,
 )
+from server.ratelimit import RateLimiter, RateLimitHeaders
+from server.request_log import RequestLogMiddleware
 
 # A request waits at most this long for Redis to connect or answer, then gets 503 store_unavailable: a
 # Redis that hangs (frozen, or its network gone) must not hang every request with it. The web sends no
@@ -49,6 +53,7 @@ def create_app(settings: Settings) -> Starlette:
         )
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
+        app.state.rate_limiter = RateLimiter(redis)
         app.state.storage = storage
         app.state.uploads = UploadDesk(settings, redis, app.state.store, storage)
         # Read from Redis when the first upload URL is signed or checked.
@@ -75,6 +80,7 @@ def create_app(settings: Settings) -> Starlette:
             *health.routes,
             *metrics.routes,
             *openapi.routes,
+            *docs.routes,
             *images.routes,
             *uploads.routes,
             *batches.routes,
@@ -89,11 +95,14 @@ def create_app(settings: Settings) -> Starlette:
             Exception: handle_unexpected,
         },
         middleware=[
+            Middleware(RequestLogMiddleware),
+            Middleware(RateLimitHeaders),
             Middleware(
                 BodyDeadlineMiddleware,
                 idle_timeout=settings.body_idle_timeout,
                 total_timeout=settings.body_timeout,
-            )
+            ),
+            Middleware(IdempotencyMiddleware, settings=settings),
         ],
         lifespan=lifespan,
     )
@@ -116,5 +125,8 @@ async def _announce_public_url(store: Store, public_url: str) -> None:
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        return create_app(Settings.from_env())
+        settings = Settings.from_env()
+        # After uvicorn's own logging set-up, which loading the app follows.
+        configure_logging(settings)
+        return create_app(settings)
     raise AttributeError(name)

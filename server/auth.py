@@ -7,11 +7,13 @@ from starlette.requests import Request
 from jobs.records import Account
 from jobs.store import Store
 from server.problems import Problem
+from server.ratelimit import count_request, request_limits
+from server.request_log import note_account
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
 
-def _presented_key(request: Request) -> str | None:
+def presented_key(request: Request) -> str | None:
     authorization = request.headers.get("authorization", "")
     scheme, _, credentials = authorization.partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
@@ -21,7 +23,12 @@ def _presented_key(request: Request) -> str | None:
 
 
 async def require_account(request: Request) -> Account:
-    api_key = _presented_key(request)
+    """The request's account, its request counted against its plan's rate limit (429 when over it).
+    Asked again for the same request, the same account, not counted again."""
+    known = request_limits(request)
+    if known is not None:
+        return known.account
+    api_key = presented_key(request)
     if api_key is None:
         raise Problem(
             401,
@@ -33,4 +40,6 @@ async def require_account(request: Request) -> Account:
     account = await store.authenticate(api_key)
     if account is None:
         raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
+    note_account(request, account.id)
+    await count_request(request, account)
     return account

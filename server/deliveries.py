@@ -17,6 +17,13 @@ from server.problems import Problem, validation_problem
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES, LoggedMessage, MessageFilter, is_endpoint
 
+# The delivery log's filters by id: the endpoint a message went to, the image or batch it is about.
+_ID_FILTERS = (
+    ("endpoint_id", "ep", "an endpoint"),
+    ("image_id", "img", "an image"),
+    ("batch_id", "bat", "a batch"),
+)
+
 
 async def _owned_message(request: Request, account_id: str) -> LoggedMessage:
     store: Store = request.app.state.store
@@ -43,17 +50,22 @@ async def list_deliveries(request: Request) -> Response:
         times[name] = canonical_time(raw) if raw else None
         if raw and times[name] is None:
             errors.append(FieldError(name, TIME_FORMAT_HINT))
-    endpoint_id = query.get("endpoint_id") or None
-    if endpoint_id is not None and not is_id("ep", endpoint_id):
-        errors.append(FieldError("endpoint_id", "must be an endpoint id (ep_…)"))
+    ids: dict[str, str] = {}
+    for name, prefix, what in _ID_FILTERS:
+        given = query.get(name)
+        if given and not is_id(prefix, given):
+            errors.append(FieldError(name, f"must be {what} id ({prefix}_…)"))
+        elif given:
+            ids[name] = given
     if errors:
         raise validation_problem(errors)
     where = MessageFilter(
         status=chosen["status"],  # type: ignore[arg-type]  # parse_page checked it is a status
-        endpoint_id=endpoint_id,
+        endpoint_id=ids.get("endpoint_id"),
         event_type=chosen["event_type"],
         created_after=times["created_after"],
         created_before=times["created_before"],
+        resource_ids=tuple(ids[name] for name in ("image_id", "batch_id") if name in ids),
     )
     store: Store = request.app.state.store
 

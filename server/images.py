@@ -30,6 +30,8 @@ from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
 from server.pagination import page_response, parse_page
 from server.problems import Problem, storage_full_problem, validation_problem
+from server.ratelimit import count_uploads, require_upload_room
+from server.request_log import request_id_of
 from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
 from server.variants import output_response, parse_variant_query, resolve_variant
 from webhooks.messages import iso, now_ms
@@ -60,6 +62,7 @@ async def create_image(request: Request) -> Response:
     if media_type(request) == "application/json":
         return await _create_image_from_json(request)
     account = await require_account(request)
+    await require_upload_room(request)
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, account_id=account.id)
@@ -98,7 +101,9 @@ async def create_image_from_url(request: Request, account: Account, body: dict[s
     except ValidationFailed as exc:
         raise validation_problem(exc.errors) from None
     batch = await batch_named(request, account.id, fields)
-    images = new_images(account.id, fields, batch, [(new_id("img"), None)], source_url)
+    images = new_images(
+        account.id, fields, batch, [(new_id("img"), None)], source_url, request_id=request_id_of(request)
+    )
     await store_and_queue(request, images, batch, originals=())
     return _accepted(images[0], settings)
 
@@ -175,6 +180,7 @@ async def accept_uploads(
         fields,
         batch,
         [(upload.image_id, info) for upload, info in zip(files, inputs, strict=True)],
+        request_id=request_id_of(request),
     )
     await store_and_queue(request, images, batch, list(zip(files, images, strict=True)))
     return images
@@ -187,9 +193,11 @@ def new_images(
     entries: Sequence[tuple[str, InputInfo | None]],
     source_url: str | None = None,
     upload: UploadState | None = None,
+    *,
+    request_id: str | None,
 ) -> list[ImageRecord]:
     """Records of new images, each an id and what its bytes are (None until a source is fetched or a
-    direct upload's bytes land)."""
+    direct upload's bytes land), made by the request `request_id`."""
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
     uploaded_ms = now_ms()
     return [
@@ -207,6 +215,7 @@ def new_images(
             expires_at=iso(uploaded_ms + fields.retention * 1000),
             source_url=source_url,
             upload=upload,
+            request_id=request_id,
         )
         for image_id, input_info in entries
     ]
@@ -246,9 +255,10 @@ async def store_and_queue(
 async def record_new_images(
     request: Request, images: Sequence[ImageRecord], batch: BatchRecord | None
 ) -> None:
-    """Save new image records and their jobs, into `batch` if any; a batch sealed or full meanwhile is a
-    409 problem, and nothing was saved."""
+    """Save new image records and their jobs, into `batch` if any, each image counted against the
+    account's upload rate limit; a batch sealed or full meanwhile is a 409 problem, and nothing was saved."""
     settings: Settings = request.app.state.settings
+    await count_uploads(request, len(images))
     try:
         if batch is None:
             await request.app.state.store.save_new_images(images, settings.queue_name)

@@ -1,11 +1,11 @@
-"""`/openapi.json` and `/docs`: the API described from the same models that validate requests."""
+"""`/openapi.json`: the API described from the same models that validate requests (`/docs` renders it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.ids import id_pattern
@@ -929,15 +929,4 @@ async def openapi_json(request: Request) -> Response:
     return JSONResponse(build_openapi(request.app.state.settings.public_url))
 
 
-_DOCS_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>Darkroom API</title></head>
-<body><redoc spec-url="/openapi.json"></redoc>
-<script src="https://cdn.redoc.ly/redoc/latest/bundles/redoc.standalone.js"></script></body></html>
-"""
-
-
-async def docs(request: Request) -> Response:
-    return HTMLResponse(_DOCS_PAGE)
-
-
-routes = [Route("/openapi.json", openapi_json), Route("/docs", docs)]
+routes = [Route("/openapi.json", openapi_json)]

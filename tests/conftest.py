@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from jobs.deps import WorkerDeps
 from jobs.pipeline import configure_libvips
+from jobs.plans import DEFAULT_TIER, TIERS, Plan
 from jobs.queue import QueuePool
 from jobs.settings import Settings
 from jobs.store import Store
@@ -113,8 +114,8 @@ class Partner:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
-async def make_account(redis: Redis, name: str) -> Partner:
-    created = await Store(redis).create_account(name)
+async def make_account(redis: Redis, name: str, plan: Plan = TIERS[DEFAULT_TIER]) -> Partner:
+    created = await Store(redis).create_account(name, plan)
     return Partner(created.account.id, created.api_key, created.account.webhook_secret)
 
 
@@ -155,7 +156,7 @@ async def run_burst(settings: Settings) -> Worker:
     included.
 
     It polls a plain pool: the wake-up wait would hold a burst worker on an empty queue."""
-    pool = QueuePool.connect(settings.redis_url, settings.queue_name)
+    pool = QueuePool.connect(settings.redis_url, settings.queue_name, fair=settings.fair_scheduling)
     worker = make_worker(settings, burst=True, redis_pool=pool)
     try:
         await worker.async_run()

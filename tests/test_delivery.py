@@ -31,6 +31,7 @@ from webhooks.messages import (
     message_key,
     new_message,
     now_ms,
+    resource_messages_key,
 )
 
 
@@ -143,6 +144,10 @@ async def test_rerun_after_a_crash_announces_once(
     assert delivery.headers["webhook-id"] == done.event_message_id
     listed = (await client.get("/v1/deliveries", headers=account.headers)).json()
     assert len(listed["data"]) == 1
+    shown = (await client.get(f"/v1/images/{image_id}", headers=account.headers)).json()
+    assert shown["webhooks"] == [
+        {"id": done.event_message_id, "type": "image.completed", "endpoint_id": None}
+    ]
 
 
 async def test_rerun_of_an_interrupted_job_overwrites_its_output(
@@ -224,21 +229,30 @@ async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_s
 
 
 async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, account: Partner) -> None:
-    """Their records expire with Redis TTLs; the account's index of them is trimmed as new ones come."""
+    """Their records expire with Redis TTLs; the account's indexes of them (all, and by the image they are
+    about) are trimmed as new ones come, and an image's index goes with its newest message."""
     store = Store(redis, message_retention=60)
     now = now_ms()
-    old = Message(
-        lowest_id_at("msg", now - 120_000), account.id, "webhook.test", "{}", "2026-01-01T00:00:00.000Z", ()
-    )
+    old = lowest_id_at("msg", now - 120_000)
     kept = Message(
-        lowest_id_at("msg", now - 30_000), account.id, "webhook.test", "{}", "2026-01-01T00:00:00.000Z", ()
+        lowest_id_at("msg", now - 30_000),
+        account.id,
+        "image.completed",
+        "{}",
+        "2026-01-01T00:00:00.000Z",
+        (),
+        ("img_1",),
     )
-    await redis.zadd(account_messages_key(account.id), {old.id: 0})  # indexed two minutes ago
+    indexes = [account_messages_key(account.id), resource_messages_key(account.id, "img_1")]
+    for index in indexes:
+        await redis.zadd(index, {old: 0})  # indexed two minutes ago
 
     await store.save_message(kept)
 
-    assert await redis.zrange(account_messages_key(account.id), 0, -1) == [kept.id.encode()]
+    for index in indexes:
+        assert await redis.zrange(index, 0, -1) == [kept.id.encode()]
     assert await redis.ttl(message_key(kept.id)) <= 60
+    assert 0 < await redis.ttl(indexes[1]) <= 60
 
 
 def test_lowest_id_at_sorts_below_every_later_id_and_above_every_earlier_one() -> None:

@@ -14,6 +14,7 @@ import pytest
 import pyvips
 from redis.asyncio import Redis
 
+from jobs.queue import queued_jobs
 from jobs.settings import Settings
 from jobs.store import Store
 from jobs.uploads import UploadDesk
@@ -195,7 +196,7 @@ async def test_a_form_post_lands_once_when_the_redirect_and_a_start_race(
         client.get(follow), client.post("/v1/images", headers=account.headers, json=start)
     )
     assert (landed.status_code, started.status_code) == (200, 202), (landed.text, started.text)
-    assert await redis.zcard(s3_settings.queue_name) == 1
+    assert await queued_jobs(redis, s3_settings.queue_name) == 1
 
 
 async def test_a_second_form_post_after_landing_does_not_replace_the_checked_original(

@@ -12,6 +12,7 @@ import pytest
 import pyvips
 from redis.asyncio import Redis
 
+from jobs.queue import queued_jobs
 from jobs.settings import Settings, SettingsError
 from jobs.store import Store
 from jobs.uploads import UploadDesk
@@ -115,7 +116,7 @@ async def test_upload_first_then_choose_operations_at_post_images(
     assert landed.status_code == 200, landed.text
     assert landed.json()["upload"]["status"] == "received"
     # Stored, waiting for its operations: nothing is queued yet.
-    assert await redis.zcard(settings.queue_name) == 0
+    assert await queued_jobs(redis, settings.queue_name) == 0
 
     start = {"upload_id": created["id"], "operations": RESIZE_TO_32_PNG, "callback_url": receiver.url}
     started = await client.post("/v1/images", headers=account.headers, json=start)
@@ -149,7 +150,7 @@ async def test_a_second_put_and_concurrent_duplicate_puts_process_the_image_once
     for answer in answers:
         if answer.status_code == 409:
             assert_problem(answer, 409, "upload_already_received")
-    assert await redis.zcard(settings.queue_name) == 1
+    assert await queued_jobs(redis, settings.queue_name) == 1
     assert_problem(await put_bytes(client, created, photo), 409, "upload_already_received")
 
     await run_burst(settings)
@@ -328,7 +329,7 @@ async def test_an_upload_deleted_before_its_bytes_came_takes_none(
     assert deleted.status_code == 204
     assert_problem(await put_bytes(client, created, photo), 404, "not_found")
     assert stored_blobs(settings) == []
-    assert await redis.zcard(settings.queue_name) == 0
+    assert await queued_jobs(redis, settings.queue_name) == 0
     async with worker_deps(settings) as deps:
         desk = UploadDesk(deps.settings, deps.redis, deps.store, deps.storage)
         assert await desk.sweep(int(time.time() * 1000) + 10 * 24 * 3600 * 1000) == 0
@@ -352,4 +353,4 @@ async def test_an_upload_deleted_while_its_bytes_arrive_keeps_none(
     monkeypatch.setattr(UploadDesk, "land", deleted_first)
     assert_problem(await put_bytes(client, created, photo), 404, "not_found")
     assert stored_blobs(settings) == []
-    assert await redis.zcard(settings.queue_name) == 0
+    assert await queued_jobs(redis, settings.queue_name) == 0

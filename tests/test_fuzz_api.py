@@ -106,7 +106,8 @@ def live_api(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[LiveApi]:
         web = children.start("web", procfile_command("web", port), env)
         worker = children.start("worker", procfile_command("worker", port), env)
         wait_until_ready(base_url, [web, worker])
-        partner = create_account(env, "fuzzer")
+        # Every example is a request: the biggest tier (500 a second), which the fuzzing cannot use up.
+        partner = create_account(env, "fuzzer", "--plan", "scale")
         ids = _seed(base_url, partner)
         worker.stop()
         yield LiveApi(base_url, partner, ids)

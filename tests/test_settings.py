@@ -28,9 +28,23 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
     assert Settings.from_env({"DARKROOM_STORAGE_FULL_GIVE_UP": "600"}).storage_full_give_up == 600
 
 
+def test_logs_are_json_at_info_unless_configured() -> None:
+    assert (Settings.from_env({}).log_format, Settings.from_env({}).log_level) == ("json", "INFO")
+    configured = Settings.from_env({"DARKROOM_LOG_FORMAT": "Text", "DARKROOM_LOG_LEVEL": "warning"})
+    assert (configured.log_format, configured.log_level) == ("text", "WARNING")
+
+
+def test_workers_share_themselves_between_accounts_unless_told_first_come_first_served() -> None:
+    assert Settings.from_env({}).fair_scheduling
+    assert not Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "off"}).fair_scheduling
+    assert Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "1"}).fair_scheduling
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
+        ("DARKROOM_LOG_FORMAT", "xml"),
+        ("DARKROOM_LOG_LEVEL", "loud"),
         ("DARKROOM_WEBHOOK_TIMEOUT", "0"),
         ("DARKROOM_WEBHOOK_TIMEOUT", "soon"),
         ("DARKROOM_MAX_PIXELS", "-1"),
@@ -38,6 +52,7 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
         ("DARKROOM_IMAGE_RETENTION", "0"),
         ("DARKROOM_MIN_FREE_BYTES", "plenty"),
         ("DARKROOM_MIN_FREE_BYTES", "-1"),
+        ("DARKROOM_FAIR_SCHEDULING", "sometimes"),
         ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
     ],
 )
@@ -79,4 +94,32 @@ def test_an_s3_storage_url_names_bucket_prefix_endpoint_and_region() -> None:
 )
 def test_a_storage_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str], named: str) -> None:
     with pytest.raises(SettingsError, match=named):
+        Settings.from_env(env)
+
+
+def test_idempotency_keys_are_kept_a_day_and_held_six_minutes_unless_configured() -> None:
+    defaults = Settings.from_env({})
+    assert (defaults.idempotency_ttl, defaults.idempotency_lock_timeout) == (86400, 360)
+    configured = Settings.from_env(
+        {
+            "DARKROOM_IDEMPOTENCY_TTL": "3600",
+            "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "90",
+            "DARKROOM_BODY_TIMEOUT": "60",
+        }
+    )
+    assert (configured.idempotency_ttl, configured.idempotency_lock_timeout) == (3600, 90)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"DARKROOM_IDEMPOTENCY_TTL": "0"},
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "0"},
+        # A request still receiving its body would lose its key to a retry.
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "300"},
+        {"DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "60", "DARKROOM_BODY_TIMEOUT": "120"},
+    ],
+)
+def test_an_idempotency_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match="DARKROOM_IDEMPOTENCY"):
         Settings.from_env(env)

@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 
 from jobs import inspection
 from jobs.formats import ImageFormat, ImageHeader
+from jobs.queue import queued_jobs
 from jobs.settings import Settings
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, run_burst, with_settings
@@ -64,7 +65,7 @@ async def assert_nothing_kept(
     client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
 ) -> None:
     """No job queued, no image record, no listing entry, no blob, no staging leftovers."""
-    assert await redis.zcard(settings.queue_name) == 0
+    assert await queued_jobs(redis, settings.queue_name) == 0
     assert await redis.keys("dr:image:*") == []
     listing = await client.get("/v1/images", headers=account.headers)
     assert listing.status_code == 200

@@ -19,7 +19,7 @@ from jobs.ids import new_id
 from jobs.settings import Settings
 from jobs.worker import WEBHOOK_CONNECTIONS_PER_ORIGIN
 from tests import imagegen
-from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
+from tests.conftest import Partner, api_client, make_account, run_burst, with_settings, worker_deps
 from tests.receiver import Answer, Receiver, SilentOrigins
 from tests.test_endpoints_api import (
     ENDPOINTS,
@@ -1162,9 +1162,45 @@ async def test_the_delivery_log_filters_and_pages(
     assert following == [second_test]
 
 
+async def test_an_image_names_its_webhooks_and_the_delivery_log_filters_by_image_and_batch(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, redis: Redis, receivers: MakeReceiver
+) -> None:
+    endpoint, heard = await endpoint_with_receiver(client, account, receivers, ["*"])
+    callback = receivers(account.webhook_secret)
+    batch = (await client.post("/v1/batches", json={}, headers=account.headers)).json()
+    alone = (await upload(client, account, imagegen.jpeg(), callback_url=callback.url)).json()
+    batched = (await upload(client, account, imagegen.jpeg(), batch_id=batch["id"])).json()
+    sealed = await client.post(f"/v1/batches/{batch['id']}/seal", headers=account.headers)
+    assert sealed.status_code == 200, sealed.text
+    await run_burst(settings)
+    await deliver(settings)
+    other = await make_account(redis, "another partner")
+
+    done = (await client.get(f"/v1/images/{alone['id']}", headers=account.headers)).json()
+    (to_callback,) = callback.deliveries
+    announced = to_callback.id
+    assert done["webhooks"] == [
+        {"id": announced, "type": "image.completed", "endpoint_id": None},
+        {"id": announced, "type": "image.completed", "endpoint_id": endpoint["id"]},
+    ]
+    assert (await listed_ids(client, account, f"image_id={alone['id']}")) == [announced]
+    batched_done = (await client.get(f"/v1/images/{batched['id']}", headers=account.headers)).json()
+    batched_announced = batched_done["webhooks"][0]["id"]
+    (batch_completed,) = await listed_ids(client, account, "event_type=batch.completed")
+    assert {delivery.id for delivery in heard.deliveries} == {announced, batched_announced, batch_completed}
+    in_batch = await listed_ids(client, account, f"batch_id={batch['id']}")
+    assert in_batch == [batch_completed, batched_announced]
+    both = f"batch_id={batch['id']}&image_id={batched['id']}"
+    assert await listed_ids(client, account, both) == [batched_announced]
+    assert await listed_ids(client, account, f"batch_id={batch['id']}&image_id={alone['id']}") == []
+    assert await listed_ids(client, other, f"image_id={alone['id']}") == []
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [
+        ("image_id=bat_0123", "image_id"),
+        ("batch_id=hooks", "batch_id"),
         ("status=lost", "status"),
         ("event_type=image.done", "event_type"),
         ("endpoint_id=hooks", "endpoint_id"),

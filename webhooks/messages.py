@@ -46,12 +46,23 @@ def iso(epoch_ms: int) -> str:
 
 
 def new_message(
-    msg_id: str, account_id: str, event_type: str, data: dict[str, Any], to: Sequence[Destination]
+    msg_id: str,
+    account_id: str,
+    event_type: str,
+    data: dict[str, Any],
+    to: Sequence[Destination],
+    resource_ids: Sequence[str] = (),
+    *,
+    request_id: str | None = None,
 ) -> Message:
-    """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so."""
+    """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so;
+    `resource_ids` name what it is about, for the delivery log's filters; `request_id` is the request
+    that led to it, for the dispatcher's log lines (never sent)."""
     created_at = iso(now_ms())
     body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
-    return Message(msg_id, account_id, event_type, body, created_at, tuple(to))
+    return Message(
+        msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids), request_id
+    )
 
 
 def is_success(status_code: int | None) -> bool:
@@ -78,6 +89,11 @@ def parse_due_member(member: str) -> tuple[str, str]:
 
 def account_messages_key(account_id: str) -> str:
     return f"dr:account:{account_id}:messages"
+
+
+def resource_messages_key(account_id: str, resource_id: str) -> str:
+    """The account's messages about one resource (an image, a batch), ordered as its whole index is."""
+    return f"dr:account:{account_id}:resource:{resource_id}:messages"
 
 
 def endpoint_pending_key(endpoint_id: str) -> str:
@@ -135,6 +151,10 @@ class Message:
     body: str
     created_at: str
     destinations: tuple[Destination, ...]
+    # The resources it is about: an image and its batch, or a batch (none for messages made before).
+    resource_ids: tuple[str, ...] = ()
+    # The X-Request-Id of the request that led to it, for the dispatcher's log lines (never sent).
+    request_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -143,6 +163,7 @@ class Message:
     def from_json(cls, raw: bytes | str) -> Message:
         data = json.loads(raw)
         data["destinations"] = tuple(Destination(**each) for each in data["destinations"])
+        data["resource_ids"] = tuple(data.get("resource_ids", ()))
         return cls(**data)
 
 
@@ -239,9 +260,13 @@ class MessageFilter:
     event_type: str | None = None
     created_after: str | None = None  # ISO 8601, compared as text (every timestamp here is UTC "…Z")
     created_before: str | None = None
+    # Messages about every one of these resources (an image's id, a batch's).
+    resource_ids: tuple[str, ...] = ()
 
     def admits(self, message: Message, deliveries: Sequence[Delivery]) -> bool:
         if self.event_type is not None and message.event_type != self.event_type:
+            return False
+        if not set(self.resource_ids) <= set(message.resource_ids):
             return False
         if self.created_after is not None and message.created_at < self.created_after:
             return False
@@ -351,14 +376,20 @@ class MessageStore:
 
     def stage_new(self, pipe: Any, message: Message) -> None:
         """Add a new message, each destination due now, to a caller's transaction, so it commits with
-        the event it announces. The account index has one score for all, so it is ordered by id, and
-        ids sort by time."""
-        index = account_messages_key(message.account_id)
+        the event it announces. The account's indexes (all its messages, those about each resource) have
+        one score for all, so they are ordered by id, and ids sort by time. A resource's index lives as
+        long as its newest message."""
         pipe.set(message_key(message.id), message.to_json(), ex=self.retention_seconds)
-        pipe.zadd(index, {message.id: 0})
         due = now_ms()
-        if self.oldest_kept_id is not None:
-            pipe.zremrangebylex(index, "-", f"({self.oldest_kept_id(due - self.retention_seconds * 1000)}")
+        account_index = account_messages_key(message.account_id)
+        resource_indexes = [resource_messages_key(message.account_id, r) for r in message.resource_ids]
+        for index in (account_index, *resource_indexes):
+            pipe.zadd(index, {message.id: 0})
+            if self.oldest_kept_id is not None:
+                oldest = self.oldest_kept_id(due - self.retention_seconds * 1000)
+                pipe.zremrangebylex(index, "-", f"({oldest}")
+        for index in resource_indexes:
+            pipe.expire(index, self.retention_seconds)
         for destination in message.destinations:
             member = due_member(message.id, destination.name)
             if destination.disabled_reason is not None:
@@ -425,13 +456,17 @@ class MessageStore:
     async def list_for_account(
         self, account_id: str, *, limit: int, before: str | None, where: MessageFilter
     ) -> list[LoggedMessage]:
-        """Newest first; message ids sort by time, so `before` is a cursor."""
+        """Newest first; message ids sort by time, so `before` is a cursor. Those about a resource are
+        read from its own index, not picked out of all the account's."""
         found: list[LoggedMessage] = []
         maximum = f"({before}" if before else "+"
+        index = (
+            resource_messages_key(account_id, where.resource_ids[0])
+            if where.resource_ids
+            else account_messages_key(account_id)
+        )
         while len(found) < limit:
-            ids = await self.redis.zrevrangebylex(
-                account_messages_key(account_id), maximum, "-", start=0, num=limit * 2
-            )
+            ids = await self.redis.zrevrangebylex(index, maximum, "-", start=0, num=limit * 2)
             if not ids:
                 break
             raws = await self.redis.mget([message_key(i.decode()) for i in ids])

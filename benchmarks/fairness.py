@@ -1,0 +1,225 @@
+"""Fair scheduling: one account's upload-to-webhook latency, idle and behind another's backlog. Same run.
+
+    python benchmarks/fairness.py [--backlog 2000] [--samples 40] [--rate 10] [--worker-concurrency W]
+        [--skip-unfair]
+
+It starts what production runs — an embedded redis-server (AOF on), `uvicorn server.app:app` and one
+`arq jobs.worker.WorkerSettings` — as child processes (benchmarks/throughput.py's harness), with two
+accounts of the default plan, A and B (A's uploads a minute lifted, so that its backlog fills in
+seconds; share and rendering at once as the plan has them), each with its own signature-checking
+receiver. Photos are small
+generated JPEGs (640x480, resized to 512 px wide and re-encoded, as throughput.py does), so a backlog of
+thousands drains in a minute or two.
+
+1. Idle: B uploads --samples images, one every 1/--rate s (not waiting for the previous one), and each
+   is timed from its upload sent to its signed webhook received, that time split by the image's record
+   into upload (sent to created), queued (to started), processing (to completed) and announce (to
+   received), and the cores the machine's other processes kept busy meanwhile (`others_cores`, from
+   /proc: on a shared machine, a disturbed phase shows there).
+2. Loaded: A uploads images, 12 in flight, until --backlog of them are queued (waiting their turn
+   included); then B does the same as in 1. The queued count is read again when B's last webhook
+   arrives: A's backlog stood the whole time.
+
+Both with fair scheduling on (the default) and, unless --skip-unfair, off (DARKROOM_FAIR_SCHEDULING=off:
+first come, first served), each on a service of its own. Prints one JSON object; for each mode the
+p50/p99 (ms) idle and loaded, and `p99_ratio` = loaded p99 / idle p99. Issue 13's goal: with fair
+scheduling, p99_ratio ≤ 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from photos import generated_jpegs
+from redis.asyncio import Redis
+from throughput import (
+    BIN,
+    Client,
+    Receiver,
+    Service,
+    Stamps,
+    benchmark_uploader,
+    cycle,
+    iso_seconds,
+    log,
+    machine_busy_seconds,
+    percentile,
+    processes_total,
+    running_service,
+    wait_ready,
+)
+
+from jobs.queue import queued_jobs
+from jobs.settings import Settings
+
+PARTS = ("upload", "queued", "processing", "announce")
+UPLOADS_IN_FLIGHT = 12
+UNLIMITED = ("--uploads-per-minute", "1000000", "--requests-per-minute", "1000000")
+# Uploads of the backlog sent between two reads of the queue's length.
+BACKLOG_STEP = 100
+
+
+def summary(seconds: list[float]) -> dict[str, float]:
+    return {
+        "p50_ms": round(statistics.median(seconds) * 1000, 1),
+        "p99_ms": round(percentile(seconds, 0.99) * 1000, 1),
+        "max_ms": round(max(seconds) * 1000, 1),
+    }
+
+
+@dataclass
+class Timings:
+    """Seconds from upload sent to webhook received, and that time's parts (ms) by the image's record:
+    upload (sent to created), queued (to started), processing (to completed), announce (to received)."""
+
+    total: list[float] = field(default_factory=list)
+    parts_ms: dict[str, list[float]] = field(default_factory=dict)
+    # Cores the machine's other processes kept busy meanwhile: a disturbed phase shows here.
+    others_cores: float = 0.0
+
+    def report(self) -> dict[str, Any]:
+        parts = {name: round(statistics.median(values), 1) for name, values in self.parts_ms.items()}
+        return {**summary(self.total), "median_parts_ms": parts, "others_cores": round(self.others_cores, 2)}
+
+
+async def timed_uploads(client: Client, photos: list[Path], rate: float) -> Timings:
+    """Each photo sent one every 1/rate s whatever came back, timed to its webhook."""
+
+    async def one(delay: float, photo: Path) -> Stamps:
+        await asyncio.sleep(delay)
+        return await client.one(photo)
+
+    timings = Timings()
+    cpu_before, busy_before, started = client.service.cpu(), machine_busy_seconds(), time.monotonic()
+    sent = await asyncio.gather(*(one(index / rate, photo) for index, photo in enumerate(photos)))
+    cpu_after, busy_after, elapsed = client.service.cpu(), machine_busy_seconds(), time.monotonic() - started
+    ours = processes_total({name: cpu_after[name] - cpu_before[name] for name in cpu_before})
+    timings.others_cores = max(busy_after - busy_before - ours, 0) / elapsed
+    for stamps in sent:
+        timings.total.append(stamps.received - stamps.sent)
+        record = await client.image(stamps.image_id)
+        moments = [
+            stamps.sent,
+            *(iso_seconds(record[name]) for name in ("created_at", "started_at", "completed_at")),
+            stamps.received,
+        ]
+        for name, start, end in zip(PARTS, moments, moments[1:], strict=False):
+            timings.parts_ms.setdefault(name, []).append((end - start) * 1000)
+    return timings
+
+
+def lift_rate_limits(service: Service, account_id: str) -> None:
+    """A's backlog comes faster than its plan's uploads a minute allow; its other numbers stay."""
+    subprocess.run(
+        [str(BIN / "darkroom"), "accounts", "update", account_id, *UNLIMITED],
+        env=service.env,
+        capture_output=True,
+        check=True,
+    )
+
+
+async def queued(redis: Redis) -> int:
+    return await queued_jobs(redis, Settings().queue_name)
+
+
+async def build_backlog(client: Client, photos: list[Path], redis: Redis, backlog: int) -> int:
+    """A's uploads, UPLOADS_IN_FLIGHT at a time, until `backlog` images are queued; how many were sent."""
+    slots = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
+
+    async def send(photo: Path) -> None:
+        async with slots:
+            await client.send(photo)
+
+    sent = 0
+    while await queued(redis) < backlog:
+        await asyncio.gather(*(send(photo) for photo in cycle(photos, BACKLOG_STEP)))
+        sent += BACKLOG_STEP
+    return sent
+
+
+async def measure(service: Service, photos: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    redis = Redis.from_url(service.env["REDIS_URL"])
+    receivers = [Receiver(""), Receiver("")]
+    for receiver in receivers:
+        await receiver.start()
+    uploader = benchmark_uploader(UPLOADS_IN_FLIGHT)
+    try:
+        async with aiohttp.ClientSession() as session:
+            await wait_ready(session, service)
+            busy = Client(service, session, uploader, receivers[0], photos)
+            measured = Client(service, session, uploader, receivers[1], photos)
+            lift_rate_limits(service, busy.account["account_id"])
+            for photo in photos:  # first requests import lazily, fill pools, warm libvips
+                await measured.one(photo)
+            samples = cycle(photos, args.samples)
+            log("idle")
+            idle = await timed_uploads(measured, samples, args.rate)
+            log(f"backlog of {args.backlog}")
+            started = time.monotonic()
+            sent = await build_backlog(busy, photos, redis, args.backlog)
+            backlog_at_start = await queued(redis)
+            log(f"loaded ({backlog_at_start} queued after {time.monotonic() - started:.1f} s)")
+            loaded = await timed_uploads(measured, samples, args.rate)
+            backlog_at_end = await queued(redis)
+    finally:
+        await uploader.aclose()
+        for receiver in receivers:
+            await receiver.stop()
+        await redis.aclose()
+    return {
+        "idle": idle.report(),
+        "loaded": loaded.report(),
+        "p99_ratio": round(percentile(loaded.total, 0.99) / percentile(idle.total, 0.99), 2),
+        "backlog_uploaded": sent,
+        "backlog_queued_at_start": backlog_at_start,
+        "backlog_queued_at_end": backlog_at_end,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backlog", type=int, default=2000, help="A's images queued while B is measured")
+    parser.add_argument("--samples", type=int, default=40, help="B's timed uploads per phase")
+    parser.add_argument("--rate", type=float, default=10.0, help="B's uploads per second")
+    parser.add_argument("--worker-concurrency", type=int, default=None, help="DARKROOM_WORKER_CONCURRENCY")
+    parser.add_argument("--skip-unfair", action="store_true", help="only with fair scheduling on")
+    args = parser.parse_args(argv)
+    results: dict[str, Any] = {
+        "machine": {"python": platform.python_version(), "cpus": len(os.sched_getaffinity(0))},
+        "settings": vars(args),
+    }
+    modes = {"fair": "on"} if args.skip_unfair else {"fair": "on", "first_come_first_served": "off"}
+    with tempfile.TemporaryDirectory(prefix="darkroom-fairness-") as scratch:
+        photos = generated_jpegs(Path(scratch) / "photos", 640, 480, count=4)
+        for mode, switch in modes.items():
+            log(f"{mode}: DARKROOM_FAIR_SCHEDULING={switch}")
+            with running_service(
+                Path(scratch) / mode,
+                args.worker_concurrency,
+                None,
+                extra_env={"DARKROOM_FAIR_SCHEDULING": switch},
+            ) as service:
+                results[mode] = asyncio.run(measure(service, photos, args))
+    results["goal_met"] = results["fair"]["p99_ratio"] <= 2
+    json.dump(results, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
