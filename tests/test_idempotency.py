@@ -152,6 +152,12 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
         listed = http.get("/v1/webhook-endpoints", headers=partner.headers).json()["data"]
     assert [each["id"] for each in listed] == [created.json()["id"]]
 
+    # A refusal of the request itself is its answer too: kept, and the fix is a new key.
+    bad_key, bad = new_key(), {"callback_url": "ftp://hooks.example.com"}
+    refused = web.post("/v1/batches", partner, bad_key, json=bad)
+    assert refused.status_code == 422 and refused.json()["code"] == "validation_failed", refused.text
+    assert_replays(refused, web.post("/v1/batches", partner, bad_key, json=bad))
+
 
 def test_a_retried_seal_is_answered_from_the_first(web: Web, partner: Partner) -> None:
     batch = web.post("/v1/batches", partner, None, json={}).json()
