@@ -235,9 +235,7 @@ async def _finish(
     message = None
     if final.event_message_id:
         data = final.resource(deps.settings.public_url)
-        message = new_message(
-            final.event_message_id, final.account_id, event_type, data, to, final.resource_ids
-        )
+        message = new_message(final.event_message_id, final.account_id, event_type, data, to, final.batch_id)
     stored = await deps.store.finish_image(final, message, previous=image)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.

@@ -168,11 +168,6 @@ class ImageRecord:
         return None if self.source_url is None else source_filename(self.source_url)
 
     @property
-    def resource_ids(self) -> tuple[str, ...]:
-        """What its events are about, for the delivery log's filters: the image, and its batch."""
-        return (self.id,) if self.batch_id is None else (self.id, self.batch_id)
-
-    @property
     def awaits_start(self) -> bool:
         """A direct upload not yet handed to processing: it has no job until its bytes land (and, for
         one created without operations, until `POST /v1/images` starts it)."""
