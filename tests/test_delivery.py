@@ -241,7 +241,7 @@ async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, 
         "{}",
         "2026-01-01T00:00:00.000Z",
         (),
-        "bat_1",
+        ("img_1", "bat_1"),
     )
     indexes = [account_messages_key(account.id), batch_messages_key(account.id, "bat_1")]
     for index in indexes:
@@ -253,6 +253,7 @@ async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, 
         assert await redis.zrange(index, 0, -1) == [kept.id.encode()]
     assert await redis.ttl(message_key(kept.id)) <= 60
     assert 0 < await redis.ttl(indexes[1]) <= 60
+    assert await redis.keys("*img_1*") == []  # an image's record names its message: no index of its own
 
 
 def test_lowest_id_at_sorts_below_every_later_id_and_above_every_earlier_one() -> None:

@@ -51,14 +51,18 @@ def new_message(
     event_type: str,
     data: dict[str, Any],
     to: Sequence[Destination],
-    batch_id: str | None = None,
+    resource_ids: Sequence[str] = (),
+    *,
+    request_id: str | None = None,
 ) -> Message:
     """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so;
-    `batch_id` names the batch it concerns (its own event, or one of its images'), for the delivery log's
-    filter."""
+    `resource_ids` name what it is about, for the delivery log's filters; `request_id` is the request
+    that led to it, for the dispatcher's log lines (never sent)."""
     created_at = iso(now_ms())
     body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
-    return Message(msg_id, account_id, event_type, body, created_at, tuple(to), batch_id)
+    return Message(
+        msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids), request_id
+    )
 
 
 def is_success(status_code: int | None) -> bool:
@@ -90,6 +94,12 @@ def account_messages_key(account_id: str) -> str:
 def batch_messages_key(account_id: str, batch_id: str) -> str:
     """The account's messages about one batch and its images, ordered as its whole index is."""
     return f"dr:account:{account_id}:batch:{batch_id}:messages"
+
+
+def is_batch_id(resource_id: str) -> bool:
+    """Of the resources a message is about, only batches have an index of their messages: an image's
+    record names its own message, and an index per image would cost a Redis key per image."""
+    return resource_id.startswith("bat_")
 
 
 def endpoint_pending_key(endpoint_id: str) -> str:
@@ -147,8 +157,10 @@ class Message:
     body: str
     created_at: str
     destinations: tuple[Destination, ...]
-    # The batch it concerns: its own event, or one of its images' (None for messages made before).
-    batch_id: str | None = None
+    # The resources it is about: an image and its batch, or a batch (none for messages made before).
+    resource_ids: tuple[str, ...] = ()
+    # The X-Request-Id of the request that led to it, for the dispatcher's log lines (never sent).
+    request_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -157,6 +169,7 @@ class Message:
     def from_json(cls, raw: bytes | str) -> Message:
         data = json.loads(raw)
         data["destinations"] = tuple(Destination(**each) for each in data["destinations"])
+        data["resource_ids"] = tuple(data.get("resource_ids", ()))
         return cls(**data)
 
 
@@ -260,7 +273,7 @@ class MessageFilter:
     def admits(self, message: Message, deliveries: Sequence[Delivery]) -> bool:
         if self.event_type is not None and message.event_type != self.event_type:
             return False
-        if self.batch_id is not None and message.batch_id != self.batch_id:
+        if self.batch_id is not None and self.batch_id not in message.resource_ids:
             return False
         if self.created_after is not None and message.created_at < self.created_after:
             return False
@@ -376,8 +389,8 @@ class MessageStore:
         pipe.set(message_key(message.id), message.to_json(), ex=self.retention_seconds)
         due = now_ms()
         indexes = [account_messages_key(message.account_id)]
-        if message.batch_id is not None:
-            indexes.append(batch_messages_key(message.account_id, message.batch_id))
+        for batch_id in filter(is_batch_id, message.resource_ids):
+            indexes.append(batch_messages_key(message.account_id, batch_id))
             pipe.expire(indexes[-1], self.retention_seconds)
         for index in indexes:
             pipe.zadd(index, {message.id: 0})
