@@ -116,6 +116,8 @@ def assert_replays(first: httpx.Response, again: httpx.Response) -> None:
     assert (again.status_code, again.content) == (first.status_code, first.content)
     for kept in ("location", "content-type", "content-length"):
         assert again.headers.get(kept) == first.headers.get(kept)
+    # The replay is a request of its own, with its own id.
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
 
 
 def test_a_retried_upload_is_answered_from_the_first_and_makes_one_image(web: Web, partner: Partner) -> None:
