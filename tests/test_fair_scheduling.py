@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import re
 
@@ -173,3 +174,14 @@ async def test_without_fair_scheduling_jobs_start_in_the_order_they_came(
 
     order = [image.id for image in await finished_images(redis, [*backlog, single])]
     assert order == [*backlog, single]
+
+
+async def test_workers_polling_together_are_each_handed_a_job_of_their_own(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    images = await upload(client, account, 2)
+
+    handed = await asyncio.gather(admit(settings), admit(settings))
+
+    expected = sorted(process_job_id(image_id).encode() for image_id in images)
+    assert sorted(job for jobs in handed for job in jobs) == expected

@@ -116,6 +116,8 @@ def assert_replays(first: httpx.Response, again: httpx.Response) -> None:
     assert (again.status_code, again.content) == (first.status_code, first.content)
     for kept in ("location", "content-type", "content-length"):
         assert again.headers.get(kept) == first.headers.get(kept)
+    # The replay is a request of its own, with its own id.
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
 
 
 def test_a_retried_upload_is_answered_from_the_first_and_makes_one_image(web: Web, partner: Partner) -> None:
@@ -149,6 +151,12 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     with httpx.Client(base_url=web.base_url, timeout=10) as http:
         listed = http.get("/v1/webhook-endpoints", headers=partner.headers).json()["data"]
     assert [each["id"] for each in listed] == [created.json()["id"]]
+
+    # A refusal of the request itself is its answer too: kept, and the fix is a new key.
+    bad_key, bad = new_key(), {"callback_url": "ftp://hooks.example.com"}
+    refused = web.post("/v1/batches", partner, bad_key, json=bad)
+    assert refused.status_code == 422 and refused.json()["code"] == "validation_failed", refused.text
+    assert_replays(refused, web.post("/v1/batches", partner, bad_key, json=bad))
 
 
 def test_a_retried_seal_is_answered_from_the_first(web: Web, partner: Partner) -> None:
@@ -265,6 +273,31 @@ def test_a_failure_of_ours_is_not_kept_and_the_retry_runs(
     assert_replays(retried, web.upload(partner, key))
 
 
+def half_sent_batch_create(web: Web, partner: Partner, key: str) -> socket.socket:
+    """A connection that sent the headers and the start of a JSON body, the rest never coming."""
+    connection = socket.create_connection(("127.0.0.1", int(web.base_url.rsplit(":", 1)[1])))
+    connection.sendall(
+        b"POST /v1/batches HTTP/1.1\r\nHost: darkroom\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {partner.api_key}\r\nIdempotency-Key: {key}\r\n".encode()
+        + b"Content-Length: 100\r\n\r\n{"
+    )
+    return connection
+
+
+def test_a_client_gone_mid_body_frees_its_key_at_once(
+    web: Web, partner: Partner, flushed: EmbeddedRedis
+) -> None:
+    key = new_key()
+    with redis.Redis.from_url(flushed.url) as store:
+        with half_sent_batch_create(web, partner, key):
+            poll(lambda: store.keys("idempotency:*"), "the key claimed", timeout=10)
+        # Released when the connection closed, not 6 minutes later when the claim would lapse.
+        poll(lambda: not store.keys("idempotency:*"), "the key released", timeout=10)
+    created = web.post("/v1/batches", partner, key, json={})
+    assert created.status_code == 201, created.text
+    assert "idempotent-replayed" not in created.headers
+
+
 def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
     children: Children, flushed: EmbeddedRedis, tmp_path: Path
 ) -> None:
@@ -273,16 +306,7 @@ def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
     survivor = start_web(children, flushed, tmp_path / "data", "surviving web", settings=timeouts)
     partner = create_account(survivor.env, "partner")
     key = new_key()
-    with (
-        redis.Redis.from_url(flushed.url) as store,
-        socket.create_connection(("127.0.0.1", int(doomed.base_url.rsplit(":", 1)[1]))) as half_sent,
-    ):
-        # Headers and the start of a JSON body; the rest never comes.
-        half_sent.sendall(
-            b"POST /v1/batches HTTP/1.1\r\nHost: darkroom\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {partner.api_key}\r\nIdempotency-Key: {key}\r\n".encode()
-            + b"Content-Length: 100\r\n\r\n{"
-        )
+    with redis.Redis.from_url(flushed.url) as store, half_sent_batch_create(doomed, partner, key):
         poll(lambda: store.keys("idempotency:*"), "the key claimed", timeout=10)
         os.kill(doomed.child.pid, signal.SIGKILL)
         busy = survivor.post("/v1/batches", partner, key, json={})
