@@ -116,6 +116,8 @@ def assert_replays(first: httpx.Response, again: httpx.Response) -> None:
     assert (again.status_code, again.content) == (first.status_code, first.content)
     for kept in ("location", "content-type", "content-length"):
         assert again.headers.get(kept) == first.headers.get(kept)
+    # The replay is a request of its own, with its own id.
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
 
 
 def test_a_retried_upload_is_answered_from_the_first_and_makes_one_image(web: Web, partner: Partner) -> None:
@@ -149,6 +151,12 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     with httpx.Client(base_url=web.base_url, timeout=10) as http:
         listed = http.get("/v1/webhook-endpoints", headers=partner.headers).json()["data"]
     assert [each["id"] for each in listed] == [created.json()["id"]]
+
+    # A refusal of the request itself is its answer too: kept, and the fix is a new key.
+    bad_key, bad = new_key(), {"callback_url": "ftp://hooks.example.com"}
+    refused = web.post("/v1/batches", partner, bad_key, json=bad)
+    assert refused.status_code == 422 and refused.json()["code"] == "validation_failed", refused.text
+    assert_replays(refused, web.post("/v1/batches", partner, bad_key, json=bad))
 
 
 def test_a_retried_seal_is_answered_from_the_first(web: Web, partner: Partner) -> None:
