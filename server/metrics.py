@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs import stats
+from jobs.queue import queued_jobs
 from jobs.settings import Settings
 from webhooks.messages import DUE_KEY
 
@@ -95,7 +96,11 @@ class _Snapshot(Collector):
             buckets = [(floatToGoString(bound), running) for bound, running in counts.buckets]  # type: ignore[no-untyped-call]
             family.add_metric([], buckets, counts.sum)
             yield family
-        yield GaugeMetricFamily("darkroom_queue_jobs", "Image jobs queued or running.", value=self.queue_jobs)
+        yield GaugeMetricFamily(
+            "darkroom_queue_jobs",
+            "Image jobs queued (waiting their account's turn included) or running.",
+            value=self.queue_jobs,
+        )
         yield GaugeMetricFamily(
             "darkroom_webhooks_pending",
             "Webhook messages waiting for their next attempt.",
@@ -111,7 +116,7 @@ async def metrics(request: Request) -> Response:
         _Snapshot(
             await stats.read(redis),
             await stats.read_histograms(redis),
-            await redis.zcard(settings.queue_name),
+            await queued_jobs(redis, settings.queue_name),
             await redis.zcard(DUE_KEY),
         )
     )
