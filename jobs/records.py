@@ -152,6 +152,8 @@ class ImageRecord:
     upload: UploadState | None = None
     # Where the worker fetches the original from, for an image submitted by URL.
     source_url: str | None = None
+    # The X-Request-Id of the request that created it: the worker's and dispatcher's log lines carry it.
+    request_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -348,6 +350,8 @@ class BatchRecord:
     # When the retention sweep deletes it, if its images have gone by then: the later of its creation
     # plus the retention and its images' expiries.
     expires_at: str | None = None
+    # The X-Request-Id of the request that created it, carried by its webhook messages.
+    request_id: str | None = None
 
     @property
     def status(self) -> BatchStatus:
@@ -367,6 +371,7 @@ class BatchRecord:
             "callback_url": self.callback_url,
             "archive": None if self.archive is None else asdict(self.archive),
             "metadata": self.metadata,
+            "request_id": self.request_id,
         }
         return json.dumps(fixed, separators=(",", ":"))
 

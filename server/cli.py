@@ -140,7 +140,12 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, *, default_tier: str | 
 
 def _webhooks_listen(args: argparse.Namespace) -> int:
     try:
-        listen.serve(args.secret, args.port, host=args.host)
+        secrets = listen.listen_secrets(args.secret)
+    except ValueError as exc:
+        print(f"darkroom webhooks listen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        listen.serve(secrets, args.port, host=args.host)
     except OSError as exc:  # the port is taken, or the host is not an address of this machine
         reason = exc.strerror or exc
         print(
@@ -185,7 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     webhooks_parser = commands.add_parser("webhooks", help="webhook tools")
     webhooks = webhooks_parser.add_subparsers(dest="action", required=True)
     listener = webhooks.add_parser("listen", help="receive, verify and print deliveries locally")
-    listener.add_argument("--secret", required=True, help="the whsec_… secret to verify with")
+    listener.add_argument(
+        "--secret",
+        action="append",
+        required=True,
+        metavar="[LABEL=]whsec_…",
+        help="a secret to verify with, optionally labelled (callback=whsec_…, ep_…=whsec_…); repeat it to"
+        " hear callbacks and endpoints at once: each delivery is printed with the label of the one that"
+        " verified it",
+    )
     listener.add_argument("--port", type=int, default=8787)
     listener.add_argument("--host", default="127.0.0.1")
     listener.set_defaults(run=_webhooks_listen)

@@ -59,20 +59,30 @@ async def list_deliveries(request: Request) -> Response:
             ids[name] = given
     if errors:
         raise validation_problem(errors)
+    store: Store = request.app.state.store
     where = MessageFilter(
         status=chosen["status"],  # type: ignore[arg-type]  # parse_page checked it is a status
         endpoint_id=ids.get("endpoint_id"),
         event_type=chosen["event_type"],
         created_after=times["created_after"],
         created_before=times["created_before"],
-        resource_ids=tuple(ids[name] for name in ("image_id", "batch_id") if name in ids),
+        batch_id=ids.get("batch_id"),
+        message_ids=None
+        if "image_id" not in ids
+        else await _image_message_ids(store, account.id, ids["image_id"]),
     )
-    store: Store = request.app.state.store
 
     async def fetch(limit: int, before: str | None) -> list[LoggedMessage]:
         return await store.messages.list_for_account(account.id, limit=limit, before=before, where=where)
 
     return await page_response(page, fetch, LoggedMessage.resource)
+
+
+async def _image_message_ids(store: Store, account_id: str, image_id: str) -> tuple[str, ...]:
+    """The messages about the account's image, as its record names them (none for an image that is
+    gone, or another account's)."""
+    image = await store.get_account_image(account_id, image_id)
+    return () if image is None or image.event_message_id is None else (image.event_message_id,)
 
 
 async def retry_delivery(request: Request) -> Response:

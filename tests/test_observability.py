@@ -5,6 +5,7 @@ from __future__ import annotations
 import httpx
 from starlette.routing import Route
 
+from jobs.ids import is_id
 from jobs.ops.geometry import ResizeParams
 from jobs.settings import Settings
 from server.app import create_app
@@ -66,3 +67,34 @@ async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, sett
     }
     assert served - described == set()
     assert described - served == set()
+
+
+async def test_a_request_id_is_echoed_when_usable_and_made_otherwise(client: httpx.AsyncClient) -> None:
+    given = await client.get("/healthz", headers={"X-Request-Id": "checkout-7f3a/retry:2"})
+    assert given.headers["x-request-id"] == "checkout-7f3a/retry:2"
+
+    made = await client.get("/healthz")
+    other = await client.get("/healthz")
+    assert is_id("req", made.headers["x-request-id"])
+    assert made.headers["x-request-id"] < other.headers["x-request-id"]  # sortable by time
+
+    for unusable in ("x" * 129, "has space", "", "caf\u00e9"):
+        replaced = await client.get("/healthz", headers={"X-Request-Id": unusable.encode("utf-8")})
+        assert is_id("req", replaced.headers["x-request-id"]), unusable
+
+
+async def test_problems_name_the_request_id_in_body_and_header(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    unauthorized = await client.get("/v1/images", headers={"X-Request-Id": "mine-1"})
+    assert unauthorized.status_code == 401
+    assert unauthorized.headers["x-request-id"] == "mine-1"
+    assert unauthorized.json()["request_id"] == "mine-1"
+
+    no_route = await client.get("/nowhere")
+    assert no_route.status_code == 404
+    assert no_route.json()["request_id"] == no_route.headers["x-request-id"]
+
+    too_large = await client.post("/v1/batches", headers=account.headers, content=b"[" * 70_000, params={})
+    assert too_large.status_code == 413
+    assert too_large.json()["request_id"] == too_large.headers["x-request-id"]

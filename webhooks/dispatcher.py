@@ -41,6 +41,7 @@ from webhooks.endpoints import (
     valid_secrets,
 )
 from webhooks.lanes import ATTEMPTS_PER_CONNECTION, SLOW_AFTER_SECONDS, OriginLanes, Running
+from webhooks.log_context import bind
 from webhooks.messages import (
     CALLBACK,
     DUE_KEY,
@@ -493,7 +494,7 @@ class Dispatcher:
             log.error("webhook attempt crashed", exc_info=task.exception())
 
     async def _attempt(self, claimed: _Claimed) -> None:
-        member, endpoint = claimed.member, claimed.endpoint
+        member = claimed.member
         _, destination = parse_due_member(member)
         raw_delivery, raw_message = claimed.raw_delivery, claimed.raw_message
         delivery = None if raw_delivery is None else Delivery.from_json(raw_delivery)
@@ -508,6 +509,12 @@ class Dispatcher:
                 await pipe.execute()
             return
         message = Message.from_json(raw_message)
+        with bind(msg_id=message.id, request_id=message.request_id, **_subject_of(message)):
+            await self._attempt_message(claimed, delivery, message)
+
+    async def _attempt_message(self, claimed: _Claimed, delivery: Delivery, message: Message) -> None:
+        endpoint = claimed.endpoint
+        _, destination = parse_due_member(claimed.member)
         number = len(delivery.attempts) + 1
         started = now_ms()
         if destination == CALLBACK:
@@ -566,6 +573,20 @@ class Dispatcher:
         """Append the attempt, re-score or finish the delivery, give back its leases and, when
         `endpoint` is given, record the receiver's health: all in one transaction (shared with the
         attempts that finish meanwhile; see `_commit`)."""
+        log.info(
+            "webhook attempt %d to %s: %s",
+            attempt.number,
+            delivery.destination,
+            attempt.status_code or attempt.error,
+            extra={
+                "destination": delivery.destination,
+                "attempt": attempt.number,
+                "status_code": attempt.status_code,
+                "latency_ms": attempt.latency_ms,
+                "outcome": status,
+                "error": attempt.error,
+            },
+        )
         announcement = None
         if (
             endpoint is not None
@@ -657,6 +678,13 @@ class _RecentSecrets:
             self._remembered = {k: v for k, v in self._remembered.items() if v[0] > moment}
         self._remembered[account_id] = (moment + _RECENT_SECONDS, secrets)
         return secrets
+
+
+def _subject_of(message: Message) -> dict[str, str]:
+    """The image and batch an event is about, for the log lines of its deliveries."""
+    prefixes = {"img": "image_id", "bat": "batch_id"}
+    named = ((prefixes.get(resource.partition("_")[0]), resource) for resource in message.resource_ids)
+    return {field: resource for field, resource in named if field is not None}
 
 
 def _duration(seconds: float) -> str:

@@ -1,6 +1,8 @@
 """`darkroom webhooks listen`: a local receiver that verifies each delivery and prints it.
 
-Standard library only, like `webhooks.signing`: it doubles as a reference receiver.
+It may hold several secrets (the account's callback secret, each endpoint's), so that one listener hears
+every event: each delivery is checked against all of them and printed with the label of the one that
+signed it. Standard library only, like `webhooks.signing`: it doubles as a reference receiver.
 """
 
 from __future__ import annotations
@@ -9,16 +11,60 @@ import contextlib
 import json
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TextIO
 
-from webhooks.signing import WebhookVerificationError, verify
+from webhooks.signing import SECRET_PREFIX, SignatureMismatch, WebhookVerificationError, check_secret, verify
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 
 
-def make_handler(secret: str, out: TextIO) -> type[BaseHTTPRequestHandler]:
+@dataclass(frozen=True)
+class ListenSecret:
+    """A secret to verify with, and the label printed beside what it verified ("" for a lone one)."""
+
+    label: str
+    secret: str
+
+
+def listen_secrets(values: Sequence[str]) -> list[ListenSecret]:
+    """`--secret` values: `whsec_…`, or `LABEL=whsec_…` (`callback=…`, `ep_01…=…`). Unlabelled ones are
+    labelled by their place (`#2`) when there are several. ValueError names a malformed or repeated one."""
+    found: list[ListenSecret] = []
+    for place, value in enumerate(values, start=1):
+        labelled = not value.startswith(SECRET_PREFIX) and "=" in value
+        label, secret = value.split("=", 1) if labelled else ("", value)
+        if not label and len(values) > 1:
+            label = f"#{place}"
+        try:
+            check_secret(secret)
+        except ValueError as exc:
+            raise ValueError(f"--secret {label or f'#{place}'}: {exc}") from None
+        if any(kept.label == label for kept in found):
+            raise ValueError(f"--secret: the label {label!r} is given twice")
+        found.append(ListenSecret(label, secret))
+    if not found:
+        raise ValueError("give at least one --secret")
+    return found
+
+
+def verified_by(secrets: Sequence[ListenSecret], headers: Mapping[str, str], body: bytes) -> ListenSecret:
+    """The first secret that verifies the delivery. Otherwise WebhookVerificationError: a malformed or
+    stale delivery fails with the first secret as with any; a well-formed one signed otherwise, with all."""
+    for candidate in secrets:
+        try:
+            verify(candidate.secret, headers, body)
+        except SignatureMismatch:
+            continue
+        return candidate
+    if len(secrets) == 1:
+        raise SignatureMismatch("no matching signature")
+    raise SignatureMismatch(f"no signature matches any of the {len(secrets)} secrets")
+
+
+def make_handler(secrets: Sequence[ListenSecret], out: TextIO) -> type[BaseHTTPRequestHandler]:
     # Deliveries arrive on threads of their own: each one's lines go out whole, in one write.
     printing = threading.Lock()
 
@@ -42,12 +88,12 @@ def make_handler(secret: str, out: TextIO) -> type[BaseHTTPRequestHandler]:
                 return
             body = self.rfile.read(length)
             try:
-                verify(secret, dict(self.headers.items()), body)
+                signer = verified_by(secrets, dict(self.headers.items()), body)
             except WebhookVerificationError as exc:
                 show(f"✗ rejected {self.headers.get('webhook-id', '?')}: {exc}")
                 self._answer(400, str(exc))
                 return
-            show(_describe(self.headers.get("webhook-id", ""), body))
+            show(_describe(self.headers.get("webhook-id", ""), body, signer.label))
             self._answer(200, "ok")
 
         def _answer(self, status: int, text: str) -> None:
@@ -64,14 +110,15 @@ def make_handler(secret: str, out: TextIO) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _describe(msg_id: str, body: bytes) -> str:
+def _describe(msg_id: str, body: bytes, label: str) -> str:
+    signed_by = f" [{label}]" if label else ""
     try:
         event = json.loads(body)
     except ValueError:
-        return f"✓ {msg_id} (body is not JSON)"
+        return f"✓ {msg_id} (body is not JSON){signed_by}"
     data = event.get("data") or {}
     summary = f"✓ {event.get('type', '?')} {msg_id} {data.get('id', '')} {data.get('status', '')}".rstrip()
-    return summary + "\n" + json.dumps(event, indent=2)
+    return summary + signed_by + "\n" + json.dumps(event, indent=2)
 
 
 class ListenServer(ThreadingHTTPServer):
@@ -81,13 +128,13 @@ class ListenServer(ThreadingHTTPServer):
 
 
 def serve(
-    secret: str,
+    secrets: Sequence[ListenSecret],
     port: int,
     host: str = "127.0.0.1",
     out: TextIO = sys.stdout,
     on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    with ListenServer((host, port), make_handler(secret, out)) as server:
+    with ListenServer((host, port), make_handler(secrets, out)) as server:
         bound_port = server.server_address[1]
         print(
             f"Listening for Darkroom webhooks on http://{host}:{bound_port}/ (Ctrl-C to stop)",

@@ -22,6 +22,10 @@ class WebhookVerificationError(Exception):
     """The delivery is not authentic, or too old or too new to accept."""
 
 
+class SignatureMismatch(WebhookVerificationError):
+    """Well formed and in time, but signed with none of the secrets tried."""
+
+
 def generate_secret(num_bytes: int = 32) -> str:
     return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(num_bytes)).decode()
 
@@ -36,6 +40,11 @@ def _key(secret: str) -> bytes:
         # An empty HMAC key is a signature anyone can forge.
         raise ValueError("a webhook secret must not be empty")
     return key
+
+
+def check_secret(secret: str) -> None:
+    """ValueError unless `secret` is one this module can sign and verify with."""
+    _key(secret)
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -94,4 +103,4 @@ def verify(
             candidate.encode("utf-8", "replace"), expected
         ):
             return
-    raise WebhookVerificationError("no matching signature")
+    raise SignatureMismatch("no matching signature")
