@@ -9,6 +9,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from jobs import stats
+from jobs.queue import queued_jobs
 from jobs.settings import Settings
 from webhooks.messages import DUE_KEY
 
@@ -17,7 +18,7 @@ _HELP = {
     "darkroom_images_finished_total": ("counter", "Images that reached a terminal status, by status."),
     "darkroom_images_failed_total": ("counter", "Failed images, by error code."),
     "darkroom_webhook_attempts_total": ("counter", "Webhook delivery attempts, by outcome."),
-    "darkroom_queue_jobs": ("gauge", "Image jobs queued or running."),
+    "darkroom_queue_jobs": ("gauge", "Image jobs queued (waiting their account's turn included) or running."),
     "darkroom_webhooks_pending": ("gauge", "Webhook messages waiting for their next attempt."),
 }
 
@@ -53,7 +54,7 @@ async def metrics(request: Request) -> Response:
     redis = request.app.state.redis
     settings: Settings = request.app.state.settings
     counters = await stats.read(redis)
-    queue_jobs = await redis.zcard(settings.queue_name)
+    queue_jobs = await queued_jobs(redis, settings.queue_name)
     webhooks_pending = await redis.zcard(DUE_KEY)
     return PlainTextResponse(
         render_metrics(counters, queue_jobs, webhooks_pending), media_type="text/plain; version=0.0.4"
