@@ -209,7 +209,13 @@ class Batches:
                     "failures": await self.failures(batch_id),
                 }
                 message = new_message(
-                    completed.completion_message_id, batch.account_id, "batch.completed", data, to, [batch_id]
+                    completed.completion_message_id,
+                    batch.account_id,
+                    "batch.completed",
+                    data,
+                    to,
+                    [batch_id],
+                    request_id=batch.request_id,
                 )
 
             def writes(pipe: Any) -> None:
@@ -285,7 +291,15 @@ class Batches:
             message = None
             if final.message_id is not None:
                 data = finished.resource(self.settings.public_url)
-                message = new_message(final.message_id, batch.account_id, event_type, data, to, [batch_id])
+                message = new_message(
+                    final.message_id,
+                    batch.account_id,
+                    event_type,
+                    data,
+                    to,
+                    [batch_id],
+                    request_id=batch.request_id,
+                )
 
             def writes(pipe: Any) -> None:
                 pipe.hset(batch_key(batch_id), "archive", final.to_json())

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from pathlib import Path
 
 from jobs import events
@@ -21,8 +22,16 @@ from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
 from jobs.pipeline import KillSwitch, RenderedImage, render
-from jobs.records import ImageError, ImageRecord, InputInfo, OutputInfo, source_filename, utc_now
+from jobs.records import (
+    ImageError,
+    ImageRecord,
+    InputInfo,
+    OutputInfo,
+    source_filename,
+    utc_now,
+)
 from jobs.storage import BlobMissing, StorageFull, StorageUnavailable, is_full
+from webhooks.log_context import bind
 from webhooks.messages import new_message
 
 log = logging.getLogger("darkroom.processing")
@@ -35,6 +44,11 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     image = await deps.store.get_image(image_id)
     if image is None:
         return  # deleted by its owner before we got to it
+    with bind(image_id=image.id, account_id=image.account_id, request_id=image.request_id):
+        await _process(deps, image, job_try)
+
+
+async def _process(deps: WorkerDeps, image: ImageRecord, job_try: int) -> None:
     if image.is_terminal:
         await _settle(deps, image)
         return
@@ -54,13 +68,21 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
     stored, image = image, image.evolve(status="processing", attempts=job_try, started_at=utc_now())
     if not await deps.store.update_image(image, previous=stored):
         return
+    log.info(
+        "processing %s (attempt %d)",
+        image.id,
+        job_try,
+        extra={"attempt": job_try, "queue_wait_ms": image.queue_wait_ms},
+    )
     # One time limit for the whole job: fetching a source_url, then rendering.
     deadline = asyncio.get_running_loop().time() + deps.settings.job_timeout
     try:
         original = image.input
         if original is None:
             image, original = await _fetch_source(deps, image, deadline)
+        render_started = time.perf_counter()
         rendered = await _render_with_deadline(deps, image, original, deadline)
+        render_ms = (time.perf_counter() - render_started) * 1000
     except StorageFull:
         await _wait_for_storage(deps, image)
         return
@@ -96,7 +118,7 @@ async def process_image(deps: WorkerDeps, image_id: str, job_try: int) -> None:
         await _wait_for_storage(deps, image, unavailable=isinstance(exc, StorageUnavailable))
         return
     output = OutputInfo(rendered.format, rendered.width, rendered.height, rendered.bytes, output_key)
-    await _finish(deps, image, output=output)
+    await _finish(deps, image, output=output, render_ms=render_ms)
 
 
 async def _wait_for_storage(deps: WorkerDeps, image: ImageRecord, *, unavailable: bool = False) -> None:
@@ -221,7 +243,12 @@ def _discard(finished: asyncio.Future[RenderedImage], stem: Path) -> None:
 
 
 async def _finish(
-    deps: WorkerDeps, image: ImageRecord, *, output: OutputInfo | None = None, error: ImageError | None = None
+    deps: WorkerDeps,
+    image: ImageRecord,
+    *,
+    output: OutputInfo | None = None,
+    error: ImageError | None = None,
+    render_ms: float | None = None,
 ) -> None:
     event_type = "image.completed" if error is None else "image.failed"
     to = await events.destinations(deps.store, image.account_id, event_type, image.callback_url)
@@ -236,13 +263,32 @@ async def _finish(
     if final.event_message_id:
         data = final.resource(deps.settings.public_url)
         message = new_message(
-            final.event_message_id, final.account_id, event_type, data, to, final.resource_ids
+            final.event_message_id,
+            final.account_id,
+            event_type,
+            data,
+            to,
+            final.resource_ids,
+            request_id=final.request_id,
         )
-    stored = await deps.store.finish_image(final, message, previous=image)
+    render_seconds = None if render_ms is None else render_ms / 1000
+    stored = await deps.store.finish_image(final, message, previous=image, render_seconds=render_seconds)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.
         await deps.storage.delete_tree(f"{image.account_id}/{image.id}")
+        log.info("%s was deleted while it was processed", image.id)
         return
+    log.info(
+        "%s %s",
+        image.id,
+        stored.status,
+        extra={
+            "outcome": stored.status,
+            "error_code": None if stored.error is None else stored.error.code,
+            "render_ms": None if render_ms is None else round(render_ms, 3),
+            "msg_id": stored.event_message_id,
+        },
+    )
     await _settle(deps, stored)
 
 

@@ -136,7 +136,7 @@ _ADMIT_AND_PICK = """
 local queue, now, limit, running_prefix = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local job_prefix, job_ttl, account_prefix, wake = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local fair, default_max, default_share = ARGV[8] == '1', tonumber(ARGV[9]), tonumber(ARGV[10])
-local reclaim_every_ms = ARGV[11]
+local reclaim_every_ms, offer_ms = ARGV[11], ARGV[12]
 local BASE, UNIT = 4503599627370496, 5040
 local fair_prefix = queue .. ':fair:'
 local ready, payloads, owners = fair_prefix .. 'ready', fair_prefix .. 'jobs', fair_prefix .. 'owners'
@@ -199,6 +199,8 @@ end
 
 -- arq keeps a running job in its queue until it ends, so its poll returns the running jobs too and a
 -- busy worker would never wait. Only jobs due and not running: real-timed ones first, then tagged.
+-- Nor those just handed to another worker's poll, not claimed yet: workers polling together each get
+-- one of their own instead of all the same (the claim's WATCH would leave all but one with nothing).
 local startable, picked_tag = {}, nil
 local function collect(low, high)
   local offset = 0
@@ -206,7 +208,9 @@ local function collect(low, high)
     local due = redis.call('ZRANGEBYSCORE', queue, low, high, 'WITHSCORES', 'LIMIT', offset, 100)
     if #due == 0 then return end
     for i = 1, #due, 2 do
-      if redis.call('EXISTS', running_prefix .. due[i]) == 0 then
+      local offered = queue .. ':offered:' .. due[i]
+      if redis.call('EXISTS', running_prefix .. due[i], offered) == 0 then
+        redis.call('SET', offered, '1', 'PX', offer_ms)
         startable[#startable + 1] = due[i]
         local score = tonumber(due[i + 1])
         if score < 0 then picked_tag = math.max(picked_tag or score, score) end
@@ -231,6 +235,9 @@ RECLAIM_EVERY_MS = 60_000
 # longer list would be started in the order of its poll however the queue changed meanwhile (a new
 # account's image would wait behind it): one, and arq polls again as soon as a slot is free.
 JOBS_PER_POLL = 1
+# How long a job handed to a poll is kept from the others' polls: ample for arq to claim it (one round
+# trip); should the worker not, the job is handed out again after that.
+OFFER_MS = 200
 
 
 class QueuePool(ArqRedis):
@@ -294,6 +301,7 @@ class QueuePool(ArqRedis):
                 default_plan.max_processing,
                 default_plan.share,
                 RECLAIM_EVERY_MS,
+                OFFER_MS,
             ],
         )
         return list(startable), float(next_due) if next_due else None

@@ -152,10 +152,19 @@ class ImageRecord:
     upload: UploadState | None = None
     # Where the worker fetches the original from, for an image submitted by URL.
     source_url: str | None = None
+    # The X-Request-Id of the request that created it: the worker's and dispatcher's log lines carry it.
+    request_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+    @property
+    def queue_wait_ms(self) -> float | None:
+        """From the upload to the start of its processing (the last start, for a job run again)."""
+        if self.started_at is None:
+            return None
+        return float(epoch_ms(self.started_at) - epoch_ms(self.created_at))
 
     @property
     def filename(self) -> str | None:
@@ -348,6 +357,8 @@ class BatchRecord:
     # When the retention sweep deletes it, if its images have gone by then: the later of its creation
     # plus the retention and its images' expiries.
     expires_at: str | None = None
+    # The X-Request-Id of the request that created it, carried by its webhook messages.
+    request_id: str | None = None
 
     @property
     def status(self) -> BatchStatus:
@@ -367,6 +378,7 @@ class BatchRecord:
             "callback_url": self.callback_url,
             "archive": None if self.archive is None else asdict(self.archive),
             "metadata": self.metadata,
+            "request_id": self.request_id,
         }
         return json.dumps(fixed, separators=(",", ":"))
 

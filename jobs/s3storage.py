@@ -7,9 +7,10 @@ signer makes query-string URLs (GET, PUT) only, with no policy conditions.
 
 Large files go up as multipart uploads, a part at a time, so memory stays bounded by the part size
 (DARKROOM_S3_PART_SIZE). The requests that carry bytes (GetObject, PutObject, UploadPart: three per
-image) go out as URLs botocore presigns, over one pooled aiohttp session: botocore's own request
-pipeline cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and local_copy
-of a corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object). The other calls
+image) go out as presigned URLs over one pooled aiohttp session: botocore's own request pipeline
+cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and local_copy of a
+corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object), and its presigner
+300 us a URL, so jobs/s3signing.py signs them (20 us). The other calls
 (multipart create and complete, listing, deleting, heads) go through the client. Anything the service
 answers other than "no such key" that stops an operation (a 5xx, throttling, a refused connection,
 after three attempts) is StorageUnavailable.
@@ -20,20 +21,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import io
 import logging
 import random
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from aiobotocore.config import AioConfig
+from aiobotocore.credentials import AioCredentials
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 
+from jobs.s3signing import QuerySigner
 from jobs.settings import Settings
 from jobs.storage import (
     STREAM_CHUNK_BYTES,
@@ -64,6 +66,8 @@ DELETE_BATCH = 1000
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
 # A presigned data-path URL is used at once; its life only has to cover botocore-like retries.
 DATA_URL_SECONDS = 900
+# A key of plain characters, whose presigned URL shows how the bucket's object URLs are made.
+_PROBE_KEY = "darkroom-probe"
 # How S3 explains a refusal in its XML error body.
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
@@ -80,6 +84,8 @@ class S3Storage(ScratchFolder):
         self._exit_stack = AsyncExitStack()
         self._client: S3Client | None = None
         self._http: aiohttp.ClientSession | None = None
+        self._credentials: AioCredentials | None = None
+        self._signer: QuerySigner | None = None
 
     async def prepare(self) -> None:
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -100,10 +106,18 @@ class S3Storage(ScratchFolder):
             # MinIO and moto serve buckets by path; AWS picks virtual hosts itself.
             s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
         )
-        client = AioSession().create_client(
+        session = AioSession()
+        client = session.create_client(
             "s3", region_name=settings.s3_region, endpoint_url=settings.s3_endpoint_url, config=config
         )
         self._client = await self._exit_stack.enter_async_context(client)
+        # The session's credentials are the client's (one chain, resolved once, refreshed in place).
+        self._credentials = await session.get_credentials()
+        if self._credentials is not None:  # else every request fails, as the client's would
+            probe = await self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=DATA_URL_SECONDS
+            )
+            self._signer = QuerySigner.like(probe, _PROBE_KEY, DATA_URL_SECONDS)
         self._http = await self._exit_stack.enter_async_context(
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),
@@ -131,23 +145,26 @@ class S3Storage(ScratchFolder):
     async def send(
         self,
         method: str,
-        operation: str,
-        params: dict[str, Any],
-        body: bytes | None = None,
+        object_key: str,
+        query: dict[str, str | int] | None = None,
+        body: Sequence[bytes] = (),
         headers: dict[str, str] | None = None,
     ) -> aiohttp.ClientResponse:
         """A data-path request on a presigned URL, answered 2xx (the caller releases the response);
         retried as botocore's standard mode would (connection errors, 5xx) and failing as `_call` does.
-        Each URL is signed with the credentials the session holds now, so refreshed ones are used."""
+        Each URL is signed with the credentials the session holds now, so refreshed ones are used.
+        The body goes out as the chunks it came in, never joined: a copy of a part costs more than its
+        bytes suggest (a fresh megabyte of memory is page-faulted in; 1-4 ms of CPU a part here)."""
         assert self._http is not None, "S3Storage.prepare() was not awaited"
-        params = {"Bucket": self.bucket, **params}
+        if self._signer is None or self._credentials is None:
+            raise StorageUnavailable("no AWS credentials found (environment, profile or instance role)")
+        if body:
+            headers = {**(headers or {}), "Content-Length": str(sum(map(len, body)))}
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            url = await self.client.generate_presigned_url(
-                operation, Params=params, ExpiresIn=DATA_URL_SECONDS, HttpMethod=method
-            )
+            credentials = await self._credentials.get_frozen_credentials()
+            url = self._signer.presign(method, object_key, query or {}, credentials)
             try:
-                # A buffer rather than bytes: aiohttp sends it in chunks, yielding to the loop between.
-                sent = None if body is None else io.BytesIO(body)
+                sent = _replay(body) if body else None
                 response = await self._http.request(method, url, data=sent, headers=headers)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 if attempt == MAX_ATTEMPTS:
@@ -168,6 +185,8 @@ class S3Storage(ScratchFolder):
             with await asyncio.to_thread(staged.open, "rb") as source:
                 while part := await asyncio.to_thread(source.read, self.part_size):
                     await writer.write(part)
+                    if len(part) < self.part_size:
+                        break  # a short read of a file is its end: no thread hop to be told so
             await writer.commit()
         except BaseException:
             await asyncio.shield(writer.abort())
@@ -181,8 +200,18 @@ class S3Storage(ScratchFolder):
         try:
             _, chunks = await self.stream(key)
             with copy.open("wb") as sink:
+                # Written a megabyte at a time: a thread hop costs more CPU than writing the 64 KB
+                # pieces the response arrives in (about 60 against 20 us here).
+                batch: list[bytes] = []
+                batch_bytes = 0
                 async for chunk in chunks:
-                    await asyncio.to_thread(sink.write, chunk)
+                    batch.append(chunk)
+                    batch_bytes += len(chunk)
+                    if batch_bytes >= STREAM_CHUNK_BYTES:
+                        await asyncio.to_thread(sink.writelines, batch)
+                        batch, batch_bytes = [], 0
+                if batch:
+                    await asyncio.to_thread(sink.writelines, batch)
             yield copy
         finally:
             copy.unlink(missing_ok=True)
@@ -307,7 +336,7 @@ class S3Storage(ScratchFolder):
         wanted = None
         if first is not None or last is not None:
             wanted = {"Range": f"bytes={first or 0}-{'' if last is None else last}"}
-        response = await self.send("GET", "get_object", {"Key": self.object_key(key)}, headers=wanted)
+        response = await self.send("GET", self.object_key(key), headers=wanted)
         headers = response.headers
         content_range = headers.get("Content-Range")
         size = int(content_range.rpartition("/")[2] if content_range else headers["Content-Length"])
@@ -315,10 +344,17 @@ class S3Storage(ScratchFolder):
         return BlobInfo(size, headers["ETag"].strip('"'), modified), _chunks(response)
 
 
+async def _replay(chunks: Sequence[bytes]) -> AsyncIterator[bytes]:
+    """A request body from its chunks (sent with an explicit Content-Length, so not chunked), the loop
+    free to run between them; a fresh iterator for every attempt."""
+    for chunk in chunks:
+        yield chunk
+
+
 async def _chunks(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     async with response:
         try:
-            async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
+            async for chunk in response.content.iter_any():
                 yield chunk
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"the storage stopped sending: {exc}") from exc
@@ -341,42 +377,49 @@ async def _refusal(response: aiohttp.ClientResponse) -> Exception:
 
 class _MultipartWriter:
     """A multipart upload sending each part as soon as it is full (one part of memory at most), or one
-    PutObject when the whole blob fits one part."""
+    PutObject when the whole blob fits one part. A part is held as the chunks that make it up."""
 
     def __init__(self, storage: S3Storage, object_key: str) -> None:
         self._storage = storage
         self._key = object_key
-        self._buffer = bytearray()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._upload_id: str | None = None
         self._parts: list[CompletedPartTypeDef] = []
 
     async def write(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        while len(self._buffer) >= self._storage.part_size:
-            part = bytes(self._buffer[: self._storage.part_size])
-            del self._buffer[: self._storage.part_size]
-            await self._send_part(part)
+        part_size = self._storage.part_size
+        while self._pending_bytes + len(chunk) >= part_size:
+            fits = part_size - self._pending_bytes
+            self._pending.append(chunk[:fits])
+            chunk = chunk[fits:]
+            await self._send_part(self._take_pending())
+        if chunk:
+            self._pending.append(chunk)
+            self._pending_bytes += len(chunk)
 
-    async def _send_part(self, part: bytes) -> None:
+    def _take_pending(self) -> list[bytes]:
+        part, self._pending, self._pending_bytes = self._pending, [], 0
+        return part
+
+    async def _send_part(self, part: list[bytes]) -> None:
         client, bucket = self._storage.client, self._storage.bucket
         if self._upload_id is None:
             started = await _call(client.create_multipart_upload(Bucket=bucket, Key=self._key))
             self._upload_id = started["UploadId"]
         number = len(self._parts) + 1
-        params = {"Key": self._key, "UploadId": self._upload_id, "PartNumber": number}
-        async with await self._storage.send("PUT", "upload_part", params, body=part) as sent:
+        query: dict[str, str | int] = {"uploadId": self._upload_id, "partNumber": number}  # botocore's order
+        async with await self._storage.send("PUT", self._key, query, body=part) as sent:
             self._parts.append({"PartNumber": number, "ETag": sent.headers["ETag"]})
 
     async def commit(self) -> None:
         client, bucket = self._storage.client, self._storage.bucket
         if self._upload_id is None:
-            body = bytes(self._buffer)
-            self._buffer.clear()
-            await (await self._storage.send("PUT", "put_object", {"Key": self._key}, body=body)).release()
+            body = self._take_pending() or [b""]
+            await (await self._storage.send("PUT", self._key, body=body)).release()
             return
-        if self._buffer:
-            await self._send_part(bytes(self._buffer))
-            self._buffer.clear()
+        if self._pending:
+            await self._send_part(self._take_pending())
         await _call(
             client.complete_multipart_upload(
                 Bucket=bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
@@ -384,7 +427,7 @@ class _MultipartWriter:
         )
 
     async def abort(self) -> None:
-        self._buffer.clear()
+        self._take_pending()
         if self._upload_id is None:
             return
         upload_id, self._upload_id = self._upload_id, None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -14,6 +14,8 @@ DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # S3 refuses multipart parts under 5 MiB (all but the last).
 MIN_S3_PART_BYTES = 5 * 1024 * 1024
 DEFAULT_S3_PART_BYTES = 8 * 1024 * 1024
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -91,6 +93,9 @@ class Settings:
     # than body_timeout, so a live request's claim never lapses while its body is still arriving.
     idempotency_lock_timeout: float = 360.0
     queue_name: str = "darkroom:queue"
+    # One line per event on stderr: JSON for a log pipeline, or text for a person (`darkroom dev`).
+    log_format: str = "json"
+    log_level: str = "INFO"
 
     @property
     def uses_s3(self) -> bool:
@@ -170,6 +175,8 @@ class Settings:
             s3_part_size=part_size,
             s3_presigned_downloads=_flag(env, "DARKROOM_S3_PRESIGNED_DOWNLOADS"),
             upload_url_ttl=_upload_url_ttl(env),
+            log_format=_choice(env, "DARKROOM_LOG_FORMAT", LOG_FORMATS, "json", str.lower),
+            log_level=_choice(env, "DARKROOM_LOG_LEVEL", LOG_LEVELS, "INFO", str.upper),
             idempotency_ttl=_positive_int(env, "DARKROOM_IDEMPOTENCY_TTL", 24 * 3600),
             idempotency_lock_timeout=_positive_seconds(env, "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT", 360.0),
         )
@@ -185,6 +192,17 @@ class Settings:
 
 def _flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _choice(
+    env: Mapping[str, str], name: str, choices: tuple[str, ...], default: str, spelling: Callable[[str], str]
+) -> str:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if spelling(raw) not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
+    return spelling(raw)
 
 
 def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:

@@ -199,7 +199,13 @@ class UploadDesk:
         if failed.event_message_id is not None:
             data = failed.resource(self.settings.public_url)
             message = new_message(
-                failed.event_message_id, failed.account_id, "image.failed", data, to, failed.resource_ids
+                failed.event_message_id,
+                failed.account_id,
+                "image.failed",
+                data,
+                to,
+                failed.resource_ids,
+                request_id=failed.request_id,
             )
         if not await self.store.settle_upload(failed, image, message, self.settings.queue_name):
             return None

@@ -22,6 +22,7 @@ from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
 from jobs.deps import CLEAN_STOPS_FORGIVEN, WorkerDeps
 from jobs.fetch import SourceFetcher
 from jobs.ids import new_id
+from jobs.logs import log_config
 from jobs.pipeline import configure_libvips
 from jobs.queue import PROCESS_IMAGE, QueuePool, WakeableArqRedis
 from jobs.settings import Settings
@@ -52,6 +53,8 @@ UPLOAD_SWEEP_TIMEOUT_SECONDS = 50
 TASK_TIMEOUT_GRACE_SECONDS = 30
 # How much longer than its task's time limit arq holds a job's lock (arq's own margin).
 LOCK_MARGIN_SECONDS = 10
+# The `arq` command's options that log as the settings say (otherwise arq sets up its own lines only).
+WORKER_LOG_ARGS = ("--custom-log-dict", "jobs.worker.LOG_CONFIG")
 # How long a worker without DARKROOM_PUBLIC_URL, started beside the web, waits for the web's address.
 PUBLIC_URL_POLL_SECONDS = 0.2
 PUBLIC_URL_POLLS = 150  # 30 s
@@ -263,4 +266,6 @@ def __getattr__(name: str) -> Any:
     if name == "WorkerSettings":
         _use_uvloop()
         return worker_settings(Settings.from_env())
+    if name == "LOG_CONFIG":
+        return log_config(Settings.from_env())
     raise AttributeError(name)

@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
+from jobs.logs import configure_logging
 from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
 from jobs.settings import Settings
@@ -34,6 +35,7 @@ from server.problems import (
 )
 from server.query import guard_queries
 from server.ratelimit import RateLimiter, RateLimitHeaders
+from server.request_log import RequestLogMiddleware
 
 # A request waits at most this long for Redis to connect or answer, then gets 503 store_unavailable: a
 # Redis that hangs (frozen, or its network gone) must not hang every request with it. The web sends no
@@ -96,6 +98,7 @@ def create_app(settings: Settings) -> Starlette:
             Exception: handle_unexpected,
         },
         middleware=[
+            Middleware(RequestLogMiddleware),
             Middleware(RateLimitHeaders),
             Middleware(
                 BodyDeadlineMiddleware,
@@ -125,5 +128,8 @@ async def _announce_public_url(store: Store, public_url: str) -> None:
 
 def __getattr__(name: str) -> Any:
     if name == "app":
-        return create_app(Settings.from_env())
+        settings = Settings.from_env()
+        # After uvicorn's own logging set-up, which loading the app follows.
+        configure_logging(settings)
+        return create_app(settings)
     raise AttributeError(name)

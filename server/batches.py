@@ -35,6 +35,7 @@ from server.pagination import BatchCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
 from server.query import BLANK_IS_ABSENT, query_of, takes_query
 from server.ratelimit import require_upload_room
+from server.request_log import request_id_of
 from server.upload_fields import metadata_problem, validate_upload_fields
 from webhooks.messages import iso, now_ms
 
@@ -46,7 +47,9 @@ _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-[0-9]{1,30}")
 
 
-async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) -> BatchRecord:
+async def _new_batch(
+    body: dict[str, Any], settings: Settings, account_id: str, request_id: str | None
+) -> BatchRecord:
     """The batch a create body asks for, every problem of the body reported at once."""
     errors = [FieldError(name, "unknown field") for name in sorted(set(body) - set(BATCH_FIELDS))]
     operations: list[dict[str, Any]] = []
@@ -83,13 +86,15 @@ async def _new_batch(body: dict[str, Any], settings: Settings, account_id: str) 
         callback_url=callback_url,
         archive=archive,
         metadata=metadata,
+        request_id=request_id,
     )
 
 
 async def create_batch(request: Request) -> Response:
     account = await require_account(request)
     settings: Settings = request.app.state.settings
-    batch = await _new_batch(await read_json_object(request, optional=True), settings, account.id)
+    body = await read_json_object(request, optional=True)
+    batch = await _new_batch(body, settings, account.id, request_id_of(request))
     await batches_of(request).create(batch)
     return JSONResponse(
         batch.resource(settings.public_url),
@@ -196,7 +201,9 @@ async def add_images_by_url(request: Request, account_id: str, batch: BatchRecor
     images = [
         image
         for source_url, fields in sources
-        for image in new_images(account_id, fields, batch, [(new_id("img"), None)], source_url)
+        for image in new_images(
+            account_id, fields, batch, [(new_id("img"), None)], source_url, request_id=request_id_of(request)
+        )
     ]
     await store_and_queue(request, images, batch, originals=())
     return images

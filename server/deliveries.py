@@ -90,20 +90,30 @@ class DeliveryListQuery(PageQuery):
 async def list_deliveries(request: Request) -> Response:
     account = await require_account(request)
     query = query_of(request, DeliveryListQuery)
+    store: Store = request.app.state.store
     where = MessageFilter(
         status=query.status,
         endpoint_id=query.endpoint_id,
         event_type=query.event_type,
         created_after=query.created_after,
         created_before=query.created_before,
-        resource_ids=tuple(about for about in (query.image_id, query.batch_id) if about is not None),
+        batch_id=query.batch_id,
+        message_ids=None
+        if query.image_id is None
+        else await _image_message_ids(store, account.id, query.image_id),
     )
-    store: Store = request.app.state.store
 
     async def fetch(limit: int, before: str | None) -> list[LoggedMessage]:
         return await store.messages.list_for_account(account.id, limit=limit, before=before, where=where)
 
     return await page_response(query, fetch, LoggedMessage.resource)
+
+
+async def _image_message_ids(store: Store, account_id: str, image_id: str) -> tuple[str, ...]:
+    """The messages about the account's image, as its record names them (none for an image that is
+    gone, or another account's)."""
+    image = await store.get_account_image(account_id, image_id)
+    return () if image is None or image.event_message_id is None else (image.event_message_id,)
 
 
 async def retry_delivery(request: Request) -> Response:

@@ -16,6 +16,7 @@ import httpx
 
 from jobs.settings import Settings
 from jobs.store import Store
+from jobs.worker import WORKER_LOG_ARGS
 from server.children import child_process_options
 from server.cli import account_json, create_account
 from server.embedded_redis import EmbeddedRedis
@@ -93,14 +94,17 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         "PORT": str(port),
         "DARKROOM_PUBLIC_URL": base_env.get("DARKROOM_PUBLIC_URL", f"http://{host}:{port}"),
         "DARKROOM_ALLOW_PRIVATE_CALLBACKS": base_env.get("DARKROOM_ALLOW_PRIVATE_CALLBACKS", "1"),
+        # Read by a person in the terminal, not by a log pipeline.
+        "DARKROOM_LOG_FORMAT": base_env.get("DARKROOM_LOG_FORMAT", "text"),
     }
     settings = Settings.from_env(env)
     processes: list[subprocess.Popen[bytes]] = []
     try:
         account, created = _ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE)
         web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
-        web += ["--http", WEB_PROTOCOL]
-        worker = [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings"]
+        # Each request is logged once, by the app (server/request_log.py), not again by uvicorn.
+        web += ["--http", WEB_PROTOCOL, "--no-access-log"]
+        worker = [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings", *WORKER_LOG_ARGS]
         for command in [web, *[worker] * workers]:
             processes.append(subprocess.Popen(command, env=env, **child_process_options()))
         if not _wait_until_ready(f"http://{host}:{port}/readyz", processes):

@@ -19,6 +19,7 @@ from server.deliveries import accepted_message
 from server.destinations import check_destination_url
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
 from server.problems import Problem, validation_problem
+from server.request_log import request_id_of
 from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint
 from webhooks.messages import Destination, MessageFilter, new_message
 
@@ -189,7 +190,12 @@ async def send_test_event(request: Request) -> Response:
     store: Store = request.app.state.store
     data = {"object": "webhook_test", "endpoint_id": endpoint.id, "message": "a test event from Darkroom"}
     message = new_message(
-        new_id("msg"), account.id, "webhook.test", data, [Destination(endpoint.id, endpoint.url)]
+        new_id("msg"),
+        account.id,
+        "webhook.test",
+        data,
+        [Destination(endpoint.id, endpoint.url)],
+        request_id=request_id_of(request),
     )
     await store.save_message(message)
     return await accepted_message(store, message.id)

@@ -162,6 +162,15 @@ class RequestFingerprint:
             self._held = tail[cut:]
         self.complete = not more
 
+    async def take_rest(self, receive: Receive) -> bool:
+        """Reads and hashes what is left of the body; False if the client went away before its end."""
+        while not self.complete:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False
+            self.add(message)
+        return True
+
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
@@ -225,7 +234,7 @@ class IdempotencyMiddleware:
             records = self._records_of(request.app.state.redis)
             claim = await records.claim(record, token, self.lock_timeout)
         except Problem as problem:
-            await problem_response(problem)(scope, receive, send)
+            await problem_response(request, problem)(scope, receive, send)
             return
         except RedisError as exc:
             await (await handle_store_unavailable(request, exc))(scope, receive, send)
@@ -235,12 +244,13 @@ class IdempotencyMiddleware:
             await self._run_and_keep(scope, receive, send, records, record, token, fingerprint)
         elif claim == "in_use":
             await problem_response(
+                request,
                 Problem(
                     409,
                     "idempotency_key_in_use",
                     "a request with this Idempotency-Key is still being processed; retry after it ends",
                     headers={"Retry-After": str(IN_USE_RETRY_AFTER_SECONDS)},
-                )
+                ),
             )(scope, receive, send)
         else:
             await self._replay(scope, receive, send, claim, fingerprint)
@@ -279,12 +289,9 @@ class IdempotencyMiddleware:
             if not fingerprint.complete and not small_body(scope):
                 return False
             try:
-                while not fingerprint.complete:
-                    if (await receive_hashed())["type"] != "http.request":
-                        return False
+                return await fingerprint.take_rest(receive)
             except Problem:  # the body deadline passed
                 return False
-            return True
 
         async def send_keeping(message: Message) -> None:
             nonlocal status, headers, body_size, keeping, kept
@@ -322,23 +329,22 @@ class IdempotencyMiddleware:
     async def _replay(
         self, scope: Scope, receive: Receive, send: Send, kept: KeptResponse, fingerprint: RequestFingerprint
     ) -> None:
+        request = Request(scope)
         try:
-            while not fingerprint.complete:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return  # the client went away
-                fingerprint.add(message)
+            if not await fingerprint.take_rest(receive):
+                return  # the client went away
         except Problem as problem:  # the body deadline passed
-            await problem_response(problem)(scope, receive, send)
+            await problem_response(request, problem)(scope, receive, send)
             return
         if not secrets.compare_digest(fingerprint.hexdigest(), kept.fingerprint):
             await problem_response(
+                request,
                 Problem(
                     422,
                     "idempotency_key_reused",
                     "this Idempotency-Key was used for another request (method, path, query or body); "
                     "use a new key for a new request",
-                )
+                ),
             )(scope, receive, send)
             return
         await send(

@@ -33,6 +33,7 @@ from server.pagination import ImageCursor, PageQuery, page_response
 from server.problems import Problem, storage_full_problem, validation_problem
 from server.query import BLANK_IS_ABSENT, BatchId, Hint, query_of, takes_query
 from server.ratelimit import count_uploads, require_upload_room
+from server.request_log import request_id_of
 from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
 from server.variants import VariantQuery, output_response, resolve_variant
 from webhooks.messages import iso, now_ms
@@ -101,7 +102,9 @@ async def create_image_from_url(request: Request, account: Account, body: dict[s
     except ValidationFailed as exc:
         raise validation_problem(exc.errors) from None
     batch = await batch_named(request, account.id, fields)
-    images = new_images(account.id, fields, batch, [(new_id("img"), None)], source_url)
+    images = new_images(
+        account.id, fields, batch, [(new_id("img"), None)], source_url, request_id=request_id_of(request)
+    )
     await store_and_queue(request, images, batch, originals=())
     return _accepted(images[0], settings)
 
@@ -178,6 +181,7 @@ async def accept_uploads(
         fields,
         batch,
         [(upload.image_id, info) for upload, info in zip(files, inputs, strict=True)],
+        request_id=request_id_of(request),
     )
     await store_and_queue(request, images, batch, list(zip(files, images, strict=True)))
     return images
@@ -190,9 +194,11 @@ def new_images(
     entries: Sequence[tuple[str, InputInfo | None]],
     source_url: str | None = None,
     upload: UploadState | None = None,
+    *,
+    request_id: str | None,
 ) -> list[ImageRecord]:
     """Records of new images, each an id and what its bytes are (None until a source is fetched or a
-    direct upload's bytes land)."""
+    direct upload's bytes land), made by the request `request_id`."""
     operations = fields.operations if fields.operations is not None else (batch.operations if batch else [])
     uploaded_ms = now_ms()
     return [
@@ -210,6 +216,7 @@ def new_images(
             expires_at=iso(uploaded_ms + fields.retention * 1000),
             source_url=source_url,
             upload=upload,
+            request_id=request_id,
         )
         for image_id, input_info in entries
     ]

@@ -14,6 +14,7 @@ from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
 from server.idempotency import MAX_KEY_LENGTH
 from server.query import QueryModel, non_null, query_model
+from server.request_log import USABLE_REQUEST_ID
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
 
@@ -282,6 +283,7 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                         "status": {"type": "integer"},
                         "detail": {"type": "string"},
                         "code": {"type": "string"},
+                        "request_id": {"type": "string", "description": "the request's X-Request-Id"},
                         "errors": {
                             "type": "array",
                             "items": {
@@ -347,16 +349,14 @@ def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str,
 
 
 _PRINTABLE_ASCII = "^[\\x20-\\x7e]*$"
-# What we promise to carry into logs and problem bodies as sent.
-MAX_REQUEST_ID_LENGTH = 128
 _HEADER_PARAMETERS: dict[str, Any] = {
     "RequestId": {
         "name": "X-Request-Id",
         "in": "header",
         "required": False,
-        "description": "Your id for this request, echoed in the response, its problem body and our logs;"
-        " one is made when none is given",
-        "schema": {"type": "string", "maxLength": MAX_REQUEST_ID_LENGTH, "pattern": _PRINTABLE_ASCII},
+        "description": "Your id for this request (1 to 128 visible ASCII characters), echoed in the"
+        " response, its problem body and our logs; one is made (req_…) when none, or another, is given",
+        "schema": {"type": "string", "pattern": f"^{USABLE_REQUEST_ID}$"},
     },
     "IdempotencyKey": {
         "name": "Idempotency-Key",

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from jobs.params import FieldError
+from server.request_log import REQUEST_ID_HEADER, request_id_of
 
 PROBLEM_BASE = "https://darkroom.dev/problems/"
 _TITLES = {
@@ -78,8 +79,15 @@ class ProblemResponse(JSONResponse):
         return text.encode("utf-8", "replace")
 
 
-def problem_response(problem: Problem) -> Response:
-    return ProblemResponse(problem.body(), status_code=problem.status, headers=problem.headers)
+def problem_response(request: Request, problem: Problem) -> Response:
+    """`problem` as answered to `request`, naming its id (the header too: a 500 is answered from outside
+    the middleware that sets it on every other response)."""
+    body, headers = problem.body(), dict(problem.headers)
+    request_id = request_id_of(request)
+    if request_id is not None:
+        body["request_id"] = request_id
+        headers[REQUEST_ID_HEADER] = request_id
+    return ProblemResponse(body, status_code=problem.status, headers=headers)
 
 
 def storage_full_problem() -> Problem:
@@ -98,37 +106,39 @@ def validation_problem(errors: Sequence[FieldError]) -> Problem:
 
 async def handle_problem(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, Problem)
-    return problem_response(exc)
+    return problem_response(request, exc)
 
 
 async def handle_store_unavailable(request: Request, exc: Exception) -> Response:
     """Redis unreachable: nothing was accepted, and trying again shortly is the right move."""
     return problem_response(
+        request,
         Problem(
             503,
             "store_unavailable",
             "the service cannot reach its store; retry shortly",
             headers={"Retry-After": "5"},
-        )
+        ),
     )
 
 
 async def handle_storage_unavailable(request: Request, exc: Exception) -> Response:
     """The blob storage (S3) failed or cannot be reached: nothing was accepted; trying again shortly works."""
     return problem_response(
+        request,
         Problem(
             503,
             "storage_unavailable",
             "the service cannot reach its file storage; retry shortly",
             headers={"Retry-After": str(STORAGE_UNAVAILABLE_RETRY_AFTER_SECONDS)},
-        )
+        ),
     )
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """A bug of ours still answers in the problem shape (the traceback goes to the server log)."""
     return problem_response(
-        Problem(500, "internal_error", "an unexpected error occurred; it has been logged")
+        request, Problem(500, "internal_error", "an unexpected error occurred; it has been logged")
     )
 
 
@@ -137,4 +147,6 @@ async def handle_http_status(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) or _TITLES.get(status, "Error")
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-    return problem_response(Problem(status, code, str(detail), headers=getattr(exc, "headers", None)))
+    return problem_response(
+        request, Problem(status, code, str(detail), headers=getattr(exc, "headers", None))
+    )

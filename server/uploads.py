@@ -47,6 +47,7 @@ from server.images import batch_named, new_images, record_new_images, refused_pr
 from server.json_body import read_json_object
 from server.problems import Problem, storage_full_problem
 from server.query import QueryModel, query_of, takes_query
+from server.request_log import request_id_of
 from server.upload_fields import checked_fields
 from webhooks.messages import iso, now_ms
 
@@ -163,7 +164,9 @@ async def create_upload(request: Request) -> Response:
         expires_at=iso((created_ms // 1000 + settings.upload_url_ttl) * 1000),
         filename=filename,
     )
-    (image,) = new_images(account.id, fields, batch, [(image_id, None)], upload=upload)
+    (image,) = new_images(
+        account.id, fields, batch, [(image_id, None)], upload=upload, request_id=request_id_of(request)
+    )
     upload_url = await _signed_url(request, "PUT", content_path(upload.id), _epoch_seconds(upload.expires_at))
     upload_form = await _upload_form(request, upload, image.original_key)
     await record_new_images(request, [image], batch)

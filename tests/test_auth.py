@@ -186,9 +186,10 @@ async def test_another_accounts_image_is_404_everywhere(
         response = await client.request(method, path, headers=intruder.headers)
         assert_problem(response, 404, "not_found")
 
-    # Indistinguishable from an id that never existed.
-    missing = await client.get("/v1/images/img_01jd0000000000000000000000", headers=intruder.headers)
-    foreign = await client.get(f"/v1/images/{image_id}", headers=intruder.headers)
+    # Indistinguishable from an id that never existed (asked under one request id, which both echo).
+    asking = {**intruder.headers, "X-Request-Id": "probe"}
+    missing = await client.get("/v1/images/img_01jd0000000000000000000000", headers=asking)
+    foreign = await client.get(f"/v1/images/{image_id}", headers=asking)
     assert missing.json() == foreign.json()
 
     # The owner still has everything, the intruder's DELETE changed nothing.

@@ -28,10 +28,10 @@ from webhooks.messages import (
     Destination,
     Message,
     account_messages_key,
+    batch_messages_key,
     message_key,
     new_message,
     now_ms,
-    resource_messages_key,
 )
 
 
@@ -229,8 +229,8 @@ async def test_a_message_whose_worker_died_mid_attempt_is_sent_again_under_the_s
 
 
 async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, account: Partner) -> None:
-    """Their records expire with Redis TTLs; the account's indexes of them (all, and by the image they are
-    about) are trimmed as new ones come, and an image's index goes with its newest message."""
+    """Their records expire with Redis TTLs; the account's indexes of them (all, and by the batch they
+    concern) are trimmed as new ones come, and a batch's index goes with its newest message."""
     store = Store(redis, message_retention=60)
     now = now_ms()
     old = lowest_id_at("msg", now - 120_000)
@@ -241,9 +241,9 @@ async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, 
         "{}",
         "2026-01-01T00:00:00.000Z",
         (),
-        ("img_1",),
+        ("img_1", "bat_1"),
     )
-    indexes = [account_messages_key(account.id), resource_messages_key(account.id, "img_1")]
+    indexes = [account_messages_key(account.id), batch_messages_key(account.id, "bat_1")]
     for index in indexes:
         await redis.zadd(index, {old: 0})  # indexed two minutes ago
 
@@ -253,6 +253,7 @@ async def test_messages_past_the_retention_leave_the_delivery_log(redis: Redis, 
         assert await redis.zrange(index, 0, -1) == [kept.id.encode()]
     assert await redis.ttl(message_key(kept.id)) <= 60
     assert 0 < await redis.ttl(indexes[1]) <= 60
+    assert await redis.keys("*img_1*") == []  # an image's record names its message: no index of its own
 
 
 def test_lowest_id_at_sorts_below_every_later_id_and_above_every_earlier_one() -> None:

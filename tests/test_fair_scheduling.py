@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from dataclasses import replace
+import re
 
 import httpx
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
-from jobs.plans import Plan
+from jobs.plans import DEFAULT_TIER, TIERS, plan_with
 from jobs.queue import QueuePool, admitted_jobs_key, process_job_id
-from jobs.records import ACCOUNT_KEY_PREFIX, Account, ImageRecord
+from jobs.records import ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
 from tests import imagegen
@@ -21,17 +22,9 @@ PHOTO = imagegen.jpeg(32, 24)
 
 
 async def give_plan(redis: Redis, partner: Partner, *, max_processing: int, share: int) -> None:
-    """As `darkroom accounts update` would: the queue reads the plan from the account at each admission."""
-    key = ACCOUNT_KEY_PREFIX + partner.id
-    account = Account.from_json(await redis.get(key))
-    plan = Plan(
-        "custom",
-        requests_per_minute=10_000,
-        uploads_per_minute=10_000,
-        max_processing=max_processing,
-        share=share,
-    )
-    await redis.set(key, replace(account, plan=plan).to_json())
+    """As `darkroom accounts update` does: the queue reads the plan at each admission."""
+    numbers: dict[str, int | None] = {"max_processing": max_processing, "share": share}
+    assert await Store(redis).change_plan(partner.id, plan_with(TIERS[DEFAULT_TIER], numbers)) is not None
 
 
 async def upload(client: httpx.AsyncClient, partner: Partner, count: int = 1) -> list[str]:
@@ -166,7 +159,7 @@ async def test_metrics_count_images_waiting_their_turn(
 
     metrics = (await client.get("/metrics")).text
 
-    assert "darkroom_queue_jobs 3\n" in metrics
+    assert re.search(r"^darkroom_queue_jobs 3(\.0)?$", metrics, re.MULTILINE), metrics
 
 
 async def test_without_fair_scheduling_jobs_start_in_the_order_they_came(
@@ -181,3 +174,14 @@ async def test_without_fair_scheduling_jobs_start_in_the_order_they_came(
 
     order = [image.id for image in await finished_images(redis, [*backlog, single])]
     assert order == [*backlog, single]
+
+
+async def test_workers_polling_together_are_each_handed_a_job_of_their_own(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    images = await upload(client, account, 2)
+
+    handed = await asyncio.gather(admit(settings), admit(settings))
+
+    expected = sorted(process_job_id(image_id).encode() for image_id in images)
+    assert sorted(job for jobs in handed for job in jobs) == expected

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from server.embedded_redis import EmbeddedRedis
+from server.idempotency import RequestFingerprint
 from tests import imagegen
 from tests.conftest import Partner
 from tests.test_processes import (
@@ -52,9 +53,9 @@ class Web:
             poll(lambda: answers_health(self.base_url), f"{name} answering", START_TIMEOUT)
 
     def post(self, path: str, account: Partner, key: str | bytes | None, **request: Any) -> httpx.Response:
-        headers: dict[str, str | bytes] = {**account.headers}
+        headers = {name.encode(): value.encode() for name, value in account.headers.items()}
         if key is not None:
-            headers["Idempotency-Key"] = key
+            headers[b"Idempotency-Key"] = key.encode() if isinstance(key, str) else key
         with httpx.Client(base_url=self.base_url, timeout=30) as http:
             return http.post(path, headers=headers, **request)
 
@@ -81,10 +82,10 @@ def start_web(
     name: str = "web",
     *,
     ready: bool = True,
-    **settings: str,
+    settings: dict[str, str] | None = None,
 ) -> Web:
     port = free_port()
-    env = {**service_env(data_dir, port, redis_server.url), **settings}
+    env = {**service_env(data_dir, port, redis_server.url), **(settings or {})}
     return Web(children, name, env, port, ready=ready)
 
 
@@ -115,6 +116,8 @@ def assert_replays(first: httpx.Response, again: httpx.Response) -> None:
     assert (again.status_code, again.content) == (first.status_code, first.content)
     for kept in ("location", "content-type", "content-length"):
         assert again.headers.get(kept) == first.headers.get(kept)
+    # The replay is a request of its own, with its own id.
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]
 
 
 def test_a_retried_upload_is_answered_from_the_first_and_makes_one_image(web: Web, partner: Partner) -> None:
@@ -134,7 +137,11 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     batch_key, endpoint_key = new_key(), new_key()
     batch = web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}})
     assert batch.status_code == 201, batch.text
-    assert_replays(batch, web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}}))
+    again = web.post("/v1/batches", partner, batch_key, json={"metadata": {"shoot": "spring"}})
+    assert_replays(batch, again)
+    # A replay is a request: counted against the rate limit, and told what is left of it.
+    assert again.headers["x-ratelimit-limit"] == batch.headers["x-ratelimit-limit"]
+    assert int(again.headers["x-ratelimit-remaining"]) >= 0
 
     endpoint = {"url": "https://hooks.example.com/darkroom"}
     created = web.post("/v1/webhook-endpoints", partner, endpoint_key, json=endpoint)
@@ -144,6 +151,12 @@ def test_a_retried_batch_and_endpoint_create_return_the_same_resource(web: Web, 
     with httpx.Client(base_url=web.base_url, timeout=10) as http:
         listed = http.get("/v1/webhook-endpoints", headers=partner.headers).json()["data"]
     assert [each["id"] for each in listed] == [created.json()["id"]]
+
+    # A refusal of the request itself is its answer too: kept, and the fix is a new key.
+    bad_key, bad = new_key(), {"callback_url": "ftp://hooks.example.com"}
+    refused = web.post("/v1/batches", partner, bad_key, json=bad)
+    assert refused.status_code == 422 and refused.json()["code"] == "validation_failed", refused.text
+    assert_replays(refused, web.post("/v1/batches", partner, bad_key, json=bad))
 
 
 def test_a_retried_seal_is_answered_from_the_first(web: Web, partner: Partner) -> None:
@@ -172,12 +185,11 @@ def test_a_retried_seal_is_answered_from_the_first(web: Web, partner: Partner) -
 def test_the_same_key_for_another_request_is_refused(web: Web, partner: Partner) -> None:
     key = new_key()
     assert web.upload(partner, key).status_code == 202
-    for other in (
-        lambda: web.upload(partner, key, imagegen.jpeg(321, 240)),
-        lambda: web.post("/v1/batches", partner, key, json={}),
-        lambda: web.post("/v1/images?batch=1", partner, key, files={"file": ("photo.jpg", PHOTO)}),
+    for refused in (
+        web.upload(partner, key, imagegen.jpeg(321, 240)),
+        web.post("/v1/batches", partner, key, json={}),
+        web.post("/v1/images?batch=1", partner, key, files={"file": ("photo.jpg", PHOTO)}),
     ):
-        refused = other()
         assert refused.status_code == 422, refused.text
         assert refused.json()["code"] == "idempotency_key_reused"
         assert "idempotent-replayed" not in refused.headers
@@ -243,11 +255,13 @@ def test_a_failure_of_ours_is_not_kept_and_the_retry_runs(
             tmp_path / "broken",
             "web with its storage down",
             ready=False,
-            DARKROOM_STORAGE_URL="s3://photos",
-            DARKROOM_S3_ENDPOINT_URL=dead_s3,
-            DARKROOM_S3_REGION="us-east-1",
-            AWS_ACCESS_KEY_ID="darkroom-test",
-            AWS_SECRET_ACCESS_KEY="darkroom-test-secret",
+            settings={
+                "DARKROOM_STORAGE_URL": "s3://photos",
+                "DARKROOM_S3_ENDPOINT_URL": dead_s3,
+                "DARKROOM_S3_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": "darkroom-test",
+                "AWS_SECRET_ACCESS_KEY": "darkroom-test-secret",
+            },
         )
         key = new_key()
         failed = broken.upload(partner, key)
@@ -259,24 +273,40 @@ def test_a_failure_of_ours_is_not_kept_and_the_retry_runs(
     assert_replays(retried, web.upload(partner, key))
 
 
+def half_sent_batch_create(web: Web, partner: Partner, key: str) -> socket.socket:
+    """A connection that sent the headers and the start of a JSON body, the rest never coming."""
+    connection = socket.create_connection(("127.0.0.1", int(web.base_url.rsplit(":", 1)[1])))
+    connection.sendall(
+        b"POST /v1/batches HTTP/1.1\r\nHost: darkroom\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {partner.api_key}\r\nIdempotency-Key: {key}\r\n".encode()
+        + b"Content-Length: 100\r\n\r\n{"
+    )
+    return connection
+
+
+def test_a_client_gone_mid_body_frees_its_key_at_once(
+    web: Web, partner: Partner, flushed: EmbeddedRedis
+) -> None:
+    key = new_key()
+    with redis.Redis.from_url(flushed.url) as store:
+        with half_sent_batch_create(web, partner, key):
+            poll(lambda: store.keys("idempotency:*"), "the key claimed", timeout=10)
+        # Released when the connection closed, not 6 minutes later when the claim would lapse.
+        poll(lambda: not store.keys("idempotency:*"), "the key released", timeout=10)
+    created = web.post("/v1/batches", partner, key, json={})
+    assert created.status_code == 201, created.text
+    assert "idempotent-replayed" not in created.headers
+
+
 def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
     children: Children, flushed: EmbeddedRedis, tmp_path: Path
 ) -> None:
     timeouts = {"DARKROOM_BODY_TIMEOUT": "4", "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT": "5"}
-    doomed = start_web(children, flushed, tmp_path / "data", "doomed web", **timeouts)
-    survivor = start_web(children, flushed, tmp_path / "data", "surviving web", **timeouts)
+    doomed = start_web(children, flushed, tmp_path / "data", "doomed web", settings=timeouts)
+    survivor = start_web(children, flushed, tmp_path / "data", "surviving web", settings=timeouts)
     partner = create_account(survivor.env, "partner")
     key = new_key()
-    with (
-        redis.Redis.from_url(flushed.url) as store,
-        socket.create_connection(("127.0.0.1", int(doomed.base_url.rsplit(":", 1)[1]))) as half_sent,
-    ):
-        # Headers and the start of a JSON body; the rest never comes.
-        half_sent.sendall(
-            b"POST /v1/batches HTTP/1.1\r\nHost: darkroom\r\nContent-Type: application/json\r\n"
-            + f"Authorization: Bearer {partner.api_key}\r\nIdempotency-Key: {key}\r\n".encode()
-            + b"Content-Length: 100\r\n\r\n{"
-        )
+    with redis.Redis.from_url(flushed.url) as store, half_sent_batch_create(doomed, partner, key):
         poll(lambda: store.keys("idempotency:*"), "the key claimed", timeout=10)
         os.kill(doomed.child.pid, signal.SIGKILL)
         busy = survivor.post("/v1/batches", partner, key, json={})
@@ -291,3 +321,30 @@ def test_the_key_of_a_web_process_killed_mid_request_frees_itself(
         )
     assert created.status_code == 201, created.text
     assert "idempotent-replayed" not in created.headers
+
+
+def multipart_fingerprint(boundary: str, body: bytes, cuts: list[int]) -> str:
+    """The fingerprint of `body` arriving in pieces ending at `cuts`, as TCP may deliver it."""
+    scope = {"method": "POST", "path": "/v1/images", "query_string": b""}
+    fingerprint = RequestFingerprint(scope, f"multipart/form-data; boundary={boundary}")
+    pieces = [body[start:end] for start, end in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+    for index, piece in enumerate(pieces):
+        fingerprint.add({"type": "http.request", "body": piece, "more_body": index < len(pieces) - 1})
+    assert fingerprint.complete
+    return fingerprint.hexdigest()
+
+
+def test_the_same_parts_match_whatever_the_boundary_and_however_they_arrive() -> None:
+    def encoded(boundary: str, photo: bytes) -> bytes:
+        return (
+            f"--{boundary}\r\nContent-Disposition: form-data; name=file; filename=a.jpg\r\n\r\n".encode()
+            + photo
+            + f"\r\n--{boundary}--\r\n".encode()
+        )
+
+    first = encoded("a1b2c3", PHOTO)
+    expected = multipart_fingerprint("a1b2c3", first, [])
+    again = encoded("ffee99887766", PHOTO)
+    for cut in range(1, len(again) - 1, 7):
+        assert multipart_fingerprint("ffee99887766", again, [cut, min(cut + 3, len(again) - 1)]) == expected
+    assert multipart_fingerprint("ffee99887766", encoded("ffee99887766", PHOTO[:-1]), []) != expected

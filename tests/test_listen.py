@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from server import cli
 from webhooks.listen import ListenSecret, ListenServer, listen_secrets, make_handler
 from webhooks.signing import generate_secret, sign_headers
 
@@ -132,8 +133,8 @@ def test_a_lone_secret_is_not_labelled_and_several_unlabelled_ones_are_numbered(
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
-        (["callback=whsec_not base64"], "'callback': a webhook secret is 'whsec_' followed by base64"),
-        (["whsec_"], "must not be empty"),
+        (["callback=whsec_not base64"], "callback: a webhook secret is 'whsec_' followed by base64"),
+        (["whsec_"], "--secret #1: a webhook secret must not be empty"),
         ([f"a={SECRET}", f"a={ENDPOINT_SECRET}"], "the label 'a' is given twice"),
         ([], "at least one"),
     ],
@@ -141,3 +142,8 @@ def test_a_lone_secret_is_not_labelled_and_several_unlabelled_ones_are_numbered(
 def test_malformed_or_repeated_secrets_are_refused(values: list[str], complaint: str) -> None:
     with pytest.raises(ValueError, match=re.escape(complaint)):
         listen_secrets(values)
+
+
+def test_the_command_refuses_a_malformed_secret_before_listening(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["webhooks", "listen", "--secret", f"callback={SECRET}", "--secret", "ep_01=whsec_"]) == 2
+    assert "--secret ep_01: a webhook secret must not be empty" in capsys.readouterr().err

@@ -6,8 +6,10 @@ from typing import Any
 
 import httpx
 from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.routing import Route
 
+from jobs.ids import is_id
 from jobs.ops.geometry import ResizeParams
 from jobs.settings import Settings
 from server.app import create_app
@@ -15,6 +17,19 @@ from tests import imagegen
 from tests.conftest import Partner, run_burst
 from tests.receiver import Receiver
 from tests.test_spine import upload
+
+
+def parsed_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus exposition, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
 
 
 async def test_metrics_count_uploads_outcomes_and_deliveries(
@@ -29,15 +44,41 @@ async def test_metrics_count_uploads_outcomes_and_deliveries(
     response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    lines = set(response.text.splitlines())
-    assert "darkroom_images_uploaded_total 2" in lines
-    assert 'darkroom_images_finished_total{status="completed"} 1' in lines
-    assert 'darkroom_images_finished_total{status="failed"} 1' in lines
-    assert 'darkroom_images_failed_total{code="corrupt_image"} 1' in lines
-    assert 'darkroom_webhook_attempts_total{outcome="failed"} 1' in lines
-    assert 'darkroom_webhook_attempts_total{outcome="delivered"} 2' in lines
-    assert "darkroom_queue_jobs 0" in lines
-    assert "darkroom_webhooks_pending 0" in lines
+    samples = parsed_metrics(response.text)
+    assert samples[sample("darkroom_images_uploaded_total")] == 2
+    assert samples[sample("darkroom_images_finished_total", status="completed")] == 1
+    assert samples[sample("darkroom_images_finished_total", status="failed")] == 1
+    assert samples[sample("darkroom_images_failed_total", code="corrupt_image")] == 1
+    assert samples[sample("darkroom_webhook_attempts_total", outcome="failed")] == 1
+    assert samples[sample("darkroom_webhook_attempts_total", outcome="delivered")] == 2
+    assert samples[sample("darkroom_queue_jobs")] == 0
+    assert samples[sample("darkroom_webhooks_pending")] == 0
+    uploads = sample("darkroom_http_requests_total", method="POST", route="/v1/images", status="202")
+    assert samples[uploads] == 2
+
+
+async def test_latency_histograms_move_after_one_upload_is_delivered(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    """Workers observe into Redis; the web's /metrics shows what they saw, as Prometheus histograms."""
+    before = parsed_metrics((await client.get("/metrics")).text)
+    histograms = ("upload_to_webhook", "queue_wait", "render", "webhook_attempt")
+    for name in histograms:
+        assert before[sample(f"darkroom_{name}_seconds_count")] == 0
+
+    await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+    await run_burst(settings)
+    (delivery,) = receiver.deliveries
+
+    after = parsed_metrics((await client.get("/metrics")).text)
+    for name in histograms:
+        assert after[sample(f"darkroom_{name}_seconds_count")] == 1, name
+        assert after[sample(f"darkroom_{name}_seconds_bucket", le="+Inf")] == 1, name
+        assert after[sample(f"darkroom_{name}_seconds_sum")] > 0, name
+    # Cumulative buckets: a local webhook, from a small image, is delivered within a minute.
+    assert after[sample("darkroom_upload_to_webhook_seconds_bucket", le="60.0")] == 1
+    assert after[sample("darkroom_render_seconds_bucket", le="120.0")] == 1
+    assert delivery.answered == 200
 
 
 async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient) -> None:
@@ -121,3 +162,34 @@ async def test_openapi_documents_the_headers_every_route_takes_and_answers(clien
     assert "idempotency_key_reused" in uploads["422"]["description"]
     header_names = {parameter["name"] for parameter in spec["components"]["parameters"].values()}
     assert header_names == {"X-Request-Id", "Idempotency-Key"}
+
+
+async def test_a_request_id_is_echoed_when_usable_and_made_otherwise(client: httpx.AsyncClient) -> None:
+    given = await client.get("/healthz", headers={"X-Request-Id": "checkout-7f3a/retry:2"})
+    assert given.headers["x-request-id"] == "checkout-7f3a/retry:2"
+
+    made = await client.get("/healthz")
+    other = await client.get("/healthz")
+    assert is_id("req", made.headers["x-request-id"])
+    assert made.headers["x-request-id"] < other.headers["x-request-id"]  # sortable by time
+
+    for unusable in ("x" * 129, "has space", "", "caf\u00e9"):
+        replaced = await client.get("/healthz", headers={"X-Request-Id": unusable.encode("utf-8")})
+        assert is_id("req", replaced.headers["x-request-id"]), unusable
+
+
+async def test_problems_name_the_request_id_in_body_and_header(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    unauthorized = await client.get("/v1/images", headers={"X-Request-Id": "mine-1"})
+    assert unauthorized.status_code == 401
+    assert unauthorized.headers["x-request-id"] == "mine-1"
+    assert unauthorized.json()["request_id"] == "mine-1"
+
+    no_route = await client.get("/nowhere")
+    assert no_route.status_code == 404
+    assert no_route.json()["request_id"] == no_route.headers["x-request-id"]
+
+    too_large = await client.post("/v1/batches", headers=account.headers, content=b"[" * 70_000, params={})
+    assert too_large.status_code == 413
+    assert too_large.json()["request_id"] == too_large.headers["x-request-id"]

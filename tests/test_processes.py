@@ -38,6 +38,7 @@ from tests import imagegen
 from tests.conftest import CORPUS, Partner
 from tests.receiver import Answer, Delivery, Receiver
 from tests.sources import Reply, SourceServer
+from tests.test_observability import parsed_metrics, sample
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -382,6 +383,77 @@ def test_failed_delivery_is_retried_with_the_same_message_id(stack: Stack) -> No
     # The receiver sees the second attempt a moment before the worker records its answer.
     log = poll(delivered, "recorded as delivered")
     assert [attempt["status_code"] for attempt in log["destinations"][0]["attempts"]] == [500, 200]
+
+
+def json_lines(child: Child) -> list[dict[str, Any]]:
+    """The child's log lines, each a JSON object (what else it printed left out)."""
+    return [json.loads(line) for line in child.lines if line.startswith("{")]
+
+
+def test_a_request_id_follows_an_image_into_worker_and_dispatcher_logs(stack: Stack) -> None:
+    """Web and worker log JSON lines (no DARKROOM_LOG_FORMAT: the default outside `darkroom dev`); the
+    request id a client sends is in the web's line for its request, and in the worker's lines for the
+    job and for each webhook attempt."""
+    account = create_account(stack.env, "traced")
+    receiver = Receiver(account.webhook_secret).start()
+    receiver.script(500)
+    try:
+        with httpx.Client(base_url=stack.base_url, timeout=10) as http:
+            accepted = http.post(
+                "/v1/images",
+                headers={**account.headers, "X-Request-Id": "trace-42"},
+                files={"file": ("photo.jpg", imagegen.jpeg(320, 240), "image/jpeg")},
+                data={"operations": json.dumps(RESIZE_TO_160), "callback_url": receiver.url},
+            )
+        assert accepted.status_code == 202, accepted.text
+        assert accepted.headers["x-request-id"] == "trace-42"
+        image_id = accepted.json()["id"]
+        first, _ = receiver.wait_for(2, WEBHOOK_TIMEOUT)
+    finally:
+        receiver.stop()
+    msg_id = first.headers["webhook-id"]
+
+    def attempts_logged() -> list[dict[str, Any]]:
+        attempts = [line for line in json_lines(stack.worker) if line.get("msg_id") == msg_id]
+        return attempts if len([line for line in attempts if "status_code" in line]) == 2 else []
+
+    attempts = [line for line in poll(attempts_logged, "both attempts logged") if "status_code" in line]
+    assert [(line["status_code"], line["outcome"]) for line in attempts] == [
+        (500, "pending"),
+        (200, "delivered"),
+    ]
+    for line in attempts:
+        assert line["request_id"] == "trace-42"
+        assert line["image_id"] == image_id
+        assert line["latency_ms"] >= 0
+
+    job = [line for line in json_lines(stack.worker) if line.get("image_id") == image_id]
+    started = next(line for line in job if "queue_wait_ms" in line)
+    finished = next(line for line in job if "render_ms" in line)
+    assert started["request_id"] == finished["request_id"] == "trace-42"
+    assert started["account_id"] == finished["account_id"] == account.id
+    assert started["queue_wait_ms"] >= 0
+    assert finished["outcome"] == "completed"
+    assert finished["render_ms"] > 0
+    assert finished["msg_id"] == msg_id
+
+    (request_line,) = [line for line in json_lines(stack.web) if line.get("request_id") == "trace-42"]
+    assert request_line["method"] == "POST"
+    assert request_line["route"] == "/v1/images"
+    assert request_line["status"] == 202
+    assert request_line["account_id"] == account.id
+    assert request_line["latency_ms"] > 0
+    assert request_line["bytes_in"] > 0
+    assert request_line["bytes_out"] == len(accepted.content)
+    # uvicorn's own access line is off: ours is the only one for the request.
+    assert not any("POST /v1/images" in line for line in stack.web.lines if not line.startswith("{"))
+
+    # The web's /metrics shows what the worker, another process, observed.
+    with httpx.Client(base_url=stack.base_url, timeout=5) as http:
+        samples = parsed_metrics(http.get("/metrics").text)
+    assert samples[sample("darkroom_upload_to_webhook_seconds_count")] == 1
+    assert samples[sample("darkroom_webhook_attempt_seconds_count")] == 2
+    assert samples[sample("darkroom_render_seconds_count")] == 1
 
 
 def test_webhooks_listen_verifies_and_prints_callback_and_endpoint_deliveries(

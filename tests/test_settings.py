@@ -28,6 +28,12 @@ def test_a_full_storage_is_waited_out_as_long_as_configured() -> None:
     assert Settings.from_env({"DARKROOM_STORAGE_FULL_GIVE_UP": "600"}).storage_full_give_up == 600
 
 
+def test_logs_are_json_at_info_unless_configured() -> None:
+    assert (Settings.from_env({}).log_format, Settings.from_env({}).log_level) == ("json", "INFO")
+    configured = Settings.from_env({"DARKROOM_LOG_FORMAT": "Text", "DARKROOM_LOG_LEVEL": "warning"})
+    assert (configured.log_format, configured.log_level) == ("text", "WARNING")
+
+
 def test_workers_share_themselves_between_accounts_unless_told_first_come_first_served() -> None:
     assert Settings.from_env({}).fair_scheduling
     assert not Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "off"}).fair_scheduling
@@ -37,6 +43,8 @@ def test_workers_share_themselves_between_accounts_unless_told_first_come_first_
 @pytest.mark.parametrize(
     ("name", "value"),
     [
+        ("DARKROOM_LOG_FORMAT", "xml"),
+        ("DARKROOM_LOG_LEVEL", "loud"),
         ("DARKROOM_WEBHOOK_TIMEOUT", "0"),
         ("DARKROOM_WEBHOOK_TIMEOUT", "soon"),
         ("DARKROOM_MAX_PIXELS", "-1"),

@@ -1183,7 +1183,9 @@ async def test_an_image_names_its_webhooks_and_the_delivery_log_filters_by_image
         {"id": announced, "type": "image.completed", "endpoint_id": None},
         {"id": announced, "type": "image.completed", "endpoint_id": endpoint["id"]},
     ]
-    assert (await listed_ids(client, account, f"image_id={alone['id']}")) == [announced]
+    assert await listed_ids(client, account, f"image_id={alone['id']}") == [announced]
+    assert await listed_ids(client, account, f"image_id={alone['id']}&event_type=image.failed") == []
+    assert await listed_ids(client, account, f"image_id={alone['id']}&cursor={announced}") == []
     batched_done = (await client.get(f"/v1/images/{batched['id']}", headers=account.headers)).json()
     batched_announced = batched_done["webhooks"][0]["id"]
     (batch_completed,) = await listed_ids(client, account, "event_type=batch.completed")
@@ -1194,6 +1196,10 @@ async def test_an_image_names_its_webhooks_and_the_delivery_log_filters_by_image
     assert await listed_ids(client, account, both) == [batched_announced]
     assert await listed_ids(client, account, f"batch_id={batch['id']}&image_id={alone['id']}") == []
     assert await listed_ids(client, other, f"image_id={alone['id']}") == []
+    deleted = await client.delete(f"/v1/images/{alone['id']}", headers=account.headers)
+    assert deleted.status_code == 204
+    assert await listed_ids(client, account, f"image_id={alone['id']}") == []
+    assert announced in await listed_ids(client, account, "")
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ from webhooks.endpoints import (
     valid_secrets,
 )
 from webhooks.lanes import ATTEMPTS_PER_CONNECTION, SLOW_AFTER_SECONDS, OriginLanes, Running
+from webhooks.log_context import bind
 from webhooks.messages import (
     CALLBACK,
     DUE_KEY,
@@ -64,7 +65,7 @@ log = logging.getLogger("darkroom.webhooks")
 
 SecretsLookup = Callable[[str], Awaitable[Sequence[str] | None]]
 # Extra commands for the transaction that records an attempt (e.g. counters), given the pipeline.
-AttemptHook = Callable[[object, Attempt], None]
+AttemptHook = Callable[[object, Message, Attempt], None]
 NewId = Callable[[str], str]
 
 # Claim due deliveries, at most `room`, with a lease: their due score moves to the lease's end and
@@ -493,7 +494,7 @@ class Dispatcher:
             log.error("webhook attempt crashed", exc_info=task.exception())
 
     async def _attempt(self, claimed: _Claimed) -> None:
-        member, endpoint = claimed.member, claimed.endpoint
+        member = claimed.member
         _, destination = parse_due_member(member)
         raw_delivery, raw_message = claimed.raw_delivery, claimed.raw_message
         delivery = None if raw_delivery is None else Delivery.from_json(raw_delivery)
@@ -508,6 +509,12 @@ class Dispatcher:
                 await pipe.execute()
             return
         message = Message.from_json(raw_message)
+        with bind(msg_id=message.id, request_id=message.request_id, **_subject_of(message)):
+            await self._attempt_message(claimed, delivery, message)
+
+    async def _attempt_message(self, claimed: _Claimed, delivery: Delivery, message: Message) -> None:
+        endpoint = claimed.endpoint
+        _, destination = parse_due_member(claimed.member)
         number = len(delivery.attempts) + 1
         started = now_ms()
         if destination == CALLBACK:
@@ -521,7 +528,7 @@ class Dispatcher:
         if refusal is not None or not secrets:
             attempt = Attempt(number, iso(started), None, 0.0, "", refusal or "no valid signing secret")
             # Not an attempt on the receiver: the endpoint's health record is left alone.
-            await self._record(delivery, attempt, "failed", None, None, None)
+            await self._record(message, delivery, attempt, "failed", None, None, None)
             return
         outcome = await post_signed(self.http, url, message.id, message.body.encode(), secrets)
         delay = None if outcome.succeeded else self.policy.delay(number, outcome, self.rng)
@@ -539,7 +546,7 @@ class Dispatcher:
         )
         status: DeliveryStatus = "delivered" if outcome.succeeded else ("pending" if next_at else "failed")
         disable_reason = None if endpoint is None else self._disable_reason(endpoint, outcome, started)
-        await self._record(delivery, attempt, status, next_at, endpoint, disable_reason)
+        await self._record(message, delivery, attempt, status, next_at, endpoint, disable_reason)
 
     def _disable_reason(self, endpoint: Endpoint, outcome: AttemptOutcome, moment_ms: int) -> str | None:
         if outcome.succeeded:
@@ -556,6 +563,7 @@ class Dispatcher:
 
     async def _record(
         self,
+        message: Message,
         delivery: Delivery,
         attempt: Attempt,
         status: DeliveryStatus,
@@ -566,6 +574,20 @@ class Dispatcher:
         """Append the attempt, re-score or finish the delivery, give back its leases and, when
         `endpoint` is given, record the receiver's health: all in one transaction (shared with the
         attempts that finish meanwhile; see `_commit`)."""
+        log.info(
+            "webhook attempt %d to %s: %s",
+            attempt.number,
+            delivery.destination,
+            attempt.status_code or attempt.error,
+            extra={
+                "destination": delivery.destination,
+                "attempt": attempt.number,
+                "status_code": attempt.status_code,
+                "latency_ms": attempt.latency_ms,
+                "outcome": status,
+                "error": attempt.error,
+            },
+        )
         announcement = None
         if (
             endpoint is not None
@@ -584,7 +606,7 @@ class Dispatcher:
             if announcement is not None:
                 self.messages.stage_new(pipe, announcement)
             if self.on_attempt is not None:
-                self.on_attempt(pipe, attempt)
+                self.on_attempt(pipe, message, attempt)
 
         await self._commit(stage)
         if announcement is not None:
@@ -657,6 +679,13 @@ class _RecentSecrets:
             self._remembered = {k: v for k, v in self._remembered.items() if v[0] > moment}
         self._remembered[account_id] = (moment + _RECENT_SECONDS, secrets)
         return secrets
+
+
+def _subject_of(message: Message) -> dict[str, str]:
+    """The image and batch an event is about, for the log lines of its deliveries."""
+    prefixes = {"img": "image_id", "bat": "batch_id"}
+    named = ((prefixes.get(resource.partition("_")[0]), resource) for resource in message.resource_ids)
+    return {field: resource for field, resource in named if field is not None}
 
 
 def _duration(seconds: float) -> str:

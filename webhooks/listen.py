@@ -41,7 +41,7 @@ def listen_secrets(values: Sequence[str]) -> list[ListenSecret]:
         try:
             check_secret(secret)
         except ValueError as exc:
-            raise ValueError(f"--secret {label or value!r}: {exc}") from None
+            raise ValueError(f"--secret {label or f'#{place}'}: {exc}") from None
         if any(kept.label == label for kept in found):
             raise ValueError(f"--secret: the label {label!r} is given twice")
         found.append(ListenSecret(label, secret))

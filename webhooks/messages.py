@@ -52,12 +52,17 @@ def new_message(
     data: dict[str, Any],
     to: Sequence[Destination],
     resource_ids: Sequence[str] = (),
+    *,
+    request_id: str | None = None,
 ) -> Message:
     """An event for `to`, its Standard Webhooks body serialised once: signed and sent exactly so;
-    `resource_ids` name what it is about, for the delivery log's filters."""
+    `resource_ids` name what it is about, for the delivery log's filters; `request_id` is the request
+    that led to it, for the dispatcher's log lines (never sent)."""
     created_at = iso(now_ms())
     body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
-    return Message(msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids))
+    return Message(
+        msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids), request_id
+    )
 
 
 def is_success(status_code: int | None) -> bool:
@@ -86,9 +91,15 @@ def account_messages_key(account_id: str) -> str:
     return f"dr:account:{account_id}:messages"
 
 
-def resource_messages_key(account_id: str, resource_id: str) -> str:
-    """The account's messages about one resource (an image, a batch), ordered as its whole index is."""
-    return f"dr:account:{account_id}:resource:{resource_id}:messages"
+def batch_messages_key(account_id: str, batch_id: str) -> str:
+    """The account's messages about one batch and its images, ordered as its whole index is."""
+    return f"dr:account:{account_id}:batch:{batch_id}:messages"
+
+
+def is_batch_id(resource_id: str) -> bool:
+    """Of the resources a message is about, only batches have an index of their messages: an image's
+    record names its own message, and an index per image would cost a Redis key per image."""
+    return resource_id.startswith("bat_")
 
 
 def endpoint_pending_key(endpoint_id: str) -> str:
@@ -148,6 +159,8 @@ class Message:
     destinations: tuple[Destination, ...]
     # The resources it is about: an image and its batch, or a batch (none for messages made before).
     resource_ids: tuple[str, ...] = ()
+    # The X-Request-Id of the request that led to it, for the dispatcher's log lines (never sent).
+    request_id: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -253,13 +266,14 @@ class MessageFilter:
     event_type: str | None = None
     created_after: str | None = None  # ISO 8601, compared as text (every timestamp here is UTC "…Z")
     created_before: str | None = None
-    # Messages about every one of these resources (an image's id, a batch's).
-    resource_ids: tuple[str, ...] = ()
+    batch_id: str | None = None
+    # Only these messages (those an image names), read directly rather than from an index.
+    message_ids: tuple[str, ...] | None = None
 
     def admits(self, message: Message, deliveries: Sequence[Delivery]) -> bool:
         if self.event_type is not None and message.event_type != self.event_type:
             return False
-        if not set(self.resource_ids) <= set(message.resource_ids):
+        if self.batch_id is not None and self.batch_id not in message.resource_ids:
             return False
         if self.created_after is not None and message.created_at < self.created_after:
             return False
@@ -369,20 +383,20 @@ class MessageStore:
 
     def stage_new(self, pipe: Any, message: Message) -> None:
         """Add a new message, each destination due now, to a caller's transaction, so it commits with
-        the event it announces. The account's indexes (all its messages, those about each resource) have
-        one score for all, so they are ordered by id, and ids sort by time. A resource's index lives as
-        long as its newest message."""
+        the event it announces. The account's indexes (all its messages; those about a batch) have one
+        score for all, so they are ordered by id, and ids sort by time. A batch's index lives as long as
+        its newest message."""
         pipe.set(message_key(message.id), message.to_json(), ex=self.retention_seconds)
         due = now_ms()
-        account_index = account_messages_key(message.account_id)
-        resource_indexes = [resource_messages_key(message.account_id, r) for r in message.resource_ids]
-        for index in (account_index, *resource_indexes):
+        indexes = [account_messages_key(message.account_id)]
+        for batch_id in filter(is_batch_id, message.resource_ids):
+            indexes.append(batch_messages_key(message.account_id, batch_id))
+            pipe.expire(indexes[-1], self.retention_seconds)
+        for index in indexes:
             pipe.zadd(index, {message.id: 0})
             if self.oldest_kept_id is not None:
                 oldest = self.oldest_kept_id(due - self.retention_seconds * 1000)
                 pipe.zremrangebylex(index, "-", f"({oldest}")
-        for index in resource_indexes:
-            pipe.expire(index, self.retention_seconds)
         for destination in message.destinations:
             member = due_member(message.id, destination.name)
             if destination.disabled_reason is not None:
@@ -449,28 +463,39 @@ class MessageStore:
     async def list_for_account(
         self, account_id: str, *, limit: int, before: str | None, where: MessageFilter
     ) -> list[LoggedMessage]:
-        """Newest first; message ids sort by time, so `before` is a cursor. Those about a resource are
-        read from its own index, not picked out of all the account's."""
+        """Newest first; message ids sort by time, so `before` is a cursor. Those about a batch are read
+        from its own index, the few `where` names directly: neither is picked out of all the account's."""
+        if where.message_ids is not None:
+            named = sorted((i for i in where.message_ids if before is None or i < before), reverse=True)
+            return (await self._logged(named, where))[:limit]
         found: list[LoggedMessage] = []
         maximum = f"({before}" if before else "+"
         index = (
-            resource_messages_key(account_id, where.resource_ids[0])
-            if where.resource_ids
-            else account_messages_key(account_id)
+            account_messages_key(account_id)
+            if where.batch_id is None
+            else batch_messages_key(account_id, where.batch_id)
         )
         while len(found) < limit:
             ids = await self.redis.zrevrangebylex(index, maximum, "-", start=0, num=limit * 2)
             if not ids:
                 break
-            raws = await self.redis.mget([message_key(i.decode()) for i in ids])
-            messages = [Message.from_json(raw) for raw in raws if raw is not None]
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for message in messages:
-                    pipe.mget([delivery_key(message.id, d.name) for d in message.destinations] or ["-"])
-                every = await pipe.execute()
-            for message, raw_deliveries in zip(messages, every, strict=True):
-                deliveries = tuple(Delivery.from_json(raw) for raw in raw_deliveries if raw is not None)
-                if where.admits(message, deliveries):
-                    found.append(LoggedMessage(message, deliveries))
+            found += await self._logged([i.decode() for i in ids], where)
             maximum = f"({ids[-1].decode()}"
         return found[:limit]
+
+    async def _logged(self, msg_ids: Sequence[str], where: MessageFilter) -> list[LoggedMessage]:
+        """Those of the messages still kept that `where` admits, with their deliveries, in order."""
+        if not msg_ids:
+            return []
+        raws = await self.redis.mget([message_key(msg_id) for msg_id in msg_ids])
+        messages = [Message.from_json(raw) for raw in raws if raw is not None]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for message in messages:
+                pipe.mget([delivery_key(message.id, d.name) for d in message.destinations] or ["-"])
+            every = await pipe.execute()
+        logged = []
+        for message, raw_deliveries in zip(messages, every, strict=True):
+            deliveries = tuple(Delivery.from_json(raw) for raw in raw_deliveries if raw is not None)
+            if where.admits(message, deliveries):
+                logged.append(LoggedMessage(message, deliveries))
+        return logged

@@ -1,0 +1,92 @@
+"""The data path's presigned URLs (jobs/s3signing.py) are byte for byte the ones botocore makes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import botocore.session
+import pytest
+from botocore.config import Config
+from botocore.credentials import ReadOnlyCredentials
+
+from jobs.s3signing import QuerySigner
+
+EXPIRES = 900
+BUCKET = "darkroom-photos"
+PROBE = "darkroom-probe"
+KEYS = [
+    "darkroom/acc_1/img_2/original",
+    "pre fix/ümlaut+plus=equals&amp?question~tilde/original.jpg",
+]
+# (endpoint_url, region, addressing style): MinIO or moto on a port, AWS itself, an https endpoint.
+SERVICES = [
+    ("http://127.0.0.1:9000", "us-east-1", "path"),
+    (None, "us-east-1", None),
+    (None, "eu-west-1", None),
+    ("https://storage.example.com", "auto", "path"),
+]
+# (HTTP method, botocore operation, its query parameters as botocore's Params, as ours)
+OPERATIONS: list[tuple[str, str, dict[str, Any], dict[str, str | int]]] = [
+    ("GET", "get_object", {}, {}),
+    ("PUT", "put_object", {}, {}),
+    (
+        "PUT",
+        "upload_part",
+        {"UploadId": "2~a+b/c=d e", "PartNumber": 7},
+        {"uploadId": "2~a+b/c=d e", "partNumber": 7},
+    ),
+]
+
+
+def botocore_client(endpoint_url: str | None, region: str, style: str | None, token: str | None) -> Any:
+    return botocore.session.get_session().create_client(
+        "s3",
+        region_name=region,
+        endpoint_url=endpoint_url,
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        aws_session_token=token,
+        config=Config(signature_version="s3v4", s3={"addressing_style": style} if style else None),
+    )
+
+
+@pytest.mark.parametrize(("endpoint_url", "region", "style"), SERVICES)
+@pytest.mark.parametrize("token", [None, "session/token+with=odd chars"])
+def test_presigned_urls_match_botocores(
+    endpoint_url: str | None, region: str, style: str | None, token: str | None
+) -> None:
+    client = botocore_client(endpoint_url, region, style, token)
+    probe = client.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
+    )
+    signer = QuerySigner.like(probe, PROBE, EXPIRES)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    for key in KEYS:
+        for method, operation, params, query in OPERATIONS:
+            theirs = client.generate_presigned_url(
+                operation,
+                Params={"Bucket": BUCKET, "Key": key, **params},
+                ExpiresIn=EXPIRES,
+                HttpMethod=method,
+            )
+            signed_at = parse_qs(urlsplit(theirs).query)["X-Amz-Date"][0]
+            now = datetime.strptime(signed_at, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            assert signer.presign(method, key, query, credentials, now) == theirs
+
+
+def test_a_new_day_signs_with_a_new_key() -> None:
+    client = botocore_client("http://127.0.0.1:9000", "us-east-1", "path", None)
+    probe = client.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
+    )
+    signer = QuerySigner.like(probe, PROBE, EXPIRES)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "secret", None)
+    before = signer.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
+    after = signer.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
+    assert "X-Amz-Credential=AKIDEXAMPLE%2F20260101%2F" in before
+    assert "X-Amz-Credential=AKIDEXAMPLE%2F20260102%2F" in after
+    # Each is what a signer that never saw the other day makes.
+    fresh = QuerySigner.like(probe, PROBE, EXPIRES)
+    assert fresh.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC)) == after
