@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import httpx
+from asgi_lifespan import LifespanManager
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id
@@ -138,3 +141,21 @@ async def test_problems_name_the_request_id_in_body_and_header(
     too_large = await client.post("/v1/batches", headers=account.headers, content=b"[" * 70_000, params={})
     assert too_large.status_code == 413
     assert too_large.json()["request_id"] == too_large.headers["x-request-id"]
+
+
+async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Settings) -> None:
+    """The 500 is written outside every middleware (Starlette's ServerErrorMiddleware): it names the id
+    all the same."""
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = create_app(settings)
+    app.router.routes.append(Route("/broken", broken))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            response = await http.get("/broken", headers={"X-Request-Id": "mine-500"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "mine-500"
+    assert response.json()["request_id"] == "mine-500"
