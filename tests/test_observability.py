@@ -159,3 +159,16 @@ async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Setting
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "mine-500"
     assert response.json()["request_id"] == "mine-500"
+
+
+async def test_a_replayed_response_carries_the_retrys_request_id(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    def sent(request_id: str) -> dict[str, str]:
+        return {**account.headers, "Idempotency-Key": "batch-1", "X-Request-Id": request_id}
+
+    first = await client.post("/v1/batches", headers=sent("first-try"), json={})
+    retry = await client.post("/v1/batches", headers=sent("second-try"), json={})
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == first.json()
+    assert (first.headers["x-request-id"], retry.headers["x-request-id"]) == ("first-try", "second-try")
