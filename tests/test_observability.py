@@ -5,8 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from asgi_lifespan import LifespanManager
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id
@@ -193,3 +196,34 @@ async def test_problems_name_the_request_id_in_body_and_header(
     too_large = await client.post("/v1/batches", headers=account.headers, content=b"[" * 70_000, params={})
     assert too_large.status_code == 413
     assert too_large.json()["request_id"] == too_large.headers["x-request-id"]
+
+
+async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Settings) -> None:
+    """The 500 is written outside every middleware (Starlette's ServerErrorMiddleware): it names the id
+    all the same."""
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = create_app(settings)
+    app.router.routes.append(Route("/broken", broken))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            response = await http.get("/broken", headers={"X-Request-Id": "mine-500"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "mine-500"
+    assert response.json()["request_id"] == "mine-500"
+
+
+async def test_a_replayed_response_carries_the_retrys_request_id(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    def sent(request_id: str) -> dict[str, str]:
+        return {**account.headers, "Idempotency-Key": "batch-1", "X-Request-Id": request_id}
+
+    first = await client.post("/v1/batches", headers=sent("first-try"), json={})
+    retry = await client.post("/v1/batches", headers=sent("second-try"), json={})
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == first.json()
+    assert (first.headers["x-request-id"], retry.headers["x-request-id"]) == ("first-try", "second-try")
