@@ -12,8 +12,10 @@ from starlette.routing import BaseRoute, Route
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
+from server.endpoints import EndpointChanges, NewEndpoint
 from server.idempotency import MAX_KEY_LENGTH
-from server.query import QueryModel, non_null, query_model
+from server.models import non_null
+from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
@@ -771,7 +773,7 @@ def _webhook_paths() -> dict[str, Any]:
         "/v1/webhook-endpoints": {
             "post": {
                 "summary": "Register an endpoint for the account's events",
-                "requestBody": _body("WebhookEndpointInput"),
+                "requestBody": _body("NewEndpoint"),
                 "responses": {
                     "201": _json("The endpoint, with its secret", with_secret),
                     "409": _problem("The account has its 50 endpoints (too_many_endpoints)"),
@@ -791,7 +793,7 @@ def _webhook_paths() -> dict[str, Any]:
             },
             "patch": {
                 "summary": "Change url, events, description, limits, or enable/disable",
-                "requestBody": _body("WebhookEndpointInput"),
+                "requestBody": _body("EndpointChanges"),
                 "responses": {"200": _json("The endpoint", endpoint), "404": _NO_ENDPOINT, "422": _INVALID},
             },
             "delete": {"summary": "Remove an endpoint", "responses": {"204": {"description": "Deleted"}}},
@@ -1002,18 +1004,8 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
         },
     },
     "WebhookSecret": {"type": "object", "properties": {"secret": {"type": "string", "pattern": "^whsec_"}}},
-    "WebhookEndpointInput": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "url": {"type": "string", "format": "uri"},
-            "events": {"type": "array", "items": {"enum": ["*", *EVENT_TYPES]}, "default": ["*"]},
-            "description": {"type": "string", "maxLength": 256},
-            "max_in_flight": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
-            "rate_limit": {"type": ["integer", "null"], "minimum": 1, "description": "deliveries per second"},
-            "status": {"enum": ["enabled", "disabled"], "description": "PATCH only"},
-        },
-    },
+    "NewEndpoint": NewEndpoint.model_json_schema(),
+    "EndpointChanges": EndpointChanges.model_json_schema(),
     "WebhookEndpoint": {
         "type": "object",
         "properties": {
