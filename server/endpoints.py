@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -16,9 +16,8 @@ from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
 from server.deliveries import accepted_message
-from server.destinations import MAX_URL_LENGTH, check_destination_url
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
-from server.models import Hint, StrictModel, field_errors, refusal, without_defaults
+from server.models import DestinationUrl, Hint, StrictModel, checked_body, refusal, without_defaults
 from server.problems import Problem, validation_problem
 from server.request_log import request_id_of
 from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint, EndpointStatus
@@ -37,21 +36,17 @@ def _known_events(events: list[str]) -> list[str]:
     return sorted(set(events))
 
 
-DestinationUrl = Annotated[
-    StrictStr,
-    Hint("must be a string"),
-    Field(
-        description="Where deliveries are POSTed: http or https, public addresses only",
-        json_schema_extra={"format": "uri", "maxLength": MAX_URL_LENGTH},
-    ),
+EndpointUrl = Annotated[
+    DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public")
 ]
 
 
-# The url's host is resolved after the model has checked the body (check_destination_url).
 class NewEndpoint(StrictModel):
     """A webhook endpoint to register."""
 
-    url: DestinationUrl
+    url: Annotated[
+        DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public only")
+    ]
     events: Annotated[
         list[StrictStr],
         Field(
@@ -83,26 +78,10 @@ class EndpointChanges(NewEndpoint):
 
     model_config = ConfigDict(json_schema_extra=without_defaults)
 
-    url: DestinationUrl = ""
+    url: Annotated[
+        DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public only")
+    ] = ""
     status: Annotated[EndpointStatus, Hint("must be enabled or disabled")] = "enabled"
-
-
-Fields = TypeVar("Fields", bound=NewEndpoint)
-
-
-async def _checked_fields(body: dict[str, Any], settings: Settings, model: type[Fields]) -> Fields:
-    """The body's fields, every problem reported at once."""
-    errors: list[FieldError] = []
-    try:
-        fields = model.model_validate(body)
-    except ValidationError as invalid:
-        errors = field_errors(model, invalid, unknown="unknown field")
-    url = body.get("url")
-    if isinstance(url, str) and (problem := await check_destination_url(url, settings)):
-        errors.append(FieldError("url", problem))
-    if errors:
-        raise validation_problem(errors)
-    return fields
 
 
 async def _owned_endpoint(request: Request, account: Account) -> Endpoint:
@@ -121,7 +100,9 @@ def _with_secret(endpoint: Endpoint) -> dict[str, Any]:
 async def create_endpoint(request: Request) -> Response:
     account = await require_account(request)
     store: Store = request.app.state.store
-    fields = await _checked_fields(await read_json_object(request), request.app.state.settings, NewEndpoint)
+    fields = await checked_body(
+        NewEndpoint, await read_json_object(request), request.app.state.settings, urls=["url"]
+    )
     endpoint = await store.endpoints.create(
         new_id("ep"),
         account.id,
@@ -162,8 +143,8 @@ async def get_endpoint_secret(request: Request) -> Response:
 async def update_endpoint(request: Request) -> Response:
     account = await require_account(request)
     endpoint = await _owned_endpoint(request, account)
-    changes = await _checked_fields(
-        await read_json_object(request), request.app.state.settings, EndpointChanges
+    changes = await checked_body(
+        EndpointChanges, await read_json_object(request), request.app.state.settings, urls=["url"]
     )
     values = changes.model_dump(include=changes.model_fields_set)
     store: Store = request.app.state.store
