@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -12,9 +13,10 @@ from starlette.routing import BaseRoute, Route
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
+from server.batches import NewBatch
 from server.endpoints import EndpointChanges, NewEndpoint
 from server.idempotency import MAX_KEY_LENGTH
-from server.models import non_null
+from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
 from webhooks.endpoints import EVENT_TYPES
@@ -23,6 +25,22 @@ from webhooks.messages import DELIVERY_STATUSES
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _component(model: type[BaseModel]) -> dict[str, Any]:
+    """The schema `model` validates by, its fields that are components of this document as `$ref`s."""
+
+    def linked(schema: Any) -> Any:
+        if isinstance(schema, dict):
+            if COMPONENT_REF in schema:
+                return _ref(schema[COMPONENT_REF])
+            return {key: linked(value) for key, value in schema.items()}
+        if isinstance(schema, list):
+            return [linked(item) for item in schema]
+        return schema
+
+    schema: dict[str, Any] = linked(model.model_json_schema())
+    return schema
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -620,7 +638,7 @@ def _batch_paths() -> dict[str, Any]:
         "/v1/batches": {
             "post": {
                 "summary": "Create a batch: default operations, a callback URL, an archive, metadata",
-                "requestBody": _body("BatchInput"),
+                "requestBody": _body("NewBatch"),
                 "responses": {"201": _json("The open batch", batch), "422": _INVALID},
             },
             "get": {
@@ -870,24 +888,7 @@ _BATCH_SCHEMAS: dict[str, Any] = {
         **ArchiveSpec.json_schema(),
         "description": "original: each result as stored; jpeg, png, webp: results re-encoded to it",
     },
-    "BatchInput": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "operations": {
-                "type": "array",
-                "maxItems": MAX_CHAIN_LENGTH,
-                "items": _ref("Operation"),
-                "description": "for images added without their own",
-            },
-            "callback_url": {"type": "string", "format": "uri", "description": "receives the batch's events"},
-            "archive": {
-                "oneOf": [{"type": "boolean"}, _ref("ArchiveSpec")],
-                "description": 'true: {"format": "original"}',
-            },
-            "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
-        },
-    },
+    "NewBatch": _component(NewBatch),
     "BatchImagesFromUrl": {
         "type": "object",
         "required": ["images"],
@@ -1004,8 +1005,8 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
         },
     },
     "WebhookSecret": {"type": "object", "properties": {"secret": {"type": "string", "pattern": "^whsec_"}}},
-    "NewEndpoint": NewEndpoint.model_json_schema(),
-    "EndpointChanges": EndpointChanges.model_json_schema(),
+    "NewEndpoint": _component(NewEndpoint),
+    "EndpointChanges": _component(EndpointChanges),
     "WebhookEndpoint": {
         "type": "object",
         "properties": {

@@ -242,3 +242,13 @@ async def test_openapi_describes_endpoint_bodies_by_the_models_that_validate_the
     assert created["properties"]["events"]["items"]["enum"][0] == "*"
     # A PATCH leaves out what it does not change: no defaults to mistake for what it sets.
     assert all("default" not in field for field in changed["properties"].values())
+
+
+async def test_openapi_describes_the_batch_body_by_its_model(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    body = spec["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/NewBatch"}
+    batch = spec["components"]["schemas"]["NewBatch"]
+    assert batch["additionalProperties"] is False
+    assert batch["properties"]["operations"]["items"] == {"$ref": "#/components/schemas/Operation"}
+    assert {"$ref": "#/components/schemas/ArchiveSpec"} in batch["properties"]["archive"]["oneOf"]
