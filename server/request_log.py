@@ -20,7 +20,9 @@ from jobs.ids import new_id
 from webhooks.log_context import bind
 
 REQUEST_ID_HEADER = "X-Request-Id"
-_USABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# Published in /openapi.json as the header's pattern.
+USABLE_REQUEST_ID = r"[\x21-\x7e]{1,128}"
+_USABLE_REQUEST_ID = re.compile(USABLE_REQUEST_ID)
 # Where a request's id and (once authenticated) account id are kept: the request's state.
 REQUEST_ID_STATE = "request_id"
 ACCOUNT_ID_STATE = "account_id"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
 from asgi_lifespan import LifespanManager
+from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import Response
@@ -94,8 +97,9 @@ async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient
     assert "/openapi.json" in docs.text
 
 
-async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, settings: Settings) -> None:
-    """A route added without its description would be invisible in /docs and to generated clients."""
+async def test_openapi_describes_every_route(client: httpx.AsyncClient, settings: Settings) -> None:
+    """A route added without its description would be invisible in /docs and to generated clients (a
+    route serving no API, such as a page's assets, says so with include_in_schema=False)."""
     spec = (await client.get("/openapi.json")).json()
     described = {
         (path, method) for path, item in spec["paths"].items() for method in item if method != "parameters"
@@ -104,12 +108,63 @@ async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, sett
     served = {
         (route.path, method.lower())
         for route in app.routes
-        if isinstance(route, Route) and route.path.startswith("/v1/")
+        if isinstance(route, Route) and route.include_in_schema
         for method in route.methods or ()
         if method != "HEAD"
     }
     assert served - described == set()
     assert described - served == set()
+
+
+async def test_openapi_is_a_valid_openapi_3_1_document(client: httpx.AsyncClient) -> None:
+    validate((await client.get("/openapi.json")).json())
+
+
+def query_parameters(operation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        parameter["name"]: parameter
+        for parameter in operation["parameters"]
+        if parameter.get("in") == "query"
+    }
+
+
+async def test_openapi_query_parameters_are_the_ones_each_route_validates(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    listing = query_parameters(spec["paths"]["/v1/images"]["get"])
+    assert list(listing) == ["limit", "cursor", "status", "batch_id"]
+    assert listing["batch_id"]["schema"]["pattern"].startswith("^bat_")
+    assert listing["status"]["schema"]["enum"] == ["queued", "processing", "completed", "failed"]
+    assert (listing["limit"]["schema"]["minimum"], listing["limit"]["schema"]["maximum"]) == (1, 100)
+    width = query_parameters(spec["paths"]["/v1/images/{image_id}/output"]["get"])["width"]
+    assert width["schema"] == {"type": "integer", "minimum": 1, "maximum": 16384}
+    # A route without a model takes no query parameter, and says so by listing none; every route
+    # documents the 422 its unknown ones get.
+    assert query_parameters(spec["paths"]["/v1/images/{image_id}"]["get"]) == {}
+    assert "422" in spec["paths"]["/v1/images/{image_id}"]["get"]["responses"]
+
+
+async def test_openapi_documents_the_headers_every_route_takes_and_answers(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    operations = [
+        (path, method, operation)
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+        if method != "parameters"
+    ]
+    for path, method, operation in operations:
+        taken = {parameter.get("$ref", "").rpartition("/")[2] for parameter in operation["parameters"]}
+        assert "RequestId" in taken, (path, method)
+        assert ("IdempotencyKey" in taken) == (method == "post"), (path, method)
+        for response in operation["responses"].values():
+            assert "X-Request-Id" in response["headers"], (path, method)
+        if path.startswith("/v1/"):
+            limited = operation["responses"]["429"]
+            assert "Retry-After" in limited["headers"] and "X-RateLimit-Remaining" in limited["headers"]
+    uploads = spec["paths"]["/v1/uploads"]["post"]["responses"]
+    assert "idempotency_key_in_use" in uploads["409"]["description"]
+    assert "idempotency_key_reused" in uploads["422"]["description"]
+    header_names = {parameter["name"] for parameter in spec["components"]["parameters"].values()}
+    assert header_names == {"X-Request-Id", "Idempotency-Key"}
 
 
 async def test_a_request_id_is_echoed_when_usable_and_made_otherwise(client: httpx.AsyncClient) -> None:
