@@ -115,3 +115,10 @@ async def test_images_are_listed_by_batch_id_and_a_malformed_one_is_422(
     malformed = await client.get("/v1/images?batch_id=batch-1", headers=account.headers)
     problem = assert_problem(malformed, 422, "validation_failed", fields=["batch_id"])
     assert problem["errors"] == [{"field": "batch_id", "message": "must be a batch id (bat_…)"}]
+
+
+async def test_a_refusal_names_at_most_twenty_unknown_parameters(client: httpx.AsyncClient) -> None:
+    query = "&".join(f"p{number:03}=1" for number in range(500))
+    problem = assert_problem(await client.get(f"/healthz?{query}"), 422, "unknown_query_parameter")
+    assert [error["field"] for error in problem["errors"]] == [f"p{number:03}" for number in range(20)]
+    assert "p019 and 480 more" in problem["detail"]
