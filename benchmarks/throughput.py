@@ -61,6 +61,7 @@ import httptools
 import pyvips
 from photos import find_photos, images_per_second, megapixels
 
+from jobs.worker import WORKER_LOG_ARGS
 from server.embedded_redis import EmbeddedRedis
 from server.http_limits import WEB_PROTOCOL
 from webhooks.signing import WebhookVerificationError, verify
@@ -270,9 +271,9 @@ def running_service(
         service = Service(f"http://127.0.0.1:{port}", env, logs)
         web_cmd = [
             *(str(BIN / "uvicorn"), "server.app:app", "--host", "127.0.0.1", "--port", str(port)),
-            *("--http", WEB_PROTOCOL),  # as the Procfile runs it
+            *("--http", WEB_PROTOCOL, "--no-access-log"),  # as the Procfile runs it
         ]
-        worker_cmd = [str(BIN / "arq"), worker_settings]
+        worker_cmd = [str(BIN / "arq"), worker_settings, *WORKER_LOG_ARGS]
         if profile in ("web", "worker"):
             target = web_cmd if profile == "web" else worker_cmd
             out = logs / f"{profile}.folded"  # collapsed stacks: flamegraph.pl, speedscope, or grep

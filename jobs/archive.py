@@ -50,6 +50,7 @@ from jobs.records import ArchiveSpec, ArchiveState, BatchRecord, ImageError, Ima
 from jobs.storage import BlobStorage, LocalStorage, StorageFull, StorageUnavailable, is_full
 from jobs.variants import VariantSpec, render_variant
 from jobs.vips_errors import reports_storage_full
+from webhooks.log_context import bind
 from webhooks.messages import iso, now_ms
 
 log = logging.getLogger("darkroom.archive")
@@ -497,6 +498,14 @@ async def build_archive(deps: WorkerDeps, batch_id: str, job_try: int) -> None:
     state = None if batch is None else batch.archive_state
     if batch is None or state is None:
         return
+    with bind(batch_id=batch_id, account_id=batch.account_id, request_id=batch.request_id):
+        await _build_archive(deps, batches, batch_id, state, job_try)
+
+
+async def _build_archive(
+    deps: WorkerDeps, batches: Batches, batch_id: str, state: ArchiveState, job_try: int
+) -> None:
+    """build_archive, once its batch's ids are bound for its log lines."""
     if state.status not in ("pending", "building"):
         if state.message_id is not None:
             deps.dispatcher.nudge()  # already announced in the transaction that recorded it: only hurry it

@@ -27,7 +27,6 @@ from jobs.records import (
     ImageRecord,
     InputInfo,
     OutputInfo,
-    epoch_ms,
     source_filename,
     utc_now,
 )
@@ -73,7 +72,7 @@ async def _process(deps: WorkerDeps, image: ImageRecord, job_try: int) -> None:
         "processing %s (attempt %d)",
         image.id,
         job_try,
-        extra={"attempt": job_try, "queue_wait_ms": queue_wait_ms(image)},
+        extra={"attempt": job_try, "queue_wait_ms": image.queue_wait_ms},
     )
     # One time limit for the whole job: fetching a source_url, then rendering.
     deadline = asyncio.get_running_loop().time() + deps.settings.job_timeout
@@ -243,13 +242,6 @@ def _discard(finished: asyncio.Future[RenderedImage], stem: Path) -> None:
         log.info("abandoned render of %s stopped", stem.name)
 
 
-def queue_wait_ms(image: ImageRecord) -> float | None:
-    """From the upload to the start of its processing (the last start, for a job run again)."""
-    if image.started_at is None:
-        return None
-    return float(epoch_ms(image.started_at) - epoch_ms(image.created_at))
-
-
 async def _finish(
     deps: WorkerDeps,
     image: ImageRecord,
@@ -279,7 +271,8 @@ async def _finish(
             final.resource_ids,
             request_id=final.request_id,
         )
-    stored = await deps.store.finish_image(final, message, previous=image)
+    render_seconds = None if render_ms is None else render_ms / 1000
+    stored = await deps.store.finish_image(final, message, previous=image, render_seconds=render_seconds)
     if stored is None:
         # Deleted by its owner while we worked: the output just written must not outlive the record.
         await deps.storage.delete_tree(f"{image.account_id}/{image.id}")

@@ -160,6 +160,13 @@ class ImageRecord:
         return self.status in TERMINAL_STATUSES
 
     @property
+    def queue_wait_ms(self) -> float | None:
+        """From the upload to the start of its processing (the last start, for a job run again)."""
+        if self.started_at is None:
+            return None
+        return float(epoch_ms(self.started_at) - epoch_ms(self.created_at))
+
+    @property
     def filename(self) -> str | None:
         """The partner's name for the file: as uploaded, as declared for a direct upload, or as its
         source URL names it."""

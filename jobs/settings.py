@@ -193,8 +193,12 @@ class Settings:
         return settings
 
 
+_ON = frozenset({"1", "true", "yes", "on"})
+_OFF = frozenset({"0", "false", "no", "off"})
+
+
 def _flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+    return env.get(name, "").strip().lower() in _ON
 
 
 def _choice(
@@ -212,9 +216,9 @@ def _switch(env: Mapping[str, str], name: str, *, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if not raw:
         return default
-    if raw in {"1", "true", "yes", "on"}:
+    if raw in _ON:
         return True
-    if raw in {"0", "false", "no", "off"}:
+    if raw in _OFF:
         return False
     raise SettingsError(f"{name} must be on or off, not {raw!r}")
 

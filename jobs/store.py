@@ -377,9 +377,15 @@ class Store:
         return await self._replace_unfinished(image, previous) is image
 
     async def finish_image(
-        self, image: ImageRecord, message: Message | None, *, previous: ImageRecord | None = None
+        self,
+        image: ImageRecord,
+        message: Message | None,
+        *,
+        previous: ImageRecord | None = None,
+        render_seconds: float | None = None,
     ) -> ImageRecord | None:
-        """Record the terminal state and its webhook message in one transaction: both or neither.
+        """Record the terminal state and its webhook message in one transaction: both or neither (with
+        the job's counts and latencies, `render_seconds` if it rendered).
 
         Returns the image as stored: ours, or the one an overlapping run of the same job finished first
         (never overwritten), or None if its owner deleted it meanwhile. `previous` as for update_image.
@@ -389,6 +395,7 @@ class Store:
             if message is not None:
                 self.messages.stage_new(pipe, message)
             stats.count_finished(pipe, image.status, image.error.code if image.error else None)
+            stats.observe_job(pipe, image, render_seconds)
 
         return await self._replace_unfinished(image, previous, also)
 

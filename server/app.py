@@ -45,6 +45,7 @@ from server.problems import (
     handle_store_unavailable,
     handle_unexpected,
 )
+from server.query import guard_queries
 from server.ratelimit import RateLimiter, RateLimitHeaders
 from server.request_log import RequestLogMiddleware
 
@@ -88,18 +89,20 @@ def create_app(settings: Settings) -> Starlette:
             await storage.close()
 
     app = Starlette(
-        routes=[
-            *health.routes,
-            *metrics.routes,
-            *openapi.routes,
-            *docs.routes,
-            *images.routes,
-            *uploads.routes,
-            *batches.routes,
-            *deliveries.routes,
-            *endpoints.routes,
-            *dashboard.routes,
-        ],
+        routes=guard_queries(
+            [
+                *health.routes,
+                *metrics.routes,
+                *openapi.routes,
+                *docs.routes,
+                *images.routes,
+                *uploads.routes,
+                *batches.routes,
+                *deliveries.routes,
+                *endpoints.routes,
+                *dashboard.routes,
+            ]
+        ),
         exception_handlers={
             Problem: handle_problem,
             HTTPException: handle_http_status,

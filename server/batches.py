@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -13,7 +14,7 @@ from jobs.batches import BatchClosed, BatchEmpty
 from jobs.ids import is_id, new_id
 from jobs.operations import parse_operations
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import ArchiveSpec, BatchRecord, ImageRecord, utc_now
+from jobs.records import ArchiveSpec, BatchRecord, BatchStatus, ImageRecord, utc_now
 from jobs.settings import Settings
 from jobs.storage import BlobStorage
 from server.auth import require_account
@@ -30,8 +31,9 @@ from server.images import (
 )
 from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, receive_multipart
-from server.pagination import page_response, parse_page
+from server.pagination import BatchCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
+from server.query import BLANK_IS_ABSENT, query_of, takes_query
 from server.ratelimit import require_upload_room
 from server.request_log import request_id_of
 from server.upload_fields import metadata_problem, validate_upload_fields
@@ -40,7 +42,6 @@ from webhooks.messages import iso, now_ms
 BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
 # The fields of images added to a batch (each upload, or each image by URL, besides its source_url).
 BATCH_IMAGE_FIELDS = ("operations", "callback_url", "metadata", "retention")
-BATCH_STATUSES = ("open", "sealed", "processing", "completed")
 MAX_FILES_PER_REQUEST = 50
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-[0-9]{1,30}")
@@ -118,18 +119,24 @@ async def get_batch(request: Request) -> Response:
     return JSONResponse(batch.resource(request.app.state.settings.public_url))
 
 
+class BatchListQuery(PageQuery):
+    cursor: BatchCursor = None
+    status: Annotated[
+        BatchStatus | None, BLANK_IS_ABSENT, Field(description="Only batches in this status")
+    ] = None
+
+
+@takes_query(BatchListQuery)
 async def list_batches(request: Request) -> Response:
     account = await require_account(request)
-    page, filters = parse_page(request.query_params, "bat", {"status": BATCH_STATUSES})
+    query = query_of(request, BatchListQuery)
     batches = batches_of(request)
     public_url = request.app.state.settings.public_url
 
     async def fetch(limit: int, before: str | None) -> list[BatchRecord]:
-        return await batches.list_for_account(
-            account.id, limit=limit, before=before, status=filters["status"]
-        )
+        return await batches.list_for_account(account.id, limit=limit, before=before, status=query.status)
 
-    return await page_response(page, fetch, lambda batch: batch.resource(public_url))
+    return await page_response(query, fetch, lambda batch: batch.resource(public_url))
 
 
 async def add_images(request: Request) -> Response:

@@ -123,14 +123,18 @@ def _add_plan_arguments(parser: argparse.ArgumentParser, *, default_tier: str | 
     )
     parser.add_argument(
         "--plan",
-        choices=sorted(TIERS),
+        choices=list(TIERS),
         default=default_tier,
         help=f"a tier: {tiers}; the flags below change it",
     )
-    parser.add_argument("--requests-per-minute", type=_positive, help="authenticated requests a minute")
-    parser.add_argument("--uploads-per-minute", type=_positive, help="images created a minute")
-    parser.add_argument("--max-processing", type=_positive, help="images rendering at once")
-    parser.add_argument("--share", type=_positive, help="weight when workers share between accounts")
+    parser.add_argument(
+        "--requests-per-minute", type=_positive, metavar="N", help="authenticated requests a minute"
+    )
+    parser.add_argument("--uploads-per-minute", type=_positive, metavar="N", help="images created a minute")
+    parser.add_argument("--max-processing", type=_positive, metavar="N", help="images rendering at once")
+    parser.add_argument(
+        "--share", type=_positive, metavar="N", help="weight when workers share between accounts"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -44,8 +44,10 @@ from server import batches, deliveries, endpoints, images
 from server.docs import IMMUTABLE_ASSET_HEADERS
 from server.images import batches_of
 from server.problems import Problem
+from server.query import takes_query
 from server.ratelimit import count_request
 from server.request_log import note_account
+from server.variants import VariantQuery
 from webhooks.messages import MessageFilter
 
 _HERE = Path(__file__).resolve().parent
@@ -65,7 +67,6 @@ _COOKIE_PATH = "/dashboard"
 _SIGN_IN_TOKEN_SECONDS = 3600
 # Rows each table shows: the newest.
 TABLE_ROWS = 50
-THUMBNAIL_WIDTH = 240
 # The SSE stream reads Redis this often; it ends after a while and the browser reconnects at once
 # (`retry:`), so a web process shutting down waits for no stream longer than that.
 POLL_SECONDS = 1.0
@@ -314,20 +315,17 @@ async def events(request: Request) -> Response:
 # What the API does, for the session's account.
 
 
-def _with_query(request: Request, query_string: bytes) -> Request:
-    """The same request (path parameters, counted account) asking the API route for `query_string`."""
-    return Request({**request.scope, "query_string": query_string}, request.receive)
-
-
 async def upload_image(request: Request) -> Response:
     """`POST /v1/images`'s multipart form, from the drop zone."""
     await _require_changing_session(request)
     return await images.create_image(request)
 
 
-async def thumbnail(request: Request) -> Response:
+@takes_query(VariantQuery)
+async def output(request: Request) -> Response:
+    """`GET /v1/images/{id}/output`, variants included (the images table's thumbnails)."""
     await _require_session(request)
-    return await images.get_output(_with_query(request, f"width={THUMBNAIL_WIDTH}".encode()))
+    return await images.get_output(request)
 
 
 async def archive(request: Request) -> Response:
@@ -363,7 +361,7 @@ routes = [
     Route("/dashboard/sign-out", sign_out, methods=["POST"]),
     Route("/dashboard/events", events, methods=["GET"]),
     Route("/dashboard/images", upload_image, methods=["POST"]),
-    Route("/dashboard/images/{image_id}/thumbnail", thumbnail, methods=["GET"]),
+    Route("/dashboard/images/{image_id}/output", output, methods=["GET"]),
     Route("/dashboard/batches/{batch_id}/archive", archive, methods=["GET"]),
     Route("/dashboard/deliveries/{msg_id}/retry", retry_delivery, methods=["POST"]),
     Route("/dashboard/webhook-endpoints/{endpoint_id}/test", send_test_event, methods=["POST"]),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from pydantic import BeforeValidator, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -12,17 +15,11 @@ from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
-from server.pagination import page_response, parse_page
+from server.pagination import MessageCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
-from webhooks.endpoints import EVENT_TYPES
-from webhooks.messages import DELIVERY_STATUSES, LoggedMessage, MessageFilter, is_endpoint
-
-# The delivery log's filters by id: the endpoint a message went to, the image or batch it is about.
-_ID_FILTERS = (
-    ("endpoint_id", "ep", "an endpoint"),
-    ("image_id", "img", "an image"),
-    ("batch_id", "bat", "a batch"),
-)
+from server.query import BLANK_IS_ABSENT, BatchId, EndpointId, Hint, ImageId, query_of, takes_query
+from webhooks.endpoints import EventType
+from webhooks.messages import DeliveryStatus, LoggedMessage, MessageFilter, is_endpoint
 
 
 async def _owned_message(request: Request, account_id: str) -> LoggedMessage:
@@ -39,43 +36,77 @@ async def get_delivery(request: Request) -> Response:
     return JSONResponse((await _owned_message(request, account.id)).resource())
 
 
+def _canonical_time(value: object) -> object:
+    if value is None:
+        return None
+    time = canonical_time(value)
+    if time is None:
+        raise ValueError("not an RFC 3339 time")
+    return time
+
+
+QueryTime = Annotated[
+    str | None,
+    BeforeValidator(_canonical_time),
+    BLANK_IS_ABSENT,
+    Hint(TIME_FORMAT_HINT),
+    Field(json_schema_extra={"format": "date-time"}),
+]
+
+
+class DeliveryListQuery(PageQuery):
+    cursor: MessageCursor = None
+    status: Annotated[
+        DeliveryStatus | None,
+        BLANK_IS_ABSENT,
+        Field(description="Only messages with a delivery in this status"),
+    ] = None
+    endpoint_id: Annotated[
+        EndpointId | None,
+        BLANK_IS_ABSENT,
+        Hint("must be an endpoint id (ep_…)"),
+        Field(description="Only messages sent to this endpoint"),
+    ] = None
+    image_id: Annotated[
+        ImageId | None,
+        BLANK_IS_ABSENT,
+        Hint("must be an image id (img_…)"),
+        Field(description="Only messages about this image"),
+    ] = None
+    batch_id: Annotated[
+        BatchId | None,
+        BLANK_IS_ABSENT,
+        Hint("must be a batch id (bat_…)"),
+        Field(description="Only messages about this batch"),
+    ] = None
+    event_type: Annotated[EventType | None, BLANK_IS_ABSENT, Field(description="Only this kind of event")] = (
+        None
+    )
+    created_after: Annotated[QueryTime, Field(description="Only messages made at or after this time")] = None
+    created_before: Annotated[QueryTime, Field(description="Only messages made before this time")] = None
+
+
+@takes_query(DeliveryListQuery)
 async def list_deliveries(request: Request) -> Response:
     account = await require_account(request)
-    query = request.query_params
-    page, chosen = parse_page(query, "msg", {"status": DELIVERY_STATUSES, "event_type": EVENT_TYPES})
-    errors = []
-    times = {}
-    for name in ("created_after", "created_before"):
-        raw = query.get(name)
-        times[name] = canonical_time(raw) if raw else None
-        if raw and times[name] is None:
-            errors.append(FieldError(name, TIME_FORMAT_HINT))
-    ids: dict[str, str] = {}
-    for name, prefix, what in _ID_FILTERS:
-        given = query.get(name)
-        if given and not is_id(prefix, given):
-            errors.append(FieldError(name, f"must be {what} id ({prefix}_…)"))
-        elif given:
-            ids[name] = given
-    if errors:
-        raise validation_problem(errors)
+    query = query_of(request, DeliveryListQuery)
     store: Store = request.app.state.store
     where = MessageFilter(
-        status=chosen["status"],  # type: ignore[arg-type]  # parse_page checked it is a status
-        endpoint_id=ids.get("endpoint_id"),
-        event_type=chosen["event_type"],
-        created_after=times["created_after"],
-        created_before=times["created_before"],
-        batch_id=ids.get("batch_id"),
+        status=query.status,
+        endpoint_id=query.endpoint_id,
+        event_type=query.event_type,
+        created_after=query.created_after,
+        created_before=query.created_before,
+        batch_id=query.batch_id,
         message_ids=None
-        if "image_id" not in ids
-        else await _image_message_ids(store, account.id, ids["image_id"]),
+        if query.image_id is None
+        else await _image_message_ids(store, account.id, query.image_id),
     )
 
     async def fetch(limit: int, before: str | None) -> list[LoggedMessage]:
         return await store.messages.list_for_account(account.id, limit=limit, before=before, where=where)
 
-    return await page_response(page, fetch, LoggedMessage.resource)
+    return await page_response(query, fetch, LoggedMessage.resource)
 
 
 async def _image_message_ids(store: Store, account_id: str, image_id: str) -> tuple[str, ...]:

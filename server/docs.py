@@ -111,5 +111,6 @@ async def docs_asset(request: Request) -> Response:
 
 routes = [
     Route("/docs", docs_page, methods=["GET"]),
-    Route("/docs/assets/{version}/{name}", docs_asset, methods=["GET"]),
+    # Files of the page, not of the API: left out of /openapi.json.
+    Route("/docs/assets/{version}/{name}", docs_asset, methods=["GET"], include_in_schema=False),
 ]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,7 +19,7 @@ from jobs.ids import is_id, new_id
 from jobs.inspection import ImageRefused, inspect_image
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
 from jobs.params import FieldError, ValidationFailed
-from jobs.records import Account, BatchRecord, ImageRecord, InputInfo, UploadState, original_key
+from jobs.records import Account, BatchRecord, ImageRecord, ImageStatus, InputInfo, UploadState, original_key
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, StorageUnavailable, is_full
 from jobs.store import Store
@@ -28,18 +29,18 @@ from server.destinations import url_problem
 from server.image_json import start_upload
 from server.json_body import media_type, read_json_object
 from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
-from server.pagination import page_response, parse_page
+from server.pagination import ImageCursor, PageQuery, page_response
 from server.problems import Problem, storage_full_problem, validation_problem
+from server.query import BLANK_IS_ABSENT, BatchId, Hint, query_of, takes_query
 from server.ratelimit import count_uploads, require_upload_room
 from server.request_log import request_id_of
 from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
-from server.variants import output_response, parse_variant_query, resolve_variant
+from server.variants import VariantQuery, output_response, resolve_variant
 from webhooks.messages import iso, now_ms
 
 SOURCE_FIELDS = ("source_url", *UPLOAD_FIELDS)
 # The JSON forms of `POST /v1/images`, told apart by the one of these fields the body names.
 JSON_FORMS = ("upload_id", "source_url")
-IMAGE_STATUSES = ("queued", "processing", "completed", "failed")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
 ORIGINAL_SUFFIXES = {**{name: saver.suffix for name, saver in SAVERS.items()}, "heif": ".heic"}
 
@@ -317,9 +318,23 @@ async def get_image(request: Request) -> Response:
     return JSONResponse(image.resource(request.app.state.settings.public_url))
 
 
+class ImageListQuery(PageQuery):
+    cursor: ImageCursor = None
+    status: Annotated[
+        ImageStatus | None, BLANK_IS_ABSENT, Field(description="Only images in this status")
+    ] = None
+    batch_id: Annotated[
+        BatchId | None,
+        BLANK_IS_ABSENT,
+        Hint("must be a batch id (bat_…)"),
+        Field(description="Only the images of this batch"),
+    ] = None
+
+
+@takes_query(ImageListQuery)
 async def list_images(request: Request) -> Response:
     account = await require_account(request)
-    page, filters = parse_page(request.query_params, "img", {"status": IMAGE_STATUSES})
+    query = query_of(request, ImageListQuery)
     store: Store = request.app.state.store
     public_url = request.app.state.settings.public_url
 
@@ -328,16 +343,17 @@ async def list_images(request: Request) -> Response:
             account.id,
             limit=limit,
             before=before,
-            status=filters["status"],
-            batch_id=request.query_params.get("batch_id") or None,
+            status=query.status,
+            batch_id=query.batch_id,
         )
 
-    return await page_response(page, fetch, lambda image: image.resource(public_url))
+    return await page_response(query, fetch, lambda image: image.resource(public_url))
 
 
+@takes_query(VariantQuery)
 async def get_output(request: Request) -> Response:
     image = await _owned_image(request)
-    wanted = parse_variant_query(request.query_params)
+    wanted = query_of(request, VariantQuery)
     if image.status == "failed":
         error = image.error
         raise Problem(

@@ -1,63 +1,126 @@
-"""`/metrics`: Prometheus text for the whole service (counters live in Redis, shared by all processes)."""
+"""`/metrics`: Prometheus text for the whole service, whichever web process answers.
+
+Every process counts and observes into Redis (jobs/stats.py): web processes their requests, workers
+their jobs and webhook attempts. This reads it all back and hands it to prometheus-client, which writes
+the exposition format; nothing is kept in the process itself, which only ever saw its own part.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import contextlib
+from collections.abc import Iterator
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs import stats
+from jobs.queue import queued_jobs
 from jobs.settings import Settings
 from webhooks.messages import DUE_KEY
 
-_HELP = {
-    "darkroom_images_uploaded_total": ("counter", "Images accepted for processing."),
-    "darkroom_images_finished_total": ("counter", "Images that reached a terminal status, by status."),
-    "darkroom_images_failed_total": ("counter", "Failed images, by error code."),
-    "darkroom_webhook_attempts_total": ("counter", "Webhook delivery attempts, by outcome."),
-    "darkroom_queue_jobs": ("gauge", "Image jobs queued or running."),
-    "darkroom_webhooks_pending": ("gauge", "Webhook messages waiting for their next attempt."),
-}
+# Methods counted by name; any other a client sends is counted as OTHER, so it adds no series.
+_COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The route of a request no route matched (each path would otherwise be a series of its own).
+UNMATCHED_ROUTE = "unmatched"
 
 
-def render_metrics(counters: dict[str, int], queue_jobs: int, webhooks_pending: int) -> str:
-    samples: dict[str, list[str]] = defaultdict(list)
-    for name, value in sorted(counters.items()):
-        kind, _, label = name.partition(":")
-        if kind == "images_uploaded":
-            samples["darkroom_images_uploaded_total"].append(f"darkroom_images_uploaded_total {value}")
-        elif kind in ("images_completed", "images_failed"):
-            status = kind.removeprefix("images_")
-            samples["darkroom_images_finished_total"].append(
-                f'darkroom_images_finished_total{{status="{status}"}} {value}'
-            )
-        elif kind == "images_failed_by_code":
-            samples["darkroom_images_failed_total"].append(
-                f'darkroom_images_failed_total{{code="{label}"}} {value}'
-            )
-        elif kind == "webhook_attempts":
-            samples["darkroom_webhook_attempts_total"].append(
-                f'darkroom_webhook_attempts_total{{outcome="{label}"}} {value}'
-            )
-    samples["darkroom_queue_jobs"].append(f"darkroom_queue_jobs {queue_jobs}")
-    samples["darkroom_webhooks_pending"].append(f"darkroom_webhooks_pending {webhooks_pending}")
-    lines: list[str] = []
-    for metric, (kind, text) in _HELP.items():
-        lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}", *samples.get(metric, [])]
-    return "\n".join(lines) + "\n"
+async def count_request(redis: Redis, method: str, route: str | None, status: int) -> None:
+    """One more request answered by this web process, for `darkroom_http_requests_total`."""
+    method = method if method in _COUNTED_METHODS else "OTHER"
+    # After the answer was sent: a Redis that fails now costs this count, never the request.
+    with contextlib.suppress(RedisError, OSError):
+        await redis.hincrby(  # type: ignore[misc]
+            stats.STATS_KEY, f"requests:{method}|{route or UNMATCHED_ROUTE}|{status}", 1
+        )
+
+
+class _Snapshot(Collector):
+    """What Redis held when `/metrics` was asked, as metric families."""
+
+    def __init__(
+        self,
+        counters: dict[str, int],
+        histograms: dict[stats.Histogram, stats.HistogramCounts],
+        queue_jobs: int,
+        webhooks_pending: int,
+    ) -> None:
+        self.counters = counters
+        self.histograms = histograms
+        self.queue_jobs = queue_jobs
+        self.webhooks_pending = webhooks_pending
+
+    def collect(self) -> Iterator[Metric]:
+        uploaded = CounterMetricFamily("darkroom_images_uploaded", "Images accepted for processing.")
+        finished = CounterMetricFamily(
+            "darkroom_images_finished", "Images that reached a terminal status, by status.", labels=["status"]
+        )
+        failed = CounterMetricFamily(
+            "darkroom_images_failed", "Failed images, by error code.", labels=["code"]
+        )
+        attempts = CounterMetricFamily(
+            "darkroom_webhook_attempts", "Webhook delivery attempts, by outcome.", labels=["outcome"]
+        )
+        requests = CounterMetricFamily(
+            "darkroom_http_requests",
+            "Requests answered by the web processes, by method, route template and status.",
+            labels=["method", "route", "status"],
+        )
+        for name, value in sorted(self.counters.items()):
+            kind, _, label = name.partition(":")
+            if kind == "images_uploaded":
+                uploaded.add_metric([], value)
+            elif kind in ("images_completed", "images_failed"):
+                finished.add_metric([kind.removeprefix("images_")], value)
+            elif kind == "images_failed_by_code":
+                failed.add_metric([label], value)
+            elif kind == "webhook_attempts":
+                attempts.add_metric([label], value)
+            elif kind == "requests":
+                requests.add_metric(label.split("|"), value)
+        yield from (uploaded, finished, failed, attempts, requests)
+        for histogram, counts in self.histograms.items():
+            family = HistogramMetricFamily(histogram.name, histogram.help, unit="seconds")
+            # prometheus-client spells bounds (`le`) as its own histograms do: "60.0", "+Inf".
+            buckets = [(floatToGoString(bound), running) for bound, running in counts.buckets]  # type: ignore[no-untyped-call]
+            family.add_metric([], buckets, counts.sum)
+            yield family
+        yield GaugeMetricFamily(
+            "darkroom_queue_jobs",
+            "Image jobs queued (waiting their account's turn included) or running.",
+            value=self.queue_jobs,
+        )
+        yield GaugeMetricFamily(
+            "darkroom_webhooks_pending",
+            "Webhook messages waiting for their next attempt.",
+            value=self.webhooks_pending,
+        )
 
 
 async def metrics(request: Request) -> Response:
     redis = request.app.state.redis
     settings: Settings = request.app.state.settings
-    counters = await stats.read(redis)
-    queue_jobs = await redis.zcard(settings.queue_name)
-    webhooks_pending = await redis.zcard(DUE_KEY)
-    return PlainTextResponse(
-        render_metrics(counters, queue_jobs, webhooks_pending), media_type="text/plain; version=0.0.4"
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        _Snapshot(
+            await stats.read(redis),
+            await stats.read_histograms(redis),
+            await queued_jobs(redis, settings.queue_name),
+            await redis.zcard(DUE_KEY),
+        )
     )
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 routes = [Route("/metrics", metrics)]

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
+from server.idempotency import MAX_KEY_LENGTH
+from server.query import QueryModel, non_null, query_model
+from server.request_log import USABLE_REQUEST_ID
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
 
@@ -71,7 +75,7 @@ _UNAUTHORIZED = _problem("Missing or invalid API key")
 _NOT_FOUND = _problem("No such image in this account")
 
 
-def build_openapi(public_url: str) -> dict[str, Any]:
+def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any]:
     operations = _operation_schemas()
     return {
         "openapi": "3.1.0",
@@ -83,6 +87,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
         "servers": [{"url": public_url}],
         "security": [{"bearer": []}, {"apiKey": []}],
         "paths": _with_common_responses(
+            routes,
             {
                 "/v1/images": {
                     "post": {
@@ -116,14 +121,6 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                     },
                     "get": {
                         "summary": "List images, newest first",
-                        "parameters": [
-                            _query(
-                                "status", {"enum": ["queued", "processing", "completed", "failed"]}, "one"
-                            ),
-                            _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                            _query("batch_id", _id("bat"), "images of this batch"),
-                            _query("cursor", _id("img"), "the previous page's next_cursor"),
-                        ],
                         "responses": {
                             "200": _json("A page of images", _ref("ImageList")),
                             "401": _UNAUTHORIZED,
@@ -145,19 +142,6 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                     "parameters": [_IMAGE_ID],
                     "get": {
                         "summary": "Download the result, or a variant of it rendered and cached on the fly",
-                        "parameters": [
-                            _query("format", {"enum": ["jpeg", "png", "webp", "avif"]}, "re-encode"),
-                            _query(
-                                "quality", {"type": "integer", "minimum": 1, "maximum": 100}, "lossy formats"
-                            ),
-                            _query(
-                                "width", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"
-                            ),
-                            _query(
-                                "height", {"type": "integer", "minimum": 1, "maximum": 16384}, "fit inside"
-                            ),
-                            _query("preview", {"type": "boolean"}, "≤ 400 px with a PREVIEW watermark"),
-                        ],
                         "responses": {
                             "200": {
                                 "description": "The image bytes (ETag, Cache-Control)",
@@ -196,9 +180,12 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                 **_upload_paths(),
                 **_batch_paths(),
                 **_webhook_paths(),
-            }
+                **_service_paths(),
+            },
         ),
         "components": {
+            "parameters": _HEADER_PARAMETERS,
+            "headers": _RESPONSE_HEADERS,
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
@@ -296,6 +283,7 @@ def build_openapi(public_url: str) -> dict[str, Any]:
                         "status": {"type": "integer"},
                         "detail": {"type": "string"},
                         "code": {"type": "string"},
+                        "request_id": {"type": "string", "description": "the request's X-Request-Id"},
                         "errors": {
                             "type": "array",
                             "items": {
@@ -313,26 +301,134 @@ def build_openapi(public_url: str) -> dict[str, Any]:
 _METHODS = ("get", "post", "put", "patch", "delete")
 
 
-def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
-    """Every operation documents the answers every route of its kind can give, beside its own: a bad
-    key, a missing resource in the path, and refused parameters or bodies."""
+def _query_parameters(model: type[QueryModel]) -> list[dict[str, Any]]:
+    """The parameters of `model`, each with the schema it is validated by."""
+    schema = model.model_json_schema()
+    required = set(schema.get("required", ()))
+    parameters = []
+    for name, described in schema["properties"].items():
+        accepted = {
+            key: value for key, value in non_null(described).items() if key not in ("title", "description")
+        }
+        parameter = {"name": name, "in": "query", "required": name in required, "schema": accepted}
+        if "description" in described:
+            parameter["description"] = described["description"]
+        parameters.append(parameter)
+    return parameters
+
+
+def _service_paths() -> dict[str, Any]:
+    """The routes for load balancers, scrapers and readers of this document: no API key."""
+
+    def unauthenticated(summary: str, responses: dict[str, Any]) -> dict[str, Any]:
+        return {"get": {"summary": summary, "security": [], "responses": responses}}
+
+    return {
+        "/healthz": unauthenticated("The process answers", {"200": _json("Alive", {"type": "object"})}),
+        "/readyz": unauthenticated(
+            "Redis and the storage answer, and the storage has room",
+            {
+                "200": _json("Ready", {"type": "object"}),
+                "503": _json("Not ready: each check says why", {"type": "object"}),
+            },
+        ),
+        "/metrics": unauthenticated(
+            "Prometheus metrics",
+            {"200": {"description": "The text exposition format", "content": {"text/plain": {}}}},
+        ),
+        "/openapi.json": unauthenticated("This document", {"200": _json("OpenAPI 3.1", {"type": "object"})}),
+        "/docs": unauthenticated(
+            "This document, to read and try",
+            {"200": {"description": "An HTML page", "content": {"text/html": {}}}},
+        ),
+    }
+
+
+def _header(description: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"description": description, "schema": schema or {"type": "string"}}
+
+
+_PRINTABLE_ASCII = "^[\\x20-\\x7e]*$"
+_HEADER_PARAMETERS: dict[str, Any] = {
+    "RequestId": {
+        "name": "X-Request-Id",
+        "in": "header",
+        "required": False,
+        "description": "Your id for this request (1 to 128 visible ASCII characters), echoed in the"
+        " response, its problem body and our logs; one is made (req_…) when none, or another, is given",
+        "schema": {"type": "string", "pattern": f"^{USABLE_REQUEST_ID}$"},
+    },
+    "IdempotencyKey": {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "description": "Makes a POST safe to retry for 24 h: a repeat answers the stored response with"
+        " Idempotent-Replayed: true; the same key with another body is 422 idempotency_key_reused,"
+        " and while the first is still in flight 409 idempotency_key_in_use",
+        "schema": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_KEY_LENGTH,
+            "pattern": _PRINTABLE_ASCII,
+        },
+    },
+}
+_INTEGER = {"type": "integer", "minimum": 0}
+_RESPONSE_HEADERS: dict[str, Any] = {
+    "X-Request-Id": _header("The request's id: the one sent, or one made for it"),
+    "X-RateLimit-Limit": _header("Requests the account's plan allows per window", _INTEGER),
+    "X-RateLimit-Remaining": _header("Requests left in the current window", _INTEGER),
+    "X-RateLimit-Reset": _header("Seconds until the window has room again", _INTEGER),
+    "RateLimit": _header("The same, as the IETF RateLimit field"),
+    "RateLimit-Policy": _header("The account's quota, as the IETF RateLimit-Policy field"),
+    "Retry-After": _header("Seconds to wait before sending again", _INTEGER),
+    "Idempotent-Replayed": _header("true when this is the stored response of an earlier request"),
+}
+_RATE_LIMITED = {
+    **_problem("Over the plan's rate (rate_limited); retry after Retry-After"),
+    "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
+}
+
+
+def _header_refs(*names: str) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+def _with_common_responses(routes: Sequence[BaseRoute], paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation documents the query parameters its route's model takes, the headers every route
+    (and every POST) takes and answers, and the answers every route of its kind can give, beside its
+    own: a bad key, a missing resource in the path, and refused parameters or bodies."""
+    models = {
+        (route.path, method.lower()): query_model(route.endpoint)
+        for route in routes
+        if isinstance(route, Route)
+        for method in route.methods or ()
+    }
     for path, item in paths.items():
         for method in _METHODS:
             operation = item.get(method)
             if operation is None:
                 continue
+            api = path.startswith("/v1/")
+            headers = [{"$ref": "#/components/parameters/RequestId"}]
+            if api and method == "post":
+                headers.append({"$ref": "#/components/parameters/IdempotencyKey"})
+            operation["parameters"] = [*headers, *_query_parameters(models[path, method])]
             common = {
-                "401": _UNAUTHORIZED,
                 "503": _problem(
                     "Redis is unreachable (store_unavailable), or the file storage is "
                     "(storage_unavailable); retry after Retry-After"
                 ),
                 "400": _problem("The request is not valid HTTP (malformed_request)"),
             }
+            if operation.get("security") != []:
+                common["401"] = _UNAUTHORIZED
+            if api:
+                common["429"] = _RATE_LIMITED
             if "{" in path:
                 common["404"] = _problem("No such resource in this account")
-            if operation.get("parameters") or "requestBody" in operation:
-                common["422"] = _INVALID
+            # Any route refuses a query parameter it does not take.
+            common["422"] = _INVALID
             content = operation.get("requestBody", {}).get("content", {})
             if "application/json" in content:
                 common["400"] = _problem("The body is not JSON (invalid_json)")
@@ -343,8 +439,46 @@ def _with_common_responses(paths: dict[str, Any]) -> dict[str, Any]:
                 common["413"] = _problem("A file or field is over its limit")
                 common["415"] = _problem("The body is not multipart/form-data")
                 common["507"] = _problem("Our storage is full: nothing was kept; retry after Retry-After")
-            operation["responses"] = {**common, **operation["responses"]}
+            responses = {**common, **operation["responses"]}
+            if api and method == "post":
+                responses = _with_idempotency_refusals(responses)
+            every = ("X-Request-Id", *(_RATE_LIMIT_HEADERS if api else ()))
+            replayed = ("Idempotent-Replayed",) if api and method == "post" else ()
+            operation["responses"] = {
+                status: {
+                    **response,
+                    "headers": {**response.get("headers", {}), **_header_refs(*every, *replayed)},
+                }
+                for status, response in responses.items()
+            }
     return paths
+
+
+_RATE_LIMIT_HEADERS = (
+    "X-RateLimit-Limit",
+    "X-RateLimit-Remaining",
+    "X-RateLimit-Reset",
+    "RateLimit",
+    "RateLimit-Policy",
+)
+
+
+def _with_idempotency_refusals(responses: dict[str, Any]) -> dict[str, Any]:
+    """A POST's 400, 409 and 422 also tell of its Idempotency-Key."""
+    refusals = {
+        "400": f"the Idempotency-Key is not 1 to {MAX_KEY_LENGTH} printable ASCII characters, or is sent"
+        " twice (invalid_idempotency_key)",
+        "409": "the Idempotency-Key's first request is still in flight (idempotency_key_in_use)",
+        "422": "the Idempotency-Key was used with another request (idempotency_key_reused)",
+    }
+    updated = dict(responses)
+    for status, refusal in refusals.items():
+        own = responses.get(status)
+        if own is None:
+            updated[status] = _problem(refusal[0].upper() + refusal[1:])
+        else:
+            updated[status] = {**own, "description": f"{own['description']}; or {refusal}"}
+    return updated
 
 
 _UPLOAD_STATUSES = ["pending", "received", "started", "refused", "expired"]
@@ -425,11 +559,7 @@ def _upload_paths() -> dict[str, Any]:
             }
         },
         "/v1/uploads/{upload_id}/content": {
-            "parameters": [
-                _path_id("upload_id", "upl"),
-                {**_query("expires", {"type": "string"}, "as signed"), "required": True},
-                {**_query("signature", {"type": "string"}, "as signed"), "required": True},
-            ],
+            "parameters": [_path_id("upload_id", "upl")],
             "put": {
                 "summary": "Send the image's bytes (no API key: the URL is signed and expires)",
                 "security": [],
@@ -455,11 +585,7 @@ def _upload_paths() -> dict[str, Any]:
             },
         },
         "/v1/uploads/{upload_id}/landed": {
-            "parameters": [
-                _path_id("upload_id", "upl"),
-                {**_query("expires", {"type": "string"}, "as signed"), "required": True},
-                {**_query("signature", {"type": "string"}, "as signed"), "required": True},
-            ],
+            "parameters": [_path_id("upload_id", "upl")],
             "get": {
                 "summary": "Where the bucket redirects after the upload_form POST: the bytes land",
                 "description": "No API key: the URL is signed and expires. Answers the image as it is"
@@ -482,7 +608,7 @@ def _upload_paths() -> dict[str, Any]:
     }
 
 
-_BATCH_ID = _path_id("batch_id", "bat")
+_BATCH_PATH_ID = _path_id("batch_id", "bat")
 _NO_BATCH = _problem("No such batch in this account")
 
 
@@ -497,23 +623,18 @@ def _batch_paths() -> dict[str, Any]:
             },
             "get": {
                 "summary": "List batches, newest first",
-                "parameters": [
-                    _query("status", {"enum": ["open", "sealed", "processing", "completed"]}, "one status"),
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                    _query("cursor", _id("bat"), "the previous page's next_cursor"),
-                ],
                 "responses": {"200": _json("A page of batches", _ref("BatchList")), "422": _INVALID},
             },
         },
         "/v1/batches/{batch_id}": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "get": {
                 "summary": "A batch: status, counts of its images by status, archive state",
                 "responses": {"200": _json("The batch", batch), "404": _NO_BATCH},
             },
         },
         "/v1/batches/{batch_id}/images": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "post": {
                 "summary": "Add images: several `file` parts, or JSON source URLs; all are accepted or none",
                 "requestBody": {
@@ -536,7 +657,7 @@ def _batch_paths() -> dict[str, Any]:
             },
         },
         "/v1/batches/{batch_id}/seal": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "post": {
                 "summary": "No more images; the batch completes once every image has finished",
                 "responses": {
@@ -547,7 +668,7 @@ def _batch_paths() -> dict[str, Any]:
             },
         },
         "/v1/batches/{batch_id}/archive": {
-            "parameters": [_BATCH_ID],
+            "parameters": [_BATCH_PATH_ID],
             "get": {
                 "summary": "Download the ZIP of the results (resumable: Range, If-Range)",
                 "parameters": [
@@ -578,12 +699,11 @@ def _batch_paths() -> dict[str, Any]:
 _MSG_ID = _path_id("msg_id", "msg")
 _ENDPOINT_ID = _path_id("endpoint_id", "ep")
 _NO_ENDPOINT = _problem("No such webhook endpoint in this account")
-_INVALID = _problem("Invalid fields; see errors")
+_INVALID = _problem(
+    "Invalid fields (validation_failed), or a query parameter the route does not take"
+    " (unknown_query_parameter); see errors"
+)
 _TIME = {"type": "string", "format": "date-time"}
-
-
-def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"name": name, "in": "query", "schema": schema, "description": description}
 
 
 def _body(schema_name: str) -> dict[str, Any]:
@@ -597,15 +717,6 @@ def _webhook_paths() -> dict[str, Any]:
         "/v1/deliveries": {
             "get": {
                 "summary": "List webhook messages, newest first",
-                "parameters": [
-                    _query("status", {"enum": list(DELIVERY_STATUSES)}, "overall status"),
-                    _query("endpoint_id", _id("ep"), "messages sent to this endpoint"),
-                    _query("event_type", {"enum": list(EVENT_TYPES)}, "one event type"),
-                    _query("created_after", _TIME, "created at or after"),
-                    _query("created_before", _TIME, "created before"),
-                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "page size"),
-                    _query("cursor", _id("msg"), "the previous page's next_cursor"),
-                ],
                 "responses": {"200": _json("A page of messages", _ref("DeliveryList")), "422": _INVALID},
             }
         },
@@ -926,7 +1037,7 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
 
 
 async def openapi_json(request: Request) -> Response:
-    return JSONResponse(build_openapi(request.app.state.settings.public_url))
+    return JSONResponse(build_openapi(request.app.state.settings.public_url, request.app.routes))
 
 
 routes = [Route("/openapi.json", openapi_json)]

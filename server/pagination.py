@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Protocol, TypeVar
 
-from starlette.datastructures import QueryParams
+from pydantic import Field
 from starlette.responses import JSONResponse
 
-from jobs.ids import is_id
-from jobs.params import FieldError
-from server.problems import validation_problem
+from server.query import ASCII_INTEGER, BLANK_IS_ABSENT, BatchId, Hint, ImageId, MessageId, QueryModel
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100
@@ -25,48 +22,25 @@ class HasId(Protocol):
 Item = TypeVar("Item", bound=HasId)
 
 
-@dataclass(frozen=True)
-class PageRequest:
-    limit: int
+class PageQuery(QueryModel):
+    """`?limit=&cursor=`, which every list takes; each list's model names the ids its cursor holds."""
+
+    limit: Annotated[
+        int, Field(ge=1, le=MAX_PAGE_SIZE, description="How many items a page holds"), ASCII_INTEGER
+    ] = DEFAULT_PAGE_SIZE
     # The id of the last item of the previous page: ids sort by creation time (jobs.ids).
-    cursor: str | None
+    cursor: str | None = None
 
 
-def parse_page(
-    query: QueryParams, id_prefix: str, filters: dict[str, Sequence[str]]
-) -> tuple[PageRequest, dict[str, str | None]]:
-    """Validate `limit`, `cursor` and enumerated filters together, so every problem is reported at once.
-
-    Each parameter is taken once: `?status=failed&status=completed` is refused rather than read as one of
-    them, or as both, silently."""
-    errors = [
-        FieldError(name, "must be given at most once")
-        for name in sorted(set(query.keys()))
-        if len(query.getlist(name)) > 1
-    ]
-    limit = DEFAULT_PAGE_SIZE
-    raw_limit = query.get("limit")
-    if raw_limit is not None:
-        if raw_limit.isascii() and raw_limit.isdigit() and 1 <= int(raw_limit) <= MAX_PAGE_SIZE:
-            limit = int(raw_limit)
-        else:
-            errors.append(FieldError("limit", f"must be an integer from 1 to {MAX_PAGE_SIZE}"))
-    cursor = query.get("cursor") or None
-    if cursor is not None and not is_id(id_prefix, cursor):
-        errors.append(FieldError("cursor", "must be the next_cursor of a previous page"))
-    chosen: dict[str, str | None] = {}
-    for name, allowed in filters.items():
-        value = query.get(name) or None
-        if value is not None and value not in allowed:
-            errors.append(FieldError(name, f"must be one of: {', '.join(allowed)}"))
-        chosen[name] = value
-    if errors:
-        raise validation_problem(errors)
-    return PageRequest(limit, cursor), chosen
+CURSOR_HINT = Hint("must be the next_cursor of a previous page")
+_CURSOR_DESCRIPTION = Field(description="The previous page's next_cursor")
+ImageCursor = Annotated[ImageId | None, BLANK_IS_ABSENT, CURSOR_HINT, _CURSOR_DESCRIPTION]
+BatchCursor = Annotated[BatchId | None, BLANK_IS_ABSENT, CURSOR_HINT, _CURSOR_DESCRIPTION]
+MessageCursor = Annotated[MessageId | None, BLANK_IS_ABSENT, CURSOR_HINT, _CURSOR_DESCRIPTION]
 
 
 async def page_response(
-    page: PageRequest,
+    page: PageQuery,
     fetch: Callable[[int, str | None], Awaitable[list[Item]]],
     render: Callable[[Item], dict[str, Any]],
 ) -> JSONResponse:

@@ -17,10 +17,13 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.ids import new_id
+from server.metrics import count_request
 from webhooks.log_context import bind
 
 REQUEST_ID_HEADER = "X-Request-Id"
-_USABLE_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+# Published in /openapi.json as the header's pattern.
+USABLE_REQUEST_ID = r"[\x21-\x7e]{1,128}"
+_USABLE_REQUEST_ID = re.compile(USABLE_REQUEST_ID)
 # Where a request's id and (once authenticated) account id are kept: the request's state.
 REQUEST_ID_STATE = "request_id"
 ACCOUNT_ID_STATE = "account_id"
@@ -85,7 +88,7 @@ class RequestLogMiddleware:
             try:
                 await self.app(scope, counting_receive, send_with_id)
             finally:
-                route = scope.get("route")
+                route = getattr(scope.get("route"), "path", None)
                 log.info(
                     "%s %s %d",
                     scope["method"],
@@ -93,7 +96,7 @@ class RequestLogMiddleware:
                     status,
                     extra={
                         "method": scope["method"],
-                        "route": getattr(route, "path", None),
+                        "route": route,
                         "status": status,
                         "latency_ms": round((time.perf_counter() - started) * 1000, 3),
                         "account_id": state.get(ACCOUNT_ID_STATE),
@@ -101,3 +104,4 @@ class RequestLogMiddleware:
                         "bytes_out": bytes_out,
                     },
                 )
+                await count_request(scope["app"].state.redis, scope["method"], route, status)

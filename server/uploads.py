@@ -19,8 +19,9 @@ import hmac
 import math
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -45,6 +46,7 @@ from server.auth import require_account
 from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
 from server.problems import Problem, storage_full_problem
+from server.query import QueryModel, query_of, takes_query
 from server.request_log import request_id_of
 from server.upload_fields import checked_fields
 from webhooks.messages import iso, now_ms
@@ -188,8 +190,8 @@ async def create_upload(request: Request) -> Response:
 async def _verified_upload(request: Request, path_for: Callable[[str], str]) -> ImageRecord:
     """The image whose upload the URL's signature names, if the URL is ours and has not expired."""
     upload_id = request.path_params["upload_id"]
-    expires = request.query_params.get("expires", "")
-    signature = request.query_params.get("signature", "")
+    query = query_of(request, SignedUrlQuery)
+    expires, signature = query.expires or "", query.signature or ""
     invalid = Problem(403, "upload_url_invalid", "the upload URL is not one we signed; use it as given")
     if not (
         is_id("upl", upload_id)
@@ -229,6 +231,20 @@ def _not_pending_problem(image: ImageRecord) -> Problem:
     )
 
 
+class SignedUrlQuery(QueryModel):
+    """An upload URL's signature; checked by the route, which answers 403 when it is not ours."""
+
+    expires: Annotated[str | None, Field(description="When the URL expires (Unix seconds), as signed")] = None
+    signature: Annotated[str | None, Field(description="The URL's signature, as given")] = None
+
+
+class RedirectedSignedUrlQuery(SignedUrlQuery):
+    """The bucket's redirect after a form POST adds its own parameters (S3: bucket, key, etag)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+@takes_query(SignedUrlQuery)
 async def receive_content(request: Request) -> Response:
     """`PUT` the raw bytes: exactly the declared size, checked as a multipart upload is, then queued."""
     image = await _verified_upload(request, content_path)
@@ -285,6 +301,7 @@ async def receive_content(request: Request) -> Response:
     return JSONResponse(landed.resource(settings.public_url))
 
 
+@takes_query(RedirectedSignedUrlQuery)
 async def land_posted_form(request: Request) -> Response:
     """Where the bucket redirects the client after a form POST: land the bytes it stored, or answer
     the image as it is if they landed already (a repeat, or the sweep or a start looked first)."""

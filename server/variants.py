@@ -25,17 +25,16 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Literal, cast, get_args
+from typing import Annotated, Literal, cast
 
 import anyio.to_thread
 import pyvips
-from starlette.datastructures import QueryParams
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
 from jobs.ops.base import MAX_DIMENSION
 from jobs.ops.encode import MEDIA_TYPES, SAVERS, OutputFormat
-from jobs.params import FieldError
 from jobs.pipeline import KillSwitch
 from jobs.records import ImageRecord, OutputInfo
 from jobs.settings import Settings
@@ -45,13 +44,12 @@ from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, fit_inside, render_vari
 from jobs.vips_errors import reports_storage_full
 from server.blobs import blob_response
 from server.conditional import none_match
-from server.problems import Problem, storage_full_problem, validation_problem
+from server.problems import Problem, storage_full_problem
+from server.query import ASCII_INTEGER, QueryBoolean, QueryModel
 
 log = logging.getLogger("darkroom.variants")
 
 VariantFormat = Literal["jpeg", "png", "webp", "avif"]
-VARIANT_FORMATS: tuple[VariantFormat, ...] = get_args(VariantFormat)
-QUERY_FIELDS = ("format", "quality", "width", "height", "preview")
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 RENDER_SLOTS = os.cpu_count() or 1
 RENDER_WAIT_SECONDS = 10.0
@@ -60,54 +58,23 @@ RENDER_RETRY_AFTER_SECONDS = 5
 MAX_VARIANTS_PER_IMAGE = 16
 
 
-@dataclass(frozen=True)
-class VariantQuery:
+Dimension = Annotated[int, Field(ge=1, le=MAX_DIMENSION), ASCII_INTEGER]
+
+
+class VariantQuery(QueryModel):
     """What the query asked for, validated but not yet resolved against a result."""
 
-    format: VariantFormat | None = None
-    quality: int | None = None
-    width: int | None = None
-    height: int | None = None
-    preview: bool = False
-
-
-def parse_variant_query(query: QueryParams) -> VariantQuery:
-    """Validate every parameter together, so one 422 names all the problems."""
-    errors: list[FieldError] = []
-    for name in sorted(set(query.keys())):
-        if name not in QUERY_FIELDS:
-            errors.append(FieldError(name, f"unknown query parameter; known: {', '.join(QUERY_FIELDS)}"))
-        elif len(query.getlist(name)) > 1:
-            errors.append(FieldError(name, "must be given at most once"))
-    chosen_format: VariantFormat | None = None
-    raw_format = query.get("format")
-    if raw_format is not None:
-        chosen_format = next((fmt for fmt in VARIANT_FORMATS if fmt == raw_format), None)
-        if chosen_format is None:
-            errors.append(FieldError("format", f"must be one of: {', '.join(VARIANT_FORMATS)}"))
-    numbers: dict[str, int | None] = {}
-    for name, highest in (("quality", 100), ("width", MAX_DIMENSION), ("height", MAX_DIMENSION)):
-        numbers[name] = raw = _integer(query.get(name))
-        if name in query and (raw is None or not 1 <= raw <= highest):
-            errors.append(FieldError(name, f"must be an integer from 1 to {highest}"))
-    raw_preview = query.get("preview")
-    if raw_preview not in (None, "true", "false"):
-        errors.append(FieldError("preview", "must be true or false"))
-    if errors:
-        raise validation_problem(errors)
-    return VariantQuery(
-        format=chosen_format,
-        quality=numbers["quality"],
-        width=numbers["width"],
-        height=numbers["height"],
-        preview=raw_preview == "true",
-    )
-
-
-def _integer(raw: str | None) -> int | None:
-    if raw is None or not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
-        return None
-    return int(raw)
+    format: Annotated[VariantFormat | None, Field(description="Encode the variant in this format")] = None
+    quality: Annotated[
+        Annotated[int, Field(ge=1, le=100), ASCII_INTEGER] | None,
+        Field(description="Encoder quality (formats without one ignore it)"),
+    ] = None
+    width: Annotated[Dimension | None, Field(description="Fit inside this width (never enlarged)")] = None
+    height: Annotated[Dimension | None, Field(description="Fit inside this height (never enlarged)")] = None
+    preview: Annotated[
+        QueryBoolean,
+        Field(description=f"A preview: at most {PREVIEW_MAX_SIDE} px a side, with a PREVIEW watermark"),
+    ] = False
 
 
 def resolve_variant(query: VariantQuery, output: OutputInfo) -> VariantSpec | None:

@@ -185,3 +185,19 @@ async def test_workers_polling_together_are_each_handed_a_job_of_their_own(
 
     expected = sorted(process_job_id(image_id).encode() for image_id in images)
     assert sorted(job for jobs in handed for job in jobs) == expected
+
+
+async def test_lowering_max_processing_lets_the_admitted_images_finish_then_holds_to_it(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
+) -> None:
+    await give_plan(redis, account, max_processing=3, share=4)
+    images = await upload(client, account, 6)
+    await admit(settings)  # the first three are in the queue
+    await give_plan(redis, account, max_processing=1, share=4)
+
+    await run_burst(with_settings(settings, worker_concurrency=4))
+
+    ran = await finished_images(redis, images)
+    for position in range(3, len(ran)):
+        latest_end = max(image.completed_at or "" for image in ran[:position])
+        assert (ran[position].started_at or "") >= latest_end, ran

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import httpx
+from asgi_lifespan import LifespanManager
+from openapi_spec_validator import validate
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id
@@ -13,6 +20,19 @@ from tests import imagegen
 from tests.conftest import Partner, run_burst
 from tests.receiver import Receiver
 from tests.test_spine import upload
+
+
+def parsed_metrics(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus exposition, by name and labels."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(name: str, **labels: str) -> tuple[str, frozenset[tuple[str, str]]]:
+    return name, frozenset(labels.items())
 
 
 async def test_metrics_count_uploads_outcomes_and_deliveries(
@@ -27,15 +47,41 @@ async def test_metrics_count_uploads_outcomes_and_deliveries(
     response = await client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    lines = set(response.text.splitlines())
-    assert "darkroom_images_uploaded_total 2" in lines
-    assert 'darkroom_images_finished_total{status="completed"} 1' in lines
-    assert 'darkroom_images_finished_total{status="failed"} 1' in lines
-    assert 'darkroom_images_failed_total{code="corrupt_image"} 1' in lines
-    assert 'darkroom_webhook_attempts_total{outcome="failed"} 1' in lines
-    assert 'darkroom_webhook_attempts_total{outcome="delivered"} 2' in lines
-    assert "darkroom_queue_jobs 0" in lines
-    assert "darkroom_webhooks_pending 0" in lines
+    samples = parsed_metrics(response.text)
+    assert samples[sample("darkroom_images_uploaded_total")] == 2
+    assert samples[sample("darkroom_images_finished_total", status="completed")] == 1
+    assert samples[sample("darkroom_images_finished_total", status="failed")] == 1
+    assert samples[sample("darkroom_images_failed_total", code="corrupt_image")] == 1
+    assert samples[sample("darkroom_webhook_attempts_total", outcome="failed")] == 1
+    assert samples[sample("darkroom_webhook_attempts_total", outcome="delivered")] == 2
+    assert samples[sample("darkroom_queue_jobs")] == 0
+    assert samples[sample("darkroom_webhooks_pending")] == 0
+    uploads = sample("darkroom_http_requests_total", method="POST", route="/v1/images", status="202")
+    assert samples[uploads] == 2
+
+
+async def test_latency_histograms_move_after_one_upload_is_delivered(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    """Workers observe into Redis; the web's /metrics shows what they saw, as Prometheus histograms."""
+    before = parsed_metrics((await client.get("/metrics")).text)
+    histograms = ("upload_to_webhook", "queue_wait", "render", "webhook_attempt")
+    for name in histograms:
+        assert before[sample(f"darkroom_{name}_seconds_count")] == 0
+
+    await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+    await run_burst(settings)
+    (delivery,) = receiver.deliveries
+
+    after = parsed_metrics((await client.get("/metrics")).text)
+    for name in histograms:
+        assert after[sample(f"darkroom_{name}_seconds_count")] == 1, name
+        assert after[sample(f"darkroom_{name}_seconds_bucket", le="+Inf")] == 1, name
+        assert after[sample(f"darkroom_{name}_seconds_sum")] > 0, name
+    # Cumulative buckets: a local webhook, from a small image, is delivered within a minute.
+    assert after[sample("darkroom_upload_to_webhook_seconds_bucket", le="60.0")] == 1
+    assert after[sample("darkroom_render_seconds_bucket", le="120.0")] == 1
+    assert delivery.answered == 200
 
 
 async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient) -> None:
@@ -51,8 +97,9 @@ async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient
     assert "/openapi.json" in docs.text
 
 
-async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, settings: Settings) -> None:
-    """A route added without its description would be invisible in /docs and to generated clients."""
+async def test_openapi_describes_every_route(client: httpx.AsyncClient, settings: Settings) -> None:
+    """A route added without its description would be invisible in /docs and to generated clients (a
+    route serving no API, such as a page's assets, says so with include_in_schema=False)."""
     spec = (await client.get("/openapi.json")).json()
     described = {
         (path, method) for path, item in spec["paths"].items() for method in item if method != "parameters"
@@ -61,12 +108,63 @@ async def test_openapi_describes_every_api_route(client: httpx.AsyncClient, sett
     served = {
         (route.path, method.lower())
         for route in app.routes
-        if isinstance(route, Route) and route.path.startswith("/v1/")
+        if isinstance(route, Route) and route.include_in_schema
         for method in route.methods or ()
         if method != "HEAD"
     }
     assert served - described == set()
     assert described - served == set()
+
+
+async def test_openapi_is_a_valid_openapi_3_1_document(client: httpx.AsyncClient) -> None:
+    validate((await client.get("/openapi.json")).json())
+
+
+def query_parameters(operation: dict[str, Any]) -> dict[str, Any]:
+    return {
+        parameter["name"]: parameter
+        for parameter in operation["parameters"]
+        if parameter.get("in") == "query"
+    }
+
+
+async def test_openapi_query_parameters_are_the_ones_each_route_validates(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    listing = query_parameters(spec["paths"]["/v1/images"]["get"])
+    assert list(listing) == ["limit", "cursor", "status", "batch_id"]
+    assert listing["batch_id"]["schema"]["pattern"].startswith("^bat_")
+    assert listing["status"]["schema"]["enum"] == ["queued", "processing", "completed", "failed"]
+    assert (listing["limit"]["schema"]["minimum"], listing["limit"]["schema"]["maximum"]) == (1, 100)
+    width = query_parameters(spec["paths"]["/v1/images/{image_id}/output"]["get"])["width"]
+    assert width["schema"] == {"type": "integer", "minimum": 1, "maximum": 16384}
+    # A route without a model takes no query parameter, and says so by listing none; every route
+    # documents the 422 its unknown ones get.
+    assert query_parameters(spec["paths"]["/v1/images/{image_id}"]["get"]) == {}
+    assert "422" in spec["paths"]["/v1/images/{image_id}"]["get"]["responses"]
+
+
+async def test_openapi_documents_the_headers_every_route_takes_and_answers(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    operations = [
+        (path, method, operation)
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+        if method != "parameters"
+    ]
+    for path, method, operation in operations:
+        taken = {parameter.get("$ref", "").rpartition("/")[2] for parameter in operation["parameters"]}
+        assert "RequestId" in taken, (path, method)
+        assert ("IdempotencyKey" in taken) == (method == "post"), (path, method)
+        for response in operation["responses"].values():
+            assert "X-Request-Id" in response["headers"], (path, method)
+        if path.startswith("/v1/"):
+            limited = operation["responses"]["429"]
+            assert "Retry-After" in limited["headers"] and "X-RateLimit-Remaining" in limited["headers"]
+    uploads = spec["paths"]["/v1/uploads"]["post"]["responses"]
+    assert "idempotency_key_in_use" in uploads["409"]["description"]
+    assert "idempotency_key_reused" in uploads["422"]["description"]
+    header_names = {parameter["name"] for parameter in spec["components"]["parameters"].values()}
+    assert header_names == {"X-Request-Id", "Idempotency-Key"}
 
 
 async def test_a_request_id_is_echoed_when_usable_and_made_otherwise(client: httpx.AsyncClient) -> None:
@@ -98,3 +196,34 @@ async def test_problems_name_the_request_id_in_body_and_header(
     too_large = await client.post("/v1/batches", headers=account.headers, content=b"[" * 70_000, params={})
     assert too_large.status_code == 413
     assert too_large.json()["request_id"] == too_large.headers["x-request-id"]
+
+
+async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Settings) -> None:
+    """The 500 is written outside every middleware (Starlette's ServerErrorMiddleware): it names the id
+    all the same."""
+
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    app = create_app(settings)
+    app.router.routes.append(Route("/broken", broken))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
+            response = await http.get("/broken", headers={"X-Request-Id": "mine-500"})
+    assert response.status_code == 500
+    assert response.headers["x-request-id"] == "mine-500"
+    assert response.json()["request_id"] == "mine-500"
+
+
+async def test_a_replayed_response_carries_the_retrys_request_id(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    def sent(request_id: str) -> dict[str, str]:
+        return {**account.headers, "Idempotency-Key": "batch-1", "X-Request-Id": request_id}
+
+    first = await client.post("/v1/batches", headers=sent("first-try"), json={})
+    retry = await client.post("/v1/batches", headers=sent("second-try"), json={})
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json() == first.json()
+    assert (first.headers["x-request-id"], retry.headers["x-request-id"]) == ("first-try", "second-try")

@@ -16,6 +16,7 @@ import pyvips
 from redis.asyncio import Redis
 
 import server.variants
+from jobs.ids import new_id
 from jobs.pipeline import KillSwitch
 from jobs.settings import Settings
 from jobs.variants import PREVIEW_MAX_SIDE, VariantSpec, render_variant
@@ -313,28 +314,29 @@ async def test_a_cached_copy_is_confirmed_without_rendering(
 
 
 @pytest.mark.parametrize(
-    ("query", "fields"),
+    ("query", "code", "fields"),
     [
-        ("?width=0", ["width"]),
-        ("?width=16385", ["width"]),
-        ("?height=-5", ["height"]),
-        ("?width=abc", ["width"]),
-        ("?width=", ["width"]),
-        ("?quality=0", ["quality"]),
-        ("?quality=101", ["quality"]),
-        ("?format=gif", ["format"]),
-        ("?preview=yes", ["preview"]),
-        ("?size=10", ["size"]),
-        ("?width=10&width=20", ["width"]),
-        ("?width=0&format=bmp&colour=red", ["width", "format", "colour"]),
+        ("?width=0", "validation_failed", ["width"]),
+        ("?width=16385", "validation_failed", ["width"]),
+        ("?height=-5", "validation_failed", ["height"]),
+        ("?width=abc", "validation_failed", ["width"]),
+        ("?width=", "validation_failed", ["width"]),
+        ("?quality=0", "validation_failed", ["quality"]),
+        ("?quality=101", "validation_failed", ["quality"]),
+        ("?format=gif", "validation_failed", ["format"]),
+        ("?preview=yes", "validation_failed", ["preview"]),
+        ("?width=10&width=20", "validation_failed", ["width"]),
+        ("?size=10", "unknown_query_parameter", ["size"]),
+        # Every problem is named, the unknown parameter giving the code.
+        ("?width=0&format=bmp&colour=red", "unknown_query_parameter", ["width", "format", "colour"]),
     ],
 )
 async def test_invalid_query_is_422_naming_the_field(
-    client: httpx.AsyncClient, account: Partner, query: str, fields: list[str]
+    client: httpx.AsyncClient, account: Partner, query: str, code: str, fields: list[str]
 ) -> None:
     created = await upload(client, account, imagegen.jpeg())
     response = await get_output(client, account, created.json()["id"], query)
-    body = assert_problem(response, 422, "validation_failed", fields=fields)
+    body = assert_problem(response, 422, code, fields=fields)
     assert {error["field"] for error in body["errors"]} == set(fields)
 
 
@@ -373,8 +375,9 @@ async def test_another_accounts_variant_is_404_and_renders_nothing(
     for query in ("", "?width=100", "?preview=true"):
         response = await get_output(client, stranger, image["id"], query, **{"If-None-Match": etag})
         assert_problem(response, 404, "not_found")
-    # Even an invalid query tells a stranger nothing about the image.
-    assert_problem(await get_output(client, stranger, image["id"], "?width=0"), 404, "not_found")
+    # An invalid query is refused before any image is looked for: it tells a stranger nothing either.
+    for image_id in (image["id"], new_id("img")):
+        assert_problem(await get_output(client, stranger, image_id, "?width=0"), 422, "validation_failed")
     assert renders == [] and variant_files(settings, account, image["id"]) == []
 
 

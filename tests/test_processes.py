@@ -38,6 +38,7 @@ from tests import imagegen
 from tests.conftest import CORPUS, Partner
 from tests.receiver import Answer, Delivery, Receiver
 from tests.sources import Reply, SourceServer
+from tests.test_observability import parsed_metrics, sample
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -446,6 +447,13 @@ def test_a_request_id_follows_an_image_into_worker_and_dispatcher_logs(stack: St
     assert request_line["bytes_out"] == len(accepted.content)
     # uvicorn's own access line is off: ours is the only one for the request.
     assert not any("POST /v1/images" in line for line in stack.web.lines if not line.startswith("{"))
+
+    # The web's /metrics shows what the worker, another process, observed.
+    with httpx.Client(base_url=stack.base_url, timeout=5) as http:
+        samples = parsed_metrics(http.get("/metrics").text)
+    assert samples[sample("darkroom_upload_to_webhook_seconds_count")] == 1
+    assert samples[sample("darkroom_webhook_attempt_seconds_count")] == 2
+    assert samples[sample("darkroom_render_seconds_count")] == 1
 
 
 def test_webhooks_listen_verifies_and_prints_callback_and_endpoint_deliveries(

@@ -65,7 +65,7 @@ log = logging.getLogger("darkroom.webhooks")
 
 SecretsLookup = Callable[[str], Awaitable[Sequence[str] | None]]
 # Extra commands for the transaction that records an attempt (e.g. counters), given the pipeline.
-AttemptHook = Callable[[object, Attempt], None]
+AttemptHook = Callable[[object, Message, Attempt], None]
 NewId = Callable[[str], str]
 
 # Claim due deliveries, at most `room`, with a lease: their due score moves to the lease's end and
@@ -528,7 +528,7 @@ class Dispatcher:
         if refusal is not None or not secrets:
             attempt = Attempt(number, iso(started), None, 0.0, "", refusal or "no valid signing secret")
             # Not an attempt on the receiver: the endpoint's health record is left alone.
-            await self._record(delivery, attempt, "failed", None, None, None)
+            await self._record(message, delivery, attempt, "failed", None, None, None)
             return
         outcome = await post_signed(self.http, url, message.id, message.body.encode(), secrets)
         delay = None if outcome.succeeded else self.policy.delay(number, outcome, self.rng)
@@ -546,7 +546,7 @@ class Dispatcher:
         )
         status: DeliveryStatus = "delivered" if outcome.succeeded else ("pending" if next_at else "failed")
         disable_reason = None if endpoint is None else self._disable_reason(endpoint, outcome, started)
-        await self._record(delivery, attempt, status, next_at, endpoint, disable_reason)
+        await self._record(message, delivery, attempt, status, next_at, endpoint, disable_reason)
 
     def _disable_reason(self, endpoint: Endpoint, outcome: AttemptOutcome, moment_ms: int) -> str | None:
         if outcome.succeeded:
@@ -563,6 +563,7 @@ class Dispatcher:
 
     async def _record(
         self,
+        message: Message,
         delivery: Delivery,
         attempt: Attempt,
         status: DeliveryStatus,
@@ -605,7 +606,7 @@ class Dispatcher:
             if announcement is not None:
                 self.messages.stage_new(pipe, announcement)
             if self.on_attempt is not None:
-                self.on_attempt(pipe, attempt)
+                self.on_attempt(pipe, message, attempt)
 
         await self._commit(stage)
         if announcement is not None:

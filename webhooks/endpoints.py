@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
@@ -27,7 +27,7 @@ from webhooks.signing import generate_secret
 
 EndpointStatus = Literal["enabled", "disabled"]
 ALL_EVENTS = "*"
-EVENT_TYPES = (
+EventType = Literal[
     "image.completed",
     "image.failed",
     "batch.completed",
@@ -35,7 +35,8 @@ EVENT_TYPES = (
     "batch.archive.failed",
     "endpoint.disabled",
     "webhook.test",
-)
+]
+EVENT_TYPES: tuple[EventType, ...] = get_args(EventType)
 DEFAULT_MAX_IN_FLIGHT = 10
 
 

@@ -1,0 +1,191 @@
+"""Query parameters: each route declares them as a pydantic model, which both validates them and describes
+them in `/openapi.json`.
+
+`@takes_query(Model)` names a route's model and `query_of(request, Model)` reads what it parsed; a route that
+names none takes no query parameters at all. `guard_queries` wraps every route of the app, so a parameter a
+route does not declare answers 422 `unknown_query_parameter` everywhere (a typo such as `?limt=5` would
+otherwise be silently ignored), and a single-valued parameter given twice answers 422 `validation_failed`
+rather than being read as one of them. A route that must take parameters it cannot know (a redirect that
+another service appends to) names a model with `extra="ignore"`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
+from starlette.datastructures import QueryParams
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jobs.ids import id_pattern
+from jobs.params import FieldError
+from server.problems import Problem, validation_problem
+
+_MODEL_ATTRIBUTE: Final = "darkroom_query_model"
+_PARSED_KEY: Final = "darkroom.query"
+MAX_INTEGER_DIGITS = 9
+
+
+class QueryModel(BaseModel):
+    """Base of every route's query model: frozen, and refusing parameters it does not declare."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class NoQuery(QueryModel):
+    """The model of every route that names none."""
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What a parameter must be, said to the partner when it is not; without one it is said from the
+    parameter's schema (its choices, its range)."""
+
+    text: str
+
+
+def _blank_is_absent(value: object) -> object:
+    """`?status=` filters by nothing, as leaving the parameter out does."""
+    return None if value == "" else value
+
+
+def _ascii_integer(value: object) -> object:
+    """Only plain ASCII digits: `int()` also reads " 7", "+7", "7_0" and other scripts' digits."""
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= MAX_INTEGER_DIGITS:
+        return int(value)
+    raise ValueError("not an integer")
+
+
+def _true_or_false(value: object) -> object:
+    if value in ("true", "false"):
+        return value == "true"
+    raise ValueError("not true or false")
+
+
+# After an integer's bounds, so they stay in its schema: `Annotated[int, Field(ge=1, le=9), ASCII_INTEGER]`.
+ASCII_INTEGER = BeforeValidator(_ascii_integer)
+QueryBoolean = Annotated[bool, BeforeValidator(_true_or_false)]
+# Wraps an optional parameter's type: `Annotated[X | None, BLANK_IS_ABSENT] = None`.
+BLANK_IS_ABSENT = BeforeValidator(_blank_is_absent)
+
+ImageId = Annotated[str, StringConstraints(pattern=id_pattern("img"))]
+BatchId = Annotated[str, StringConstraints(pattern=id_pattern("bat"))]
+MessageId = Annotated[str, StringConstraints(pattern=id_pattern("msg"))]
+EndpointId = Annotated[str, StringConstraints(pattern=id_pattern("ep"))]
+
+Model = TypeVar("Model", bound=QueryModel)
+Endpoint = TypeVar("Endpoint")
+
+
+def takes_query(model: type[QueryModel]) -> Callable[[Endpoint], Endpoint]:
+    """Declare the query parameters of a route's endpoint (a function, or an ASGI app mounted)."""
+
+    def declare(endpoint: Endpoint) -> Endpoint:
+        setattr(endpoint, _MODEL_ATTRIBUTE, model)
+        return endpoint
+
+    return declare
+
+
+def query_model(endpoint: object) -> type[QueryModel]:
+    model: type[QueryModel] = getattr(endpoint, _MODEL_ATTRIBUTE, NoQuery)
+    return model
+
+
+def query_of(request: Request, model: type[Model]) -> Model:
+    """The query parameters the route's guard parsed (the route must take `model`)."""
+    parsed = request.scope[_PARSED_KEY]
+    assert isinstance(parsed, model), f"{request.url.path} does not take {model.__name__}"
+    return parsed
+
+
+def parse_query(model: type[Model], query: QueryParams) -> Model:
+    """`query` read into `model`, or a 422 naming every problem at once: `unknown_query_parameter` when a
+    parameter is not the route's (a typo is the likeliest), else `validation_failed`."""
+    known = model.model_fields
+    unknown = [] if model.model_config.get("extra") != "forbid" else sorted(set(query) - set(known))
+    repeated = sorted(name for name in set(query) & set(known) if len(query.getlist(name)) > 1)
+    errors = [FieldError(name, "unknown query parameter") for name in unknown]
+    errors += [FieldError(name, "must be given at most once") for name in repeated]
+    given = {name: query[name] for name in known if name in query and name not in repeated}
+    try:
+        parsed = model.model_validate(given)
+    except ValidationError as invalid:
+        reported = {str(error["loc"][0]) for error in invalid.errors()}
+        errors += [FieldError(name, hint(model, name)) for name in known if name in reported]
+    else:
+        if not errors:
+            return parsed
+    if unknown:
+        takes = ", ".join(known) or "none"
+        detail = f"this route takes no query parameter named {', '.join(unknown)} (it takes: {takes})"
+        raise Problem(422, "unknown_query_parameter", detail, errors=errors)
+    raise validation_problem(errors)
+
+
+def hint(model: type[QueryModel], name: str) -> str:
+    field = model.model_fields[name]
+    stated = next((item for item in field.metadata if isinstance(item, Hint)), None)
+    if stated is not None:
+        return stated.text
+    schema = non_null(model.model_json_schema()["properties"][name])
+    if "enum" in schema:
+        return f"must be one of: {', '.join(str(choice) for choice in schema['enum'])}"
+    if schema.get("type") == "integer":
+        return f"must be an integer from {schema['minimum']} to {schema['maximum']}"
+    if schema.get("type") == "boolean":
+        return "must be true or false"
+    raise TypeError(f"{model.__name__}.{name} needs a Hint")
+
+
+def non_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional parameter's schema without its `null` (a query parameter is given, or not)."""
+    choices = [choice for choice in schema.get("anyOf", ()) if choice != {"type": "null"}]
+    if len(choices) != 1:
+        return schema
+    rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
+    return {**choices[0], **rest}
+
+
+class _QueryGuard:
+    """Parses the query into the route's model before the route runs; refusals are Problems, answered by
+    the app's handler as any route's are."""
+
+    def __init__(self, app: ASGIApp, model: type[QueryModel]) -> None:
+        self.app = app
+        self.model = model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope[_PARSED_KEY] = parse_query(self.model, QueryParams(scope["query_string"]))
+        await self.app(scope, receive, send)
+
+
+def guard_queries(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """`routes` with each one's query checked against its model (new routes: the modules' own are shared
+    by every app built)."""
+    guarded: list[BaseRoute] = []
+    for route in routes:
+        if isinstance(route, Route):
+            middleware = [Middleware(_QueryGuard, model=query_model(route.endpoint))]
+            guarded.append(
+                Route(
+                    route.path,
+                    route.endpoint,
+                    methods=route.methods,
+                    name=route.name,
+                    include_in_schema=route.include_in_schema,
+                    middleware=middleware,
+                )
+            )
+        elif isinstance(route, Mount):
+            middleware = [Middleware(_QueryGuard, model=query_model(route.app))]
+            guarded.append(Mount(route.path, app=route.app, name=route.name, middleware=middleware))
+        else:
+            raise TypeError(f"no query guard for {route!r}")
+    return guarded
