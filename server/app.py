@@ -80,8 +80,9 @@ def create_app(settings: Settings) -> Starlette:
         except RedisError:
             announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
         try:
-            # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
-            yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
+            async with metrics.request_counting(redis) as app.state.request_counts:
+                # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
+                yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
         finally:
             if announcing is not None:
                 announcing.cancel()

@@ -46,13 +46,15 @@ class UploadedFile:
     image_id: str = field(default_factory=lambda: new_id("img"))
     # The original on its way to S3 (None for local storage, and once committed or aborted).
     stored: BlobWriter | None = None
-    unsent: bytearray = field(default_factory=bytearray)
+    # The pieces parsed since the last send, as they came: gathering them into one buffer cost a copy
+    # (and page faults) of every byte.
+    unsent: list[bytes] = field(default_factory=list)
 
     async def send_arrived(self) -> None:
         if self.stored is not None and self.unsent:
-            chunk = bytes(self.unsent)
-            self.unsent.clear()
-            await self.stored.write(chunk)
+            pieces, self.unsent = self.unsent, []
+            for piece in pieces:
+                await self.stored.write(piece)
 
     async def commit(self, storage: BlobStorage, key: str) -> None:
         """Store the file under `key`: the upload under way is completed, or the staged file stored."""
@@ -197,7 +199,7 @@ class _Receiver:
         assert self._sink is not None
         self._sink.write(chunk)
         if self._file.stored is not None:
-            self._file.unsent += chunk
+            self._file.unsent.append(chunk)
 
     def _part_end(self) -> None:
         if self._file is not None:

@@ -79,7 +79,11 @@ class S3Server:
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
-            self._process.wait(timeout=10)
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # SeaweedFS on a loaded machine may linger over its exit
+                self._process.kill()
+                self._process.wait()
             self._process = None
 
     def client(self) -> Any:
