@@ -16,13 +16,13 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect
 
-from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.browser import Browsing, browse, needs_chromium
 from tests.conftest import Partner
 from tests.receiver import Receiver
-from tests.test_processes import Children, create_account, free_port, procfile_command, service_env
-from tests.test_processes import wait_until_ready as wait_for_readyz
+from tests.test_processes import Stack, create_account
+from tests.test_processes import children as children  # the fixture `stack` needs
+from tests.test_processes import stack as stack  # the fixture
 
 pytestmark = needs_chromium
 
@@ -35,34 +35,25 @@ class Service:
     base_url: str
     partner: Partner
     receiver: Receiver
-    endpoint_id: str
 
     def api(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers=self.partner.headers, timeout=10)
 
 
 @pytest.fixture
-def service(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[Service]:
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = service_env(tmp_path / "data", port, redis_server.url)
-    children = Children()
+def service(stack: Stack) -> Iterator[Service]:
+    partner = create_account(stack.env, "Lumen Studio")
     receiver = Receiver().start()
     try:
-        web = children.start("web", procfile_command("web", port), env)
-        worker = children.start("worker", procfile_command("worker", port), env)
-        wait_for_readyz(base_url, [web, worker])
-        partner = create_account(env, "Lumen Studio")
-        with httpx.Client(base_url=base_url, headers=partner.headers, timeout=10) as http:
+        with httpx.Client(base_url=stack.base_url, headers=partner.headers, timeout=10) as http:
             created = http.post(
                 "/v1/webhook-endpoints",
                 json={"url": receiver.url, "events": ["*"], "description": "our receiver"},
             )
         assert created.status_code == 201, created.text
         receiver.trust(created.json()["secret"])
-        yield Service(base_url, partner, receiver, created.json()["id"])
+        yield Service(stack.base_url, partner, receiver)
     finally:
-        children.stop_all()
         receiver.stop()
 
 
