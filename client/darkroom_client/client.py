@@ -11,13 +11,12 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
 
 import httpx
 
-from darkroom_client.core import Core, Effect, Flow, RetryPolicy, Send, Sleep
+from darkroom_client.core import Core, Effect, Flow, RetryPolicy, Send, Sleep, Stepper
 from darkroom_client.flows import BatchFlows, DeliveryFlows, EndpointFlows, ImageFlows
 from darkroom_client.types import Page
 
@@ -41,18 +40,15 @@ class _BlockingRunner:
         self.http = http
 
     def run(self, flow: Flow[Result]) -> Result:
-        outcome: Any = None
-        failure: httpx.TransportError | None = None
-        try:
-            while True:
-                effect = flow.send(outcome) if failure is None else flow.throw(failure)
-                outcome, failure = None, None
-                try:
-                    outcome = self._perform(effect)
-                except httpx.TransportError as exc:
-                    failure = exc
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # a Flow[Result] returns a Result
+        stepper = Stepper(flow)
+        while stepper.effect is not None:
+            try:
+                outcome = self._perform(stepper.effect)
+            except httpx.TransportError as exc:
+                stepper.fail(exc)
+            else:
+                stepper.answer(outcome)
+        return stepper.result
 
     def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Sleep):
@@ -63,7 +59,7 @@ class _BlockingRunner:
         response = self.http.send(effect.request, stream=True, follow_redirects=True)
         try:
             if response.is_success:
-                with Path(effect.path).open(_target_mode(response)) as out:
+                with effect.path.open(_target_mode(response)) as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
             else:
@@ -78,18 +74,15 @@ class _AsyncRunner:
         self.http = http
 
     async def run(self, flow: Flow[Result]) -> Result:
-        outcome: Any = None
-        failure: httpx.TransportError | None = None
-        try:
-            while True:
-                effect = flow.send(outcome) if failure is None else flow.throw(failure)
-                outcome, failure = None, None
-                try:
-                    outcome = await self._perform(effect)
-                except httpx.TransportError as exc:
-                    failure = exc
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # a Flow[Result] returns a Result
+        stepper = Stepper(flow)
+        while stepper.effect is not None:
+            try:
+                outcome = await self._perform(stepper.effect)
+            except httpx.TransportError as exc:
+                stepper.fail(exc)
+            else:
+                stepper.answer(outcome)
+        return stepper.result
 
     async def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Sleep):
@@ -102,7 +95,7 @@ class _AsyncRunner:
             if response.is_success:
                 # Chunks are small (httpx reads 64 KB at most); writing them in line keeps the order
                 # simple and costs the loop less than a thread hop each.
-                with Path(effect.path).open(_target_mode(response)) as out:  # noqa: ASYNC230
+                with effect.path.open(_target_mode(response)) as out:
                     async for chunk in response.aiter_bytes():
                         out.write(chunk)
             else:

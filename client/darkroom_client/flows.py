@@ -109,15 +109,17 @@ def _present(fields: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def files_in(files: str | os.PathLike[str] | Iterable[FileSource]) -> list[FileSource]:
-    """A folder's files (not hidden, not recursive, by name), one file's path, or the sources given."""
-    if isinstance(files, str | os.PathLike):
-        path = Path(files)
-        if path.is_dir():
-            return [
-                item for item in sorted(path.iterdir()) if item.is_file() and not item.name.startswith(".")
-            ]
+def folder_files(path: Path) -> list[Path]:
+    """A folder's files (not hidden, not recursive, by name), or the path itself when it is no folder."""
+    if not path.is_dir():
         return [path]
+    return [item for item in sorted(path.iterdir()) if item.is_file() and not item.name.startswith(".")]
+
+
+def files_in(files: str | os.PathLike[str] | Iterable[FileSource]) -> list[FileSource]:
+    """A folder's files, one file's path, or the sources given."""
+    if isinstance(files, str | os.PathLike):
+        return list(folder_files(Path(files)))
     return list(files)
 
 
