@@ -8,6 +8,7 @@ shows are taken here (docs/screenshots/).
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,9 @@ from tests.test_processes import stack as stack  # the fixture
 
 pytestmark = needs_chromium
 
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# The README's screenshots are refreshed by running this test with DARKROOM_TEST_SCREENSHOTS=1; other runs
+# keep theirs in the test's own folder, leaving the checkout as it was.
+README_SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 WEBHOOK_TIMEOUT = 30.0
 
 
@@ -58,6 +61,11 @@ def service(stack: Stack) -> Iterator[Service]:
 
 
 @pytest.fixture
+def screenshots(tmp_path: Path) -> Path:
+    return README_SCREENSHOTS if os.environ.get("DARKROOM_TEST_SCREENSHOTS") else tmp_path / "screenshots"
+
+
+@pytest.fixture
 def browsing(service: Service, tmp_path: Path) -> Iterator[Browsing]:
     with browse(service.base_url, tmp_path / "chromium-profile") as browsing:
         yield browsing
@@ -85,18 +93,18 @@ def drop_file(page: Page, selector: str, name: str, data: bytes, media_type: str
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
-def screenshot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+def screenshot(page: Page, folder: Path, name: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / f"{name}.png"), full_page=True)
 
 
 def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery_and_signs_out(
-    service: Service, browsing: Browsing
+    service: Service, browsing: Browsing, screenshots: Path
 ) -> None:
     page = browsing.page
     page.set_viewport_size({"width": 1280, "height": 800})
     page.goto(f"{service.base_url}/dashboard/sign-in")
-    screenshot(page, "sign-in")
+    screenshot(page, screenshots, "sign-in")
     sign_in(page, service)
 
     # Drop a photo, asking for 320 px WebP; the page is never reloaded: the marker stays.
@@ -117,7 +125,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     assert (resize["type"], resize["params"]["width"]) == ("resize", 320)
     assert (convert["type"], convert["params"]["format"]) == ("convert", "webp")
     assert image["output"]["format"] == "webp" and image["output"]["width"] == 320
-    screenshot(page, "images")
+    screenshot(page, screenshots, "images")
 
     # A batch with an archive, made through the API, shows its progress and its ZIP.
     with service.api() as http:
@@ -135,7 +143,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     expect(download).to_be_visible()
     archive = page.request.get(service.base_url + (download.get_attribute("href") or ""))
     assert archive.status == 200 and archive.body()[:2] == b"PK"
-    screenshot(page, "batch")
+    screenshot(page, screenshots, "batch")
 
     # The image's webhook reached the receiver; Send test and Retry send again, from the page.
     service.receiver.wait_for(1, WEBHOOK_TIMEOUT)
@@ -149,7 +157,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     expect(delivery_row.locator(".attempts").first).to_have_text("2 attempts")
     assert [each.id for each in service.receiver.deliveries].count(message_id) == 2
     assert any(each.event["type"] == "webhook.test" for each in service.receiver.deliveries)
-    screenshot(page, "deliveries")
+    screenshot(page, screenshots, "deliveries")
 
     # CSRF: the session's cookie alone does not change anything.
     refused = page.request.post(f"{service.base_url}/dashboard/deliveries/{message_id}/retry")
