@@ -20,9 +20,11 @@ from pathlib import Path
 import httpx
 import pytest
 import pyvips
+import redis
 from darkroom_client import (
     AsyncDarkroom,
     AuthenticationError,
+    Conflict,
     Darkroom,
     NotFound,
     RateLimited,
@@ -31,10 +33,23 @@ from darkroom_client import (
 )
 from darkroom_client.cli import parse_operation
 
+from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
 from tests.conftest import Partner
+from tests.s3server import REGION, S3Server
 from tests.sources import Reply, SourceServer
-from tests.test_processes import BIN, REPO, START_TIMEOUT, Stack, create_account
+from tests.test_processes import (
+    BIN,
+    REPO,
+    START_TIMEOUT,
+    Children,
+    Stack,
+    create_account,
+    free_port,
+    procfile_command,
+    service_env,
+    wait_until_ready,
+)
 from tests.test_processes import children as children  # the fixture
 from tests.test_processes import stack as stack  # the fixture
 
@@ -113,14 +128,51 @@ async def test_async_client_uploads_by_url_and_directly_and_waits_for_both(
     assert sorted(listed) == sorted([by_url.id, direct.id])  # two pages of one
 
 
+def test_on_s3_a_direct_upload_goes_by_the_form_and_downloads_follow_presigned_urls(
+    children: Children, redis_server: EmbeddedRedis, s3_server: S3Server, tmp_path: Path
+) -> None:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    port = free_port()
+    env = {
+        **service_env(tmp_path / "data", port, redis_server.url),
+        "DARKROOM_STORAGE_URL": f"s3://{s3_server.new_bucket()}/client",
+        "DARKROOM_S3_ENDPOINT_URL": s3_server.url,
+        "DARKROOM_S3_REGION": REGION,
+        "DARKROOM_S3_PRESIGNED_DOWNLOADS": "1",
+    }
+    base_url = f"http://127.0.0.1:{port}"
+    web = children.start("web", procfile_command("web", port), env)
+    worker = children.start("worker", procfile_command("worker", port), env)
+    wait_until_ready(base_url, [web, worker])
+    partner = create_account(env, "s3")
+    square = imagegen.png(40, 40)
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    with Darkroom(partner.api_key, base_url, http_client=http) as darkroom:
+        landed = darkroom.images.direct_upload(square, filename="square.png", operations=THUMBNAIL)
+        assert landed.raw["upload"]["status"] == "started"
+        assert darkroom.images.wait(landed.id, timeout=30).status == "completed"
+        assert size_of(darkroom.images.download(landed.id)) == (32, 32)
+        assert darkroom.images.download(landed.id, original=True) == square
+    to_bucket = [
+        (request.method, request.headers.get("authorization"))
+        for request in sent
+        if str(request.url).startswith(s3_server.url)
+    ]
+    assert to_bucket == [("POST", None), ("GET", None), ("GET", None)]  # the form, two presigned downloads
+
+
 class CutFirstDownload(httpx.HTTPTransport):
-    """Cuts the connection after `keep` bytes of the first answer whose path ends with `suffix`."""
+    """Cuts the connection after `keep` bytes of the first whole-file answer (no `Range` asked) whose
+    path ends with `suffix`; records every GET of such paths."""
 
     def __init__(self, suffix: str, keep: int) -> None:
         super().__init__()
         self.suffix, self.keep = suffix, keep
         self.requests: list[httpx.Request] = []
         self.statuses: list[int] = []
+        self.cut = False
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = super().handle_request(request)
@@ -128,8 +180,9 @@ class CutFirstDownload(httpx.HTTPTransport):
             return response
         self.requests.append(request)
         self.statuses.append(response.status_code)
-        if len(self.requests) > 1:
+        if self.cut or "range" in request.headers or not response.is_success:
             return response
+        self.cut = True
         return httpx.Response(
             response.status_code, headers=response.headers, stream=_Cut(response, self.keep)
         )
@@ -154,6 +207,11 @@ def test_batch_from_a_folder_completes_and_its_archive_download_resumes(
     cutting = CutFirstDownload("/archive", keep=100)
     with Darkroom(partner.api_key, stack.base_url, http_client=httpx.Client(transport=cutting)) as darkroom:
         batch = darkroom.batches.create(operations=THUMBNAIL, archive=True)
+        with pytest.raises(Conflict) as early:
+            darkroom.batches.download_archive(batch.id, tmp_path / "shoot.zip")
+        assert early.value.code == "not_ready" and early.value.retry_after == 5
+        cutting.requests.clear()
+        cutting.statuses.clear()
         added = darkroom.batches.add(batch.id, photos)
         assert [image.filename for image in added] == ["photo-0.jpg", "photo-1.jpg", "photo-2.jpg"]
         assert darkroom.batches.seal(batch.id).status in ("sealed", "processing", "completed")
@@ -162,10 +220,10 @@ def test_batch_from_a_folder_completes_and_its_archive_download_resumes(
         assert finished.archive.status == "ready"
         saved = darkroom.batches.download_archive(batch.id, tmp_path / "shoot.zip")
 
-    first, resumed = cutting.requests
-    assert "range" not in first.headers
+    probe, first, resumed = cutting.requests
+    assert probe.headers["range"] == "bytes=0-0" and "range" not in first.headers
     assert resumed.headers["range"] == "bytes=100-" and resumed.headers["if-range"]
-    assert cutting.statuses == [200, 206]
+    assert cutting.statuses == [206, 200, 206]
     whole = httpx.get(f"{stack.base_url}/v1/batches/{batch.id}/archive", headers=partner.headers).content
     assert saved.read_bytes() == whole and not list(tmp_path.glob(".*.part"))
     with zipfile.ZipFile(saved) as archive:

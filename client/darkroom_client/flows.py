@@ -432,9 +432,11 @@ class BatchFlows:
         target = Path(to)
         partial = target.with_name(f".{target.name}.{batch_id}.part")
         url = f"/v1/batches/{batch_id}/archive"
-        # The archive's ETag first: a range is only worth having from the very same file.
-        head = yield from self._core.send(self._core.request("HEAD", url))
-        same_file = {"If-Range": head.headers["etag"]} if "etag" in head.headers else {}
+        # The archive's ETag first, from its first byte (a HEAD would carry no problem document when the
+        # archive is not ready): a range is only worth having from the very same file.
+        first_byte = self._core.request("GET", url, headers={"Range": "bytes=0-0"})
+        probe = yield from self._core.send(first_byte, follow_redirects=True)
+        same_file = {"If-Range": probe.headers["etag"]} if "etag" in probe.headers else {}
 
         def from_where_it_ends() -> Save:
             have = partial.stat().st_size if partial.exists() else 0
