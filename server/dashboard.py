@@ -14,8 +14,8 @@ an API request, after which `require_account` answers with it.
 
 Pages are Jinja2 templates; htmx, its SSE extension and our `dashboard.js` are served from
 `server/static/` under a strict Content-Security-Policy (no inline script or style). One SSE stream per
-page sends the image, batch and delivery tables again whenever they change; it reads Redis once a second
-(there is no pub/sub of record changes yet).
+page sends the page's table (images, batches or deliveries) again whenever it changes; it reads Redis once
+a second (there is no pub/sub of record changes yet).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import jinja2
@@ -44,7 +44,7 @@ from server import batches, deliveries, endpoints, images
 from server.docs import IMMUTABLE_ASSET_HEADERS
 from server.images import batches_of
 from server.problems import Problem
-from server.query import takes_query
+from server.query import QueryModel, query_of, takes_query
 from server.ratelimit import count_request
 from server.request_log import note_account
 from server.variants import VariantQuery
@@ -268,12 +268,12 @@ _TABLES = {"images": _image_rows, "batches": _batch_rows, "deliveries": _deliver
 
 async def _images_page(request: Request, session: Session) -> Response:
     rows = await _image_rows(request, session.account)
-    return _page(request, "images.html", session=session, rows=rows, current="images")
+    return _page(request, "images.html", session=session, rows=rows, current="images", table="images")
 
 
 async def _batches_page(request: Request, session: Session) -> Response:
     rows = await _batch_rows(request, session.account)
-    return _page(request, "batches.html", session=session, rows=rows, current="batches")
+    return _page(request, "batches.html", session=session, rows=rows, current="batches", table="batches")
 
 
 async def _webhooks_page(request: Request, session: Session) -> Response:
@@ -287,26 +287,34 @@ async def _webhooks_page(request: Request, session: Session) -> Response:
         endpoints=[endpoint.resource() for endpoint in found],
         rows=rows,
         current="webhooks",
+        table="deliveries",
     )
 
 
+class EventsQuery(QueryModel):
+    table: Literal["images", "batches", "deliveries"]
+
+
+@takes_query(EventsQuery)
 async def events(request: Request) -> Response:
-    """Server-sent events: each table of the account (`images`, `batches`, `deliveries`) as HTML, sent
-    when it first comes and whenever it changes."""
+    """Server-sent events: the page's table of the account (`images`, `batches` or `deliveries`) as HTML,
+    sent when the stream starts and whenever it changes, until the session ends."""
     session = await _require_session(request)
+    table = query_of(request, EventsQuery).table
+    render = _TABLES[table]
+    redis: Redis = request.app.state.redis
 
     async def stream() -> AsyncIterator[str]:
         yield f"retry: {RECONNECT_MS}\n\n"
-        sent: dict[str, str] = {}
+        sent = None
         loop = asyncio.get_running_loop()
         ends = loop.time() + STREAM_SECONDS
-        while loop.time() < ends:
-            for name, render in _TABLES.items():
-                html = await render(request, session.account)
-                if sent.get(name) != html:
-                    sent[name] = html
-                    data = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
-                    yield f"event: {name}\n{data}\n"
+        while loop.time() < ends and await redis.exists(_session_key(session.id)):
+            html = await render(request, session.account)
+            if html != sent:
+                sent = html
+                data = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
+                yield f"event: {table}\n{data}\n"
             await asyncio.sleep(POLL_SECONDS)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})

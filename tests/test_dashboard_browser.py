@@ -182,7 +182,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     expect(page).to_have_url(f"{service.base_url}/dashboard/sign-in")
     signed_out = {"dr_session": session_cookie["value"]}
     with httpx.Client(base_url=service.base_url, cookies=signed_out, timeout=10) as http:
-        stale = http.get("/dashboard/events")
+        stale = http.get("/dashboard/events?table=images")
     assert stale.status_code == 401
 
     assert browsing.elsewhere == []
