@@ -1,6 +1,6 @@
 """Fair scheduling: one account's upload-to-webhook latency, idle and behind another's backlog. Same run.
 
-    python benchmarks/fairness.py [--backlog 2000] [--samples 40] [--rate 10] [--worker-concurrency W]
+    python benchmarks/fairness.py [--backlog 2000] [--samples 40] [--rate 4] [--worker-concurrency W]
         [--skip-unfair]
 
 It starts what production runs — an embedded redis-server (AOF on), `uvicorn server.app:app` and one
@@ -17,8 +17,12 @@ thousands drains in a minute or two.
    received), and the cores the machine's other processes kept busy meanwhile (`others_cores`, from
    /proc: on a shared machine, a disturbed phase shows there).
 2. Loaded: A uploads images, 12 in flight, until --backlog of them are queued (waiting their turn
-   included); then B does the same as in 1. The queued count is read again when B's last webhook
-   arrives: A's backlog stood the whole time.
+   included), and goes on topping them up as the workers drain them (a partner with a flood, not a
+   batch); meanwhile B does the same as in 1. The queued count is read again when B's last webhook
+   arrives.
+
+B's rate is a partner's steady trickle beside the flood; at --rate near half of what the workers do, B
+would be a backlog of its own, waiting its turn behind its own images.
 
 Both with fair scheduling on (the default) and, unless --skip-unfair, off (DARKROOM_FAIR_SCHEDULING=off:
 first come, first served), each on a service of its own. Prints one JSON object; for each mode the
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -68,8 +73,10 @@ from jobs.settings import Settings
 PARTS = ("upload", "queued", "processing", "announce")
 UPLOADS_IN_FLIGHT = 12
 UNLIMITED = ("--uploads-per-minute", "1000000", "--requests-per-minute", "1000000")
-# Uploads of the backlog sent between two reads of the queue's length.
+# Uploads of the backlog sent between two reads of the queue's length, and how often it is read while
+# it is held.
 BACKLOG_STEP = 100
+BACKLOG_CHECK_SECONDS = 0.5
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -135,19 +142,29 @@ async def queued(redis: Redis) -> int:
     return await queued_jobs(redis, Settings().queue_name)
 
 
-async def build_backlog(client: Client, photos: list[Path], redis: Redis, backlog: int) -> int:
-    """A's uploads, UPLOADS_IN_FLIGHT at a time, until `backlog` images are queued; how many were sent."""
-    slots = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
+class Backlog:
+    """A's images: uploaded UPLOADS_IN_FLIGHT at a time until `size` are queued, and kept there."""
 
-    async def send(photo: Path) -> None:
-        async with slots:
-            await client.send(photo)
+    def __init__(self, client: Client, photos: list[Path], redis: Redis, size: int) -> None:
+        self.client, self.photos, self.redis, self.size = client, photos, redis, size
+        self.sent = 0
 
-    sent = 0
-    while await queued(redis) < backlog:
-        await asyncio.gather(*(send(photo) for photo in cycle(photos, BACKLOG_STEP)))
-        sent += BACKLOG_STEP
-    return sent
+    async def fill(self) -> None:
+        slots = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
+
+        async def send(photo: Path) -> None:
+            async with slots:
+                await self.client.send(photo)
+
+        while await queued(self.redis) < self.size:
+            await asyncio.gather(*(send(photo) for photo in cycle(self.photos, BACKLOG_STEP)))
+            self.sent += BACKLOG_STEP
+
+    async def hold(self) -> None:
+        """Tops it up as the workers drain it, until cancelled."""
+        while True:
+            await self.fill()
+            await asyncio.sleep(BACKLOG_CHECK_SECONDS)
 
 
 async def measure(service: Service, photos: list[Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -169,11 +186,18 @@ async def measure(service: Service, photos: list[Path], args: argparse.Namespace
             idle = await timed_uploads(measured, samples, args.rate)
             log(f"backlog of {args.backlog}")
             started = time.monotonic()
-            sent = await build_backlog(busy, photos, redis, args.backlog)
+            backlog = Backlog(busy, photos, redis, args.backlog)
+            await backlog.fill()
             backlog_at_start = await queued(redis)
             log(f"loaded ({backlog_at_start} queued after {time.monotonic() - started:.1f} s)")
-            loaded = await timed_uploads(measured, samples, args.rate)
-            backlog_at_end = await queued(redis)
+            holding = asyncio.create_task(backlog.hold())
+            try:
+                loaded = await timed_uploads(measured, samples, args.rate)
+                backlog_at_end = await queued(redis)
+            finally:
+                holding.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await holding
     finally:
         await uploader.aclose()
         for receiver in receivers:
@@ -183,7 +207,7 @@ async def measure(service: Service, photos: list[Path], args: argparse.Namespace
         "idle": idle.report(),
         "loaded": loaded.report(),
         "p99_ratio": round(percentile(loaded.total, 0.99) / percentile(idle.total, 0.99), 2),
-        "backlog_uploaded": sent,
+        "backlog_uploaded": backlog.sent,
         "backlog_queued_at_start": backlog_at_start,
         "backlog_queued_at_end": backlog_at_end,
     }
@@ -195,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--backlog", type=int, default=2000, help="A's images queued while B is measured")
     parser.add_argument("--samples", type=int, default=40, help="B's timed uploads per phase")
-    parser.add_argument("--rate", type=float, default=10.0, help="B's uploads per second")
+    parser.add_argument("--rate", type=float, default=4.0, help="B's uploads per second")
     parser.add_argument("--worker-concurrency", type=int, default=None, help="DARKROOM_WORKER_CONCURRENCY")
     parser.add_argument("--skip-unfair", action="store_true", help="only with fair scheduling on")
     args = parser.parse_args(argv)

@@ -1,9 +1,11 @@
 """Each process's logging, set up once at its start from Settings: every line on stderr, as JSON (one
 object per line, for a log pipeline) or as text (for a person, in `darkroom dev`).
 
-Plain `logging` throughout: our modules, arq and uvicorn all log through it, so one handler on the root
-logger formats every line alike, and the fields bound with `webhooks.log_context.bind` (a request id,
-an image id) join each line logged while they are bound.
+Plain `logging` throughout, with a formatter of ours rather than structlog or python-json-logger: our
+modules, arq and uvicorn all log through `logging` already, so one handler on the root logger formats
+every line alike (structlog would be a second pipeline beside theirs, routed back into this one), and
+the fields bound with `webhooks.log_context.bind` (a request id, an image id) join each line logged while
+they are bound, which is all a context-binding library would bring here.
 """
 
 from __future__ import annotations

@@ -22,7 +22,19 @@ from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
+from server import (
+    batches,
+    dashboard,
+    deliveries,
+    docs,
+    endpoints,
+    health,
+    images,
+    metrics,
+    openapi,
+    uploads,
+    variants,
+)
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware
 from server.problems import (
@@ -68,8 +80,9 @@ def create_app(settings: Settings) -> Starlette:
         except RedisError:
             announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
         try:
-            # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
-            yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
+            async with metrics.request_counting(redis) as app.state.request_counts:
+                # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
+                yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
         finally:
             if announcing is not None:
                 announcing.cancel()
@@ -88,6 +101,7 @@ def create_app(settings: Settings) -> Starlette:
                 *batches.routes,
                 *deliveries.routes,
                 *endpoints.routes,
+                *dashboard.routes,
             ]
         ),
         exception_handlers={

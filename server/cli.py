@@ -1,4 +1,5 @@
-"""The `darkroom` command: `dev`, `accounts create|update|show`, `webhooks listen`."""
+"""The `darkroom` command: `dev`, `accounts create|update|show`, `webhooks listen`, and the client's
+`upload` and `batch` (darkroom_client.cli), which talk to a running service over HTTP."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from typing import Any, TypeVar
+
+from darkroom_client import cli as client_cli
 
 from jobs.plans import DEFAULT_TIER, PLAN_NUMBERS, TIERS, Plan, plan_with
 from jobs.records import Account
@@ -202,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     listener.add_argument("--port", type=int, default=8787)
     listener.add_argument("--host", default="127.0.0.1")
     listener.set_defaults(run=_webhooks_listen)
+
+    client_cli.add_commands(commands)
     return parser
 
 

@@ -7,8 +7,10 @@ the exposition format; nothing is kept in the process itself, which only ever sa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import (
@@ -36,14 +38,58 @@ _COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "
 UNMATCHED_ROUTE = "unmatched"
 
 
-async def count_request(redis: Redis, method: str, route: str | None, status: int) -> None:
-    """One more request answered by this web process, for `darkroom_http_requests_total`."""
-    method = method if method in _COUNTED_METHODS else "OTHER"
-    # After the answer was sent: a Redis that fails now costs this count, never the request.
-    with contextlib.suppress(RedisError, OSError):
-        await redis.hincrby(  # type: ignore[misc]
-            stats.STATS_KEY, f"requests:{method}|{route or UNMATCHED_ROUTE}|{status}", 1
-        )
+# How often a web process adds the requests it answered to the service's counts in Redis.
+REQUEST_COUNTS_FLUSH_SECONDS = 1.0
+
+
+class RequestCounts:
+    """The requests this web process answered and has not yet added to Redis. Counted in memory, so a
+    request never waits for Redis (nor for one that hangs) to be counted, and a second of requests costs
+    one transaction."""
+
+    def __init__(self) -> None:
+        self._unsent: Counter[str] = Counter()
+
+    def count(self, method: str, route: str | None, status: int) -> None:
+        method = method if method in _COUNTED_METHODS else "OTHER"
+        self._unsent[f"requests:{method}|{route or UNMATCHED_ROUTE}|{status}"] += 1
+
+    async def flush(self, redis: Redis) -> None:
+        """Add the unsent counts to Redis, all or none: if Redis fails, they wait for the next flush."""
+        sending, self._unsent = self._unsent, Counter()
+        if not sending:
+            return
+        try:
+            async with redis.pipeline(transaction=True) as pipe:
+                for field, amount in sending.items():
+                    stats.count(pipe, field, amount)
+                await pipe.execute()
+        except BaseException:
+            self._unsent.update(sending)
+            raise
+
+
+@contextlib.asynccontextmanager
+async def request_counting(redis: Redis) -> AsyncIterator[RequestCounts]:
+    """A web process's request counts, added to Redis every REQUEST_COUNTS_FLUSH_SECONDS and once more
+    when it stops."""
+    counts = RequestCounts()
+
+    async def flush_every_interval() -> None:
+        while True:
+            await asyncio.sleep(REQUEST_COUNTS_FLUSH_SECONDS)
+            with contextlib.suppress(RedisError, OSError):
+                await counts.flush(redis)
+
+    flushing = asyncio.create_task(flush_every_interval())
+    try:
+        yield counts
+    finally:
+        flushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flushing
+        with contextlib.suppress(RedisError, OSError):
+            await counts.flush(redis)
 
 
 class _Snapshot(Collector):
@@ -111,6 +157,8 @@ class _Snapshot(Collector):
 async def metrics(request: Request) -> Response:
     redis = request.app.state.redis
     settings: Settings = request.app.state.settings
+    # This process's own requests are up to date; the other web processes' are at most a flush behind.
+    await request.app.state.request_counts.flush(redis)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
         _Snapshot(

@@ -1,4 +1,4 @@
-"""Every request has an id and one log line.
+"""Every request has an id, one log line and a count in `/metrics`.
 
 The id is the client's `X-Request-Id` when it is usable (1 to 128 visible ASCII characters), else one
 we make (`req_` and a time-sortable id). Every response carries it back in `X-Request-Id`, problem
@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.ids import new_id
-from server.metrics import count_request
 from webhooks.log_context import bind
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -104,4 +103,4 @@ class RequestLogMiddleware:
                         "bytes_out": bytes_out,
                     },
                 )
-                await count_request(scope["app"].state.redis, scope["method"], route, status)
+                scope["app"].state.request_counts.count(scope["method"], route, status)

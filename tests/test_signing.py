@@ -9,6 +9,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import darkroom_client.webhooks
 import pytest
 from standardwebhooks.webhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError as ReferenceVerificationError
@@ -230,11 +231,19 @@ def _imported_modules(path: Path) -> set[str]:
 
 
 def test_signing_module_uses_only_the_standard_library() -> None:
-    """Receivers may copy webhooks/signing.py into their own code base without installing anything."""
-    imported = _imported_modules(WEBHOOKS_PACKAGE / "signing.py")
+    """Receivers may copy the verifier into their own code base, or install the client, and nothing else."""
+    verifier = Path(darkroom_client.webhooks.__file__)
+    imported = _imported_modules(verifier)
     assert imported, "the AST scan found no imports at all"
     outside = {name for name in imported if name.split(".")[0] not in sys.stdlib_module_names}
-    assert not outside, f"webhooks/signing.py imports outside the standard library: {sorted(outside)}"
+    assert not outside, f"{verifier.name} imports outside the standard library: {sorted(outside)}"
+
+
+def test_the_service_signs_with_the_clients_verifier_module() -> None:
+    """One copy: what the service signs with is what receivers verify with."""
+    assert _imported_modules(WEBHOOKS_PACKAGE / "signing.py") == {"darkroom_client.webhooks"}
+    assert signing.verify is darkroom_client.webhooks.verify
+    assert signing.SignatureMismatch is darkroom_client.webhooks.SignatureMismatch
 
 
 def test_webhooks_package_imports_neither_jobs_nor_server() -> None:
