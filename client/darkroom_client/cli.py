@@ -204,6 +204,11 @@ class Outcome:
         if unfinished:
             words.append(f"{unfinished} still processing")
         console.print(", ".join(words), highlight=False)
+        for image in sorted(self.images, key=lambda image: image.filename or image.id):
+            if not image.done:  # not waited for: the ids to look them up by later
+                console.print(
+                    f"  · {image.filename}: {image.id} {image.status}", markup=False, soft_wrap=True
+                )
         for name, why in failures:
             console.print(f"  ✗ {name}: {why}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1 if failures else 0
