@@ -132,7 +132,10 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
         batch = http.post("/v1/batches", json={"archive": True}).json()
         added = http.post(
             f"/v1/batches/{batch['id']}/images",
-            files=[("file", ("dunes.jpg", imagegen.jpeg(640, 480), "image/jpeg"))],
+            files=[
+                ("file", (f"{name}.jpg", imagegen.jpeg(640, 480), "image/jpeg"))
+                for name in ("dunes", "pier", "lighthouse")
+            ],
         )
         assert added.status_code == 202, added.text
         assert http.post(f"/v1/batches/{batch['id']}/seal").status_code == 200
