@@ -153,6 +153,8 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     page.get_by_role("link", name="Webhooks").click()
     page.get_by_role("button", name="Send test").click()
     expect(page.locator("#flash")).to_contain_text("A test event")
+    test_row = page.locator("#delivery-rows tr", has_text="webhook.test")
+    expect(test_row.locator(".badge").first).to_have_text("delivered")
     message_id = image["webhooks"][0]["id"]
     delivery_row = page.locator(f"tr#{message_id}")
     expect(delivery_row.locator(".attempts").first).to_have_text("1 attempt")
