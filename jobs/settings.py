@@ -92,6 +92,8 @@ class Settings:
     # A request holding a key frees it after this long even if its web process died holding it; longer
     # than body_timeout, so a live request's claim never lapses while its body is still arriving.
     idempotency_lock_timeout: float = 360.0
+    # Seconds a dashboard sign-in lasts: its session is gone from Redis after this, signed out or not.
+    dashboard_session_ttl: int = 8 * 3600
     queue_name: str = "darkroom:queue"
     # One line per event on stderr: JSON for a log pipeline, or text for a person (`darkroom dev`).
     log_format: str = "json"
@@ -179,6 +181,7 @@ class Settings:
             log_level=_choice(env, "DARKROOM_LOG_LEVEL", LOG_LEVELS, "INFO", str.upper),
             idempotency_ttl=_positive_int(env, "DARKROOM_IDEMPOTENCY_TTL", 24 * 3600),
             idempotency_lock_timeout=_positive_seconds(env, "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT", 360.0),
+            dashboard_session_ttl=_positive_int(env, "DARKROOM_DASHBOARD_SESSION_TTL", 8 * 3600),
         )
         if settings.idempotency_lock_timeout <= settings.body_timeout:
             raise SettingsError(

@@ -22,7 +22,19 @@ from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
-from server import batches, deliveries, docs, endpoints, health, images, metrics, openapi, uploads, variants
+from server import (
+    batches,
+    dashboard,
+    deliveries,
+    docs,
+    endpoints,
+    health,
+    images,
+    metrics,
+    openapi,
+    uploads,
+    variants,
+)
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware
 from server.problems import (
@@ -89,6 +101,7 @@ def create_app(settings: Settings) -> Starlette:
                 *batches.routes,
                 *deliveries.routes,
                 *endpoints.routes,
+                *dashboard.routes,
             ]
         ),
         exception_handlers={

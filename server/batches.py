@@ -5,14 +5,13 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field, InstanceOf, WithJsonSchema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.batches import BatchClosed, BatchEmpty
 from jobs.ids import is_id, new_id
-from jobs.operations import parse_operations
 from jobs.params import FieldError, ValidationFailed
 from jobs.records import ArchiveSpec, BatchRecord, BatchStatus, ImageRecord, utc_now
 from jobs.settings import Settings
@@ -20,7 +19,6 @@ from jobs.storage import BlobStorage
 from server.auth import require_account
 from server.blobs import blob_response
 from server.conditional import none_match
-from server.destinations import check_destination_url
 from server.images import (
     accept_uploads,
     batches_of,
@@ -30,16 +28,16 @@ from server.images import (
     validate_source,
 )
 from server.json_body import media_type, read_json_object
+from server.models import DestinationUrl, StrictModel, checked_body, component_ref, refusals
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import BatchCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
 from server.query import BLANK_IS_ABSENT, query_of, takes_query
 from server.ratelimit import require_upload_room
 from server.request_log import request_id_of
-from server.upload_fields import metadata_problem, validate_upload_fields
+from server.upload_fields import Metadata, Operations, validate_upload_fields
 from webhooks.messages import iso, now_ms
 
-BATCH_FIELDS = ("operations", "callback_url", "archive", "metadata")
 # The fields of images added to a batch (each upload, or each image by URL, besides its source_url).
 BATCH_IMAGE_FIELDS = ("operations", "callback_url", "metadata", "retention")
 MAX_FILES_PER_REQUEST = 50
@@ -47,45 +45,48 @@ _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-[0-9]{1,30}")
 
 
+def _archive(raw: object) -> ArchiveSpec | None:
+    if raw is True:
+        return ArchiveSpec()
+    if raw is None or raw is False:
+        return None
+    try:
+        return ArchiveSpec.parse(raw, "archive")
+    except ValidationFailed as exc:
+        raise refusals(exc.errors) from None
+
+
+class NewBatch(StrictModel):
+    """A batch to create: what its images share."""
+
+    operations: Annotated[Operations, Field(description="For images added without their own")] = Field(
+        default_factory=list
+    )
+    callback_url: Annotated[DestinationUrl | None, Field(description="Receives the batch's events")] = None
+    archive: Annotated[
+        InstanceOf[ArchiveSpec] | None,
+        BeforeValidator(_archive),
+        WithJsonSchema({"oneOf": [{"type": "boolean"}, component_ref("ArchiveSpec"), {"type": "null"}]}),
+        Field(description='A ZIP of the results once the batch completes; true: {"format": "original"}'),
+    ] = None
+    metadata: Metadata = Field(default_factory=dict)
+
+
 async def _new_batch(
     body: dict[str, Any], settings: Settings, account_id: str, request_id: str | None
 ) -> BatchRecord:
     """The batch a create body asks for, every problem of the body reported at once."""
-    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - set(BATCH_FIELDS))]
-    operations: list[dict[str, Any]] = []
-    try:
-        operations = [operation.to_json() for operation in parse_operations(body.get("operations"))]
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    callback_url = body.get("callback_url")
-    if callback_url is not None and (problem := await check_destination_url(callback_url, settings)):
-        errors.append(FieldError("callback_url", problem))
-    archive = None
-    raw_archive = body.get("archive")
-    if raw_archive is True:
-        archive = ArchiveSpec()
-    elif raw_archive not in (None, False):
-        try:
-            archive = ArchiveSpec.parse(raw_archive, "archive")
-        except ValidationFailed as exc:
-            errors.extend(exc.errors)
-    metadata = body.get("metadata")
-    if metadata is None:
-        metadata = {}
-    elif problem := metadata_problem(metadata):
-        errors.append(FieldError("metadata", problem))
-    if errors:
-        raise validation_problem(errors)
+    fields = await checked_body(NewBatch, body, settings, urls=["callback_url"])
     created_ms = now_ms()
     return BatchRecord(
         id=new_id("bat"),
         account_id=account_id,
         created_at=iso(created_ms),
         expires_at=iso(created_ms + settings.image_retention * 1000),
-        operations=operations,
-        callback_url=callback_url,
-        archive=archive,
-        metadata=metadata,
+        operations=fields.operations,
+        callback_url=fields.callback_url,
+        archive=fields.archive,
+        metadata=fields.metadata,
         request_id=request_id,
     )
 

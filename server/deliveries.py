@@ -15,9 +15,10 @@ from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
+from server.models import Hint
 from server.pagination import MessageCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
-from server.query import BLANK_IS_ABSENT, BatchId, EndpointId, Hint, ImageId, query_of, takes_query
+from server.query import BLANK_IS_ABSENT, BatchId, EndpointId, ImageId, query_of, takes_query
 from webhooks.endpoints import EventType
 from webhooks.messages import DeliveryStatus, LoggedMessage, MessageFilter, is_endpoint
 

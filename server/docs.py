@@ -50,7 +50,10 @@ _VENDOR_DIR = Path(str(swagger_ui_path))
 # Changes whenever Swagger UI or init.js does: what a browser cached under an older one is never used.
 ASSET_VERSION = f"{_VENDOR_DIR.name}-{hashlib.sha256(INIT_JS.encode()).hexdigest()[:12]}"
 ASSET_PATH = f"/docs/assets/{ASSET_VERSION}"
-_IMMUTABLE = {"Cache-Control": "public, max-age=31536000, immutable", "X-Content-Type-Options": "nosniff"}
+IMMUTABLE_ASSET_HEADERS = {
+    "Cache-Control": "public, max-age=31536000, immutable",
+    "X-Content-Type-Options": "nosniff",
+}
 
 _PAGE = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Darkroom API</title>
@@ -100,10 +103,10 @@ async def docs_asset(request: Request) -> Response:
     if request.path_params["version"] != ASSET_VERSION:
         raise Problem(404, "not_found", "no such docs asset (the docs page names the current ones)")
     if name == _INIT_JS_NAME:
-        return Response(INIT_JS, media_type="text/javascript", headers=_IMMUTABLE)
+        return Response(INIT_JS, media_type="text/javascript", headers=IMMUTABLE_ASSET_HEADERS)
     if name not in _VENDOR_FILES:
         raise Problem(404, "not_found", "no such docs asset")
-    return FileResponse(_VENDOR_DIR / name, headers=_IMMUTABLE)
+    return FileResponse(_VENDOR_DIR / name, headers=IMMUTABLE_ASSET_HEADERS)
 
 
 routes = [

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -16,85 +16,72 @@ from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
 from server.deliveries import accepted_message
-from server.destinations import check_destination_url
 from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
+from server.models import DestinationUrl, Hint, StrictModel, checked_body, refusal, without_defaults
 from server.problems import Problem, validation_problem
 from server.request_log import request_id_of
-from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint
+from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint, EndpointStatus
 from webhooks.messages import Destination, MessageFilter, new_message
 
 MAX_ENDPOINTS_PER_ACCOUNT = 50
 MAX_DESCRIPTION_LENGTH = 256
 MAX_IN_FLIGHT_LIMIT = 100
 MAX_RATE_LIMIT = 10_000
-_EDITABLE = ("url", "events", "description", "max_in_flight", "rate_limit", "status")
 
 
-@dataclass
-class _Checked:
-    values: dict[str, Any]
-    errors: list[FieldError]
-
-
-async def _check_fields(body: dict[str, Any], settings: Settings, *, creating: bool) -> dict[str, Any]:
-    """The endpoint fields of a create or edit body, every problem reported at once."""
-    checked = _Checked({}, [])
-    allowed = _EDITABLE if not creating else tuple(name for name in _EDITABLE if name != "status")
-    checked.errors += [FieldError(name, "unknown field") for name in sorted(set(body) - set(allowed))]
-    if creating and "url" not in body:
-        checked.errors.append(FieldError("url", "is required"))
-    if "url" in body:
-        url = body["url"]
-        _keep(checked, "url", url, await check_destination_url(url, settings))
-    if "events" in body or creating:
-        _keep(checked, "events", *_check_events(body.get("events", [ALL_EVENTS])))
-    if "description" in body:
-        description = body["description"]
-        ok = isinstance(description, str) and len(description) <= MAX_DESCRIPTION_LENGTH
-        _keep(
-            checked,
-            "description",
-            description,
-            None if ok else f"a string of at most {MAX_DESCRIPTION_LENGTH}",
-        )
-    if "max_in_flight" in body:
-        _keep(
-            checked,
-            "max_in_flight",
-            *_check_count(body["max_in_flight"], MAX_IN_FLIGHT_LIMIT, nullable=False),
-        )
-    if "rate_limit" in body:
-        _keep(checked, "rate_limit", *_check_count(body["rate_limit"], MAX_RATE_LIMIT, nullable=True))
-    if "status" in body:
-        ok = body["status"] in ("enabled", "disabled")
-        _keep(checked, "status", body["status"], None if ok else "must be enabled or disabled")
-    if checked.errors:
-        raise validation_problem(checked.errors)
-    return checked.values
-
-
-def _keep(checked: _Checked, name: str, value: Any, problem: str | None) -> None:
-    if problem is None:
-        checked.values[name] = value
-    else:
-        checked.errors.append(FieldError(name, problem))
-
-
-def _check_events(raw: Any) -> tuple[Any, str | None]:
-    if not isinstance(raw, list) or not raw or not all(isinstance(event, str) for event in raw):
-        return raw, 'must be a non-empty list of event types, or ["*"] for all'
-    unknown = sorted(set(raw) - {ALL_EVENTS, *EVENT_TYPES})
+def _known_events(events: list[str]) -> list[str]:
+    unknown = sorted(set(events) - {ALL_EVENTS, *EVENT_TYPES})
     if unknown:
-        return raw, f"unknown event types: {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}"
-    return sorted(set(raw)), None
+        raise refusal(f"unknown event types: {', '.join(unknown)}; known: {', '.join(EVENT_TYPES)}")
+    return sorted(set(events))
 
 
-def _check_count(raw: Any, maximum: int, *, nullable: bool) -> tuple[Any, str | None]:
-    if raw is None and nullable:
-        return None, None
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= maximum:
-        return raw, f"must be an integer from 1 to {maximum}" + (", or null" if nullable else "")
-    return raw, None
+EndpointUrl = Annotated[
+    DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public")
+]
+
+
+class NewEndpoint(StrictModel):
+    """A webhook endpoint to register."""
+
+    url: Annotated[
+        DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public only")
+    ]
+    events: Annotated[
+        list[StrictStr],
+        Field(
+            min_length=1,
+            description='The event types it receives, or ["*"] for all',
+            json_schema_extra={"items": {"enum": [ALL_EVENTS, *EVENT_TYPES]}, "default": [ALL_EVENTS]},
+        ),
+        AfterValidator(_known_events),
+        Hint('must be a non-empty list of event types, or ["*"] for all'),
+    ] = Field(default_factory=lambda: [ALL_EVENTS])
+    description: Annotated[
+        StrictStr,
+        Field(max_length=MAX_DESCRIPTION_LENGTH),
+        Hint(f"a string of at most {MAX_DESCRIPTION_LENGTH}"),
+    ] = ""
+    max_in_flight: Annotated[
+        StrictInt,
+        Field(ge=1, le=MAX_IN_FLIGHT_LIMIT, description="Deliveries to it under way at once, at most"),
+    ] = DEFAULT_MAX_IN_FLIGHT
+    rate_limit: Annotated[
+        Annotated[StrictInt, Field(ge=1, le=MAX_RATE_LIMIT)] | None,
+        Field(description="Deliveries per second, at most (null: no limit)"),
+        Hint(f"must be an integer from 1 to {MAX_RATE_LIMIT}, or null"),
+    ] = None
+
+
+class EndpointChanges(NewEndpoint):
+    """Changes to a webhook endpoint: what the body names changes, the rest stays as it is."""
+
+    model_config = ConfigDict(json_schema_extra=without_defaults)
+
+    url: Annotated[
+        DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public only")
+    ] = ""
+    status: Annotated[EndpointStatus, Hint("must be enabled or disabled")] = "enabled"
 
 
 async def _owned_endpoint(request: Request, account: Account) -> Endpoint:
@@ -113,15 +100,17 @@ def _with_secret(endpoint: Endpoint) -> dict[str, Any]:
 async def create_endpoint(request: Request) -> Response:
     account = await require_account(request)
     store: Store = request.app.state.store
-    values = await _check_fields(await read_json_object(request), request.app.state.settings, creating=True)
+    fields = await checked_body(
+        NewEndpoint, await read_json_object(request), request.app.state.settings, urls=["url"]
+    )
     endpoint = await store.endpoints.create(
         new_id("ep"),
         account.id,
-        values["url"],
-        values["events"],
-        values.get("description", ""),
-        max_in_flight=values.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT),
-        rate_limit=values.get("rate_limit"),
+        fields.url,
+        fields.events,
+        fields.description,
+        max_in_flight=fields.max_in_flight,
+        rate_limit=fields.rate_limit,
         limit=MAX_ENDPOINTS_PER_ACCOUNT,
     )
     if endpoint is None:
@@ -154,7 +143,10 @@ async def get_endpoint_secret(request: Request) -> Response:
 async def update_endpoint(request: Request) -> Response:
     account = await require_account(request)
     endpoint = await _owned_endpoint(request, account)
-    values = await _check_fields(await read_json_object(request), request.app.state.settings, creating=False)
+    changes = await checked_body(
+        EndpointChanges, await read_json_object(request), request.app.state.settings, urls=["url"]
+    )
+    values = changes.model_dump(include=changes.model_fields_set)
     store: Store = request.app.state.store
     updated = await store.endpoints.update(endpoint, values)
     if updated is None:

@@ -28,10 +28,11 @@ from server.blobs import blob_response
 from server.destinations import url_problem
 from server.image_json import start_upload
 from server.json_body import media_type, read_json_object
+from server.models import Hint
 from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
 from server.pagination import ImageCursor, PageQuery, page_response
 from server.problems import Problem, storage_full_problem, validation_problem
-from server.query import BLANK_IS_ABSENT, BatchId, Hint, query_of, takes_query
+from server.query import BLANK_IS_ABSENT, BatchId, query_of, takes_query
 from server.ratelimit import count_uploads, require_upload_room
 from server.request_log import request_id_of
 from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields

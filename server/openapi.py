@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -12,8 +13,11 @@ from starlette.routing import BaseRoute, Route
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
+from server.batches import NewBatch
+from server.endpoints import EndpointChanges, NewEndpoint
 from server.idempotency import MAX_KEY_LENGTH
-from server.query import QueryModel, non_null, query_model
+from server.models import COMPONENT_REF, non_null
+from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
@@ -21,6 +25,22 @@ from webhooks.messages import DELIVERY_STATUSES
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _component(model: type[BaseModel]) -> dict[str, Any]:
+    """The schema `model` validates by, its fields that are components of this document as `$ref`s."""
+
+    def linked(schema: Any) -> Any:
+        if isinstance(schema, dict):
+            if COMPONENT_REF in schema:
+                return _ref(schema[COMPONENT_REF])
+            return {key: linked(value) for key, value in schema.items()}
+        if isinstance(schema, list):
+            return [linked(item) for item in schema]
+        return schema
+
+    schema: dict[str, Any] = linked(model.model_json_schema())
+    return schema
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -618,7 +638,7 @@ def _batch_paths() -> dict[str, Any]:
         "/v1/batches": {
             "post": {
                 "summary": "Create a batch: default operations, a callback URL, an archive, metadata",
-                "requestBody": _body("BatchInput"),
+                "requestBody": _body("NewBatch"),
                 "responses": {"201": _json("The open batch", batch), "422": _INVALID},
             },
             "get": {
@@ -771,7 +791,7 @@ def _webhook_paths() -> dict[str, Any]:
         "/v1/webhook-endpoints": {
             "post": {
                 "summary": "Register an endpoint for the account's events",
-                "requestBody": _body("WebhookEndpointInput"),
+                "requestBody": _body("NewEndpoint"),
                 "responses": {
                     "201": _json("The endpoint, with its secret", with_secret),
                     "409": _problem("The account has its 50 endpoints (too_many_endpoints)"),
@@ -791,7 +811,7 @@ def _webhook_paths() -> dict[str, Any]:
             },
             "patch": {
                 "summary": "Change url, events, description, limits, or enable/disable",
-                "requestBody": _body("WebhookEndpointInput"),
+                "requestBody": _body("EndpointChanges"),
                 "responses": {"200": _json("The endpoint", endpoint), "404": _NO_ENDPOINT, "422": _INVALID},
             },
             "delete": {"summary": "Remove an endpoint", "responses": {"204": {"description": "Deleted"}}},
@@ -868,24 +888,7 @@ _BATCH_SCHEMAS: dict[str, Any] = {
         **ArchiveSpec.json_schema(),
         "description": "original: each result as stored; jpeg, png, webp: results re-encoded to it",
     },
-    "BatchInput": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "operations": {
-                "type": "array",
-                "maxItems": MAX_CHAIN_LENGTH,
-                "items": _ref("Operation"),
-                "description": "for images added without their own",
-            },
-            "callback_url": {"type": "string", "format": "uri", "description": "receives the batch's events"},
-            "archive": {
-                "oneOf": [{"type": "boolean"}, _ref("ArchiveSpec")],
-                "description": 'true: {"format": "original"}',
-            },
-            "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
-        },
-    },
+    "NewBatch": _component(NewBatch),
     "BatchImagesFromUrl": {
         "type": "object",
         "required": ["images"],
@@ -1002,18 +1005,8 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
         },
     },
     "WebhookSecret": {"type": "object", "properties": {"secret": {"type": "string", "pattern": "^whsec_"}}},
-    "WebhookEndpointInput": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "url": {"type": "string", "format": "uri"},
-            "events": {"type": "array", "items": {"enum": ["*", *EVENT_TYPES]}, "default": ["*"]},
-            "description": {"type": "string", "maxLength": 256},
-            "max_in_flight": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10},
-            "rate_limit": {"type": ["integer", "null"], "minimum": 1, "description": "deliveries per second"},
-            "status": {"enum": ["enabled", "disabled"], "description": "PATCH only"},
-        },
-    },
+    "NewEndpoint": _component(NewEndpoint),
+    "EndpointChanges": _component(EndpointChanges),
     "WebhookEndpoint": {
         "type": "object",
         "properties": {

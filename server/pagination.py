@@ -8,7 +8,8 @@ from typing import Annotated, Any, Protocol, TypeVar
 from pydantic import Field
 from starlette.responses import JSONResponse
 
-from server.query import ASCII_INTEGER, BLANK_IS_ABSENT, BatchId, Hint, ImageId, MessageId, QueryModel
+from server.models import Hint
+from server.query import ASCII_INTEGER, BLANK_IS_ABSENT, BatchId, ImageId, MessageId, QueryModel
 
 DEFAULT_PAGE_SIZE = 20
 MAX_PAGE_SIZE = 100

@@ -12,10 +12,9 @@ another service appends to) names a model with `extra="ignore"`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Final, TypeVar
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError
+from pydantic import BeforeValidator, StringConstraints, ValidationError
 from starlette.datastructures import QueryParams
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -24,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobs.ids import id_pattern
 from jobs.params import FieldError
+from server.models import StrictModel, field_errors
 from server.problems import Problem, validation_problem
 
 _MODEL_ATTRIBUTE: Final = "darkroom_query_model"
@@ -31,22 +31,12 @@ _PARSED_KEY: Final = "darkroom.query"
 MAX_INTEGER_DIGITS = 9
 
 
-class QueryModel(BaseModel):
-    """Base of every route's query model: frozen, and refusing parameters it does not declare."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class QueryModel(StrictModel):
+    """Base of every route's query model."""
 
 
 class NoQuery(QueryModel):
     """The model of every route that names none."""
-
-
-@dataclass(frozen=True)
-class Hint:
-    """What a parameter must be, said to the partner when it is not; without one it is said from the
-    parameter's schema (its choices, its range)."""
-
-    text: str
 
 
 def _blank_is_absent(value: object) -> object:
@@ -116,8 +106,7 @@ def parse_query(model: type[Model], query: QueryParams) -> Model:
     try:
         parsed = model.model_validate(given)
     except ValidationError as invalid:
-        reported = {str(error["loc"][0]) for error in invalid.errors()}
-        errors += [FieldError(name, hint(model, name)) for name in known if name in reported]
+        errors += field_errors(model, invalid, unknown="unknown query parameter")
     else:
         if not errors:
             return parsed
@@ -126,30 +115,6 @@ def parse_query(model: type[Model], query: QueryParams) -> Model:
         detail = f"this route takes no query parameter named {', '.join(unknown)} (it takes: {takes})"
         raise Problem(422, "unknown_query_parameter", detail, errors=errors)
     raise validation_problem(errors)
-
-
-def hint(model: type[QueryModel], name: str) -> str:
-    field = model.model_fields[name]
-    stated = next((item for item in field.metadata if isinstance(item, Hint)), None)
-    if stated is not None:
-        return stated.text
-    schema = non_null(model.model_json_schema()["properties"][name])
-    if "enum" in schema:
-        return f"must be one of: {', '.join(str(choice) for choice in schema['enum'])}"
-    if schema.get("type") == "integer":
-        return f"must be an integer from {schema['minimum']} to {schema['maximum']}"
-    if schema.get("type") == "boolean":
-        return "must be true or false"
-    raise TypeError(f"{model.__name__}.{name} needs a Hint")
-
-
-def non_null(schema: dict[str, Any]) -> dict[str, Any]:
-    """An optional parameter's schema without its `null` (a query parameter is given, or not)."""
-    choices = [choice for choice in schema.get("anyOf", ()) if choice != {"type": "null"}]
-    if len(choices) != 1:
-        return schema
-    rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
-    return {**choices[0], **rest}
 
 
 class _QueryGuard:

@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from jobs.operations import parse_operations
+from pydantic import BeforeValidator, WithJsonSchema
+
+from jobs.operations import MAX_CHAIN_LENGTH, parse_operations
 from jobs.params import FieldError, ValidationFailed
 from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
 from server.destinations import check_destination_url
 from server.json_body import InvalidJson, parse_json
+from server.models import component_ref, refusal, refusals
 from server.multipart import MultipartUpload
 from server.problems import validation_problem
 
@@ -53,6 +56,36 @@ def metadata_problem(metadata: Any) -> str | None:
     if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
         return f"must be at most {MAX_METADATA_BYTES} bytes as JSON"
     return None
+
+
+def _parsed_operations(raw: object) -> list[dict[str, Any]]:
+    try:
+        return [operation.to_json() for operation in parse_operations(raw)]
+    except ValidationFailed as exc:
+        raise refusals(exc.errors) from None
+
+
+def _checked_metadata(raw: object) -> object:
+    if raw is None:
+        return {}
+    if problem := metadata_problem(raw):
+        raise refusal(problem)
+    return raw
+
+
+# The fields of JSON bodies, as models take them.
+Operations = Annotated[
+    list[dict[str, Any]],
+    BeforeValidator(_parsed_operations),
+    WithJsonSchema({"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": component_ref("Operation")}),
+]
+Metadata = Annotated[
+    dict[str, Any],
+    BeforeValidator(_checked_metadata),
+    WithJsonSchema(
+        {"type": "object", "description": f"Yours, echoed back: at most {MAX_METADATA_BYTES} bytes as JSON"}
+    ),
+]
 
 
 async def validate_upload_fields(

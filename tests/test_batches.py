@@ -409,6 +409,9 @@ async def test_create_reports_every_bad_field(client: httpx.AsyncClient, account
         "/v1/batches", headers=account.headers, json={"archive": {"format": "gif"}}
     )
     assert [error["field"] for error in bad_format.json()["errors"]] == ["archive.format"]
+    # 0 is no false: neither an archive asked for nor none.
+    zero = await client.post("/v1/batches", headers=account.headers, json={"archive": 0})
+    assert zero.json()["errors"] == [{"field": "archive", "message": "must be an object"}]
 
     empty = await client.post("/v1/batches", headers=account.headers)
     assert empty.status_code == 201

@@ -6,7 +6,6 @@ every other request is aborted and counted, and none may be attempted.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,30 +13,16 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import BrowserContext, ConsoleMessage, Page, Route, expect, sync_playwright
+from playwright.sync_api import expect
 
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
+from tests.browser import Browsing, browse, needs_chromium
 from tests.conftest import Partner
 from tests.test_processes import Children, create_account, free_port, procfile_command, service_env
 from tests.test_processes import wait_until_ready as wait_for_readyz
 
-CHROMIUM = shutil.which("chromium")
-# Quiet: no updates, syncing or other background traffic of the browser's own.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-UI_TIMEOUT_MS = 30_000
-
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)",
-)
+pytestmark = needs_chromium
 
 
 @dataclass(frozen=True)
@@ -60,46 +45,10 @@ def live_web(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[LiveWeb]:
         children.stop_all()
 
 
-@dataclass
-class Browsing:
-    page: Page
-    # Requests for anywhere but the test server, aborted; console errors (a CSP refusal is one).
-    elsewhere: list[str]
-    console_errors: list[str]
-
-
 @pytest.fixture
 def browsing(live_web: LiveWeb, tmp_path: Path) -> Iterator[Browsing]:
-    served = urlsplit(live_web.base_url).netloc
-    elsewhere: list[str] = []
-    console_errors: list[str] = []
-
-    def only_the_server(route: Route) -> None:
-        if urlsplit(route.request.url).netloc == served:
-            route.continue_()
-        else:
-            elsewhere.append(route.request.url)
-            route.abort()
-
-    def note_error(message: ConsoleMessage) -> None:
-        if message.type == "error":
-            console_errors.append(message.text)
-
-    with sync_playwright() as playwright:
-        context: BrowserContext = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"),
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-        )
-        try:
-            context.set_default_timeout(UI_TIMEOUT_MS)
-            context.route("**/*", only_the_server)
-            page = context.new_page()
-            page.on("console", note_error)
-            yield Browsing(page, elsewhere, console_errors)
-        finally:
-            context.close()
+    with browse(live_web.base_url, tmp_path / "chromium-profile") as browsing:
+        yield browsing
 
 
 def test_docs_render_offline_and_try_it_out_lists_images_with_the_api_key(

@@ -227,3 +227,28 @@ async def test_a_replayed_response_carries_the_retrys_request_id(
     assert retry.headers["idempotent-replayed"] == "true"
     assert retry.json() == first.json()
     assert (first.headers["x-request-id"], retry.headers["x-request-id"]) == ("first-try", "second-try")
+
+
+async def test_openapi_describes_endpoint_bodies_by_the_models_that_validate_them(
+    client: httpx.AsyncClient,
+) -> None:
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    created, changed = schemas["NewEndpoint"], schemas["EndpointChanges"]
+    assert created["required"] == ["url"] and "required" not in changed
+    assert created["additionalProperties"] is False
+    assert "status" in changed["properties"] and "status" not in created["properties"]
+    limit = created["properties"]["rate_limit"]["anyOf"][0]
+    assert (limit["minimum"], limit["maximum"]) == (1, 10_000)
+    assert created["properties"]["events"]["items"]["enum"][0] == "*"
+    # A PATCH leaves out what it does not change: no defaults to mistake for what it sets.
+    assert all("default" not in field for field in changed["properties"].values())
+
+
+async def test_openapi_describes_the_batch_body_by_its_model(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    body = spec["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/NewBatch"}
+    batch = spec["components"]["schemas"]["NewBatch"]
+    assert batch["additionalProperties"] is False
+    assert batch["properties"]["operations"]["items"] == {"$ref": "#/components/schemas/Operation"}
+    assert {"$ref": "#/components/schemas/ArchiveSpec"} in batch["properties"]["archive"]["oneOf"]

@@ -123,3 +123,10 @@ def test_idempotency_keys_are_kept_a_day_and_held_six_minutes_unless_configured(
 def test_an_idempotency_setting_darkroom_cannot_use_stops_start_up(env: dict[str, str]) -> None:
     with pytest.raises(SettingsError, match="DARKROOM_IDEMPOTENCY"):
         Settings.from_env(env)
+
+
+def test_a_dashboard_sign_in_lasts_eight_hours_unless_configured() -> None:
+    assert Settings.from_env({}).dashboard_session_ttl == 8 * 3600
+    assert Settings.from_env({"DARKROOM_DASHBOARD_SESSION_TTL": "900"}).dashboard_session_ttl == 900
+    with pytest.raises(SettingsError, match="DARKROOM_DASHBOARD_SESSION_TTL"):
+        Settings.from_env({"DARKROOM_DASHBOARD_SESSION_TTL": "0"})

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,17 @@ from rich.progress import (
     DownloadColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
+    ProgressColumn,
+    Task,
     TextColumn,
-    TimeRemainingColumn,
+    TimeElapsedColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from darkroom_client.client import DEFAULT_BASE_URL, Darkroom
 from darkroom_client.errors import DarkroomError
-from darkroom_client.flows import files_in
+from darkroom_client.flows import folder_files
 from darkroom_client.types import Image
 
 API_KEY_VARIABLE = "DARKROOM_API_KEY"
@@ -60,6 +63,12 @@ def parse_operation(text: str) -> dict[str, Any]:
         except ValueError:
             params[name] = value
     return {"type": kind, "params": params}
+
+
+def _positive(text: str) -> int:
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -102,6 +111,9 @@ def add_commands(commands: Any) -> None:
     _add_connection_arguments(upload)
     upload.add_argument("--wait", action="store_true", help="wait until every image is completed or failed")
     upload.add_argument("--out", type=Path, metavar="DIR", help="save each result into DIR (implies --wait)")
+    upload.add_argument(
+        "--concurrency", type=_positive, default=4, help="photos sent (and waited for) at once (4)"
+    )
     upload.set_defaults(run=run_upload)
 
     batch = commands.add_parser(
@@ -133,19 +145,34 @@ def _client(args: argparse.Namespace, environ: dict[str, str]) -> Darkroom | Non
     return Darkroom(api_key, args.url or environ.get(URL_VARIABLE) or DEFAULT_BASE_URL)
 
 
+class _AmountColumn(ProgressColumn):
+    """Bytes for the bar that counts bytes (with their speed), images for the one that counts images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = DownloadColumn()
+        self._speed = TransferSpeedColumn()
+        self._images = MofNCompleteColumn()
+
+    def render(self, task: Task) -> Text:
+        if task.fields.get("unit") == "bytes":
+            return Text.assemble(self._bytes.render(task), " ", self._speed.render(task))
+        return Text.assemble(self._images.render(task), " images")
+
+
 def _bars(console: Console) -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description:<10}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        _AmountColumn(),
+        TimeElapsedColumn(),
         console=console,
     )
 
 
-def _advancer(bars: Progress, task: TaskID) -> Callable[[int], None]:
+def _byte_bar(bars: Progress, photos: Sequence[Path]) -> Callable[[int], None]:
+    """A bar for the bytes of `photos`, and the callback that advances it."""
+    task = bars.add_task("sending", total=sum(photo.stat().st_size for photo in photos), unit="bytes")
     return lambda sent: bars.advance(task, sent)
 
 
@@ -157,6 +184,7 @@ class Outcome:
         self.refused: list[tuple[str, str]] = []
 
     def failures(self) -> list[tuple[str, str]]:
+        """(file name, why) of every photo refused or failed, by name."""
         failed = [
             (
                 image.filename or image.id,
@@ -165,16 +193,22 @@ class Outcome:
             for image in self.images
             if image.status == "failed" and image.error is not None
         ]
-        return self.refused + failed
+        return sorted(self.refused + failed)
 
     def report(self, console: Console) -> int:
+        """Print the counts and every failure; the exit code: 1 when anything failed."""
         completed = sum(image.status == "completed" for image in self.images)
         failures = self.failures()
-        pending = len(self.images) - completed - (len(failures) - len(self.refused))
-        words = [f"{completed} completed", f"{len(failures)} failed"] + (
-            [f"{pending} queued"] if pending else []
-        )
+        unfinished = len(self.images) + len(self.refused) - completed - len(failures)
+        words = [f"{completed} completed", f"{len(failures)} failed"]
+        if unfinished:
+            words.append(f"{unfinished} still processing")
         console.print(", ".join(words), highlight=False)
+        for image in sorted(self.images, key=lambda image: image.filename or image.id):
+            if not image.done:  # not waited for: the ids to look them up by later
+                console.print(
+                    f"  · {image.filename}: {image.id} {image.status}", markup=False, soft_wrap=True
+                )
         for name, why in failures:
             console.print(f"  ✗ {name}: {why}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1 if failures else 0
@@ -185,42 +219,42 @@ def run_upload(args: argparse.Namespace, environ: dict[str, str] | None = None) 
     if darkroom is None:
         return 2
     console = Console(stderr=True)
-    photos = [photo for given in args.photos for photo in files_in(given)]
-    missing = [str(photo) for photo in photos if not Path(str(photo)).is_file()]
+    photos = [photo for given in args.photos for photo in folder_files(given)]
+    missing = [str(photo) for photo in photos if not photo.is_file()]
     if missing:
-        console.print(f"darkroom upload: no such file: {', '.join(missing)}")
+        console.print(f"darkroom upload: no such file: {', '.join(missing)}", markup=False, soft_wrap=True)
         return 2
-    outcome = Outcome()
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     waiting = args.wait or args.out is not None
+    outcome = Outcome()
     with darkroom, _bars(console) as bars:
-        sent = bars.add_task("sending", total=sum(Path(str(photo)).stat().st_size for photo in photos))
-        for photo in photos:
+        sent = _byte_bar(bars, photos)
+        done = bars.add_task("processing", total=len(photos)) if waiting else None
+
+        def send_one(photo: Path) -> None:
             try:
                 image = darkroom.images.upload(
                     photo,
                     operations=args.operations,
                     callback_url=args.callback_url,
                     metadata=args.metadata,
-                    progress=_advancer(bars, sent),
+                    progress=sent,
                 )
+                if done is not None:
+                    image = darkroom.images.wait(image.id, timeout=args.timeout)
+                    if image.status == "completed" and args.out is not None:
+                        darkroom.images.download_to(image.id, args.out)
             except DarkroomError as exc:
-                outcome.refused.append((Path(str(photo)).name, str(exc)))
-                continue
-            outcome.images.append(image)
-        if waiting:
-            done = bars.add_task("processing", total=len(outcome.images))
-            if args.out is not None:
-                args.out.mkdir(parents=True, exist_ok=True)
-            for index, image in enumerate(outcome.images):
-                try:
-                    finished = darkroom.images.wait(image.id, timeout=args.timeout)
-                    if finished.status == "completed" and args.out is not None:
-                        darkroom.images.download_to(finished.id, args.out)
-                except DarkroomError as exc:
-                    outcome.refused.append((image.filename or image.id, str(exc)))
-                    finished = image
-                outcome.images[index] = finished
+                outcome.refused.append((photo.name, str(exc)))
+            else:
+                outcome.images.append(image)
+            if done is not None:
                 bars.advance(done)
+
+        # Threads share the client's connection pool; each photo goes up, is waited for and saved on its own.
+        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+            list(pool.map(send_one, photos))
     return outcome.report(console)
 
 
@@ -232,7 +266,7 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     if not args.folder.is_dir():
         console.print(f"darkroom batch: {args.folder} is not a folder")
         return 2
-    photos = files_in(args.folder)
+    photos = folder_files(args.folder)
     if not photos:
         console.print(f"darkroom batch: {args.folder} has no files")
         return 2
@@ -251,12 +285,16 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                 archive=archive,
                 metadata=args.metadata,
             )
-            console.print(f"batch {batch.id}", highlight=False)
-            sent = bars.add_task("sending", total=sum(Path(str(photo)).stat().st_size for photo in photos))
-            darkroom.batches.add(batch.id, photos, progress=_advancer(bars, sent))
+            console.print(f"batch {batch.id}", highlight=False, soft_wrap=True)
+            darkroom.batches.add(
+                batch.id,
+                photos,
+                progress=_byte_bar(bars, photos),
+                refused=lambda name, why: outcome.refused.append((name, why)),
+            )
             darkroom.batches.seal(batch.id)
             if waiting:
-                done = bars.add_task("processing", total=len(photos))
+                done = bars.add_task("processing", total=len(photos) - len(outcome.refused))
                 batch = darkroom.batches.wait(
                     batch.id,
                     timeout=args.timeout,
@@ -266,7 +304,7 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                 if args.download is not None and batch.archive is not None:
                     if batch.archive.status == "ready":
                         darkroom.batches.download_archive(batch.id, args.download)
-                        console.print(f"archive saved to {args.download}", highlight=False)
+                        console.print(f"archive saved to {args.download}", highlight=False, soft_wrap=True)
                     else:
                         outcome.refused.append(("archive", f"the archive is {batch.archive.status}"))
             else:

@@ -1,8 +1,10 @@
 """`Darkroom` (blocking) and `AsyncDarkroom` (asyncio): the same flows (`darkroom_client.flows`), run by
 a loop that performs their effects with `httpx.Client` or `httpx.AsyncClient`.
 
-Each resource method is the flow of the same name, wrapped once by `blocking` or `awaiting`: the
-signature, the docstring and the behaviour are the flow's, in one place.
+Each resource is one class for both: its methods are the flows of the same name, bound by a descriptor
+that runs them with the client's runner. The signature, the docstring and the behaviour are the flow's,
+in one place; the resource's type parameter (`Blocking` or `Awaited`) makes a method's result `Image`
+for `Darkroom` and an awaitable of `Image` for `AsyncDarkroom`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import httpx
 
-from darkroom_client.core import Core, Effect, Flow, RetryPolicy, Send, Sleep
+from darkroom_client.core import Core, Effect, Flow, RetryPolicy, Send, Sleep, Stepper
 from darkroom_client.flows import BatchFlows, DeliveryFlows, EndpointFlows, ImageFlows
 from darkroom_client.types import Page
 
@@ -41,18 +42,24 @@ class _BlockingRunner:
         self.http = http
 
     def run(self, flow: Flow[Result]) -> Result:
-        outcome: Any = None
-        failure: httpx.TransportError | None = None
-        try:
-            while True:
-                effect = flow.send(outcome) if failure is None else flow.throw(failure)
-                outcome, failure = None, None
-                try:
-                    outcome = self._perform(effect)
-                except httpx.TransportError as exc:
-                    failure = exc
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # a Flow[Result] returns a Result
+        stepper = Stepper(flow)
+        while stepper.effect is not None:
+            try:
+                outcome = self._perform(stepper.effect)
+            except httpx.TransportError as exc:
+                stepper.fail(exc)
+            else:
+                stepper.answer(outcome)
+        return stepper.result
+
+    def items(self, page_at: Callable[[str | None], Flow[Page[Item]]]) -> Iterator[Item]:
+        cursor: str | None = None
+        while True:
+            found = self.run(page_at(cursor))
+            yield from found.data
+            if not found.has_more or found.next_cursor is None:
+                return
+            cursor = found.next_cursor
 
     def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Sleep):
@@ -63,7 +70,7 @@ class _BlockingRunner:
         response = self.http.send(effect.request, stream=True, follow_redirects=True)
         try:
             if response.is_success:
-                with Path(effect.path).open(_target_mode(response)) as out:
+                with effect.path.open(_target_mode(response)) as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
             else:
@@ -78,18 +85,25 @@ class _AsyncRunner:
         self.http = http
 
     async def run(self, flow: Flow[Result]) -> Result:
-        outcome: Any = None
-        failure: httpx.TransportError | None = None
-        try:
-            while True:
-                effect = flow.send(outcome) if failure is None else flow.throw(failure)
-                outcome, failure = None, None
-                try:
-                    outcome = await self._perform(effect)
-                except httpx.TransportError as exc:
-                    failure = exc
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]  # a Flow[Result] returns a Result
+        stepper = Stepper(flow)
+        while stepper.effect is not None:
+            try:
+                outcome = await self._perform(stepper.effect)
+            except httpx.TransportError as exc:
+                stepper.fail(exc)
+            else:
+                stepper.answer(outcome)
+        return stepper.result
+
+    async def items(self, page_at: Callable[[str | None], Flow[Page[Item]]]) -> AsyncIterator[Item]:
+        cursor: str | None = None
+        while True:
+            found = await self.run(page_at(cursor))
+            for item in found.data:
+                yield item
+            if not found.has_more or found.next_cursor is None:
+                return
+            cursor = found.next_cursor
 
     async def _perform(self, effect: Effect) -> Any:
         if isinstance(effect, Sleep):
@@ -102,7 +116,7 @@ class _AsyncRunner:
             if response.is_success:
                 # Chunks are small (httpx reads 64 KB at most); writing them in line keeps the order
                 # simple and costs the loop less than a thread hop each.
-                with Path(effect.path).open(_target_mode(response)) as out:  # noqa: ASYNC230
+                with effect.path.open(_target_mode(response)) as out:
                     async for chunk in response.aiter_bytes():
                         out.write(chunk)
             else:
@@ -112,151 +126,115 @@ class _AsyncRunner:
         return response
 
 
-class _Resource(Generic[Flows]):
-    def __init__(self, runner: Any, flows: Flows) -> None:
+class Blocking:
+    """Marks the resources of `Darkroom`: their methods answer."""
+
+
+class Awaited:
+    """Marks the resources of `AsyncDarkroom`: their methods are awaited."""
+
+
+Mode = TypeVar("Mode", Blocking, Awaited)
+
+
+class _Resource(Generic[Flows, Mode]):
+    def __init__(self, runner: _BlockingRunner | _AsyncRunner, flows: Flows) -> None:
         self._runner = runner
         self._flows = flows
 
 
-def blocking(
-    flow: Callable[Concatenate[Flows, Params], Flow[Result]],
-) -> Callable[Concatenate[_Resource[Flows], Params], Result]:
-    @functools.wraps(flow)
-    def method(resource: _Resource[Flows], /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
-        result: Result = resource._runner.run(flow(resource._flows, *args, **kwargs))
-        return result
+class _Method(Generic[Flows, Params, Result]):
+    """A flow as a resource's method: run to its result by a `Darkroom`'s runner, or to a coroutine by
+    an `AsyncDarkroom`'s. One definition serves both; only the type differs."""
 
-    return method
+    def __init__(self, flow: Callable[Concatenate[Flows, Params], Flow[Result]]) -> None:
+        self._flow = flow
+        self.__doc__ = flow.__doc__
 
+    @overload
+    def __get__(self, resource: _Resource[Flows, Blocking], owner: type[Any]) -> Callable[Params, Result]: ...
 
-def awaiting(
-    flow: Callable[Concatenate[Flows, Params], Flow[Result]],
-) -> Callable[Concatenate[_Resource[Flows], Params], Coroutine[Any, Any, Result]]:
-    @functools.wraps(flow)
-    async def method(resource: _Resource[Flows], /, *args: Params.args, **kwargs: Params.kwargs) -> Result:
-        result: Result = await resource._runner.run(flow(resource._flows, *args, **kwargs))
-        return result
+    @overload
+    def __get__(
+        self, resource: _Resource[Flows, Awaited], owner: type[Any]
+    ) -> Callable[Params, Coroutine[Any, Any, Result]]: ...
 
-    return method
+    def __get__(self, resource: _Resource[Flows, Any], owner: type[Any]) -> Callable[Params, Any]:
+        flow, runner, flows = self._flow, resource._runner, resource._flows
 
+        @functools.wraps(flow)
+        def method(*args: Params.args, **kwargs: Params.kwargs) -> Any:
+            return runner.run(flow(flows, *args, **kwargs))
 
-def paginated(
-    page: Callable[Concatenate[Flows, str | None, Params], Flow[Page[Item]]],
-) -> Callable[Concatenate[_Resource[Flows], Params], Iterator[Item]]:
-    """Every item of every page, fetched a page at a time as the iteration goes."""
-
-    @functools.wraps(page)
-    def method(resource: _Resource[Flows], /, *args: Params.args, **kwargs: Params.kwargs) -> Iterator[Item]:
-        cursor: str | None = None
-        while True:
-            found: Page[Item] = resource._runner.run(page(resource._flows, cursor, *args, **kwargs))
-            yield from found.data
-            if not found.has_more or found.next_cursor is None:
-                return
-            cursor = found.next_cursor
-
-    return method
+        return method
 
 
-def async_paginated(
-    page: Callable[Concatenate[Flows, str | None, Params], Flow[Page[Item]]],
-) -> Callable[Concatenate[_Resource[Flows], Params], AsyncIterator[Item]]:
-    @functools.wraps(page)
-    async def method(
-        resource: _Resource[Flows], /, *args: Params.args, **kwargs: Params.kwargs
-    ) -> AsyncIterator[Item]:
-        cursor: str | None = None
-        while True:
-            found: Page[Item] = await resource._runner.run(page(resource._flows, cursor, *args, **kwargs))
-            for item in found.data:
-                yield item
-            if not found.has_more or found.next_cursor is None:
-                return
-            cursor = found.next_cursor
+class _Listing(Generic[Flows, Params, Item]):
+    """A page flow as a resource's `list`: every item of every page, fetched a page at a time as the
+    iteration goes (`for`, or `async for` with `AsyncDarkroom`)."""
 
-    return method
+    def __init__(self, page: Callable[Concatenate[Flows, str | None, Params], Flow[Page[Item]]]) -> None:
+        self._page = page
+        self.__doc__ = page.__doc__
 
+    @overload
+    def __get__(
+        self, resource: _Resource[Flows, Blocking], owner: type[Any]
+    ) -> Callable[Params, Iterator[Item]]: ...
 
-class Images(_Resource[ImageFlows]):
-    upload = blocking(ImageFlows.upload)
-    from_url = blocking(ImageFlows.from_url)
-    direct_upload = blocking(ImageFlows.direct_upload)
-    get = blocking(ImageFlows.get)
-    list = paginated(ImageFlows.list_page)
-    list_page = blocking(ImageFlows.list_page)
-    delete = blocking(ImageFlows.delete)
-    download = blocking(ImageFlows.download)
-    download_to = blocking(ImageFlows.download_to)
-    wait = blocking(ImageFlows.wait)
-    wait_many = blocking(ImageFlows.wait_many)
+    @overload
+    def __get__(
+        self, resource: _Resource[Flows, Awaited], owner: type[Any]
+    ) -> Callable[Params, AsyncIterator[Item]]: ...
+
+    def __get__(self, resource: _Resource[Flows, Any], owner: type[Any]) -> Callable[Params, Any]:
+        page, runner, flows = self._page, resource._runner, resource._flows
+
+        def listing(*args: Params.args, **kwargs: Params.kwargs) -> Any:
+            return runner.items(lambda cursor: page(flows, cursor, *args, **kwargs))
+
+        return listing
 
 
-class AsyncImages(_Resource[ImageFlows]):
-    upload = awaiting(ImageFlows.upload)
-    from_url = awaiting(ImageFlows.from_url)
-    direct_upload = awaiting(ImageFlows.direct_upload)
-    get = awaiting(ImageFlows.get)
-    list = async_paginated(ImageFlows.list_page)
-    list_page = awaiting(ImageFlows.list_page)
-    delete = awaiting(ImageFlows.delete)
-    download = awaiting(ImageFlows.download)
-    download_to = awaiting(ImageFlows.download_to)
-    wait = awaiting(ImageFlows.wait)
-    wait_many = awaiting(ImageFlows.wait_many)
+class Images(_Resource[ImageFlows, Mode]):
+    upload = _Method(ImageFlows.upload)
+    from_url = _Method(ImageFlows.from_url)
+    direct_upload = _Method(ImageFlows.direct_upload)
+    get = _Method(ImageFlows.get)
+    list = _Listing(ImageFlows.list_page)
+    list_page = _Method(ImageFlows.list_page)
+    delete = _Method(ImageFlows.delete)
+    download = _Method(ImageFlows.download)
+    download_to = _Method(ImageFlows.download_to)
+    wait = _Method(ImageFlows.wait)
+    wait_many = _Method(ImageFlows.wait_many)
 
 
-class Batches(_Resource[BatchFlows]):
-    create = blocking(BatchFlows.create)
-    add = blocking(BatchFlows.add)
-    seal = blocking(BatchFlows.seal)
-    get = blocking(BatchFlows.get)
-    list = paginated(BatchFlows.list_page)
-    list_page = blocking(BatchFlows.list_page)
-    wait = blocking(BatchFlows.wait)
-    download_archive = blocking(BatchFlows.download_archive)
+class Batches(_Resource[BatchFlows, Mode]):
+    create = _Method(BatchFlows.create)
+    add = _Method(BatchFlows.add)
+    seal = _Method(BatchFlows.seal)
+    get = _Method(BatchFlows.get)
+    list = _Listing(BatchFlows.list_page)
+    list_page = _Method(BatchFlows.list_page)
+    wait = _Method(BatchFlows.wait)
+    download_archive = _Method(BatchFlows.download_archive)
 
 
-class AsyncBatches(_Resource[BatchFlows]):
-    create = awaiting(BatchFlows.create)
-    add = awaiting(BatchFlows.add)
-    seal = awaiting(BatchFlows.seal)
-    get = awaiting(BatchFlows.get)
-    list = async_paginated(BatchFlows.list_page)
-    list_page = awaiting(BatchFlows.list_page)
-    wait = awaiting(BatchFlows.wait)
-    download_archive = awaiting(BatchFlows.download_archive)
+class WebhookEndpoints(_Resource[EndpointFlows, Mode]):
+    create = _Method(EndpointFlows.create)
+    get = _Method(EndpointFlows.get)
+    list = _Method(EndpointFlows.list)
+    update = _Method(EndpointFlows.update)
+    delete = _Method(EndpointFlows.delete)
+    send_test = _Method(EndpointFlows.send_test)
 
 
-class WebhookEndpoints(_Resource[EndpointFlows]):
-    create = blocking(EndpointFlows.create)
-    get = blocking(EndpointFlows.get)
-    list = blocking(EndpointFlows.list)
-    update = blocking(EndpointFlows.update)
-    delete = blocking(EndpointFlows.delete)
-    send_test = blocking(EndpointFlows.send_test)
-
-
-class AsyncWebhookEndpoints(_Resource[EndpointFlows]):
-    create = awaiting(EndpointFlows.create)
-    get = awaiting(EndpointFlows.get)
-    list = awaiting(EndpointFlows.list)
-    update = awaiting(EndpointFlows.update)
-    delete = awaiting(EndpointFlows.delete)
-    send_test = awaiting(EndpointFlows.send_test)
-
-
-class Deliveries(_Resource[DeliveryFlows]):
-    get = blocking(DeliveryFlows.get)
-    list = paginated(DeliveryFlows.list_page)
-    list_page = blocking(DeliveryFlows.list_page)
-    retry = blocking(DeliveryFlows.retry)
-
-
-class AsyncDeliveries(_Resource[DeliveryFlows]):
-    get = awaiting(DeliveryFlows.get)
-    list = async_paginated(DeliveryFlows.list_page)
-    list_page = awaiting(DeliveryFlows.list_page)
-    retry = awaiting(DeliveryFlows.retry)
+class Deliveries(_Resource[DeliveryFlows, Mode]):
+    get = _Method(DeliveryFlows.get)
+    list = _Listing(DeliveryFlows.list_page)
+    list_page = _Method(DeliveryFlows.list_page)
+    retry = _Method(DeliveryFlows.retry)
 
 
 class Darkroom:
@@ -277,10 +255,10 @@ class Darkroom:
         core = Core(api_key, base_url, retry or RetryPolicy())
         self._http = http_client or httpx.Client(timeout=DEFAULT_TIMEOUT)
         runner = _BlockingRunner(self._http)
-        self.images = Images(runner, ImageFlows(core))
-        self.batches = Batches(runner, BatchFlows(core))
-        self.webhook_endpoints = WebhookEndpoints(runner, EndpointFlows(core))
-        self.deliveries = Deliveries(runner, DeliveryFlows(core))
+        self.images: Images[Blocking] = Images(runner, ImageFlows(core))
+        self.batches: Batches[Blocking] = Batches(runner, BatchFlows(core))
+        self.webhook_endpoints: WebhookEndpoints[Blocking] = WebhookEndpoints(runner, EndpointFlows(core))
+        self.deliveries: Deliveries[Blocking] = Deliveries(runner, DeliveryFlows(core))
 
     def close(self) -> None:
         self._http.close()
@@ -309,10 +287,10 @@ class AsyncDarkroom:
         core = Core(api_key, base_url, retry or RetryPolicy())
         self._http = http_client or httpx.AsyncClient(timeout=DEFAULT_TIMEOUT)
         runner = _AsyncRunner(self._http)
-        self.images = AsyncImages(runner, ImageFlows(core))
-        self.batches = AsyncBatches(runner, BatchFlows(core))
-        self.webhook_endpoints = AsyncWebhookEndpoints(runner, EndpointFlows(core))
-        self.deliveries = AsyncDeliveries(runner, DeliveryFlows(core))
+        self.images: Images[Awaited] = Images(runner, ImageFlows(core))
+        self.batches: Batches[Awaited] = Batches(runner, BatchFlows(core))
+        self.webhook_endpoints: WebhookEndpoints[Awaited] = WebhookEndpoints(runner, EndpointFlows(core))
+        self.deliveries: Deliveries[Awaited] = Deliveries(runner, DeliveryFlows(core))
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -13,7 +13,8 @@ import time
 import uuid
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from pathlib import Path
+from typing import Any, Generic, TypeAlias, TypeVar
 
 import httpx
 
@@ -36,7 +37,7 @@ class Save:
     response (an error answer read whole)."""
 
     request: httpx.Request
-    path: Any  # a pathlib.Path; Any keeps pathlib out of the effect's import surface
+    path: Path
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,34 @@ class Sleep:
 Effect: TypeAlias = Send | Save | Sleep
 Result = TypeVar("Result")
 Flow: TypeAlias = Generator[Effect, Any, Result]
+
+
+class Stepper(Generic[Result]):
+    """Drives a flow for a runner: `effect` is what to perform next (None once the flow returned
+    `result`); `answer` gives it the effect's outcome, `fail` the transport error it raised instead."""
+
+    def __init__(self, flow: Flow[Result]) -> None:
+        self._flow = flow
+        self.effect: Effect | None = None
+        self._advance(lambda: next(flow))
+
+    @property
+    def result(self) -> Result:
+        return self._result
+
+    def answer(self, outcome: Any) -> None:
+        self._advance(lambda: self._flow.send(outcome))
+
+    def fail(self, error: httpx.TransportError) -> None:
+        self._advance(lambda: self._flow.throw(error))
+
+    def _advance(self, step: Callable[[], Effect]) -> None:
+        try:
+            self.effect = step()
+        except StopIteration as done:
+            self.effect = None
+            self._result: Result = done.value
+
 
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 # A 409 worth waiting out: the same Idempotency-Key is still running elsewhere (it answers Retry-After: 1).

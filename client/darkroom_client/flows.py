@@ -109,15 +109,17 @@ def _present(fields: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def files_in(files: str | os.PathLike[str] | Iterable[FileSource]) -> list[FileSource]:
-    """A folder's files (not hidden, not recursive, by name), one file's path, or the sources given."""
-    if isinstance(files, str | os.PathLike):
-        path = Path(files)
-        if path.is_dir():
-            return [
-                item for item in sorted(path.iterdir()) if item.is_file() and not item.name.startswith(".")
-            ]
+def folder_files(path: Path) -> list[Path]:
+    """A folder's files (not hidden, not recursive, by name), or the path itself when it is no folder."""
+    if not path.is_dir():
         return [path]
+    return [item for item in sorted(path.iterdir()) if item.is_file() and not item.name.startswith(".")]
+
+
+def files_in(files: str | os.PathLike[str] | Iterable[FileSource]) -> list[FileSource]:
+    """A folder's files, one file's path, or the sources given."""
+    if isinstance(files, str | os.PathLike):
+        return list(folder_files(Path(files)))
     return list(files)
 
 
@@ -339,6 +341,33 @@ def _page(answer: dict[str, Any], parse: Callable[[dict[str, Any]], Any]) -> Pag
     )
 
 
+# What the service answers about one file sent alone; several at once are refused as `files_refused`.
+FILE_REFUSALS = frozenset(
+    {
+        "file_too_large",
+        "unsupported_format",
+        "empty_file",
+        "unreadable_image",
+        "image_too_large",
+        "too_many_pages",
+    }
+)
+
+
+def _refused_files(error: APIError, sent: int) -> dict[int, str]:
+    """Which of the `sent` files the refusal names (their index in the request), and why."""
+    if error.code == "files_refused":
+        named = {}
+        for item in error.problem.get("errors") or []:
+            field = str(item.get("field", ""))
+            if field.startswith("file[") and field.endswith("]") and field[5:-1].isdigit():
+                named[int(field[5:-1])] = str(item.get("message", ""))
+        return named
+    if sent == 1 and error.code in FILE_REFUSALS:
+        return {0: f"{error.status} {error.code}: {error.detail}"}
+    return {}
+
+
 class BatchFlows:
     def __init__(self, core: Core) -> None:
         self._core = core
@@ -366,26 +395,34 @@ class BatchFlows:
         callback_url: str | None = None,
         metadata: dict[str, Any] | None = None,
         progress: Progress | None = None,
-        added: Callable[[list[Image]], None] | None = None,
+        refused: Callable[[str, str], None] | None = None,
     ) -> Flow[list[Image]]:
-        """Add a folder's files, or the files given, a few per request; `added` hears each request's
-        images as they are accepted, `progress` each count of bytes sent."""
+        """Add a folder's files, or the files given, a few per request; `progress` hears each count of
+        bytes sent. The service refuses a whole request for one bad file: with `refused`, each file it
+        names is reported there (its name, and why) and the others are sent again without it; without
+        `refused`, the refusal is raised."""
         sources = files_in(files)
         form = _form(_fields(operations, callback_url, metadata))
         images: list[Image] = []
         for start in range(0, len(sources), FILES_PER_REQUEST):
-            with contextlib.ExitStack() as stack:
-                parts = [
-                    _file_part(stack, source, None, progress)
-                    for source in sources[start : start + FILES_PER_REQUEST]
-                ]
-                answer = yield from self._core.call(
-                    "POST", f"/v1/batches/{batch_id}/images", data=form, files=parts
-                )
-            accepted = [Image.from_json(item) for item in answer["data"]]
-            if added is not None:
-                added(accepted)
-            images.extend(accepted)
+            pending = sources[start : start + FILES_PER_REQUEST]
+            while pending:
+                try:
+                    with contextlib.ExitStack() as stack:
+                        parts = [_file_part(stack, source, None, progress) for source in pending]
+                        answer = yield from self._core.call(
+                            "POST", f"/v1/batches/{batch_id}/images", data=form, files=parts
+                        )
+                except APIError as exc:
+                    bad = _refused_files(exc, len(pending))
+                    if refused is None or not bad:
+                        raise
+                    for index, why in sorted(bad.items()):
+                        refused(_name_of(pending[index], None), why)
+                    pending = [source for index, source in enumerate(pending) if index not in bad]
+                    continue
+                images.extend(Image.from_json(item) for item in answer["data"])
+                break
         return images
 
     def seal(self, batch_id: str) -> Flow[Batch]:
@@ -430,9 +467,11 @@ class BatchFlows:
         target = Path(to)
         partial = target.with_name(f".{target.name}.{batch_id}.part")
         url = f"/v1/batches/{batch_id}/archive"
-        # The archive's ETag first: a range is only worth having from the very same file.
-        head = yield from self._core.send(self._core.request("HEAD", url))
-        same_file = {"If-Range": head.headers["etag"]} if "etag" in head.headers else {}
+        # The archive's ETag first, from its first byte (a HEAD would carry no problem document when the
+        # archive is not ready): a range is only worth having from the very same file.
+        first_byte = self._core.request("GET", url, headers={"Range": "bytes=0-0"})
+        probe = yield from self._core.send(first_byte, follow_redirects=True)
+        same_file = {"If-Range": probe.headers["etag"]} if "etag" in probe.headers else {}
 
         def from_where_it_ends() -> Save:
             have = partial.stat().st_size if partial.exists() else 0

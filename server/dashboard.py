@@ -1,0 +1,377 @@
+"""`/dashboard`: the account's images, batches and webhooks in a browser, signed in with an API key.
+
+The key is exchanged once (a form POST) for a session: a random id in an HttpOnly, SameSite=Strict cookie
+(Secure when the service is reached over https), kept in Redis for `DARKROOM_DASHBOARD_SESSION_TTL`. Only
+a hash of the id is stored, and the key itself nowhere: it is never in a URL, a page or a cookie.
+
+Every state-changing request carries the session's CSRF token (`X-CSRF-Token`, which htmx sends from the
+page's `hx-headers`, or a `csrf_token` form field) besides the SameSite cookie; the sign-in form has its
+own token, double-submitted in a cookie, so no other site can sign a browser into its account.
+
+What the dashboard does, it does through the API's own route functions (upload, thumbnails as output
+variants, retries, test events, archives): the session's account is counted against the rate limit as
+an API request, after which `require_account` answers with it.
+
+Pages are Jinja2 templates; htmx, its SSE extension and our `dashboard.js` are served from
+`server/static/` under a strict Content-Security-Policy (no inline script or style). One SSE stream per
+page sends the page's table (images, batches or deliveries) again whenever it changes; it reads Redis once
+a second (there is no pub/sub of record changes yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import jinja2
+from redis.asyncio import Redis
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from jobs.records import Account
+from jobs.settings import Settings
+from jobs.store import Store
+from server import batches, deliveries, endpoints, images
+from server.docs import IMMUTABLE_ASSET_HEADERS
+from server.images import batches_of
+from server.problems import Problem
+from server.query import QueryModel, query_of, takes_query
+from server.ratelimit import count_request
+from server.request_log import note_account
+from server.variants import VariantQuery
+from webhooks.messages import MessageFilter
+
+_HERE = Path(__file__).resolve().parent
+_STATIC_DIR = _HERE / "static"
+_STATIC_FILES = frozenset(path.name for path in _STATIC_DIR.iterdir() if not path.name.endswith(".LICENSE"))
+# Changes whenever one of the files does: what a browser cached under an older one is never used.
+ASSET_VERSION = hashlib.sha256(
+    b"".join((_STATIC_DIR / name).read_bytes() for name in sorted(_STATIC_FILES))
+).hexdigest()[:12]
+ASSET_PATH = f"/dashboard/assets/{ASSET_VERSION}"
+
+SESSION_COOKIE = "dr_session"
+SIGN_IN_COOKIE = "dr_sign_in"
+CSRF_HEADER = "x-csrf-token"
+CSRF_FIELD = "csrf_token"
+_COOKIE_PATH = "/dashboard"
+_SIGN_IN_TOKEN_SECONDS = 3600
+# Rows each table shows: the newest.
+TABLE_ROWS = 50
+# The SSE stream reads Redis this often; it ends after a while and the browser reconnects at once
+# (`retry:`), so a web process shutting down waits for no stream longer than that.
+POLL_SECONDS = 1.0
+STREAM_SECONDS = 30.0
+RECONNECT_MS = 500
+
+CONTENT_SECURITY_POLICY = "; ".join(
+    (
+        "default-src 'self'",
+        "img-src 'self' blob:",
+        "object-src 'none'",
+        "base-uri 'none'",
+        "form-action 'self'",
+        "frame-ancestors 'none'",
+    )
+)
+_PAGE_HEADERS = {
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+_templates = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(_HERE / "templates"),
+    autoescape=True,
+    undefined=jinja2.StrictUndefined,
+)
+
+
+def _session_key(session_id: str) -> str:
+    # A hash: whoever reads Redis learns no session id a browser could present.
+    return f"dr:dashboard:session:{hashlib.sha256(session_id.encode()).hexdigest()}"
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    account: Account
+    csrf_token: str
+
+
+async def _session(request: Request) -> Session | None:
+    """The signed-in session the request's cookie names, its account counted as an API request."""
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if not session_id:
+        return None
+    redis: Redis = request.app.state.redis
+    raw = await redis.get(_session_key(session_id))
+    if raw is None:
+        return None
+    saved = json.loads(raw)
+    store: Store = request.app.state.store
+    account = await store.get_account(saved["account_id"])
+    if account is None:
+        return None
+    note_account(request, account.id)
+    await count_request(request, account)
+    return Session(session_id, account, saved["csrf_token"])
+
+
+async def _require_session(request: Request) -> Session:
+    session = await _session(request)
+    if session is None:
+        raise Problem(401, "not_signed_in", "sign in to the dashboard first (/dashboard/sign-in)")
+    return session
+
+
+async def _require_changing_session(request: Request) -> Session:
+    """A signed-in session, for a request that changes something: its CSRF token must come with it."""
+    session = await _require_session(request)
+    presented = request.headers.get(CSRF_HEADER)
+    if presented is None and _is_form(request):
+        presented = str((await request.form()).get(CSRF_FIELD, ""))
+    _check_csrf(presented, session.csrf_token)
+    return session
+
+
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("application/x-www-form-urlencoded")
+
+
+def _check_csrf(presented: str | None, expected: str) -> None:
+    if not presented or not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise Problem(403, "csrf_failed", "the request did not carry this session's CSRF token")
+
+
+def _secure(request: Request) -> bool:
+    settings: Settings = request.app.state.settings
+    return request.url.scheme == "https" or urlsplit(settings.public_url).scheme == "https"
+
+
+def _set_cookie(response: Response, request: Request, name: str, value: str, max_age: int) -> None:
+    response.set_cookie(
+        name,
+        value,
+        max_age=max_age,
+        path=_COOKIE_PATH,
+        secure=_secure(request),
+        httponly=True,
+        samesite="strict",
+    )
+
+
+def _page(request: Request, template: str, status_code: int = 200, **context: Any) -> HTMLResponse:
+    html = _templates.get_template(template).render(asset_path=ASSET_PATH, request=request, **context)
+    return HTMLResponse(html, status_code=status_code, headers=_PAGE_HEADERS)
+
+
+def _fragment(template: str, **context: Any) -> str:
+    return _templates.get_template(template).render(**context)
+
+
+# Sign-in and sign-out.
+
+
+async def sign_in_page(request: Request) -> Response:
+    if await _session(request) is not None:
+        return RedirectResponse("/dashboard", status_code=303)
+    return _sign_in_form(request)
+
+
+def _sign_in_form(request: Request, error: str | None = None, status_code: int = 200) -> Response:
+    token = secrets.token_urlsafe(32)
+    response = _page(request, "sign_in.html", status_code, csrf_token=token, error=error)
+    _set_cookie(response, request, SIGN_IN_COOKIE, token, _SIGN_IN_TOKEN_SECONDS)
+    return response
+
+
+async def sign_in(request: Request) -> Response:
+    form = await request.form()
+    _check_csrf(str(form.get(CSRF_FIELD, "")), request.cookies.get(SIGN_IN_COOKIE, ""))
+    store: Store = request.app.state.store
+    api_key = str(form.get("api_key", "")).strip()
+    account = await store.authenticate(api_key) if api_key else None
+    if account is None:
+        return _sign_in_form(request, "That API key is not valid.", 401)
+    settings: Settings = request.app.state.settings
+    session_id = secrets.token_urlsafe(32)
+    saved = {"account_id": account.id, "csrf_token": secrets.token_urlsafe(32)}
+    redis: Redis = request.app.state.redis
+    await redis.set(_session_key(session_id), json.dumps(saved), ex=settings.dashboard_session_ttl)
+    response = RedirectResponse("/dashboard", status_code=303)
+    _set_cookie(response, request, SESSION_COOKIE, session_id, settings.dashboard_session_ttl)
+    response.delete_cookie(SIGN_IN_COOKIE, path=_COOKIE_PATH)
+    return response
+
+
+async def sign_out(request: Request) -> Response:
+    session = await _require_changing_session(request)
+    redis: Redis = request.app.state.redis
+    await redis.delete(_session_key(session.id))
+    response = RedirectResponse("/dashboard/sign-in", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path=_COOKIE_PATH, secure=_secure(request), httponly=True)
+    return response
+
+
+# Pages.
+
+Page = Callable[[Request, Session], Awaitable[Response]]
+
+
+def _signed_in_page(page: Page) -> Callable[[Request], Awaitable[Response]]:
+    """A page for a signed-in session; without one, the sign-in form."""
+
+    async def route(request: Request) -> Response:
+        session = await _session(request)
+        if session is None:
+            return RedirectResponse("/dashboard/sign-in", status_code=303)
+        return await page(request, session)
+
+    return route
+
+
+async def _image_rows(request: Request, account: Account) -> str:
+    store: Store = request.app.state.store
+    public_url = request.app.state.settings.public_url
+    found = await store.list_images(account.id, limit=TABLE_ROWS)
+    return _fragment("image_rows.html", images=[image.resource(public_url) for image in found])
+
+
+async def _batch_rows(request: Request, account: Account) -> str:
+    public_url = request.app.state.settings.public_url
+    found = await batches_of(request).list_for_account(account.id, limit=TABLE_ROWS)
+    return _fragment("batch_rows.html", batches=[batch.resource(public_url) for batch in found])
+
+
+async def _delivery_rows(request: Request, account: Account) -> str:
+    store: Store = request.app.state.store
+    found = await store.messages.list_for_account(
+        account.id, limit=TABLE_ROWS, before=None, where=MessageFilter()
+    )
+    return _fragment("delivery_rows.html", deliveries=[logged.resource() for logged in found])
+
+
+_TABLES = {"images": _image_rows, "batches": _batch_rows, "deliveries": _delivery_rows}
+
+
+async def _images_page(request: Request, session: Session) -> Response:
+    rows = await _image_rows(request, session.account)
+    return _page(request, "images.html", session=session, rows=rows, current="images", table="images")
+
+
+async def _batches_page(request: Request, session: Session) -> Response:
+    rows = await _batch_rows(request, session.account)
+    return _page(request, "batches.html", session=session, rows=rows, current="batches", table="batches")
+
+
+async def _webhooks_page(request: Request, session: Session) -> Response:
+    store: Store = request.app.state.store
+    found = await store.endpoints.list_for_account(session.account.id)
+    rows = await _delivery_rows(request, session.account)
+    return _page(
+        request,
+        "webhooks.html",
+        session=session,
+        endpoints=[endpoint.resource() for endpoint in found],
+        rows=rows,
+        current="webhooks",
+        table="deliveries",
+    )
+
+
+class EventsQuery(QueryModel):
+    table: Literal["images", "batches", "deliveries"]
+
+
+@takes_query(EventsQuery)
+async def events(request: Request) -> Response:
+    """Server-sent events: the page's table of the account (`images`, `batches` or `deliveries`) as HTML,
+    sent when the stream starts and whenever it changes, until the session ends."""
+    session = await _require_session(request)
+    table = query_of(request, EventsQuery).table
+    render = _TABLES[table]
+    redis: Redis = request.app.state.redis
+
+    async def stream() -> AsyncIterator[str]:
+        yield f"retry: {RECONNECT_MS}\n\n"
+        sent = None
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + STREAM_SECONDS
+        while loop.time() < ends and await redis.exists(_session_key(session.id)):
+            html = await render(request, session.account)
+            if html != sent:
+                sent = html
+                data = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
+                yield f"event: {table}\n{data}\n"
+            await asyncio.sleep(POLL_SECONDS)
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+
+# What the API does, for the session's account.
+
+
+async def upload_image(request: Request) -> Response:
+    """`POST /v1/images`'s multipart form, from the drop zone."""
+    await _require_changing_session(request)
+    return await images.create_image(request)
+
+
+@takes_query(VariantQuery)
+async def output(request: Request) -> Response:
+    """`GET /v1/images/{id}/output`, variants included (the images table's thumbnails)."""
+    await _require_session(request)
+    return await images.get_output(request)
+
+
+async def archive(request: Request) -> Response:
+    await _require_session(request)
+    return await batches.get_archive(request)
+
+
+async def retry_delivery(request: Request) -> Response:
+    await _require_changing_session(request)
+    retried = await deliveries.retry_delivery(request)
+    return HTMLResponse(_fragment("delivery_rows.html", deliveries=[json.loads(bytes(retried.body))]))
+
+
+async def send_test_event(request: Request) -> Response:
+    await _require_changing_session(request)
+    sent = await endpoints.send_test_event(request)
+    return HTMLResponse(_fragment("test_sent.html", delivery=json.loads(bytes(sent.body))))
+
+
+async def asset(request: Request) -> Response:
+    name = request.path_params["name"]
+    if request.path_params["version"] != ASSET_VERSION or name not in _STATIC_FILES:
+        raise Problem(404, "not_found", "no such dashboard asset (the pages name the current ones)")
+    return FileResponse(_STATIC_DIR / name, headers=IMMUTABLE_ASSET_HEADERS)
+
+
+routes = [
+    Route("/dashboard", _signed_in_page(_images_page), methods=["GET"]),
+    Route("/dashboard/batches", _signed_in_page(_batches_page), methods=["GET"]),
+    Route("/dashboard/webhooks", _signed_in_page(_webhooks_page), methods=["GET"]),
+    Route("/dashboard/sign-in", sign_in_page, methods=["GET"]),
+    Route("/dashboard/sign-in", sign_in, methods=["POST"]),
+    Route("/dashboard/sign-out", sign_out, methods=["POST"]),
+    Route("/dashboard/events", events, methods=["GET"]),
+    Route("/dashboard/images", upload_image, methods=["POST"]),
+    Route("/dashboard/images/{image_id}/output", output, methods=["GET"]),
+    Route("/dashboard/batches/{batch_id}/archive", archive, methods=["GET"]),
+    Route("/dashboard/deliveries/{msg_id}/retry", retry_delivery, methods=["POST"]),
+    Route("/dashboard/webhook-endpoints/{endpoint_id}/test", send_test_event, methods=["POST"]),
+    Route("/dashboard/assets/{version}/{name}", asset, methods=["GET"]),
+]

@@ -1,0 +1,148 @@
+"""Pydantic models of what partners send (query parameters, JSON bodies): one definition both validates a
+request and describes it in `/openapi.json`, and its refusals are named the way every 422 names them
+(`errors: [{field, message}]`, one message per field).
+
+A field's message is said by its `Hint`, or else from its schema (its choices, its range); a validator
+whose message depends on the value raises `refusal(...)`, whose text is then the message, or
+`refusals(...)` naming paths inside the field (`operations[0].params.width`).
+
+A field whose schema is a component of `/openapi.json` (an operation chain) says so with
+`component_ref(name)` in its schema, which the document turns into a `$ref`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from jobs.params import FieldError
+from jobs.settings import Settings
+from server.destinations import MAX_URL_LENGTH, check_destination_url
+from server.problems import validation_problem
+
+_REFUSAL = "refused"
+_ERRORS = "errors"
+COMPONENT_REF = "x-component"
+
+
+class StrictModel(BaseModel):
+    """Frozen, and refusing fields it does not declare."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class Hint:
+    """What a field must be, said to the partner when it is not."""
+
+    text: str
+
+
+Body = TypeVar("Body", bound=BaseModel)
+# A URL we are to call: its host is checked once the body is (checked_body's `urls`, which resolves it).
+DestinationUrl = Annotated[
+    StrictStr,
+    Hint("must be a string"),
+    WithJsonSchema({"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH}),
+]
+
+
+def refusal(message: str) -> PydanticCustomError:
+    """Raise from a validator: `message` is what the partner is told about the field."""
+    return PydanticCustomError(_REFUSAL, message)
+
+
+def refusals(errors: Sequence[FieldError]) -> PydanticCustomError:
+    """Raise from a validator whose checks name their own fields (each error is told as it is)."""
+    return PydanticCustomError(_REFUSAL, "; ".join(error.message for error in errors), {_ERRORS: errors})
+
+
+def component_ref(name: str) -> dict[str, str]:
+    """Stands in a field's schema for `#/components/schemas/{name}` (pydantic resolves `$ref`s itself)."""
+    return {COMPONENT_REF: name}
+
+
+def in_field_order(model: type[BaseModel], errors: Sequence[FieldError]) -> list[FieldError]:
+    """`errors` (some found after the model's, such as a URL's host not resolving) in the order of the
+    model's fields, unknown fields first."""
+    position = {name: index for index, name in enumerate(model.model_fields)}
+    return sorted(errors, key=lambda error: position.get(re.split(r"[.\[]", error.field)[0], -1))
+
+
+def field_errors(model: type[BaseModel], invalid: ValidationError, *, unknown: str) -> list[FieldError]:
+    """One error per field of `invalid`: fields `model` does not take first (told `unknown`), then the
+    others in the model's order."""
+    strangers: list[str] = []
+    said: dict[str, str] = {}
+    nested: dict[str, list[FieldError]] = {}
+    for error in invalid.errors():
+        name = str(error["loc"][0])
+        if error["type"] == "extra_forbidden":
+            strangers.append(name)
+        elif name not in said:
+            if error["type"] == "missing":
+                said[name] = "is required"
+            elif error["type"] == _REFUSAL:
+                nested[name] = list(error.get("ctx", {}).get(_ERRORS, ()))
+                said[name] = error["msg"]
+            else:
+                said[name] = hint(model, name)
+    errors = [FieldError(name, unknown) for name in sorted(strangers)]
+    for name in model.model_fields:
+        if name in said:
+            errors += nested.get(name) or [FieldError(name, said[name])]
+    return errors
+
+
+async def checked_body(
+    model: type[Body], body: dict[str, Any], settings: Settings, *, urls: Sequence[str] = ()
+) -> Body:
+    """`body` read into `model`, and the hosts of its `urls` fields checked: a 422 naming every problem."""
+    errors: list[FieldError] = []
+    try:
+        checked = model.model_validate(body)
+    except ValidationError as invalid:
+        errors = field_errors(model, invalid, unknown="unknown field")
+    for name in urls:
+        url = body.get(name)
+        if isinstance(url, str) and (problem := await check_destination_url(url, settings)):
+            errors.append(FieldError(name, problem))
+    if errors:
+        raise validation_problem(in_field_order(model, errors))
+    return checked
+
+
+def hint(model: type[BaseModel], name: str) -> str:
+    field = model.model_fields[name]
+    stated = next((item for item in field.metadata if isinstance(item, Hint)), None)
+    if stated is not None:
+        return stated.text
+    schema = non_null(model.model_json_schema()["properties"][name])
+    if "enum" in schema:
+        return f"must be one of: {', '.join(str(choice) for choice in schema['enum'])}"
+    if schema.get("type") == "integer":
+        return f"must be an integer from {schema['minimum']} to {schema['maximum']}"
+    if schema.get("type") == "boolean":
+        return "must be true or false"
+    raise TypeError(f"{model.__name__}.{name} needs a Hint")
+
+
+def non_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional field's schema without its `null` (a query parameter is given, or not)."""
+    choices = [choice for choice in schema.get("anyOf", ()) if choice != {"type": "null"}]
+    if len(choices) != 1:
+        return schema
+    rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
+    return {**choices[0], **rest}
+
+
+def without_defaults(schema: dict[str, Any]) -> None:
+    """For a model of changes (a PATCH): a field left out is left as it is, not set to a default."""
+    schema.pop("required", None)
+    for field in schema.get("properties", {}).values():
+        field.pop("default", None)

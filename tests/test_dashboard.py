@@ -1,0 +1,146 @@
+"""The dashboard's sign-in, session and CSRF rules, over HTTP to the app in-process (the browser test,
+tests/test_dashboard_browser.py, goes through the pages themselves)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+from redis.asyncio import Redis
+
+from jobs.settings import Settings
+from tests import imagegen
+from tests.conftest import Partner, api_client, make_account, with_settings
+from tests.test_upload_validation import assert_problem
+
+SESSION_KEYS = "dr:dashboard:session:*"
+
+
+def form_token(page: httpx.Response) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page.text)
+    assert found is not None, page.text
+    return found[1]
+
+
+async def sign_in(http: httpx.AsyncClient, api_key: str) -> httpx.Response:
+    form = await http.get("/dashboard/sign-in")
+    return await http.post("/dashboard/sign-in", data={"api_key": api_key, "csrf_token": form_token(form)})
+
+
+async def signed_in_token(http: httpx.AsyncClient, account: Partner) -> str:
+    """Signs in; the session's CSRF token, as the pages carry it."""
+    assert (await sign_in(http, account.api_key)).status_code == 303
+    return form_token(await http.get("/dashboard"))
+
+
+async def test_pages_forbid_framing_and_inline_script_and_lead_to_sign_in(client: httpx.AsyncClient) -> None:
+    page = await client.get("/dashboard")
+    assert page.status_code == 303 and page.headers["location"] == "/dashboard/sign-in"
+    form = await client.get("/dashboard/sign-in")
+    assert form.status_code == 200
+    policy = form.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+    assert "unsafe-inline" not in policy and "unsafe-eval" not in policy
+    assert form.headers["x-frame-options"] == "DENY"
+    assert form.headers["cache-control"] == "no-store"
+    assert "<script>" not in form.text and " style=" not in form.text
+
+
+async def test_signing_in_keeps_a_session_id_in_a_strict_cookie_and_never_the_key(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
+) -> None:
+    signed_in = await sign_in(client, account.api_key)
+    assert signed_in.status_code == 303 and signed_in.headers["location"] == "/dashboard"
+    cookie = next(c for c in signed_in.headers.get_list("set-cookie") if c.startswith("dr_session="))
+    session_id = cookie.split(";")[0].removeprefix("dr_session=")
+    attributes = cookie.lower()
+    assert "httponly" in attributes and "samesite=strict" in attributes and "path=/dashboard" in attributes
+    assert "secure" not in attributes  # plain http here; see the https test
+    assert account.api_key not in cookie
+
+    (key,) = await redis.keys(SESSION_KEYS)
+    stored = (await redis.get(key)).decode()
+    assert session_id not in key.decode() and session_id not in stored and account.api_key not in stored
+    assert settings.dashboard_session_ttl - 5 <= await redis.ttl(key) <= settings.dashboard_session_ttl
+
+    page = await client.get("/dashboard")
+    assert page.status_code == 200 and "partner" in page.text
+    assert account.api_key not in page.text
+
+
+async def test_a_wrong_key_shows_the_form_again_without_echoing_it(client: httpx.AsyncClient) -> None:
+    refused = await sign_in(client, "sk_live_not-a-key")
+    assert refused.status_code == 401
+    assert "not valid" in refused.text and "sk_live_not-a-key" not in refused.text
+
+
+async def test_a_sign_in_posted_without_its_form_token_is_refused(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    """As a form on another site would post it: no sign-in cookie, no token."""
+    refused = await client.post("/dashboard/sign-in", data={"api_key": account.api_key})
+    assert_problem(refused, 403, "csrf_failed")
+    assert await redis.keys(SESSION_KEYS) == []
+
+
+async def test_over_https_the_session_cookie_is_secure(settings: Settings, account: Partner) -> None:
+    async with api_client(with_settings(settings, public_url="https://darkroom.example")) as http:
+        form = await http.get("/dashboard/sign-in")
+        assert "secure" in form.headers["set-cookie"].lower()
+        # httpx sends no Secure cookie over this client's http://; a browser on https would send it.
+        token = form_token(form)
+        signed_in = await http.post(
+            "/dashboard/sign-in",
+            data={"api_key": account.api_key, "csrf_token": token},
+            headers={"Cookie": f"dr_sign_in={token}"},
+        )
+    assert signed_in.status_code == 303, signed_in.text
+    cookie = next(c for c in signed_in.headers.get_list("set-cookie") if c.startswith("dr_session="))
+    assert "secure" in cookie.lower()
+
+
+async def test_changes_need_the_sessions_csrf_token_and_sign_out_ends_the_session(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    token = await signed_in_token(client, account)
+    photo = {"file": ("dot.png", imagegen.png(8, 8), "image/png")}
+
+    assert_problem(await client.post("/dashboard/images", files=photo), 403, "csrf_failed")
+    forged = await client.post("/dashboard/images", files=photo, headers={"X-CSRF-Token": "guessed"})
+    assert_problem(forged, 403, "csrf_failed")
+    assert_problem(await client.post("/dashboard/sign-out"), 403, "csrf_failed")
+    assert (await client.get("/v1/images", headers=account.headers)).json()["data"] == []
+
+    uploaded = await client.post(
+        "/dashboard/images",
+        files=photo,
+        data={"operations": json.dumps([{"type": "resize", "params": {"width": 4}}])},
+        headers={"X-CSRF-Token": token},
+    )
+    assert uploaded.status_code == 202, uploaded.text
+    assert uploaded.json()["operations"][0]["type"] == "resize"
+    assert "x-ratelimit-remaining" in uploaded.headers  # counted as the API request it is
+
+    signed_out = await client.post("/dashboard/sign-out", data={"csrf_token": token})
+    assert signed_out.status_code == 303 and signed_out.headers["location"] == "/dashboard/sign-in"
+    assert await redis.keys(SESSION_KEYS) == []
+    assert (await client.get("/dashboard")).status_code == 303
+    assert_problem(await client.get("/dashboard/events?table=images"), 401, "not_signed_in")
+
+
+async def test_one_accounts_session_reaches_only_its_own_images(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    with_another = await client.post(
+        "/v1/images",
+        files={"file": ("theirs.png", imagegen.png(8, 8), "image/png")},
+        headers=account.headers,
+    )
+    assert with_another.status_code == 202
+    image_id = with_another.json()["id"]
+
+    other = await make_account(redis, "someone else")
+    await signed_in_token(client, other)
+    assert "theirs.png" not in (await client.get("/dashboard")).text
+    assert_problem(await client.get(f"/dashboard/images/{image_id}/output?width=10"), 404, "not_found")
