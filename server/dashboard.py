@@ -98,6 +98,14 @@ _templates = jinja2.Environment(
 )
 
 
+def _to_the_minute(moment: str) -> str:
+    """`2026-12-06T20:57:51.730Z` as `2026-12-06 20:57 UTC`: the resources' times, for people."""
+    return f"{moment[:10]} {moment[11:16]} UTC"
+
+
+_templates.filters["minute"] = _to_the_minute
+
+
 def _session_key(session_id: str) -> str:
     # A hash: whoever reads Redis learns no session id a browser could present.
     return f"dr:dashboard:session:{hashlib.sha256(session_id.encode()).hexdigest()}"

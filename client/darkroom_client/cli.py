@@ -286,10 +286,15 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                 metadata=args.metadata,
             )
             console.print(f"batch {batch.id}", highlight=False, soft_wrap=True)
-            darkroom.batches.add(batch.id, photos, progress=_byte_bar(bars, photos))
+            darkroom.batches.add(
+                batch.id,
+                photos,
+                progress=_byte_bar(bars, photos),
+                refused=lambda name, why: outcome.refused.append((name, why)),
+            )
             darkroom.batches.seal(batch.id)
             if waiting:
-                done = bars.add_task("processing", total=len(photos))
+                done = bars.add_task("processing", total=len(photos) - len(outcome.refused))
                 batch = darkroom.batches.wait(
                     batch.id,
                     timeout=args.timeout,
