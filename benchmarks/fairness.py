@@ -17,9 +17,9 @@ thousands drains in a minute or two.
    received), and the cores the machine's other processes kept busy meanwhile (`others_cores`, from
    /proc: on a shared machine, a disturbed phase shows there).
 2. Loaded: A uploads images, 12 in flight, until --backlog of them are queued (waiting their turn
-   included), and goes on topping them up as the workers drain them (a partner with a flood, not a
-   batch); meanwhile B does the same as in 1. The queued count is read again when B's last webhook
-   arrives.
+   included), and goes on topping them up as the workers drain them, 2 in flight (a partner with a
+   flood, not a batch); meanwhile B does the same as in 1. The queued count is read again when B's
+   last webhook arrives.
 
 B's rate is a partner's steady trickle beside the flood; at --rate near half of what the workers do, B
 would be a backlog of its own, waiting its turn behind its own images.
@@ -72,6 +72,7 @@ from jobs.settings import Settings
 
 PARTS = ("upload", "queued", "processing", "announce")
 UPLOADS_IN_FLIGHT = 12
+HOLD_IN_FLIGHT = 2
 UNLIMITED = ("--uploads-per-minute", "1000000", "--requests-per-minute", "1000000")
 # Uploads of the backlog sent between two reads of the queue's length, and how often it is read while
 # it is held.
@@ -149,8 +150,8 @@ class Backlog:
         self.client, self.photos, self.redis, self.size = client, photos, redis, size
         self.sent = 0
 
-    async def fill(self) -> None:
-        slots = asyncio.Semaphore(UPLOADS_IN_FLIGHT)
+    async def fill(self, in_flight: int = UPLOADS_IN_FLIGHT) -> None:
+        slots = asyncio.Semaphore(in_flight)
 
         async def send(photo: Path) -> None:
             async with slots:
@@ -161,9 +162,10 @@ class Backlog:
             self.sent += BACKLOG_STEP
 
     async def hold(self) -> None:
-        """Tops it up as the workers drain it, until cancelled."""
+        """Tops it up as the workers drain it, until cancelled: a few uploads at a time, enough to keep
+        up, so that B's uploads do not queue in the web process behind a dozen of A's."""
         while True:
-            await self.fill()
+            await self.fill(HOLD_IN_FLIGHT)
             await asyncio.sleep(BACKLOG_CHECK_SECONDS)
 
 

@@ -132,7 +132,10 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
         batch = http.post("/v1/batches", json={"archive": True}).json()
         added = http.post(
             f"/v1/batches/{batch['id']}/images",
-            files=[("file", ("dunes.jpg", imagegen.jpeg(640, 480), "image/jpeg"))],
+            files=[
+                ("file", (f"{name}.jpg", imagegen.jpeg(640, 480), "image/jpeg"))
+                for name in ("dunes", "pier", "lighthouse")
+            ],
         )
         assert added.status_code == 202, added.text
         assert http.post(f"/v1/batches/{batch['id']}/seal").status_code == 200
@@ -150,6 +153,8 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     page.get_by_role("link", name="Webhooks").click()
     page.get_by_role("button", name="Send test").click()
     expect(page.locator("#flash")).to_contain_text("A test event")
+    test_row = page.locator("#delivery-rows tr", has_text="webhook.test")
+    expect(test_row.locator(".badge").first).to_have_text("delivered")
     message_id = image["webhooks"][0]["id"]
     delivery_row = page.locator(f"tr#{message_id}")
     expect(delivery_row.locator(".attempts").first).to_have_text("1 attempt")

@@ -204,6 +204,11 @@ class Outcome:
         if unfinished:
             words.append(f"{unfinished} still processing")
         console.print(", ".join(words), highlight=False)
+        for image in sorted(self.images, key=lambda image: image.filename or image.id):
+            if not image.done:  # not waited for: the ids to look them up by later
+                console.print(
+                    f"  · {image.filename}: {image.id} {image.status}", markup=False, soft_wrap=True
+                )
         for name, why in failures:
             console.print(f"  ✗ {name}: {why}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1 if failures else 0
@@ -281,10 +286,15 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                 metadata=args.metadata,
             )
             console.print(f"batch {batch.id}", highlight=False, soft_wrap=True)
-            darkroom.batches.add(batch.id, photos, progress=_byte_bar(bars, photos))
+            darkroom.batches.add(
+                batch.id,
+                photos,
+                progress=_byte_bar(bars, photos),
+                refused=lambda name, why: outcome.refused.append((name, why)),
+            )
             darkroom.batches.seal(batch.id)
             if waiting:
-                done = bars.add_task("processing", total=len(photos))
+                done = bars.add_task("processing", total=len(photos) - len(outcome.refused))
                 batch = darkroom.batches.wait(
                     batch.id,
                     timeout=args.timeout,

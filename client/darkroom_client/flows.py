@@ -341,6 +341,33 @@ def _page(answer: dict[str, Any], parse: Callable[[dict[str, Any]], Any]) -> Pag
     )
 
 
+# What the service answers about one file sent alone; several at once are refused as `files_refused`.
+FILE_REFUSALS = frozenset(
+    {
+        "file_too_large",
+        "unsupported_format",
+        "empty_file",
+        "unreadable_image",
+        "image_too_large",
+        "too_many_pages",
+    }
+)
+
+
+def _refused_files(error: APIError, sent: int) -> dict[int, str]:
+    """Which of the `sent` files the refusal names (their index in the request), and why."""
+    if error.code == "files_refused":
+        named = {}
+        for item in error.problem.get("errors") or []:
+            field = str(item.get("field", ""))
+            if field.startswith("file[") and field.endswith("]") and field[5:-1].isdigit():
+                named[int(field[5:-1])] = str(item.get("message", ""))
+        return named
+    if sent == 1 and error.code in FILE_REFUSALS:
+        return {0: f"{error.status} {error.code}: {error.detail}"}
+    return {}
+
+
 class BatchFlows:
     def __init__(self, core: Core) -> None:
         self._core = core
@@ -368,26 +395,34 @@ class BatchFlows:
         callback_url: str | None = None,
         metadata: dict[str, Any] | None = None,
         progress: Progress | None = None,
-        added: Callable[[list[Image]], None] | None = None,
+        refused: Callable[[str, str], None] | None = None,
     ) -> Flow[list[Image]]:
-        """Add a folder's files, or the files given, a few per request; `added` hears each request's
-        images as they are accepted, `progress` each count of bytes sent."""
+        """Add a folder's files, or the files given, a few per request; `progress` hears each count of
+        bytes sent. The service refuses a whole request for one bad file: with `refused`, each file it
+        names is reported there (its name, and why) and the others are sent again without it; without
+        `refused`, the refusal is raised."""
         sources = files_in(files)
         form = _form(_fields(operations, callback_url, metadata))
         images: list[Image] = []
         for start in range(0, len(sources), FILES_PER_REQUEST):
-            with contextlib.ExitStack() as stack:
-                parts = [
-                    _file_part(stack, source, None, progress)
-                    for source in sources[start : start + FILES_PER_REQUEST]
-                ]
-                answer = yield from self._core.call(
-                    "POST", f"/v1/batches/{batch_id}/images", data=form, files=parts
-                )
-            accepted = [Image.from_json(item) for item in answer["data"]]
-            if added is not None:
-                added(accepted)
-            images.extend(accepted)
+            pending = sources[start : start + FILES_PER_REQUEST]
+            while pending:
+                try:
+                    with contextlib.ExitStack() as stack:
+                        parts = [_file_part(stack, source, None, progress) for source in pending]
+                        answer = yield from self._core.call(
+                            "POST", f"/v1/batches/{batch_id}/images", data=form, files=parts
+                        )
+                except APIError as exc:
+                    bad = _refused_files(exc, len(pending))
+                    if refused is None or not bad:
+                        raise
+                    for index, why in sorted(bad.items()):
+                        refused(_name_of(pending[index], None), why)
+                    pending = [source for index, source in enumerate(pending) if index not in bad]
+                    continue
+                images.extend(Image.from_json(item) for item in answer["data"])
+                break
         return images
 
     def seal(self, batch_id: str) -> Flow[Batch]:
