@@ -128,10 +128,13 @@ class _QueryGuard:
     def __init__(self, app: ASGIApp, model: type[QueryModel]) -> None:
         self.app = app
         self.model = model
+        # Most requests have no query: they share its one (frozen) reading.
+        self.without_query = parse_query(model, QueryParams(""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope[_PARSED_KEY] = parse_query(self.model, QueryParams(scope["query_string"]))
+            query = scope["query_string"]
+            scope[_PARSED_KEY] = parse_query(self.model, QueryParams(query)) if query else self.without_query
         await self.app(scope, receive, send)
 
 
