@@ -28,7 +28,7 @@ from server.images import (
     validate_source,
 )
 from server.json_body import media_type, read_json_object
-from server.models import DestinationUrl, StrictModel, checked_body, component_ref, refusals
+from server.models import DestinationUrl, Hint, StrictModel, checked_body, component_ref, refusals
 from server.multipart import FILE_FIELD, receive_multipart
 from server.pagination import BatchCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
@@ -66,6 +66,7 @@ class NewBatch(StrictModel):
     archive: Annotated[
         InstanceOf[ArchiveSpec] | None,
         BeforeValidator(_archive),
+        Hint('must be true, false or {"format": …, "quality"?: …}'),
         WithJsonSchema({"oneOf": [{"type": "boolean"}, component_ref("ArchiveSpec"), {"type": "null"}]}),
         Field(description='A ZIP of the results once the batch completes; true: {"format": "original"}'),
     ] = None

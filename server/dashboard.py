@@ -372,18 +372,24 @@ async def asset(request: Request) -> Response:
     return FileResponse(_STATIC_DIR / name, headers=IMMUTABLE_ASSET_HEADERS)
 
 
+# Pages for a browser signed in by cookie, not the API: left out of /openapi.json.
 routes = [
-    Route("/dashboard", _signed_in_page(_images_page), methods=["GET"]),
-    Route("/dashboard/batches", _signed_in_page(_batches_page), methods=["GET"]),
-    Route("/dashboard/webhooks", _signed_in_page(_webhooks_page), methods=["GET"]),
-    Route("/dashboard/sign-in", sign_in_page, methods=["GET"]),
-    Route("/dashboard/sign-in", sign_in, methods=["POST"]),
-    Route("/dashboard/sign-out", sign_out, methods=["POST"]),
-    Route("/dashboard/events", events, methods=["GET"]),
-    Route("/dashboard/images", upload_image, methods=["POST"]),
-    Route("/dashboard/images/{image_id}/output", output, methods=["GET"]),
-    Route("/dashboard/batches/{batch_id}/archive", archive, methods=["GET"]),
-    Route("/dashboard/deliveries/{msg_id}/retry", retry_delivery, methods=["POST"]),
-    Route("/dashboard/webhook-endpoints/{endpoint_id}/test", send_test_event, methods=["POST"]),
-    Route("/dashboard/assets/{version}/{name}", asset, methods=["GET"]),
+    Route("/dashboard", _signed_in_page(_images_page), methods=["GET"], include_in_schema=False),
+    Route("/dashboard/batches", _signed_in_page(_batches_page), methods=["GET"], include_in_schema=False),
+    Route("/dashboard/webhooks", _signed_in_page(_webhooks_page), methods=["GET"], include_in_schema=False),
+    Route("/dashboard/sign-in", sign_in_page, methods=["GET"], include_in_schema=False),
+    Route("/dashboard/sign-in", sign_in, methods=["POST"], include_in_schema=False),
+    Route("/dashboard/sign-out", sign_out, methods=["POST"], include_in_schema=False),
+    Route("/dashboard/events", events, methods=["GET"], include_in_schema=False),
+    Route("/dashboard/images", upload_image, methods=["POST"], include_in_schema=False),
+    Route("/dashboard/images/{image_id}/output", output, methods=["GET"], include_in_schema=False),
+    Route("/dashboard/batches/{batch_id}/archive", archive, methods=["GET"], include_in_schema=False),
+    Route("/dashboard/deliveries/{msg_id}/retry", retry_delivery, methods=["POST"], include_in_schema=False),
+    Route(
+        "/dashboard/webhook-endpoints/{endpoint_id}/test",
+        send_test_event,
+        methods=["POST"],
+        include_in_schema=False,
+    ),
+    Route("/dashboard/assets/{version}/{name}", asset, methods=["GET"], include_in_schema=False),
 ]

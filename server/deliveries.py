@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BeforeValidator, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -14,8 +14,8 @@ from jobs.params import FieldError
 from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
-from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
-from server.models import Hint
+from server.json_body import TIME_FORMAT_HINT, Rfc3339Time, read_json_object
+from server.models import Hint, StrictModel, checked_body
 from server.pagination import MessageCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem
 from server.query import BLANK_IS_ABSENT, BatchId, EndpointId, ImageId, query_of, takes_query
@@ -37,22 +37,17 @@ async def get_delivery(request: Request) -> Response:
     return JSONResponse((await _owned_message(request, account.id)).resource())
 
 
-def _canonical_time(value: object) -> object:
-    if value is None:
-        return None
-    time = canonical_time(value)
-    if time is None:
-        raise ValueError("not an RFC 3339 time")
-    return time
+QueryTime = Annotated[Rfc3339Time | None, BLANK_IS_ABSENT, Hint(TIME_FORMAT_HINT)]
 
 
-QueryTime = Annotated[
-    str | None,
-    BeforeValidator(_canonical_time),
-    BLANK_IS_ABSENT,
-    Hint(TIME_FORMAT_HINT),
-    Field(json_schema_extra={"format": "date-time"}),
-]
+class Redelivery(StrictModel):
+    """Which destinations a retry sends to."""
+
+    endpoint_id: Annotated[
+        EndpointId | None,
+        Hint("must be an endpoint id (ep_…), or null for every destination"),
+        Field(description="Only this endpoint (null or left out: every destination)"),
+    ] = None
 
 
 class DeliveryListQuery(PageQuery):
@@ -125,18 +120,12 @@ async def retry_delivery(request: Request) -> Response:
     left)."""
     account = await require_account(request)
     logged = await _owned_message(request, account.id)
-    body = await read_json_object(request, optional=True)
-    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"endpoint_id"})]
-    only = body.get("endpoint_id")
-    names = {delivery.destination for delivery in logged.deliveries}
-    if only is not None and not (isinstance(only, str) and is_id("ep", only)):
-        errors.append(
-            FieldError("endpoint_id", "must be an endpoint id (ep_…), or null for every destination")
-        )
-    elif only is not None and only not in names:
-        errors.append(FieldError("endpoint_id", "this message was not sent to that endpoint"))
-    if errors:
-        raise validation_problem(errors)
+    settings: Settings = request.app.state.settings
+    only = (
+        await checked_body(Redelivery, await read_json_object(request, optional=True), settings)
+    ).endpoint_id
+    if only is not None and only not in {delivery.destination for delivery in logged.deliveries}:
+        raise validation_problem([FieldError("endpoint_id", "this message was not sent to that endpoint")])
     store: Store = request.app.state.store
     chosen = [delivery for delivery in logged.deliveries if only in (None, delivery.destination)]
     refusals = {}

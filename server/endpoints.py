@@ -10,15 +10,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.ids import is_id, new_id
-from jobs.params import FieldError
 from jobs.records import Account
 from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
 from server.deliveries import accepted_message
-from server.json_body import TIME_FORMAT_HINT, canonical_time, read_json_object
+from server.json_body import Rfc3339Time, read_json_object
 from server.models import DestinationUrl, Hint, StrictModel, checked_body, refusal, without_defaults
-from server.problems import Problem, validation_problem
+from server.problems import Problem
 from server.request_log import request_id_of
 from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint, EndpointStatus
 from webhooks.messages import Destination, MessageFilter, new_message
@@ -82,6 +81,12 @@ class EndpointChanges(NewEndpoint):
         DestinationUrl, Field(description="Where deliveries are POSTed: http or https, public only")
     ] = ""
     status: Annotated[EndpointStatus, Hint("must be enabled or disabled")] = "enabled"
+
+
+class Recovery(StrictModel):
+    """Which of an endpoint's failed deliveries to send again."""
+
+    since: Annotated[Rfc3339Time, Field(description="Those of the messages made at or after this time")]
 
 
 async def _owned_endpoint(request: Request, account: Account) -> Endpoint:
@@ -197,14 +202,8 @@ async def recover_endpoint(request: Request) -> Response:
     """Redeliver every failed delivery to this endpoint of the messages created since `since`."""
     account = await require_account(request)
     endpoint = await _owned_endpoint(request, account)
-    body = await read_json_object(request)
-    since = canonical_time(body.get("since"))
-    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"since"})]
-    if since is None:
-        errors.append(FieldError("since", TIME_FORMAT_HINT))
-    if errors:
-        raise validation_problem(errors)
-    assert since is not None
+    settings: Settings = request.app.state.settings
+    since = (await checked_body(Recovery, await read_json_object(request), settings)).since
     if endpoint.status == "disabled":
         raise Problem(409, "endpoint_disabled", "the endpoint is disabled; enable it first")
     store: Store = request.app.state.store

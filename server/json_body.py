@@ -16,11 +16,13 @@ import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import BeforeValidator, WithJsonSchema
 from starlette.requests import Request
 
 from jobs.params import FieldError, ValidationFailed
+from server.models import Hint
 from server.problems import Problem, validation_problem
 from webhooks.messages import iso
 
@@ -162,6 +164,24 @@ async def read_json_object(request: Request, *, optional: bool = False) -> dict[
     if not isinstance(value, dict):
         raise Problem(422, "invalid_json", "the body must be a JSON object")
     return value
+
+
+def _rfc3339_time(value: object) -> object:
+    if value is None:
+        return None
+    time = canonical_time(value)
+    if time is None:
+        raise ValueError("not an RFC 3339 time")
+    return time
+
+
+# A time as models take it: given back in the resources' own form.
+Rfc3339Time = Annotated[
+    str,
+    BeforeValidator(_rfc3339_time),
+    Hint(TIME_FORMAT_HINT),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
 
 
 def canonical_time(value: object) -> str | None:

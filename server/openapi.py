@@ -14,7 +14,8 @@ from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
 from jobs.records import ArchiveSpec
 from server.batches import NewBatch
-from server.endpoints import EndpointChanges, NewEndpoint
+from server.deliveries import Redelivery
+from server.endpoints import EndpointChanges, NewEndpoint, Recovery
 from server.idempotency import MAX_KEY_LENGTH
 from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
@@ -754,18 +755,7 @@ def _webhook_paths() -> dict[str, Any]:
             "parameters": [_MSG_ID],
             "post": {
                 "summary": "Send the message again now (same webhook-id), to all its destinations or one",
-                "requestBody": {
-                    "required": False,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {"endpoint_id": {**_id("ep"), "type": ["string", "null"]}},
-                            }
-                        }
-                    },
-                },
+                "requestBody": {**_body("Redelivery"), "required": False},
                 "responses": {
                     "202": _json("Redelivery queued", _ref("Delivery")),
                     "404": _problem("No such message"),
@@ -844,18 +834,7 @@ def _webhook_paths() -> dict[str, Any]:
             "parameters": [_ENDPOINT_ID],
             "post": {
                 "summary": "Redeliver every failed delivery to this endpoint since a time",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["since"],
-                                "properties": {"since": _TIME},
-                            }
-                        }
-                    },
-                },
+                "requestBody": _body("Recovery"),
                 "responses": {
                     "202": _json("How many were redelivered", {"type": "object"}),
                     "409": _problem("Disabled"),
@@ -1005,6 +984,8 @@ _WEBHOOK_SCHEMAS: dict[str, Any] = {
         },
     },
     "WebhookSecret": {"type": "object", "properties": {"secret": {"type": "string", "pattern": "^whsec_"}}},
+    "Redelivery": _component(Redelivery),
+    "Recovery": _component(Recovery),
     "NewEndpoint": _component(NewEndpoint),
     "EndpointChanges": _component(EndpointChanges),
     "WebhookEndpoint": {

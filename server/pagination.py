@@ -23,6 +23,9 @@ class HasId(Protocol):
 Item = TypeVar("Item", bound=HasId)
 
 
+CURSOR_HINT = Hint("must be the next_cursor of a previous page")
+
+
 class PageQuery(QueryModel):
     """`?limit=&cursor=`, which every list takes; each list's model names the ids its cursor holds."""
 
@@ -30,10 +33,9 @@ class PageQuery(QueryModel):
         int, Field(ge=1, le=MAX_PAGE_SIZE, description="How many items a page holds"), ASCII_INTEGER
     ] = DEFAULT_PAGE_SIZE
     # The id of the last item of the previous page: ids sort by creation time (jobs.ids).
-    cursor: str | None = None
+    cursor: Annotated[str | None, CURSOR_HINT] = None
 
 
-CURSOR_HINT = Hint("must be the next_cursor of a previous page")
 _CURSOR_DESCRIPTION = Field(description="The previous page's next_cursor")
 ImageCursor = Annotated[ImageId | None, BLANK_IS_ABSENT, CURSOR_HINT, _CURSOR_DESCRIPTION]
 BatchCursor = Annotated[BatchId | None, BLANK_IS_ABSENT, CURSOR_HINT, _CURSOR_DESCRIPTION]

@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from jobs.ids import id_pattern
 from jobs.params import FieldError
+from server.json_body import MAX_REPORTED_VALUES
 from server.models import StrictModel, field_errors
 from server.problems import Problem, validation_problem
 
@@ -98,7 +99,9 @@ def parse_query(model: type[Model], query: QueryParams) -> Model:
     """`query` read into `model`, or a 422 naming every problem at once: `unknown_query_parameter` when a
     parameter is not the route's (a typo is the likeliest), else `validation_failed`."""
     known = model.model_fields
-    unknown = [] if model.model_config.get("extra") != "forbid" else sorted(set(query) - set(known))
+    strangers = [] if model.model_config.get("extra") != "forbid" else sorted(set(query) - set(known))
+    # Enough to fix a request: a URL of a thousand made-up names gets no problem a thousand long.
+    unknown = strangers[:MAX_REPORTED_VALUES]
     repeated = sorted(name for name in set(query) & set(known) if len(query.getlist(name)) > 1)
     errors = [FieldError(name, "unknown query parameter") for name in unknown]
     errors += [FieldError(name, "must be given at most once") for name in repeated]
@@ -112,7 +115,8 @@ def parse_query(model: type[Model], query: QueryParams) -> Model:
             return parsed
     if unknown:
         takes = ", ".join(known) or "none"
-        detail = f"this route takes no query parameter named {', '.join(unknown)} (it takes: {takes})"
+        more = f" and {len(strangers) - len(unknown)} more" if len(strangers) > len(unknown) else ""
+        detail = f"this route takes no query parameter named {', '.join(unknown)}{more} (it takes: {takes})"
         raise Problem(422, "unknown_query_parameter", detail, errors=errors)
     raise validation_problem(errors)
 

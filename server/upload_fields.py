@@ -16,7 +16,7 @@ from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
 from server.destinations import check_destination_url
 from server.json_body import InvalidJson, parse_json
-from server.models import component_ref, refusal, refusals
+from server.models import Hint, component_ref, refusal, refusals
 from server.multipart import MultipartUpload
 from server.problems import validation_problem
 
@@ -77,11 +77,13 @@ def _checked_metadata(raw: object) -> object:
 Operations = Annotated[
     list[dict[str, Any]],
     BeforeValidator(_parsed_operations),
+    Hint("must be a JSON array of operations"),
     WithJsonSchema({"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": component_ref("Operation")}),
 ]
 Metadata = Annotated[
     dict[str, Any],
     BeforeValidator(_checked_metadata),
+    Hint("must be a JSON object"),
     WithJsonSchema(
         {"type": "object", "description": f"Yours, echoed back: at most {MAX_METADATA_BYTES} bytes as JSON"}
     ),

@@ -45,6 +45,7 @@ from jobs.uploads import (
 from server.auth import require_account
 from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
+from server.models import Hint
 from server.problems import Problem, storage_full_problem
 from server.query import QueryModel, query_of, takes_query
 from server.request_log import request_id_of
@@ -231,11 +232,17 @@ def _not_pending_problem(image: ImageRecord) -> Problem:
     )
 
 
+_AS_GIVEN = Hint("must be as the upload URL gives it")
+
+
 class SignedUrlQuery(QueryModel):
     """An upload URL's signature; checked by the route, which answers 403 when it is not ours."""
 
-    expires: Annotated[str | None, Field(description="When the URL expires (Unix seconds), as signed")] = None
-    signature: Annotated[str | None, Field(description="The URL's signature, as given")] = None
+    # Any text is taken: one that is not the URL's own answers 403, as a wrong signature does.
+    expires: Annotated[
+        str | None, Field(description="When the URL expires (Unix seconds), as signed"), _AS_GIVEN
+    ] = None
+    signature: Annotated[str | None, Field(description="The URL's signature, as given"), _AS_GIVEN] = None
 
 
 class RedirectedSignedUrlQuery(SignedUrlQuery):

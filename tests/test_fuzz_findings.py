@@ -264,3 +264,17 @@ async def test_animated_output_of_a_still_picture_is_its_one_frame(
     result = pyvips.Image.new_from_buffer((await get_output(client, account, image["id"])).content, "", n=-1)
     expected_width = 32 if operations[0]["type"] == "resize" else 64
     assert (result.width, result.get("n-pages") if result.get_typeof("n-pages") else 1) == (expected_width, 1)
+
+
+async def test_a_batch_naming_a_url_by_anything_but_a_string_is_refused(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    """Found by the fuzzer once the body was a model: a callback_url of `true` met no message, a 500."""
+    response = await client.post(
+        "/v1/batches", headers=account.headers, json={"callback_url": True, "archive": -8.3e260}
+    )
+    problem = assert_problem(response, 422, "validation_failed")
+    assert problem["errors"] == [
+        {"field": "callback_url", "message": "must be a string"},
+        {"field": "archive", "message": "must be an object"},
+    ]

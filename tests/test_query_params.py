@@ -6,11 +6,13 @@ import re
 
 import httpx
 import pytest
+from pydantic import BaseModel
 from starlette.routing import Route
 
 from jobs.ids import new_id
 from jobs.settings import Settings
 from server.app import create_app
+from server.models import UNHINTED, StrictModel, hint
 from tests.conftest import Partner
 from tests.test_images_api import upload_many
 from tests.test_upload_validation import assert_problem
@@ -115,3 +117,31 @@ async def test_images_are_listed_by_batch_id_and_a_malformed_one_is_422(
     malformed = await client.get("/v1/images?batch_id=batch-1", headers=account.headers)
     problem = assert_problem(malformed, 422, "validation_failed", fields=["batch_id"])
     assert problem["errors"] == [{"field": "batch_id", "message": "must be a batch id (bat_…)"}]
+
+
+async def test_a_refusal_names_at_most_twenty_unknown_parameters(client: httpx.AsyncClient) -> None:
+    query = "&".join(f"p{number:03}=1" for number in range(500))
+    problem = assert_problem(await client.get(f"/healthz?{query}"), 422, "unknown_query_parameter")
+    assert [error["field"] for error in problem["errors"]] == [f"p{number:03}" for number in range(20)]
+    assert "p019 and 480 more" in problem["detail"]
+
+
+def every_model(base: type[BaseModel]) -> list[type[BaseModel]]:
+    found = []
+    for model in base.__subclasses__():
+        found += [model, *every_model(model)]
+    return found
+
+
+def test_every_field_of_every_model_tells_what_it_must_be() -> None:
+    """A refusal names what the field must be: by its Hint, or from its schema's choices or range."""
+    models = every_model(StrictModel)
+    expected = {"ImageListQuery", "VariantQuery", "NewBatch", "NewEndpoint", "Recovery", "Redelivery"}
+    assert {model.__name__ for model in models} >= expected
+    unhinted = [
+        f"{model.__name__}.{name}"
+        for model in models
+        for name in model.model_fields
+        if hint(model, name) == UNHINTED
+    ]
+    assert unhinted == []
