@@ -76,7 +76,6 @@ RECONNECT_MS = 500
 CONTENT_SECURITY_POLICY = "; ".join(
     (
         "default-src 'self'",
-        "img-src 'self' blob:",
         "object-src 'none'",
         "base-uri 'none'",
         "form-action 'self'",
