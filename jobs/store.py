@@ -135,17 +135,28 @@ return redis.call('GET', ARGV[1] .. account_id)
 """
 
 
-# KEYS[1] must hold ARGV[1]; then the commands that follow run, each as a word count and its words.
-_COMMIT_IF_HOLDS = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local at = 2
-while at <= #ARGV do
-  local count = tonumber(ARGV[at])
-  redis.call(unpack(ARGV, at + 1, at + count))
-  at = at + count + 1
+# A Lua function for scripts that apply commands staged in Python (Store.staged_commands): ARGV from
+# `first` on holds each command as its word count, then its words.
+APPLY_STAGED_LUA = """
+local function apply_staged(first)
+  local at = first
+  while at <= #ARGV do
+    local count = tonumber(ARGV[at])
+    redis.call(unpack(ARGV, at + 1, at + count))
+    at = at + count + 1
+  end
 end
+"""
+
+# KEYS[1] must hold ARGV[1]; then the staged commands run.
+_COMMIT_IF_HOLDS = (
+    APPLY_STAGED_LUA
+    + """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+apply_staged(2)
 return 1
 """
+)
 
 
 class Store:
@@ -282,11 +293,24 @@ class Store:
             return None
         return account
 
-    async def save_new_images(self, images: Sequence[ImageRecord], queue_name: str) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
+    def new_images_commands(self, images: Sequence[ImageRecord], queue_name: str) -> list[Any]:
+        """The commands that save new images and their jobs, staged for a script to apply at once with
+        a check of its own (the web's upload rate limit: counted and saved in one round trip)."""
+
+        def writes(pipe: Any) -> None:
             for image in images:
                 self.stage_new_image(pipe, image, queue_name)
-            await pipe.execute()
+
+        return self.staged_commands(writes)
+
+    def staged_commands(self, writes: Callable[[Any], object]) -> list[Any]:
+        """The commands `writes` stages on a pipeline, as APPLY_STAGED_LUA takes them."""
+        staged = self.redis.pipeline(transaction=False)  # only collects the commands; never executed
+        writes(staged)
+        args: list[Any] = []
+        for command, _options in staged.command_stack:
+            args += [len(command), *command]
+        return args
 
     def stage_new_image(self, pipe: Any, image: ImageRecord, queue_name: str) -> None:
         """A new image and its processing job, in one transaction: no `queued` image without a job."""
@@ -437,11 +461,7 @@ class Store:
     ) -> bool:
         """Run the commands `writes` stages, atomically, only if `key` still holds `expected`: the
         optimistic transaction of WATCH/GET/MULTI/EXEC in one round trip instead of three."""
-        staged = self.redis.pipeline(transaction=False)  # only collects the commands; never executed
-        writes(staged)
-        args: list[Any] = [expected]
-        for command, _options in staged.command_stack:
-            args += [len(command), *command]
+        args = [expected, *self.staged_commands(writes)]
         return bool(await self._commit_if_holds(keys=[key], args=args))
 
     async def delete_image(self, image: ImageRecord) -> None:

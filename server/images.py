@@ -260,12 +260,15 @@ async def record_new_images(
     """Save new image records and their jobs, into `batch` if any, each image counted against the
     account's upload rate limit; a batch sealed or full meanwhile is a 409 problem, and nothing was saved."""
     settings: Settings = request.app.state.settings
+    if batch is None:
+        store: Store = request.app.state.store
+        await count_uploads(
+            request, len(images), then_apply=store.new_images_commands(images, settings.queue_name)
+        )
+        return
     await count_uploads(request, len(images))
     try:
-        if batch is None:
-            await request.app.state.store.save_new_images(images, settings.queue_name)
-        else:
-            await batches_of(request).add_images(batch.id, images)
+        await batches_of(request).add_images(batch.id, images)
     except BatchClosed as exc:
         raise batch_closed_problem(exc.batch) from None
     except BatchFull:

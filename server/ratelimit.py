@@ -16,8 +16,9 @@ read); every image it creates takes one of `uploads`. What was found goes on the
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
 from starlette.requests import Request
@@ -25,32 +26,49 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.plans import Plan
 from jobs.records import Account
+from jobs.store import APPLY_STAGED_LUA
 from server.problems import Problem
 
 WINDOW_SECONDS = 60
 AllowanceName = Literal["requests", "uploads"]
 
-# KEYS[1] the allowance's TAT (epoch ms). ARGV: quota per window, window (ms), cost (units), and 1 to take
-# them or 0 only to ask whether they would be let through. Answers {let through (1/0), units left, ms
-# until the cost would be let through (0 if it is), ms until the allowance is whole again}.
-_GCRA = """
-local quota = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
-local interval = window / quota
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
-local tat = math.max(tonumber(redis.call('GET', KEYS[1])) or now, now)
-local after = tat + cost * interval
-local wait = after - now - window
-if wait > 0 then
-  return {0, math.floor((window - (tat - now)) / interval), math.ceil(wait), math.ceil(tat - now)}
+# gcra(key, quota, window, cost, take): the allowance's TAT (epoch ms) kept at `key`; a quota per window
+# (ms), a cost in units, and true to take them or false only to ask whether they would be let through. Answers
+# {let through (1/0), units left, ms until the cost would be let through (0 if it is), ms until the
+# allowance is whole again}.
+_GCRA_FUNCTION = """
+local function gcra(key, quota, window, cost, take)
+  local interval = window / quota
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
+  local tat = math.max(tonumber(redis.call('GET', key)) or now, now)
+  local after = tat + cost * interval
+  local wait = after - now - window
+  if wait > 0 then
+    return {0, math.floor((window - (tat - now)) / interval), math.ceil(wait), math.ceil(tat - now)}
+  end
+  if take then
+    redis.call('SET', key, string.format('%.3f', after), 'PX', math.ceil(after - now))
+  end
+  return {1, math.floor((window - (after - now)) / interval), 0, math.ceil(after - now)}
 end
-if ARGV[4] == '1' then
-  redis.call('SET', KEYS[1], string.format('%.3f', after), 'PX', math.ceil(after - now))
-end
-return {1, math.floor((window - (after - now)) / interval), 0, math.ceil(after - now)}
 """
+# KEYS[1] the allowance; ARGV: quota, window (ms), cost, and 1 to take or 0 to ask.
+_GCRA = (
+    _GCRA_FUNCTION
+    + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1')\n"
+)
+# Takes the cost as _GCRA does and, only if it was let through, applies the commands staged from ARGV[4]
+# on (Store.staged_commands) in the same atomic step.
+_GCRA_THEN_APPLY = (
+    _GCRA_FUNCTION
+    + APPLY_STAGED_LUA
+    + """
+local decided = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
+if decided[1] == 1 then apply_staged(4) end
+return decided
+"""
+)
 
 
 def allowance_key(account_id: str, name: AllowanceName) -> str:
@@ -79,18 +97,34 @@ class Allowance:
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._gcra = redis.register_script(_GCRA)
+        self._gcra_then_apply = redis.register_script(_GCRA_THEN_APPLY)
 
     async def check(
         self, account_id: str, name: AllowanceName, quota: int, cost: int = 1, *, take: bool = True
     ) -> Allowance:
         """Take `cost` units of the allowance if all of them are there (only ask, if not `take`)."""
-        let_through, remaining, wait_ms, whole_ms = await self._gcra(
+        answer = await self._gcra(
             keys=[allowance_key(account_id, name)],
             args=[quota, WINDOW_SECONDS * 1000, cost, int(take)],
         )
-        refused = not let_through
-        reset = max(1, _whole_seconds(wait_ms)) if refused else _whole_seconds(whole_ms)
-        return Allowance(name, quota, remaining, reset, refused)
+        return _allowance(name, quota, answer)
+
+    async def take_then_apply(
+        self, account_id: str, name: AllowanceName, quota: int, cost: int, commands: Sequence[Any]
+    ) -> Allowance:
+        """Take `cost` units as `check` does and, only if they were there, apply `commands` (staged by
+        Store.staged_commands) with them: one round trip, and never one without the other."""
+        answer = await self._gcra_then_apply(
+            keys=[allowance_key(account_id, name)], args=[quota, WINDOW_SECONDS * 1000, cost, *commands]
+        )
+        return _allowance(name, quota, answer)
+
+
+def _allowance(name: AllowanceName, quota: int, answer: Sequence[int]) -> Allowance:
+    let_through, remaining, wait_ms, whole_ms = answer
+    refused = not let_through
+    reset = max(1, _whole_seconds(wait_ms)) if refused else _whole_seconds(whole_ms)
+    return Allowance(name, quota, remaining, reset, refused)
 
 
 @dataclass
@@ -157,7 +191,7 @@ def _account_limits(request: Request) -> RequestLimits:
     return limits
 
 
-async def _check_uploads(request: Request, count: int, *, take: bool) -> None:
+async def _check_uploads(request: Request, count: int, *, take: bool, then_apply: Sequence[Any] = ()) -> None:
     limits = _account_limits(request)
     plan: Plan = limits.account.plan
     if count > plan.uploads_per_minute:
@@ -168,7 +202,14 @@ async def _check_uploads(request: Request, count: int, *, take: bool) -> None:
             "minute, so send them in smaller requests",
         )
     limiter: RateLimiter = request.app.state.rate_limiter
-    allowance = await limiter.check(limits.account.id, "uploads", plan.uploads_per_minute, count, take=take)
+    if then_apply:
+        allowance = await limiter.take_then_apply(
+            limits.account.id, "uploads", plan.uploads_per_minute, count, then_apply
+        )
+    else:
+        allowance = await limiter.check(
+            limits.account.id, "uploads", plan.uploads_per_minute, count, take=take
+        )
     if take or allowance.refused:
         limits.uploads = limits.shown = allowance
     if allowance.refused:
@@ -181,10 +222,12 @@ async def require_upload_room(request: Request) -> None:
     await _check_uploads(request, 1, take=False)
 
 
-async def count_uploads(request: Request, count: int) -> None:
+async def count_uploads(request: Request, count: int, then_apply: Sequence[Any] = ()) -> None:
     """Take `count` images from the account's upload allowance, all or none: 429 `rate_limited` when
-    they are not all there now, 422 `too_many_images` when they never would be."""
-    await _check_uploads(request, count, take=True)
+    they are not all there now, 422 `too_many_images` when they never would be. `then_apply`, commands
+    staged by Store.staged_commands (saving the images), run in the same step if the images are let
+    through, and only then: one round trip instead of two."""
+    await _check_uploads(request, count, take=True, then_apply=then_apply)
 
 
 class RateLimitHeaders:

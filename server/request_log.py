@@ -61,7 +61,10 @@ class RequestLogMiddleware:
             return
         started = time.perf_counter()
         request_id = _chosen_request_id(scope)
-        state = scope.setdefault("state", {})
+        # Each request gets its own copy of the lifespan state, as the ASGI spec asks of servers: uvicorn
+        # copies it, but asgi-lifespan (in-process tests) hands every request the same dict, where one
+        # request's id and account would show in another's log line.
+        state = scope["state"] = dict(scope.get("state", {}))
         state[REQUEST_ID_STATE] = request_id
         status = 500  # unless a response starts: an exception that escapes every handler
         bytes_in = bytes_out = 0

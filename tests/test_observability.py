@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import httpx
+import pytest
 from asgi_lifespan import LifespanManager
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
@@ -196,6 +198,19 @@ async def test_problems_name_the_request_id_in_body_and_header(
     too_large = await client.post("/v1/batches", headers=account.headers, content=b"[" * 70_000, params={})
     assert too_large.status_code == 413
     assert too_large.json()["request_id"] == too_large.headers["x-request-id"]
+
+
+async def test_each_request_line_names_its_own_account(
+    client: httpx.AsyncClient, account: Partner, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The in-process app (asgi-lifespan) hands every request the same lifespan-state dict: a request
+    without a key must not be logged under the previous request's account."""
+    with caplog.at_level(logging.INFO, logger="darkroom.web"):
+        await client.get("/v1/images", headers=account.headers)
+        await client.get("/v1/images")
+    with_key, without_key = (record for record in caplog.records if record.name == "darkroom.web")
+    assert (with_key.status, with_key.account_id) == (200, account.id)
+    assert (without_key.status, without_key.account_id) == (401, None)
 
 
 async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Settings) -> None:
