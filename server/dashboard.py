@@ -76,7 +76,6 @@ RECONNECT_MS = 500
 CONTENT_SECURITY_POLICY = "; ".join(
     (
         "default-src 'self'",
-        "img-src 'self' blob:",
         "object-src 'none'",
         "base-uri 'none'",
         "form-action 'self'",
@@ -207,7 +206,11 @@ def _sign_in_form(request: Request, error: str | None = None, status_code: int =
 
 async def sign_in(request: Request) -> Response:
     form = await request.form()
-    _check_csrf(str(form.get(CSRF_FIELD, "")), request.cookies.get(SIGN_IN_COOKIE, ""))
+    try:
+        _check_csrf(str(form.get(CSRF_FIELD, "")), request.cookies.get(SIGN_IN_COOKIE, ""))
+    except Problem:
+        # A form left open past its token's hour, or posted from another site: a fresh form, no session.
+        return _sign_in_form(request, "This sign-in form has expired; please sign in again.", 403)
     store: Store = request.app.state.store
     api_key = str(form.get("api_key", "")).strip()
     account = await store.authenticate(api_key) if api_key else None

@@ -71,6 +71,7 @@ Darkroom is running at {public_url}   (data in {settings.data_dir}; Ctrl-C stops
     curl -s {public_url}/v1/images -H "Authorization: Bearer {key}" \\
       -F file=@photo.jpg -F 'operations=[{{"type":"resize","params":{{"width":512}}}}]' \\
       -F callback_url=http://127.0.0.1:8787/
+  or open {public_url}/dashboard and sign in with the API key.
 """
 
 

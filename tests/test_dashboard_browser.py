@@ -161,6 +161,8 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     delivery_row.get_by_role("button", name="Retry").click()
     expect(delivery_row.locator(".attempts").first).to_have_text("2 attempts")
     assert [each.id for each in service.receiver.deliveries].count(message_id) == 2
+    delivery_row.locator("summary").first.click()
+    expect(delivery_row.locator(".attempt-list li")).to_have_count(2)
     assert any(each.event["type"] == "webhook.test" for each in service.receiver.deliveries)
     screenshot(page, screenshots, "deliveries")
 
