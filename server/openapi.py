@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -17,9 +17,10 @@ from server.batches import NewBatch
 from server.deliveries import Redelivery
 from server.endpoints import EndpointChanges, NewEndpoint, Recovery
 from server.idempotency import MAX_KEY_LENGTH
-from server.models import COMPONENT_REF, non_null
+from server.models import COMPONENT_REF, DestinationUrl, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
+from server.upload_fields import Metadata, Operations
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import DELIVERY_STATUSES
 
@@ -30,17 +31,23 @@ def _ref(name: str) -> dict[str, str]:
 
 def _component(model: type[BaseModel]) -> dict[str, Any]:
     """The schema `model` validates by, its fields that are components of this document as `$ref`s."""
+    schema: dict[str, Any] = _linked(model.model_json_schema())
+    return schema
 
-    def linked(schema: Any) -> Any:
-        if isinstance(schema, dict):
-            if COMPONENT_REF in schema:
-                return _ref(schema[COMPONENT_REF])
-            return {key: linked(value) for key, value in schema.items()}
-        if isinstance(schema, list):
-            return [linked(item) for item in schema]
-        return schema
 
-    schema: dict[str, Any] = linked(model.model_json_schema())
+def _field_schema(kind: Any) -> dict[str, Any]:
+    """The schema of a field type the models share (an operation chain, metadata)."""
+    schema: dict[str, Any] = _linked(TypeAdapter(kind).json_schema())
+    return schema
+
+
+def _linked(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        if COMPONENT_REF in schema:
+            return _ref(schema[COMPONENT_REF])
+        return {key: _linked(value) for key, value in schema.items()}
+    if isinstance(schema, list):
+        return [_linked(item) for item in schema]
     return schema
 
 
@@ -75,11 +82,12 @@ _BATCH_ID = {
     "type": "string",
     "description": "an open batch to join (its operations apply when none are given)",
 }
-# What every JSON body making or starting an image may say of its processing.
+# What every JSON body making or starting an image may say of its processing: the types NewBatch's fields
+# are validated by (these bodies are still read by server/upload_fields.py, as multipart forms are).
 _JSON_IMAGE_FIELDS: dict[str, Any] = {
-    "operations": {"type": "array", "maxItems": MAX_CHAIN_LENGTH, "items": _ref("Operation")},
-    "callback_url": {"type": "string", "format": "uri"},
-    "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
+    "operations": _field_schema(Operations),
+    "callback_url": _field_schema(DestinationUrl),
+    "metadata": _field_schema(Metadata),
 }
 
 

@@ -11,6 +11,7 @@ another service appends to) names a model with `extra="ignore"`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Annotated, Final, TypeVar
 
@@ -128,10 +129,18 @@ class _QueryGuard:
     def __init__(self, app: ASGIApp, model: type[QueryModel]) -> None:
         self.app = app
         self.model = model
+        # Most requests have no query: they share its one (frozen) reading, unless the route requires one.
+        self.without_query: QueryModel | None = None
+        with contextlib.suppress(Problem):
+            self.without_query = parse_query(model, QueryParams(""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            scope[_PARSED_KEY] = parse_query(self.model, QueryParams(scope["query_string"]))
+            query = scope["query_string"]
+            if query or self.without_query is None:
+                scope[_PARSED_KEY] = parse_query(self.model, QueryParams(query))
+            else:
+                scope[_PARSED_KEY] = self.without_query
         await self.app(scope, receive, send)
 
 
