@@ -64,8 +64,9 @@ from webhooks.transport import DeliveryClient
 log = logging.getLogger("darkroom.webhooks")
 
 SecretsLookup = Callable[[str], Awaitable[Sequence[str] | None]]
-# Extra commands for the transaction that records an attempt (e.g. counters), given the pipeline.
-AttemptHook = Callable[[object, Message, Attempt], None]
+# Extra commands for the transaction that records an attempt (e.g. counters), given the pipeline, and
+# the delivery as it was before the attempt (a delivery sent again keeps its earlier attempts).
+AttemptHook = Callable[[object, Message, Delivery, Attempt], None]
 NewId = Callable[[str], str]
 
 # Claim due deliveries, at most `room`, with a lease: their due score moves to the lease's end and
@@ -606,7 +607,7 @@ class Dispatcher:
             if announcement is not None:
                 self.messages.stage_new(pipe, announcement)
             if self.on_attempt is not None:
-                self.on_attempt(pipe, message, attempt)
+                self.on_attempt(pipe, message, delivery, attempt)
 
         await self._commit(stage)
         if announcement is not None:
