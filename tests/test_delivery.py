@@ -291,53 +291,12 @@ async def test_attempts_finishing_together_are_recorded_in_shared_transactions(
         assert logged is not None and logged.status == "delivered"
 
 
-async def test_an_attempt_whose_transaction_is_replayed_is_logged_once(
+async def test_an_attempt_whose_transaction_is_replayed_is_logged_and_counted_once(
     redis: Redis, account: Partner
 ) -> None:
     """A worker whose Redis connection died under EXEC sends the transaction again once Redis is back
-    (jobs/queue.py): if the first had been applied, the delivery log must still show the attempt once."""
-    store = Store(redis)
-    message = new_message(
-        new_id("msg"), account.id, "webhook.test", {}, [Destination(CALLBACK, "http://127.0.0.1:9/")]
-    )
-    await store.save_message(message)
-    delivery = Delivery(message.id, CALLBACK)
-    attempt = Attempt(
-        number=1,
-        at="2026-12-06T10:00:00.123Z",
-        status_code=500,
-        latency_ms=1.5,
-        response_excerpt="",
-        error=None,
-    )
-    for _ in range(2):
-        async with redis.pipeline(transaction=True) as pipe:
-            store.messages.stage_attempt(pipe, delivery, attempt, "pending", now_ms() + 60_000)
-            await pipe.execute()
-    later = Attempt(
-        number=2,
-        at="2026-12-06T10:01:00.456Z",
-        status_code=200,
-        latency_ms=1.0,
-        response_excerpt="",
-        error=None,
-    )
-    async with redis.pipeline(transaction=True) as pipe:
-        store.messages.stage_attempt(pipe, delivery, later, "delivered", None)
-        await pipe.execute()
-
-    logged = await store.messages.get_logged(message.id)
-    assert logged is not None
-    (recorded,) = logged.deliveries
-    assert [(each.number, each.status_code) for each in recorded.attempts] == [(1, 500), (2, 200)]
-    assert recorded.status == "delivered"
-
-
-async def test_an_attempt_whose_transaction_is_replayed_is_counted_once(
-    redis: Redis, account: Partner
-) -> None:
-    """What an attempt adds to /metrics moves with its record: the replayed transaction of
-    test_an_attempt_whose_transaction_is_replayed_is_logged_once counts it once, not twice."""
+    (jobs/queue.py): if the first had been applied, the delivery log must still show the attempt once,
+    and /metrics count it once."""
     store = Store(redis)
     message = new_message(
         new_id("msg"), account.id, "webhook.test", {}, [Destination(CALLBACK, "http://127.0.0.1:9/")]
@@ -359,7 +318,23 @@ async def test_an_attempt_whose_transaction_is_replayed_is_counted_once(
         async with redis.pipeline(transaction=True) as pipe:
             store.messages.stage_attempt(pipe, delivery, attempt, "pending", now_ms() + 60_000, counts)
             await pipe.execute()
+    later = Attempt(
+        number=2,
+        at="2026-12-06T10:01:00.456Z",
+        status_code=200,
+        latency_ms=1.0,
+        response_excerpt="",
+        error=None,
+    )
+    async with redis.pipeline(transaction=True) as pipe:
+        store.messages.stage_attempt(pipe, delivery, later, "delivered", None)
+        await pipe.execute()
 
+    logged = await store.messages.get_logged(message.id)
+    assert logged is not None
+    (recorded,) = logged.deliveries
+    assert [(each.number, each.status_code) for each in recorded.attempts] == [(1, 500), (2, 200)]
+    assert recorded.status == "delivered"
     assert (await stats.read(redis))["webhook_attempts:failed"] == 1
     attempt_seconds = (await stats.read_histograms(redis))[stats.WEBHOOK_ATTEMPT]
     assert attempt_seconds.buckets[-1] == (math.inf, 1)
