@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 
@@ -42,31 +43,48 @@ UNMATCHED_ROUTE = "unmatched"
 REQUEST_COUNTS_FLUSH_SECONDS = 1.0
 
 
+# Adds ARGV's (field, amount) pairs to the counters hash KEYS[2], unless the flush named by KEYS[1] was
+# applied already: a flush whose reply was lost is sent again as it was, and counts once.
+_APPLY_FLUSH = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+FLUSH_MARKER_PREFIX = "dr:stats:flush:"
+# How long Redis remembers an applied flush: far longer than a web process keeps sending one again.
+FLUSH_MARKER_TTL_MS = 600_000
+
+
 class RequestCounts:
     """The requests this web process answered and has not yet added to Redis. Counted in memory, so a
     request never waits for Redis (nor for one that hangs) to be counted, and a second of requests costs
-    one transaction."""
+    one round trip."""
 
     def __init__(self) -> None:
         self._unsent: Counter[str] = Counter()
+        # Sent, with no answer (Redis failed, or stalled past the timeout and may yet apply it): sent
+        # again as it was, under its token, before anything newer.
+        self._unconfirmed: tuple[str, Counter[str]] | None = None
 
     def count(self, method: str, route: str | None, status: int) -> None:
         method = method if method in _COUNTED_METHODS else "OTHER"
         self._unsent[f"requests:{method}|{route or UNMATCHED_ROUTE}|{status}"] += 1
 
     async def flush(self, redis: Redis) -> None:
-        """Add the unsent counts to Redis, all or none: if Redis fails, they wait for the next flush."""
-        sending, self._unsent = self._unsent, Counter()
-        if not sending:
-            return
-        try:
-            async with redis.pipeline(transaction=True) as pipe:
-                for field, amount in sending.items():
-                    stats.count(pipe, field, amount)
-                await pipe.execute()
-        except BaseException:
-            self._unsent.update(sending)
-            raise
+        """Add the unsent counts to Redis, each once: if Redis fails, they wait for the next flush."""
+        if self._unconfirmed is not None:
+            await self._send(redis, *self._unconfirmed)
+        if self._unsent:
+            self._unconfirmed, self._unsent = (secrets.token_hex(8), self._unsent), Counter()
+            await self._send(redis, *self._unconfirmed)
+
+    async def _send(self, redis: Redis, token: str, sending: Counter[str]) -> None:
+        pairs = [part for field, amount in sending.items() for part in (field, str(amount))]
+        marker = FLUSH_MARKER_PREFIX + token
+        await redis.eval(_APPLY_FLUSH, 2, marker, stats.STATS_KEY, str(FLUSH_MARKER_TTL_MS), *pairs)  # type: ignore[misc]
+        # Unless a flush beside this one (/metrics asking) confirmed it first and went on to newer counts.
+        if self._unconfirmed is not None and self._unconfirmed[0] == token:
+            self._unconfirmed = None
 
 
 @contextlib.asynccontextmanager

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from typing import Any
 
 import httpx
@@ -10,14 +12,19 @@ import pytest
 from asgi_lifespan import LifespanManager
 from openapi_spec_validator import validate
 from prometheus_client.parser import text_string_to_metric_families
+from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from jobs import stats
 from jobs.ids import is_id
 from jobs.ops.geometry import ResizeParams
 from jobs.settings import Settings
 from server.app import create_app
+from server.embedded_redis import EmbeddedRedis
+from server.metrics import RequestCounts
 from tests import imagegen
 from tests.conftest import Partner, run_burst
 from tests.receiver import Receiver
@@ -102,6 +109,29 @@ async def test_a_message_sent_again_is_not_observed_again_from_its_upload(
     samples = parsed_metrics((await client.get("/metrics")).text)
     assert samples[sample("darkroom_webhook_attempt_seconds_count")] == 2
     assert samples[sample("darkroom_upload_to_webhook_seconds_count")] == 1
+
+
+async def test_requests_counted_while_redis_stalled_are_counted_once() -> None:
+    """A Redis that stalls past the web's timeout (a fork on a big dataset, a paused VM) still applies
+    the counts sent to it when it wakes: the web, which saw a timeout, sends them again, and they must
+    not count twice."""
+    with EmbeddedRedis(None) as server:
+        stalled = Redis.from_url(server.url, socket_timeout=0.5)
+        probe = Redis.from_url(server.url)
+        pid = int((await probe.info("server"))["process_id"])
+        counts = RequestCounts()
+        counts.count("GET", "/v1/images", 200)
+        await stalled.ping()  # connected: the counts themselves are sent into the stall
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(RedisTimeoutError):
+                await counts.flush(stalled)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        await counts.flush(stalled)
+        assert await stats.read(probe) == {"requests:GET|/v1/images|200": 1}
+        await stalled.aclose()
+        await probe.aclose()
 
 
 async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient) -> None:
