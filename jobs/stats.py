@@ -17,7 +17,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from jobs.records import ImageRecord, epoch_ms
-from webhooks.messages import Attempt, Message, now_ms
+from webhooks.messages import Attempt, AttemptCounts, Delivery, Message, now_ms
 
 STATS_KEY = "dr:stats"
 # Each histogram's observations by bucket (`<name>:<upper bound>`, not cumulative) and their sum.
@@ -90,13 +90,15 @@ def observe_job(pipe: Any, image: ImageRecord, render_seconds: float | None) -> 
         observe(pipe, RENDER, render_seconds)
 
 
-def count_attempt(pipe: Any, message: Message, attempt: Attempt) -> None:
-    count(pipe, f"webhook_attempts:{'delivered' if attempt.succeeded else 'failed'}")
+def count_attempt(counts: AttemptCounts, message: Message, delivery: Delivery, attempt: Attempt) -> None:
+    count(counts, f"webhook_attempts:{'delivered' if attempt.succeeded else 'failed'}")
     if attempt.url is not None:  # a request was sent (a refusal sends none)
-        observe(pipe, WEBHOOK_ATTEMPT, attempt.latency_ms / 1000)
-    if attempt.succeeded and message.event_type in IMAGE_EVENTS:
+        observe(counts, WEBHOOK_ATTEMPT, attempt.latency_ms / 1000)
+    # A delivery sent again on request after it succeeded says nothing of how long the upload took.
+    first_success = attempt.succeeded and not any(earlier.succeeded for earlier in delivery.attempts)
+    if first_success and message.event_type in IMAGE_EVENTS:
         uploaded = json.loads(message.body)["data"]["created_at"]
-        observe(pipe, UPLOAD_TO_WEBHOOK, (now_ms() - epoch_ms(uploaded)) / 1000)
+        observe(counts, UPLOAD_TO_WEBHOOK, (now_ms() - epoch_ms(uploaded)) / 1000)
 
 
 async def read(redis: Redis) -> dict[str, int]:

@@ -253,44 +253,61 @@ def _signed_in_page(page: Page) -> Callable[[Request], Awaitable[Response]]:
     return route
 
 
-async def _image_rows(request: Request, account: Account) -> str:
+Rows = list[dict[str, Any]]
+
+
+async def _images(request: Request, account: Account) -> Rows:
     store: Store = request.app.state.store
     public_url = request.app.state.settings.public_url
-    found = await store.list_images(account.id, limit=TABLE_ROWS)
-    return _fragment("image_rows.html", images=[image.resource(public_url) for image in found])
+    return [image.resource(public_url) for image in await store.list_images(account.id, limit=TABLE_ROWS)]
 
 
-async def _batch_rows(request: Request, account: Account) -> str:
+async def _batches(request: Request, account: Account) -> Rows:
     public_url = request.app.state.settings.public_url
     found = await batches_of(request).list_for_account(account.id, limit=TABLE_ROWS)
-    return _fragment("batch_rows.html", batches=[batch.resource(public_url) for batch in found])
+    return [batch.resource(public_url) for batch in found]
 
 
-async def _delivery_rows(request: Request, account: Account) -> str:
+async def _deliveries(request: Request, account: Account) -> Rows:
     store: Store = request.app.state.store
     found = await store.messages.list_for_account(
         account.id, limit=TABLE_ROWS, before=None, where=MessageFilter()
     )
-    return _fragment("delivery_rows.html", deliveries=[logged.resource() for logged in found])
+    return [logged.resource() for logged in found]
 
 
-_TABLES = {"images": _image_rows, "batches": _batch_rows, "deliveries": _delivery_rows}
+@dataclass(frozen=True)
+class _Table:
+    """One of the account's tables: how its rows (the API's resources) are read, and their template."""
+
+    read: Callable[[Request, Account], Awaitable[Rows]]
+    template: str
+
+    async def html(self, request: Request, account: Account) -> str:
+        return _fragment(self.template, rows=await self.read(request, account))
+
+
+_TABLES = {
+    "images": _Table(_images, "image_rows.html"),
+    "batches": _Table(_batches, "batch_rows.html"),
+    "deliveries": _Table(_deliveries, "delivery_rows.html"),
+}
 
 
 async def _images_page(request: Request, session: Session) -> Response:
-    rows = await _image_rows(request, session.account)
+    rows = await _TABLES["images"].html(request, session.account)
     return _page(request, "images.html", session=session, rows=rows, current="images", table="images")
 
 
 async def _batches_page(request: Request, session: Session) -> Response:
-    rows = await _batch_rows(request, session.account)
+    rows = await _TABLES["batches"].html(request, session.account)
     return _page(request, "batches.html", session=session, rows=rows, current="batches", table="batches")
 
 
 async def _webhooks_page(request: Request, session: Session) -> Response:
     store: Store = request.app.state.store
     found = await store.endpoints.list_for_account(session.account.id)
-    rows = await _delivery_rows(request, session.account)
+    rows = await _TABLES["deliveries"].html(request, session.account)
     return _page(
         request,
         "webhooks.html",
@@ -312,7 +329,7 @@ async def events(request: Request) -> Response:
     sent when the stream starts and whenever it changes, until the session ends."""
     session = await _require_session(request)
     table = query_of(request, EventsQuery).table
-    render = _TABLES[table]
+    shown = _TABLES[table]
     redis: Redis = request.app.state.redis
 
     async def stream() -> AsyncIterator[str]:
@@ -321,9 +338,11 @@ async def events(request: Request) -> Response:
         loop = asyncio.get_running_loop()
         ends = loop.time() + STREAM_SECONDS
         while loop.time() < ends and await redis.exists(_session_key(session.id)):
-            html = await render(request, session.account)
-            if html != sent:
-                sent = html
+            rows = await shown.read(request, session.account)
+            # Rendered only when the rows changed: comparing them costs a small part of rendering them.
+            if rows != sent:
+                sent = rows
+                html = _fragment(shown.template, rows=rows)
                 data = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
                 yield f"event: {table}\n{data}\n"
             await asyncio.sleep(POLL_SECONDS)
@@ -355,7 +374,7 @@ async def archive(request: Request) -> Response:
 async def retry_delivery(request: Request) -> Response:
     await _require_changing_session(request)
     retried = await deliveries.retry_delivery(request)
-    return HTMLResponse(_fragment("delivery_rows.html", deliveries=[json.loads(bytes(retried.body))]))
+    return HTMLResponse(_fragment("delivery_rows.html", rows=[json.loads(bytes(retried.body))]))
 
 
 async def send_test_event(request: Request) -> Response:

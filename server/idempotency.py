@@ -12,7 +12,9 @@ never held in memory here), hashed on the way.
 
 What is not kept frees the key, so the client may send the request again: a response of ours that
 failed (5xx), one refused before it was the account's to keep (401, 429) or before its body was taken
-(408, 413, 415) or answered before a body over 64 KB was read (an upload refused before its bytes
+(408, 413, 415), a conflict with the state of what it acts on (409: an upload's bytes not landed yet,
+an attempt under way; nothing was done, and the same request is to be sent again once that changes),
+or answered before a body over 64 KB was read (an upload refused before its bytes
 came), a request whose client went away before its body arrived, and a response body over
 MAX_STORED_BODY_BYTES (larger than any POST of ours answers: 50 images' resources are ~250 KB).
 """
@@ -48,7 +50,7 @@ MAX_UNREAD_BODY_BYTES = 64 * 1024
 IN_USE_RETRY_AFTER_SECONDS = 1
 REPLAYED_HEADER = (b"idempotent-replayed", b"true")
 # Statuses below 500 that are not kept (see the module's docstring).
-_NOT_KEPT = frozenset({401, 408, 413, 415, 429})
+_NOT_KEPT = frozenset({401, 408, 409, 413, 415, 429})
 # Headers that describe this one response, not the resource: a replay gets its own.
 _PER_RESPONSE_HEADERS = frozenset({b"date", b"server", b"x-request-id", b"retry-after"})
 _PER_RESPONSE_PREFIXES = (b"ratelimit", b"x-ratelimit")

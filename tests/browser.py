@@ -14,7 +14,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from playwright.sync_api import ConsoleMessage, Page, Request, Route, sync_playwright
+from playwright.sync_api import ConsoleMessage, Page, Request, Route, expect, sync_playwright
 
 CHROMIUM = shutil.which("chromium")
 # Quiet: no updates, syncing or other background traffic of the browser's own.
@@ -73,6 +73,8 @@ def browse(base_url: str, profile: Path) -> Iterator[Browsing]:
         )
         try:
             context.set_default_timeout(UI_TIMEOUT_MS)
+            # expect()'s own default is 5 s: short for a page waiting on a worker on a loaded machine.
+            expect.set_options(timeout=UI_TIMEOUT_MS)
             context.route("**/*", only_the_server)
             page = context.new_page()
             page.on("console", note_error)

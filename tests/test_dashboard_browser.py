@@ -71,12 +71,20 @@ def browsing(service: Service, tmp_path: Path) -> Iterator[Browsing]:
         yield browsing
 
 
+def open_tab(page: Page, service: Service, name: str, path: str) -> None:
+    """Follow the navigation link, and wait for the page's scripts (htmx) to have set it up."""
+    page.get_by_role("link", name=name).click()
+    expect(page).to_have_url(f"{service.base_url}{path}")
+    page.wait_for_load_state()
+
+
 def sign_in(page: Page, service: Service) -> None:
     page.goto(f"{service.base_url}/dashboard")
     expect(page).to_have_url(f"{service.base_url}/dashboard/sign-in")
     page.get_by_label("API key").fill(service.partner.api_key)
     page.get_by_role("button", name="Sign in").click()
     expect(page).to_have_url(f"{service.base_url}/dashboard")
+    page.wait_for_load_state()
 
 
 def drop_file(page: Page, selector: str, name: str, data: bytes, media_type: str) -> None:
@@ -139,7 +147,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
         )
         assert added.status_code == 202, added.text
         assert http.post(f"/v1/batches/{batch['id']}/seal").status_code == 200
-    page.get_by_role("link", name="Batches").click()
+    open_tab(page, service, "Batches", "/dashboard/batches")
     batch_row = page.locator(f"tr#{batch['id']}")
     expect(batch_row.locator(".badge").first).to_have_text("completed")
     download = batch_row.get_by_role("link", name="Download ZIP")
@@ -150,7 +158,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
 
     # The image's webhook reached the receiver; Send test and Retry send again, from the page.
     service.receiver.wait_for(1, WEBHOOK_TIMEOUT)
-    page.get_by_role("link", name="Webhooks").click()
+    open_tab(page, service, "Webhooks", "/dashboard/webhooks")
     page.get_by_role("button", name="Send test").click()
     expect(page.locator("#flash")).to_contain_text("A test event")
     test_row = page.locator("#delivery-rows tr", has_text="webhook.test")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from redis.asyncio import Redis
 
-from jobs import processing, worker
+from jobs import processing, stats, worker
 from jobs.deps import WorkerDeps
 from jobs.ids import lowest_id_at, new_id
 from jobs.queue import process_job_id
@@ -24,6 +25,7 @@ from webhooks.dispatcher import Dispatcher, RetryPolicy
 from webhooks.messages import (
     CALLBACK,
     Attempt,
+    AttemptCounts,
     Delivery,
     Destination,
     Message,
@@ -289,11 +291,12 @@ async def test_attempts_finishing_together_are_recorded_in_shared_transactions(
         assert logged is not None and logged.status == "delivered"
 
 
-async def test_an_attempt_whose_transaction_is_replayed_is_logged_once(
+async def test_an_attempt_whose_transaction_is_replayed_is_logged_and_counted_once(
     redis: Redis, account: Partner
 ) -> None:
     """A worker whose Redis connection died under EXEC sends the transaction again once Redis is back
-    (jobs/queue.py): if the first had been applied, the delivery log must still show the attempt once."""
+    (jobs/queue.py): if the first had been applied, the delivery log must still show the attempt once,
+    and /metrics count it once."""
     store = Store(redis)
     message = new_message(
         new_id("msg"), account.id, "webhook.test", {}, [Destination(CALLBACK, "http://127.0.0.1:9/")]
@@ -304,13 +307,16 @@ async def test_an_attempt_whose_transaction_is_replayed_is_logged_once(
         number=1,
         at="2026-12-06T10:00:00.123Z",
         status_code=500,
-        latency_ms=1.5,
+        latency_ms=1500.0,
         response_excerpt="",
         error=None,
+        url="http://127.0.0.1:9/",
     )
+    counts = AttemptCounts()
+    stats.count_attempt(counts, message, delivery, attempt)
     for _ in range(2):
         async with redis.pipeline(transaction=True) as pipe:
-            store.messages.stage_attempt(pipe, delivery, attempt, "pending", now_ms() + 60_000)
+            store.messages.stage_attempt(pipe, delivery, attempt, "pending", now_ms() + 60_000, counts)
             await pipe.execute()
     later = Attempt(
         number=2,
@@ -329,3 +335,7 @@ async def test_an_attempt_whose_transaction_is_replayed_is_logged_once(
     (recorded,) = logged.deliveries
     assert [(each.number, each.status_code) for each in recorded.attempts] == [(1, 500), (2, 200)]
     assert recorded.status == "delivered"
+    assert (await stats.read(redis))["webhook_attempts:failed"] == 1
+    attempt_seconds = (await stats.read_histograms(redis))[stats.WEBHOOK_ATTEMPT]
+    assert attempt_seconds.buckets[-1] == (math.inf, 1)
+    assert attempt_seconds.sum == 1.5

@@ -99,6 +99,28 @@ async def test_create_then_put_processes_and_announces_the_result(
     assert original.content == photo
 
 
+async def test_a_start_refused_before_the_bytes_landed_runs_when_sent_again_with_its_key(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    """409 upload_not_received asks for the same request again once the bytes are in: sent again with
+    its Idempotency-Key (as every retry of the client is), it runs then, not a replay of the refusal."""
+    photo = imagegen.jpeg(64, 48)
+    created = await create_upload(client, account, photo)
+    start = {"upload_id": created["id"], "operations": RESIZE_TO_32_PNG}
+    keyed = {**account.headers, "Idempotency-Key": f"start-{created['id']}"}
+
+    assert_problem(await client.post("/v1/images", headers=keyed, json=start), 409, "upload_not_received")
+    assert (await put_bytes(client, created, photo)).status_code == 200
+    started = await client.post("/v1/images", headers=keyed, json=start)
+
+    assert started.status_code == 202, started.text
+    assert "idempotent-replayed" not in started.headers
+    assert started.json()["upload"]["status"] == "started"
+    again = await client.post("/v1/images", headers=keyed, json=start)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == started.json()
+
+
 async def test_upload_first_then_choose_operations_at_post_images(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver, redis: Redis
 ) -> None:

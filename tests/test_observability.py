@@ -86,6 +86,24 @@ async def test_latency_histograms_move_after_one_upload_is_delivered(
     assert delivery.answered == 200
 
 
+async def test_a_message_sent_again_is_not_observed_again_from_its_upload(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receiver: Receiver
+) -> None:
+    """Upload-to-webhook counts each destination's first 2xx: a retry of a delivered message (the
+    receiver lost it) is an attempt, not an upload delivered once more, however late it is asked."""
+    await upload(client, account, imagegen.jpeg(), callback_url=receiver.url)
+    await run_burst(settings)
+    (delivery,) = receiver.deliveries
+    retried = await client.post(f"/v1/deliveries/{delivery.id}/retry", headers=account.headers)
+    assert retried.status_code == 202, retried.text
+    await run_burst(settings)
+    assert len(receiver.deliveries) == 2
+
+    samples = parsed_metrics((await client.get("/metrics")).text)
+    assert samples[sample("darkroom_webhook_attempt_seconds_count")] == 2
+    assert samples[sample("darkroom_upload_to_webhook_seconds_count")] == 1
+
+
 async def test_openapi_publishes_the_operation_schemas(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.1")

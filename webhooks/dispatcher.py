@@ -48,6 +48,7 @@ from webhooks.messages import (
     LEASES_KEY,
     WAKE_CHANNEL,
     Attempt,
+    AttemptCounts,
     Delivery,
     DeliveryStatus,
     Message,
@@ -64,8 +65,9 @@ from webhooks.transport import DeliveryClient
 log = logging.getLogger("darkroom.webhooks")
 
 SecretsLookup = Callable[[str], Awaitable[Sequence[str] | None]]
-# Extra commands for the transaction that records an attempt (e.g. counters), given the pipeline.
-AttemptHook = Callable[[object, Message, Attempt], None]
+# Counts an attempt moves (jobs/stats.py), added to the AttemptCounts given; with the delivery as it was
+# before the attempt (a delivery sent again keeps its earlier attempts).
+AttemptHook = Callable[[AttemptCounts, Message, Delivery, Attempt], None]
 NewId = Callable[[str], str]
 
 # Claim due deliveries, at most `room`, with a lease: their due score moves to the lease's end and
@@ -596,8 +598,12 @@ class Dispatcher:
         ):
             announcement = await self._disabled_announcement(endpoint, disable_reason)
 
+        counts = AttemptCounts()
+        if self.on_attempt is not None:
+            self.on_attempt(counts, message, delivery, attempt)
+
         def stage(pipe: Any) -> None:
-            self.messages.stage_attempt(pipe, delivery, attempt, status, next_at)
+            self.messages.stage_attempt(pipe, delivery, attempt, status, next_at, counts)
             # The failure record changes only when the run of failures starts or ends.
             if endpoint is not None and attempt.succeeded and endpoint.failing_since_ms is not None:
                 EndpointStore.stage_success(pipe, endpoint.id)
@@ -605,8 +611,6 @@ class Dispatcher:
                 EndpointStore.stage_failure(pipe, endpoint.id, now_ms())
             if announcement is not None:
                 self.messages.stage_new(pipe, announcement)
-            if self.on_attempt is not None:
-                self.on_attempt(pipe, message, attempt)
 
         await self._commit(stage)
         if announcement is not None:

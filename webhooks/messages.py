@@ -137,6 +137,32 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class HashIncrement:
+    hash_key: str
+    field: str
+    amount: int | float
+
+    def arguments(self) -> tuple[str, str, str]:
+        kind = "float" if isinstance(self.amount, float) else "int"
+        return kind, self.field, repr(self.amount)
+
+
+@dataclass
+class AttemptCounts:
+    """Counters an attempt moves (the service's metrics), taken as a pipeline's HINCRBY and HINCRBYFLOAT
+    and applied by the script that records the attempt, only when it records it: a transaction sent again
+    after its reply was lost (the worker's pool does that) records the attempt once, and counts it once."""
+
+    increments: list[HashIncrement] = field(default_factory=list)
+
+    def hincrby(self, name: str, key: str, amount: int = 1) -> None:
+        self.increments.append(HashIncrement(name, key, amount))
+
+    def hincrbyfloat(self, name: str, key: str, amount: float) -> None:
+        self.increments.append(HashIncrement(name, key, float(amount)))
+
+
+@dataclass(frozen=True)
 class Destination:
     """Where a message goes: `name` is CALLBACK or an endpoint id; `url` as it was when the event
     happened (an endpoint's attempts use its current URL). `disabled_reason` is set for an endpoint that
@@ -313,6 +339,12 @@ local last = record['attempts'][#record['attempts']]
 if not (last and last['at'] == attempt['at']) then
   attempt['number'] = #record['attempts'] + 1
   table.insert(record['attempts'], attempt)
+  -- Its counts (AttemptCounts) move with it, so they too are counted once.
+  for i = 4, #KEYS do
+    local at = 7 + (i - 4) * 3
+    local increment = ARGV[at] == 'float' and 'HINCRBYFLOAT' or 'HINCRBY'
+    redis.call(increment, KEYS[i], ARGV[at + 1], ARGV[at + 2])
+  end
 end
 record['status'] = status
 redis.call('SET', KEYS[1], cjson.encode(record), 'EX', ARGV[6])
@@ -417,22 +449,32 @@ class MessageStore:
         pipe.publish(WAKE_CHANNEL, message.id)
 
     def stage_attempt(
-        self, pipe: Any, delivery: Delivery, attempt: Attempt, status: DeliveryStatus, next_at: int | None
+        self,
+        pipe: Any,
+        delivery: Delivery,
+        attempt: Attempt,
+        status: DeliveryStatus,
+        next_at: int | None,
+        counts: AttemptCounts | None = None,
     ) -> None:
-        """Record an attempt and what follows it (see _RECORD_ATTEMPT) in a caller's transaction."""
+        """Record an attempt and what follows it (see _RECORD_ATTEMPT) in a caller's transaction, and
+        apply `counts` with it."""
         member = due_member(delivery.msg_id, delivery.destination)
+        increments = [] if counts is None else counts.increments
         pipe.eval(
             _RECORD_ATTEMPT,
-            3,
+            3 + len(increments),
             delivery_key(delivery.msg_id, delivery.destination),
             DUE_KEY,
             LEASES_KEY,
+            *(increment.hash_key for increment in increments),
             member,
             delivery.destination,
             attempt.to_json(),
             status,
             "" if next_at is None else str(next_at),
             str(self.retention_seconds),
+            *(part for increment in increments for part in increment.arguments()),
         )
 
     def stage_redeliver(self, pipe: Any, deliveries: Sequence[Delivery]) -> None:
