@@ -12,6 +12,7 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 from darkroom_client import cli as client_cli
+from redis.exceptions import RedisError
 
 from jobs.plans import DEFAULT_TIER, PLAN_NUMBERS, TIERS, Plan, plan_with
 from jobs.records import Account
@@ -217,6 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"darkroom: {exc}", file=sys.stderr)
         return 2
+    except RedisError as exc:  # `accounts`: a sentence for an operator, not a traceback
+        print(f"darkroom: cannot reach Redis ({exc})", file=sys.stderr)
+        return 1
     return code
 
 

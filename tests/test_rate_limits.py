@@ -245,6 +245,20 @@ def test_accounts_create_update_and_show_set_the_plan(
     assert "must be 1 or more" in capsys.readouterr().err
 
 
+def test_accounts_commands_say_redis_is_unreachable_in_one_line(
+    unused_tcp_port: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{unused_tcp_port}/0")
+    for command in (
+        ("create", "--name", "acme"),
+        ("show", "acc_nobody"),
+        ("update", "acc_nobody", "--share", "2"),
+    ):
+        code, out, err = run_cli(capsys, "accounts", *command)
+        assert (code, out) == (1, ""), command
+        assert err.startswith("darkroom: cannot reach Redis") and err.count("\n") == 1, err
+
+
 async def test_a_changed_plan_applies_from_the_next_request(
     client: httpx.AsyncClient, account: Partner, settings: Settings, redis: object
 ) -> None:
