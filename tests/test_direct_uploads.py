@@ -4,6 +4,7 @@ upload-first flow that chooses operations at `POST /v1/images`; refused, expired
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -125,6 +126,24 @@ async def test_a_direct_uploads_queue_wait_starts_when_it_is_handed_to_processin
     samples = parsed_metrics((await client.get("/metrics")).text)
     assert samples[sample("darkroom_queue_wait_seconds_count")] == 1
     assert samples[sample("darkroom_queue_wait_seconds_bucket", le="60.0")] == 1
+
+
+async def test_an_upload_declared_before_an_upgrade_still_lands(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    """A record written by the version before (without the fields added since) is the same upload: its
+    bytes, sent after the deploy, land."""
+    photo = imagegen.jpeg(64, 48)
+    created = await create_upload(client, account, photo, operations=[])
+    key = image_key(created["image"]["id"])
+    record = json.loads(await redis.get(key))
+    older = {name: value for name, value in record.items() if name not in ("request_id", "queued_at")}
+    await redis.set(key, json.dumps(older, separators=(",", ":")))
+
+    landed = await put_bytes(client, created, photo)
+
+    assert landed.status_code == 200, landed.text
+    assert landed.json()["upload"]["status"] == "started"
 
 
 async def test_a_start_refused_before_the_bytes_landed_runs_when_sent_again_with_its_key(
