@@ -154,6 +154,9 @@ class ImageRecord:
     source_url: str | None = None
     # The X-Request-Id of the request that created it: the worker's and dispatcher's log lines carry it.
     request_id: str | None = None
+    # When its job was queued, for a direct upload (once its bytes landed, or its start was asked for):
+    # its wait in our queue starts then, not when the partner declared it. None: at `created_at`.
+    queued_at: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -161,10 +164,10 @@ class ImageRecord:
 
     @property
     def queue_wait_ms(self) -> float | None:
-        """From the upload to the start of its processing (the last start, for a job run again)."""
+        """From its job's queueing to the start of its processing (the last start, for a job run again)."""
         if self.started_at is None:
             return None
-        return float(epoch_ms(self.started_at) - epoch_ms(self.created_at))
+        return float(epoch_ms(self.started_at) - epoch_ms(self.queued_at or self.created_at))
 
     @property
     def filename(self) -> str | None:

@@ -51,7 +51,8 @@ UPLOAD_TO_WEBHOOK = Histogram(
 )
 QUEUE_WAIT = Histogram(
     "darkroom_queue_wait_seconds",
-    "From an image's upload to the start of its processing (its last start, for one run again).",
+    "From an image's upload (a direct upload's bytes or start) to the start of its processing (its "
+    "last start, for one run again).",
     (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
 RENDER = Histogram(

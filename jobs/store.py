@@ -346,7 +346,17 @@ class Store:
                 stats.count(pipe, "images_uploaded")
                 stage_image_job(pipe, queue_name, image.id, image.account_id)
 
-        return await self._commit_if_unchanged(image_key(image.id), previous.to_json(), writes)
+        key = image_key(image.id)
+        if await self._commit_if_unchanged(key, previous.to_json(), writes):
+            return True
+        # Stored by an older version (without the fields added since), it is still `previous` if it
+        # reads back as it.
+        stored = await self.redis.get(key)
+        return (
+            stored is not None
+            and ImageRecord.from_json(stored) == previous
+            and await self._commit_if_unchanged(key, stored, writes)
+        )
 
     async def upload_signing_key(self) -> bytes:
         """The secret every web process signs upload URLs with: made by whichever asks first."""

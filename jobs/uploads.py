@@ -119,10 +119,12 @@ class UploadDesk:
             if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
                 raise UploadNotPending(await self._current(image)) from None
             raise UploadRefused(refusal) from None
+        starting = upload.starts == "on_upload"
         landed = image.evolve(
             input=input_info,
             original_key=key,
-            upload=replace(upload, status="started" if upload.starts == "on_upload" else "received"),
+            upload=replace(upload, status="started" if starting else "received"),
+            queued_at=utc_now() if starting else None,
         )
         if not await self.store.settle_upload(landed, image, None, self.settings.queue_name):
             await self.storage.delete(key)
@@ -178,7 +180,7 @@ class UploadDesk:
         upload = image.upload
         if upload is None or upload.status != "received":
             raise UploadNotPending(image)
-        started = image.evolve(**changes, upload=replace(upload, status="started"))
+        started = image.evolve(**changes, upload=replace(upload, status="started"), queued_at=utc_now())
         if not await self.store.settle_upload(started, image, None, self.settings.queue_name):
             raise UploadNotPending(await self._current(image))
         return started

@@ -4,6 +4,7 @@ upload-first flow that chooses operations at `POST /v1/images`; refused, expired
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -13,16 +14,19 @@ import pyvips
 from redis.asyncio import Redis
 
 from jobs.queue import queued_jobs
+from jobs.records import ImageRecord, epoch_ms
 from jobs.settings import Settings, SettingsError
-from jobs.store import Store
+from jobs.store import Store, image_key
 from jobs.uploads import UploadDesk
 from server.uploads import _signature, content_path
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
 from tests.test_batches import create_batch, get_batch, seal
+from tests.test_observability import parsed_metrics, sample
 from tests.test_spine import upload
 from tests.test_upload_validation import assert_problem, stored_blobs
+from webhooks.messages import iso
 
 RESIZE_TO_32_PNG = [
     {"type": "resize", "params": {"width": 32}},
@@ -97,6 +101,49 @@ async def test_create_then_put_processes_and_announces_the_result(
     assert (output.headers["content-type"], decoded.width, decoded.height) == ("image/png", 32, 24)
     original = await client.get(f"/v1/images/{image['id']}/original", headers=account.headers)
     assert original.content == photo
+
+
+@pytest.mark.parametrize("starts", ["on_upload", "on_request"])
+async def test_a_direct_uploads_queue_wait_starts_when_it_is_handed_to_processing(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, redis: Redis, starts: str
+) -> None:
+    """darkroom_queue_wait_seconds is the time spent in our queue: an upload declared an hour before
+    its bytes came (or before its start was asked for) did not wait an hour there."""
+    photo = imagegen.jpeg(64, 48)
+    fields = {"operations": []} if starts == "on_upload" else {}
+    created = await create_upload(client, account, photo, **fields)
+    key = image_key(created["image"]["id"])
+    declared = ImageRecord.from_json(await redis.get(key))
+    an_hour_before = iso(epoch_ms(declared.created_at) - 3_600_000)
+    await redis.set(key, declared.evolve(created_at=an_hour_before).to_json())
+    assert (await put_bytes(client, created, photo)).status_code == 200
+    if starts == "on_request":
+        start = await client.post("/v1/images", headers=account.headers, json={"upload_id": created["id"]})
+        assert start.status_code == 202, start.text
+
+    await run_burst(settings)
+
+    samples = parsed_metrics((await client.get("/metrics")).text)
+    assert samples[sample("darkroom_queue_wait_seconds_count")] == 1
+    assert samples[sample("darkroom_queue_wait_seconds_bucket", le="60.0")] == 1
+
+
+async def test_an_upload_declared_before_an_upgrade_still_lands(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    """A record written by the version before (without the fields added since) is the same upload: its
+    bytes, sent after the deploy, land."""
+    photo = imagegen.jpeg(64, 48)
+    created = await create_upload(client, account, photo, operations=[])
+    key = image_key(created["image"]["id"])
+    record = json.loads(await redis.get(key))
+    older = {name: value for name, value in record.items() if name not in ("request_id", "queued_at")}
+    await redis.set(key, json.dumps(older, separators=(",", ":")))
+
+    landed = await put_bytes(client, created, photo)
+
+    assert landed.status_code == 200, landed.text
+    assert landed.json()["upload"]["status"] == "started"
 
 
 async def test_a_start_refused_before_the_bytes_landed_runs_when_sent_again_with_its_key(
