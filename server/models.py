@@ -163,5 +163,10 @@ def non_null(schema: dict[str, Any]) -> dict[str, Any]:
 def without_defaults(schema: dict[str, Any]) -> None:
     """For a model of changes (a PATCH): a field left out is left as it is, not set to a default."""
     schema.pop("required", None)
+    defaults_unsaid(schema)
+
+
+def defaults_unsaid(schema: dict[str, Any]) -> None:
+    """A model's schema without its fields' defaults (a field left out is not set to one)."""
     for field in schema.get("properties", {}).values():
         field.pop("default", None)

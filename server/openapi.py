@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -20,9 +21,8 @@ from server.idempotency import MAX_KEY_LENGTH
 from server.models import COMPONENT_REF, DestinationUrl, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
+from server.resources import RESOURCES
 from server.upload_fields import Metadata, Operations
-from webhooks.endpoints import EVENT_TYPES
-from webhooks.messages import DELIVERY_STATUSES
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -51,6 +51,15 @@ def _linked(schema: Any) -> Any:
     return schema
 
 
+def _resource_schemas() -> dict[str, Any]:
+    """What the API answers, from the models its answers are checked against (server/resources.py)."""
+    _, schemas = models_json_schema(
+        [(model, "serialization") for model in RESOURCES], ref_template="#/components/schemas/{model}"
+    )
+    linked: dict[str, Any] = _linked(schemas["$defs"])
+    return linked
+
+
 def _problem(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
 
@@ -72,7 +81,6 @@ def _operation_schemas() -> dict[str, Any]:
     return schemas
 
 
-_NULLABLE_STRING = {"type": ["string", "null"]}
 _RETENTION = {
     "type": "integer",
     "minimum": 3600,
@@ -256,72 +264,9 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                     },
                 },
                 **_UPLOAD_SCHEMAS,
-                "Image": {
-                    "type": "object",
-                    "properties": {
-                        "id": {"type": "string"},
-                        "status": {"enum": ["queued", "processing", "completed", "failed"]},
-                        "operations": {"type": "array", "items": _ref("Operation")},
-                        "input": {
-                            "type": ["object", "null"],
-                            "description": "null until a direct upload's bytes land or an image's"
-                            " source_url is fetched",
-                        },
-                        "upload": {
-                            "oneOf": [_ref("UploadState"), {"type": "null"}],
-                            "description": "for an image created by POST /v1/uploads",
-                        },
-                        "source": {
-                            "type": ["object", "null"],
-                            "properties": {"url": {"type": "string"}},
-                            "description": "where an image submitted by URL is fetched from",
-                        },
-                        "output": {"type": ["object", "null"]},
-                        "error": {
-                            "type": ["object", "null"],
-                            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-                        },
-                        "batch_id": _NULLABLE_STRING,
-                        "callback_url": _NULLABLE_STRING,
-                        "metadata": {"type": "object"},
-                        "attempts": {"type": "integer"},
-                        "created_at": {"type": "string", "format": "date-time"},
-                        "started_at": _NULLABLE_STRING,
-                        "completed_at": _NULLABLE_STRING,
-                        "expires_at": {
-                            "type": ["string", "null"],
-                            "description": "when the image and its files are deleted (404 from then on)",
-                        },
-                    },
-                },
-                "ImageList": {
-                    "type": "object",
-                    "properties": {
-                        "data": {"type": "array", "items": _ref("Image")},
-                        "has_more": {"type": "boolean"},
-                        "next_cursor": _NULLABLE_STRING,
-                    },
-                },
                 **_BATCH_SCHEMAS,
                 **_WEBHOOK_SCHEMAS,
-                "Problem": {
-                    "type": "object",
-                    "properties": {
-                        "type": {"type": "string"},
-                        "title": {"type": "string"},
-                        "status": {"type": "integer"},
-                        "detail": {"type": "string"},
-                        "code": {"type": "string"},
-                        "request_id": {"type": "string", "description": "the request's X-Request-Id"},
-                        "errors": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
-                            },
-                        },
-                    },
-                },
+                **_resource_schemas(),
             },
         },
     }
@@ -510,7 +455,6 @@ def _with_idempotency_refusals(responses: dict[str, Any]) -> dict[str, Any]:
     return updated
 
 
-_UPLOAD_STATUSES = ["pending", "received", "started", "refused", "expired"]
 _UPLOAD_SCHEMAS: dict[str, Any] = {
     "UploadInput": {
         "type": "object",
@@ -531,43 +475,6 @@ _UPLOAD_SCHEMAS: dict[str, Any] = {
         "properties": {
             "upload_id": _id("upl"),
             **_JSON_IMAGE_FIELDS,
-        },
-    },
-    "UploadState": {
-        "type": "object",
-        "properties": {
-            "id": _id("upl"),
-            "status": {"enum": _UPLOAD_STATUSES},
-            "starts": {
-                "enum": ["on_upload", "on_request"],
-                "description": "processing starts when the bytes land, or at POST /v1/images {upload_id}",
-            },
-            "filename": {"type": "string"},
-            "content_type": {"type": "string"},
-            "size": {"type": "integer"},
-            "expires_at": {"type": "string", "format": "date-time"},
-        },
-    },
-    "Upload": {
-        "type": "object",
-        "properties": {
-            "id": _id("upl"),
-            "image": _ref("Image"),
-            "upload_url": {"type": "string", "format": "uri"},
-            "upload_method": {"const": "PUT"},
-            "upload_headers": {"type": "object"},
-            "upload_form": {
-                "type": ["object", "null"],
-                "description": "with S3 storage: a form to POST the file straight to the bucket (its"
-                " fields, then the `file` part last); the bucket then redirects to"
-                " /v1/uploads/{upload_id}/landed, which lands it. null with local storage",
-                "properties": {
-                    "url": {"type": "string", "format": "uri"},
-                    "fields": {"type": "object", "additionalProperties": {"type": "string"}},
-                },
-            },
-            "expires_at": {"type": "string", "format": "date-time"},
-            "max_bytes": {"type": "integer"},
         },
     },
 }
@@ -676,7 +583,7 @@ def _batch_paths() -> dict[str, Any]:
                 "responses": {
                     "202": _json(
                         "The queued images",
-                        {"type": "object", "properties": {"data": {"type": "array", "items": _ref("Image")}}},
+                        _ref("AddedImages"),
                     ),
                     "404": _NO_BATCH,
                     "409": _problem("The batch is sealed, or would hold too many images"),
@@ -732,7 +639,6 @@ _INVALID = _problem(
     "Invalid fields (validation_failed), or a query parameter the route does not take"
     " (unknown_query_parameter); see errors"
 )
-_TIME = {"type": "string", "format": "date-time"}
 
 
 def _body(schema_name: str) -> dict[str, Any]:
@@ -798,7 +704,7 @@ def _webhook_paths() -> dict[str, Any]:
             },
             "get": {
                 "summary": "The account's endpoints",
-                "responses": {"200": _json("Every endpoint", {"type": "object"})},
+                "responses": {"200": _json("Every endpoint", _ref("WebhookEndpointList"))},
             },
         },
         "/v1/webhook-endpoints/{endpoint_id}": {
@@ -844,7 +750,7 @@ def _webhook_paths() -> dict[str, Any]:
                 "summary": "Redeliver every failed delivery to this endpoint since a time",
                 "requestBody": _body("Recovery"),
                 "responses": {
-                    "202": _json("How many were redelivered", {"type": "object"}),
+                    "202": _json("How many were redelivered", _ref("RecoveryResult")),
                     "409": _problem("Disabled"),
                 },
             },
@@ -852,24 +758,6 @@ def _webhook_paths() -> dict[str, Any]:
     }
 
 
-_ATTEMPT = {
-    "type": "object",
-    "properties": {
-        "number": {"type": "integer"},
-        "at": _TIME,
-        "status_code": {"type": ["integer", "null"]},
-        "latency_ms": {"type": "number"},
-        "response_excerpt": {"type": "string", "description": "at most 8 KB of the response body"},
-        "error": _NULLABLE_STRING,
-        "next_attempt_at": _NULLABLE_STRING,
-        "url": _NULLABLE_STRING,
-        "resent": {
-            "type": ["string", "null"],
-            "description": "why the request went twice in this attempt (the receiver may have seen both)",
-        },
-    },
-}
-_COUNT = {"type": "integer", "minimum": 0}
 _BATCH_SCHEMAS: dict[str, Any] = {
     "ArchiveSpec": {
         **ArchiveSpec.json_schema(),
@@ -911,110 +799,12 @@ _BATCH_SCHEMAS: dict[str, Any] = {
             "retention": _RETENTION,
         },
     },
-    "Batch": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "status": {"enum": ["open", "sealed", "processing", "completed"]},
-            "counts": {
-                "type": "object",
-                "properties": {
-                    name: _COUNT for name in ("total", "queued", "processing", "completed", "failed")
-                },
-            },
-            "operations": {"type": "array", "items": _ref("Operation")},
-            "archive": {
-                "type": ["object", "null"],
-                "properties": {
-                    "format": {"enum": ["jpeg", "png", "webp", "original"]},
-                    "quality": {"type": ["integer", "null"]},
-                    "status": {"enum": ["pending", "building", "ready", "failed", "expired"]},
-                    "url": _NULLABLE_STRING,
-                    "bytes": {"type": ["integer", "null"]},
-                    "expires_at": _NULLABLE_STRING,
-                    "error": {"type": ["object", "null"]},
-                },
-            },
-            "callback_url": _NULLABLE_STRING,
-            "metadata": {"type": "object"},
-            "images_url": {"type": "string"},
-            "created_at": _TIME,
-            "sealed_at": _NULLABLE_STRING,
-            "completed_at": _NULLABLE_STRING,
-            "expires_at": {
-                "type": ["string", "null"],
-                "description": "when the batch and its archive are deleted, once its images have expired",
-            },
-        },
-    },
-    "BatchList": {
-        "type": "object",
-        "properties": {
-            "data": {"type": "array", "items": _ref("Batch")},
-            "has_more": {"type": "boolean"},
-            "next_cursor": _NULLABLE_STRING,
-        },
-    },
 }
 _WEBHOOK_SCHEMAS: dict[str, Any] = {
-    "Delivery": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string", "description": "the webhook-id every destination receives"},
-            "event_type": {"enum": list(EVENT_TYPES)},
-            "status": {"enum": list(DELIVERY_STATUSES)},
-            "created_at": _TIME,
-            "destinations": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "endpoint_id": {
-                            "type": ["string", "null"],
-                            "description": "null for the resource's own callback_url",
-                        },
-                        "url": {"type": "string"},
-                        "status": {"enum": list(DELIVERY_STATUSES)},
-                        "next_attempt_at": _NULLABLE_STRING,
-                        "attempts": {"type": "array", "items": _ATTEMPT},
-                    },
-                },
-            },
-            "payload": {"type": "object", "description": "the body exactly as sent"},
-        },
-    },
-    "DeliveryList": {
-        "type": "object",
-        "properties": {
-            "data": {"type": "array", "items": _ref("Delivery")},
-            "has_more": {"type": "boolean"},
-            "next_cursor": _NULLABLE_STRING,
-        },
-    },
-    "WebhookSecret": {"type": "object", "properties": {"secret": {"type": "string", "pattern": "^whsec_"}}},
     "Redelivery": _component(Redelivery),
     "Recovery": _component(Recovery),
     "NewEndpoint": _component(NewEndpoint),
     "EndpointChanges": _component(EndpointChanges),
-    "WebhookEndpoint": {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "url": {"type": "string"},
-            "events": {"type": "array", "items": {"type": "string"}},
-            "description": {"type": "string"},
-            "status": {"enum": ["enabled", "disabled"]},
-            "disabled_reason": _NULLABLE_STRING,
-            "disabled_at": _NULLABLE_STRING,
-            "failing_since": _NULLABLE_STRING,
-            "max_in_flight": {"type": "integer"},
-            "rate_limit": {"type": ["integer", "null"]},
-            "created_at": _TIME,
-        },
-    },
-    "WebhookEndpointWithSecret": {
-        "allOf": [_ref("WebhookEndpoint"), {"type": "object", "properties": {"secret": {"type": "string"}}}]
-    },
 }
 
 

@@ -21,7 +21,6 @@ from redis.asyncio import Redis
 # `skipped`: the event happened while its endpoint was disabled, so nothing was sent; recovering the
 # endpoint sends it.
 DeliveryStatus = Literal["pending", "delivered", "failed", "skipped"]
-DELIVERY_STATUSES: tuple[DeliveryStatus, ...] = ("pending", "delivered", "failed", "skipped")
 RESPONSE_EXCERPT_BYTES = 8192
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600
 # Deliveries waiting for an attempt, scored by when it is due (epoch ms); see webhooks.dispatcher.
