@@ -14,8 +14,9 @@ from jsonschema.exceptions import ValidationError
 from jobs.settings import Settings
 from server.resources import RESOURCES
 from tests import imagegen
-from tests.conftest import Partner, run_burst, with_settings
+from tests.conftest import Partner, api_client, on_s3, run_burst, with_settings
 from tests.receiver import Receiver
+from tests.s3server import S3Server
 from tests.test_batches import add_files, create_batch, seal
 from tests.test_endpoints_api import ENDPOINTS
 from tests.test_spine import upload
@@ -166,3 +167,13 @@ async def test_every_resource_refuses_fields_it_does_not_declare(spec: Spec) -> 
     schemas = spec.document["components"]["schemas"]
     for model in RESOURCES:
         assert schemas[model.__name__]["additionalProperties"] is False, model.__name__
+
+
+async def test_an_upload_offering_a_bucket_form_is_what_the_spec_documents(
+    settings: Settings, s3_server: S3Server, account: Partner
+) -> None:
+    async with api_client(on_s3(settings, s3_server)) as client:
+        spec = Spec((await client.get("/openapi.json")).json())
+        body = {"filename": "phone.jpg", "content_type": "image/jpeg", "size": 10}
+        created = await client.post("/v1/uploads", headers=account.headers, json=body)
+    assert spec.check(created, "/v1/uploads", "post")["upload_form"]["fields"]
