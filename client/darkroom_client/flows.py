@@ -10,13 +10,16 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, TypeAlias
 
 import httpx
 
-from darkroom_client.core import Core, Flow, Save, Sleep, dumps
+from darkroom_client.core import Arrival, Core, Flow, Save, Sleep, dumps
 from darkroom_client.errors import APIError, WaitTimeout
 from darkroom_client.types import Batch, Delivery, Image, Page, WebhookEndpoint
+
+if TYPE_CHECKING:
+    from darkroom_client.listener import WebhookListener
 
 FileSource: TypeAlias = str | os.PathLike[str] | bytes | IO[bytes]
 Operations: TypeAlias = Sequence[dict[str, Any]]
@@ -26,6 +29,9 @@ Progress: TypeAlias = Callable[[int], None]
 # The service takes at most 50 files a request; fewer make each retry smaller and progress smoother.
 FILES_PER_REQUEST = 10
 DEFAULT_WAIT_SECONDS = 600.0
+# With a webhook listener: how long to wait for an image's event before asking the service once (in case
+# the webhook was lost).
+DEFAULT_CHECK_SECONDS = 30.0
 
 
 class _CountedReader:
@@ -133,10 +139,16 @@ class _Polling:
         self.interval = interval
         self.max_interval = max_interval
 
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(f"{self.what} did not finish within {self.timeout:g} s")
+
     def pause(self) -> Flow[None]:
-        left = self.deadline - time.monotonic()
+        left = self.left()
         if left <= 0:
-            raise WaitTimeout(f"{self.what} did not finish within {self.timeout:g} s")
+            raise self.timed_out()
         yield Sleep(min(self.interval, left))
         self.interval = min(self.max_interval, self.interval * 1.5)
 
@@ -299,10 +311,24 @@ class ImageFlows:
         return target
 
     def wait(
-        self, image_id: str, *, timeout: float = DEFAULT_WAIT_SECONDS, interval: float = 0.25
+        self,
+        image_id: str,
+        *,
+        timeout: float = DEFAULT_WAIT_SECONDS,
+        interval: float = 0.25,
+        listener: WebhookListener | None = None,
+        check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[Image]:
         """Poll until the image is `completed` or `failed` (backing off from `interval` to 5 s), and
-        answer it; `WaitTimeout` after `timeout` seconds."""
+        answer it; `WaitTimeout` after `timeout` seconds.
+
+        With a `listener` (the image uploaded with its `callback_url`), wait for the webhook instead and
+        answer the image it carries, without asking the service. A webhook can be lost, so after each
+        `check_every` seconds without it, and once more when the timeout is reached, the image is asked
+        for once."""
+        if listener is not None:
+            checks = _Polling(f"image {image_id}", timeout, check_every, check_every)
+            return (yield from self._by_webhook(image_id, listener, checks))
         polling = _Polling(f"image {image_id}", timeout, interval, max_interval=5.0)
         while True:
             image = yield from self.get(image_id)
@@ -311,10 +337,22 @@ class ImageFlows:
             yield from polling.pause()
 
     def wait_many(
-        self, image_ids: Iterable[str], *, timeout: float = DEFAULT_WAIT_SECONDS, interval: float = 0.25
+        self,
+        image_ids: Iterable[str],
+        *,
+        timeout: float = DEFAULT_WAIT_SECONDS,
+        interval: float = 0.25,
+        listener: WebhookListener | None = None,
+        check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[list[Image]]:
         """`wait` for several images at once; answers them in the order given."""
         ids = list(image_ids)
+        if listener is not None:
+            checks = _Polling(f"{len(ids)} images", timeout, check_every, check_every)
+            images = []
+            for image_id in ids:
+                images.append((yield from self._by_webhook(image_id, listener, checks)))
+            return images
         polling = _Polling(f"{len(ids)} images", timeout, interval, max_interval=5.0)
         finished: dict[str, Image] = {}
         while True:
@@ -326,6 +364,20 @@ class ImageFlows:
             if len(finished) == len(ids):
                 return [finished[image_id] for image_id in ids]
             yield from polling.pause()
+
+    def _by_webhook(self, image_id: str, listener: WebhookListener, checks: _Polling) -> Flow[Image]:
+        """The image from its finishing webhook; asked for after each `checks.interval` without one, and
+        when the deadline passed."""
+        finished = listener.finished(image_id)
+        while True:
+            image: Image | None = yield Arrival(finished, min(checks.interval, checks.left()))
+            if image is not None:
+                return image
+            image = yield from self.get(image_id)
+            if image.done:
+                return image
+            if checks.left() <= 0:
+                raise checks.timed_out()
 
 
 def _attachment_name(response: httpx.Response, fallback: str) -> str:
