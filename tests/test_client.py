@@ -94,6 +94,8 @@ def test_upload_wait_download_list_and_delete(stack: Stack, partner: Partner, tm
         assert size_of(darkroom.images.download(image.id)) == (32, 24)
         assert size_of(darkroom.images.download(image.id, format="webp", width=16)) == (16, 12)
         assert darkroom.images.download(image.id, original=True) == source.read_bytes()
+        with pytest.raises(ValueError, match="variant of the result"):
+            darkroom.images.download(image.id, original=True, format="webp")
         saved = darkroom.images.download_to(image.id, tmp_path)
         assert saved.parent == tmp_path and saved.suffix == ".png"
         assert size_of(saved.read_bytes()) == (32, 24)

@@ -250,8 +250,13 @@ class ImageFlows:
         width: int | None,
         height: int | None,
     ) -> httpx.Request:
-        which = "original" if original else "output"
         params = {"format": format, "quality": quality, "width": width, "height": height}
+        if original and any(value is not None for value in params.values()):
+            # The service answers 422 to any query on /original: say so before sending anything.
+            raise ValueError(
+                "format, quality, width and height ask for a variant of the result, not of the original"
+            )
+        which = "original" if original else "output"
         return self._core.request("GET", f"/v1/images/{image_id}/{which}", params=params)
 
     def download(
