@@ -337,6 +337,24 @@ def test_batch_from_a_folder_completes_and_its_archive_download_resumes(
         assert sorted(archive.namelist()) == ["_report.json", "photo-0.png", "photo-1.png", "photo-2.png"]
 
 
+def test_a_refused_file_is_reported_and_the_rest_sent_again_each_byte_counted_once(
+    stack: Stack, partner: Partner, photos: Path
+) -> None:
+    (photos / "notes.jpg").write_bytes(b"not a photo at all")
+    sent: list[int] = []
+    refusals: list[tuple[str, str]] = []
+    with Darkroom(partner.api_key, stack.base_url) as darkroom:
+        batch = darkroom.batches.create()
+        added = darkroom.batches.add(
+            batch.id, photos, progress=sent.append, refused=lambda name, why: refusals.append((name, why))
+        )
+    assert sorted(image.filename for image in added) == ["photo-0.jpg", "photo-1.jpg", "photo-2.jpg"]
+    assert [name for name, _ in refusals] == ["notes.jpg"]
+    # The first request carried all four files; the second, the three photos again: a bar of bytes sent
+    # that counted them twice would end past its total.
+    assert sum(sent) == sum(photo.stat().st_size for photo in photos.iterdir())
+
+
 class LoseFirstAnswer(httpx.HTTPTransport):
     """Lets the first POST reach the service, then drops its answer as a broken connection would."""
 

@@ -58,6 +58,28 @@ class _CountedReader:
         return self._file.tell()
 
 
+class _ToldOnce:
+    """`progress` for one file sent in several requests (a batch request sent again without a file the
+    service refused): each request reads the file from its start, and only bytes no earlier request
+    reached are told."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._furthest = 0
+        self._read = 0
+
+    def again(self) -> Progress | None:
+        """The progress callback for the next request that sends the file (None: nobody listens)."""
+        self._read = 0
+        return None if self._progress is None else self._tell
+
+    def _tell(self, sent: int) -> None:
+        self._read += sent
+        if self._read > self._furthest and self._progress is not None:
+            self._progress(self._read - self._furthest)
+            self._furthest = self._read
+
+
 def _name_of(source: FileSource, filename: str | None) -> str:
     if filename:
         return filename
@@ -461,12 +483,13 @@ class BatchFlows:
         sources = files_in(files)
         form = _form(_fields(operations, callback_url, metadata))
         images: list[Image] = []
+        told = [_ToldOnce(progress) for _ in sources]
         for start in range(0, len(sources), FILES_PER_REQUEST):
-            pending = sources[start : start + FILES_PER_REQUEST]
+            pending = list(range(start, min(start + FILES_PER_REQUEST, len(sources))))
             while pending:
                 try:
                     with contextlib.ExitStack() as stack:
-                        parts = [_file_part(stack, source, None, progress) for source in pending]
+                        parts = [_file_part(stack, sources[at], None, told[at].again()) for at in pending]
                         answer = yield from self._core.call(
                             "POST", f"/v1/batches/{batch_id}/images", data=form, files=parts
                         )
@@ -475,8 +498,8 @@ class BatchFlows:
                     if refused is None or not bad:
                         raise
                     for index, why in sorted(bad.items()):
-                        refused(_name_of(pending[index], None), why)
-                    pending = [source for index, source in enumerate(pending) if index not in bad]
+                        refused(_name_of(sources[pending[index]], None), why)
+                    pending = [at for index, at in enumerate(pending) if index not in bad]
                     continue
                 images.extend(Image.from_json(item) for item in answer["data"])
                 break
