@@ -26,6 +26,7 @@ import redis
 from darkroom_client import (
     AsyncDarkroom,
     AuthenticationError,
+    Batch,
     Conflict,
     Darkroom,
     NotFound,
@@ -181,6 +182,28 @@ async def test_async_wait_by_webhook_awaits_the_events_on_the_loop(stack: Stack,
     assert [image.id for image in finished] == [first.id, second.id]
     assert [image.status for image in finished] == ["completed", "completed"]
     assert [request.method for request in sent] == ["POST", "POST"], "nothing asked after the uploads"
+
+
+def test_a_batch_waited_by_webhook_returns_once_its_archive_is_ready(
+    stack: Stack, partner: Partner, photos: Path
+) -> None:
+    sent: list[httpx.Request] = []
+    polled: list[Batch] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    with (
+        WebhookListener(partner.webhook_secret) as listener,
+        Darkroom(partner.api_key, stack.base_url, http_client=http) as darkroom,
+    ):
+        batch = darkroom.batches.create(
+            operations=THUMBNAIL, archive=True, callback_url=listener.callback_url
+        )
+        darkroom.batches.add(batch.id, photos)
+        darkroom.batches.seal(batch.id)
+        finished = darkroom.batches.wait(batch.id, listener=listener, timeout=60, on_poll=polled.append)
+
+    assert finished.counts["completed"] == 3
+    assert finished.archive is not None and finished.archive.status == "ready"
+    assert [request.method for request in sent] == ["POST", "POST", "POST"] and polled == []
 
 
 def test_a_lost_webhook_still_ends_by_asking_the_service(stack: Stack, partner: Partner) -> None:

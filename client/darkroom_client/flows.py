@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import mimetypes
 import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import httpx
 
@@ -29,8 +31,8 @@ Progress: TypeAlias = Callable[[int], None]
 # The service takes at most 50 files a request; fewer make each retry smaller and progress smoother.
 FILES_PER_REQUEST = 10
 DEFAULT_WAIT_SECONDS = 600.0
-# With a webhook listener: how long to wait for an image's event before asking the service once (in case
-# the webhook was lost).
+# With a webhook listener: how long to wait for the event before asking the service once (in case the
+# webhook was lost).
 DEFAULT_CHECK_SECONDS = 30.0
 
 
@@ -173,6 +175,25 @@ class _Polling:
             raise self.timed_out()
         yield Sleep(min(self.interval, left))
         self.interval = min(self.max_interval, self.interval * 1.5)
+
+
+Finishing = TypeVar("Finishing", Image, Batch)
+
+
+def _by_webhook(
+    finished: Future[Finishing], fetch: Callable[[], Flow[Finishing]], checks: _Polling
+) -> Flow[Finishing]:
+    """The image or batch from the webhook `finished` is resolved by; fetched after each `checks.interval`
+    without it, and when the deadline passed."""
+    while True:
+        arrived: Finishing | None = yield Arrival(finished, min(checks.interval, checks.left()))
+        if arrived is not None:
+            return arrived
+        current = yield from fetch()
+        if current.done:
+            return current
+        if checks.left() <= 0:
+            raise checks.timed_out()
 
 
 class ImageFlows:
@@ -350,7 +371,11 @@ class ImageFlows:
         for once."""
         if listener is not None:
             checks = _Polling(f"image {image_id}", timeout, check_every, check_every)
-            return (yield from self._by_webhook(image_id, listener, checks))
+            return (
+                yield from _by_webhook(
+                    listener.finished(image_id), functools.partial(self.get, image_id), checks
+                )
+            )
         polling = _Polling(f"image {image_id}", timeout, interval, max_interval=5.0)
         while True:
             image = yield from self.get(image_id)
@@ -373,7 +398,8 @@ class ImageFlows:
             checks = _Polling(f"{len(ids)} images", timeout, check_every, check_every)
             images = []
             for image_id in ids:
-                images.append((yield from self._by_webhook(image_id, listener, checks)))
+                fetch = functools.partial(self.get, image_id)
+                images.append((yield from _by_webhook(listener.finished(image_id), fetch, checks)))
             return images
         polling = _Polling(f"{len(ids)} images", timeout, interval, max_interval=5.0)
         finished: dict[str, Image] = {}
@@ -386,20 +412,6 @@ class ImageFlows:
             if len(finished) == len(ids):
                 return [finished[image_id] for image_id in ids]
             yield from polling.pause()
-
-    def _by_webhook(self, image_id: str, listener: WebhookListener, checks: _Polling) -> Flow[Image]:
-        """The image from its finishing webhook; asked for after each `checks.interval` without one, and
-        when the deadline passed."""
-        finished = listener.finished(image_id)
-        while True:
-            image: Image | None = yield Arrival(finished, min(checks.interval, checks.left()))
-            if image is not None:
-                return image
-            image = yield from self.get(image_id)
-            if image.done:
-                return image
-            if checks.left() <= 0:
-                raise checks.timed_out()
 
 
 def _attachment_name(response: httpx.Response, fallback: str) -> str:
@@ -528,14 +540,25 @@ class BatchFlows:
         timeout: float = DEFAULT_WAIT_SECONDS,
         interval: float = 0.5,
         on_poll: Callable[[Batch], None] | None = None,
+        listener: WebhookListener | None = None,
+        check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[Batch]:
         """Poll until the batch is completed and its archive, if any, ready or failed; `on_poll` sees the
-        batch at each poll (its `counts` for a progress bar)."""
-        polling = _Polling(f"batch {batch_id}", timeout, interval, max_interval=5.0)
-        while True:
+        batch at each poll (its `counts` for a progress bar). With a `listener` (the batch created with
+        its `callback_url`), wait for its webhooks instead, as `images.wait` does."""
+
+        def fetch() -> Flow[Batch]:
             batch = yield from self.get(batch_id)
             if on_poll is not None:
                 on_poll(batch)
+            return batch
+
+        if listener is not None:
+            checks = _Polling(f"batch {batch_id}", timeout, check_every, check_every)
+            return (yield from _by_webhook(listener.batch_finished(batch_id), fetch, checks))
+        polling = _Polling(f"batch {batch_id}", timeout, interval, max_interval=5.0)
+        while True:
+            batch = yield from fetch()
             if batch.done:
                 return batch
             yield from polling.pause()

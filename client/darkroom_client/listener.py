@@ -1,27 +1,29 @@
-"""Waiting by webhook: a small receiver of the signed deliveries Darkroom sends to an image's
-`callback_url`, so `images.wait(id, listener=…)` returns when the event arrives instead of polling.
+"""Waiting by webhook: a small receiver of the signed deliveries Darkroom sends to an image's or a
+batch's `callback_url`, so `images.wait(id, listener=…)` (and `batches.wait`) returns when the event
+arrives instead of polling.
 
     with WebhookListener("whsec_…") as listener, Darkroom("sk_live_…") as darkroom:
         queued = darkroom.images.upload("photo.jpg", callback_url=listener.callback_url)
         image = darkroom.images.wait(queued.id, listener=listener)
 
 One implementation serves both clients: an HTTP server (standard library) in a thread resolves a
-`concurrent.futures.Future` per image; `Darkroom` blocks on it, `AsyncDarkroom` awaits it on its loop.
+`concurrent.futures.Future` per image or batch; `Darkroom` blocks on it, `AsyncDarkroom` awaits it on
+its loop.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from darkroom_client.errors import WaitTimeout
-from darkroom_client.types import Image
+from darkroom_client.types import Batch, Image
 from darkroom_client.webhooks import (
     DEFAULT_TOLERANCE_SECONDS,
     SignatureMismatch,
@@ -30,14 +32,21 @@ from darkroom_client.webhooks import (
     verify,
 )
 
-# The events after which an image does not change any more.
-FINISHING_EVENTS = frozenset({"image.completed", "image.failed"})
+# The events that may carry an image or a batch as it ends (a batch completed with its archive still to
+# build is not over yet), and how to read it.
+FINISHING_EVENTS: dict[str, Callable[[dict[str, Any]], Image | Batch]] = {
+    "image.completed": Image.from_json,
+    "image.failed": Image.from_json,
+    "batch.completed": Batch.from_json,
+    "batch.archive.ready": Batch.from_json,
+    "batch.archive.failed": Batch.from_json,
+}
 CALLBACK_PATH = "/darkroom-webhooks"
 
 
 class WebhookListener:
-    """Receives Darkroom's webhooks on `host`:`port` (0: a free port) and remembers each image's last
-    event. Deliveries are verified with `secrets` (the account's webhook secret for a `callback_url`;
+    """Receives Darkroom's webhooks on `host`:`port` (0: a free port) and remembers how each image and
+    batch ended. Deliveries are verified with `secrets` (the account's webhook secret for a `callback_url`;
     several during a rotation): 401 to a wrong signature, 400 to a missing header or a timestamp out of
     `tolerance`, 204 to an authentic delivery, once per `webhook-id` (a redelivery is answered and
     ignored). `accepted`, `duplicates` and `refused` count the deliveries.
@@ -64,7 +73,7 @@ class WebhookListener:
         self._tolerance = tolerance
         self._host = host
         self._public_url = public_url
-        self._finished: dict[str, Future[Image]] = {}
+        self._finished: dict[str, Future[Any]] = {}
         self._seen_ids: set[str] = set()
         self._lock = threading.Lock()
         self.accepted = 0
@@ -103,8 +112,12 @@ class WebhookListener:
     def finished(self, image_id: str) -> Future[Image]:
         """Resolved with the image when its `image.completed` or `image.failed` event arrives (at once
         if it came already)."""
-        with self._lock:
-            return self._finished.setdefault(image_id, Future())
+        return self._ending(image_id)
+
+    def batch_finished(self, batch_id: str) -> Future[Batch]:
+        """Resolved with the batch when an event shows it completed with its archive, if it asked for
+        one, ready or failed."""
+        return self._ending(batch_id)
 
     def wait_for(self, image_id: str, timeout: float) -> Image:
         """Block until the image's finishing event arrives; `WaitTimeout` after `timeout` seconds.
@@ -122,7 +135,8 @@ class WebhookListener:
         try:
             self._verify(headers, body)
             event = json.loads(body)
-            image = Image.from_json(event["data"]) if event["type"] in FINISHING_EVENTS else None
+            read = FINISHING_EVENTS.get(event["type"])
+            resource = None if read is None else read(event["data"])
         except SignatureMismatch:
             return self._refuse(401)
         except (WebhookVerificationError, ValueError, KeyError, TypeError):
@@ -134,11 +148,15 @@ class WebhookListener:
                 return 204
             self._seen_ids.add(message_id)
             self.accepted += 1
-            if image is not None:
-                finished = self._finished.setdefault(image.id, Future())
+            if resource is not None and resource.done:
+                finished = self._finished.setdefault(resource.id, Future())
                 if not finished.done():
-                    finished.set_result(image)
+                    finished.set_result(resource)
         return 204
+
+    def _ending(self, resource_id: str) -> Future[Any]:
+        with self._lock:
+            return self._finished.setdefault(resource_id, Future())
 
     def _verify(self, headers: Mapping[str, str], body: bytes) -> None:
         for secret in self._secrets:
