@@ -86,6 +86,11 @@ def waiting_jobs_key(queue_name: str, account_id: str) -> str:
     return _fair_key(queue_name, f"waiting:{account_id}")
 
 
+def admitted_jobs_key(queue_name: str, account_id: str) -> str:
+    """The account's jobs admitted into arq's queue and not ended yet: its slots in use."""
+    return _fair_key(queue_name, f"admitted:{account_id}")
+
+
 def stage_image_job(pipe: Any, queue_name: str, image_id: str, account_id: str) -> None:
     """Queue an image's job inside the caller's transaction, so the job exists exactly when its image
     does: in its account's waiting list, for the next poll to admit. Only for an id no job has had (a

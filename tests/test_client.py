@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import email.utils
 import io
+import json
 import os
 import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +26,7 @@ import redis
 from darkroom_client import (
     AsyncDarkroom,
     AuthenticationError,
+    Batch,
     Conflict,
     Darkroom,
     NotFound,
@@ -31,9 +34,12 @@ from darkroom_client import (
     RetryPolicy,
     TransportError,
     ValidationFailed,
+    WaitTimeout,
+    WebhookListener,
 )
 from darkroom_client.cli import parse_operation
 from darkroom_client.core import Core, Send, Sleep, parse_retry_after
+from darkroom_client.webhooks import generate_secret, sign_headers
 
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
@@ -130,6 +136,126 @@ async def test_async_client_uploads_by_url_and_directly_and_waits_for_both(
     finally:
         source.stop()
     assert sorted(listed) == sorted([by_url.id, direct.id])  # two pages of one
+
+
+def test_wait_by_webhook_returns_on_the_event_without_polling(stack: Stack, partner: Partner) -> None:
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    with (
+        WebhookListener(partner.webhook_secret) as listener,
+        Darkroom(partner.api_key, stack.base_url, http_client=http) as darkroom,
+    ):
+        queued = darkroom.images.upload(
+            imagegen.jpeg(64, 48),
+            filename="hook.jpg",
+            operations=THUMBNAIL,
+            callback_url=listener.callback_url,
+        )
+        forged = signed_event(
+            generate_secret(), "msg_forged", "image.failed", {**queued.raw, "status": "failed"}
+        )
+        assert httpx.post(listener.callback_url, **forged).status_code == 401
+        image = darkroom.images.wait(queued.id, listener=listener, timeout=60)
+
+    assert image.id == queued.id and image.status == "completed" and image.output is not None
+    assert [request.method for request in sent] == ["POST"], "nothing asked after the upload"
+    assert (listener.accepted, listener.refused) == (1, 1)
+
+
+async def test_async_wait_by_webhook_awaits_the_events_on_the_loop(stack: Stack, partner: Partner) -> None:
+    sent: list[httpx.Request] = []
+
+    async def record(request: httpx.Request) -> None:
+        sent.append(request)
+
+    http = httpx.AsyncClient(event_hooks={"request": [record]})
+    with WebhookListener([generate_secret(), partner.webhook_secret]) as listener:
+        async with AsyncDarkroom(partner.api_key, stack.base_url, http_client=http) as darkroom:
+            first = await darkroom.images.upload(
+                imagegen.jpeg(64, 48), operations=THUMBNAIL, callback_url=listener.callback_url
+            )
+            second = await darkroom.images.upload(
+                imagegen.png(40, 40), operations=THUMBNAIL, callback_url=listener.callback_url
+            )
+            finished = await darkroom.images.wait_many([first.id, second.id], listener=listener, timeout=60)
+
+    assert [image.id for image in finished] == [first.id, second.id]
+    assert [image.status for image in finished] == ["completed", "completed"]
+    assert [request.method for request in sent] == ["POST", "POST"], "nothing asked after the uploads"
+
+
+def test_a_batch_waited_by_webhook_returns_once_its_archive_is_ready(
+    stack: Stack, partner: Partner, photos: Path
+) -> None:
+    sent: list[httpx.Request] = []
+    polled: list[Batch] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    with (
+        WebhookListener(partner.webhook_secret) as listener,
+        Darkroom(partner.api_key, stack.base_url, http_client=http) as darkroom,
+    ):
+        batch = darkroom.batches.create(
+            operations=THUMBNAIL, archive=True, callback_url=listener.callback_url
+        )
+        darkroom.batches.add(batch.id, photos)
+        darkroom.batches.seal(batch.id)
+        finished = darkroom.batches.wait(batch.id, listener=listener, timeout=60, on_poll=polled.append)
+
+    assert finished.counts["completed"] == 3
+    assert finished.archive is not None and finished.archive.status == "ready"
+    assert [request.method for request in sent] == ["POST", "POST", "POST"] and polled == []
+
+
+def test_a_lost_webhook_still_ends_by_asking_the_service(stack: Stack, partner: Partner) -> None:
+    sent: list[httpx.Request] = []
+    http = httpx.Client(event_hooks={"request": [sent.append]})
+    with (
+        WebhookListener(partner.webhook_secret) as listener,
+        WebhookListener(partner.webhook_secret) as elsewhere,
+        Darkroom(partner.api_key, stack.base_url, http_client=http) as darkroom,
+    ):
+        queued = darkroom.images.upload(
+            imagegen.jpeg(), operations=THUMBNAIL, callback_url=elsewhere.callback_url
+        )
+        image = darkroom.images.wait(queued.id, listener=listener, timeout=60, check_every=0.2)
+        with pytest.raises(WaitTimeout, match="no webhook"):
+            listener.wait_for(queued.id, timeout=0.1)
+
+    assert image.status == "completed"
+    assert {request.method for request in sent[1:]} == {"GET"} and listener.accepted == 0
+
+
+def signed_event(secret: str, message_id: str, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What `httpx.post` sends as a delivery of the event signed with `secret`."""
+    body = json.dumps({"type": kind, "timestamp": "2026-01-01T00:00:00Z", "data": data}).encode()
+    return {"content": body, "headers": sign_headers([secret], message_id, body)}
+
+
+def test_the_listener_answers_by_signature_and_counts_a_redelivery_once() -> None:
+    secret = generate_secret()
+    image = {"id": "img_1", "status": "completed", "created_at": "2026-01-01T00:00:00Z"}
+    delivery = signed_event(secret, "msg_1", "image.completed", image)
+    with WebhookListener(secret) as listener:
+        assert not listener.finished("img_1").done()
+        assert (
+            httpx.post(
+                listener.callback_url, **signed_event(generate_secret(), "msg_2", "image.completed", image)
+            ).status_code
+            == 401
+        )
+        stale = {**delivery, "headers": {**delivery["headers"], "webhook-timestamp": "1"}}
+        assert httpx.post(listener.callback_url, **stale).status_code == 400
+        assert httpx.post(listener.callback_url, content=delivery["content"]).status_code == 400
+        assert not listener.finished("img_1").done()
+
+        assert httpx.post(listener.callback_url, **delivery).status_code == 204
+        assert httpx.post(listener.callback_url, **delivery).status_code == 204
+        assert listener.wait_for("img_1", timeout=5).status == "completed"
+    assert (listener.accepted, listener.duplicates, listener.refused) == (1, 1, 3)
+    with pytest.raises(ValueError, match="secret"):
+        WebhookListener([])
+    with WebhookListener(secret, public_url="https://tunnel.example/hooks") as tunnelled:
+        assert tunnelled.callback_url == "https://tunnel.example/hooks"
 
 
 def test_on_s3_a_direct_upload_goes_by_the_form_and_downloads_follow_presigned_urls(
@@ -232,6 +358,24 @@ def test_batch_from_a_folder_completes_and_its_archive_download_resumes(
     assert saved.read_bytes() == whole and not list(tmp_path.glob(".*.part"))
     with zipfile.ZipFile(saved) as archive:
         assert sorted(archive.namelist()) == ["_report.json", "photo-0.png", "photo-1.png", "photo-2.png"]
+
+
+def test_a_refused_file_is_reported_and_the_rest_sent_again_each_byte_counted_once(
+    stack: Stack, partner: Partner, photos: Path
+) -> None:
+    (photos / "notes.jpg").write_bytes(b"not a photo at all")
+    sent: list[int] = []
+    refusals: list[tuple[str, str]] = []
+    with Darkroom(partner.api_key, stack.base_url) as darkroom:
+        batch = darkroom.batches.create()
+        added = darkroom.batches.add(
+            batch.id, photos, progress=sent.append, refused=lambda name, why: refusals.append((name, why))
+        )
+    assert sorted(image.filename for image in added) == ["photo-0.jpg", "photo-1.jpg", "photo-2.jpg"]
+    assert [name for name, _ in refusals] == ["notes.jpg"]
+    # The first request carried all four files; the second, the three photos again: a bar of bytes sent
+    # that counted them twice would end past its total.
+    assert sum(sent) == sum(photo.stat().st_size for photo in photos.iterdir())
 
 
 class LoseFirstAnswer(httpx.HTTPTransport):

@@ -7,7 +7,8 @@
         image = darkroom.images.wait(image.id)
         darkroom.images.download_to(image.id, "photo-800.webp")
 
-`AsyncDarkroom` is the same for asyncio; `darkroom_client.webhooks` verifies the webhooks it sends.
+`AsyncDarkroom` is the same for asyncio; `darkroom_client.webhooks` verifies the webhooks it sends, and
+`WebhookListener` receives them so `images.wait(id, listener=…)` returns on the image's webhook.
 """
 
 from darkroom_client.client import AsyncDarkroom, Darkroom
@@ -29,6 +30,7 @@ from darkroom_client.errors import (
     ValidationFailed,
     WaitTimeout,
 )
+from darkroom_client.listener import WebhookListener
 from darkroom_client.types import Archive, Batch, Delivery, Image, Page, WebhookEndpoint
 from darkroom_client.version import __version__
 
@@ -57,5 +59,6 @@ __all__ = [
     "ValidationFailed",
     "WaitTimeout",
     "WebhookEndpoint",
+    "WebhookListener",
     "__version__",
 ]

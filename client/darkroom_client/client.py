@@ -10,6 +10,7 @@ for `Darkroom` and an awaitable of `Image` for `AsyncDarkroom`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -18,7 +19,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import httpx
 
-from darkroom_client.core import Core, Effect, Flow, RetryPolicy, Send, Sleep, Stepper
+from darkroom_client.core import Arrival, Core, Effect, Flow, RetryPolicy, Send, Sleep, Stepper
 from darkroom_client.flows import BatchFlows, DeliveryFlows, EndpointFlows, ImageFlows
 from darkroom_client.types import Page
 
@@ -65,6 +66,11 @@ class _BlockingRunner:
         if isinstance(effect, Sleep):
             time.sleep(effect.seconds)
             return None
+        if isinstance(effect, Arrival):
+            try:
+                return effect.future.result(effect.seconds)
+            except concurrent.futures.TimeoutError:
+                return None
         if isinstance(effect, Send):
             return self.http.send(effect.request, follow_redirects=effect.follow_redirects)
         response = self.http.send(effect.request, stream=True, follow_redirects=True)
@@ -109,6 +115,12 @@ class _AsyncRunner:
         if isinstance(effect, Sleep):
             await asyncio.sleep(effect.seconds)
             return None
+        if isinstance(effect, Arrival):
+            # Waited on without cancelling it on timeout: the future is the listener's, shared by every
+            # wait for the same image.
+            arrived = asyncio.wrap_future(effect.future)
+            done, _ = await asyncio.wait({arrived}, timeout=effect.seconds)
+            return arrived.result() if done else None
         if isinstance(effect, Send):
             return await self.http.send(effect.request, follow_redirects=effect.follow_redirects)
         response = await self.http.send(effect.request, stream=True, follow_redirects=True)

@@ -12,6 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Generator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeAlias, TypeVar
@@ -45,7 +46,16 @@ class Sleep:
     seconds: float
 
 
-Effect: TypeAlias = Send | Save | Sleep
+@dataclass(frozen=True)
+class Arrival:
+    """Wait up to `seconds` for `future` (resolved by another thread, as a webhook listener's); the
+    result is its value, or None when it is still pending then."""
+
+    future: Future[Any]
+    seconds: float
+
+
+Effect: TypeAlias = Send | Save | Sleep | Arrival
 Result = TypeVar("Result")
 Flow: TypeAlias = Generator[Effect, Any, Result]
 

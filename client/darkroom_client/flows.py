@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import mimetypes
 import os
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, Any, TypeAlias
+from typing import IO, TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import httpx
 
-from darkroom_client.core import Core, Flow, Save, Sleep, dumps
+from darkroom_client.core import Arrival, Core, Flow, Save, Sleep, dumps
 from darkroom_client.errors import APIError, WaitTimeout
 from darkroom_client.types import Batch, Delivery, Image, Page, WebhookEndpoint
+
+if TYPE_CHECKING:
+    from darkroom_client.listener import WebhookListener
 
 FileSource: TypeAlias = str | os.PathLike[str] | bytes | IO[bytes]
 Operations: TypeAlias = Sequence[dict[str, Any]]
@@ -26,6 +31,9 @@ Progress: TypeAlias = Callable[[int], None]
 # The service takes at most 50 files a request; fewer make each retry smaller and progress smoother.
 FILES_PER_REQUEST = 10
 DEFAULT_WAIT_SECONDS = 600.0
+# With a webhook listener: how long to wait for the event before asking the service once (in case the
+# webhook was lost).
+DEFAULT_CHECK_SECONDS = 30.0
 
 
 class _CountedReader:
@@ -50,6 +58,28 @@ class _CountedReader:
 
     def tell(self) -> int:
         return self._file.tell()
+
+
+class _ToldOnce:
+    """`progress` for one file sent in several requests (a batch request sent again without a file the
+    service refused): each request reads the file from its start, and only bytes no earlier request
+    reached are told."""
+
+    def __init__(self, progress: Progress | None) -> None:
+        self._progress = progress
+        self._furthest = 0
+        self._read = 0
+
+    def again(self) -> Progress | None:
+        """The progress callback for the next request that sends the file (None: nobody listens)."""
+        self._read = 0
+        return None if self._progress is None else self._tell
+
+    def _tell(self, sent: int) -> None:
+        self._read += sent
+        if self._read > self._furthest and self._progress is not None:
+            self._progress(self._read - self._furthest)
+            self._furthest = self._read
 
 
 def _name_of(source: FileSource, filename: str | None) -> str:
@@ -133,12 +163,37 @@ class _Polling:
         self.interval = interval
         self.max_interval = max_interval
 
+    def left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(f"{self.what} did not finish within {self.timeout:g} s")
+
     def pause(self) -> Flow[None]:
-        left = self.deadline - time.monotonic()
+        left = self.left()
         if left <= 0:
-            raise WaitTimeout(f"{self.what} did not finish within {self.timeout:g} s")
+            raise self.timed_out()
         yield Sleep(min(self.interval, left))
         self.interval = min(self.max_interval, self.interval * 1.5)
+
+
+Finishing = TypeVar("Finishing", Image, Batch)
+
+
+def _by_webhook(
+    finished: Future[Finishing], fetch: Callable[[], Flow[Finishing]], checks: _Polling
+) -> Flow[Finishing]:
+    """The image or batch from the webhook `finished` is resolved by; fetched after each `checks.interval`
+    without it, and when the deadline passed."""
+    while True:
+        arrived: Finishing | None = yield Arrival(finished, min(checks.interval, checks.left()))
+        if arrived is not None:
+            return arrived
+        current = yield from fetch()
+        if current.done:
+            return current
+        if checks.left() <= 0:
+            raise checks.timed_out()
 
 
 class ImageFlows:
@@ -299,10 +354,28 @@ class ImageFlows:
         return target
 
     def wait(
-        self, image_id: str, *, timeout: float = DEFAULT_WAIT_SECONDS, interval: float = 0.25
+        self,
+        image_id: str,
+        *,
+        timeout: float = DEFAULT_WAIT_SECONDS,
+        interval: float = 0.25,
+        listener: WebhookListener | None = None,
+        check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[Image]:
         """Poll until the image is `completed` or `failed` (backing off from `interval` to 5 s), and
-        answer it; `WaitTimeout` after `timeout` seconds."""
+        answer it; `WaitTimeout` after `timeout` seconds.
+
+        With a `listener` (the image uploaded with its `callback_url`), wait for the webhook instead and
+        answer the image it carries, without asking the service. A webhook can be lost, so after each
+        `check_every` seconds without it, and once more when the timeout is reached, the image is asked
+        for once."""
+        if listener is not None:
+            checks = _Polling(f"image {image_id}", timeout, check_every, check_every)
+            return (
+                yield from _by_webhook(
+                    listener.finished(image_id), functools.partial(self.get, image_id), checks
+                )
+            )
         polling = _Polling(f"image {image_id}", timeout, interval, max_interval=5.0)
         while True:
             image = yield from self.get(image_id)
@@ -311,10 +384,23 @@ class ImageFlows:
             yield from polling.pause()
 
     def wait_many(
-        self, image_ids: Iterable[str], *, timeout: float = DEFAULT_WAIT_SECONDS, interval: float = 0.25
+        self,
+        image_ids: Iterable[str],
+        *,
+        timeout: float = DEFAULT_WAIT_SECONDS,
+        interval: float = 0.25,
+        listener: WebhookListener | None = None,
+        check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[list[Image]]:
         """`wait` for several images at once; answers them in the order given."""
         ids = list(image_ids)
+        if listener is not None:
+            checks = _Polling(f"{len(ids)} images", timeout, check_every, check_every)
+            images = []
+            for image_id in ids:
+                fetch = functools.partial(self.get, image_id)
+                images.append((yield from _by_webhook(listener.finished(image_id), fetch, checks)))
+            return images
         polling = _Polling(f"{len(ids)} images", timeout, interval, max_interval=5.0)
         finished: dict[str, Image] = {}
         while True:
@@ -409,12 +495,13 @@ class BatchFlows:
         sources = files_in(files)
         form = _form(_fields(operations, callback_url, metadata))
         images: list[Image] = []
+        told = [_ToldOnce(progress) for _ in sources]
         for start in range(0, len(sources), FILES_PER_REQUEST):
-            pending = sources[start : start + FILES_PER_REQUEST]
+            pending = list(range(start, min(start + FILES_PER_REQUEST, len(sources))))
             while pending:
                 try:
                     with contextlib.ExitStack() as stack:
-                        parts = [_file_part(stack, source, None, progress) for source in pending]
+                        parts = [_file_part(stack, sources[at], None, told[at].again()) for at in pending]
                         answer = yield from self._core.call(
                             "POST", f"/v1/batches/{batch_id}/images", data=form, files=parts
                         )
@@ -423,8 +510,8 @@ class BatchFlows:
                     if refused is None or not bad:
                         raise
                     for index, why in sorted(bad.items()):
-                        refused(_name_of(pending[index], None), why)
-                    pending = [source for index, source in enumerate(pending) if index not in bad]
+                        refused(_name_of(sources[pending[index]], None), why)
+                    pending = [at for index, at in enumerate(pending) if index not in bad]
                     continue
                 images.extend(Image.from_json(item) for item in answer["data"])
                 break
@@ -453,14 +540,25 @@ class BatchFlows:
         timeout: float = DEFAULT_WAIT_SECONDS,
         interval: float = 0.5,
         on_poll: Callable[[Batch], None] | None = None,
+        listener: WebhookListener | None = None,
+        check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[Batch]:
         """Poll until the batch is completed and its archive, if any, ready or failed; `on_poll` sees the
-        batch at each poll (its `counts` for a progress bar)."""
-        polling = _Polling(f"batch {batch_id}", timeout, interval, max_interval=5.0)
-        while True:
+        batch at each poll (its `counts` for a progress bar). With a `listener` (the batch created with
+        its `callback_url`), wait for its webhooks instead, as `images.wait` does."""
+
+        def fetch() -> Flow[Batch]:
             batch = yield from self.get(batch_id)
             if on_poll is not None:
                 on_poll(batch)
+            return batch
+
+        if listener is not None:
+            checks = _Polling(f"batch {batch_id}", timeout, check_every, check_every)
+            return (yield from _by_webhook(listener.batch_finished(batch_id), fetch, checks))
+        polling = _Polling(f"batch {batch_id}", timeout, interval, max_interval=5.0)
+        while True:
+            batch = yield from fetch()
             if batch.done:
                 return batch
             yield from polling.pause()
