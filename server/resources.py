@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from jobs.formats import ImageFormat
+from jobs.ops.encode import OutputFormat
 from jobs.records import ArchiveFormat, ArchiveStatus, BatchStatus, ImageStatus, UploadStart, UploadStatus
 from server.endpoints import MAX_DESCRIPTION_LENGTH, MAX_IN_FLIGHT_LIMIT, MAX_RATE_LIMIT
 from server.models import defaults_unsaid
@@ -32,7 +34,7 @@ class Resource(BaseModel):
 
 
 class ImageInput(Resource):
-    format: str
+    format: ImageFormat
     width: Pixels
     height: Pixels
     pages: Annotated[int, Field(ge=1)]
@@ -59,7 +61,7 @@ class UploadState(Resource):
 
 
 class ImageOutput(Resource):
-    format: str
+    format: OutputFormat
     width: Pixels
     height: Pixels
     bytes: Count
