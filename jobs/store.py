@@ -170,8 +170,12 @@ class Store:
         self.endpoints = EndpointStore(redis)
 
     @classmethod
-    def connect(cls, redis_url: str) -> Store:
-        return cls(Redis.from_url(redis_url))
+    def connect(cls, redis_url: str, command_timeout: float | None = None) -> Store:
+        """A store on its own connection pool; with `command_timeout`, connecting or a command that takes
+        longer raises (a `redis.exceptions.TimeoutError`) instead of waiting for ever."""
+        return cls(
+            Redis.from_url(redis_url, socket_connect_timeout=command_timeout, socket_timeout=command_timeout)
+        )
 
     async def close(self) -> None:
         await self.redis.aclose()

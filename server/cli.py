@@ -22,9 +22,13 @@ from webhooks import listen
 
 Result = TypeVar("Result")
 
+# An operator's command against a Redis that hangs (frozen, or its network gone) says so and exits, rather
+# than hanging with it; the commands' own work answers in milliseconds.
+REDIS_COMMAND_TIMEOUT_SECONDS = 5.0
+
 
 async def _with_store(settings: Settings, use: Callable[[Store], Awaitable[Result]]) -> Result:
-    store = Store.connect(settings.require_redis())
+    store = Store.connect(settings.require_redis(), command_timeout=REDIS_COMMAND_TIMEOUT_SECONDS)
     try:
         return await use(store)
     finally:

@@ -584,6 +584,14 @@ def test_retries_end_in_the_typed_error_or_a_transport_error() -> None:
         flow.throw(httpx.ConnectError("refused"))
 
 
+def test_a_wait_that_would_ask_in_a_tight_loop_is_refused_before_asking() -> None:
+    with Darkroom("sk_live_unused", "http://127.0.0.1:9") as darkroom:
+        with pytest.raises(ValueError, match="above 0 s"):
+            darkroom.images.wait("img_01m96nfpm2vepvk2tj0yr4mcya", interval=0)
+        with WebhookListener(generate_secret()) as listener, pytest.raises(ValueError, match="above 0 s"):
+            darkroom.batches.wait("bat_01m96nfpm2vepvk2tj0yr4mcya", listener=listener, check_every=0)
+
+
 def test_retry_after_may_be_an_http_date() -> None:
     in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
     assert 58 <= (parse_retry_after(in_a_minute) or 0) <= 60

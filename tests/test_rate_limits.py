@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -257,6 +261,26 @@ def test_accounts_commands_say_redis_is_unreachable_in_one_line(
         code, out, err = run_cli(capsys, "accounts", *command)
         assert (code, out) == (1, ""), command
         assert err.startswith("darkroom: cannot reach Redis") and err.count("\n") == 1, err
+
+
+def test_accounts_commands_give_up_on_a_redis_that_never_answers() -> None:
+    """A frozen Redis (or a dropped network) accepts the connection and answers nothing: the command says
+    so and exits, within its timeout (subprocess.run's own timeout fails the test if it hangs)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        command = [
+            sys.executable,
+            "-c",
+            "import sys; from server.cli import main; sys.exit(main(sys.argv[1:]))",
+        ]
+        finished = subprocess.run(
+            [*command, "accounts", "show", "acc_nobody"],
+            env={**os.environ, "REDIS_URL": f"redis://127.0.0.1:{silent.getsockname()[1]}/0"},
+            capture_output=True,
+            text=True,
+            timeout=cli.REDIS_COMMAND_TIMEOUT_SECONDS + 30,
+        )
+    assert (finished.returncode, finished.stdout) == (1, "")
+    assert finished.stderr.startswith("darkroom: cannot reach Redis"), finished.stderr
 
 
 async def test_a_changed_plan_applies_from_the_next_request(

@@ -157,6 +157,9 @@ class _Polling:
     """Polling with backoff, until a deadline."""
 
     def __init__(self, what: str, timeout: float, interval: float, max_interval: float) -> None:
+        if interval <= 0:
+            # Zero would ask the service in a tight loop until the timeout.
+            raise ValueError(f"the time between checks must be above 0 s, not {interval:g}")
         self.what = what
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
