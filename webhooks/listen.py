@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TextIO
 
-from webhooks.signing import SECRET_PREFIX, SignatureMismatch, WebhookVerificationError, check_secret, verify
+from webhooks.signing import (
+    SECRET_PREFIX,
+    SignatureMismatch,
+    WebhookVerificationError,
+    check_secret,
+    verify_any,
+)
 
 MAX_BODY_BYTES = 10 * 1024 * 1024
 
@@ -53,12 +59,9 @@ def listen_secrets(values: Sequence[str]) -> list[ListenSecret]:
 def verified_by(secrets: Sequence[ListenSecret], headers: Mapping[str, str], body: bytes) -> ListenSecret:
     """The first secret that verifies the delivery. Otherwise WebhookVerificationError: a malformed or
     stale delivery fails with the first secret as with any; a well-formed one signed otherwise, with all."""
-    for candidate in secrets:
-        try:
-            verify(candidate.secret, headers, body)
-        except SignatureMismatch:
-            continue
-        return candidate
+    matched = verify_any([candidate.secret for candidate in secrets], headers, body)
+    if matched is not None:
+        return secrets[matched]
     if len(secrets) == 1:
         raise SignatureMismatch("no matching signature")
     raise SignatureMismatch(f"no signature matches any of the {len(secrets)} secrets")

@@ -15,6 +15,7 @@ from darkroom_client.webhooks import (
     sign_headers,
     signature_header,
     verify,
+    verify_any,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "sign_headers",
     "signature_header",
     "verify",
+    "verify_any",
 ]

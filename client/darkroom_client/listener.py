@@ -29,7 +29,7 @@ from darkroom_client.webhooks import (
     SignatureMismatch,
     WebhookVerificationError,
     check_secret,
-    verify,
+    verify_any,
 )
 
 # The events that may carry an image or a batch as it ends (a batch completed with its archive still to
@@ -159,13 +159,8 @@ class WebhookListener:
             return self._finished.setdefault(resource_id, Future())
 
     def _verify(self, headers: Mapping[str, str], body: bytes) -> None:
-        for secret in self._secrets:
-            try:
-                verify(secret, headers, body, tolerance=self._tolerance)
-            except SignatureMismatch:
-                continue
-            return
-        raise SignatureMismatch("signed with none of the listener's secrets")
+        if verify_any(self._secrets, headers, body, tolerance=self._tolerance) is None:
+            raise SignatureMismatch("signed with none of the listener's secrets")
 
     def _refuse(self, status: int) -> int:
         with self._lock:

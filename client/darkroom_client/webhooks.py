@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 SECRET_PREFIX = "whsec_"
 DEFAULT_TOLERANCE_SECONDS = 300
@@ -105,3 +105,22 @@ def verify(
         ):
             return
     raise SignatureMismatch("no matching signature")
+
+
+def verify_any(
+    candidates: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance: int = DEFAULT_TOLERANCE_SECONDS,
+) -> int | None:
+    """The index of the first of `candidates` that verifies the delivery, None when it was signed with none of
+    them (during a rotation, or for a receiver that hears several senders). A malformed or stale delivery
+    raises WebhookVerificationError, whichever the secret."""
+    for index, secret in enumerate(candidates):
+        try:
+            verify(secret, headers, body, tolerance=tolerance)
+        except SignatureMismatch:
+            continue
+        return index
+    return None
