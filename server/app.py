@@ -36,7 +36,7 @@ from server import (
     variants,
 )
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
-from server.idempotency import IdempotencyMiddleware
+from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
 from server.problems import (
     Problem,
     handle_http_status,
@@ -67,6 +67,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.rate_limiter = RateLimiter(redis)
+        app.state.idempotency = IdempotencyRecords(redis)
         app.state.storage = storage
         app.state.uploads = UploadDesk(settings, redis, app.state.store, storage)
         # Read from Redis when the first upload URL is signed or checked.

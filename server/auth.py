@@ -8,7 +8,6 @@ from jobs.records import Account
 from jobs.store import Store
 from server.problems import Problem
 from server.ratelimit import count_request, request_limits
-from server.request_log import note_account
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
@@ -40,6 +39,5 @@ async def require_account(request: Request) -> Account:
     account = await store.authenticate(api_key)
     if account is None:
         raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
-    note_account(request, account.id)
     await count_request(request, account)
     return account

@@ -46,7 +46,6 @@ from server.images import batches_of
 from server.problems import Problem
 from server.query import QueryModel, query_of, takes_query
 from server.ratelimit import count_request
-from server.request_log import note_account
 from server.variants import VariantQuery
 from webhooks.messages import MessageFilter
 
@@ -131,7 +130,6 @@ async def _session(request: Request) -> Session | None:
     account = await store.get_account(saved["account_id"])
     if account is None:
         return None
-    note_account(request, account.id)
     await count_request(request, account)
     return Session(session_id, account, saved["csrf_token"])
 
@@ -283,8 +281,11 @@ class _Table:
     read: Callable[[Request, Account], Awaitable[Rows]]
     template: str
 
+    def render(self, rows: Rows) -> str:
+        return _fragment(self.template, rows=rows)
+
     async def html(self, request: Request, account: Account) -> str:
-        return _fragment(self.template, rows=await self.read(request, account))
+        return self.render(await self.read(request, account))
 
 
 _TABLES = {
@@ -294,14 +295,14 @@ _TABLES = {
 }
 
 
-async def _images_page(request: Request, session: Session) -> Response:
-    rows = await _TABLES["images"].html(request, session.account)
-    return _page(request, "images.html", session=session, rows=rows, current="images", table="images")
+def _table_page(name: str) -> Page:
+    """The page `{name}.html` around the account's table `name` (kept live by its event stream)."""
 
+    async def page(request: Request, session: Session) -> Response:
+        rows = await _TABLES[name].html(request, session.account)
+        return _page(request, f"{name}.html", session=session, rows=rows, current=name, table=name)
 
-async def _batches_page(request: Request, session: Session) -> Response:
-    rows = await _TABLES["batches"].html(request, session.account)
-    return _page(request, "batches.html", session=session, rows=rows, current="batches", table="batches")
+    return page
 
 
 async def _webhooks_page(request: Request, session: Session) -> Response:
@@ -342,7 +343,7 @@ async def events(request: Request) -> Response:
             # Rendered only when the rows changed: comparing them costs a small part of rendering them.
             if rows != sent:
                 sent = rows
-                html = _fragment(shown.template, rows=rows)
+                html = shown.render(rows)
                 data = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
                 yield f"event: {table}\n{data}\n"
             await asyncio.sleep(POLL_SECONDS)
@@ -392,8 +393,13 @@ async def asset(request: Request) -> Response:
 
 # Pages for a browser signed in by cookie, not the API: left out of /openapi.json.
 routes = [
-    Route("/dashboard", _signed_in_page(_images_page), methods=["GET"], include_in_schema=False),
-    Route("/dashboard/batches", _signed_in_page(_batches_page), methods=["GET"], include_in_schema=False),
+    Route("/dashboard", _signed_in_page(_table_page("images")), methods=["GET"], include_in_schema=False),
+    Route(
+        "/dashboard/batches",
+        _signed_in_page(_table_page("batches")),
+        methods=["GET"],
+        include_in_schema=False,
+    ),
     Route("/dashboard/webhooks", _signed_in_page(_webhooks_page), methods=["GET"], include_in_schema=False),
     Route("/dashboard/sign-in", sign_in_page, methods=["GET"], include_in_schema=False),
     Route("/dashboard/sign-in", sign_in, methods=["POST"], include_in_schema=False),

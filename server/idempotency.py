@@ -96,7 +96,6 @@ class IdempotencyRecords:
     """The keys of every account in Redis, shared by every web process."""
 
     def __init__(self, redis: Redis) -> None:
-        self.redis = redis
         self._claim = redis.register_script(_CLAIM)
         self._keep = redis.register_script(_KEEP)
         self._release = redis.register_script(_RELEASE)
@@ -217,7 +216,6 @@ class IdempotencyMiddleware:
         self.app = app
         self.ttl = settings.idempotency_ttl
         self.lock_timeout = settings.idempotency_lock_timeout
-        self._records: IdempotencyRecords | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith("/v1/"):
@@ -233,7 +231,7 @@ class IdempotencyMiddleware:
             account = await require_account(request)
             record = record_key(account.id, idempotency_key(scope))
             token = secrets.token_hex(16)
-            records = self._records_of(request.app.state.redis)
+            records: IdempotencyRecords = request.app.state.idempotency
             claim = await records.claim(record, token, self.lock_timeout)
         except Problem as problem:
             await problem_response(request, problem)(scope, receive, send)
@@ -256,11 +254,6 @@ class IdempotencyMiddleware:
             )(scope, receive, send)
         else:
             await self._replay(scope, receive, send, claim, fingerprint)
-
-    def _records_of(self, redis: Redis) -> IdempotencyRecords:
-        if self._records is None or self._records.redis is not redis:
-            self._records = IdempotencyRecords(redis)
-        return self._records
 
     async def _run_and_keep(
         self,

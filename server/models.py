@@ -12,6 +12,7 @@ A field whose schema is a component of `/openapi.json` (an operation chain) says
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -118,6 +119,14 @@ async def checked_body(
     return checked
 
 
+@functools.cache
+def _properties(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema properties, built once: pydantic builds the whole schema on every call, and a
+    refused request asks once for each field it got wrong."""
+    properties: dict[str, Any] = model.model_json_schema()["properties"]
+    return properties
+
+
 def hint(model: type[BaseModel], name: str) -> str:
     field = model.model_fields[name]
     stated = next(
@@ -125,7 +134,7 @@ def hint(model: type[BaseModel], name: str) -> str:
     )
     if stated is not None:
         return stated.text
-    schema = non_null(model.model_json_schema()["properties"][name])
+    schema = non_null(_properties(model)[name])
     if "enum" in schema:
         return f"must be one of: {', '.join(str(choice) for choice in schema['enum'])}"
     if schema.get("type") == "integer":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -28,6 +28,7 @@ from jobs.plans import Plan
 from jobs.records import Account
 from jobs.store import APPLY_STAGED_LUA
 from server.problems import Problem
+from server.request_log import note_account
 
 WINDOW_SECONDS = 60
 AllowanceName = Literal["requests", "uploads"]
@@ -134,11 +135,11 @@ class RequestLimits:
     account: Account
     requests: Allowance
     uploads: Allowance | None = None
-    # The allowance the X-RateLimit-* headers describe: uploads, once the request counted some.
-    shown: Allowance = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.shown = self.requests
+    @property
+    def shown(self) -> Allowance:
+        """The allowance the X-RateLimit-* headers describe: uploads, once the request counted some."""
+        return self.uploads or self.requests
 
     def headers(self) -> list[tuple[bytes, bytes]]:
         plan = self.account.plan
@@ -177,7 +178,9 @@ def _rate_limited(allowance: Allowance, what: str) -> Problem:
 
 
 async def count_request(request: Request, account: Account) -> None:
-    """Take one request from the account's allowance: 429 `rate_limited` when none is left."""
+    """The request is the account's (its log line says so): take one request from the account's
+    allowance, 429 `rate_limited` when none is left."""
+    note_account(request, account.id)
     limiter: RateLimiter = request.app.state.rate_limiter
     allowance = await limiter.check(account.id, "requests", account.plan.requests_per_minute)
     request.scope[_SCOPE_KEY] = RequestLimits(account, allowance)
@@ -211,7 +214,7 @@ async def _check_uploads(request: Request, count: int, *, take: bool, then_apply
             limits.account.id, "uploads", plan.uploads_per_minute, count, take=take
         )
     if take or allowance.refused:
-        limits.uploads = limits.shown = allowance
+        limits.uploads = allowance
     if allowance.refused:
         raise _rate_limited(allowance, "uploads")
 
