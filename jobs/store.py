@@ -355,12 +355,8 @@ class Store:
             return True
         # Stored by an older version (without the fields added since), it is still `previous` if it
         # reads back as it.
-        stored = await self.redis.get(key)
-        return (
-            stored is not None
-            and ImageRecord.from_json(stored) == previous
-            and await self._commit_if_unchanged(key, stored, writes)
-        )
+        stored, raw = await self._stored_image(image.id)
+        return stored == previous and await self._commit_if_unchanged(key, raw, writes)
 
     async def upload_signing_key(self) -> bytes:
         """The secret every web process signs upload URLs with: made by whichever asks first."""

@@ -512,11 +512,12 @@ class Dispatcher:
             return
         message = Message.from_json(raw_message)
         with bind(msg_id=message.id, request_id=message.request_id, **_subject_of(message)):
-            await self._attempt_message(claimed, delivery, message)
+            await self._attempt_message(claimed, destination, delivery, message)
 
-    async def _attempt_message(self, claimed: _Claimed, delivery: Delivery, message: Message) -> None:
+    async def _attempt_message(
+        self, claimed: _Claimed, destination: str, delivery: Delivery, message: Message
+    ) -> None:
         endpoint = claimed.endpoint
-        _, destination = parse_due_member(claimed.member)
         number = len(delivery.attempts) + 1
         started = now_ms()
         if destination == CALLBACK:

@@ -423,10 +423,12 @@ class MessageStore:
         for batch_id in filter(is_batch_id, message.resource_ids):
             indexes.append(batch_messages_key(message.account_id, batch_id))
             pipe.expire(indexes[-1], self.retention_seconds)
+        oldest = (
+            None if self.oldest_kept_id is None else self.oldest_kept_id(due - self.retention_seconds * 1000)
+        )
         for index in indexes:
             pipe.zadd(index, {message.id: 0})
-            if self.oldest_kept_id is not None:
-                oldest = self.oldest_kept_id(due - self.retention_seconds * 1000)
+            if oldest is not None:
                 pipe.zremrangebylex(index, "-", f"({oldest}")
         for destination in message.destinations:
             member = due_member(message.id, destination.name)

@@ -300,15 +300,13 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                     timeout=args.timeout,
                     on_poll=lambda seen: bars.update(done, completed=seen.finished),
                 )
-                outcome.images = list(darkroom.images.list(batch_id=batch.id, limit=100))
                 if args.download is not None and batch.archive is not None:
                     if batch.archive.status == "ready":
                         darkroom.batches.download_archive(batch.id, args.download)
                         console.print(f"archive saved to {args.download}", highlight=False, soft_wrap=True)
                     else:
                         outcome.refused.append(("archive", f"the archive is {batch.archive.status}"))
-            else:
-                outcome.images = list(darkroom.images.list(batch_id=batch.id, limit=100))
+            outcome.images = list(darkroom.images.list(batch_id=batch.id, limit=100))
     except DarkroomError as exc:
         console.print(f"darkroom batch: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 1
