@@ -223,9 +223,13 @@ class Store:
             ),
         )
 
-    async def change_plan(self, account_id: str, plan: Plan) -> Account | None:
-        """Give the account `plan`: its limits apply from its next request on, in every web process."""
-        return await self._change_account(account_id, lambda account: replace(account, plan=plan))
+    async def change_plan(self, account_id: str, new_plan: Callable[[Plan], Plan]) -> Account | None:
+        """Give the account the plan `new_plan` makes of its current one, read in the same transaction (so
+        two changes at once each apply to what the other left): its limits apply from its next request
+        on, in every web process."""
+        return await self._change_account(
+            account_id, lambda account: replace(account, plan=new_plan(account.plan))
+        )
 
     async def _change_account(self, account_id: str, change: Callable[[Account], Account]) -> Account | None:
         """The account changed by `change` and saved, unless another change came between reading and

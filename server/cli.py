@@ -98,12 +98,11 @@ def _show(account: Account | None, account_id: str, as_json: bool) -> int:
 def _accounts_update(args: argparse.Namespace) -> int:
     numbers = _plan_numbers(args)
 
+    def new_plan(current: Plan) -> Plan:
+        return plan_with(TIERS[args.plan] if args.plan is not None else current, numbers)
+
     async def update(store: Store) -> Account | None:
-        account = await store.get_account(args.account_id)
-        if account is None:
-            return None
-        base = TIERS[args.plan] if args.plan is not None else account.plan
-        return await store.change_plan(account.id, plan_with(base, numbers))
+        return await store.change_plan(args.account_id, new_plan)
 
     account = asyncio.run(_with_store(Settings.from_env(), update))
     return _show(account, args.account_id, args.json)

@@ -24,7 +24,8 @@ PHOTO = imagegen.jpeg(32, 24)
 async def give_plan(redis: Redis, partner: Partner, *, max_processing: int, share: int) -> None:
     """As `darkroom accounts update` does: the queue reads the plan at each admission."""
     numbers: dict[str, int | None] = {"max_processing": max_processing, "share": share}
-    assert await Store(redis).change_plan(partner.id, plan_with(TIERS[DEFAULT_TIER], numbers)) is not None
+    changed = await Store(redis).change_plan(partner.id, lambda _: plan_with(TIERS[DEFAULT_TIER], numbers))
+    assert changed is not None
 
 
 async def upload(client: httpx.AsyncClient, partner: Partner, count: int = 1) -> list[str]:

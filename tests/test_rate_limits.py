@@ -289,7 +289,7 @@ async def test_a_changed_plan_applies_from_the_next_request(
     from jobs.store import Store
 
     assert (await client.get("/v1/images", headers=account.headers)).headers["x-ratelimit-limit"] == "6000"
-    await Store(redis).change_plan(account.id, TIERS["free"])  # type: ignore[arg-type]
+    await Store(redis).change_plan(account.id, lambda _: TIERS["free"])  # type: ignore[arg-type]
     after = await client.get("/v1/images", headers=account.headers)
     assert after.headers["x-ratelimit-limit"] == "120"
 
