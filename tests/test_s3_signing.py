@@ -1,8 +1,10 @@
-"""The data path's presigned URLs (jobs/s3signing.py) are byte for byte the ones botocore makes."""
+"""Our presigned URLs and POST forms (jobs/s3signing.py) are byte for byte the ones botocore makes."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import base64
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -11,7 +13,7 @@ import pytest
 from botocore.config import Config
 from botocore.credentials import ReadOnlyCredentials
 
-from jobs.s3signing import QuerySigner
+from jobs.s3signing import Presigner
 
 EXPIRES = 900
 BUCKET = "darkroom-photos"
@@ -30,6 +32,15 @@ SERVICES = [
 # (HTTP method, botocore operation, its query parameters as botocore's Params, as ours)
 OPERATIONS: list[tuple[str, str, dict[str, Any], dict[str, str | int]]] = [
     ("GET", "get_object", {}, {}),
+    (
+        "GET",
+        "get_object",
+        {"ResponseContentDisposition": 'attachment; filename="ü b.jpg"', "ResponseContentType": "image/jpeg"},
+        {
+            "response-content-disposition": 'attachment; filename="ü b.jpg"',
+            "response-content-type": "image/jpeg",
+        },
+    ),
     ("PUT", "put_object", {}, {}),
     (
         "PUT",
@@ -61,7 +72,7 @@ def test_presigned_urls_match_botocores(
     probe = client.generate_presigned_url(
         "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
     )
-    signer = QuerySigner.like(probe, PROBE, EXPIRES)
+    signer = Presigner.like(probe, PROBE)
     credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
     for key in KEYS:
         for method, operation, params, query in OPERATIONS:
@@ -73,7 +84,7 @@ def test_presigned_urls_match_botocores(
             )
             signed_at = parse_qs(urlsplit(theirs).query)["X-Amz-Date"][0]
             now = datetime.strptime(signed_at, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-            assert signer.presign(method, key, query, credentials, now) == theirs
+            assert signer.presign(method, key, query, credentials, EXPIRES, now) == theirs
 
 
 def test_a_new_day_signs_with_a_new_key() -> None:
@@ -81,12 +92,56 @@ def test_a_new_day_signs_with_a_new_key() -> None:
     probe = client.generate_presigned_url(
         "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
     )
-    signer = QuerySigner.like(probe, PROBE, EXPIRES)
+    signer = Presigner.like(probe, PROBE)
     credentials = ReadOnlyCredentials("AKIDEXAMPLE", "secret", None)
-    before = signer.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
-    after = signer.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
+    before = signer.presign(
+        "GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC)
+    )
+    after = signer.presign(
+        "GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC)
+    )
     assert "X-Amz-Credential=AKIDEXAMPLE%2F20260101%2F" in before
     assert "X-Amz-Credential=AKIDEXAMPLE%2F20260102%2F" in after
     # Each is what a signer that never saw the other day makes.
-    fresh = QuerySigner.like(probe, PROBE, EXPIRES)
-    assert fresh.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC)) == after
+    fresh = Presigner.like(probe, PROBE)
+    assert (
+        fresh.presign("GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
+        == after
+    )
+
+
+@pytest.mark.parametrize(("endpoint_url", "region", "style"), SERVICES)
+@pytest.mark.parametrize("token", [None, "session/token+with=odd chars"])
+def test_presigned_post_forms_match_botocores(
+    endpoint_url: str | None, region: str, style: str | None, token: str | None
+) -> None:
+    client = botocore_client(endpoint_url, region, style, token)
+    probe = client.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
+    )
+    signer = Presigner.like(probe, PROBE)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    redirect = "https://api.example.com/v1/uploads/upl_1/landed?expires=1&signature=a+b/c="
+    fields = {"success_action_redirect": redirect, "Content-Type": "image/jpeg"}
+    conditions: list[Any] = [["content-length-range", 1, 12_345], *({k: v} for k, v in fields.items())]
+    for key in KEYS:
+        theirs = their_form(client, key, fields, conditions)
+        now = datetime.strptime(theirs["fields"]["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        url, form = signer.presign_post(BUCKET, key, fields, conditions, credentials, EXPIRES, now)
+        assert (url, form) == (theirs["url"], theirs["fields"])
+        assert list(form) == list(theirs["fields"])
+
+
+def their_form(client: Any, key: str, fields: dict[str, str], conditions: list[Any]) -> Any:
+    """botocore's form, signed within one second: it reads the clock for the policy's expiration and
+    again for the signature's date, which a second's tick between them would set apart."""
+    while True:
+        form = client.generate_presigned_post(
+            Bucket=BUCKET, Key=key, Fields=fields, Conditions=[*conditions], ExpiresIn=EXPIRES
+        )
+        policy = json.loads(base64.b64decode(form["fields"]["policy"]))
+        signed_at = datetime.strptime(form["fields"]["x-amz-date"], "%Y%m%dT%H%M%SZ")
+        if datetime.strptime(policy["expiration"], "%Y-%m-%dT%H:%M:%SZ") == signed_at + timedelta(
+            seconds=EXPIRES
+        ):
+            return form
