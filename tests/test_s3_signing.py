@@ -16,6 +16,7 @@ from botocore.credentials import ReadOnlyCredentials
 from jobs.s3signing import Presigner
 
 EXPIRES = 900
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 BUCKET = "darkroom-photos"
 PROBE = "darkroom-probe"
 KEYS = [
@@ -57,10 +58,18 @@ def botocore_client(endpoint_url: str | None, region: str, style: str | None, to
         region_name=region,
         endpoint_url=endpoint_url,
         aws_access_key_id="AKIDEXAMPLE",
-        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        aws_secret_access_key=SECRET,
         aws_session_token=token,
         config=Config(signature_version="s3v4", s3={"addressing_style": style} if style else None),
     )
+
+
+def signer_like(client: Any) -> Presigner:
+    """Ours for the bucket, made as S3Storage makes it: from botocore's URL of the probe key."""
+    probe = client.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
+    )
+    return Presigner.like(probe, PROBE)
 
 
 @pytest.mark.parametrize(("endpoint_url", "region", "style"), SERVICES)
@@ -69,11 +78,8 @@ def test_presigned_urls_match_botocores(
     endpoint_url: str | None, region: str, style: str | None, token: str | None
 ) -> None:
     client = botocore_client(endpoint_url, region, style, token)
-    probe = client.generate_presigned_url(
-        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
-    )
-    signer = Presigner.like(probe, PROBE)
-    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    signer = signer_like(client)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", SECRET, token)
     for key in KEYS:
         for method, operation, params, query in OPERATIONS:
             theirs = client.generate_presigned_url(
@@ -89,10 +95,7 @@ def test_presigned_urls_match_botocores(
 
 def test_a_new_day_signs_with_a_new_key() -> None:
     client = botocore_client("http://127.0.0.1:9000", "us-east-1", "path", None)
-    probe = client.generate_presigned_url(
-        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
-    )
-    signer = Presigner.like(probe, PROBE)
+    signer = signer_like(client)
     credentials = ReadOnlyCredentials("AKIDEXAMPLE", "secret", None)
     before = signer.presign(
         "GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC)
@@ -103,7 +106,7 @@ def test_a_new_day_signs_with_a_new_key() -> None:
     assert "X-Amz-Credential=AKIDEXAMPLE%2F20260101%2F" in before
     assert "X-Amz-Credential=AKIDEXAMPLE%2F20260102%2F" in after
     # Each is what a signer that never saw the other day makes.
-    fresh = Presigner.like(probe, PROBE)
+    fresh = signer_like(client)
     assert (
         fresh.presign("GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
         == after
@@ -116,11 +119,8 @@ def test_presigned_post_forms_match_botocores(
     endpoint_url: str | None, region: str, style: str | None, token: str | None
 ) -> None:
     client = botocore_client(endpoint_url, region, style, token)
-    probe = client.generate_presigned_url(
-        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
-    )
-    signer = Presigner.like(probe, PROBE)
-    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    signer = signer_like(client)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", SECRET, token)
     redirect = "https://api.example.com/v1/uploads/upl_1/landed?expires=1&signature=a+b/c="
     fields = {"success_action_redirect": redirect, "Content-Type": "image/jpeg"}
     conditions: list[Any] = [["content-length-range", 1, 12_345], *({k: v} for k, v in fields.items())]
