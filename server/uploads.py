@@ -29,7 +29,7 @@ from starlette.routing import Route
 from jobs.ids import is_id, new_id
 from jobs.ops.encode import MEDIA_TYPES
 from jobs.params import FieldError
-from jobs.records import ImageRecord, UploadState, epoch_ms
+from jobs.records import Account, ImageRecord, UploadState, epoch_ms
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, LocalStorage, is_full
 from jobs.store import Store
@@ -42,7 +42,7 @@ from jobs.uploads import (
     received_original_key,
     upload_id_for,
 )
-from server.auth import require_account
+from server.auth import counted_request
 from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
 from server.models import Hint
@@ -103,8 +103,10 @@ async def _upload_form(request: Request, upload: UploadState, key: str) -> dict[
     """The form that POSTs the file straight to the bucket (None: the storage has none), redirecting
     to our signed landed URL. The redirect URL outlives the form by the longest a body may take, as a
     PUT started just in time may finish."""
-    settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
+    if isinstance(storage, LocalStorage):  # the bytes can only come to us
+        return None
+    settings: Settings = request.app.state.settings
     expires = _epoch_seconds(upload.expires_at)
     redirect_expires = expires + math.ceil(settings.body_timeout)
     form = await storage.presign_post(
@@ -141,7 +143,11 @@ def _declared(body: dict[str, Any], errors: list[FieldError]) -> tuple[str, str,
 
 
 async def create_upload(request: Request) -> Response:
-    account = await require_account(request)
+    async with counted_request(request) as account:
+        return await _created_upload(request, account)
+
+
+async def _created_upload(request: Request, account: Account) -> Response:
     settings: Settings = request.app.state.settings
     body = await read_json_object(request)
     errors: list[FieldError] = []
