@@ -23,7 +23,7 @@ from server.images import ImageForm, ImageFromUrl
 from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
-from server.resources import RESOURCES
+from server.resources import RESOURCES, Health, Readiness
 from server.uploads import ACCEPTED_CONTENT_TYPES, NewUpload
 
 # What partners send, each body validated by its model: their schemas are the models' own.
@@ -270,12 +270,12 @@ def _service_paths() -> dict[str, Any]:
         return {"get": {"summary": summary, "security": [], "responses": responses}}
 
     return {
-        "/healthz": unauthenticated("The process answers", {"200": _json("Alive", {"type": "object"})}),
+        "/healthz": unauthenticated("The process answers", {"200": _json("Alive", _ref(Health.__name__))}),
         "/readyz": unauthenticated(
             "Redis and the storage answer, and the storage has room",
             {
-                "200": _json("Ready", {"type": "object"}),
-                "503": _json("Not ready: each check says why", {"type": "object"}),
+                "200": _json("Ready", _ref(Readiness.__name__)),
+                "503": _json("Not ready: each check says why", _ref(Readiness.__name__)),
             },
         ),
         "/metrics": unauthenticated(

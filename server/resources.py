@@ -290,6 +290,27 @@ class Problem(Resource):
     errors: list[ProblemFieldError] | SkipJsonSchema[None] = None
 
 
+class Health(Resource):
+    """`/healthz`: the process answers."""
+
+    status: Literal["ok"]
+
+
+class ReadinessChecks(Resource):
+    redis: Annotated[str, Field(description='"ok", or "unreachable: …"')]
+    storage: Annotated[str, Field(description='"ok", or what is wrong with it')]
+    storage_space: Annotated[
+        str, Field(description='"ok"; "low: …" under DARKROOM_MIN_FREE_BYTES; "unknown: …"')
+    ]
+
+
+class Readiness(Resource):
+    """`/readyz`: ready (200) when every check is ok, else 503."""
+
+    status: Literal["ok", "unavailable"]
+    checks: ReadinessChecks
+
+
 RESOURCES: tuple[type[BaseModel], ...] = (
     Image,
     ImageList,
@@ -305,4 +326,6 @@ RESOURCES: tuple[type[BaseModel], ...] = (
     WebhookEndpointList,
     RecoveryResult,
     Problem,
+    Health,
+    Readiness,
 )

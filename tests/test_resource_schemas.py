@@ -177,3 +177,8 @@ async def test_an_upload_offering_a_bucket_form_is_what_the_spec_documents(
         body = {"filename": "phone.jpg", "content_type": "image/jpeg", "size": 10}
         created = await client.post("/v1/uploads", headers=account.headers, json=body)
     assert spec.check(created, "/v1/uploads", "post")["upload_form"]["fields"]
+
+
+async def test_health_answers_are_what_the_spec_documents(client: httpx.AsyncClient, spec: Spec) -> None:
+    assert spec.check(await client.get("/healthz"), "/healthz", "get") == {"status": "ok"}
+    assert spec.check(await client.get("/readyz"), "/readyz", "get")["checks"]["redis"] == "ok"
