@@ -24,6 +24,7 @@ BULK_WORKER_SETTINGS = "jobs.worker.BulkWorkerSettings"
 RESTART_DELAY_SECONDS = 1.0
 # arq cancels its jobs at SIGTERM (they run again); past this the lane is killed.
 STOP_GRACE_SECONDS = 10.0
+STDIN_FILENO = 0
 
 
 class BulkLane:
@@ -85,7 +86,9 @@ def end_with_the_worker() -> None:
     """Stop (as at SIGTERM) once the worker that started this lane is gone: its pipe on our stdin ends."""
 
     def watch() -> None:
-        while sys.stdin.buffer.read(4096):
+        # The file descriptor, not sys.stdin: a thread blocked inside sys.stdin's buffer holds its lock,
+        # which the interpreter takes at exit (a fatal error).
+        while os.read(STDIN_FILENO, 4096):
             pass
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -106,7 +106,7 @@ async def run_again_when_transient(deps: WorkerDeps, subject_id: str) -> AsyncIt
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
     deps: WorkerDeps = ctx["deps"]
-    lane: Lane = ctx["lane"]
+    lane = deps.redis.lane
     with bind(lane=None if lane is Lane.ALL else lane.value):
         async with run_again_when_transient(deps, image_id):
             await hold_lock_for(ctx, image_task_timeout(deps.settings))
@@ -206,7 +206,8 @@ async def links_from_the_web(settings: Settings, store: Store) -> Settings:
 async def startup(ctx: dict[str, Any]) -> None:
     settings = await links_from_the_web(ctx["settings"], Store(ctx["redis"]))
     deps = await build_deps(settings, ctx["redis"])
-    if ctx["lane"] is not Lane.BULK:
+    lane = deps.redis.lane
+    if lane is not Lane.BULK:
         # The express lane's dispatcher sends the bulk lane's webhooks too (each image's is announced
         # on Redis): at the bulk lane's priority, a single photo's webhook could wait behind a backlog.
         deps.dispatcher.start()
@@ -217,7 +218,7 @@ async def startup(ctx: dict[str, Any]) -> None:
         if main_loop is not None:
             deps.redis.ride_outages_while(main_loop)
     ctx["deps"] = deps
-    if ctx["lane"] is Lane.EXPRESS:
+    if lane is Lane.EXPRESS:
         ctx["bulk_lane"] = BulkLane(bulk_lane_command(WORKER_LOG_ARGS))
         ctx["bulk_lane"].start()
 
@@ -257,7 +258,7 @@ def worker_settings(settings: Settings, lane: Lane = Lane.ALL) -> dict[str, Any]
         "redis_pool": pool,
         "on_startup": startup,
         "on_shutdown": shutdown,
-        "ctx": {"settings": settings, "lane": lane},
+        "ctx": {"settings": settings},
         "max_jobs": settings.worker_concurrency,
         "poll_delay": BUSY_POLL_SECONDS,
         "max_tries": job_tries(settings),

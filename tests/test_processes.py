@@ -666,12 +666,15 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
 def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path: Path) -> None:
     """A worker killed (by the OOM killer, say) does not end the session: it comes back and works."""
     dev = start_dev(children, tmp_path / "dev-data")
-    (worker_pid,) = [pid for pid, command in descendants(dev.child.pid).items() if " arq " in command]
+    commands = descendants(dev.child.pid).items()
+    (worker_pid,) = [pid for pid, command in commands if "jobs.worker.WorkerSettings" in command]
+    bulk_lane = poll(lambda: bulk_lane_of(worker_pid), "the worker's bulk lane")
     os.kill(worker_pid, signal.SIGKILL)
     dev.child.wait_for_line(r"arq jobs\.worker\.WorkerSettings exited with -9; starting it again")
     image, delivery = upload_and_hear(dev)
     assert delivery.event["data"]["id"] == image["id"]
     assert not alive(worker_pid)
+    poll(lambda: not alive(bulk_lane), "the killed worker's bulk lane to end")
     stop_dev(dev, whole_group=False)
 
 
@@ -865,7 +868,9 @@ def test_a_redis_outage_mid_load_loses_nothing_and_stops_no_process(
 
     assert all(len(ids) == 1 for ids in heard.values()), heard
     assert web.process.poll() is None and worker.process.poll() is None
-    assert sum("Redis is unreachable" in line for line in worker.lines) == 1, worker.output()
+    # Once for each of the worker's processes (its express lane and its bulk lane), which both rode it.
+    assert sum("Redis is unreachable" in line for line in worker.lines) == 2, worker.output()
+    assert not any("the bulk lane" in line for line in worker.lines), worker.output()
 
 
 def heard_from_all(receiver: Receiver, image_ids: list[str]) -> dict[str, set[str]] | None:
