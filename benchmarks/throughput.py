@@ -222,7 +222,7 @@ class Service:
         """CPU seconds so far of web and worker (and of each, its event loop's thread: the rest is its
         thread pool's, libvips' work), the worker's bulk lane (its child), redis-server and this (the
         client's) process."""
-        web, worker = (self._target(process) for process in self.processes[:2])
+        web, worker = self.pids()
         return {
             "web": cpu_seconds(web),
             "web_event_loop": cpu_seconds(web, thread=web),
@@ -232,6 +232,10 @@ class Service:
             "redis": sum(cpu_seconds(pid) for pid in children_of(os.getpid(), "redis-server")),
             "client": own_cpu_seconds(),
         }
+
+    def pids(self) -> list[int]:
+        """The web's and the worker's processes (py-spy's targets when profiled)."""
+        return [self._target(process) for process in self.processes[:2]]
 
     def _target(self, process: subprocess.Popen[bytes]) -> int:
         """The process doing the work: py-spy's child when profiled."""

@@ -1,16 +1,18 @@
 """Blob storage in a bucket of an S3-compatible service (AWS S3, MinIO, R2), with aiobotocore.
 
 aiobotocore rather than obstore: it is async on asyncio, takes credentials from botocore's whole chain
-(environment, shared profiles, SSO, container and instance metadata), and signs presigned POST forms
-with a `content-length-range` condition, which direct uploads need to cap a file's size; obstore's
-signer makes query-string URLs (GET, PUT) only, with no policy conditions.
+(environment, shared profiles, SSO, container and instance metadata), and its endpoint resolution is
+the authority on how the bucket's URLs are made; presigned POST forms with a `content-length-range`
+condition, which direct uploads need to cap a file's size, follow botocore's byte for byte (obstore's
+signer makes query-string URLs, GET and PUT, only, with no policy conditions).
 
 Large files go up as multipart uploads, a part at a time, so memory stays bounded by the part size
 (DARKROOM_S3_PART_SIZE). The requests that carry bytes (GetObject, PutObject, UploadPart: three per
 image) go out as presigned URLs over one pooled aiohttp session: botocore's own request pipeline
 cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and local_copy of a
 corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object), and its presigner
-300 us a URL, so jobs/s3signing.py signs them (20 us). The other calls
+300 us a URL, so jobs/s3signing.py signs them (20 us), as it signs the presigned GETs of downloads and
+the forms of direct uploads. The other calls
 (multipart create and complete, listing, deleting, heads) go through the client. Anything the service
 answers other than "no such key" that stops an operation (a 5xx, throttling, a refused connection,
 after three attempts) is StorageUnavailable.
@@ -35,7 +37,7 @@ from aiobotocore.credentials import AioCredentials
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError
 
-from jobs.s3signing import QuerySigner
+from jobs.s3signing import FrozenCredentials, Presigner
 from jobs.settings import Settings
 from jobs.storage import (
     STREAM_CHUNK_BYTES,
@@ -85,7 +87,7 @@ class S3Storage(ScratchFolder):
         self._client: S3Client | None = None
         self._http: aiohttp.ClientSession | None = None
         self._credentials: AioCredentials | None = None
-        self._signer: QuerySigner | None = None
+        self._signer: Presigner | None = None
 
     async def prepare(self) -> None:
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,7 @@ class S3Storage(ScratchFolder):
             probe = await self.client.generate_presigned_url(
                 "get_object", Params={"Bucket": self.bucket, "Key": _PROBE_KEY}, ExpiresIn=DATA_URL_SECONDS
             )
-            self._signer = QuerySigner.like(probe, _PROBE_KEY, DATA_URL_SECONDS)
+            self._signer = Presigner.like(probe, _PROBE_KEY)
         self._http = await self._exit_stack.enter_async_context(
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=MAX_POOL_CONNECTIONS),
@@ -156,13 +158,11 @@ class S3Storage(ScratchFolder):
         The body goes out as the chunks it came in, never joined: a copy of a part costs more than its
         bytes suggest (a fresh megabyte of memory is page-faulted in; 1-4 ms of CPU a part here)."""
         assert self._http is not None, "S3Storage.prepare() was not awaited"
-        if self._signer is None or self._credentials is None:
-            raise StorageUnavailable("no AWS credentials found (environment, profile or instance role)")
         if body:
             headers = {**(headers or {}), "Content-Length": str(sum(map(len, body)))}
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            credentials = await self._credentials.get_frozen_credentials()
-            url = self._signer.presign(method, object_key, query or {}, credentials)
+            signer, credentials = await self._signing()
+            url = signer.presign(method, object_key, query or {}, credentials, DATA_URL_SECONDS)
             try:
                 sent = _replay(body) if body else None
                 response = await self._http.request(method, url, data=sent, headers=headers)
@@ -177,6 +177,12 @@ class S3Storage(ScratchFolder):
                     raise refusal
             await asyncio.sleep(random.random() * 2 ** (attempt - 1))
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _signing(self) -> tuple[Presigner, FrozenCredentials]:
+        """The signer, with the credentials the session holds now (refreshed ones, once refreshed)."""
+        if self._signer is None or self._credentials is None:
+            raise StorageUnavailable("no AWS credentials found (environment, profile or instance role)")
+        return self._signer, await self._credentials.get_frozen_credentials()
 
     async def put_file(self, staged: Path, key: str) -> None:
         """Read a part at a time: one PutObject for a small file, a multipart upload for a large one."""
@@ -294,16 +300,9 @@ class S3Storage(ScratchFolder):
         return "ok"
 
     async def presigned_get(self, key: str, expires_in: int, filename: str, content_type: str) -> str | None:
-        return await self.client.generate_presigned_url(
-            "get_object",
-            Params={
-                "Bucket": self.bucket,
-                "Key": self.object_key(key),
-                "ResponseContentDisposition": filename,
-                "ResponseContentType": content_type,
-            },
-            ExpiresIn=expires_in,
-        )
+        signer, credentials = await self._signing()
+        query = {"response-content-disposition": filename, "response-content-type": content_type}
+        return signer.presign("GET", self.object_key(key), query, credentials, expires_in)
 
     async def presign_post(
         self,
@@ -321,14 +320,11 @@ class S3Storage(ScratchFolder):
         if content_type is not None:
             fields["Content-Type"] = content_type
             conditions.append({"Content-Type": content_type})
-        form = await self.client.generate_presigned_post(
-            Bucket=self.bucket,
-            Key=self.object_key(key),
-            Fields=fields,
-            Conditions=conditions,
-            ExpiresIn=expires_in,
+        signer, credentials = await self._signing()
+        url, form = signer.presign_post(
+            self.bucket, self.object_key(key), fields, conditions, credentials, expires_in
         )
-        return PresignedPost(form["url"], {name: str(value) for name, value in form["fields"].items()})
+        return PresignedPost(url, form)
 
     async def stream(
         self, key: str, first: int | None = None, last: int | None = None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from starlette.requests import Request
 
 from jobs.records import Account
 from jobs.store import Store
 from server.problems import Problem
-from server.ratelimit import count_request, request_limits
+from server.ratelimit import count_request, defer_request_count, deferred_account, request_limits
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
@@ -27,6 +30,30 @@ async def require_account(request: Request) -> Account:
     known = request_limits(request)
     if known is not None:
         return known.account
+    account = deferred_account(request) or await _authenticated(request)
+    await count_request(request, account)
+    return account
+
+
+@asynccontextmanager
+async def counted_request(request: Request) -> AsyncIterator[Account]:
+    """The request's account, for a route that creates images: its request is counted with them, in
+    the round trip that saves them (`count_uploads`); if the route ends before that (a refused body),
+    on its own as it ends, so that a request over the allowance is a 429 whatever else was wrong."""
+    known = request_limits(request)
+    if known is not None:
+        yield known.account
+        return
+    account = await _authenticated(request)
+    defer_request_count(request, account)
+    try:
+        yield account
+    finally:
+        if request_limits(request) is None:
+            await count_request(request, account)
+
+
+async def _authenticated(request: Request) -> Account:
     api_key = presented_key(request)
     if api_key is None:
         raise Problem(
@@ -39,5 +66,4 @@ async def require_account(request: Request) -> Account:
     account = await store.authenticate(api_key)
     if account is None:
         raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
-    await count_request(request, account)
     return account

@@ -8,9 +8,12 @@ and two web processes cannot both take the last unit. Keys `dr:ratelimit:{accoun
 expire once the allowance is whole again.
 
 Every authenticated request takes one unit of `requests` (in `require_account`, before any body is
-read); every image it creates takes one of `uploads`. What was found goes on the response (see
-`RateLimitHeaders`): `X-RateLimit-*`, and the IETF fields of draft-ietf-httpapi-ratelimit-headers-10
-`RateLimit-Policy` and `RateLimit`.
+read); every image it creates takes one of `uploads`. A route that creates images may count its request
+with them instead (`auth.counted_request`): one script takes both and saves the images, one round trip
+for what would be two, and a request over its allowance still answers 429 whatever else was wrong.
+
+What was found goes on the response (see `RateLimitHeaders`): `X-RateLimit-*`, and the IETF fields of
+draft-ietf-httpapi-ratelimit-headers-10 `RateLimit-Policy` and `RateLimit`.
 """
 
 from __future__ import annotations
@@ -59,15 +62,22 @@ _GCRA = (
     _GCRA_FUNCTION
     + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1')\n"
 )
-# Takes the cost as _GCRA does and, only if it was let through, applies the commands staged from ARGV[4]
-# on (Store.staged_commands) in the same atomic step.
-_GCRA_THEN_APPLY = (
+# KEYS: the allowances to take, in turn; ARGV[1] the window (ms), then a quota and a cost per key, then
+# the commands staged (Store.staged_commands). Stops at the first allowance that refuses, and applies the
+# commands in the same atomic step only if every one let its cost through. Answers each decision made.
+_TAKE_THEN_APPLY = (
     _GCRA_FUNCTION
     + APPLY_STAGED_LUA
     + """
-local decided = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), true)
-if decided[1] == 1 then apply_staged(4) end
-return decided
+local window = tonumber(ARGV[1])
+local decisions = {}
+for index, key in ipairs(KEYS) do
+  local decided = gcra(key, tonumber(ARGV[2 * index]), window, tonumber(ARGV[2 * index + 1]), true)
+  decisions[index] = decided
+  if decided[1] == 0 then return decisions end
+end
+apply_staged(2 * #KEYS + 2)
+return decisions
 """
 )
 
@@ -98,7 +108,7 @@ class Allowance:
 class RateLimiter:
     def __init__(self, redis: Redis) -> None:
         self._gcra = redis.register_script(_GCRA)
-        self._gcra_then_apply = redis.register_script(_GCRA_THEN_APPLY)
+        self._take_then_apply = redis.register_script(_TAKE_THEN_APPLY)
 
     async def check(
         self, account_id: str, name: AllowanceName, quota: int, cost: int = 1, *, take: bool = True
@@ -111,14 +121,18 @@ class RateLimiter:
         return _allowance(name, quota, answer)
 
     async def take_then_apply(
-        self, account_id: str, name: AllowanceName, quota: int, cost: int, commands: Sequence[Any]
-    ) -> Allowance:
-        """Take `cost` units as `check` does and, only if they were there, apply `commands` (staged by
-        Store.staged_commands) with them: one round trip, and never one without the other."""
-        answer = await self._gcra_then_apply(
-            keys=[allowance_key(account_id, name)], args=[quota, WINDOW_SECONDS * 1000, cost, *commands]
+        self, account_id: str, costs: Sequence[tuple[AllowanceName, int, int]], commands: Sequence[Any]
+    ) -> list[Allowance]:
+        """Take each (allowance, quota, cost) of `costs` in turn as `check` does, stopping at the first
+        that refuses, and apply `commands` (staged by Store.staged_commands) only if all were let
+        through: one round trip, and never one without the others. What each allowance asked found."""
+        answers = await self._take_then_apply(
+            keys=[allowance_key(account_id, name) for name, _, _ in costs],
+            args=[WINDOW_SECONDS * 1000, *(n for _, quota, cost in costs for n in (quota, cost)), *commands],
         )
-        return _allowance(name, quota, answer)
+        return [
+            _allowance(name, quota, answer) for (name, quota, _), answer in zip(costs, answers, strict=False)
+        ]
 
 
 def _allowance(name: AllowanceName, quota: int, answer: Sequence[int]) -> Allowance:
@@ -160,12 +174,20 @@ class RequestLimits:
 # Kept in the request's scope itself: `scope["state"]` is a copy of the lifespan state for each request
 # under uvicorn, but one dict shared by every request under asgi-lifespan (the tests' app).
 _SCOPE_KEY = "darkroom.rate_limits"
+# The account of a request whose count waits for the images it creates (`defer_request_count`).
+_DEFERRED_KEY = "darkroom.uncounted_account"
 
 
 def request_limits(request: Request) -> RequestLimits | None:
-    """The limits `require_account` checked for this request (None before, or without an account)."""
+    """The limits checked for this request's account (None before, or without an account)."""
     limits: RequestLimits | None = request.scope.get(_SCOPE_KEY)
     return limits
+
+
+def deferred_account(request: Request) -> Account | None:
+    """The account of a request authenticated but not counted yet (see `defer_request_count`)."""
+    account: Account | None = request.scope.get(_DEFERRED_KEY)
+    return account
 
 
 def _rate_limited(allowance: Allowance, what: str) -> Problem:
@@ -183,20 +205,28 @@ async def count_request(request: Request, account: Account) -> None:
     note_account(request, account.id)
     limiter: RateLimiter = request.app.state.rate_limiter
     allowance = await limiter.check(account.id, "requests", account.plan.requests_per_minute)
-    request.scope[_SCOPE_KEY] = RequestLimits(account, allowance)
-    if allowance.refused:
-        raise _rate_limited(allowance, "requests")
+    _counted(request, RequestLimits(account, allowance))
 
 
-def _account_limits(request: Request) -> RequestLimits:
-    limits = request_limits(request)
-    assert limits is not None, "require_account counts the request before its uploads"
-    return limits
+def defer_request_count(request: Request, account: Account) -> None:
+    """The request is the account's, counted with the images it creates (`count_uploads`), or else by
+    `count_request` once the route is done."""
+    note_account(request, account.id)
+    request.scope[_DEFERRED_KEY] = account
+
+
+def _counted(request: Request, limits: RequestLimits) -> None:
+    request.scope.pop(_DEFERRED_KEY, None)
+    request.scope[_SCOPE_KEY] = limits
+    if limits.requests.refused:
+        raise _rate_limited(limits.requests, "requests")
 
 
 async def _check_uploads(request: Request, count: int, *, take: bool, then_apply: Sequence[Any] = ()) -> None:
-    limits = _account_limits(request)
-    plan: Plan = limits.account.plan
+    limits = request_limits(request)
+    account = limits.account if limits is not None else deferred_account(request)
+    assert account is not None, "the request is authenticated before its uploads are counted"
+    plan: Plan = account.plan
     if count > plan.uploads_per_minute:
         raise Problem(
             422,
@@ -205,14 +235,18 @@ async def _check_uploads(request: Request, count: int, *, take: bool, then_apply
             "minute, so send them in smaller requests",
         )
     limiter: RateLimiter = request.app.state.rate_limiter
-    if then_apply:
-        allowance = await limiter.take_then_apply(
-            limits.account.id, "uploads", plan.uploads_per_minute, count, then_apply
-        )
+    uploads_cost: tuple[AllowanceName, int, int] = ("uploads", plan.uploads_per_minute, count)
+    if limits is None:
+        assert take, "only a counted request asks for room without taking it"
+        requests_cost: tuple[AllowanceName, int, int] = ("requests", plan.requests_per_minute, 1)
+        decided = await limiter.take_then_apply(account.id, [requests_cost, uploads_cost], then_apply)
+        limits = RequestLimits(account, decided[0])
+        _counted(request, limits)
+        allowance = decided[1]
+    elif take:
+        (allowance,) = await limiter.take_then_apply(account.id, [uploads_cost], then_apply)
     else:
-        allowance = await limiter.check(
-            limits.account.id, "uploads", plan.uploads_per_minute, count, take=take
-        )
+        allowance = await limiter.check(account.id, "uploads", plan.uploads_per_minute, count, take=False)
     if take or allowance.refused:
         limits.uploads = allowance
     if allowance.refused:
@@ -229,7 +263,8 @@ async def count_uploads(request: Request, count: int, then_apply: Sequence[Any] 
     """Take `count` images from the account's upload allowance, all or none: 429 `rate_limited` when
     they are not all there now, 422 `too_many_images` when they never would be. `then_apply`, commands
     staged by Store.staged_commands (saving the images), run in the same step if the images are let
-    through, and only then: one round trip instead of two."""
+    through, and only then: one round trip instead of two. A request whose count was deferred is
+    counted in that same step, before its images."""
     await _check_uploads(request, count, take=True, then_apply=then_apply)
 
 

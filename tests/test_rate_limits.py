@@ -18,6 +18,7 @@ import pytest
 
 from jobs.plans import TIERS, Plan
 from jobs.settings import Settings
+from jobs.store import Store
 from server import cli
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
@@ -286,8 +287,6 @@ def test_accounts_commands_give_up_on_a_redis_that_never_answers() -> None:
 async def test_a_changed_plan_applies_from_the_next_request(
     client: httpx.AsyncClient, account: Partner, settings: Settings, redis: object
 ) -> None:
-    from jobs.store import Store
-
     assert (await client.get("/v1/images", headers=account.headers)).headers["x-ratelimit-limit"] == "6000"
     await Store(redis).change_plan(account.id, lambda _: TIERS["free"])  # type: ignore[arg-type]
     after = await client.get("/v1/images", headers=account.headers)
@@ -309,3 +308,31 @@ async def test_a_replayed_request_counts_and_carries_its_own_limits(
         {"r": 4, "t": 20},
     ]
     assert replayed.headers["x-ratelimit-remaining"] == "4"
+
+
+async def test_a_direct_upload_over_the_request_limit_is_429_whatever_its_body(
+    client: httpx.AsyncClient, redis: object
+) -> None:
+    # The create counts its request with its image, after reading the body: the answer is the same.
+    partner = await make_account(redis, "hasty", plan(requests_per_minute=2))  # type: ignore[arg-type]
+    declared = {"filename": "a.jpg", "content_type": "image/jpeg", "size": len(PHOTO)}
+    created = await client.post("/v1/uploads", headers=partner.headers, json=declared)
+    refused = await client.post("/v1/uploads", headers=partner.headers, json={**declared, "size": 0})
+    assert [created.status_code, refused.status_code] == [201, 422]
+    assert [allowance(created, "requests"), allowance(refused, "requests")] == [
+        {"r": 1, "t": 30},
+        {"r": 0, "t": 60},
+    ]
+    assert allowance(created, "uploads")["r"] == 1_499
+    answers = [
+        await client.post("/v1/uploads", headers=partner.headers, json=declared),
+        await client.post("/v1/uploads", headers=partner.headers, json={**declared, "size": 0}),
+        await client.post("/v1/uploads", headers=partner.headers, content=b"{"),
+    ]
+    for answer in answers:
+        assert_limited(answer, retry_after=30)
+        assert "uploads" not in answer.headers["ratelimit"]
+    listed = await client.get("/v1/images", headers=partner.headers)
+    assert listed.status_code == 429
+    images = await Store(redis).list_images(partner.id, limit=10)  # type: ignore[arg-type]
+    assert [image.id for image in images] == [created.json()["image"]["id"]]

@@ -1,8 +1,10 @@
-"""The data path's presigned URLs (jobs/s3signing.py) are byte for byte the ones botocore makes."""
+"""Our presigned URLs and POST forms (jobs/s3signing.py) are byte for byte the ones botocore makes."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import base64
+import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -11,9 +13,10 @@ import pytest
 from botocore.config import Config
 from botocore.credentials import ReadOnlyCredentials
 
-from jobs.s3signing import QuerySigner
+from jobs.s3signing import Presigner
 
 EXPIRES = 900
+SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 BUCKET = "darkroom-photos"
 PROBE = "darkroom-probe"
 KEYS = [
@@ -30,6 +33,15 @@ SERVICES = [
 # (HTTP method, botocore operation, its query parameters as botocore's Params, as ours)
 OPERATIONS: list[tuple[str, str, dict[str, Any], dict[str, str | int]]] = [
     ("GET", "get_object", {}, {}),
+    (
+        "GET",
+        "get_object",
+        {"ResponseContentDisposition": 'attachment; filename="ü b.jpg"', "ResponseContentType": "image/jpeg"},
+        {
+            "response-content-disposition": 'attachment; filename="ü b.jpg"',
+            "response-content-type": "image/jpeg",
+        },
+    ),
     ("PUT", "put_object", {}, {}),
     (
         "PUT",
@@ -46,10 +58,18 @@ def botocore_client(endpoint_url: str | None, region: str, style: str | None, to
         region_name=region,
         endpoint_url=endpoint_url,
         aws_access_key_id="AKIDEXAMPLE",
-        aws_secret_access_key="wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+        aws_secret_access_key=SECRET,
         aws_session_token=token,
         config=Config(signature_version="s3v4", s3={"addressing_style": style} if style else None),
     )
+
+
+def signer_like(client: Any) -> Presigner:
+    """Ours for the bucket, made as S3Storage makes it: from botocore's URL of the probe key."""
+    probe = client.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
+    )
+    return Presigner.like(probe, PROBE)
 
 
 @pytest.mark.parametrize(("endpoint_url", "region", "style"), SERVICES)
@@ -58,11 +78,8 @@ def test_presigned_urls_match_botocores(
     endpoint_url: str | None, region: str, style: str | None, token: str | None
 ) -> None:
     client = botocore_client(endpoint_url, region, style, token)
-    probe = client.generate_presigned_url(
-        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
-    )
-    signer = QuerySigner.like(probe, PROBE, EXPIRES)
-    credentials = ReadOnlyCredentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    signer = signer_like(client)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", SECRET, token)
     for key in KEYS:
         for method, operation, params, query in OPERATIONS:
             theirs = client.generate_presigned_url(
@@ -73,20 +90,58 @@ def test_presigned_urls_match_botocores(
             )
             signed_at = parse_qs(urlsplit(theirs).query)["X-Amz-Date"][0]
             now = datetime.strptime(signed_at, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-            assert signer.presign(method, key, query, credentials, now) == theirs
+            assert signer.presign(method, key, query, credentials, EXPIRES, now) == theirs
 
 
 def test_a_new_day_signs_with_a_new_key() -> None:
     client = botocore_client("http://127.0.0.1:9000", "us-east-1", "path", None)
-    probe = client.generate_presigned_url(
-        "get_object", Params={"Bucket": BUCKET, "Key": PROBE}, ExpiresIn=EXPIRES
-    )
-    signer = QuerySigner.like(probe, PROBE, EXPIRES)
+    signer = signer_like(client)
     credentials = ReadOnlyCredentials("AKIDEXAMPLE", "secret", None)
-    before = signer.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC))
-    after = signer.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
+    before = signer.presign(
+        "GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 1, 23, 59, 59, tzinfo=UTC)
+    )
+    after = signer.presign(
+        "GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC)
+    )
     assert "X-Amz-Credential=AKIDEXAMPLE%2F20260101%2F" in before
     assert "X-Amz-Credential=AKIDEXAMPLE%2F20260102%2F" in after
     # Each is what a signer that never saw the other day makes.
-    fresh = QuerySigner.like(probe, PROBE, EXPIRES)
-    assert fresh.presign("GET", KEYS[0], {}, credentials, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC)) == after
+    fresh = signer_like(client)
+    assert (
+        fresh.presign("GET", KEYS[0], {}, credentials, EXPIRES, datetime(2026, 1, 2, 0, 0, 0, tzinfo=UTC))
+        == after
+    )
+
+
+@pytest.mark.parametrize(("endpoint_url", "region", "style"), SERVICES)
+@pytest.mark.parametrize("token", [None, "session/token+with=odd chars"])
+def test_presigned_post_forms_match_botocores(
+    endpoint_url: str | None, region: str, style: str | None, token: str | None
+) -> None:
+    client = botocore_client(endpoint_url, region, style, token)
+    signer = signer_like(client)
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", SECRET, token)
+    redirect = "https://api.example.com/v1/uploads/upl_1/landed?expires=1&signature=a+b/c="
+    fields = {"success_action_redirect": redirect, "Content-Type": "image/jpeg"}
+    conditions: list[Any] = [["content-length-range", 1, 12_345], *({k: v} for k, v in fields.items())]
+    for key in KEYS:
+        theirs = their_form(client, key, fields, conditions)
+        now = datetime.strptime(theirs["fields"]["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        url, form = signer.presign_post(BUCKET, key, fields, conditions, credentials, EXPIRES, now)
+        assert (url, form) == (theirs["url"], theirs["fields"])
+        assert list(form) == list(theirs["fields"])
+
+
+def their_form(client: Any, key: str, fields: dict[str, str], conditions: list[Any]) -> Any:
+    """botocore's form, signed within one second: it reads the clock for the policy's expiration and
+    again for the signature's date, which a second's tick between them would set apart."""
+    while True:
+        form = client.generate_presigned_post(
+            Bucket=BUCKET, Key=key, Fields=fields, Conditions=[*conditions], ExpiresIn=EXPIRES
+        )
+        policy = json.loads(base64.b64decode(form["fields"]["policy"]))
+        signed_at = datetime.strptime(form["fields"]["x-amz-date"], "%Y%m%dT%H%M%SZ")
+        if datetime.strptime(policy["expiration"], "%Y-%m-%dT%H:%M:%SZ") == signed_at + timedelta(
+            seconds=EXPIRES
+        ):
+            return form
