@@ -371,6 +371,9 @@ async def test_an_upload_is_validated_like_a_multipart_one(
     assert_problem(await client.post("/v1/uploads", headers=account.headers, json=no_batch), 422)
     missing = await client.post("/v1/images", headers=account.headers, json={"operations": []})
     assert_problem(missing, 422, fields=["upload_id"])
+    malformed = await client.post("/v1/images", headers=account.headers, json={"upload_id": "upl_nope"})
+    (error,) = assert_problem(malformed, 422, "validation_failed", fields=["upload_id"])["errors"]
+    assert "POST /v1/uploads" in error["message"]
     assert await redis.keys("dr:image:*") == []
 
 

@@ -308,6 +308,33 @@ async def test_openapi_describes_endpoint_bodies_by_the_models_that_validate_the
     assert all("default" not in field for field in changed["properties"].values())
 
 
+async def test_openapi_describes_the_image_bodies_by_their_models(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    content = spec["paths"]["/v1/images"]["post"]["requestBody"]["content"]
+    form = content["multipart/form-data"]
+    assert form["schema"] == {"$ref": "#/components/schemas/ImageForm"}
+    assert form["encoding"]["operations"] == {"contentType": "application/json"}
+    assert "image/jpeg" in form["encoding"]["file"]["contentType"]
+    fields = schemas["ImageForm"]["properties"]
+    # A form sends JSON as text: a string of JSON of the value's schema.
+    assert fields["operations"]["contentMediaType"] == "application/json"
+    assert fields["operations"]["contentSchema"]["items"] == {"$ref": "#/components/schemas/Operation"}
+    assert fields["file"] == {**fields["file"], "type": "string", "format": "binary"}
+    assert schemas["ImageForm"]["required"] == ["file"]
+    assert content["application/json"]["schema"]["oneOf"] == [
+        {"$ref": "#/components/schemas/UploadStart"},
+        {"$ref": "#/components/schemas/ImageFromUrl"},
+    ]
+    direct = spec["paths"]["/v1/uploads"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert direct == {"$ref": "#/components/schemas/NewUpload"}
+    assert schemas["NewUpload"]["required"] == ["filename", "content_type", "size"]
+    by_url = schemas["BatchImagesFromUrl"]["properties"]["images"]
+    assert (by_url["minItems"], by_url["maxItems"]) == (1, 50)
+    assert by_url["items"] == {"$ref": "#/components/schemas/BatchImageFromUrl"}
+    assert "batch_id" not in schemas["BatchImageFromUrl"]["properties"]
+
+
 async def test_openapi_describes_the_batch_body_by_its_model(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     body = spec["paths"]["/v1/batches"]["post"]["requestBody"]["content"]["application/json"]["schema"]

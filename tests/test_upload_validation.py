@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from jobs import inspection
 from jobs.formats import ImageFormat, ImageHeader
 from jobs.queue import queued_jobs
+from jobs.records import epoch_ms
 from jobs.settings import Settings
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, run_burst, with_settings
@@ -553,6 +554,19 @@ async def test_all_field_problems_are_reported_together(
         response, 422, "validation_failed", fields=["operations[0].type", "callback_url", "metadata"]
     )
     await assert_nothing_kept(client, account, redis, settings)
+
+
+async def test_form_fields_left_blank_are_not_given(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    response = await upload(
+        client, account, imagegen.jpeg(), operations=" ", callback_url="", metadata="\n", retention=" "
+    )
+    assert response.status_code == 202, response.text
+    image = response.json()
+    assert (image["operations"], image["callback_url"], image["metadata"]) == ([], None, {})
+    kept = epoch_ms(image["expires_at"]) - epoch_ms(image["created_at"])
+    assert kept == settings.image_retention * 1000
 
 
 async def test_unknown_form_field_is_422(
