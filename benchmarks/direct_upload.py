@@ -1,7 +1,7 @@
 """Direct upload against a multipart upload of the same photo: upload → webhook latency, same run.
 
     python benchmarks/direct_upload.py [--rounds 30] [--photo-source corpus|tiny|2k] [--cpu-requests 300]
-                                       [--profile web]
+                                       [--storage local|s3] [--profile web]
 
 It starts what production runs (an embedded redis-server, `uvicorn server.app:app`, one arq worker) as
 child processes (benchmarks/throughput.py's), then, one image at a time, taking turns:
@@ -16,14 +16,18 @@ issue 12's goal: direct p50 - multipart p50 ≤ one request's p50 (`extra_over_m
 `plain_request_ms`); read strictly, the create itself costs at most one request (`create_in_requests`
 ≤ 1). Those are latencies of a few ms, which a loaded machine moves by as much: `web_cpu_ms_per_request`
 is the web's CPU per create and per plain GET, --cpu-requests of each after the rounds, the handler's
-own work. `--profile web` runs the web under py-spy and keeps its stacks.
+own work. `--profile web` runs the web under py-spy and keeps its stacks. `--storage s3` stores blobs on
+an S3 API server (moto's, a separate process, as the tests start it): the create then also signs the
+upload's presigned POST form; the PUT goes through Darkroom to the bucket.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +49,10 @@ from throughput import (
     running_service,
     wait_ready,
 )
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' S3 server helper, reused rather than copied
+from tests.s3server import CREDENTIALS, REGION, S3Server  # noqa: E402
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -135,10 +143,15 @@ async def web_cpu_per_request(
 
 
 async def run(
-    rounds: int, photo_path: Path, work_dir: Path, cpu_requests: int, profile: str | None
+    rounds: int,
+    photo_path: Path,
+    work_dir: Path,
+    cpu_requests: int,
+    profile: str | None,
+    storage_env: dict[str, str],
 ) -> dict[str, Any]:
     photo = await asyncio.to_thread(photo_path.read_bytes)
-    with running_service(work_dir, None, profile) as service:
+    with running_service(work_dir, None, profile, extra_env=storage_env) as service:
         account = create_account(service.env)
         headers = {"Authorization": f"Bearer {account['api_key']}"}
         receiver = Receiver(account["webhook_secret"])
@@ -198,11 +211,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cpu-requests", type=int, default=300, help="creates, then GETs, whose web CPU is measured"
     )
+    parser.add_argument("--storage", choices=["local", "s3"], default="local")
     parser.add_argument("--profile", choices=["web"], help="run the web under py-spy (stacks kept in /tmp)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="darkroom-direct-upload-") as scratch:
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="darkroom-direct-upload-"))
         photos, where = find_photos(Path(scratch) / "photos", args.photo_source)
         log(f"photo: {photos[0]} (from {where})")
+        storage_env: dict[str, str] = {}
+        if args.storage == "s3":
+            os.environ.update(CREDENTIALS)  # the AWS chain of the service's processes reads them
+            s3_server = S3Server().start()
+            stack.callback(s3_server.stop)
+            storage_env = {
+                "DARKROOM_STORAGE_URL": f"s3://{s3_server.new_bucket()}/darkroom",
+                "DARKROOM_S3_ENDPOINT_URL": s3_server.url,
+                "DARKROOM_S3_REGION": REGION,
+            }
         kept = tempfile.mkdtemp(prefix="darkroom-direct-upload-profile-") if args.profile else None
         service_dir = None if kept is None else Path(kept)
         result = asyncio.run(
@@ -212,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                 service_dir or Path(scratch) / "service",
                 args.cpu_requests,
                 args.profile,
+                storage_env,
             )
         )
+        result["storage"] = args.storage
         if service_dir is not None:
             log(f"profile in {service_dir / 'logs' / 'web.folded'}")
     json.dump(result, sys.stdout, indent=2)

@@ -220,13 +220,15 @@ class Service:
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds so far of web and worker (and of each, its event loop's thread: the rest is its
-        thread pool's, libvips' work), redis-server and this (the client's) process."""
+        thread pool's, libvips' work), the worker's bulk lane (its child), redis-server and this (the
+        client's) process."""
         web, worker = self.pids()
         return {
             "web": cpu_seconds(web),
             "web_event_loop": cpu_seconds(web, thread=web),
             "worker": cpu_seconds(worker),
             "worker_event_loop": cpu_seconds(worker, thread=worker),
+            "worker_bulk_lane": sum(cpu_seconds(pid) for pid in children_of(worker)),
             "redis": sum(cpu_seconds(pid) for pid in children_of(os.getpid(), "redis-server")),
             "client": own_cpu_seconds(),
         }

@@ -16,6 +16,15 @@ first image next in line), neither with credit saved up nor behind their backlog
 real-timed jobs (retries, archives, sweeps) first, then tagged ones. The slot is given back when the job
 ends for good (`release_slot`), so an account never holds more than `max_processing` images in the
 queue or in processing; a job run again (a dead worker, a retry) keeps the slot it has.
+
+Lanes. Order alone cannot keep a single photo from waiting behind a backlog: the workers' slots and
+cores are busy with the backlog's images when it comes. So a job admitted while its account had
+nothing else waiting or in processing is an express job, tagged below the others (from -2^53), and a
+worker process runs two lanes (jobs/worker.py): the express lane takes only express jobs, so it has a
+free slot when one comes, and the bulk lane, a child process at a lower CPU priority, takes the rest;
+an express render then has the cores nearly to itself. The express lane marks itself present at each
+poll; while it is not (not started, or every slot busy for a while), the bulk lane takes express jobs
+too. A worker with lanes off (`Lane.ALL`) takes every job.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from enum import StrEnum
 from typing import Any, Self, TypeVar
 
 from arq.connections import ArqRedis
@@ -58,6 +68,14 @@ APPLIED_MARKER_PREFIX = "dr:applied:"
 APPLIED_MARKER_TTL_MS = 600_000
 
 PROCESS_IMAGE = "process_image"
+
+
+class Lane(StrEnum):
+    """Which of the queue's jobs a worker's poll takes (see the module's docstring)."""
+
+    ALL = "all"
+    EXPRESS = "express"
+    BULK = "bulk"
 
 
 def wake_channel(queue_name: str) -> str:
@@ -136,9 +154,10 @@ _ADMIT_AND_PICK = """
 local queue, now, limit, running_prefix = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local job_prefix, job_ttl, account_prefix, wake = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 local fair, default_max, default_share = ARGV[8] == '1', tonumber(ARGV[9]), tonumber(ARGV[10])
-local reclaim_every_ms, offer_ms = ARGV[11], ARGV[12]
+local reclaim_every_ms, offer_ms, lane, express_present_ms = ARGV[11], ARGV[12], ARGV[13], ARGV[14]
 local BASE, UNIT = 4503599627370496, 5040
 local fair_prefix = queue .. ':fair:'
+local express_present = fair_prefix .. 'express-lane'
 local ready, payloads, owners = fair_prefix .. 'ready', fair_prefix .. 'jobs', fair_prefix .. 'owners'
 local tags, clock_key = fair_prefix .. 'tags', fair_prefix .. 'clock'
 local clock = tonumber(redis.call('GET', clock_key) or '0')
@@ -172,16 +191,20 @@ for _, account in ipairs(redis.call('SMEMBERS', ready)) do
   local step = math.max(1, math.floor(UNIT / share + 0.5))
   -- The account's next start tag: where its last admitted job ends, or the clock if that is later.
   local tag = math.max(tonumber(redis.call('HGET', tags, account) or '0'), clock)
+  -- Express: nothing else of the account's waiting or in processing (tested for its first job only).
+  local express = fair and redis.call('SCARD', slots) == 0
   while room > 0 do
     local oldest = redis.call('ZPOPMIN', waiting)
     if #oldest == 0 then break end
     local job, queued_at = oldest[1], oldest[2]
     local payload = redis.call('HGET', payloads, job)
+    express = express and redis.call('ZCARD', waiting) == 0
     if payload then
       redis.call('HDEL', payloads, job)
       redis.call('PSETEX', job_prefix .. job, job_ttl, payload)
       if fair then
-        redis.call('ZADD', queue, string.format('%.0f', tag - BASE), job)
+        local below = express and 2 * BASE or BASE
+        redis.call('ZADD', queue, string.format('%.0f', tag - below), job)
         tag = tag + step
         redis.call('SADD', slots, job)
         redis.call('HSET', owners, job, account)
@@ -213,17 +236,30 @@ local function collect(low, high)
         redis.call('SET', offered, '1', 'PX', offer_ms)
         startable[#startable + 1] = due[i]
         local score = tonumber(due[i + 1])
-        if score < 0 then picked_tag = math.max(picked_tag or score, score) end
+        if score < 0 then
+          local tag = score < -BASE and score + 2 * BASE or score + BASE
+          picked_tag = math.max(picked_tag or tag, tag)
+        end
         if #startable >= limit then return end
       end
     end
     offset = offset + #due / 2
   end
 end
-collect('0', now)
-collect('-inf', '(0')
-if picked_tag and picked_tag + BASE > clock then
-  redis.call('SET', clock_key, string.format('%.0f', picked_tag + BASE))
+local express_jobs, bulk_jobs = '(' .. string.format('%.0f', -BASE), string.format('%.0f', -BASE)
+if lane == 'express' then
+  redis.call('SET', express_present, '1', 'PX', express_present_ms)
+  collect('-inf', express_jobs)
+elseif lane == 'bulk' then
+  collect('0', now)
+  if redis.call('EXISTS', express_present) == 0 then collect('-inf', express_jobs) end
+  collect(bulk_jobs, '(0')
+else
+  collect('0', now)
+  collect('-inf', '(0')
+end
+if picked_tag and picked_tag > clock then
+  redis.call('SET', clock_key, string.format('%.0f', picked_tag))
 end
 if admitted > #startable then redis.call('PUBLISH', wake, '1') end
 local next_due = redis.call('ZRANGEBYSCORE', queue, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
@@ -238,15 +274,19 @@ JOBS_PER_POLL = 1
 # How long a job handed to a poll is kept from the others' polls: ample for arq to claim it (one round
 # trip); should the worker not, the job is handed out again after that.
 OFFER_MS = 200
+# How long an express lane counts as present after its last poll: a few of its idle waits. Its polls
+# stop while every slot of it is busy; after this the bulk lane takes express jobs too.
+EXPRESS_PRESENT_MS = 2_000
 
 
 class QueuePool(ArqRedis):
     """arq's pool, for producers and for a worker that polls: its poll of the queue admits waiting
     jobs, fairly between accounts (or, with `fair` off, all of them, in the order they came)."""
 
-    def __init__(self, *args: Any, fair: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fair: bool = True, lane: Lane = Lane.ALL, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fair = fair
+        self.lane = lane
         self._admit_and_pick_script = self.register_script(_ADMIT_AND_PICK)
         self._release_slot_script = self.register_script(_RELEASE_SLOT)
 
@@ -256,13 +296,19 @@ class QueuePool(ArqRedis):
 
     @classmethod
     def connect(
-        cls, redis_url: str, queue_name: str, *, command_timeout: float | None = None, fair: bool = True
+        cls,
+        redis_url: str,
+        queue_name: str,
+        *,
+        command_timeout: float | None = None,
+        fair: bool = True,
+        lane: Lane = Lane.ALL,
     ) -> Self:
         """`command_timeout` bounds connecting and each reply (None: wait as long as Redis takes)."""
         connections = ConnectionPool.from_url(
             redis_url, socket_timeout=command_timeout, socket_connect_timeout=command_timeout
         )
-        pool = cls(connections, default_queue_name=queue_name, fair=fair)
+        pool = cls(connections, default_queue_name=queue_name, fair=fair, lane=lane)
         pool.auto_close_connection_pool = True  # this client owns its connections: aclose() ends them
         return pool
 
@@ -302,6 +348,8 @@ class QueuePool(ArqRedis):
                 default_plan.share,
                 RECLAIM_EVERY_MS,
                 OFFER_MS,
+                self.lane.value,
+                EXPRESS_PRESENT_MS,
             ],
         )
         return list(startable), float(next_due) if next_due else None

@@ -14,6 +14,8 @@ DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # S3 refuses multipart parts under 5 MiB (all but the last).
 MIN_S3_PART_BYTES = 5 * 1024 * 1024
 DEFAULT_S3_PART_BYTES = 8 * 1024 * 1024
+# Above it the kernel would only clamp the nice value to 19.
+MAX_NICE_INCREMENT = 19
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -43,6 +45,10 @@ class Settings:
     worker_concurrency: int = 4
     # Workers share themselves between accounts by plan (jobs/queue.py); off: first come, first served.
     fair_scheduling: bool = True
+    # Each worker process runs an express lane and a child bulk lane (jobs/queue.py, jobs/worker.py).
+    express_lane: bool = True
+    # How much lower the bulk lane's CPU priority is (a nice increment, 1-19).
+    bulk_nice: int = 10
     # Largest picture, in decoded bytes, a job may hold whole in memory (turns, flips, smart crops).
     job_memory_bytes: int = 512 * 1024 * 1024
     webhook_timeout: float = 15.0
@@ -151,6 +157,8 @@ class Settings:
             job_timeout=float(_positive_int(env, "DARKROOM_JOB_TIMEOUT", 120)),
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
             fair_scheduling=_switch(env, "DARKROOM_FAIR_SCHEDULING", default=True),
+            express_lane=_switch(env, "DARKROOM_EXPRESS_LANE", default=True),
+            bulk_nice=_nice_increment(env, "DARKROOM_BULK_NICE", 10),
             job_memory_bytes=_positive_int(env, "DARKROOM_JOB_MEMORY_MB", 512) * 1024 * 1024,
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
             webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),
@@ -233,6 +241,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise SettingsError(f"{name} must be a whole number, got {raw!r}") from None
     if value <= 0:
         raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return value
+
+
+def _nice_increment(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _positive_int(env, name, default)
+    if value > MAX_NICE_INCREMENT:
+        raise SettingsError(f"{name} must be at most {MAX_NICE_INCREMENT}, got {value}")
     return value
 
 

@@ -19,17 +19,19 @@ from redis.exceptions import RedisError
 
 from jobs import archive, processing, retention, stats
 from jobs.batches import BUILD_ARCHIVE, SWEEP_ARCHIVES
+from jobs.bulk_lane import BulkLane, bulk_lane_command, end_with_the_worker, lower_priority
 from jobs.deps import CLEAN_STOPS_FORGIVEN, WorkerDeps
 from jobs.fetch import SourceFetcher
 from jobs.ids import new_id
 from jobs.logs import log_config
 from jobs.pipeline import configure_libvips
-from jobs.queue import PROCESS_IMAGE, QueuePool, WakeableArqRedis
+from jobs.queue import PROCESS_IMAGE, Lane, QueuePool, WakeableArqRedis
 from jobs.settings import Settings
 from jobs.storage import StorageUnavailable, WaitForStorage, most_storage_waits, open_storage
 from jobs.store import Store
 from jobs.uploads import SWEEP_UPLOADS, UploadDesk
 from webhooks.dispatcher import Dispatcher, RetryPolicy, lease_seconds_for
+from webhooks.log_context import bind
 from webhooks.messages import RESPONSE_EXCERPT_BYTES
 from webhooks.transport import DeliveryClient
 
@@ -106,11 +108,13 @@ async def run_again_when_transient(deps: WorkerDeps, subject_id: str) -> AsyncIt
 
 async def process_image(ctx: dict[str, Any], image_id: str) -> None:
     deps: WorkerDeps = ctx["deps"]
-    async with run_again_when_transient(deps, image_id):
-        await hold_lock_for(ctx, image_task_timeout(deps.settings))
-        await processing.process_image(deps, image_id, ctx["job_try"])
-        # Ended for good (a run to come raised above instead): the account's next image may start.
-        await deps.redis.release_slot(ctx["job_id"])
+    lane = deps.redis.lane
+    with bind(lane=None if lane is Lane.ALL else lane.value):
+        async with run_again_when_transient(deps, image_id):
+            await hold_lock_for(ctx, image_task_timeout(deps.settings))
+            await processing.process_image(deps, image_id, ctx["job_try"])
+            # Ended for good (a run to come raised above instead): the account's next image may start.
+            await deps.redis.release_slot(ctx["job_id"])
 
 
 async def build_archive(ctx: dict[str, Any], batch_id: str) -> None:
@@ -213,7 +217,11 @@ async def links_from_the_web(settings: Settings, store: Store) -> Settings:
 async def startup(ctx: dict[str, Any]) -> None:
     settings = await links_from_the_web(ctx["settings"], Store(ctx["redis"]))
     deps = await build_deps(settings, ctx["redis"])
-    deps.dispatcher.start()
+    lane = deps.redis.lane
+    if lane is not Lane.BULK:
+        # The express lane's dispatcher sends the bulk lane's webhooks too (each image's is announced
+        # on Redis): at the bulk lane's priority, a single photo's webhook could wait behind a backlog.
+        deps.dispatcher.start()
     if isinstance(deps.redis, WakeableArqRedis):
         deps.redis.start_listening()
         # on_startup runs in arq's main loop: outages are waited out while it polls.
@@ -221,9 +229,15 @@ async def startup(ctx: dict[str, Any]) -> None:
         if main_loop is not None:
             deps.redis.ride_outages_while(main_loop)
     ctx["deps"] = deps
+    if lane is Lane.EXPRESS:
+        ctx["bulk_lane"] = BulkLane(bulk_lane_command(WORKER_LOG_ARGS))
+        ctx["bulk_lane"].start()
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    bulk_lane: BulkLane | None = ctx.get("bulk_lane")
+    if bulk_lane is not None:
+        await bulk_lane.stop()
     # Stopped before arq reached Redis at start (it was down), the worker has no pool in ctx yet.
     if isinstance(ctx.get("redis"), WakeableArqRedis):
         await ctx["redis"].stop_listening()
@@ -241,10 +255,11 @@ def jobs_at_once(settings: Settings) -> int:
     return settings.worker_concurrency * (S3_JOBS_PER_RENDER if settings.uses_s3 else 1)
 
 
-def worker_settings(settings: Settings) -> dict[str, Any]:
-    """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings)."""
+def worker_settings(settings: Settings, lane: Lane = Lane.ALL) -> dict[str, Any]:
+    """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings): a worker
+    taking the queue's jobs of `lane`; the express lane starts the bulk lane beside it."""
     pool = WakeableArqRedis.connect(
-        settings.require_redis(), settings.queue_name, fair=settings.fair_scheduling
+        settings.require_redis(), settings.queue_name, fair=settings.fair_scheduling, lane=lane
     )
     return {
         "functions": [
@@ -285,7 +300,15 @@ def __getattr__(name: str) -> Any:
     # Built on first access, so importing this module reads no environment.
     if name == "WorkerSettings":
         _use_uvloop()
-        return worker_settings(Settings.from_env())
+        settings = Settings.from_env()
+        lanes = settings.express_lane and settings.fair_scheduling
+        return worker_settings(settings, Lane.EXPRESS if lanes else Lane.ALL)
+    if name == "BulkWorkerSettings":
+        settings = Settings.from_env()
+        end_with_the_worker()
+        lower_priority(settings.bulk_nice)
+        _use_uvloop()
+        return worker_settings(settings, Lane.BULK)
     if name == "LOG_CONFIG":
         return log_config(Settings.from_env())
     raise AttributeError(name)

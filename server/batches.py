@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, InstanceOf, WithJsonSchema
+from pydantic import BeforeValidator, Field, InstanceOf, ValidationError, ValidationInfo, WithJsonSchema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -19,28 +19,37 @@ from jobs.storage import BlobStorage
 from server.auth import require_account
 from server.blobs import blob_response
 from server.conditional import none_match
-from server.images import (
-    accept_uploads,
-    batches_of,
-    new_images,
-    open_batch,
-    store_and_queue,
-    validate_source,
-)
+from server.images import accept_uploads, batches_of, new_images, open_batch, store_and_queue
 from server.json_body import media_type, read_json_object
-from server.models import DestinationUrl, Hint, StrictModel, checked_body, component_ref, refusals
-from server.multipart import FILE_FIELD, receive_multipart
+from server.models import (
+    DestinationUrl,
+    Hint,
+    StrictModel,
+    checked_body,
+    component_ref,
+    field_errors,
+    given,
+    refusal,
+    refusals,
+)
+from server.multipart import receive_multipart
 from server.pagination import BatchCursor, PageQuery, page_response
-from server.problems import Problem, validation_problem
+from server.problems import Problem
 from server.query import BLANK_IS_ABSENT, query_of, takes_query
 from server.ratelimit import require_upload_room
 from server.request_log import request_id_of
-from server.upload_fields import Metadata, Operations, validate_upload_fields
+from server.upload_fields import (
+    MAX_FILES_PER_REQUEST,
+    FilePart,
+    FormFields,
+    FromUrl,
+    KeptImage,
+    Metadata,
+    Operations,
+    checked_form,
+)
 from webhooks.messages import iso, now_ms
 
-# The fields of images added to a batch (each upload, or each image by URL, besides its source_url).
-BATCH_IMAGE_FIELDS = ("operations", "callback_url", "metadata", "retention")
-MAX_FILES_PER_REQUEST = 50
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-[0-9]{1,30}")
 
@@ -77,7 +86,7 @@ async def _new_batch(
     body: dict[str, Any], settings: Settings, account_id: str, request_id: str | None
 ) -> BatchRecord:
     """The batch a create body asks for, every problem of the body reported at once."""
-    fields = await checked_body(NewBatch, body, settings, urls=["callback_url"])
+    fields = await checked_body(NewBatch, body, settings, urls=given(body, "callback_url"))
     created_ms = now_ms()
     return BatchRecord(
         id=new_id("bat"),
@@ -159,6 +168,57 @@ async def add_images(request: Request) -> Response:
     )
 
 
+class BatchImagesForm(FormFields, KeptImage):
+    """Images added to a batch as multipart/form-data: the files, and how to process each of them."""
+
+    file: Annotated[
+        list[FilePart],
+        Field(min_length=1, max_length=MAX_FILES_PER_REQUEST, description="The images"),
+        Hint("send one or more file parts, each named `file`"),
+    ]
+
+
+class BatchImageFromUrl(KeptImage, FromUrl):
+    """An image added to a batch by URL."""
+
+
+_IMAGES = f"must be a list of 1 to {MAX_FILES_PER_REQUEST} objects with a source_url"
+
+
+def _each_image(entries: object, info: ValidationInfo) -> object:
+    """Each entry read into its model, every problem named by its path (`images[1].source_url`)."""
+    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_FILES_PER_REQUEST:
+        raise refusal(_IMAGES)
+    images: list[BatchImageFromUrl] = []
+    errors: list[FieldError] = []
+    for index, entry in enumerate(entries):
+        where = f"images[{index}]"
+        if not isinstance(entry, dict):
+            errors.append(FieldError(where, "must be an object with a source_url"))
+            continue
+        try:
+            images.append(BatchImageFromUrl.model_validate(entry, context=info.context))
+        except ValidationError as invalid:
+            errors += [
+                FieldError(f"{where}.{error.field}", error.message)
+                for error in field_errors(BatchImageFromUrl, invalid, unknown="unknown field")
+            ]
+    if errors:
+        raise refusals(errors)
+    return images
+
+
+class BatchImagesFromUrl(StrictModel):
+    """Images added to a batch by URL: each fetched by a worker, as on `POST /v1/images`."""
+
+    images: Annotated[
+        list[BatchImageFromUrl],
+        BeforeValidator(_each_image),
+        Hint(_IMAGES),
+        Field(min_length=1, max_length=MAX_FILES_PER_REQUEST),
+    ]
+
+
 async def _add_uploads(request: Request, account_id: str, batch: BatchRecord) -> list[ImageRecord]:
     settings: Settings = request.app.state.settings
     storage: BlobStorage = request.app.state.storage
@@ -166,45 +226,35 @@ async def _add_uploads(request: Request, account_id: str, batch: BatchRecord) ->
         request, storage, settings.max_upload_bytes, MAX_FILES_PER_REQUEST, account_id=account_id
     )
     try:
-        fields = await validate_upload_fields(upload, settings, accepted=BATCH_IMAGE_FIELDS)
-        files = [f for f in upload.files if f.field_name == FILE_FIELD]
-        if not files or len(files) != len(upload.files):
-            raise validation_problem([FieldError("file", "send one or more file parts, each named `file`")])
-        return await accept_uploads(request, account_id, files, fields, batch)
+        form = await checked_form(BatchImagesForm, upload, settings)
+        return await accept_uploads(request, account_id, form.file, form, batch)
     finally:
         await upload.discard()
 
 
 async def add_images_by_url(request: Request, account_id: str, batch: BatchRecord) -> list[ImageRecord]:
-    """`{"images": [{source_url, operations?, callback_url?, metadata?, retention?}, …]}`: each image
-    fetched by a worker, as on `POST /v1/images`; all are accepted, or none."""
+    """`{"images": [{source_url, operations?, callback_url?, metadata?, retention?}, …]}`: all are
+    accepted, or none."""
     settings: Settings = request.app.state.settings
     body = await read_json_object(request)
-    errors = [FieldError(name, "unknown field") for name in sorted(set(body) - {"images"})]
     entries = body.get("images")
-    if not isinstance(entries, list) or not 1 <= len(entries) <= MAX_FILES_PER_REQUEST:
-        errors.append(
-            FieldError("images", f"must be a list of 1 to {MAX_FILES_PER_REQUEST} objects with a source_url")
-        )
-        raise validation_problem(errors)
-    sources = []
-    for index, entry in enumerate(entries):
-        try:
-            if not isinstance(entry, dict):
-                raise ValidationFailed([FieldError("", "must be an object with a source_url")])
-            sources.append(await validate_source(entry, settings, ("source_url", *BATCH_IMAGE_FIELDS)))
-        except ValidationFailed as exc:
-            errors.extend(
-                FieldError(f"images[{index}]" + (f".{error.field}" if error.field else ""), error.message)
-                for error in exc.errors
-            )
-    if errors:
-        raise validation_problem(errors)
+    callbacks = {
+        f"images[{index}].callback_url": entry["callback_url"]
+        for index, entry in enumerate(entries if isinstance(entries, list) else [])
+        if isinstance(entry, dict) and "callback_url" in entry
+    }
+    added = await checked_body(BatchImagesFromUrl, body, settings, urls=callbacks)
     images = [
         image
-        for source_url, fields in sources
+        for entry in added.images
         for image in new_images(
-            account_id, fields, batch, [(new_id("img"), None)], source_url, request_id=request_id_of(request)
+            account_id,
+            entry,
+            batch,
+            [(new_id("img"), None)],
+            entry.source_url,
+            request_id=request_id_of(request),
+            settings=settings,
         )
     ]
     await store_and_queue(request, images, batch, originals=())

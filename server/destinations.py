@@ -20,18 +20,15 @@ def url_problem(url: str, settings: Settings) -> str | None:
     return check_url(url, allow_private=settings.allow_private_callbacks)
 
 
-async def check_destination_url(url: object, settings: Settings) -> str | None:
-    """The problem with a URL to deliver to (a field's value, of any JSON type), or None. Its host must
+async def host_problem(url: str, settings: Settings) -> str | None:
+    """The problem with the host of a URL to deliver to whose text `url_problem` accepted, or None. It must
     resolve to public addresses only (unless DARKROOM_ALLOW_PRIVATE_CALLBACKS); every delivery checks
     again, since DNS answers change."""
-    if not isinstance(url, str):
-        return "must be a string"
-    if problem := url_problem(url, settings):
-        return problem
-    allow_private = settings.allow_private_callbacks
+    if settings.allow_private_callbacks:
+        return None
     try:
-        destination = parse_destination(url, allow_private=allow_private)
-        if destination.literal is None and not allow_private:
+        destination = parse_destination(url, allow_private=False)
+        if destination.literal is None:
             async with asyncio.timeout(RESOLVE_TIMEOUT):
                 await resolve(destination.host, destination.port, allow_private=False)
     except TransportError as problem:

@@ -16,7 +16,15 @@ from jobs.store import Store
 from server.auth import require_account
 from server.deliveries import accepted_message
 from server.json_body import Rfc3339Time, read_json_object
-from server.models import DestinationUrl, Hint, StrictModel, checked_body, refusal, without_defaults
+from server.models import (
+    DestinationUrl,
+    Hint,
+    StrictModel,
+    checked_body,
+    given,
+    refusal,
+    without_defaults,
+)
 from server.problems import Problem
 from server.request_log import request_id_of
 from webhooks.endpoints import ALL_EVENTS, DEFAULT_MAX_IN_FLIGHT, EVENT_TYPES, Endpoint, EndpointStatus
@@ -105,9 +113,8 @@ def _with_secret(endpoint: Endpoint) -> dict[str, Any]:
 async def create_endpoint(request: Request) -> Response:
     account = await require_account(request)
     store: Store = request.app.state.store
-    fields = await checked_body(
-        NewEndpoint, await read_json_object(request), request.app.state.settings, urls=["url"]
-    )
+    body = await read_json_object(request)
+    fields = await checked_body(NewEndpoint, body, request.app.state.settings, urls=given(body, "url"))
     endpoint = await store.endpoints.create(
         new_id("ep"),
         account.id,
@@ -148,9 +155,8 @@ async def get_endpoint_secret(request: Request) -> Response:
 async def update_endpoint(request: Request) -> Response:
     account = await require_account(request)
     endpoint = await _owned_endpoint(request, account)
-    changes = await checked_body(
-        EndpointChanges, await read_json_object(request), request.app.state.settings, urls=["url"]
-    )
+    body = await read_json_object(request)
+    changes = await checked_body(EndpointChanges, body, request.app.state.settings, urls=given(body, "url"))
     values = changes.model_dump(include=changes.model_fields_set)
     store: Store = request.app.state.store
     updated = await store.endpoints.update(endpoint, values)

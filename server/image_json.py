@@ -4,45 +4,45 @@ form, `{source_url, …}`, is server/images.py's."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field, StringConstraints
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jobs.ids import is_id
-from jobs.params import FieldError
+from jobs.ids import id_pattern
 from jobs.records import Account, ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
 from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, UploadRefused, image_id_for
+from server.models import Hint, StrictModel, checked_body, given
 from server.problems import Problem
-from server.upload_fields import checked_fields
+from server.upload_fields import ImageChoices
 
-START_FIELDS = ("upload_id", "operations", "callback_url", "metadata")
+
+class _Started(StrictModel):
+    """The direct upload to start (mixed in after the model of its other fields, so that it comes first)."""
+
+    upload_id: Annotated[
+        str,
+        StringConstraints(strict=True, pattern=id_pattern("upl")),
+        Hint("must be the id POST /v1/uploads answered (upl_…)"),
+        Field(description="The id POST /v1/uploads answered, once the upload's bytes are sent"),
+    ]
+
+
+class UploadStart(ImageChoices, _Started):
+    """`POST /v1/images` as JSON naming `upload_id`: what the upload's image is processed with, where
+    it differs from what it was created with."""
 
 
 async def start_upload(request: Request, account: Account, body: dict[str, Any]) -> Response:
     settings: Settings = request.app.state.settings
-    errors: list[FieldError] = []
-    upload_id = body.get("upload_id")
-    if not isinstance(upload_id, str):
-        errors.append(FieldError("upload_id", "must be the id POST /v1/uploads answered (upl_…)"))
-    fields = await checked_fields(body, settings, START_FIELDS, errors)
+    start = await checked_body(UploadStart, body, settings, urls=given(body, "callback_url"))
     # Only what the body gives changes; what the upload was created with stands otherwise.
-    changes: dict[str, Any] = {}
-    if fields.operations is not None:
-        changes["operations"] = fields.operations
-    if fields.callback_url is not None:
-        changes["callback_url"] = fields.callback_url
-    if body.get("metadata") is not None:
-        changes["metadata"] = fields.metadata
+    changes = start.model_dump(include={"operations", "callback_url", "metadata"}, exclude_none=True)
     store: Store = request.app.state.store
-    assert isinstance(upload_id, str)
-    image = (
-        await store.get_account_image(account.id, image_id_for(upload_id))
-        if is_id("upl", upload_id)
-        else None
-    )
+    image = await store.get_account_image(account.id, image_id_for(start.upload_id))
     if image is None or image.upload is None:
         raise _no_such_upload()
     desk: UploadDesk = request.app.state.uploads

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -18,28 +18,33 @@ from jobs.batches import MAX_IMAGES_PER_BATCH, BatchClosed, Batches, BatchFull
 from jobs.ids import is_id, new_id
 from jobs.inspection import ImageRefused, inspect_image
 from jobs.ops.encode import MEDIA_TYPES, SAVERS
-from jobs.params import FieldError, ValidationFailed
+from jobs.params import FieldError
 from jobs.records import Account, BatchRecord, ImageRecord, ImageStatus, InputInfo, UploadState, original_key
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, StorageUnavailable, is_full
 from jobs.store import Store
 from server.auth import require_account
 from server.blobs import blob_response
-from server.destinations import url_problem
 from server.image_json import start_upload
 from server.json_body import media_type, read_json_object
-from server.models import Hint
-from server.multipart import FILE_FIELD, UploadedFile, receive_multipart
+from server.models import Hint, checked_body, given, refusal
+from server.multipart import UploadedFile, receive_multipart
 from server.pagination import ImageCursor, PageQuery, page_response
 from server.problems import Problem, storage_full_problem, validation_problem
 from server.query import BLANK_IS_ABSENT, BatchId, query_of, takes_query
 from server.ratelimit import count_uploads, require_upload_room
 from server.request_log import request_id_of
-from server.upload_fields import UPLOAD_FIELDS, UploadFields, validate_fields, validate_upload_fields
+from server.upload_fields import (
+    BatchableImage,
+    FilePart,
+    FormFields,
+    FromUrl,
+    KeptImage,
+    checked_form,
+)
 from server.variants import VariantQuery, output_response, resolve_variant
 from webhooks.messages import iso, now_ms
 
-SOURCE_FIELDS = ("source_url", *UPLOAD_FIELDS)
 # The JSON forms of `POST /v1/images`, told apart by the one of these fields the body names.
 JSON_FORMS = ("upload_id", "source_url")
 # What `/original` downloads end with: the format the bytes are, whatever the name said.
@@ -60,6 +65,25 @@ def refused_problem(refusal: ImageRefused) -> Problem:
     return Problem(refusal.status, refusal.code, refusal.message)
 
 
+_ONE_FILE = "send exactly one file part named `file`"
+
+
+def _one_file(parts: object) -> object:
+    if isinstance(parts, list) and len(parts) == 1:
+        return parts[0]
+    raise refusal(_ONE_FILE)
+
+
+class ImageForm(FormFields, BatchableImage):
+    """`POST /v1/images` as multipart/form-data: the image, and how to process it."""
+
+    file: Annotated[FilePart, BeforeValidator(_one_file), Hint(_ONE_FILE), Field(description="The image")]
+
+
+class ImageFromUrl(BatchableImage, FromUrl):
+    """`POST /v1/images` as JSON naming `source_url`: an image a worker fetches."""
+
+
 async def create_image(request: Request) -> Response:
     if media_type(request) == "application/json":
         return await _create_image_from_json(request)
@@ -69,12 +93,9 @@ async def create_image(request: Request) -> Response:
     storage: BlobStorage = request.app.state.storage
     upload = await receive_multipart(request, storage, settings.max_upload_bytes, account_id=account.id)
     try:
-        fields = await validate_upload_fields(upload, settings)
-        files = [f for f in upload.files if f.field_name == FILE_FIELD]
-        if len(files) != 1 or len(upload.files) != 1:
-            raise validation_problem([FieldError(FILE_FIELD, "send exactly one file part named `file`")])
-        batch = await batch_named(request, account.id, fields)
-        (image,) = await accept_uploads(request, account.id, files, fields, batch)
+        form = await checked_form(ImageForm, upload, settings)
+        batch = await batch_named(request, account.id, form)
+        (image,) = await accept_uploads(request, account.id, [form.file], form, batch)
     finally:
         await upload.discard()
     return _accepted(image, settings)
@@ -96,39 +117,25 @@ async def _create_image_from_json(request: Request) -> Response:
 
 async def create_image_from_url(request: Request, account: Account, body: dict[str, Any]) -> Response:
     """`POST /v1/images` with a JSON body naming `source_url`: a worker fetches the file, checks it as
-    an upload is checked, and processes it. Accepted at once; what the fetch finds ends in the image."""
+    an upload is checked, and processes it. Accepted at once; what the fetch finds ends in the image.
+    The URL is judged from its text here: the worker resolves its host when it fetches it."""
     settings: Settings = request.app.state.settings
-    try:
-        source_url, fields = await validate_source(body, settings, SOURCE_FIELDS)
-    except ValidationFailed as exc:
-        raise validation_problem(exc.errors) from None
-    batch = await batch_named(request, account.id, fields)
+    image = await checked_body(ImageFromUrl, body, settings, urls=given(body, "callback_url"))
+    batch = await batch_named(request, account.id, image)
     images = new_images(
-        account.id, fields, batch, [(new_id("img"), None)], source_url, request_id=request_id_of(request)
+        account.id,
+        image,
+        batch,
+        [(new_id("img"), None)],
+        image.source_url,
+        request_id=request_id_of(request),
+        settings=settings,
     )
     await store_and_queue(request, images, batch, originals=())
     return _accepted(images[0], settings)
 
 
-async def validate_source(
-    body: Mapping[str, Any], settings: Settings, accepted: Sequence[str]
-) -> tuple[str, UploadFields]:
-    """The `source_url` of an image sent by URL, and its other fields; ValidationFailed names every
-    problem. The URL is judged from its text here: the worker resolves its host when it fetches it."""
-    errors: list[FieldError] = []
-    source_url = body.get("source_url")
-    if source_url is None:
-        errors.append(FieldError("source_url", "is required: the http or https URL of the image"))
-    elif not isinstance(source_url, str):
-        errors.append(FieldError("source_url", "must be a string"))
-    elif problem := url_problem(source_url, settings):
-        errors.append(FieldError("source_url", problem))
-    fields = await validate_fields(body, settings, accepted, errors)
-    assert isinstance(source_url, str)  # validate_fields raised otherwise
-    return source_url, fields
-
-
-async def batch_named(request: Request, account_id: str, fields: UploadFields) -> BatchRecord | None:
+async def batch_named(request: Request, account_id: str, fields: BatchableImage) -> BatchRecord | None:
     if fields.batch_id is None:
         return None
     return await open_batch(request, account_id, fields.batch_id, named_by_field=True)
@@ -171,18 +178,20 @@ async def accept_uploads(
     request: Request,
     account_id: str,
     files: Sequence[UploadedFile],
-    fields: UploadFields,
+    fields: KeptImage,
     batch: BatchRecord | None,
 ) -> list[ImageRecord]:
     """Inspect every file, store it, save its record (into `batch`, if any) and queue it: all of them, or
     none if any is refused. The caller discards the staged files."""
-    inputs = await _inspect_all(files, request.app.state.settings)
+    settings: Settings = request.app.state.settings
+    inputs = await _inspect_all(files, settings)
     images = new_images(
         account_id,
         fields,
         batch,
         [(upload.image_id, info) for upload, info in zip(files, inputs, strict=True)],
         request_id=request_id_of(request),
+        settings=settings,
     )
     await store_and_queue(request, images, batch, list(zip(files, images, strict=True)))
     return images
@@ -190,13 +199,14 @@ async def accept_uploads(
 
 def new_images(
     account_id: str,
-    fields: UploadFields,
+    fields: KeptImage,
     batch: BatchRecord | None,
     entries: Sequence[tuple[str, InputInfo | None]],
     source_url: str | None = None,
     upload: UploadState | None = None,
     *,
     request_id: str | None,
+    settings: Settings,
 ) -> list[ImageRecord]:
     """Records of new images, each an id and what its bytes are (None until a source is fetched or a
     direct upload's bytes land), made by the request `request_id`."""
@@ -213,8 +223,8 @@ def new_images(
             created_at=iso(uploaded_ms),
             callback_url=fields.callback_url,
             batch_id=None if batch is None else batch.id,
-            metadata=fields.metadata,
-            expires_at=iso(uploaded_ms + fields.retention * 1000),
+            metadata=fields.metadata or {},
+            expires_at=iso(uploaded_ms + fields.kept_seconds(settings) * 1000),
             source_url=source_url,
             upload=upload,
             request_id=request_id,

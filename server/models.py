@@ -8,22 +8,33 @@ whose message depends on the value raises `refusal(...)`, whose text is then the
 
 A field whose schema is a component of `/openapi.json` (an operation chain) says so with
 `component_ref(name)` in its schema, which the document turns into a `$ref`.
+
+Bodies are validated with the `Settings` as their context (`checked_body`): some checks depend on them (a
+URL we are to call, how long an image may be kept).
 """
 
 from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, StrictStr, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    StrictStr,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from jobs.params import FieldError
 from jobs.settings import Settings
-from server.destinations import MAX_URL_LENGTH, check_destination_url
+from server.destinations import MAX_URL_LENGTH, host_problem, url_problem
 from server.problems import validation_problem
 
 _REFUSAL = "refused"
@@ -46,9 +57,26 @@ class Hint:
 
 
 Body = TypeVar("Body", bound=BaseModel)
-# A URL we are to call: its host is checked once the body is (checked_body's `urls`, which resolves it).
+
+
+def settings_of(info: ValidationInfo) -> Settings:
+    """The settings a body is validated with (its context)."""
+    settings = info.context
+    assert isinstance(settings, Settings), "validate bodies with the Settings as their context"
+    return settings
+
+
+def _callable_url(url: str, info: ValidationInfo) -> str:
+    if problem := url_problem(url, settings_of(info)):
+        raise refusal(problem)
+    return url
+
+
+# A URL we are to call, judged from its text; its host is resolved once the body is valid (checked_body's
+# `urls`).
 DestinationUrl = Annotated[
     StrictStr,
+    AfterValidator(_callable_url),
     Hint("must be a string"),
     WithJsonSchema({"type": "string", "format": "uri", "maxLength": MAX_URL_LENGTH}),
 ]
@@ -69,16 +97,21 @@ def component_ref(name: str) -> dict[str, str]:
     return {COMPONENT_REF: name}
 
 
+def _field_name(path: str) -> str:
+    """The field a path names (`operations[0].params.width`: operations)."""
+    return re.split(r"[.\[]", path)[0]
+
+
 def in_field_order(model: type[BaseModel], errors: Sequence[FieldError]) -> list[FieldError]:
     """`errors` (some found after the model's, such as a URL's host not resolving) in the order of the
-    model's fields, unknown fields first."""
+    model's fields, unknown fields last."""
     position = {name: index for index, name in enumerate(model.model_fields)}
-    return sorted(errors, key=lambda error: position.get(re.split(r"[.\[]", error.field)[0], -1))
+    return sorted(errors, key=lambda error: position.get(_field_name(error.field), len(position)))
 
 
 def field_errors(model: type[BaseModel], invalid: ValidationError, *, unknown: str) -> list[FieldError]:
-    """One error per field of `invalid`: fields `model` does not take first (told `unknown`), then the
-    others in the model's order."""
+    """One error per field of `invalid`, in the model's order, then the fields `model` does not take
+    (told `unknown`)."""
     strangers: list[str] = []
     said: dict[str, str] = {}
     nested: dict[str, list[FieldError]] = {}
@@ -94,28 +127,44 @@ def field_errors(model: type[BaseModel], invalid: ValidationError, *, unknown: s
                 said[name] = error["msg"]
             else:
                 said[name] = hint(model, name)
-    errors = [FieldError(name, unknown) for name in sorted(strangers)]
+    errors: list[FieldError] = []
     for name in model.model_fields:
         if name in said:
             errors += nested.get(name) or [FieldError(name, said[name])]
-    return errors
+    return errors + [FieldError(name, unknown) for name in sorted(strangers)]
+
+
+def given(body: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    """The values `body` gives its fields `names` (for checked_body's `urls`)."""
+    return {name: body[name] for name in names if name in body}
 
 
 async def checked_body(
-    model: type[Body], body: dict[str, Any], settings: Settings, *, urls: Sequence[str] = ()
+    model: type[Body],
+    body: Mapping[str, Any],
+    settings: Settings,
+    *,
+    urls: Mapping[str, Any] | None = None,
+    found: Sequence[FieldError] = (),
 ) -> Body:
-    """`body` read into `model`, and the hosts of its `urls` fields checked: a 422 naming every problem."""
+    """`body` read into `model`, and the hosts of the URLs it gives (`urls`: each field's path and value as
+    sent) resolved: a 422 naming every problem, those `found` before first (a field they name is not
+    named again)."""
     errors: list[FieldError] = []
     try:
-        checked = model.model_validate(body)
+        checked = model.model_validate(body, context=settings)
     except ValidationError as invalid:
         errors = field_errors(model, invalid, unknown="unknown field")
-    for name in urls:
-        url = body.get(name)
-        if isinstance(url, str) and (problem := await check_destination_url(url, settings)):
-            errors.append(FieldError(name, problem))
-    if errors:
-        raise validation_problem(in_field_order(model, errors))
+    refused = {error.field for error in [*found, *errors]}
+    for path, url in (urls or {}).items():
+        # The model judged each URL's text: one it refused, or took as not given (blank), is not resolved.
+        unresolved = isinstance(url, str) and url.strip() and path not in refused
+        if unresolved and (problem := await host_problem(url, settings)):
+            errors.append(FieldError(path, problem))
+    named = {_field_name(error.field) for error in found}
+    errors = [error for error in errors if _field_name(error.field) not in named]
+    if found or errors:
+        raise validation_problem([*found, *in_field_order(model, errors)])
     return checked
 
 

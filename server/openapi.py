@@ -5,40 +5,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter
-from pydantic.json_schema import models_json_schema
+from pydantic import BaseModel
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from jobs.ids import id_pattern
-from jobs.operations import CATALOGUE, MAX_CHAIN_LENGTH
+from jobs.operations import CATALOGUE
 from jobs.records import ArchiveSpec
-from server.batches import NewBatch
+from server.batches import BatchImagesForm, BatchImagesFromUrl, NewBatch
 from server.deliveries import Redelivery
 from server.endpoints import EndpointChanges, NewEndpoint, Recovery
 from server.idempotency import MAX_KEY_LENGTH
-from server.models import COMPONENT_REF, DestinationUrl, non_null
+from server.image_json import UploadStart
+from server.images import ImageForm, ImageFromUrl
+from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
 from server.resources import RESOURCES
-from server.upload_fields import Metadata, Operations
+from server.uploads import ACCEPTED_CONTENT_TYPES, NewUpload
+
+# What partners send, each body validated by its model: their schemas are the models' own.
+REQUEST_BODIES: tuple[type[BaseModel], ...] = (
+    ImageForm,
+    ImageFromUrl,
+    UploadStart,
+    NewUpload,
+    NewBatch,
+    BatchImagesForm,
+    BatchImagesFromUrl,
+    Redelivery,
+    Recovery,
+    NewEndpoint,
+    EndpointChanges,
+)
 
 
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _component(model: type[BaseModel]) -> dict[str, Any]:
-    """The schema `model` validates by, its fields that are components of this document as `$ref`s."""
-    schema: dict[str, Any] = _linked(model.model_json_schema())
-    return schema
-
-
-def _field_schema(kind: Any) -> dict[str, Any]:
-    """The schema of a field type the models share (an operation chain, metadata)."""
-    schema: dict[str, Any] = _linked(TypeAdapter(kind).json_schema())
-    return schema
 
 
 def _linked(schema: Any) -> Any:
@@ -51,13 +56,25 @@ def _linked(schema: Any) -> Any:
     return schema
 
 
-def _resource_schemas() -> dict[str, Any]:
-    """What the API answers, from the models its answers are checked against (server/resources.py)."""
+def _model_schemas(models: Sequence[type[BaseModel]], mode: JsonSchemaMode) -> dict[str, Any]:
+    """The schemas of `models` (and of the models they are made of) as components of this document."""
     _, schemas = models_json_schema(
-        [(model, "serialization") for model in RESOURCES], ref_template="#/components/schemas/{model}"
+        [(model, mode) for model in models], ref_template="#/components/schemas/{model}"
     )
     linked: dict[str, Any] = _linked(schemas["$defs"])
     return linked
+
+
+def _form(model: type[BaseModel], schemas: dict[str, Any]) -> dict[str, Any]:
+    """A multipart form's media type: its model's schema, and how each part is encoded (its JSON
+    fields as JSON; its files as the images we take)."""
+    encoding: dict[str, Any] = {}
+    for name, field in schemas[model.__name__]["properties"].items():
+        if "contentMediaType" in field:
+            encoding[name] = {"contentType": field["contentMediaType"]}
+        elif "binary" in (field.get("format"), field.get("items", {}).get("format")):
+            encoding[name] = {"contentType": ", ".join(sorted(ACCEPTED_CONTENT_TYPES))}
+    return {"schema": _ref(model.__name__), "encoding": encoding}
 
 
 def _problem(description: str) -> dict[str, Any]:
@@ -81,24 +98,6 @@ def _operation_schemas() -> dict[str, Any]:
     return schemas
 
 
-_RETENTION = {
-    "type": "integer",
-    "minimum": 3600,
-    "description": "seconds kept after upload; at most DARKROOM_IMAGE_RETENTION (the default)",
-}
-_BATCH_ID = {
-    "type": "string",
-    "description": "an open batch to join (its operations apply when none are given)",
-}
-# What every JSON body making or starting an image may say of its processing: the types NewBatch's fields
-# are validated by (these bodies are still read by server/upload_fields.py, as multipart forms are).
-_JSON_IMAGE_FIELDS: dict[str, Any] = {
-    "operations": _field_schema(Operations),
-    "callback_url": _field_schema(DestinationUrl),
-    "metadata": _field_schema(Metadata),
-}
-
-
 def _id(prefix: str) -> dict[str, str]:
     return {"type": "string", "pattern": id_pattern(prefix)}
 
@@ -114,6 +113,7 @@ _NOT_FOUND = _problem("No such image in this account")
 
 def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any]:
     operations = _operation_schemas()
+    requests = _model_schemas(REQUEST_BODIES, "validation")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -136,9 +136,11 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                         "requestBody": {
                             "required": True,
                             "content": {
-                                "multipart/form-data": {"schema": _ref("ImageUpload")},
+                                "multipart/form-data": _form(ImageForm, requests),
                                 "application/json": {
-                                    "schema": {"oneOf": [_ref("UploadStart"), _ref("ImageFromUrl")]}
+                                    "schema": {
+                                        "oneOf": [_ref(UploadStart.__name__), _ref(ImageFromUrl.__name__)]
+                                    }
                                 },
                             },
                         },
@@ -215,7 +217,7 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                     },
                 },
                 **_upload_paths(),
-                **_batch_paths(),
+                **_batch_paths(requests),
                 **_webhook_paths(),
                 **_service_paths(),
             },
@@ -230,43 +232,13 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
             "schemas": {
                 **operations,
                 "Operation": {"oneOf": [_ref(name) for name in operations]},
-                "ImageUpload": {
-                    "type": "object",
-                    "required": ["file"],
-                    "properties": {
-                        "file": {"type": "string", "format": "binary"},
-                        "operations": {
-                            "type": "array",
-                            "maxItems": MAX_CHAIN_LENGTH,
-                            "items": _ref("Operation"),
-                            "description": "JSON-encoded array",
-                        },
-                        "callback_url": {"type": "string", "format": "uri"},
-                        "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
-                        "retention": _RETENTION,
-                        "batch_id": _BATCH_ID,
-                    },
+                "ArchiveSpec": {
+                    **ArchiveSpec.json_schema(),
+                    "description": "original: each result as stored; jpeg, png, webp: results re-encoded"
+                    " to it",
                 },
-                "ImageFromUrl": {
-                    "type": "object",
-                    "required": ["source_url"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "source_url": {
-                            "type": "string",
-                            "format": "uri",
-                            "maxLength": 2048,
-                            "description": "http or https, public addresses only; fetched by a worker",
-                        },
-                        **_JSON_IMAGE_FIELDS,
-                        "retention": _RETENTION,
-                        "batch_id": _BATCH_ID,
-                    },
-                },
-                **_UPLOAD_SCHEMAS,
-                **_BATCH_SCHEMAS,
-                **_WEBHOOK_SCHEMAS,
-                **_resource_schemas(),
+                **requests,
+                **_model_schemas(RESOURCES, "serialization"),
             },
         },
     }
@@ -455,38 +427,13 @@ def _with_idempotency_refusals(responses: dict[str, Any]) -> dict[str, Any]:
     return updated
 
 
-_UPLOAD_SCHEMAS: dict[str, Any] = {
-    "UploadInput": {
-        "type": "object",
-        "required": ["filename", "content_type", "size"],
-        "properties": {
-            "filename": {"type": "string", "minLength": 1, "maxLength": 255},
-            "content_type": {"type": "string", "description": "image/jpeg, image/png, image/heic, …"},
-            "size": {"type": "integer", "minimum": 1, "description": "exactly what the PUT will carry"},
-            **_JSON_IMAGE_FIELDS,
-            "batch_id": _BATCH_ID,
-            "retention": _RETENTION,
-        },
-    },
-    "UploadStart": {
-        "type": "object",
-        "required": ["upload_id"],
-        "additionalProperties": False,
-        "properties": {
-            "upload_id": _id("upl"),
-            **_JSON_IMAGE_FIELDS,
-        },
-    },
-}
-
-
 def _upload_paths() -> dict[str, Any]:
     return {
         "/v1/uploads": {
             "post": {
                 "summary": "Create an image whose bytes you PUT to the signed upload_url it answers"
                 " (or, with S3 storage, POST to the bucket with upload_form)",
-                "requestBody": _body("UploadInput"),
+                "requestBody": _body(NewUpload.__name__),
                 "responses": {
                     "201": _json("The waiting image and where to send its bytes", _ref("Upload")),
                     "409": _problem("The batch is sealed or full"),
@@ -548,7 +495,7 @@ _BATCH_PATH_ID = _path_id("batch_id", "bat")
 _NO_BATCH = _problem("No such batch in this account")
 
 
-def _batch_paths() -> dict[str, Any]:
+def _batch_paths(requests: dict[str, Any]) -> dict[str, Any]:
     batch = _ref("Batch")
     return {
         "/v1/batches": {
@@ -576,8 +523,8 @@ def _batch_paths() -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "content": {
-                        "multipart/form-data": {"schema": _ref("BatchImagesUpload")},
-                        "application/json": {"schema": _ref("BatchImagesFromUrl")},
+                        "multipart/form-data": _form(BatchImagesForm, requests),
+                        "application/json": {"schema": _ref(BatchImagesFromUrl.__name__)},
                     },
                 },
                 "responses": {
@@ -756,56 +703,6 @@ def _webhook_paths() -> dict[str, Any]:
             },
         },
     }
-
-
-_BATCH_SCHEMAS: dict[str, Any] = {
-    "ArchiveSpec": {
-        **ArchiveSpec.json_schema(),
-        "description": "original: each result as stored; jpeg, png, webp: results re-encoded to it",
-    },
-    "NewBatch": _component(NewBatch),
-    "BatchImagesFromUrl": {
-        "type": "object",
-        "required": ["images"],
-        "additionalProperties": False,
-        "properties": {
-            "images": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": 50,
-                "items": {
-                    "type": "object",
-                    "required": ["source_url"],
-                    "additionalProperties": False,
-                    "properties": {
-                        "source_url": {"type": "string", "format": "uri", "maxLength": 2048},
-                        "operations": {"type": "array", "items": _ref("Operation")},
-                        "callback_url": {"type": "string", "format": "uri"},
-                        "metadata": {"type": "object", "description": "at most 4 KB as JSON"},
-                        "retention": _RETENTION,
-                    },
-                },
-            }
-        },
-    },
-    "BatchImagesUpload": {
-        "type": "object",
-        "required": ["file"],
-        "properties": {
-            "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 50},
-            "operations": {"type": "array", "items": _ref("Operation"), "description": "JSON-encoded array"},
-            "callback_url": {"type": "string", "format": "uri"},
-            "metadata": {"type": "object", "description": "JSON-encoded object, at most 4 KB"},
-            "retention": _RETENTION,
-        },
-    },
-}
-_WEBHOOK_SCHEMAS: dict[str, Any] = {
-    "Redelivery": _component(Redelivery),
-    "Recovery": _component(Recovery),
-    "NewEndpoint": _component(NewEndpoint),
-    "EndpointChanges": _component(EndpointChanges),
-}
 
 
 async def openapi_json(request: Request) -> Response:

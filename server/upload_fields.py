@@ -1,61 +1,53 @@
-"""The fields an image comes with (a multipart form's, or a JSON body's: a direct upload's, a start of
-one, an image by URL), checked the same way."""
+"""The fields an image comes with, as models: each body that makes or starts an image (a multipart form,
+a direct upload, the start of one, an image by URL, a batch's images) is validated by a model built from
+these, which is also its schema in `/openapi.json`.
+
+A JSON body gives the values as JSON. A multipart form gives them as text: `operations` and `metadata` as
+JSON text, read as strictly as a JSON body is (server/json_body.py), and a field left blank is not given.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BeforeValidator, WithJsonSchema
+from pydantic import (
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    InstanceOf,
+    StrictStr,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from jobs.operations import MAX_CHAIN_LENGTH, parse_operations
-from jobs.params import FieldError, ValidationFailed
+from jobs.params import ValidationFailed
 from jobs.retention import MIN_IMAGE_RETENTION_SECONDS
 from jobs.settings import Settings
-from server.destinations import check_destination_url
 from server.json_body import InvalidJson, parse_json
-from server.models import Hint, component_ref, refusal, refusals
-from server.multipart import MultipartUpload
-from server.problems import validation_problem
+from server.models import (
+    DestinationUrl,
+    Hint,
+    StrictModel,
+    checked_body,
+    component_ref,
+    given,
+    non_null,
+    refusal,
+    refusals,
+    settings_of,
+)
+from server.multipart import FILE_FIELD, MultipartUpload, UploadedFile
+from server.query import BLANK_IS_ABSENT
 
 MAX_METADATA_BYTES = 4096
-UPLOAD_FIELDS = ("operations", "callback_url", "metadata", "retention", "batch_id")
-
-
-def _parse_json_field(fields: Mapping[str, str], name: str, errors: list[FieldError]) -> Any:
-    raw = fields.get(name)
-    if raw is None or raw.strip() == "":
-        return None
-    try:
-        return parse_json(raw, name)
-    except InvalidJson as exc:
-        errors.append(FieldError(name, f"is not valid JSON: {exc}"))
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    return None
-
-
-@dataclass(frozen=True)
-class UploadFields:
-    """The fields that come with an image, validated."""
-
-    # None when not given, so a batch's default operations apply (an empty list is a choice).
-    operations: list[dict[str, Any]] | None
-    callback_url: str | None
-    metadata: dict[str, Any]
-    # Seconds each image is kept after its upload.
-    retention: int
-    batch_id: str | None = None
-
-
-def metadata_problem(metadata: Any) -> str | None:
-    if not isinstance(metadata, dict):
-        return "must be a JSON object"
-    if len(json.dumps(metadata, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
-        return f"must be at most {MAX_METADATA_BYTES} bytes as JSON"
-    return None
+MAX_FILES_PER_REQUEST = 50
 
 
 def _parsed_operations(raw: object) -> list[dict[str, Any]]:
@@ -68,12 +60,31 @@ def _parsed_operations(raw: object) -> list[dict[str, Any]]:
 def _checked_metadata(raw: object) -> object:
     if raw is None:
         return {}
-    if problem := metadata_problem(raw):
-        raise refusal(problem)
+    if not isinstance(raw, dict):
+        raise refusal("must be a JSON object")
+    if len(json.dumps(raw, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_METADATA_BYTES:
+        raise refusal(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
     return raw
 
 
-# The fields of JSON bodies, as models take them.
+def _retention(raw: object, info: ValidationInfo) -> int:
+    """The `retention` asked for (a JSON number, or its text), which may shorten the configured one but
+    never lengthen it."""
+    longest = settings_of(info).image_retention
+    shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
+    text = raw.strip() if isinstance(raw, str) else str(raw) if type(raw) is int else ""
+    # The length first: int() refuses strings of over 4300 digits.
+    if (
+        text.isascii()
+        and text.isdigit()
+        and len(text) <= len(str(longest))
+        and shortest <= int(text) <= longest
+    ):
+        return int(text)
+    raise refusal(f"must be whole seconds from {shortest} to {longest}")
+
+
+# The fields of the bodies, as models take them.
 Operations = Annotated[
     list[dict[str, Any]],
     BeforeValidator(_parsed_operations),
@@ -88,76 +99,129 @@ Metadata = Annotated[
         {"type": "object", "description": f"Yours, echoed back: at most {MAX_METADATA_BYTES} bytes as JSON"}
     ),
 ]
+Retention = Annotated[
+    int,
+    BeforeValidator(_retention),
+    Hint("must be whole seconds"),
+    WithJsonSchema(
+        {
+            "type": "integer",
+            "minimum": MIN_IMAGE_RETENTION_SECONDS,
+            "description": "Seconds the image is kept after its upload: at most DARKROOM_IMAGE_RETENTION,"
+            " the default",
+        }
+    ),
+]
+_OPERATIONS = Field(description="Applied in order; when none are given, the batch's (if any)")
 
 
-async def validate_upload_fields(
-    upload: MultipartUpload, settings: Settings, accepted: Sequence[str] = UPLOAD_FIELDS
-) -> UploadFields:
-    """Every problem of the form fields reported at once (422); `accepted` names the fields the route
-    takes."""
-    fields: dict[str, Any] = dict(upload.fields)
-    errors = list(upload.errors)
-    for name in ("operations", "metadata"):
-        if name in fields:
-            fields[name] = _parse_json_field(upload.fields, name, errors)
-    return await checked_fields(fields, settings, accepted, errors)
+class ImageChoices(StrictModel):
+    """What every body making or starting an image may choose: how it is processed, who is told of it,
+    what it carries back."""
+
+    operations: Annotated[Operations | None, _OPERATIONS] = None
+    callback_url: Annotated[
+        DestinationUrl | None, BLANK_IS_ABSENT, Field(description="Receives this image's events")
+    ] = None
+    metadata: Metadata | None = None
 
 
-async def checked_fields(
-    fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
-) -> UploadFields:
-    """validate_fields for a request with one image: its problems answered as a 422."""
+class KeptImage(ImageChoices):
+    """A new image: how long it is kept, besides its choices."""
+
+    retention: Annotated[Retention | None, BLANK_IS_ABSENT] = None
+
+    def kept_seconds(self, settings: Settings) -> int:
+        return settings.image_retention if self.retention is None else self.retention
+
+
+class BatchableImage(KeptImage):
+    """A new image sent on its own, which may join a batch."""
+
+    batch_id: Annotated[
+        StrictStr | None,
+        BLANK_IS_ABSENT,
+        Hint("must be a string"),
+        Field(description="An open batch to join (its operations apply when none are given)"),
+    ] = None
+
+
+class _JsonText:
+    """A form field's value given as JSON text: decoded as a JSON body is, its schema a string of JSON of
+    the value's schema."""
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.with_info_before_validator_function(_decoded, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return {"type": "string", "contentMediaType": "application/json", "contentSchema": handler(schema)}
+
+
+def _decoded(text: object, info: ValidationInfo) -> object:
+    if not isinstance(text, str):
+        return text
+    name = info.field_name or ""
     try:
-        return await validate_fields(fields, settings, accepted, errors)
+        return parse_json(text, name)
+    except InvalidJson as exc:
+        raise refusal(f"is not valid JSON: {exc}") from None
     except ValidationFailed as exc:
-        raise validation_problem(exc.errors) from None
+        raise refusals(exc.errors) from None
 
 
-async def validate_fields(
-    fields: Mapping[str, Any], settings: Settings, accepted: Sequence[str], errors: list[FieldError]
-) -> UploadFields:
-    """The fields of an upload or a JSON body (`operations` and `metadata` decoded); ValidationFailed
-    names every problem, those found before (`errors`) first. Fields `accepted` but not checked here
-    (a direct upload's `size`, say) are the caller's."""
-    operations: list[dict[str, Any]] | None = None
-    try:
-        if fields.get("operations") is not None:
-            operations = [operation.to_json() for operation in parse_operations(fields["operations"])]
-    except ValidationFailed as exc:
-        errors.extend(exc.errors)
-    callback_url = fields.get("callback_url") or None
-    if callback_url is not None and (problem := await check_destination_url(callback_url, settings)):
-        errors.append(FieldError("callback_url", problem))
-    metadata = fields.get("metadata")
-    if metadata is None:
-        metadata = {}
-    elif problem := metadata_problem(metadata):
-        errors.append(FieldError("metadata", problem))
-    retention = _retention(fields.get("retention"), settings, errors)
-    batch_id = fields.get("batch_id") or None
-    if batch_id is not None and not isinstance(batch_id, str):
-        errors.append(FieldError("batch_id", "must be a string"))
-    errors.extend(FieldError(name, "unknown field") for name in sorted(set(fields) - set(accepted)))
-    if errors:
-        raise ValidationFailed(errors)
-    return UploadFields(operations, callback_url, metadata, retention, batch_id)
+JSON_TEXT = _JsonText()
+FilePart = Annotated[InstanceOf[UploadedFile], WithJsonSchema({"type": "string", "format": "binary"})]
 
 
-def _retention(raw: object, settings: Settings, errors: list[FieldError]) -> int:
-    """The `retention` asked for (a form field's text, or a JSON number), which may shorten the
-    configured one but never lengthen it."""
-    if raw is None or (isinstance(raw, str) and raw.strip() == ""):
-        return settings.image_retention
-    longest = settings.image_retention
-    shortest = min(MIN_IMAGE_RETENTION_SECONDS, longest)
-    text = raw.strip() if isinstance(raw, str) else str(raw) if type(raw) is int else ""
-    # The length first: int() refuses strings of over 4300 digits.
-    if (
-        text.isascii()
-        and text.isdigit()
-        and len(text) <= len(str(longest))
-        and shortest <= int(text) <= longest
-    ):
-        return int(text)
-    errors.append(FieldError("retention", f"must be whole seconds from {shortest} to {longest}"))
-    return longest
+def _form_schema(schema: dict[str, Any]) -> None:
+    """A form field is sent, or not: none is null."""
+    schema["properties"] = {name: non_null(field) for name, field in schema["properties"].items()}
+
+
+class FormFields(StrictModel):
+    """A multipart form's fields (mixed in before the model whose fields they are): the JSON ones as
+    JSON text; a field left blank is not given."""
+
+    model_config = ConfigDict(json_schema_extra=_form_schema)
+
+    operations: Annotated[Annotated[Operations, JSON_TEXT] | None, _OPERATIONS] = None
+    metadata: Annotated[Metadata, JSON_TEXT] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_not_given(cls, fields: Any) -> Any:
+        if not isinstance(fields, dict):
+            return fields
+        return {
+            name: value
+            for name, value in fields.items()
+            if not (name in cls.model_fields and isinstance(value, str) and not value.strip())
+        }
+
+
+Form = TypeVar("Form", bound=FormFields)
+
+
+async def checked_form(model: type[Form], upload: MultipartUpload, settings: Settings) -> Form:
+    """The form read into `model`: its text fields, and its file parts listed by name (`file` always, so
+    that a form without one is told what to send). A 422 names every problem, the envelope's first."""
+    files: dict[str, list[UploadedFile]] = {FILE_FIELD: []}
+    for part in upload.files:
+        files.setdefault(part.field_name, []).append(part)
+    return await checked_body(
+        model,
+        {**upload.fields, **files},
+        settings,
+        urls=given(upload.fields, "callback_url"),
+        found=upload.errors,
+    )
+
+
+class FromUrl(StrictModel):
+    """An image a worker fetches (mixed in after the model of its other fields, so that it comes first)."""
+
+    source_url: Annotated[
+        DestinationUrl, Field(description="http or https, public addresses only; fetched by a worker")
+    ]

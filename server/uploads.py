@@ -21,14 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Field
+from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints, WithJsonSchema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from jobs.ids import is_id, new_id
 from jobs.ops.encode import MEDIA_TYPES
-from jobs.params import FieldError
 from jobs.records import Account, ImageRecord, UploadState, epoch_ms
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, LocalStorage, is_full
@@ -45,23 +44,13 @@ from jobs.uploads import (
 from server.auth import counted_request
 from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
-from server.models import Hint
+from server.models import Hint, StrictModel, checked_body, given
 from server.problems import Problem, storage_full_problem
 from server.query import QueryModel, query_of, takes_query
 from server.request_log import request_id_of
-from server.upload_fields import checked_fields
+from server.upload_fields import BatchableImage
 from webhooks.messages import iso, now_ms
 
-UPLOAD_BODY_FIELDS = (
-    "filename",
-    "content_type",
-    "size",
-    "operations",
-    "callback_url",
-    "batch_id",
-    "metadata",
-    "retention",
-)
 # The media types a direct upload may declare: what we decode (the bytes decide the format in the end).
 ACCEPTED_CONTENT_TYPES = frozenset(
     {*MEDIA_TYPES.values(), "image/jpg", "image/heic", "image/heic-sequence", "image/heif-sequence"}
@@ -123,23 +112,43 @@ def _epoch_seconds(moment: str) -> int:
     return epoch_ms(moment) // 1000
 
 
-def _declared(body: dict[str, Any], errors: list[FieldError]) -> tuple[str, str, int]:
-    """The file's name, media type and size as the body declares them."""
-    filename = body.get("filename")
-    if not isinstance(filename, str) or not 1 <= len(filename) <= MAX_FILENAME_CHARS:
-        errors.append(FieldError("filename", f"must be a string of 1 to {MAX_FILENAME_CHARS} characters"))
-        filename = ""
-    content_type = body.get("content_type")
-    media_type = content_type.split(";")[0].strip().lower() if isinstance(content_type, str) else ""
-    if media_type not in ACCEPTED_CONTENT_TYPES:
-        errors.append(
-            FieldError("content_type", f"must be one of {', '.join(sorted(ACCEPTED_CONTENT_TYPES))}")
-        )
-    size = body.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        errors.append(FieldError("size", "must be the file's size in bytes, at least 1"))
-        size = 0
-    return filename, media_type, size
+def _accepted_media_type(content_type: object) -> object:
+    """The media type, without parameters, in lower case."""
+    if isinstance(content_type, str):
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type in ACCEPTED_CONTENT_TYPES:
+            return media_type
+    raise ValueError("not an accepted media type")
+
+
+_ACCEPTED = ", ".join(sorted(ACCEPTED_CONTENT_TYPES))
+
+
+class _DeclaredFile(StrictModel):
+    """The file a direct upload will send (mixed in after the model of the image's other fields, so that
+    it comes first)."""
+
+    filename: Annotated[
+        str,
+        StringConstraints(strict=True, min_length=1, max_length=MAX_FILENAME_CHARS),
+        Hint(f"must be a string of 1 to {MAX_FILENAME_CHARS} characters"),
+        Field(description="The file's name, kept with the image"),
+    ]
+    content_type: Annotated[
+        str,
+        BeforeValidator(_accepted_media_type),
+        Hint(f"must be one of {_ACCEPTED}"),
+        WithJsonSchema({"type": "string", "description": f"The file's media type: {_ACCEPTED}"}),
+    ]
+    size: Annotated[
+        StrictInt,
+        Field(ge=1, description="The file's size in bytes: exactly what the PUT will carry"),
+        Hint("must be the file's size in bytes, at least 1"),
+    ]
+
+
+class NewUpload(BatchableImage, _DeclaredFile):
+    """`POST /v1/uploads`: an image whose bytes are sent afterwards, to the signed URL answered."""
 
 
 async def create_upload(request: Request) -> Response:
@@ -150,10 +159,8 @@ async def create_upload(request: Request) -> Response:
 async def _created_upload(request: Request, account: Account) -> Response:
     settings: Settings = request.app.state.settings
     body = await read_json_object(request)
-    errors: list[FieldError] = []
-    filename, content_type, size = _declared(body, errors)
-    fields = await checked_fields(body, settings, UPLOAD_BODY_FIELDS, errors)
-    if size > settings.max_upload_bytes:
+    fields = await checked_body(NewUpload, body, settings, urls=given(body, "callback_url"))
+    if fields.size > settings.max_upload_bytes:
         raise Problem(
             413, "file_too_large", f"the file exceeds the upload limit of {settings.max_upload_bytes} bytes"
         )
@@ -165,14 +172,20 @@ async def _created_upload(request: Request, account: Account) -> Response:
         status="pending",
         # With nothing to wait for (its operations given, or its batch's), it starts when its bytes land.
         starts="on_upload" if fields.operations is not None or batch is not None else "on_request",
-        size=size,
-        content_type=content_type,
+        size=fields.size,
+        content_type=fields.content_type,
         # Whole seconds, as the URL carries it.
         expires_at=iso((created_ms // 1000 + settings.upload_url_ttl) * 1000),
-        filename=filename,
+        filename=fields.filename,
     )
     (image,) = new_images(
-        account.id, fields, batch, [(image_id, None)], upload=upload, request_id=request_id_of(request)
+        account.id,
+        fields,
+        batch,
+        [(image_id, None)],
+        upload=upload,
+        request_id=request_id_of(request),
+        settings=settings,
     )
     upload_url = await _signed_url(request, "PUT", content_path(upload.id), _epoch_seconds(upload.expires_at))
     upload_form = await _upload_form(request, upload, image.original_key)
@@ -184,10 +197,10 @@ async def _created_upload(request: Request, account: Account) -> Response:
             "image": image.resource(settings.public_url),
             "upload_url": upload_url,
             "upload_method": "PUT",
-            "upload_headers": {"Content-Type": content_type},
+            "upload_headers": {"Content-Type": fields.content_type},
             "upload_form": upload_form,
             "expires_at": upload.expires_at,
-            "max_bytes": size,
+            "max_bytes": fields.size,
         },
         status_code=201,
         headers={"Location": f"{settings.public_url}/v1/images/{image.id}"},

@@ -11,7 +11,7 @@ from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from jobs.plans import DEFAULT_TIER, TIERS, plan_with
-from jobs.queue import QueuePool, admitted_jobs_key, process_job_id
+from jobs.queue import Lane, QueuePool, admitted_jobs_key, process_job_id
 from jobs.records import ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
@@ -47,9 +47,9 @@ async def finished_images(redis: Redis, image_ids: list[str]) -> list[ImageRecor
     return sorted((image for image in images if image is not None), key=lambda image: image.started_at or "")
 
 
-async def admit(settings: Settings) -> list[bytes]:
-    """One poll of the queue, as a worker with a free slot makes: what it would start."""
-    pool = QueuePool.connect(settings.redis_url, settings.queue_name)
+async def admit(settings: Settings, lane: Lane = Lane.ALL) -> list[bytes]:
+    """One poll of the queue, as a worker (of `lane`) with a free slot makes: what it would start."""
+    pool = QueuePool.connect(settings.redis_url, settings.queue_name, lane=lane)
     try:
         startable: list[bytes] = await pool.zrangebyscore(settings.queue_name, min=float("-inf"), max="+inf")
         return startable
@@ -202,3 +202,35 @@ async def test_lowering_max_processing_lets_the_admitted_images_finish_then_hold
     for position in range(3, len(ran)):
         latest_end = max(image.completed_at or "" for image in ran[:position])
         assert (ran[position].started_at or "") >= latest_end, ran
+
+
+async def test_a_single_photo_is_for_the_express_lane_and_a_backlog_for_the_bulk_lane(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
+) -> None:
+    backlog = await upload(client, account, 3)
+    other = await make_account(redis, "other")
+    (single,) = await upload(client, other)
+
+    assert await admit(settings, Lane.EXPRESS) == [process_job_id(single).encode()]
+    handed_to_bulk = [await admit(settings, Lane.BULK) for _ in backlog]
+
+    assert handed_to_bulk == [[process_job_id(image_id).encode()] for image_id in backlog]
+
+
+async def test_a_photo_is_for_the_bulk_lane_while_one_of_its_account_is_in_processing(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    (first,) = await upload(client, account)
+    assert await admit(settings, Lane.EXPRESS) == [process_job_id(first).encode()]
+    (second,) = await upload(client, account)
+
+    assert process_job_id(second).encode() not in await admit(settings, Lane.EXPRESS)
+    assert await admit(settings, Lane.BULK) == [process_job_id(second).encode()]
+
+
+async def test_with_no_express_lane_polling_the_bulk_lane_takes_a_single_photo_too(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    (single,) = await upload(client, account)
+
+    assert await admit(settings, Lane.BULK) == [process_job_id(single).encode()]

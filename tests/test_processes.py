@@ -22,6 +22,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,7 @@ import pytest
 import pyvips
 import redis
 
+from jobs.settings import Settings
 from server import cli
 from server.children import child_process_options
 from server.embedded_redis import EmbeddedRedis, find_redis_server
@@ -360,6 +362,50 @@ def test_the_procfile_worker_fetches_a_source_url(stack: Stack) -> None:
     check_output(stack.base_url, account, accepted.json()["id"], (160, 120))
 
 
+def test_the_worker_renders_a_single_photo_in_its_express_lane_beside_a_backlog(stack: Stack) -> None:
+    """The Procfile's worker runs a bulk lane as its child, at a lower CPU priority: another account's
+    backlog goes there, a single photo to the worker's own express lane; and the lane ends with it."""
+    bulk_lane = poll(lambda: bulk_lane_of(stack.worker.pid), "the worker's bulk lane")
+    lowered_by = Settings.from_env(stack.env).bulk_nice
+    worker_nice = os.getpriority(os.PRIO_PROCESS, stack.worker.pid)
+    assert os.getpriority(os.PRIO_PROCESS, bulk_lane) == min(worker_nice + lowered_by, 19)
+    flood, single = create_account(stack.env, "flood"), create_account(stack.env, "single")
+    receivers = [Receiver(flood.webhook_secret).start(), Receiver(single.webhook_secret).start()]
+    photo = imagegen.jpeg(1600, 1200)
+    # Work enough at full size that the flood's images are in processing together.
+    slow = [{"type": "denoise", "params": {"level": 1}}, *RESIZE_TO_160]
+    try:
+        with ThreadPoolExecutor(max_workers=6) as senders:
+            flood_url = receivers[0].url
+            sent = [senders.submit(upload, stack.base_url, flood, photo, slow, flood_url) for _ in range(6)]
+            alone = upload(stack.base_url, single, photo, RESIZE_TO_160, receivers[1].url)
+            backlog = [sending.result() for sending in sent]
+        receivers[0].wait_for(len(backlog), WEBHOOK_TIMEOUT)
+        receivers[1].wait_for(1, WEBHOOK_TIMEOUT)
+    finally:
+        for receiver in receivers:
+            receiver.stop()
+
+    lanes = {image["id"]: lane_that_processed(stack.worker, image["id"]) for image in [*backlog, alone]}
+    assert lanes[alone["id"]] == "express", lanes
+    assert "bulk" in {lanes[image["id"]] for image in backlog}, lanes
+    os.kill(stack.worker.pid, signal.SIGKILL)
+    poll(lambda: not alive(bulk_lane), "the bulk lane to end with its worker")
+
+
+def bulk_lane_of(worker: int) -> int | None:
+    commands = descendants(worker).items()
+    return next((pid for pid, command in commands if "jobs.worker.BulkWorkerSettings" in command), None)
+
+
+def lane_that_processed(worker: Child, image_id: str) -> str | None:
+    """From the worker's log line as the job starts (its bulk lane logs to the same output)."""
+    for line in json_lines(worker):
+        if line.get("image_id") == image_id and line["message"].startswith("processing"):
+            return str(line.get("lane"))
+    return None
+
+
 def test_failed_delivery_is_retried_with_the_same_message_id(stack: Stack) -> None:
     account = create_account(stack.env, "flaky")
     receiver = Receiver(account.webhook_secret).start()
@@ -620,12 +666,15 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
 def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path: Path) -> None:
     """A worker killed (by the OOM killer, say) does not end the session: it comes back and works."""
     dev = start_dev(children, tmp_path / "dev-data")
-    (worker_pid,) = [pid for pid, command in descendants(dev.child.pid).items() if " arq " in command]
+    commands = descendants(dev.child.pid).items()
+    (worker_pid,) = [pid for pid, command in commands if "jobs.worker.WorkerSettings" in command]
+    bulk_lane = poll(lambda: bulk_lane_of(worker_pid), "the worker's bulk lane")
     os.kill(worker_pid, signal.SIGKILL)
     dev.child.wait_for_line(r"arq jobs\.worker\.WorkerSettings exited with -9; starting it again")
     image, delivery = upload_and_hear(dev)
     assert delivery.event["data"]["id"] == image["id"]
     assert not alive(worker_pid)
+    poll(lambda: not alive(bulk_lane), "the killed worker's bulk lane to end")
     stop_dev(dev, whole_group=False)
 
 
@@ -819,7 +868,9 @@ def test_a_redis_outage_mid_load_loses_nothing_and_stops_no_process(
 
     assert all(len(ids) == 1 for ids in heard.values()), heard
     assert web.process.poll() is None and worker.process.poll() is None
-    assert sum("Redis is unreachable" in line for line in worker.lines) == 1, worker.output()
+    # Once for each of the worker's processes (its express lane and its bulk lane), which both rode it.
+    assert sum("Redis is unreachable" in line for line in worker.lines) == 2, worker.output()
+    assert not any("the bulk lane" in line for line in worker.lines), worker.output()
 
 
 def heard_from_all(receiver: Receiver, image_ids: list[str]) -> dict[str, set[str]] | None:

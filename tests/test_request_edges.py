@@ -3,11 +3,18 @@ and archive downloads with ranges they cannot use or an ETag the client already 
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import settings as examples
+from hypothesis import strategies as st
 from redis.asyncio import Redis
 
 from jobs.settings import Settings
+from server.json_body import parse_json
 from tests import imagegen
 from tests.conftest import Partner
 from tests.test_archive import built_batch
@@ -91,6 +98,29 @@ async def test_batch_upload_fields_are_read_strictly(
     assert_problem(response, 422, "validation_failed", fields=[field])
     batch = (await client.get(f"/v1/batches/{batch_id}", headers=account.headers)).json()
     assert batch["counts"]["total"] == 0
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(), children, max_size=4),
+    max_leaves=40,
+)
+
+
+@examples(max_examples=300, derandomize=True, database=None)
+@given(value=JSON_VALUES, ascii_only=st.booleans())
+def test_json_read_quickly_is_read_as_the_strict_reader_reads_it(value: Any, ascii_only: bool) -> None:
+    """Most JSON is read by pydantic-core's reader, the rest by Python's: both read it the same."""
+    raw = json.dumps(value, ensure_ascii=ascii_only)
+    expected = json.loads(raw)
+    for given_as in (raw, raw.encode()):
+        read = parse_json(given_as)
+        assert read == expected
+        assert json.dumps(read) == json.dumps(expected)  # 1 and 1.0, -0.0 and 0.0 told apart
 
 
 # --- archive downloads -------------------------------------------------------------------------------

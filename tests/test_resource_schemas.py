@@ -147,8 +147,8 @@ async def test_problems_are_what_the_spec_documents(
     assert spec.check(missing, "/v1/images/{image_id}", "get")["request_id"]
     refused = await client.post("/v1/batches", headers=account.headers, json={"archive": 7, "colour": "red"})
     assert [error["field"] for error in spec.check(refused, "/v1/batches", "post")["errors"]] == [
-        "colour",
         "archive",
+        "colour",
     ]
     unauthorized = await client.get("/v1/batches")
     spec.check(unauthorized, "/v1/batches", "get")

@@ -40,6 +40,13 @@ def test_workers_share_themselves_between_accounts_unless_told_first_come_first_
     assert Settings.from_env({"DARKROOM_FAIR_SCHEDULING": "1"}).fair_scheduling
 
 
+def test_workers_run_an_express_lane_and_a_lower_priority_bulk_lane_unless_told_otherwise() -> None:
+    assert Settings.from_env({}).express_lane
+    assert not Settings.from_env({"DARKROOM_EXPRESS_LANE": "off"}).express_lane
+    assert Settings.from_env({}).bulk_nice == Settings().bulk_nice
+    assert Settings.from_env({"DARKROOM_BULK_NICE": "5"}).bulk_nice == 5
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
@@ -53,6 +60,9 @@ def test_workers_share_themselves_between_accounts_unless_told_first_come_first_
         ("DARKROOM_MIN_FREE_BYTES", "plenty"),
         ("DARKROOM_MIN_FREE_BYTES", "-1"),
         ("DARKROOM_FAIR_SCHEDULING", "sometimes"),
+        ("DARKROOM_EXPRESS_LANE", "sometimes"),
+        ("DARKROOM_BULK_NICE", "0"),
+        ("DARKROOM_BULK_NICE", "20"),
         ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
     ],
 )
