@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -60,15 +61,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+# A request's path (decoded: %0A is a newline) is logged as the client sent it.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """Control characters shown escaped, so that what a client sent cannot start a forged line."""
+    return _CONTROL_CHARACTERS.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
     """`12:00:00 INFO darkroom.web GET /v1/images 202 request_id=req_… latency_ms=12.3`."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s", "%H:%M:%S")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _printable(super().formatMessage(record))
+
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
-        fields = " ".join(f"{name}={value}" for name, value in fields_of(record).items())
+        fields = " ".join(f"{name}={_printable(str(value))}" for name, value in fields_of(record).items())
         if not fields:
             return text
         # After the message's first line, so a traceback below it stays as printed.

@@ -6,35 +6,39 @@ import asyncio
 
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.storage import BlobStorage
+from server.resources import Health, Readiness, ReadinessChecks
 
 # A storage that does not answer within this is as good as unreachable to a load balancer.
 STORAGE_CHECK_SECONDS = 5.0
+# Polled by every load balancer: the same bytes every time.
+_ALIVE = Health(status="ok").model_dump_json()
 
 
 async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return Response(_ALIVE, media_type="application/json")
 
 
 async def readyz(request: Request) -> Response:
-    checks: dict[str, str] = {}
     try:
         await asyncio.wait_for(request.app.state.redis.ping(), timeout=2)
-        checks["redis"] = "ok"
+        redis = "ok"
     except (RedisError, OSError, TimeoutError) as exc:
-        checks["redis"] = f"unreachable: {type(exc).__name__}"
+        redis = f"unreachable: {type(exc).__name__}"
     storage: BlobStorage = request.app.state.storage
     try:
-        checks["storage"] = await asyncio.wait_for(storage.check(), timeout=STORAGE_CHECK_SECONDS)
+        stored = await asyncio.wait_for(storage.check(), timeout=STORAGE_CHECK_SECONDS)
     except TimeoutError:
-        checks["storage"] = f"unreachable: no answer within {STORAGE_CHECK_SECONDS:g} s"
-    checks["storage_space"] = await storage_space_check(storage, request.app.state.settings.min_free_bytes)
-    ready = all(value == "ok" for value in checks.values())
-    return JSONResponse(
-        {"status": "ok" if ready else "unavailable", "checks": checks}, status_code=200 if ready else 503
+        stored = f"unreachable: no answer within {STORAGE_CHECK_SECONDS:g} s"
+    space = await storage_space_check(storage, request.app.state.settings.min_free_bytes)
+    checks = ReadinessChecks(redis=redis, storage=stored, storage_space=space)
+    ready = all(value == "ok" for value in checks.model_dump().values())
+    readiness = Readiness(status="ok" if ready else "unavailable", checks=checks)
+    return Response(
+        readiness.model_dump_json(), status_code=200 if ready else 503, media_type="application/json"
     )
 
 

@@ -23,7 +23,7 @@ from server.images import ImageForm, ImageFromUrl
 from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
-from server.resources import RESOURCES
+from server.resources import RESOURCES, WEBHOOK_EVENTS, Health, Readiness
 from server.uploads import ACCEPTED_CONTENT_TYPES, NewUpload
 
 # What partners send, each body validated by its model: their schemas are the models' own.
@@ -222,6 +222,7 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                 **_service_paths(),
             },
         ),
+        "webhooks": _webhooks(),
         "components": {
             "parameters": _HEADER_PARAMETERS,
             "headers": _RESPONSE_HEADERS,
@@ -238,7 +239,7 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                     " to it",
                 },
                 **requests,
-                **_model_schemas(RESOURCES, "serialization"),
+                **_model_schemas([*RESOURCES, *dict.fromkeys(WEBHOOK_EVENTS.values())], "serialization"),
             },
         },
     }
@@ -270,12 +271,12 @@ def _service_paths() -> dict[str, Any]:
         return {"get": {"summary": summary, "security": [], "responses": responses}}
 
     return {
-        "/healthz": unauthenticated("The process answers", {"200": _json("Alive", {"type": "object"})}),
+        "/healthz": unauthenticated("The process answers", {"200": _json("Alive", _ref(Health.__name__))}),
         "/readyz": unauthenticated(
             "Redis and the storage answer, and the storage has room",
             {
-                "200": _json("Ready", {"type": "object"}),
-                "503": _json("Not ready: each check says why", {"type": "object"}),
+                "200": _json("Ready", _ref(Readiness.__name__)),
+                "503": _json("Not ready: each check says why", _ref(Readiness.__name__)),
             },
         ),
         "/metrics": unauthenticated(
@@ -287,6 +288,56 @@ def _service_paths() -> dict[str, Any]:
             "This document, to read and try",
             {"200": {"description": "An HTML page", "content": {"text/html": {}}}},
         ),
+    }
+
+
+def _webhooks() -> dict[str, Any]:
+    """What we POST to callback URLs and subscribed endpoints, per event type: its body's model (the one
+    that builds it, parametrised by its resource), and the Standard Webhooks headers that sign it."""
+
+    def header(name: str, description: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "in": "header",
+            "required": True,
+            "description": description,
+            "schema": {"type": "string"},
+        }
+
+    signed_by = [
+        header("webhook-id", "The message's id (msg_…): the same on every retry of this event; dedupe on it"),
+        header("webhook-timestamp", "Unix seconds of this attempt"),
+        header(
+            "webhook-signature",
+            "`v1,` and the base64 HMAC-SHA256 of `{webhook-id}.{webhook-timestamp}.{body}` under each"
+            " secret in force, space separated (two while a rotated secret still signs)",
+        ),
+    ]
+    return {
+        event_type: {
+            "post": {
+                "summary": f"{event_type}",
+                "parameters": signed_by,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "allOf": [
+                                    _ref(model.__name__),
+                                    {"properties": {"type": {"const": event_type}}},
+                                ]
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "2XX": {"description": "Delivered"},
+                    "default": {"description": "Not delivered: sent again on the retry schedule"},
+                },
+            }
+        }
+        for event_type, model in WEBHOOK_EVENTS.items()
     }
 
 

@@ -22,7 +22,7 @@ from server.pagination import MAX_PAGE_SIZE
 from server.upload_fields import Metadata, Operations
 from server.uploads import MAX_FILENAME_CHARS
 from webhooks.endpoints import EndpointStatus, EventType
-from webhooks.messages import RESPONSE_EXCERPT_BYTES, DeliveryStatus
+from webhooks.messages import RESPONSE_EXCERPT_BYTES, DeliveryStatus, Event
 
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 Count = Annotated[int, Field(ge=0)]
@@ -290,6 +290,87 @@ class Problem(Resource):
     errors: list[ProblemFieldError] | SkipJsonSchema[None] = None
 
 
+class BatchFailure(Resource):
+    image_id: Annotated[str, Field(pattern="^img_")]
+    filename: str | None
+    error: ResourceError
+
+
+class CompletedBatch(Batch):
+    """The batch as GET /v1/batches/{id} answers it, and each of its images that failed."""
+
+    failures: list[BatchFailure]
+
+
+class WebhookTest(Resource):
+    object: Literal["webhook_test"]
+    endpoint_id: Annotated[str, Field(pattern="^ep_")]
+    message: str
+
+
+class ImageEvent(Event[Image]):
+    """The image has finished: its result is ready, or it failed (its `error` says why)."""
+
+    type: Literal["image.completed", "image.failed"]
+
+
+class BatchCompletedEvent(Event[CompletedBatch]):
+    """Every image of the sealed batch has finished."""
+
+    type: Literal["batch.completed"]
+
+
+class ArchiveEvent(Event[Batch]):
+    """The batch's ZIP is ready to download, or could not be built (its `archive.error` says why)."""
+
+    type: Literal["batch.archive.ready", "batch.archive.failed"]
+
+
+class EndpointDisabledEvent(Event[WebhookEndpoint]):
+    """Another endpoint of the account was disabled (failing too long, or by its owner)."""
+
+    type: Literal["endpoint.disabled"]
+
+
+class TestEvent(Event[WebhookTest]):
+    """Sent by POST /v1/webhook-endpoints/{id}/test, to that endpoint alone."""
+
+    type: Literal["webhook.test"]
+
+
+# What each event's webhook carries.
+WEBHOOK_EVENTS: dict[EventType, type[BaseModel]] = {
+    "image.completed": ImageEvent,
+    "image.failed": ImageEvent,
+    "batch.completed": BatchCompletedEvent,
+    "batch.archive.ready": ArchiveEvent,
+    "batch.archive.failed": ArchiveEvent,
+    "endpoint.disabled": EndpointDisabledEvent,
+    "webhook.test": TestEvent,
+}
+
+
+class Health(Resource):
+    """`/healthz`: the process answers."""
+
+    status: Literal["ok"]
+
+
+class ReadinessChecks(Resource):
+    redis: Annotated[str, Field(description='"ok", or "unreachable: …"')]
+    storage: Annotated[str, Field(description='"ok", or what is wrong with it')]
+    storage_space: Annotated[
+        str, Field(description='"ok"; "low: …" under DARKROOM_MIN_FREE_BYTES; "unknown: …"')
+    ]
+
+
+class Readiness(Resource):
+    """`/readyz`: ready (200) when every check is ok, else 503."""
+
+    status: Literal["ok", "unavailable"]
+    checks: ReadinessChecks
+
+
 RESOURCES: tuple[type[BaseModel], ...] = (
     Image,
     ImageList,
@@ -305,4 +386,6 @@ RESOURCES: tuple[type[BaseModel], ...] = (
     WebhookEndpointList,
     RecoveryResult,
     Problem,
+    Health,
+    Readiness,
 )

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from jobs import stats
 from jobs.ids import is_id
+from jobs.logs import TextFormatter
 from jobs.ops.geometry import ResizeParams
 from jobs.settings import Settings
 from server.app import create_app
@@ -315,3 +316,24 @@ async def test_openapi_describes_the_batch_body_by_its_model(client: httpx.Async
     assert batch["additionalProperties"] is False
     assert batch["properties"]["operations"]["items"] == {"$ref": "#/components/schemas/Operation"}
     assert {"$ref": "#/components/schemas/ArchiveSpec"} in batch["properties"]["archive"]["oneOf"]
+
+
+def test_a_text_log_line_cannot_be_split_by_what_a_client_sent() -> None:
+    """A path with %0A (uvicorn decodes it) in `darkroom dev`'s text lines: one line still, escaped."""
+    record = logging.makeLogRecord(
+        {
+            "name": "darkroom.web",
+            "levelno": logging.INFO,
+            "levelname": "INFO",
+            "msg": "%s %s %d",
+            "args": ("GET", "/v1/images/x\n12:00:00 INFO darkroom.web forged", 404),
+            "route": None,
+            "user_agent": "tool\r\nforged=1",
+        }
+    )
+
+    line = TextFormatter().format(record)
+
+    assert "\n" not in line and "\r" not in line
+    assert "/v1/images/x\\x0a12:00:00 INFO darkroom.web forged 404" in line
+    assert "user_agent=tool\\x0d\\x0aforged=1" in line

@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from jobs.settings import Settings
-from server.resources import RESOURCES
+from server.resources import RESOURCES, WEBHOOK_EVENTS
 from tests import imagegen
 from tests.conftest import Partner, api_client, on_s3, run_burst, with_settings
 from tests.receiver import Receiver
@@ -20,6 +20,7 @@ from tests.s3server import S3Server
 from tests.test_batches import add_files, create_batch, seal
 from tests.test_endpoints_api import ENDPOINTS
 from tests.test_spine import upload
+from webhooks.endpoints import EVENT_TYPES
 
 RESIZE_TO_32 = json.dumps([{"type": "resize", "params": {"width": 32}}])
 # Nothing listens there: deliveries to it fail with a connection error.
@@ -38,6 +39,11 @@ class Spec:
 
     def component(self, name: str) -> Draft202012Validator:
         return self.validator({"$ref": f"#/components/schemas/{name}"})
+
+    def event(self, event_type: str) -> Draft202012Validator:
+        """The body of `event_type`'s webhooks, as documented."""
+        body = self.document["webhooks"][event_type]["post"]["requestBody"]
+        return self.validator(body["content"]["application/json"]["schema"])
 
     def check(self, response: httpx.Response, path: str, method: str) -> Any:
         """The response's body, once valid by the schema `path` documents for its status and type."""
@@ -87,7 +93,9 @@ async def test_every_answer_of_a_whole_flow_is_what_the_spec_documents(
         "post",
     )
     batch = spec.check(
-        await client.post("/v1/batches", headers=auth, json={"archive": {"format": "png"}}),
+        await client.post(
+            "/v1/batches", headers=auth, json={"archive": {"format": "png"}, "callback_url": receiver.url}
+        ),
         "/v1/batches",
         "post",
     )
@@ -126,6 +134,12 @@ async def test_every_answer_of_a_whole_flow_is_what_the_spec_documents(
     by_status = {delivery["status"]: delivery for delivery in deliveries["data"]}
     assert {"delivered", "failed"} <= set(by_status)
     for delivery in deliveries["data"]:
+        spec.event(delivery["event_type"]).validate(delivery["payload"])
+    for received in receiver.deliveries:
+        spec.event(received.event["type"]).validate(received.event)
+    sent = {delivery["event_type"] for delivery in deliveries["data"]}
+    assert {"image.completed", "image.failed", "batch.completed", "batch.archive.ready"} <= sent
+    for delivery in deliveries["data"]:
         shown = await client.get(f"/v1/deliveries/{delivery['id']}", headers=auth)
         assert spec.check(shown, "/v1/deliveries/{msg_id}", "get")["destinations"][0]["attempts"]
     retried = await client.post(f"/v1/deliveries/{by_status['delivered']['id']}/retry", headers=auth)
@@ -135,7 +149,9 @@ async def test_every_answer_of_a_whole_flow_is_what_the_spec_documents(
     )
     assert spec.check(recovered, f"{ENDPOINTS}/{{endpoint_id}}/recover", "post")["redelivered"] == 1
     tested = await client.post(f"{endpoint_path}/test", headers=auth)
-    spec.check(tested, f"{ENDPOINTS}/{{endpoint_id}}/test", "post")
+    spec.event("webhook.test").validate(
+        spec.check(tested, f"{ENDPOINTS}/{{endpoint_id}}/test", "post")["payload"]
+    )
     rotated = await client.post(f"{endpoint_path}/rotate-secret", headers=auth)
     spec.check(rotated, f"{ENDPOINTS}/{{endpoint_id}}/rotate-secret", "post")
 
@@ -165,8 +181,23 @@ async def test_a_field_no_model_declares_fails_the_check(
 
 async def test_every_resource_refuses_fields_it_does_not_declare(spec: Spec) -> None:
     schemas = spec.document["components"]["schemas"]
-    for model in RESOURCES:
+    for model in [*RESOURCES, *WEBHOOK_EVENTS.values()]:
         assert schemas[model.__name__]["additionalProperties"] is False, model.__name__
+
+
+def test_every_event_type_has_its_documented_webhook() -> None:
+    assert set(WEBHOOK_EVENTS) == set(EVENT_TYPES)
+
+
+async def test_a_webhook_of_another_type_fails_the_check(spec: Spec) -> None:
+    test_event = {
+        "type": "webhook.test",
+        "timestamp": "2026-11-21T10:00:00.000Z",
+        "data": {"object": "webhook_test", "endpoint_id": "ep_x", "message": "a test event from Darkroom"},
+    }
+    spec.event("webhook.test").validate(test_event)
+    with pytest.raises(ValidationError):
+        spec.event("image.completed").validate(test_event)
 
 
 async def test_an_upload_offering_a_bucket_form_is_what_the_spec_documents(
@@ -177,3 +208,8 @@ async def test_an_upload_offering_a_bucket_form_is_what_the_spec_documents(
         body = {"filename": "phone.jpg", "content_type": "image/jpeg", "size": 10}
         created = await client.post("/v1/uploads", headers=account.headers, json=body)
     assert spec.check(created, "/v1/uploads", "post")["upload_form"]["fields"]
+
+
+async def test_health_answers_are_what_the_spec_documents(client: httpx.AsyncClient, spec: Spec) -> None:
+    assert spec.check(await client.get("/healthz"), "/healthz", "get") == {"status": "ok"}
+    assert spec.check(await client.get("/readyz"), "/readyz", "get")["checks"]["redis"] == "ok"

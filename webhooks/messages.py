@@ -14,8 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 # `skipped`: the event happened while its endpoint was disabled, so nothing was sent; recovering the
@@ -32,6 +33,21 @@ WAKE_CHANNEL = "dr:webhooks:wake"
 LEASES_KEY = "dr:webhooks:leases"
 # The destination name of a resource's own callback_url (endpoints are named by their `ep_` id).
 CALLBACK = "callback"
+
+
+Data = TypeVar("Data")
+
+
+class Event(BaseModel, Generic[Data]):
+    """A webhook's body, as Standard Webhooks has it: what happened, when, and to what (`data`: the
+    resource as the API answers it). `/openapi.json` documents each event type by its parametrised
+    model (server/resources.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+    timestamp: Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+    data: Data
 
 
 def now_ms() -> int:
@@ -58,7 +74,7 @@ def new_message(
     `resource_ids` name what it is about, for the delivery log's filters; `request_id` is the request
     that led to it, for the dispatcher's log lines (never sent)."""
     created_at = iso(now_ms())
-    body = json.dumps({"type": event_type, "timestamp": created_at, "data": data}, separators=(",", ":"))
+    body = Event[dict[str, Any]](type=event_type, timestamp=created_at, data=data).model_dump_json()
     return Message(
         msg_id, account_id, event_type, body, created_at, tuple(to), tuple(resource_ids), request_id
     )
