@@ -9,7 +9,8 @@ child processes (benchmarks/throughput.py's), then, one image at a time, taking 
 - multipart: `POST /v1/images` with the file and the operations, sent → signed webhook received;
 - direct: `POST /v1/uploads` with the operations, then `PUT` of the bytes to its upload_url, create sent
   → webhook received (and the create's own round trip, and PUT sent → webhook);
-- a plain API request, `GET /v1/images/{id}`, timed the same way: the unit "one request of latency".
+- a plain API request, `GET /v1/images/{id}`, timed the same way (its JSON answer decoded, as the
+  create's is): the unit "one request of latency".
 
 Same photo, same resize-to-512 + JPEG q80 chain, one keep-alive connection. Prints one JSON object;
 issue 12's goal: direct p50 - multipart p50 ≤ one request's p50 (`extra_over_multipart_ms` against
@@ -105,7 +106,8 @@ async def plain_request_once(
     sent = time.perf_counter()
     async with session.get(f"{base_url}/v1/images/{image_id}", headers=headers) as response:
         assert response.status == 200
-        await response.read()
+        # Read as the create's answer is read (a client uses either): decoded JSON.
+        await response.json()
     return time.perf_counter() - sent
 
 

@@ -70,6 +70,7 @@ from throughput import (
     log,
     running_service,
     wait_ready,
+    worker_concurrency_in_effect,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,9 +130,9 @@ def place(placement: Placement, services: Sequence[Service], s3_server_pid: int)
     check that they all went: a thread left behind would give one service more CPU than the other."""
     darkroom = [pid for service in services for pid in service.pids()]
     darkroom += children_of(os.getpid(), "redis-server")
-    outside = [os.getpid(), s3_server_pid]
     wanted = {pid: placement.darkroom for root in darkroom for pid in process_tree(root)}
-    wanted |= {pid: placement.outside for root in outside for pid in process_tree(root)}
+    # This process alone: its children are the services'.
+    wanted |= {pid: placement.outside for pid in [os.getpid(), *process_tree(s3_server_pid)]}
     for pid, cpus in wanted.items():
         for tid in threads_of(pid):
             with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
@@ -294,8 +295,10 @@ def placement_report(measured: Measured, placement: Placement) -> dict[str, Any]
         report |= {
             "darkroom_cpus": sorted(placement.darkroom),
             "s3_server_and_client_cpus": sorted(placement.outside),
-            # Near len(darkroom_cpus): Darkroom's CPUs were the limit, as they should be.
+            # Near len(darkroom_cpus): Darkroom's CPUs were the limit, as they should be; the service's
+            # own processes kept `service_cores` of them busy (the rest: others, or idle while it waited).
             "darkroom_cpus_busy": each(lambda r: r.darkroom_cpus_busy),
+            "service_cores": each(lambda r: service_cpu_ms(r.cpu_ms) * r.images_per_s / 1000),
             "outside_cpus_busy": each(lambda r: r.outside_cpus_busy),
             # The S3 server kept up (well under a core) and was not what limited the S3 service.
             "s3_server_is_bottleneck": max(r.s3_server_cores for r in s3) >= 0.9,
@@ -310,6 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=60, help="images per round and storage")
     parser.add_argument("--concurrency", type=int, default=12, help="uploads in flight")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--worker-concurrency",
+        type=int,
+        default=None,
+        help="sets DARKROOM_WORKER_CONCURRENCY for both workers (default: the setting's)",
+    )
     parser.add_argument("--photos", choices=["corpus", "2k", "tiny"], default="corpus")
     parser.add_argument(
         "--s3-server",
@@ -339,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "DARKROOM_S3_REGION": REGION,
         }
         with (
-            running_service(work_dir / "local", None, None) as local,
-            running_service(work_dir / "s3", None, args.profile, extra_env=on_s3) as s3,
+            running_service(work_dir / "local", args.worker_concurrency, None) as local,
+            running_service(work_dir / "s3", args.worker_concurrency, args.profile, extra_env=on_s3) as s3,
         ):
             measured = asyncio.run(
                 alternate(
@@ -365,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{SHARED}_floor": placement_report(measured, shared),
         "images": args.images,
         "concurrency": args.concurrency,
+        "worker_concurrency": worker_concurrency_in_effect(args.worker_concurrency),
         "photos": source,
         "s3_server": f"{s3_server.name} (separate process, loopback)",
         "load_average_before": round(load_before, 2),

@@ -291,6 +291,8 @@ def running_service(
                 "1000",
                 "-f",
                 "raw",
+                # The worker's bulk lane is a child process of its own.
+                "--subprocesses",
                 "-o",
                 str(out),
                 "--",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from jobs.fetch import SourceFetcher
@@ -28,6 +29,8 @@ class WorkerDeps:
     http: DeliveryClient
     dispatcher: Dispatcher
     sources: SourceFetcher
+    # Renders at once, DARKROOM_WORKER_CONCURRENCY of them (arq may run more jobs: see jobs_at_once).
+    render_slots: asyncio.Semaphore
 
     async def crashed_too_often(self, subject_id: str, job_try: int) -> bool:
         """Whether the job of `subject_id` (an image or a batch's archive) started more than

@@ -9,7 +9,9 @@ process starts reading HEIC by way of Pillow. Blocking: call these from the rend
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import pillow_heif
 import pyvips
@@ -34,7 +36,7 @@ def decoded_bytes(header: pyvips.Image, *, sixteen_bit: bool) -> int:
     return pixels * (int(header.bands) * (2 if deep else 1) + DECODER_BYTES_PER_PIXEL)
 
 
-def decode(source: Path, *, sixteen_bit: bool) -> pyvips.Image:
+def decode(source: Path | bytes, *, sixteen_bit: bool) -> pyvips.Image:
     """The file's primary picture (a burst or Live Photo holds several; the primary is the photo),
     upright, with its ICC profile (iPhones: Display P3) and its EXIF attached, for the pipeline to
     convert to sRGB and strip or keep as it does a JPEG's.
@@ -67,25 +69,31 @@ def decode(source: Path, *, sixteen_bit: bool) -> pyvips.Image:
     return image
 
 
-def _cut_short(source: Path) -> str | None:
-    """Why the file is truncated, when its top-level boxes run past its end; else None.
+def _cut_short(source: Path | bytes) -> str | None:
+    """Why the file (or the file's bytes) is truncated, when its top-level boxes run past its end;
+    else None.
 
     libheif refuses a truncated single picture, but fills the missing tiles of a tiled one (as iPhones
     write them: 512 px tiles) with green and reports success: half an upload would complete."""
-    size = source.stat().st_size
+    if isinstance(source, bytes):
+        return _boxes_cut_short(io.BytesIO(source), len(source))
     with source.open("rb") as file:
-        offset = 0
-        while offset + 8 <= size:
-            file.seek(offset)
-            header = file.read(16)
-            box_size = int.from_bytes(header[:4], "big")
-            if box_size == 1 and len(header) == 16:  # a 64-bit size follows the type
-                box_size = int.from_bytes(header[8:16], "big")
-            if box_size < 8:
-                return None  # 0 runs to the end of the file; a smaller size is libheif's to refuse
-            if offset + box_size > size:
-                return f"the HEIC is cut short: its boxes need {offset + box_size:,} bytes, it has {size:,}"
-            offset += box_size
+        return _boxes_cut_short(file, source.stat().st_size)
+
+
+def _boxes_cut_short(file: BinaryIO, size: int) -> str | None:
+    offset = 0
+    while offset + 8 <= size:
+        file.seek(offset)
+        header = file.read(16)
+        box_size = int.from_bytes(header[:4], "big")
+        if box_size == 1 and len(header) == 16:  # a 64-bit size follows the type
+            box_size = int.from_bytes(header[8:16], "big")
+        if box_size < 8:
+            return None  # 0 runs to the end of the file; a smaller size is libheif's to refuse
+        if offset + box_size > size:
+            return f"the HEIC is cut short: its boxes need {offset + box_size:,} bytes, it has {size:,}"
+        offset += box_size
     return None
 
 

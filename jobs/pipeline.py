@@ -1,8 +1,10 @@
 """Run a validated operation chain on one image file with libvips. Blocking: call it from a thread.
 
-The file is opened for sequential access and a leading resize shrinks on load, so a 24 MP JPEG never
-exists decoded at full size. Operations see sRGB (or greyscale) pixels, 8-bit unless 16-bit output was
-asked for and the source has 16 bits; `jobs.ops.encode` decides what metadata the file keeps.
+The file is a path, or its bytes when the worker holds them (an original fetched from S3 that fits a
+part: writing it to scratch only for libvips to read it back cost CPU). It is opened for sequential
+access and a leading resize shrinks on load, so a 24 MP JPEG never exists decoded at full size.
+Operations see sRGB (or greyscale) pixels, 8-bit unless 16-bit output was asked for and the source has
+16 bits; `jobs.ops.encode` decides what metadata the file keeps.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from jobs.vips_errors import describe_vips_error, reports_storage_full
 
 # Truncated or corrupt data is an error, not a grey half-picture.
 FAIL_ON = "error"
+# An image file: its path, or its bytes.
+Source = Path | bytes
 # Frames of an animation processed at most (each is a full picture in the strip libvips makes).
 MAX_FRAMES = 300
 
@@ -101,7 +105,7 @@ def _limit_malloc_arenas() -> None:
 
 
 def render(
-    source: Path,
+    source: Source,
     destination_stem: Path,
     chain: Sequence[Operation],
     input_format: str,
@@ -154,7 +158,7 @@ def render(
 
 
 def _render_to(
-    source: Path,
+    source: Source,
     input_format: str,
     destination: Path,
     steps: Plan,
@@ -186,7 +190,7 @@ def _check_size(image: pyvips.Image, max_pixels: int | None) -> None:
 
 
 def _build(
-    source: Path,
+    source: Source,
     input_format: str,
     steps: Plan,
     output_format: str,
@@ -217,7 +221,7 @@ def _build(
 
 
 def _load(
-    source: Path,
+    source: Source,
     input_format: str,
     steps: Plan,
     max_pixels: int | None,
@@ -225,7 +229,7 @@ def _load(
     watch: Callable[[pyvips.Image], None],
 ) -> tuple[pyvips.Image, Sequence[Operation]]:
     if input_format == ImageFormat.HEIF:
-        header = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+        header = _open(source, access="sequential", fail_on=FAIL_ON)
         if heic.is_hevc(header):
             return _load_hevc(source, header, steps, max_pixels, max_memory)
     # Every frame, as one strip of pages, or the first frame only (libvips' default). A still picture
@@ -243,11 +247,15 @@ def _load(
         }
         if args.crop is not None:
             options["crop"] = args.crop
-        if animated:
+        if animated or isinstance(source, bytes):
             # Loader options ride in a file name only as "[n=-1]", which any bracket in the path
-            # would garble; a source takes them apart.
+            # would garble; a source takes them apart. A source's loader takes `fail_on` from them
+            # only: as thumbnail's keyword it holds for files, and a truncated photo would pass.
             loaded = pyvips.Image.thumbnail_source(
-                pyvips.Source.new_from_file(str(source)), args.width, option_string="n=-1", **options
+                _vips_source(source),
+                args.width,
+                option_string=f"fail_on={FAIL_ON}" + (",n=-1" if animated else ""),
+                **options,
             )
         else:
             loaded = pyvips.Image.thumbnail(str(source), args.width, **options)
@@ -261,15 +269,13 @@ def _load(
             image = image.copy_memory()
         return image, rest
     pages: dict[str, Any] = {"n": -1} if animated else {}
-    image = _frames_capped(
-        pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON, **pages)
-    )
+    image = _frames_capped(_open(source, access="sequential", fail_on=FAIL_ON, **pages))
     upright_turn = steps.auto_orient and exif_orientation(image) != 1
     if upright_turn or any(reads_out_of_order(operation.params) for operation in steps.steps):
         # A sequential (streaming) load cannot serve rows out of order, as turns, vertical flips and
         # smart crops read them: a random-access load decodes the picture whole, when it is first read.
         _check_held_bytes(image, max_memory)
-        image = pyvips.Image.new_from_file(str(source), access="random", fail_on=FAIL_ON, **pages)
+        image = _open(source, access="random", fail_on=FAIL_ON, **pages)
     if steps.auto_orient:
         image = image.autorot()
     return _to_srgb(image, steps), steps.steps
@@ -289,7 +295,7 @@ def _leading_shrink(steps: Plan) -> ResizeParams | None:
 
 
 def _load_hevc(
-    source: Path,
+    source: Source,
     header: pyvips.Image,
     steps: Plan,
     max_pixels: int | None,
@@ -365,13 +371,25 @@ def _frames_capped(image: pyvips.Image) -> pyvips.Image:
     return image
 
 
-def _has_pages(source: Path) -> bool:
-    header = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+def _open(source: Source, **options: Any) -> pyvips.Image:
+    if isinstance(source, bytes):
+        return pyvips.Image.new_from_buffer(source, "", **options)
+    return pyvips.Image.new_from_file(str(source), **options)
+
+
+def _vips_source(source: Source) -> pyvips.Source:
+    if isinstance(source, bytes):
+        return pyvips.Source.new_from_memory(source)
+    return pyvips.Source.new_from_file(str(source))
+
+
+def _has_pages(source: Source) -> bool:
+    header = _open(source, access="sequential", fail_on=FAIL_ON)
     return bool(header.get_typeof("n-pages")) and header.get("n-pages") > 1
 
 
-def _stored_size(source: Path, *, upright: bool) -> tuple[int, int]:
-    image = pyvips.Image.new_from_file(str(source), access="sequential", fail_on=FAIL_ON)
+def _stored_size(source: Source, *, upright: bool) -> tuple[int, int]:
+    image = _open(source, access="sequential", fail_on=FAIL_ON)
     orientation = exif_orientation(image) if upright else 1
     return (image.height, image.width) if orientation in (5, 6, 7, 8) else (image.width, image.height)
 
@@ -400,7 +418,9 @@ def _to_srgb(image: pyvips.Image, steps: Plan) -> pyvips.Image:
 
 def _error_code(exc: pyvips.Error) -> str:
     text = f"{exc.message} {exc.detail}".lower()
-    if "not a known file format" in text or "compression format has not been built in" in text:
+    # A file "is not a known file format"; bytes, a buffer or a source, are "not in a known format".
+    unknown = "not a known file format" in text or "not in a known format" in text
+    if unknown or "compression format has not been built in" in text:
         return "unsupported_format"
     if "security limit" in text or "out of memory" in text:
         return "image_too_large"

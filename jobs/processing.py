@@ -21,7 +21,7 @@ from jobs.deps import WorkerDeps
 from jobs.inspection import ImageRefused, inspect_image
 from jobs.operations import parse_operations
 from jobs.ops.base import ProcessingError
-from jobs.pipeline import KillSwitch, RenderedImage, render
+from jobs.pipeline import KillSwitch, RenderedImage, Source, render
 from jobs.records import (
     ImageError,
     ImageRecord,
@@ -30,6 +30,7 @@ from jobs.records import (
     source_filename,
     utc_now,
 )
+from jobs.settings import Settings
 from jobs.storage import BlobMissing, StorageFull, StorageUnavailable, is_full
 from webhooks.log_context import bind
 from webhooks.messages import new_message
@@ -183,17 +184,24 @@ async def _render_with_deadline(
     deps: WorkerDeps, image: ImageRecord, original: InputInfo, deadline: float
 ) -> RenderedImage:
     """The render, stopped at the job's time limit or when the image is deleted meanwhile."""
-    async with deps.storage.local_copy(image.original_key) as source:
-        return await _render_copy_with_deadline(deps, image, original, source, deadline)
+    async with deps.storage.source(image.original_key) as source:
+        return await _render_source_with_deadline(deps, image, original, source, deadline)
 
 
-async def _render_copy_with_deadline(
-    deps: WorkerDeps, image: ImageRecord, original: InputInfo, source: Path, deadline: float
+async def _render_source_with_deadline(
+    deps: WorkerDeps, image: ImageRecord, original: InputInfo, source: Source, deadline: float
 ) -> RenderedImage:
     chain = parse_operations(image.operations)
     stem = deps.storage.new_staging_path()
     kill_switch = KillSwitch()
     settings = deps.settings
+    loop = asyncio.get_running_loop()
+    slots = deps.render_slots
+    try:
+        async with asyncio.timeout_at(deadline):
+            await slots.acquire()
+    except TimeoutError:
+        raise _timed_out(settings) from None
     rendering = asyncio.ensure_future(
         asyncio.to_thread(
             functools.partial(
@@ -208,14 +216,13 @@ async def _render_copy_with_deadline(
             )
         )
     )
-    loop = asyncio.get_running_loop()
+    # Held until the thread ends, even when the job no longer waits for it (see _abandon).
+    rendering.add_done_callback(lambda _: slots.release())
     try:
         while not rendering.done():
             left = deadline - loop.time()
             if left <= 0:
-                raise ProcessingError(
-                    "timeout", f"processing took longer than {deps.settings.job_timeout:g} s"
-                )
+                raise _timed_out(settings)
             await asyncio.wait({rendering}, timeout=min(left, DELETION_CHECK_SECONDS))
             if not rendering.done() and not await deps.store.image_exists(image.id):
                 raise ImageDeleted(image.id)
@@ -226,6 +233,10 @@ async def _render_copy_with_deadline(
         if not rendering.done():
             _abandon(rendering, kill_switch, stem)
         raise
+
+
+def _timed_out(settings: Settings) -> ProcessingError:
+    return ProcessingError("timeout", f"processing took longer than {settings.job_timeout:g} s")
 
 
 def _abandon(rendering: asyncio.Future[RenderedImage], kill_switch: KillSwitch, stem: Path) -> None:

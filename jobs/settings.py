@@ -48,7 +48,7 @@ class Settings:
     # Each worker process runs an express lane and a child bulk lane (jobs/queue.py, jobs/worker.py).
     express_lane: bool = True
     # How much lower the bulk lane's CPU priority is (a nice increment, 1-19).
-    bulk_nice: int = 10
+    bulk_nice: int = 19
     # Largest picture, in decoded bytes, a job may hold whole in memory (turns, flips, smart crops).
     job_memory_bytes: int = 512 * 1024 * 1024
     webhook_timeout: float = 15.0
@@ -158,7 +158,7 @@ class Settings:
             worker_concurrency=_positive_int(env, "DARKROOM_WORKER_CONCURRENCY", 4),
             fair_scheduling=_switch(env, "DARKROOM_FAIR_SCHEDULING", default=True),
             express_lane=_switch(env, "DARKROOM_EXPRESS_LANE", default=True),
-            bulk_nice=_nice_increment(env, "DARKROOM_BULK_NICE", 10),
+            bulk_nice=_nice_increment(env, "DARKROOM_BULK_NICE", 19),
             job_memory_bytes=_positive_int(env, "DARKROOM_JOB_MEMORY_MB", 512) * 1024 * 1024,
             retry_jitter=_fraction(env, "DARKROOM_RETRY_JITTER", 0.2),
             webhook_timeout=float(_positive_int(env, "DARKROOM_WEBHOOK_TIMEOUT", 15)),

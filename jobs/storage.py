@@ -130,6 +130,11 @@ class BlobStorage(Protocol):
     def local_copy(self, key: str) -> AbstractAsyncContextManager[Path]:
         """A readable local file holding the blob while the context lasts; BlobMissing if there is none."""
 
+    def source(self, key: str) -> AbstractAsyncContextManager[Path | bytes]:
+        """The blob to read whole while the context lasts: a local file, or its bytes where the storage
+        would otherwise copy it into the scratch folder and it fits one part (DARKROOM_S3_PART_SIZE:
+        memory stays bounded by it); BlobMissing if there is none."""
+
     def open_writer(self, key: str) -> BlobWriter: ...
 
     async def stat(self, key: str) -> BlobInfo | None: ...
@@ -244,6 +249,9 @@ class LocalStorage(ScratchFolder):
         if not await asyncio.to_thread(path.is_file):
             raise BlobMissing(key)
         yield path
+
+    def source(self, key: str) -> AbstractAsyncContextManager[Path]:
+        return self.local_copy(key)
 
     def open_writer(self, key: str) -> BlobWriter:
         return _LocalWriter(self, key)

@@ -121,6 +121,39 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()
 
 
+# The API keys a process remembers (the most recently authenticated first to stay).
+MAX_REMEMBERED_KEYS = 10_000
+
+
+@dataclass(frozen=True)
+class RememberedAccount:
+    """An account as this process last read it for an API key, with the SHA-1 of its stored JSON then:
+    a script checks that the key still names it, unchanged (ACCOUNT_UNCHANGED_LUA), in the step that
+    acts for it, instead of reading it first in a round trip of its own."""
+
+    account: Account
+    key_hash: str
+    fingerprint: str
+
+    def checked(self) -> tuple[list[str], list[str]]:
+        """The keys and the arguments of account_unchanged for this account."""
+        return [_api_key_key(self.key_hash), _account_key(self.account.id)], [
+            self.account.id,
+            self.fingerprint,
+        ]
+
+
+# account_unchanged(key entry, account key, account id, fingerprint): the API key's entry still names
+# the account, whose JSON still has that SHA-1 fingerprint.
+ACCOUNT_UNCHANGED_LUA = """
+local function account_unchanged(key_entry, account_key, account_id, fingerprint)
+  if redis.call('GET', key_entry) ~= account_id then return false end
+  local raw = redis.call('GET', account_key)
+  return raw ~= false and redis.sha1hex(raw) == fingerprint
+end
+"""
+
+
 @dataclass(frozen=True)
 class NewAccount:
     account: Account
@@ -163,6 +196,7 @@ class Store:
     def __init__(self, redis: Redis, *, message_retention: int = DEFAULT_RETENTION_SECONDS) -> None:
         self.redis = redis
         self._account_by_key = redis.register_script(_ACCOUNT_BY_KEY)
+        self._remembered: dict[str, RememberedAccount] = {}
         self._commit_if_holds = redis.register_script(_COMMIT_IF_HOLDS)
         self.messages = MessageStore(
             redis, message_retention, oldest_kept_id=functools.partial(lowest_id_at, "msg")
@@ -292,14 +326,26 @@ class Store:
     async def authenticate(self, api_key: str) -> Account | None:
         if not api_key.startswith(API_KEY_PREFIX):
             return None
-        key_hash = hash_api_key(api_key)
+        return await self.account_for_key_hash(hash_api_key(api_key))
+
+    async def account_for_key_hash(self, key_hash: str) -> Account | None:
+        """The account of the API key whose hash is `key_hash`, remembered (see `remembered_account`)."""
         raw = await self._account_by_key(keys=[_api_key_key(key_hash)], args=[ACCOUNT_KEY_PREFIX])
         if raw is None:
             return None
         account = Account.from_json(raw)
         if not hmac.compare_digest(account.api_key_hash, key_hash):
             return None
+        self._remembered.pop(key_hash, None)
+        if len(self._remembered) >= MAX_REMEMBERED_KEYS:
+            del self._remembered[next(iter(self._remembered))]
+        self._remembered[key_hash] = RememberedAccount(account, key_hash, hashlib.sha1(raw).hexdigest())
         return account
+
+    def remembered_account(self, api_key: str) -> RememberedAccount | None:
+        """The account this process last authenticated `api_key` for, unchecked: a script acting for it
+        checks it with ACCOUNT_UNCHANGED_LUA."""
+        return self._remembered.get(hash_api_key(api_key))
 
     def new_images_commands(self, images: Sequence[ImageRecord], queue_name: str) -> list[Any]:
         """The commands that save new images and their jobs, staged for a script to apply at once with

@@ -41,6 +41,8 @@ log = logging.getLogger("darkroom.worker")
 # nothing startable waits on the queue's wake-up instead: jobs/queue.py.)
 BUSY_POLL_SECONDS = 0.005
 REDIS_RETRY_SECONDS = 2
+# Jobs per render slot with S3 storage (see jobs_at_once).
+S3_JOBS_PER_RENDER = 2
 # Webhook attempts in flight per worker process for receivers that answer promptly (slow and new ones
 # have lanes of their own: webhooks.lanes), and connections to one origin.
 WEBHOOK_CONCURRENCY = 50
@@ -172,7 +174,16 @@ async def build_deps(settings: Settings, redis: QueuePool) -> WorkerDeps:
         concurrency=WEBHOOK_CONCURRENCY,
         on_attempt=stats.count_attempt,
     )
-    return WorkerDeps(settings, redis, store, storage, http, dispatcher, SourceFetcher(settings))
+    return WorkerDeps(
+        settings,
+        redis,
+        store,
+        storage,
+        http,
+        dispatcher,
+        SourceFetcher(settings),
+        asyncio.Semaphore(settings.worker_concurrency),
+    )
 
 
 async def close_deps(deps: WorkerDeps) -> None:
@@ -235,6 +246,15 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await close_deps(deps)
 
 
+def jobs_at_once(settings: Settings) -> int:
+    """The jobs arq runs at once: as many as renders (DARKROOM_WORKER_CONCURRENCY), twice as many with
+    S3 storage, where a job waits on the bucket before its render (the original) and after it (the
+    result): the other jobs' renders keep the CPUs busy meanwhile, while `render_slots` holds the
+    renders, and so the memory they take, to the setting (benchmarks/storage.py, the S3 service alone
+    on one core: 0.88 of it busy with 4 jobs, 0.98 with 8)."""
+    return settings.worker_concurrency * (S3_JOBS_PER_RENDER if settings.uses_s3 else 1)
+
+
 def worker_settings(settings: Settings, lane: Lane = Lane.ALL) -> dict[str, Any]:
     """arq Worker keyword arguments for these settings (arq accepts a dict as WorkerSettings): a worker
     taking the queue's jobs of `lane`; the express lane starts the bulk lane beside it."""
@@ -259,7 +279,7 @@ def worker_settings(settings: Settings, lane: Lane = Lane.ALL) -> dict[str, Any]
         "on_startup": startup,
         "on_shutdown": shutdown,
         "ctx": {"settings": settings},
-        "max_jobs": settings.worker_concurrency,
+        "max_jobs": jobs_at_once(settings),
         "poll_delay": BUSY_POLL_SECONDS,
         "max_tries": job_tries(settings),
         "keep_result": 3600,

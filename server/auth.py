@@ -39,17 +39,25 @@ async def require_account(request: Request) -> Account:
 async def counted_request(request: Request) -> AsyncIterator[Account]:
     """The request's account, for a route that creates images: its request is counted with them, in
     the round trip that saves them (`count_uploads`); if the route ends before that (a refused body),
-    on its own as it ends, so that a request over the allowance is a 429 whatever else was wrong."""
+    on its own as it ends, so that a request over the allowance is a 429 whatever else was wrong. A key
+    this process authenticated before is not looked up first: that step checks it still names the
+    account (a round trip fewer); a route that ends before it checks the key as any request does."""
     known = request_limits(request)
     if known is not None:
         yield known.account
         return
-    account = await _authenticated(request)
-    defer_request_count(request, account)
+    store: Store = request.app.state.store
+    api_key = presented_key(request)
+    remembered = None if api_key is None else store.remembered_account(api_key)
+    account = remembered.account if remembered is not None else await _authenticated(request)
+    defer_request_count(request, account, remembered)
     try:
         yield account
     finally:
         if request_limits(request) is None:
+            if remembered is not None:
+                # A 401 if the key names no account now (AccountChanged, say).
+                account = await _authenticated(request)
             await count_request(request, account)
 
 

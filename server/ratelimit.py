@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobs.plans import Plan
 from jobs.records import Account
-from jobs.store import APPLY_STAGED_LUA
+from jobs.store import ACCOUNT_UNCHANGED_LUA, APPLY_STAGED_LUA, RememberedAccount, Store
 from server.problems import Problem
 from server.request_log import note_account
 
@@ -62,21 +62,29 @@ _GCRA = (
     _GCRA_FUNCTION
     + "return gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4] == '1')\n"
 )
-# KEYS: the allowances to take, in turn; ARGV[1] the window (ms), then a quota and a cost per key, then
-# the commands staged (Store.staged_commands). Stops at the first allowance that refuses, and applies the
-# commands in the same atomic step only if every one let its cost through. Answers each decision made.
+# KEYS: the allowances to take, in turn, then (when ARGV[3] is not empty) the API key's entry and the
+# account's key; ARGV[1] the window (ms), ARGV[2] how many allowances, ARGV[3] and ARGV[4] the account's
+# id and fingerprint (its key must still name it, unchanged: else nothing is done and the answer is
+# false), a quota and a cost per allowance, then the commands staged (Store.staged_commands). Stops at
+# the first allowance that refuses, and applies the commands in the same atomic step only if every one
+# let its cost through. Answers each decision made.
 _TAKE_THEN_APPLY = (
     _GCRA_FUNCTION
+    + ACCOUNT_UNCHANGED_LUA
     + APPLY_STAGED_LUA
     + """
-local window = tonumber(ARGV[1])
+local window, count = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[3] ~= '' and not account_unchanged(KEYS[count + 1], KEYS[count + 2], ARGV[3], ARGV[4]) then
+  return false
+end
 local decisions = {}
-for index, key in ipairs(KEYS) do
-  local decided = gcra(key, tonumber(ARGV[2 * index]), window, tonumber(ARGV[2 * index + 1]), true)
+for index = 1, count do
+  local quota, cost = tonumber(ARGV[3 + 2 * index]), tonumber(ARGV[4 + 2 * index])
+  local decided = gcra(KEYS[index], quota, window, cost, true)
   decisions[index] = decided
   if decided[1] == 0 then return decisions end
 end
-apply_staged(2 * #KEYS + 2)
+apply_staged(5 + 2 * count)
 return decisions
 """
 )
@@ -121,15 +129,29 @@ class RateLimiter:
         return _allowance(name, quota, answer)
 
     async def take_then_apply(
-        self, account_id: str, costs: Sequence[tuple[AllowanceName, int, int]], commands: Sequence[Any]
-    ) -> list[Allowance]:
+        self,
+        account_id: str,
+        costs: Sequence[tuple[AllowanceName, int, int]],
+        commands: Sequence[Any],
+        unchanged: RememberedAccount | None = None,
+    ) -> list[Allowance] | None:
         """Take each (allowance, quota, cost) of `costs` in turn as `check` does, stopping at the first
         that refuses, and apply `commands` (staged by Store.staged_commands) only if all were let
-        through: one round trip, and never one without the others. What each allowance asked found."""
+        through: one round trip, and never one without the others. What each allowance asked found;
+        with `unchanged`, None (and nothing done) if its API key no longer names that account as read."""
+        checked_keys, checked_args = unchanged.checked() if unchanged is not None else ([], ["", ""])
         answers = await self._take_then_apply(
-            keys=[allowance_key(account_id, name) for name, _, _ in costs],
-            args=[WINDOW_SECONDS * 1000, *(n for _, quota, cost in costs for n in (quota, cost)), *commands],
+            keys=[*(allowance_key(account_id, name) for name, _, _ in costs), *checked_keys],
+            args=[
+                WINDOW_SECONDS * 1000,
+                len(costs),
+                *checked_args,
+                *(n for _, quota, cost in costs for n in (quota, cost)),
+                *commands,
+            ],
         )
+        if answers is None:
+            return None
         return [
             _allowance(name, quota, answer) for (name, quota, _), answer in zip(costs, answers, strict=False)
         ]
@@ -178,6 +200,18 @@ _SCOPE_KEY = "darkroom.rate_limits"
 _DEFERRED_KEY = "darkroom.uncounted_account"
 
 
+@dataclass(frozen=True)
+class _Deferred:
+    account: Account
+    # Set when the account was taken from what this process remembers of the key, not read for this
+    # request: the step that counts checks it.
+    remembered: RememberedAccount | None
+
+
+class AccountChanged(Exception):
+    """The API key no longer names the account this process remembered for it."""
+
+
 def request_limits(request: Request) -> RequestLimits | None:
     """The limits checked for this request's account (None before, or without an account)."""
     limits: RequestLimits | None = request.scope.get(_SCOPE_KEY)
@@ -185,9 +219,10 @@ def request_limits(request: Request) -> RequestLimits | None:
 
 
 def deferred_account(request: Request) -> Account | None:
-    """The account of a request authenticated but not counted yet (see `defer_request_count`)."""
-    account: Account | None = request.scope.get(_DEFERRED_KEY)
-    return account
+    """The account of a request authenticated but not counted yet (see `defer_request_count`); None if
+    there is none, or it is only remembered, not yet checked."""
+    deferred: _Deferred | None = request.scope.get(_DEFERRED_KEY)
+    return deferred.account if deferred is not None and deferred.remembered is None else None
 
 
 def _rate_limited(allowance: Allowance, what: str) -> Problem:
@@ -196,6 +231,15 @@ def _rate_limited(allowance: Allowance, what: str) -> Problem:
         "rate_limited",
         f"the account's plan allows {allowance.quota} {what} per minute; retry after {allowance.reset} s",
         headers={"Retry-After": str(allowance.reset)},
+    )
+
+
+def _too_many_images(count: int, plan: Plan) -> Problem:
+    return Problem(
+        422,
+        "too_many_images",
+        f"this request adds {count} images; the account's plan allows {plan.uploads_per_minute} per "
+        "minute, so send them in smaller requests",
     )
 
 
@@ -208,45 +252,75 @@ async def count_request(request: Request, account: Account) -> None:
     _counted(request, RequestLimits(account, allowance))
 
 
-def defer_request_count(request: Request, account: Account) -> None:
-    """The request is the account's, counted with the images it creates (`count_uploads`), or else by
-    `count_request` once the route is done."""
-    note_account(request, account.id)
-    request.scope[_DEFERRED_KEY] = account
+def defer_request_count(
+    request: Request, account: Account, remembered: RememberedAccount | None = None
+) -> None:
+    """The request is `account`'s (read for it, or `remembered`), counted with the images it creates
+    (`count_uploads`), or else by `count_request` once the route is done."""
+    request.scope[_DEFERRED_KEY] = _Deferred(account, remembered)
 
 
 def _counted(request: Request, limits: RequestLimits) -> None:
+    note_account(request, limits.account.id)
     request.scope.pop(_DEFERRED_KEY, None)
     request.scope[_SCOPE_KEY] = limits
     if limits.requests.refused:
         raise _rate_limited(limits.requests, "requests")
 
 
+async def _count_with_uploads(request: Request, count: int, then_apply: Sequence[Any]) -> None:
+    """Take the deferred request and its `count` images from the account's allowances, and apply
+    `then_apply`, in one step; a remembered account is checked in that step, and read again if it
+    changed (AccountChanged if its key names it no more)."""
+    deferred: _Deferred | None = request.scope.get(_DEFERRED_KEY)
+    assert deferred is not None, "the request is authenticated before its uploads are counted"
+    limiter: RateLimiter = request.app.state.rate_limiter
+    account, unchanged = deferred.account, deferred.remembered
+    decided = None
+    while decided is None:
+        plan = account.plan
+        # Refused on the plan as read for this request, not as remembered.
+        if count > plan.uploads_per_minute and unchanged is None:
+            raise _too_many_images(count, plan)
+        if count <= plan.uploads_per_minute:
+            costs: list[tuple[AllowanceName, int, int]] = [
+                ("requests", plan.requests_per_minute, 1),
+                ("uploads", plan.uploads_per_minute, count),
+            ]
+            decided = await limiter.take_then_apply(account.id, costs, then_apply, unchanged)
+        if decided is None:
+            assert unchanged is not None, "only a remembered account is checked"
+            store: Store = request.app.state.store
+            read = await store.account_for_key_hash(unchanged.key_hash)
+            if read is None or read.id != account.id:
+                raise AccountChanged(account.id)
+            account, unchanged = read, None
+    limits = RequestLimits(account, decided[0])
+    _counted(request, limits)
+    limits.uploads = decided[1]
+    if limits.uploads.refused:
+        raise _rate_limited(limits.uploads, "uploads")
+
+
 async def _check_uploads(request: Request, count: int, *, take: bool, then_apply: Sequence[Any] = ()) -> None:
     limits = request_limits(request)
-    account = limits.account if limits is not None else deferred_account(request)
-    assert account is not None, "the request is authenticated before its uploads are counted"
-    plan: Plan = account.plan
-    if count > plan.uploads_per_minute:
-        raise Problem(
-            422,
-            "too_many_images",
-            f"this request adds {count} images; the account's plan allows {plan.uploads_per_minute} per "
-            "minute, so send them in smaller requests",
-        )
-    limiter: RateLimiter = request.app.state.rate_limiter
-    uploads_cost: tuple[AllowanceName, int, int] = ("uploads", plan.uploads_per_minute, count)
     if limits is None:
         assert take, "only a counted request asks for room without taking it"
-        requests_cost: tuple[AllowanceName, int, int] = ("requests", plan.requests_per_minute, 1)
-        decided = await limiter.take_then_apply(account.id, [requests_cost, uploads_cost], then_apply)
-        limits = RequestLimits(account, decided[0])
-        _counted(request, limits)
-        allowance = decided[1]
-    elif take:
-        (allowance,) = await limiter.take_then_apply(account.id, [uploads_cost], then_apply)
+        await _count_with_uploads(request, count, then_apply)
+        return
+    plan: Plan = limits.account.plan
+    if count > plan.uploads_per_minute:
+        raise _too_many_images(count, plan)
+    limiter: RateLimiter = request.app.state.rate_limiter
+    if take:
+        uploads_cost: tuple[AllowanceName, int, int] = ("uploads", plan.uploads_per_minute, count)
+        decided = await limiter.take_then_apply(limits.account.id, [uploads_cost], then_apply)
+        assert decided is not None, "no account to check, so nothing to fail"
+        (allowance,) = decided
     else:
-        allowance = await limiter.check(account.id, "uploads", plan.uploads_per_minute, count, take=False)
+        allowance = await limiter.check(
+            limits.account.id, "uploads", plan.uploads_per_minute, count, take=False
+        )
     if take or allowance.refused:
         limits.uploads = allowance
     if allowance.refused:

@@ -15,10 +15,11 @@ from dataclasses import replace
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
 from jobs.plans import TIERS, Plan
 from jobs.settings import Settings
-from jobs.store import Store
+from jobs.store import Store, hash_api_key
 from server import cli
 from server.embedded_redis import EmbeddedRedis
 from tests import imagegen
@@ -336,3 +337,38 @@ async def test_a_direct_upload_over_the_request_limit_is_429_whatever_its_body(
     assert listed.status_code == 429
     images = await Store(redis).list_images(partner.id, limit=10)  # type: ignore[arg-type]
     assert [image.id for image in images] == [created.json()["image"]["id"]]
+
+
+async def test_a_direct_upload_by_a_key_seen_before_counts_on_its_account_as_it_is_now(
+    client: httpx.AsyncClient, redis: object
+) -> None:
+    # The web process remembers the key's account and checks it in the step that saves the image.
+    partner = await make_account(redis, "seen", plan(requests_per_minute=60, uploads_per_minute=60))  # type: ignore[arg-type]
+    declared = {"filename": "a.jpg", "content_type": "image/jpeg", "size": len(PHOTO)}
+    first = await client.post("/v1/uploads", headers=partner.headers, json=declared)
+    assert first.headers["ratelimit"] == '"requests";r=59;t=1, "uploads";r=59;t=1'
+    await Store(redis).change_plan(partner.id, lambda _: plan(requests_per_minute=60, uploads_per_minute=2))  # type: ignore[arg-type]
+    second = await client.post("/v1/uploads", headers=partner.headers, json=declared)
+    assert second.status_code == 201
+    assert second.headers["ratelimit-policy"] == '"requests";q=60;w=60, "uploads";q=2;w=60'
+    assert [allowance(second, "requests")["r"], allowance(second, "uploads")["r"]] == [58, 0]
+    third = await client.post("/v1/uploads", headers=partner.headers, json=declared)
+    assert_problem(third, 429, "rate_limited")
+    assert allowance(third, "requests")["r"] == 57
+
+
+async def test_a_key_that_names_no_account_any_more_creates_nothing_though_seen_before(
+    client: httpx.AsyncClient, redis: Redis
+) -> None:
+    partner = await make_account(redis, "gone")
+    declared = {"filename": "a.jpg", "content_type": "image/jpeg", "size": len(PHOTO)}
+    assert (await client.post("/v1/uploads", headers=partner.headers, json=declared)).status_code == 201
+    await redis.delete(f"dr:apikey:{hash_api_key(partner.api_key)}")
+    answers = [
+        await client.post("/v1/uploads", headers=partner.headers, json=declared),
+        await client.post("/v1/uploads", headers=partner.headers, json={**declared, "size": 0}),
+    ]
+    for answer in answers:
+        assert_problem(answer, 401, "invalid_api_key")
+        assert "ratelimit" not in answer.headers
+    assert len(await Store(redis).list_images(partner.id, limit=10)) == 1

@@ -55,6 +55,35 @@ async def test_a_file_over_one_part_arrives_whole(storage: BlobStorage) -> None:
         assert copy.read_bytes() == data
 
 
+async def test_a_file_of_exactly_one_part_arrives_whole_and_is_consumed(storage: BlobStorage) -> None:
+    data = os.urandom(MIN_S3_PART_BYTES)
+    staged = staged_file(storage, data)
+    await storage.put_file(staged, "acc_1/img_13/original")
+    assert not staged.exists()
+    async with storage.local_copy("acc_1/img_13/original") as copy:
+        assert copy.read_bytes() == data
+
+
+async def test_a_blob_read_whole_is_held_in_memory_up_to_one_part(
+    any_storage_settings: Settings, storage: BlobStorage
+) -> None:
+    small, large = os.urandom(300_000), os.urandom(MIN_S3_PART_BYTES + 1)
+    await storage.put_file(staged_file(storage, small), "acc_1/img_11/original")
+    await storage.put_file(staged_file(storage, large), "acc_1/img_12/original")
+    async with storage.source("acc_1/img_11/original") as held:
+        if any_storage_settings.uses_s3:
+            assert held == small  # no scratch copy to write and read back
+        else:
+            assert isinstance(held, Path) and held.read_bytes() == small  # the blob itself
+    async with storage.source("acc_1/img_12/original") as spilled:
+        assert isinstance(spilled, Path) and spilled.read_bytes() == large
+    if any_storage_settings.uses_s3:
+        assert not spilled.exists()  # the scratch copy went with the context
+    with pytest.raises(BlobMissing):
+        async with storage.source("acc_1/img_19/original"):
+            pass
+
+
 async def test_a_missing_blob_says_so(storage: BlobStorage) -> None:
     assert await storage.stat("acc_1/img_9/original") is None
     with pytest.raises(BlobMissing):
