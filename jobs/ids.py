@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import secrets
 import threading
@@ -9,6 +10,8 @@ import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _RANDOM_BITS = 80
+# base32hex's digits, in the order of ours: the C encoder writes the digits, this renames them.
+_FROM_BASE32HEX = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", _ALPHABET.encode())
 _lock = threading.Lock()
 _last = 0
 
@@ -41,8 +44,6 @@ def new_id(prefix: str) -> str:
 
 
 def _encode(prefix: str, value: int) -> str:
-    chars = []
-    for _ in range(26):
-        value, digit = divmod(value, 32)
-        chars.append(_ALPHABET[digit])
-    return f"{prefix}_{''.join(reversed(chars))}"
+    """`value`'s lowest 130 bits as 26 digits: of the 32 that its 160 bits make, the last 26."""
+    digits = base64.b32hexencode(value.to_bytes(20, "big"))[-26:].translate(_FROM_BASE32HEX)
+    return f"{prefix}_{digits.decode()}"

@@ -62,6 +62,7 @@ class Params:
     """Base of every operation's parameter model (subclasses are frozen dataclasses)."""
 
     _specs: ClassVar[tuple[_FieldSpec, ...]]
+    _names: ClassVar[frozenset[str]]
 
     def problems(self) -> Iterator[FieldError]:
         """Checks across fields; field names are relative to `params`."""
@@ -76,7 +77,7 @@ class Params:
         errors: list[FieldError] = []
         values: dict[str, Any] = {}
         specs = cls._field_specs()
-        known = {spec.name for spec in specs}
+        known = cls._names
         errors.extend(
             FieldError(f"{location}.{name}", "unknown parameter") for name in raw if name not in known
         )
@@ -143,6 +144,7 @@ class Params:
         if cached is None:
             cached = tuple(_spec_for(cls, field) for field in dataclasses.fields(cls))  # type: ignore[arg-type]
             cls._specs = cached
+            cls._names = frozenset(spec.name for spec in cached)
         return cached
 
 

@@ -36,6 +36,19 @@ def _quote(value: str) -> str:
     return quote(value, safe="-_.~")
 
 
+# Formatted by hand: strftime costs twice as much, on every URL and form.
+def _amz_date(moment: datetime) -> str:
+    """`moment` (UTC) as SigV4 dates a signature: strftime's `%Y%m%dT%H%M%SZ`."""
+    day = f"{moment.year:04}{moment.month:02}{moment.day:02}"
+    return f"{day}T{moment.hour:02}{moment.minute:02}{moment.second:02}Z"
+
+
+def _policy_time(moment: datetime) -> str:
+    """`moment` (UTC) as a POST policy's expiration: strftime's `%Y-%m-%dT%H:%M:%SZ`."""
+    day = f"{moment.year:04}-{moment.month:02}-{moment.day:02}"
+    return f"{day}T{moment.hour:02}:{moment.minute:02}:{moment.second:02}Z"
+
+
 @dataclass
 class Presigner:
     """Presigns requests and POST forms for object keys of one bucket."""
@@ -82,7 +95,7 @@ class Presigner:
     ) -> str:
         """The URL for `method` on `object_key` with the operation's `query` (in the order botocore's
         serialiser puts them: its S3 model's member order), valid `expires_in` seconds."""
-        timestamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+        timestamp = _amz_date(now or datetime.now(UTC))
         date = timestamp[:8]
         scope = f"{date}/{self.scope_suffix}"
         path = quote(object_key, safe="/~")
@@ -133,7 +146,7 @@ class Presigner:
         """The URL and the fields of a form that POSTs a file to `object_key`, under a policy of
         `conditions` (each field in `fields` needs one) that expires in `expires_in` seconds."""
         moment = now or datetime.now(UTC)
-        timestamp = moment.strftime("%Y%m%dT%H%M%SZ")
+        timestamp = _amz_date(moment)
         date = timestamp[:8]
         credential = f"{credentials.access_key}/{date}/{self.scope_suffix}"
         signed = {
@@ -144,7 +157,7 @@ class Presigner:
         if credentials.token is not None:
             signed["x-amz-security-token"] = credentials.token
         policy = {
-            "expiration": (moment + timedelta(seconds=expires_in)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "expiration": _policy_time(moment + timedelta(seconds=expires_in)),
             "conditions": [
                 *conditions,
                 {"bucket": bucket},

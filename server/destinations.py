@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 
 from jobs.settings import Settings
 from webhooks.addresses import TransportError, check_url, parse_destination, resolve
@@ -15,9 +16,16 @@ def url_problem(url: str, settings: Settings) -> str | None:
     """What is wrong with a URL we are to call, judged from its text alone (no DNS), or None."""
     if len(url) > MAX_URL_LENGTH:
         return f"must be at most {MAX_URL_LENGTH} characters"
+    return _text_problem(url, settings.allow_private_callbacks)
+
+
+# A partner sends the same few callback URLs with every image: each verdict, a function of the text
+# alone, is kept rather than parsed again on every request.
+@functools.lru_cache(maxsize=1024)
+def _text_problem(url: str, allow_private: bool) -> str | None:
     if any(ch.isspace() or not ch.isprintable() for ch in url):
         return "must not contain spaces or control characters"
-    return check_url(url, allow_private=settings.allow_private_callbacks)
+    return check_url(url, allow_private=allow_private)
 
 
 async def host_problem(url: str, settings: Settings) -> str | None:
