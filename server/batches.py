@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, InstanceOf, ValidationError, ValidationInfo, WithJsonSchema
@@ -49,9 +48,6 @@ from server.upload_fields import (
     checked_form,
 )
 from webhooks.messages import iso, now_ms
-
-_BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-_RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-[0-9]{1,30}")
 
 
 def _archive(raw: object) -> ArchiveSpec | None:
@@ -303,10 +299,6 @@ async def get_archive(request: Request) -> Response:
     headers = {"ETag": f'"{state.etag}"', "Cache-Control": "private"}
     if none_match(request, headers["ETag"]):
         return Response(status_code=304, headers=headers)
-    range_header = request.headers.get("range")
-    understood = range_header is not None and _ranges_understood(range_header)
-    if understood:
-        _refuse_unsatisfiable(range_header, found.size)
     return await blob_response(
         request,
         state.key,
@@ -315,44 +307,7 @@ async def get_archive(request: Request) -> Response:
         disposition="attachment",
         headers=headers,
         missing=expired,
-        honour_range=understood,
     )
-
-
-def _ranges_understood(header: str) -> bool:
-    """A `bytes` range set as RFC 9110 §14.1 writes it: `first-[last]` (last not before first) or
-    `-suffix`, comma separated. Positions longer than any file could need count as not understood."""
-    unit, equals, range_set = header.partition("=")
-    if not equals or unit.strip().lower() != "bytes":
-        return False
-    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
-    if not specs:
-        return False
-    for spec in specs:
-        match = _RANGE_SPEC.fullmatch(spec)
-        if match is None:
-            return False
-        first, last = match.group("first"), match.group("last")
-        if first is not None and last and int(last) < int(first):
-            return False
-    return True
-
-
-def _refuse_unsatisfiable(header: str | None, size: int) -> None:
-    """A single byte range that selects nothing (starts past the end, or is an empty suffix) answers 416
-    as a problem document; FileResponse serves every other range."""
-    match = _BYTE_RANGE.fullmatch((header or "").replace(" ", ""))
-    if match is None:
-        return
-    first, last = match.groups()
-    unsatisfiable = int(first) >= size if first else last != "" and int(last) == 0
-    if unsatisfiable:
-        raise Problem(
-            416,
-            "range_not_satisfiable",
-            f"the archive is {size} bytes; the range {header!r} selects none of them",
-            headers={"Content-Range": f"bytes */{size}"},
-        )
 
 
 routes = [

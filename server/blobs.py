@@ -24,6 +24,8 @@ from server.problems import Problem
 # A presigned download link lives this long: enough to follow the redirect, not to pass it around.
 PRESIGNED_GET_SECONDS = 300
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# RFC 9110 §14.1's range-spec; positions longer than any file could need are not understood.
+_RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-(?P<suffix>[0-9]{1,30})")
 
 
 async def blob_response(
@@ -43,13 +45,17 @@ async def blob_response(
         info = await storage.stat(key)
         if info is None:
             raise missing
+        range_header = request.headers.get("range") if honour_range else None
+        # With If-Range, FileResponse decides whether the range applies: a range that selects nothing
+        # is then ignored rather than refused.
+        refuse = request.headers.get("if-range") is None
         return _LocalBlobResponse(
             storage.path(key),
             media_type=media_type,
             filename=filename,
             content_disposition_type=disposition,
             headers=headers,
-            ignore_range=not honour_range,
+            ignore_range=not _ranges_to_serve(range_header, info.size, refuse_unsatisfiable=refuse),
         )
     settings: Settings = request.app.state.settings
     content_disposition = _content_disposition(disposition, filename)
@@ -62,7 +68,7 @@ async def blob_response(
     if_range = request.headers.get("if-range")
     # A range is only for the representation the client already holds part of (RFC 9110 §13.1.5).
     honour_range = honour_range and (if_range is None or if_range == headers.get("ETag"))
-    wanted = _single_range(request.headers.get("range")) if honour_range else None
+    range_header = request.headers.get("range") if honour_range else None
     if request.method == "HEAD":
         # The headers a GET would send, without fetching the body from the bucket.
         found = await storage.stat(key)
@@ -71,17 +77,13 @@ async def blob_response(
         return Response(
             headers=_headers(headers, content_disposition, found, found.size), media_type=media_type
         )
-    if wanted is not None:
+    wanted = None
+    if range_header is not None:
         found = await storage.stat(key)
         if found is None:
             raise missing
-        if wanted[0] is not None and wanted[0] >= found.size:
-            raise Problem(
-                416,
-                "range_not_satisfiable",
-                f"the file is {found.size} bytes; the range selects none of them",
-                headers={"Content-Range": f"bytes */{found.size}"},
-            )
+        if _ranges_to_serve(range_header, found.size, refuse_unsatisfiable=True):
+            wanted = _single_range(range_header)
     try:
         info, chunks = await storage.stream(key, *(wanted or (None, None)))
     except BlobMissing:
@@ -123,6 +125,39 @@ def _single_range(header: str | None) -> tuple[int | None, int | None] | None:
     return int(first), int(last) if last else None
 
 
+def _ranges_to_serve(header: str | None, size: int, *, refuse_unsatisfiable: bool) -> bool:
+    """Whether FileResponse is to act on `header`: a `bytes` range set as RFC 9110 §14.1 writes it
+    (`first-[last]`, last not before first, or `-suffix`, comma separated) whose every range selects
+    some of the file. Any other is ignored and the file sent whole, as §14.2 allows, where Starlette
+    would answer a plain-text 400 or 416; but a single range that selects nothing answers 416, as a
+    problem document, when `refuse_unsatisfiable`."""
+    if header is None:
+        return False
+    unit, equals, range_set = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return False
+    specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    selecting = []
+    for spec in specs:
+        match = _RANGE_SPEC.fullmatch(spec)
+        if match is None:
+            return False
+        first, last, suffix = match.group("first", "last", "suffix")
+        if first is not None and last and int(last) < int(first):
+            return False
+        selecting.append(int(first) < size if first is not None else int(suffix) > 0)
+    if specs and all(selecting):
+        return True
+    if refuse_unsatisfiable and len(specs) == 1:
+        raise Problem(
+            416,
+            "range_not_satisfiable",
+            f"the file is {size} bytes; the range {header!r} selects none of them",
+            headers={"Content-Range": f"bytes */{size}"},
+        )
+    return False
+
+
 def _resolve(wanted: tuple[int | None, int | None], info: BlobInfo) -> tuple[int, int]:
     first = wanted[0] or 0
     last = info.size - 1 if wanted[1] is None else min(wanted[1], info.size - 1)
@@ -138,8 +173,7 @@ def _content_disposition(disposition: str, filename: str) -> str:
 
 
 class _LocalBlobResponse(FileResponse):
-    """FileResponse, told to send the whole file for a `Range` it should not act on: Starlette answers
-    a range in another unit or of bad syntax with a 400, where RFC 9110 §14.2 asks to ignore it."""
+    """FileResponse, told to send the whole file for a `Range` it should not act on (`_ranges_to_serve`)."""
 
     def __init__(self, *args: Any, ignore_range: bool, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

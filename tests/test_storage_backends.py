@@ -92,6 +92,26 @@ async def test_upload_webhook_downloads_and_delete(
     assert await stored_keys(settings, f"{account.id}/{image_id}") == []
 
 
+async def test_a_range_that_cannot_be_served_gets_the_whole_file_or_a_416_problem(
+    client: httpx.AsyncClient, account: Partner, any_storage_settings: Settings
+) -> None:
+    """RFC 9110 §14.2: a Range of bad syntax, another unit or reversed positions is ignored; a single
+    range past the end answers 416 as a problem document, as every other refusal does."""
+    original = imagegen.jpeg(64, 48)
+    image_id = (await upload(client, account, original)).json()["id"]
+    url = f"/v1/images/{image_id}/original"
+
+    for ignored in ("q", "items=0-5", "bytes=5-3", "bytes=x-", "bytes="):
+        whole = await client.get(url, headers={**account.headers, "Range": ignored})
+        assert whole.status_code == 200 and whole.content == original, ignored
+    for past_end in (f"bytes={len(original)}-", "bytes=-0"):
+        refused = await client.get(url, headers={**account.headers, "Range": past_end})
+        assert refused.status_code == 416, past_end
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert refused.json()["code"] == "range_not_satisfiable"
+        assert refused.headers["content-range"] == f"bytes */{len(original)}"
+
+
 async def test_a_batch_archive_downloads_whole_and_by_range(
     client: httpx.AsyncClient, account: Partner, any_storage_settings: Settings
 ) -> None:
