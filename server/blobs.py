@@ -23,7 +23,6 @@ from server.problems import Problem
 
 # A presigned download link lives this long: enough to follow the redirect, not to pass it around.
 PRESIGNED_GET_SECONDS = 300
-_SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 # RFC 9110 §14.1's range-spec; positions longer than any file could need are not understood.
 _RANGE_SPEC = re.compile(r"(?:(?P<first>[0-9]{1,30})-(?P<last>[0-9]{0,30}))|-(?P<suffix>[0-9]{1,30})")
 
@@ -55,7 +54,7 @@ async def blob_response(
             filename=filename,
             content_disposition_type=disposition,
             headers=headers,
-            ignore_range=not _ranges_to_serve(range_header, info.size, refuse_unsatisfiable=refuse),
+            ignore_range=_ranges_to_serve(range_header, info.size, refuse_unsatisfiable=refuse) is None,
         )
     settings: Settings = request.app.state.settings
     content_disposition = _content_disposition(disposition, filename)
@@ -82,8 +81,11 @@ async def blob_response(
         found = await storage.stat(key)
         if found is None:
             raise missing
-        if _ranges_to_serve(range_header, found.size, refuse_unsatisfiable=True):
-            wanted = _single_range(range_header)
+        served = _ranges_to_serve(range_header, found.size, refuse_unsatisfiable=True)
+        # One `first-[last]` range is asked of S3 as such; a suffix range, or several (which would be
+        # multipart/byteranges), get the whole blob.
+        if served is not None and len(served) == 1 and served[0][0] is not None:
+            wanted = served[0]
     try:
         info, chunks = await storage.stream(key, *(wanted or (None, None)))
     except BlobMissing:
@@ -113,49 +115,46 @@ def _headers(
     return sent
 
 
-def _single_range(header: str | None) -> tuple[int | None, int | None] | None:
-    """One `bytes=first-last` or `bytes=first-` range (a suffix `-n` is asked of S3 as such); None for
-    anything else, which is answered whole."""
-    match = _SINGLE_RANGE.fullmatch((header or "").replace(" ", ""))
-    if match is None or match.groups() == ("", ""):
-        return None
-    first, last = match.groups()
-    if not first:
-        return None  # a suffix range: the size is needed first, so the blob is sent whole
-    return int(first), int(last) if last else None
-
-
-def _ranges_to_serve(header: str | None, size: int, *, refuse_unsatisfiable: bool) -> bool:
-    """Whether FileResponse is to act on `header`: a `bytes` range set as RFC 9110 §14.1 writes it
-    (`first-[last]`, last not before first, or `-suffix`, comma separated) whose every range selects
-    some of the file. Any other is ignored and the file sent whole, as §14.2 allows, where Starlette
-    would answer a plain-text 400 or 416; but a single range that selects nothing answers 416, as a
-    problem document, when `refuse_unsatisfiable`."""
+def _ranges_to_serve(
+    header: str | None, size: int, *, refuse_unsatisfiable: bool
+) -> list[tuple[int | None, int | None]] | None:
+    """The ranges of `header` to act on, each `(first, last)` (`last` None: to the end) or `(None, n)`
+    for the last n bytes: a `bytes` range set as RFC 9110 §14.1 writes it (`first-[last]`, last not
+    before first, or `-suffix`, comma separated) whose every range selects some of the file. None for
+    any other, which is ignored and the file sent whole, as §14.2 allows (where Starlette would answer a
+    plain-text 400 or 416); but a single range that selects nothing answers 416, as a problem document,
+    when `refuse_unsatisfiable`."""
     if header is None:
-        return False
+        return None
     unit, equals, range_set = header.partition("=")
     if not equals or unit.strip().lower() != "bytes":
-        return False
+        return None
     specs = [spec.strip() for spec in range_set.split(",") if spec.strip()]
+    ranges: list[tuple[int | None, int | None]] = []
     selecting = []
     for spec in specs:
         match = _RANGE_SPEC.fullmatch(spec)
         if match is None:
-            return False
+            return None
         first, last, suffix = match.group("first", "last", "suffix")
-        if first is not None and last and int(last) < int(first):
-            return False
-        selecting.append(int(first) < size if first is not None else int(suffix) > 0)
-    if specs and all(selecting):
-        return True
-    if refuse_unsatisfiable and len(specs) == 1:
+        if first is None:
+            ranges.append((None, int(suffix)))
+            selecting.append(int(suffix) > 0)
+            continue
+        if last and int(last) < int(first):
+            return None
+        ranges.append((int(first), int(last) if last else None))
+        selecting.append(int(first) < size)
+    if ranges and all(selecting):
+        return ranges
+    if refuse_unsatisfiable and len(ranges) == 1:
         raise Problem(
             416,
             "range_not_satisfiable",
             f"the file is {size} bytes; the range {header!r} selects none of them",
             headers={"Content-Range": f"bytes */{size}"},
         )
-    return False
+    return None
 
 
 def _resolve(wanted: tuple[int | None, int | None], info: BlobInfo) -> tuple[int, int]:
