@@ -39,6 +39,16 @@ async def upload(client: httpx.AsyncClient, partner: Partner, count: int = 1) ->
     return ids
 
 
+async def backlog_then_another_accounts_photo(
+    client: httpx.AsyncClient, account: Partner, redis: Redis, backlog_size: int
+) -> tuple[list[str], str]:
+    """`backlog_size` images of `account`'s, then one of another account's: their ids."""
+    backlog = await upload(client, account, backlog_size)
+    other = await make_account(redis, "other")
+    (single,) = await upload(client, other)
+    return backlog, single
+
+
 async def finished_images(redis: Redis, image_ids: list[str]) -> list[ImageRecord]:
     """The images in the order they started processing (each started_at is set as it starts)."""
     store = Store(redis)
@@ -60,9 +70,7 @@ async def admit(settings: Settings, lane: Lane = Lane.ALL) -> list[bytes]:
 async def test_one_image_of_another_account_starts_before_a_backlog_of_fifty(
     client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
 ) -> None:
-    backlog = await upload(client, account, 50)
-    other = await make_account(redis, "other")
-    (single,) = await upload(client, other)
+    backlog, single = await backlog_then_another_accounts_photo(client, account, redis, 50)
 
     await run_burst(with_settings(settings, worker_concurrency=1))
 
@@ -207,9 +215,7 @@ async def test_lowering_max_processing_lets_the_admitted_images_finish_then_hold
 async def test_a_single_photo_is_for_the_express_lane_and_a_backlog_for_the_bulk_lane(
     client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
 ) -> None:
-    backlog = await upload(client, account, 3)
-    other = await make_account(redis, "other")
-    (single,) = await upload(client, other)
+    backlog, single = await backlog_then_another_accounts_photo(client, account, redis, 3)
 
     assert await admit(settings, Lane.EXPRESS) == [process_job_id(single).encode()]
     handed_to_bulk = [await admit(settings, Lane.BULK) for _ in backlog]
