@@ -8,6 +8,7 @@ JSON text, read as strictly as a JSON body is (server/json_body.py), and a field
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any, TypeVar
 
@@ -51,6 +52,21 @@ MAX_FILES_PER_REQUEST = 50
 
 
 def _parsed_operations(raw: object) -> list[dict[str, Any]]:
+    if isinstance(raw, list) and len(raw) <= MAX_CHAIN_LENGTH:
+        # A partner sends the same chain with every image: one checked before is not checked again.
+        checked: list[dict[str, Any]] = json.loads(_checked_chain(json.dumps(raw)))
+        return checked
+    return _checked_operations(raw)
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_chain(chain: str) -> str:
+    """The chain sent (as JSON, which tells 1, 1.0 and true apart), checked, as JSON: a refused one is
+    not kept."""
+    return json.dumps(_checked_operations(json.loads(chain)))
+
+
+def _checked_operations(raw: object) -> list[dict[str, Any]]:
     try:
         return [operation.to_json() for operation in parse_operations(raw)]
     except ValidationFailed as exc:

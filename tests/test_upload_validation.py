@@ -420,6 +420,21 @@ async def test_valid_operations_are_echoed_normalised(
     assert echoed[1]["params"]["format"] == "webp"
 
 
+@pytest.mark.parametrize("look_alike", ["1.0", "true", '"1"'])
+async def test_a_chain_accepted_before_does_not_let_its_look_alikes_through(
+    client: httpx.AsyncClient, account: Partner, look_alike: str
+) -> None:
+    """A chain checked once is not checked again (the web remembers it), but one that differs only in a
+    value's JSON type (equal in Python: 1 == 1.0 == True) is another chain, checked and refused."""
+    accepted = '[{"type": "resize", "params": {"width": 1}}]'
+    for _ in range(2):
+        response = await upload(client, account, imagegen.jpeg(), operations=accepted)
+        assert response.status_code == 202, response.text
+        assert response.json()["operations"][0]["params"]["width"] == 1
+    response = await upload(client, account, imagegen.jpeg(), operations=accepted.replace("1", look_alike))
+    assert_problem(response, 422, "validation_failed", fields=["operations[0].params.width"])
+
+
 # --- callback_url and metadata --------------------------------------------------------------------------
 
 
