@@ -382,7 +382,10 @@ _RESPONSE_HEADERS: dict[str, Any] = {
     "Idempotent-Replayed": _header("true when this is the stored response of an earlier request"),
 }
 _RATE_LIMITED = {
-    **_problem("Over the plan's rate (rate_limited); retry after Retry-After"),
+    **_problem(
+        "Over the plan's rate (rate_limited), or too many failed authentications from the client's address "
+        "(too_many_failed_authentications); retry after Retry-After"
+    ),
     "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
 }
 
