@@ -100,6 +100,10 @@ class Settings:
     idempotency_lock_timeout: float = 360.0
     # Seconds a dashboard sign-in lasts: its session is gone from Redis after this, signed out or not.
     dashboard_session_ttl: int = 8 * 3600
+    # Failed authentications (a wrong API key, on the API or the dashboard's sign-in) one client address
+    # may make per window, after which it is refused (429) until the window lets one more through.
+    failed_auth_limit: int = 10
+    failed_auth_window: int = 600
     queue_name: str = "darkroom:queue"
     # One line per event on stderr: JSON for a log pipeline, or text for a person (`darkroom dev`).
     log_format: str = "json"
@@ -190,6 +194,8 @@ class Settings:
             idempotency_ttl=_positive_int(env, "DARKROOM_IDEMPOTENCY_TTL", 24 * 3600),
             idempotency_lock_timeout=_positive_seconds(env, "DARKROOM_IDEMPOTENCY_LOCK_TIMEOUT", 360.0),
             dashboard_session_ttl=_positive_int(env, "DARKROOM_DASHBOARD_SESSION_TTL", 8 * 3600),
+            failed_auth_limit=_positive_int(env, "DARKROOM_FAILED_AUTH_LIMIT", 10),
+            failed_auth_window=_positive_int(env, "DARKROOM_FAILED_AUTH_WINDOW", 600),
         )
         if settings.idempotency_lock_timeout <= settings.body_timeout:
             raise SettingsError(

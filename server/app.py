@@ -36,6 +36,7 @@ from server import (
     variants,
 )
 from server.changes import ChangeFeed
+from server.failed_authentications import FailedAuthentications
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
 from server.problems import (
@@ -68,6 +69,7 @@ def create_app(settings: Settings) -> Starlette:
         app.state.redis = redis
         app.state.store = Store(redis, message_retention=settings.webhook_retention)
         app.state.rate_limiter = RateLimiter(redis)
+        app.state.failed_authentications = FailedAuthentications(app.state.rate_limiter, settings)
         app.state.idempotency = IdempotencyRecords(redis)
         app.state.storage = storage
         app.state.uploads = UploadDesk(settings, redis, app.state.store, storage)

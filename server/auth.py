@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from jobs.records import Account
 from jobs.store import Store
+from server.failed_authentications import FailedAuthentications, client_address
 from server.problems import Problem
 from server.ratelimit import count_request, defer_request_count, deferred_account, request_limits
 
@@ -71,7 +72,14 @@ async def _authenticated(request: Request) -> Account:
             headers=_CHALLENGE,
         )
     store: Store = request.app.state.store
+    failures: FailedAuthentications = request.app.state.failed_authentications
+    address = client_address(request)
+    refused = failures.remembered_refusal(address)
+    if refused is not None and store.remembered_account(api_key) is None:
+        raise refused
     account = await store.authenticate(api_key)
     if account is None:
-        raise Problem(401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE)
+        raise await failures.count_failure(address) or Problem(
+            401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE
+        )
     return account

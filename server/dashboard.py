@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from jobs.settings import Settings
 from jobs.store import Store
 from server import batches, deliveries, endpoints, images
 from server.docs import IMMUTABLE_ASSET_HEADERS
+from server.failed_authentications import FailedAuthentications, client_address
 from server.images import batches_of
 from server.problems import Problem
 from server.query import QueryModel, query_of, takes_query
@@ -189,15 +191,26 @@ def _fragment(template: str, **context: Any) -> str:
 # Sign-in and sign-out.
 
 
+def _in_words(seconds: int) -> str:
+    """`seconds` of a wait, for people: `45 seconds`, `1 minute`, `4 minutes` (rounded up)."""
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = math.ceil(seconds / 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+
+
 async def sign_in_page(request: Request) -> Response:
     if await _session(request) is not None:
         return RedirectResponse("/dashboard", status_code=303)
     return _sign_in_form(request)
 
 
-def _sign_in_form(request: Request, error: str | None = None, status_code: int = 200) -> Response:
+def _sign_in_form(
+    request: Request, error: str | None = None, status_code: int = 200, headers: dict[str, str] | None = None
+) -> Response:
     token = secrets.token_urlsafe(32)
     response = _page(request, "sign_in.html", status_code, csrf_token=token, error=error)
+    response.headers.update(headers or {})
     _set_cookie(response, request, SIGN_IN_COOKIE, token, _SIGN_IN_TOKEN_SECONDS)
     return response
 
@@ -209,9 +222,21 @@ async def sign_in(request: Request) -> Response:
     except Problem:
         # A form left open past its token's hour, or posted from another site: a fresh form, no session.
         return _sign_in_form(request, "This sign-in form has expired; please sign in again.", 403)
-    store: Store = request.app.state.store
-    api_key = str(form.get("api_key", "")).strip()
-    account = await store.authenticate(api_key) if api_key else None
+    failures: FailedAuthentications = request.app.state.failed_authentications
+    address = client_address(request)
+    # While the address is limited, its key is not even looked up.
+    refused = await failures.refusal(address)
+    account = None
+    if refused is None:
+        store: Store = request.app.state.store
+        api_key = str(form.get("api_key", "")).strip()
+        account = await store.authenticate(api_key) if api_key else None
+        if account is None:
+            refused = await failures.count_failure(address)
+    if refused is not None:
+        wait = _in_words(refused.retry_after)
+        message = f"Too many sign-ins from your network failed. Please try again in {wait}."
+        return _sign_in_form(request, message, 429, refused.headers)
     if account is None:
         return _sign_in_form(request, "That API key is not valid.", 401)
     settings: Settings = request.app.state.settings

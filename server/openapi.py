@@ -406,7 +406,10 @@ def _long_polled(response: dict[str, Any]) -> dict[str, Any]:
 
 
 _RATE_LIMITED = {
-    **_problem("Over the plan's rate (rate_limited); retry after Retry-After"),
+    **_problem(
+        "Over the plan's rate (rate_limited), or too many failed authentications from the client's address "
+        "(too_many_failed_authentications); retry after Retry-After"
+    ),
     "headers": {"Retry-After": {"$ref": "#/components/headers/Retry-After"}},
 }
 

@@ -34,7 +34,7 @@ from server.problems import Problem
 from server.request_log import note_account
 
 WINDOW_SECONDS = 60
-AllowanceName = Literal["requests", "uploads"]
+AllowanceName = Literal["requests", "uploads", "failed_authentications"]
 
 # gcra(key, quota, window, cost, take): the allowance's TAT (epoch ms) kept at `key`; a quota per window
 # (ms), a cost in units, and true to take them or false only to ask whether they would be let through. Answers
@@ -90,8 +90,9 @@ return decisions
 )
 
 
-def allowance_key(account_id: str, name: AllowanceName) -> str:
-    return f"dr:ratelimit:{account_id}:{name}"
+def allowance_key(holder: str, name: AllowanceName) -> str:
+    """The key of `holder`'s allowance `name`: an account's (by its id), or a client address's."""
+    return f"dr:ratelimit:{holder}:{name}"
 
 
 def _whole_seconds(ms: int) -> int:
@@ -119,12 +120,20 @@ class RateLimiter:
         self._take_then_apply = redis.register_script(_TAKE_THEN_APPLY)
 
     async def check(
-        self, account_id: str, name: AllowanceName, quota: int, cost: int = 1, *, take: bool = True
+        self,
+        holder: str,
+        name: AllowanceName,
+        quota: int,
+        cost: int = 1,
+        *,
+        take: bool = True,
+        window_seconds: int = WINDOW_SECONDS,
     ) -> Allowance:
-        """Take `cost` units of the allowance if all of them are there (only ask, if not `take`)."""
+        """Take `cost` units of the allowance (`quota` per `window_seconds`) if all of them are there
+        (only ask, if not `take`)."""
         answer = await self._gcra(
-            keys=[allowance_key(account_id, name)],
-            args=[quota, WINDOW_SECONDS * 1000, cost, int(take)],
+            keys=[allowance_key(holder, name)],
+            args=[quota, window_seconds * 1000, cost, int(take)],
         )
         return _allowance(name, quota, answer)
 

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -127,11 +127,24 @@ async def account(redis: Redis) -> Partner:
 @contextlib.asynccontextmanager
 async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The web app in-process, its lifespan run (Redis pool, storage), behind an httpx client."""
+    async with api_clients(settings, ["127.0.0.1"]) as (http,):
+        yield http
+
+
+@contextlib.asynccontextmanager
+async def api_clients(settings: Settings, addresses: Sequence[str]) -> AsyncIterator[list[httpx.AsyncClient]]:
+    """One in-process web app behind an httpx client for each of the client `addresses`."""
     app = create_app(settings)
-    async with LifespanManager(app) as manager:
-        transport = httpx.ASGITransport(app=manager.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            yield http
+    async with LifespanManager(app) as manager, contextlib.AsyncExitStack() as clients:
+        yield [
+            await clients.enter_async_context(
+                httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=manager.app, client=(address, 123)),
+                    base_url="http://testserver",
+                )
+            )
+            for address in addresses
+        ]
 
 
 @pytest.fixture

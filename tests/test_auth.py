@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from jobs.settings import Settings
 from tests import imagegen
-from tests.conftest import Partner, make_account, run_burst
+from tests.conftest import Partner, api_client, api_clients, make_account, run_burst, with_settings
 from tests.receiver import Receiver
 from tests.test_spine import upload
 from tests.test_upload_validation import assert_nothing_kept, assert_problem, staged_files
@@ -250,3 +250,55 @@ async def test_webhook_secret_is_the_accounts_own(
     assert mine["secret"] == account.webhook_secret
     assert theirs["secret"] == other.webhook_secret
     assert mine["secret"] != theirs["secret"]
+
+
+async def commands_run(redis: Redis, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_an_address_that_keeps_sending_wrong_keys_is_refused_without_lookups(
+    settings: Settings, redis: Redis
+) -> None:
+    guessing = {"Authorization": "Bearer sk_live_guess"}
+    partner = await make_account(redis, "partner")
+    newcomer = await make_account(redis, "newcomer")
+    limited = with_settings(settings, failed_auth_limit=3, failed_auth_window=600)
+    async with api_clients(limited, ["203.0.113.7", "203.0.113.8"]) as (guesser, neighbour):
+        assert (await guesser.get("/v1/images", headers=partner.headers)).status_code == 200
+        for _ in range(3):
+            assert_problem(await guesser.get("/v1/images", headers=guessing), 401, "invalid_api_key")
+        refused = await guesser.get("/v1/images", headers=guessing)
+        assert_problem(refused, 429, "too_many_failed_authentications")
+        # GCRA: one failure of the three comes back every 200 s.
+        assert 190 <= int(refused.headers["retry-after"]) <= 200
+        assert "ratelimit" not in refused.headers
+
+        await redis.config_resetstat()
+        for _ in range(5):
+            answer = await guesser.get("/v1/images", headers=guessing)
+            assert_problem(answer, 429, "too_many_failed_authentications")
+        # A key this process has not accepted before is not looked up either, valid or not.
+        assert_problem(await guesser.get("/v1/images", headers=newcomer.headers), 429)
+        assert await commands_run(redis, "evalsha") == 0
+
+        # A key accepted before still works from there; and another address is not limited.
+        assert (await guesser.get("/v1/images", headers=partner.headers)).status_code == 200
+        assert_problem(await neighbour.get("/v1/images", headers=guessing), 401, "invalid_api_key")
+        assert (await neighbour.get("/v1/images", headers=newcomer.headers)).status_code == 200
+
+
+async def test_a_missing_key_is_no_failed_authentication(settings: Settings) -> None:
+    async with api_client(with_settings(settings, failed_auth_limit=1)) as client:
+        for _ in range(3):
+            assert_problem(await client.get("/v1/images"), 401, "missing_api_key")
+        assert_problem(await client.get("/v1/images", headers={"X-API-Key": "sk_live_x"}), 401)
+
+
+async def test_ipv6_clients_count_their_failures_by_64_prefix(settings: Settings) -> None:
+    guessing = {"Authorization": "Bearer sk_live_guess"}
+    addresses = ["2001:db8:0:7::1", "2001:db8:0:7::2", "2001:db8:0:8::1"]
+    async with api_clients(with_settings(settings, failed_auth_limit=1), addresses) as (one, same, other):
+        assert_problem(await one.get("/v1/images", headers=guessing), 401)
+        assert_problem(await same.get("/v1/images", headers=guessing), 429, "too_many_failed_authentications")
+        assert_problem(await other.get("/v1/images", headers=guessing), 401)

@@ -10,8 +10,9 @@ import httpx
 from redis.asyncio import Redis
 
 from jobs.settings import Settings
+from server.dashboard import CONTENT_SECURITY_POLICY
 from tests import imagegen
-from tests.conftest import Partner, api_client, make_account, with_settings
+from tests.conftest import Partner, api_client, api_clients, make_account, with_settings
 from tests.test_upload_validation import assert_problem
 
 SESSION_KEYS = "dr:dashboard:session:*"
@@ -145,3 +146,32 @@ async def test_one_accounts_session_reaches_only_its_own_images(
     await signed_in_token(client, other)
     assert "theirs.png" not in (await client.get("/dashboard")).text
     assert_problem(await client.get(f"/dashboard/images/{image_id}/output?width=10"), 404, "not_found")
+
+
+async def test_an_address_whose_sign_ins_keep_failing_is_refused_without_checking_the_key(
+    settings: Settings, account: Partner, redis: Redis
+) -> None:
+    limited = with_settings(settings, failed_auth_limit=2, failed_auth_window=120)
+    async with api_clients(limited, ["198.51.100.4", "198.51.100.5"]) as (guesser, colleague):
+        # A sign-in that works counts for nothing.
+        for _ in range(3):
+            assert (await sign_in(guesser, account.api_key)).status_code == 303
+            guesser.cookies.clear()
+        for _ in range(2):
+            assert (await sign_in(guesser, "sk_live_guess")).status_code == 401
+        await redis.delete(*await redis.keys(SESSION_KEYS))
+
+        refused = await sign_in(guesser, account.api_key)
+        assert refused.status_code == 429
+        assert 55 <= int(refused.headers["retry-after"]) <= 60
+        assert "Too many sign-ins from your network failed. Please try again in 1 minute." in refused.text
+        assert refused.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert await redis.keys(SESSION_KEYS) == []
+        # Failures on the API and on the sign-in form count together.
+        assert_problem(
+            await guesser.get("/v1/images", headers={"X-API-Key": "sk_live_guess"}),
+            429,
+            "too_many_failed_authentications",
+        )
+
+        assert (await sign_in(colleague, account.api_key)).status_code == 303

@@ -140,3 +140,13 @@ def test_a_dashboard_sign_in_lasts_eight_hours_unless_configured() -> None:
     assert Settings.from_env({"DARKROOM_DASHBOARD_SESSION_TTL": "900"}).dashboard_session_ttl == 900
     with pytest.raises(SettingsError, match="DARKROOM_DASHBOARD_SESSION_TTL"):
         Settings.from_env({"DARKROOM_DASHBOARD_SESSION_TTL": "0"})
+
+
+def test_an_address_may_fail_to_authenticate_ten_times_in_ten_minutes_unless_configured() -> None:
+    default = Settings.from_env({})
+    assert (default.failed_auth_limit, default.failed_auth_window) == (10, 600)
+    configured = Settings.from_env({"DARKROOM_FAILED_AUTH_LIMIT": "3", "DARKROOM_FAILED_AUTH_WINDOW": "60"})
+    assert (configured.failed_auth_limit, configured.failed_auth_window) == (3, 60)
+    for name in ("DARKROOM_FAILED_AUTH_LIMIT", "DARKROOM_FAILED_AUTH_WINDOW"):
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({name: "0"})
