@@ -2,7 +2,7 @@
 
 A batch is the Redis hash `dr:batch:{id}` (jobs.records.BatchRecord): its fixed fields, its images'
 counters, `sealed_at`, `completed_at` and the archive's state, each a field of its own. The counters move
-in the very transactions that add, start, finish or delete its images (jobs.store.stage_batch_change), so
+in the very transactions that add, start, finish or delete its images (jobs.store.stage_image_change), so
 they are always exact. `dr:batch:{id}:images` indexes its images, `dr:batch:{id}:failures` describes each
 failed one, `dr:account:{id}:batches` indexes the account's batches.
 
@@ -47,6 +47,7 @@ from jobs.store import (
     batch_key,
     image_key,
 )
+from webhooks.changes import stage_change
 from webhooks.messages import new_message, now_ms
 
 BUILD_ARCHIVE = "build_archive"
@@ -105,6 +106,7 @@ class Batches:
             if batch.expires_at is not None:
                 pipe.hset(batch_key(batch.id), "expires_at", batch.expires_at)
                 pipe.zadd(EXPIRING_BATCHES_KEY, {batch.id: epoch_ms(batch.expires_at)})
+            stage_change(pipe, batch.account_id, "batch", batch.id)
             await pipe.execute()
 
     async def get(self, batch_id: str) -> BatchRecord | None:
@@ -364,7 +366,8 @@ class Batches:
     ) -> Outcome | None:
         """Commit the writes `plan` decides on from the batch as stored, atomically with what it read: if
         the batch changed meanwhile, plan again on its new state. Returns the outcome of the plan that
-        committed; None when the last plan decided to write nothing. `plan` may raise to refuse."""
+        committed; None when the last plan decided to write nothing. `plan` may raise to refuse. The
+        change is announced on the account's channel as it commits."""
         key = batch_key(batch_id)
         async with self.store.redis.pipeline(transaction=True) as pipe:
             while True:
@@ -377,6 +380,8 @@ class Batches:
                     writes, outcome = decided
                     pipe.multi()  # type: ignore[no-untyped-call]
                     writes(pipe)
+                    if batch is not None:
+                        stage_change(pipe, batch.account_id, "batch", batch_id)
                     await pipe.execute()
                     return outcome
                 except WatchError:

@@ -372,6 +372,12 @@ class BatchRecord:
         started = self.counts.processing + self.counts.completed + self.counts.failed
         return "processing" if started else "sealed"
 
+    @property
+    def is_settled(self) -> bool:
+        """Completed, with its archive (if one was asked for) ready or failed: what a partner waits for."""
+        building = self.archive_state is not None and self.archive_state.status in ("pending", "building")
+        return self.status == "completed" and not building
+
     def fixed_json(self) -> str:
         fixed = {
             "id": self.id,

@@ -12,7 +12,8 @@ Layout (every key under `dr:`):
   signed URL expires (jobs/uploads.py); `dr:upload-signing-key` the secret that signs those URLs.
 - `dr:public-url` the base of links a web process last announced (for workers without DARKROOM_PUBLIC_URL).
 - A batch image also counts in its batch (jobs/batches.py): every transaction that adds, starts, finishes
-  or deletes an image moves the batch's counters, its index and its failure list with it.
+  or deletes an image moves the batch's counters, its index and its failure list with it, and announces
+  the change of both on the account's channel (webhooks/changes.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from jobs.ids import lowest_id_at, new_id
 from jobs.plans import DEFAULT_TIER, TIERS, Plan
 from jobs.queue import stage_image_job
 from jobs.records import ACCOUNT_KEY_PREFIX, BATCH_TOTAL, Account, ImageRecord, epoch_ms, utc_now
+from webhooks.changes import stage_change
 from webhooks.endpoints import EndpointStore, rotated, valid_secrets
 from webhooks.messages import (
     DEFAULT_RETENTION_SECONDS,
@@ -90,6 +92,18 @@ def batch_images_key(batch_id: str) -> str:
 def batch_failures_key(batch_id: str) -> str:
     """Image id → `{image_id, filename, error}` of each failed image: what batch.completed reports."""
     return f"dr:batch:{batch_id}:failures"
+
+
+def stage_image_change(pipe: Any, before: ImageRecord | None, after: ImageRecord | None) -> None:
+    """What every transaction that adds, changes or deletes an image (`before` None: new; `after` None:
+    deleted) commits with it: its batch's counters, and the notifications of both changes."""
+    image = after or before
+    if image is None:
+        return
+    stage_change(pipe, image.account_id, "image", image.id)
+    if image.batch_id is not None:
+        stage_batch_change(pipe, before, after)
+        stage_change(pipe, image.account_id, "batch", image.batch_id)
 
 
 def stage_batch_change(pipe: Any, before: ImageRecord | None, after: ImageRecord | None) -> None:
@@ -311,16 +325,16 @@ class Store:
                 and where.endpoint_id in (None, delivery.destination)
             ]
             if failed:
-                await self.redeliver(failed)
+                await self.redeliver(account_id, failed)
                 count += len(failed)
             if page[-1].message.created_at < where.created_after:
                 return count
             cursor = page[-1].id
 
-    async def redeliver(self, deliveries: Sequence[Delivery]) -> None:
-        """Make finished deliveries due now, and wake the dispatchers to send them."""
+    async def redeliver(self, account_id: str, deliveries: Sequence[Delivery]) -> None:
+        """Make the account's finished deliveries due now, and wake the dispatchers to send them."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.messages.stage_redeliver(pipe, deliveries)
+            self.messages.stage_redeliver(pipe, account_id, deliveries)
             await pipe.execute()
 
     async def authenticate(self, api_key: str) -> Account | None:
@@ -372,7 +386,7 @@ class Store:
         pipe.zadd(_account_images_key(image.account_id), {image.id: 0})
         if image.expires_at is not None:
             pipe.zadd(EXPIRING_IMAGES_KEY, {image.id: epoch_ms(image.expires_at)})
-        stage_batch_change(pipe, None, image)
+        stage_image_change(pipe, None, image)
         if image.upload is not None and image.upload.status == "pending":
             pipe.zadd(EXPIRING_UPLOADS_KEY, {image.id: epoch_ms(image.upload.expires_at)})
         if not image.awaits_start:
@@ -389,7 +403,7 @@ class Store:
 
         def writes(pipe: Any) -> None:
             pipe.set(image_key(image.id), image.to_json())
-            stage_batch_change(pipe, previous, image)
+            stage_image_change(pipe, previous, image)
             if image.upload is not None and image.upload.status != "pending":
                 pipe.zrem(EXPIRING_UPLOADS_KEY, image.id)
             if message is not None:
@@ -499,7 +513,7 @@ class Store:
                 pipe.set(image_key(image.id), image.to_json())
                 if also is not None:
                     also(pipe)
-                stage_batch_change(pipe, before, image)
+                stage_image_change(pipe, before, image)
 
             if await self._commit_if_unchanged(image_key(image.id), expected, writes):
                 return image
@@ -536,7 +550,7 @@ class Store:
                     pipe.zrem(EXPIRING_IMAGES_KEY, image.id)
                     pipe.zrem(EXPIRING_UPLOADS_KEY, image.id)
                     if raw is not None:
-                        stage_batch_change(pipe, ImageRecord.from_json(raw), None)
+                        stage_image_change(pipe, ImageRecord.from_json(raw), None)
                     await pipe.execute()
                     return
                 except WatchError:  # it moved on meanwhile: count it out as it is now

@@ -36,6 +36,7 @@ from server import (
     uploads,
     variants,
 )
+from server.changes import ChangeFeed
 from server.failed_authentications import FailedAuthentications
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
@@ -76,6 +77,7 @@ def create_app(settings: Settings) -> Starlette:
         # Read from Redis when the first upload URL is signed or checked.
         app.state.upload_signing_key = None
         app.state.variant_render_slots = variants.RenderSlots()
+        app.state.changes = ChangeFeed(settings.require_redis())
         # Announced now (a task left running into shutdown would be cut off mid-command and leave its
         # connection open); only when Redis is not there yet does a task keep trying.
         announcing = None
@@ -84,7 +86,10 @@ def create_app(settings: Settings) -> Starlette:
         except RedisError:
             announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
         try:
-            async with metrics.request_counting(redis) as app.state.request_counts:
+            async with (
+                app.state.changes.running(),
+                metrics.request_counting(redis) as app.state.request_counts,
+            ):
                 # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
                 yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
         finally:

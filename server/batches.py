@@ -20,6 +20,7 @@ from server.blobs import blob_response
 from server.conditional import none_match
 from server.images import accept_uploads, batches_of, new_images, open_batch, store_and_queue
 from server.json_body import media_type, read_json_object
+from server.long_poll import settled_response
 from server.models import (
     DestinationUrl,
     Hint,
@@ -112,9 +113,13 @@ async def create_batch(request: Request) -> Response:
 
 async def _owned_batch(request: Request) -> BatchRecord:
     account = await require_account(request)
+    return await _account_batch(request, account.id)
+
+
+async def _account_batch(request: Request, account_id: str) -> BatchRecord:
     batch_id = request.path_params["batch_id"]
     batch = (
-        await batches_of(request).get_for_account(account.id, batch_id) if is_id("bat", batch_id) else None
+        await batches_of(request).get_for_account(account_id, batch_id) if is_id("bat", batch_id) else None
     )
     if batch is None:
         raise Problem(404, "not_found", "no such batch")
@@ -122,8 +127,16 @@ async def _owned_batch(request: Request) -> BatchRecord:
 
 
 async def get_batch(request: Request) -> Response:
-    batch = await _owned_batch(request)
-    return JSONResponse(batch.resource(request.app.state.settings.public_url))
+    """The batch; with `Prefer: wait=N`, once it is completed with its archive (if any) ready or failed,
+    or N seconds on (long_poll)."""
+    public_url = request.app.state.settings.public_url
+    return await settled_response(
+        request,
+        "batch_id",
+        _account_batch,
+        lambda batch: batch.is_settled,
+        lambda batch: batch.resource(public_url),
+    )
 
 
 class BatchListQuery(PageQuery):

@@ -143,7 +143,7 @@ async def retry_delivery(request: Request) -> Response:
     if not sendable:
         code, detail = sorted(refusals.values())[-1]  # endpoint_disabled first: it can be undone
         raise Problem(409, code, detail)
-    outcomes = await store.messages.redeliver(sendable)
+    outcomes = await store.messages.redeliver(account.id, sendable)
     if all(outcome == "in_flight" for outcome in outcomes):
         raise Problem(
             409,

@@ -27,6 +27,7 @@ from server.auth import require_account
 from server.blobs import blob_response
 from server.image_json import start_upload
 from server.json_body import media_type, read_json_object
+from server.long_poll import settled_response
 from server.models import Hint, checked_body, given, refusal
 from server.multipart import UploadedFile, receive_multipart
 from server.pagination import ImageCursor, PageQuery, page_response
@@ -319,17 +320,28 @@ async def _inspect_all(files: Sequence[UploadedFile], settings: Settings) -> lis
 
 async def _owned_image(request: Request) -> ImageRecord:
     account = await require_account(request)
+    return await _account_image(request, account.id)
+
+
+async def _account_image(request: Request, account_id: str) -> ImageRecord:
     store: Store = request.app.state.store
     image_id = request.path_params["image_id"]
-    image = await store.get_account_image(account.id, image_id) if is_id("img", image_id) else None
+    image = await store.get_account_image(account_id, image_id) if is_id("img", image_id) else None
     if image is None:
         raise Problem(404, "not_found", "no such image")
     return image
 
 
 async def get_image(request: Request) -> Response:
-    image = await _owned_image(request)
-    return JSONResponse(image.resource(request.app.state.settings.public_url))
+    """The image; with `Prefer: wait=N`, once it is completed or failed, or N seconds on (long_poll)."""
+    public_url = request.app.state.settings.public_url
+    return await settled_response(
+        request,
+        "image_id",
+        _account_image,
+        lambda image: image.is_terminal,
+        lambda image: image.resource(public_url),
+    )
 
 
 class ImageListQuery(PageQuery):

@@ -20,6 +20,7 @@ from server.endpoints import EndpointChanges, NewEndpoint, Recovery
 from server.idempotency import MAX_KEY_LENGTH
 from server.image_json import UploadStart
 from server.images import ImageForm, ImageFromUrl
+from server.long_poll import MAX_WAIT_SECONDS, PREFERENCE_APPLIED
 from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
@@ -169,8 +170,12 @@ def build_openapi(public_url: str, routes: Sequence[BaseRoute]) -> dict[str, Any
                 "/v1/images/{image_id}": {
                     "parameters": [_IMAGE_ID],
                     "get": {
-                        "summary": "Get an image",
-                        "responses": {"200": _json("The image", _ref("Image")), "404": _NOT_FOUND},
+                        "summary": "Get an image; with Prefer: wait=N, once it is completed or failed",
+                        "parameters": [_PREFER_WAIT],
+                        "responses": {
+                            "200": _long_polled(_json("The image", _ref("Image"))),
+                            "404": _NOT_FOUND,
+                        },
                     },
                     "delete": {
                         "summary": "Delete an image and its files",
@@ -355,6 +360,14 @@ _HEADER_PARAMETERS: dict[str, Any] = {
         " response, its problem body and our logs; one is made (req_…) when none, or another, is given",
         "schema": {"type": "string", "pattern": f"^{USABLE_REQUEST_ID}$"},
     },
+    "PreferWait": {
+        "name": "Prefer",
+        "in": "header",
+        "required": False,
+        "description": f"`wait=N` (RFC 7240): answer once the resource is settled, or after N seconds (at"
+        f" most {MAX_WAIT_SECONDS}) with its state then; 200 either way, with Preference-Applied",
+        "schema": {"type": "string", "examples": ["wait=20"]},
+    },
     "IdempotencyKey": {
         "name": "Idempotency-Key",
         "in": "header",
@@ -380,7 +393,18 @@ _RESPONSE_HEADERS: dict[str, Any] = {
     "RateLimit-Policy": _header("The account's quota, as the IETF RateLimit-Policy field"),
     "Retry-After": _header("Seconds to wait before sending again", _INTEGER),
     "Idempotent-Replayed": _header("true when this is the stored response of an earlier request"),
+    PREFERENCE_APPLIED: _header(
+        f"`wait=N` when a Prefer: wait was honoured: N the most seconds waited (capped at {MAX_WAIT_SECONDS})"
+    ),
 }
+_PREFER_WAIT = {"$ref": "#/components/parameters/PreferWait"}
+
+
+def _long_polled(response: dict[str, Any]) -> dict[str, Any]:
+    """A 200 that a Prefer: wait may have held back."""
+    return {**response, "headers": _header_refs(PREFERENCE_APPLIED)}
+
+
 _RATE_LIMITED = {
     **_problem(
         "Over the plan's rate (rate_limited), or too many failed authentications from the client's address "
@@ -413,7 +437,11 @@ def _with_common_responses(routes: Sequence[BaseRoute], paths: dict[str, Any]) -
             headers = [{"$ref": "#/components/parameters/RequestId"}]
             if api and method == "post":
                 headers.append({"$ref": "#/components/parameters/IdempotencyKey"})
-            operation["parameters"] = [*headers, *_query_parameters(models[path, method])]
+            operation["parameters"] = [
+                *headers,
+                *operation.get("parameters", ()),
+                *_query_parameters(models[path, method]),
+            ]
             common = {
                 "503": _problem(
                     "Redis is unreachable (store_unavailable), or the file storage is "
@@ -566,8 +594,10 @@ def _batch_paths(requests: dict[str, Any]) -> dict[str, Any]:
         "/v1/batches/{batch_id}": {
             "parameters": [_BATCH_PATH_ID],
             "get": {
-                "summary": "A batch: status, counts of its images by status, archive state",
-                "responses": {"200": _json("The batch", batch), "404": _NO_BATCH},
+                "summary": "A batch: status, counts of its images by status, archive state; with Prefer:"
+                " wait=N, once it is completed and its archive (if any) ready or failed",
+                "parameters": [_PREFER_WAIT],
+                "responses": {"200": _long_polled(_json("The batch", batch)), "404": _NO_BATCH},
             },
         },
         "/v1/batches/{batch_id}/images": {

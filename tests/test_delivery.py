@@ -316,7 +316,9 @@ async def test_an_attempt_whose_transaction_is_replayed_is_logged_and_counted_on
     stats.count_attempt(counts, message, delivery, attempt)
     for _ in range(2):
         async with redis.pipeline(transaction=True) as pipe:
-            store.messages.stage_attempt(pipe, delivery, attempt, "pending", now_ms() + 60_000, counts)
+            store.messages.stage_attempt(
+                pipe, account.id, delivery, attempt, "pending", now_ms() + 60_000, counts
+            )
             await pipe.execute()
     later = Attempt(
         number=2,
@@ -327,7 +329,7 @@ async def test_an_attempt_whose_transaction_is_replayed_is_logged_and_counted_on
         error=None,
     )
     async with redis.pipeline(transaction=True) as pipe:
-        store.messages.stage_attempt(pipe, delivery, later, "delivered", None)
+        store.messages.stage_attempt(pipe, account.id, delivery, later, "delivered", None)
         await pipe.execute()
 
     logged = await store.messages.get_logged(message.id)

@@ -217,7 +217,7 @@ async def test_openapi_documents_the_headers_every_route_takes_and_answers(clien
     assert "idempotency_key_in_use" in uploads["409"]["description"]
     assert "idempotency_key_reused" in uploads["422"]["description"]
     header_names = {parameter["name"] for parameter in spec["components"]["parameters"].values()}
-    assert header_names == {"X-Request-Id", "Idempotency-Key"}
+    assert header_names == {"X-Request-Id", "Idempotency-Key", "Prefer"}
 
 
 async def test_a_request_id_is_echoed_when_usable_and_made_otherwise(client: httpx.AsyncClient) -> None:

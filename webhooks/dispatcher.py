@@ -604,7 +604,7 @@ class Dispatcher:
             self.on_attempt(counts, message, delivery, attempt)
 
         def stage(pipe: Any) -> None:
-            self.messages.stage_attempt(pipe, delivery, attempt, status, next_at, counts)
+            self.messages.stage_attempt(pipe, message.account_id, delivery, attempt, status, next_at, counts)
             # The failure record changes only when the run of failures starts or ends.
             if endpoint is not None and attempt.succeeded and endpoint.failing_since_ms is not None:
                 EndpointStore.stage_success(pipe, endpoint.id)

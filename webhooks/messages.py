@@ -19,6 +19,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
+from webhooks.changes import stage_change
+
 # `skipped`: the event happened while its endpoint was disabled, so nothing was sent; recovering the
 # endpoint sends it.
 DeliveryStatus = Literal["pending", "delivered", "failed", "skipped"]
@@ -464,10 +466,12 @@ class MessageStore:
             if is_endpoint(destination.name):
                 pipe.sadd(endpoint_pending_key(destination.name), member)
         pipe.publish(WAKE_CHANNEL, message.id)
+        stage_change(pipe, message.account_id, "delivery", message.id)
 
     def stage_attempt(
         self,
         pipe: Any,
+        account_id: str,
         delivery: Delivery,
         attempt: Attempt,
         status: DeliveryStatus,
@@ -493,8 +497,9 @@ class MessageStore:
             str(self.retention_seconds),
             *(part for increment in increments for part in increment.arguments()),
         )
+        stage_change(pipe, account_id, "delivery", delivery.msg_id)
 
-    def stage_redeliver(self, pipe: Any, deliveries: Sequence[Delivery]) -> None:
+    def stage_redeliver(self, pipe: Any, account_id: str, deliveries: Sequence[Delivery]) -> None:
         """Make deliveries due now (a manual retry or an endpoint's recovery), except those with an
         attempt under way; their attempt history stays, and numbering goes on from it. The pipeline's
         results hold each one's RedeliveryOutcome, in order."""
@@ -511,11 +516,13 @@ class MessageStore:
                 str(due),
             )
         pipe.publish(WAKE_CHANNEL, "redeliver")
+        for msg_id in dict.fromkeys(delivery.msg_id for delivery in deliveries):
+            stage_change(pipe, account_id, "delivery", msg_id)
 
-    async def redeliver(self, deliveries: Sequence[Delivery]) -> list[RedeliveryOutcome]:
+    async def redeliver(self, account_id: str, deliveries: Sequence[Delivery]) -> list[RedeliveryOutcome]:
         """`stage_redeliver` on its own; what became of each delivery."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            self.stage_redeliver(pipe, deliveries)
+            self.stage_redeliver(pipe, account_id, deliveries)
             results = await pipe.execute()
         return [result.decode() for result in results[: len(deliveries)]]
 

@@ -1,0 +1,68 @@
+"""Long polling: `GET /v1/images/{id}` and `GET /v1/batches/{id}` with `Prefer: wait=N` (RFC 7240) answer
+as soon as the resource is settled (an image completed or failed; a batch completed with its archive, if
+any, ready or failed), or after N seconds with its state then, 200 either way, with
+`Preference-Applied: wait=N`. Up to MAX_WAIT_SECONDS: below the 30 s that routers such as Heroku's allow
+before a response starts, so a long poll needs no proxy setting, and a web process shutting down waits
+for none longer than for a dashboard stream.
+
+While it waits, a request holds no Redis connection: it re-reads the resource only when the process's
+change feed (server/changes.py) hears that it changed. It counts once against the rate limit, as the
+request it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.auth import require_account
+from server.changes import ChangeFeed
+
+MAX_WAIT_SECONDS = 25
+PREFERENCE_APPLIED = "Preference-Applied"
+# One preference of a Prefer field (RFC 7240 §2): `wait=N`, N delta-seconds, the value maybe quoted.
+_WAIT = re.compile(r'^\s*wait\s*=\s*"?(\d{1,10})"?\s*$', re.IGNORECASE)
+
+Resource = TypeVar("Resource")
+
+
+def requested_wait(request: Request) -> int | None:
+    """The seconds a `Prefer: wait=N` asks for, capped at MAX_WAIT_SECONDS; None without one."""
+    for field in request.headers.getlist("prefer"):
+        for preference in field.split(","):
+            found = _WAIT.match(preference.split(";", 1)[0])
+            if found:
+                return min(int(found[1]), MAX_WAIT_SECONDS)
+    return None
+
+
+async def settled_response(
+    request: Request,
+    id_parameter: str,
+    read: Callable[[Request, str], Awaitable[Resource]],
+    settled: Callable[[Resource], bool],
+    render: Callable[[Resource], dict[str, Any]],
+) -> Response:
+    """The account's resource named by the path parameter `id_parameter`, as `read` (given the request and
+    the account id) finds it: once `settled` by it or when the wait asked for has passed (at once without
+    one), with the header that says a wait was applied."""
+    account = await require_account(request)
+    wait = requested_wait(request)
+    if wait is None:
+        return JSONResponse(render(await read(request, account.id)))
+    feed: ChangeFeed = request.app.state.changes
+    resource_id = request.path_params[id_parameter]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    # Watching before the first read: a change committed after it is heard.
+    with feed.watching(account.id, lambda _kind, changed_id: changed_id == resource_id) as watch:
+        resource = await read(request, account.id)
+        while not settled(resource) and (left := deadline - loop.time()) > 0:
+            if await watch.changed(left):
+                resource = await read(request, account.id)
+    return JSONResponse(render(resource), headers={PREFERENCE_APPLIED: f"wait={wait}"})

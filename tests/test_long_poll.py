@@ -1,0 +1,158 @@
+"""Long polling (`Prefer: wait=N` on an image or a batch) and the web's change feed it waits on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from jobs.records import utc_now
+from jobs.settings import Settings
+from server.changes import CLIENT_NAME
+from server.long_poll import MAX_WAIT_SECONDS
+from tests import imagegen
+from tests.conftest import Partner, make_account, make_worker, run_burst
+from tests.test_batches import add_files, create_batch, seal
+from tests.test_spine import upload
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[None]:
+    """A worker in the background from now on, as in production; stopped once its jobs under way end."""
+    worker = make_worker(settings)
+    task = asyncio.create_task(worker.async_run())
+    try:
+        yield
+    finally:
+        await asyncio.gather(*worker.tasks.values())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+
+
+async def new_image(client: httpx.AsyncClient, account: Partner) -> str:
+    response = await upload(client, account, imagegen.jpeg(24, 16))
+    assert response.status_code == 202, response.text
+    image_id: str = response.json()["id"]
+    return image_id
+
+
+async def long_poll(
+    client: httpx.AsyncClient, account: Partner, path: str, wait: str
+) -> tuple[httpx.Response, float]:
+    """The answer to a GET with `Prefer: wait=…`, and how long it took (seconds)."""
+    started = time.monotonic()
+    response = await client.get(path, headers={**account.headers, "Prefer": wait}, timeout=90)
+    assert response.status_code == 200, response.text
+    return response, time.monotonic() - started
+
+
+async def poll_while_a_worker_starts(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, path: str
+) -> dict[str, Any]:
+    """The answer to a `Prefer: wait=20` asked before a worker starts: well before the 20 s."""
+    polling = asyncio.create_task(long_poll(client, account, path, "wait=20"))
+    async with running_worker(settings):
+        response, took = await polling
+    assert took < 10
+    assert response.headers["Preference-Applied"] == "wait=20"
+    answer: dict[str, Any] = response.json()
+    return answer
+
+
+async def test_a_long_poll_answers_as_the_worker_completes_the_image(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    image_id = await new_image(client, account)
+    asked_at = utc_now()
+    image = await poll_while_a_worker_starts(client, account, settings, f"/v1/images/{image_id}")
+    # Not before its completion, which came after the poll was asked.
+    assert image["status"] == "completed"
+    assert image["completed_at"] > asked_at
+
+
+async def test_a_long_poll_of_an_unfinished_image_answers_its_state_when_the_wait_ends(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    image_id = await new_image(client, account)  # no worker: it stays queued
+    response, took = await long_poll(client, account, f"/v1/images/{image_id}", "wait=1")
+    assert response.json()["status"] == "queued"
+    assert 1 <= took < 5
+    assert response.headers["Preference-Applied"] == "wait=1"
+
+
+async def test_a_finished_image_answers_at_once_and_the_wait_is_capped(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    image_id = await new_image(client, account)
+    await run_burst(settings)
+    response, took = await long_poll(client, account, f"/v1/images/{image_id}", "respond-async, wait=3600")
+    assert response.json()["status"] == "completed"
+    assert took < 2
+    assert response.headers["Preference-Applied"] == f"wait={MAX_WAIT_SECONDS}"
+
+    plain = await client.get(f"/v1/images/{image_id}", headers=account.headers)
+    assert "Preference-Applied" not in plain.headers
+    ignored = await client.get(f"/v1/images/{image_id}", headers={**account.headers, "Prefer": "wait=soon"})
+    assert "Preference-Applied" not in ignored.headers
+
+
+async def test_a_long_poll_of_another_accounts_image_is_404_at_once(
+    client: httpx.AsyncClient, account: Partner, redis: Redis
+) -> None:
+    other = await make_account(redis, "other")
+    image_id = await new_image(client, other)
+    started = time.monotonic()
+    response = await client.get(f"/v1/images/{image_id}", headers={**account.headers, "Prefer": "wait=5"})
+    assert response.status_code == 404
+    assert time.monotonic() - started < 2
+
+
+async def test_a_long_poll_of_a_batch_answers_once_its_archive_is_ready(
+    client: httpx.AsyncClient, account: Partner, settings: Settings
+) -> None:
+    batch = await create_batch(client, account, archive=True)
+    added = await add_files(client, account, batch["id"], [("a.jpg", imagegen.jpeg(20, 20))])
+    assert added.status_code == 202, added.text
+    assert (await seal(client, account, batch["id"])).status_code == 200
+    settled = await poll_while_a_worker_starts(client, account, settings, f"/v1/batches/{batch['id']}")
+    assert settled["status"] == "completed"
+    assert settled["archive"]["status"] == "ready"
+
+
+async def pubsub_clients(redis: Redis) -> list[dict[str, Any]]:
+    return [each for each in await redis.client_list(_type="pubsub") if each["name"] == CLIENT_NAME]
+
+
+async def test_the_change_feed_subscribes_again_after_its_connection_is_killed(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, redis: Redis
+) -> None:
+    (before,) = await pubsub_clients(redis)
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    # Whether it asks while the feed is away or after it is back, the poll hears of the completion.
+    image_id = await new_image(client, account)
+    image = await poll_while_a_worker_starts(client, account, settings, f"/v1/images/{image_id}")
+    assert image["status"] == "completed"
+    (after,) = await pubsub_clients(redis)
+    assert after["id"] != before["id"]
+
+    # And a poll asked once it is back is woken by the new subscription too.
+    second = await new_image(client, account)
+    image = await poll_while_a_worker_starts(client, account, settings, f"/v1/images/{second}")
+    assert image["status"] == "completed"
+
+
+async def test_openapi_documents_the_wait_preference(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    for path in ("/v1/images/{image_id}", "/v1/batches/{batch_id}"):
+        operation = spec["paths"][path]["get"]
+        assert {"$ref": "#/components/parameters/PreferWait"} in operation["parameters"]
+        assert "Preference-Applied" in operation["responses"]["200"]["headers"]
+    assert spec["components"]["parameters"]["PreferWait"]["name"] == "Prefer"
+    assert f"at most {MAX_WAIT_SECONDS}" in spec["components"]["parameters"]["PreferWait"]["description"]
