@@ -75,6 +75,8 @@ async def _authenticated(request: Request) -> Account:
     failures: FailedAuthentications = request.app.state.failed_authentications
     address = client_address(request)
     refused = failures.remembered_refusal(address)
+    # A limited address's keys are not looked up, but for one this process has accepted: a partner's
+    # working service is not shut out by a broken one sharing its address.
     if refused is not None and store.remembered_account(api_key) is None:
         raise refused
     account = await store.authenticate(api_key)

@@ -53,3 +53,23 @@ async def test_two_web_processes_share_one_allowance(
     for refused in (a for a in answers if a.status_code == 429):
         assert refused.headers["x-ratelimit-remaining"] == "0"
         assert 1 <= int(refused.headers["retry-after"]) <= 6
+
+
+def test_behind_a_trusted_proxy_failed_authentications_count_by_forwarded_client(
+    children: Children, redis_server: EmbeddedRedis, tmp_path: Path
+) -> None:
+    """The Procfile's web process takes X-Forwarded-For from a proxy on loopback (uvicorn's default
+    FORWARDED_ALLOW_IPS): two clients behind it are two addresses, not the proxy's one."""
+    port = free_port()
+    env = {**service_env(tmp_path / "data", port, redis_server.url), "DARKROOM_FAILED_AUTH_LIMIT": "2"}
+    web = children.start("web", procfile_command("web", port), env)
+    base = f"http://127.0.0.1:{port}"
+    wait_until_ready(base, [web])
+
+    def answer(client: str) -> httpx.Response:
+        guessing = {"Authorization": "Bearer sk_live_guess", "X-Forwarded-For": f"{client}, 127.0.0.1"}
+        return httpx.get(f"{base}/v1/images", headers=guessing, timeout=10)
+
+    assert [answer("203.0.113.1").status_code for _ in range(3)] == [401, 401, 429]
+    assert answer("203.0.113.1").json()["code"] == "too_many_failed_authentications"
+    assert answer("203.0.113.2").status_code == 401
