@@ -301,7 +301,9 @@ class S3Storage(ScratchFolder):
                     if upload["Initiated"].timestamp() < started_before:
                         stale.append((upload["Key"], upload["UploadId"]))
 
-        await _call(collect())
+        # Some S3-compatible servers (rclone's) answer NoSuchUpload when the bucket has none in progress.
+        with contextlib.suppress(BlobMissing):
+            await _call(collect())
         for key, upload_id in stale:
             with contextlib.suppress(BlobMissing):  # finished or aborted meanwhile
                 await _call(

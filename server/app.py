@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.errors import ServerErrorMiddleware
 
 from jobs.logs import configure_logging
 from jobs.pipeline import configure_libvips
@@ -122,6 +123,11 @@ def create_app(settings: Settings) -> Starlette:
         middleware=[
             Middleware(RequestLogMiddleware),
             Middleware(RateLimitHeaders),
+            # Starlette answers an unhandled exception from its outermost middleware, outside the two
+            # above: this one answers it inside them, so that a 500 carries the request's id and its
+            # account's rate limits (it re-raises, for the server's log; the outer one, which answers
+            # only what fails in the two above, then answers nothing more).
+            Middleware(ServerErrorMiddleware, handler=handle_unexpected),
             Middleware(
                 BodyDeadlineMiddleware,
                 idle_timeout=settings.body_idle_timeout,

@@ -52,6 +52,7 @@ from server.query import QueryModel, query_of, takes_query
 from server.ratelimit import count_request
 from server.variants import VariantQuery
 from webhooks.changes import ChangeKind
+from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import MessageFilter
 
 _HERE = Path(__file__).resolve().parent
@@ -111,6 +112,7 @@ def _to_the_minute(moment: str) -> str:
 
 
 _templates.filters["minute"] = _to_the_minute
+_templates.globals["event_types"] = EVENT_TYPES
 
 
 def _session_key(session_id: str) -> str:
@@ -340,18 +342,25 @@ def _table_page(name: str) -> Page:
 
 
 async def _webhooks_page(request: Request, session: Session) -> Response:
-    store: Store = request.app.state.store
-    found = await store.endpoints.list_for_account(session.account.id)
     rows = await _TABLES["deliveries"].html(request, session.account)
     return _page(
         request,
         "webhooks.html",
         session=session,
-        endpoints=[endpoint.resource() for endpoint in found],
+        endpoints_section=await _endpoints_section(request, session.account),
         rows=rows,
         current="webhooks",
         table="deliveries",
     )
+
+
+async def _endpoints_section(
+    request: Request, account: Account, created: dict[str, Any] | None = None
+) -> str:
+    """The webhooks page's endpoints, with the one just `created` and its secret (shown only then)."""
+    store: Store = request.app.state.store
+    found = await store.endpoints.list_for_account(account.id)
+    return _fragment("endpoints.html", endpoints=[endpoint.resource() for endpoint in found], created=created)
 
 
 class EventsQuery(QueryModel):
@@ -441,6 +450,50 @@ async def send_test_event(request: Request) -> Response:
     return HTMLResponse(_fragment("test_sent.html", delivery=json.loads(bytes(sent.body))))
 
 
+async def add_endpoint(request: Request) -> Response:
+    """`POST /v1/webhook-endpoints`'s JSON body, from the webhooks page: the endpoints again, the new
+    one's signing secret shown this once."""
+    session = await _require_changing_session(request)
+    created = await endpoints.create_endpoint(request)
+    section = await _endpoints_section(request, session.account, json.loads(bytes(created.body)))
+    return HTMLResponse(section, status_code=201, headers={"Cache-Control": "no-store"})
+
+
+async def delete_endpoint(request: Request) -> Response:
+    session = await _require_changing_session(request)
+    await endpoints.delete_endpoint(request)
+    return HTMLResponse(await _endpoints_section(request, session.account))
+
+
+def _new_batch_section(
+    session: Session, batch: dict[str, Any] | None = None, notice: str | None = None
+) -> str:
+    return _fragment("new_batch.html", batch=batch, notice=notice, csrf_token=session.csrf_token)
+
+
+async def create_batch(request: Request) -> Response:
+    """`POST /v1/batches`'s JSON body, from the batches page: a drop zone for the new batch."""
+    session = await _require_changing_session(request)
+    created = await batches.create_batch(request)
+    return HTMLResponse(_new_batch_section(session, json.loads(bytes(created.body))), status_code=201)
+
+
+async def add_batch_images(request: Request) -> Response:
+    """`POST /v1/batches/{id}/images`'s multipart form, from the batch's drop zone."""
+    await _require_changing_session(request)
+    return await batches.add_images(request)
+
+
+async def seal_batch(request: Request) -> Response:
+    session = await _require_changing_session(request)
+    sealed = json.loads(bytes((await batches.seal_batch(request)).body))
+    notice = (
+        f"Batch {sealed['id']} is sealed with {sealed['counts']['total']} images: "
+        "the table below follows it until it completes."
+    )
+    return HTMLResponse(_new_batch_section(session, notice=notice))
+
+
 async def asset(request: Request) -> Response:
     name = request.path_params["name"]
     if request.path_params["version"] != ASSET_VERSION or name not in _STATIC_FILES:
@@ -472,5 +525,17 @@ routes = [
         methods=["POST"],
         include_in_schema=False,
     ),
+    Route("/dashboard/webhook-endpoints", add_endpoint, methods=["POST"], include_in_schema=False),
+    Route(
+        "/dashboard/webhook-endpoints/{endpoint_id}",
+        delete_endpoint,
+        methods=["DELETE"],
+        include_in_schema=False,
+    ),
+    Route("/dashboard/batches", create_batch, methods=["POST"], include_in_schema=False),
+    Route(
+        "/dashboard/batches/{batch_id}/images", add_batch_images, methods=["POST"], include_in_schema=False
+    ),
+    Route("/dashboard/batches/{batch_id}/seal", seal_batch, methods=["POST"], include_in_schema=False),
     Route("/dashboard/assets/{version}/{name}", asset, methods=["GET"], include_in_schema=False),
 ]

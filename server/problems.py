@@ -80,8 +80,8 @@ class ProblemResponse(JSONResponse):
 
 
 def problem_response(request: Request, problem: Problem) -> Response:
-    """`problem` as answered to `request`, naming its id (the header too: a 500 is answered from outside
-    the middleware that sets it on every other response)."""
+    """`problem` as answered to `request`, naming its id (the header too: a fault of the outermost
+    middlewares is answered from outside the one that sets it on every other response)."""
     body, headers = problem.body(), dict(problem.headers)
     request_id = request_id_of(request)
     if request_id is not None:

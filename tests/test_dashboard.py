@@ -175,3 +175,80 @@ async def test_an_address_whose_sign_ins_keep_failing_is_refused_without_checkin
         )
 
         assert (await sign_in(colleague, account.api_key)).status_code == 303
+
+
+async def test_an_endpoint_is_added_with_its_secret_shown_once_and_deleted_as_the_api_would(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    token = await signed_in_token(client, account)
+    wanted = {"url": "https://example.com/hooks", "events": ["image.completed"], "description": "ours"}
+    assert_problem(await client.post("/dashboard/webhook-endpoints", json=wanted), 403, "csrf_failed")
+
+    added = await client.post("/dashboard/webhook-endpoints", json=wanted, headers={"X-CSRF-Token": token})
+    assert added.status_code == 201 and added.headers["cache-control"] == "no-store"
+    (endpoint,) = (await client.get("/v1/webhook-endpoints", headers=account.headers)).json()["data"]
+    assert (endpoint["url"], endpoint["events"], endpoint["description"]) == (
+        wanted["url"],
+        ["image.completed"],
+        "ours",
+    )
+    secret = (
+        await client.get(f"/v1/webhook-endpoints/{endpoint['id']}/secret", headers=account.headers)
+    ).json()
+    assert f'value="{secret["secret"]}"' in added.text and f'id="{endpoint["id"]}"' in added.text
+    page = await client.get("/dashboard/webhooks")
+    assert endpoint["id"] in page.text and secret["secret"] not in page.text
+
+    # The API's validation, word for word.
+    refused = await client.post(
+        "/dashboard/webhook-endpoints",
+        json={"url": "ftp://example.com", "events": []},
+        headers={"X-CSRF-Token": token},
+    )
+    assert {error["field"] for error in assert_problem(refused, 422, "validation_failed")["errors"]} == {
+        "url",
+        "events",
+    }
+
+    path = f"/dashboard/webhook-endpoints/{endpoint['id']}"
+    assert_problem(await client.delete(path), 403, "csrf_failed")
+    deleted = await client.delete(path, headers={"X-CSRF-Token": token})
+    assert deleted.status_code == 200 and "No endpoints yet" in deleted.text
+    assert (await client.get("/v1/webhook-endpoints", headers=account.headers)).json()["data"] == []
+    assert_problem(await client.delete(path, headers={"X-CSRF-Token": token}), 404, "not_found")
+
+
+async def test_a_batch_is_created_filled_from_the_drop_zone_and_sealed(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    token = await signed_in_token(client, account)
+    wanted = {"operations": [{"type": "resize", "params": {"width": 4}}], "archive": {"format": "jpeg"}}
+    assert_problem(await client.post("/dashboard/batches", json=wanted), 403, "csrf_failed")
+    created = await client.post("/dashboard/batches", json=wanted, headers={"X-CSRF-Token": token})
+    assert created.status_code == 201, created.text
+    (batch,) = (await client.get("/v1/batches", headers=account.headers)).json()["data"]
+    assert batch["operations"][0]["params"]["width"] == 4 and batch["archive"]["status"] == "pending"
+    assert f'data-action="/dashboard/batches/{batch["id"]}/images"' in created.text
+    assert f'data-csrf-token="{token}"' in created.text
+
+    refused = await client.post(
+        "/dashboard/batches", json={"archive": {"format": "gif"}}, headers={"X-CSRF-Token": token}
+    )
+    assert_problem(refused, 422, "validation_failed", fields=["archive.format"])
+
+    photos = [("file", (f"{name}.png", imagegen.png(8, 8), "image/png")) for name in ("a", "b")]
+    images_path = f"/dashboard/batches/{batch['id']}/images"
+    assert_problem(await client.post(images_path, files=photos), 403, "csrf_failed")
+    added = await client.post(images_path, files=photos, headers={"X-CSRF-Token": token})
+    assert added.status_code == 202, added.text
+    assert [image["operations"] for image in added.json()["data"]] == [batch["operations"]] * 2
+
+    seal_path = f"/dashboard/batches/{batch['id']}/seal"
+    assert_problem(await client.post(seal_path), 403, "csrf_failed")
+    sealed = await client.post(seal_path, headers={"X-CSRF-Token": token})
+    assert sealed.status_code == 200 and f"Batch {batch['id']} is sealed with 2 images" in sealed.text
+    assert "Create batch" in sealed.text
+    assert (await client.get(f"/v1/batches/{batch['id']}", headers=account.headers)).json()[
+        "status"
+    ] != "open"
+    assert_problem(await client.post(seal_path, headers={"X-CSRF-Token": token}), 409, "batch_sealed")

@@ -8,7 +8,9 @@ shows are taken here (docs/screenshots/).
 from __future__ import annotations
 
 import base64
+import io
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,18 +89,32 @@ def sign_in(page: Page, service: Service) -> None:
     page.wait_for_load_state()
 
 
-def drop_file(page: Page, selector: str, name: str, data: bytes, media_type: str) -> None:
-    """A file dropped on `selector` as the user's drag-and-drop does: a `drop` event with a DataTransfer."""
+def drop_files(page: Page, selector: str, files: list[tuple[str, bytes, str]]) -> None:
+    """Files (name, bytes, media type) dropped on `selector` as the user's drag-and-drop does: a `drop`
+    event with a DataTransfer."""
     transfer = page.evaluate_handle(
-        """([name, encoded, type]) => {
-            const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+        """(files) => {
             const transfer = new DataTransfer();
-            transfer.items.add(new File([bytes], name, { type }));
+            for (const [name, encoded, type] of files) {
+                const bytes = Uint8Array.from(atob(encoded), (c) => c.charCodeAt(0));
+                transfer.items.add(new File([bytes], name, { type }));
+            }
             return transfer;
         }""",
-        [name, base64.b64encode(data).decode(), media_type],
+        [[name, base64.b64encode(data).decode(), media_type] for name, data, media_type in files],
     )
     page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
+
+
+def downloaded_archive(page: Page, service: Service, batch_id: str) -> bytes:
+    """The ZIP behind the batch's Download ZIP link, once its row shows it completed."""
+    batch_row = page.locator(f"tr#{batch_id}")
+    expect(batch_row.locator(".badge").first).to_have_text("completed")
+    download = batch_row.get_by_role("link", name="Download ZIP")
+    expect(download).to_be_visible()
+    archive = page.request.get(service.base_url + (download.get_attribute("href") or ""))
+    assert archive.status == 200 and archive.body()[:2] == b"PK"
+    return archive.body()
 
 
 def screenshot(page: Page, folder: Path, name: str) -> None:
@@ -119,7 +135,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
     page.evaluate("window.stillTheSamePage = true")
     page.get_by_label("Resize to width").fill("320")
     page.get_by_label("Convert to").select_option("webp")
-    drop_file(page, "#drop-zone", "harbour.jpg", imagegen.jpeg(1200, 800), "image/jpeg")
+    drop_files(page, "#drop-zone", [("harbour.jpg", imagegen.jpeg(1200, 800), "image/jpeg")])
     expect(page.locator("#upload-status")).to_contain_text("1 uploaded")
     row = page.locator("#image-rows tr", has_text="harbour.jpg")
     expect(row.locator(".badge")).to_have_text("completed")
@@ -148,12 +164,7 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
         assert added.status_code == 202, added.text
         assert http.post(f"/v1/batches/{batch['id']}/seal").status_code == 200
     open_tab(page, service, "Batches", "/dashboard/batches")
-    batch_row = page.locator(f"tr#{batch['id']}")
-    expect(batch_row.locator(".badge").first).to_have_text("completed")
-    download = batch_row.get_by_role("link", name="Download ZIP")
-    expect(download).to_be_visible()
-    archive = page.request.get(service.base_url + (download.get_attribute("href") or ""))
-    assert archive.status == 200 and archive.body()[:2] == b"PK"
+    downloaded_archive(page, service, batch["id"])
     screenshot(page, screenshots, "batch")
 
     # The image's webhook reached the receiver; Send test and Retry send again, from the page.
@@ -202,3 +213,77 @@ def test_a_partner_signs_in_drops_a_photo_watches_it_complete_retries_a_delivery
 
     assert browsing.elsewhere == []
     assert browsing.console_errors == []
+
+
+def test_a_partner_adds_and_deletes_an_endpoint_and_fills_and_seals_a_batch_from_the_pages(
+    service: Service, browsing: Browsing, screenshots: Path
+) -> None:
+    page = browsing.page
+    page.set_viewport_size({"width": 1280, "height": 800})
+    sign_in(page, service)
+
+    # An endpoint for image.completed only; its secret is shown once, and signs what it is sent.
+    other = Receiver().start()
+    try:
+        open_tab(page, service, "Webhooks", "/dashboard/webhooks")
+        page.get_by_label("URL").fill(other.url)
+        page.get_by_label("Description").fill("the archive's mirror")
+        page.get_by_label("every event").uncheck()
+        page.get_by_label("image.completed").check()
+        page.get_by_role("button", name="Add endpoint").click()
+        secret = page.get_by_label("Signing secret")
+        expect(secret).to_be_visible()
+        with service.api() as http:
+            added = next(e for e in http.get("/v1/webhook-endpoints").json()["data"] if e["url"] == other.url)
+            assert added["events"] == ["image.completed"] and added["description"] == "the archive's mirror"
+            assert (
+                secret.input_value()
+                == http.get(f"/v1/webhook-endpoints/{added['id']}/secret").json()["secret"]
+            )
+        other.trust(secret.input_value())
+        row = page.locator(f"tr#{added['id']}")
+        row.get_by_role("button", name="Send test").click()
+        expect(page.locator("#flash")).to_contain_text("A test event")
+        other.wait_for(1, WEBHOOK_TIMEOUT)
+        screenshot(page, screenshots, "endpoint-added")
+
+        # A refusal is the API's, shown with the field it names.
+        page.get_by_label("URL").fill("https://example.com/hooks")
+        page.get_by_label("every event").uncheck()
+        page.get_by_role("button", name="Add endpoint").click()
+        expect(page.locator("#flash")).to_contain_text("events")
+
+        page.once("dialog", lambda dialog: dialog.accept())
+        row.get_by_role("button", name="Delete").click()
+        expect(row).to_have_count(0)
+        expect(page.get_by_label("Signing secret")).to_have_count(0)
+        with service.api() as http:
+            assert [e["url"] for e in http.get("/v1/webhook-endpoints").json()["data"]] == [
+                service.receiver.url
+            ]
+    finally:
+        other.stop()
+
+    # A batch of 200 px photos with a JPEG archive, filled from its drop zone, sealed, then its ZIP.
+    open_tab(page, service, "Batches", "/dashboard/batches")
+    page.get_by_label("Resize to width").fill("200")
+    page.get_by_label("ZIP of the results").select_option("jpeg")
+    page.get_by_role("button", name="Create batch").click()
+    expect(page.locator("#batch-drop-zone")).to_be_visible()
+    photos = [(f"{name}.jpg", imagegen.jpeg(640, 480), "image/jpeg") for name in ("dunes", "pier")]
+    drop_files(page, "#batch-drop-zone", photos)
+    expect(page.locator("#batch-upload-status")).to_contain_text("2 uploaded")
+    page.get_by_role("button", name="Seal the batch").click()
+    expect(page.get_by_role("status").filter(has_text="is sealed with 2 images")).to_be_visible()
+    with service.api() as http:
+        (batch,) = http.get("/v1/batches").json()["data"]
+    assert batch["archive"] is not None and batch["operations"][0]["params"]["width"] == 200
+    with zipfile.ZipFile(io.BytesIO(downloaded_archive(page, service, batch["id"]))) as zipped:
+        assert {"dunes.jpg", "pier.jpg"} <= set(zipped.namelist())
+
+    assert browsing.elsewhere == []
+    # Only the refusal asked for above: the browser's line for the 422, and htmx's.
+    assert len(browsing.console_errors) == 2, browsing.console_errors
+    assert all("422" in line or "Unprocessable" in line for line in browsing.console_errors), (
+        browsing.console_errors
+    )

@@ -22,8 +22,10 @@ from jobs import stats
 from jobs.ids import is_id
 from jobs.logs import TextFormatter
 from jobs.ops.geometry import ResizeParams
+from jobs.plans import DEFAULT_TIER, TIERS
 from jobs.settings import Settings
 from server.app import create_app
+from server.auth import require_account
 from server.embedded_redis import EmbeddedRedis
 from server.metrics import RequestCounts
 from tests import imagegen
@@ -262,22 +264,45 @@ async def test_each_request_line_names_its_own_account(
     assert (without_key.status, without_key.account_id) == (401, None)
 
 
-async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Settings) -> None:
-    """The 500 is written outside every middleware (Starlette's ServerErrorMiddleware): it names the id
-    all the same."""
-
-    async def broken(request: Request) -> Response:
-        raise RuntimeError("a bug")
-
+async def answer_of_a_bug(settings: Settings, route: Route, request: httpx.Request) -> httpx.Response:
+    """What the app answers `request` with `route` added (a test's own route, which fails)."""
     app = create_app(settings)
-    app.router.routes.append(Route("/broken", broken))
+    app.router.routes.append(route)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as http:
-            response = await http.get("/broken", headers={"X-Request-Id": "mine-500"})
+            return await http.send(request)
+
+
+async def test_a_bug_of_ours_answers_500_naming_the_request_id(settings: Settings) -> None:
+    async def broken(request: Request) -> Response:
+        raise RuntimeError("a bug")
+
+    request = httpx.Request("GET", "http://testserver/broken", headers={"X-Request-Id": "mine-500"})
+    response = await answer_of_a_bug(settings, Route("/broken", broken), request)
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "mine-500"
     assert response.json()["request_id"] == "mine-500"
+
+
+async def test_a_bug_after_the_request_was_counted_answers_500_with_the_rate_limits(
+    settings: Settings, account: Partner, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(request: Request) -> Response:
+        await require_account(request)
+        raise RuntimeError("a bug")
+
+    request = httpx.Request("GET", "http://testserver/broken", headers=account.headers)
+    with caplog.at_level(logging.INFO, logger="darkroom.web"):
+        response = await answer_of_a_bug(settings, Route("/broken", broken), request)
+    assert response.status_code == 500 and response.json()["code"] == "internal_error"
+    requests_per_minute = TIERS[DEFAULT_TIER].requests_per_minute
+    assert response.headers["x-ratelimit-limit"] == str(requests_per_minute)
+    assert response.headers["x-ratelimit-remaining"] == str(requests_per_minute - 1)
+    assert response.headers["ratelimit"] == f'"requests";r={requests_per_minute - 1};t=1'
+    assert "ratelimit-policy" in response.headers
+    (line,) = (record for record in caplog.records if record.name == "darkroom.web")
+    assert (line.status, line.account_id) == (500, account.id)
 
 
 async def test_a_replayed_response_carries_the_retrys_request_id(

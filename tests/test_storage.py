@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -16,7 +17,7 @@ import pytest
 from jobs.settings import MIN_S3_PART_BYTES, Settings
 from jobs.storage import BlobMissing, BlobStorage, StorageUnavailable, open_storage
 from tests.conftest import on_s3
-from tests.s3server import REGION, Outage, S3Server
+from tests.s3server import CREDENTIALS, REGION, Outage, S3Server
 
 
 @pytest.fixture
@@ -132,6 +133,42 @@ async def test_the_sweep_aborts_uploads_that_killed_processes_left(
     # A local upload is a staging file, which remove_staged_before takes.
     assert await storage.abort_stale_uploads(time.time() + 60) == (1 if any_storage_settings.uses_s3 else 0)
     await writer.abort()
+
+
+async def test_the_sweep_takes_no_such_upload_for_none_in_progress(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An S3-compatible server that answers ListMultipartUploads on a bucket with none in progress by
+    NoSuchUpload (rclone's `serve s3` does) leaves the sweep nothing to abort, not an error."""
+
+    async def no_such_upload(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = (
+            b"<Error><Code>NoSuchUpload</Code><Message>The specified upload does not exist.</Message></Error>"
+        )
+        head = (
+            f"HTTP/1.1 404 Not Found\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body)
+        await writer.drain()
+        writer.close()
+
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    server = await asyncio.start_server(no_such_upload, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    endpoint = replace(
+        settings,
+        storage_url="s3://bucket/darkroom",
+        s3_endpoint_url=f"http://127.0.0.1:{port}",
+        s3_region=REGION,
+    )
+    storage = await open_storage(endpoint)
+    try:
+        assert await storage.abort_stale_uploads(time.time() + 60) == 0
+    finally:
+        await storage.close()
+        server.close()
 
 
 async def test_a_presigned_post_lands_a_file_within_its_size_range(

@@ -1,5 +1,5 @@
-// The dashboard's own script: drag-and-drop upload and showing refused requests. Loaded from a file
-// (the Content-Security-Policy allows no inline script).
+// The dashboard's own script: drag-and-drop upload, forms sent as the API's JSON bodies, and showing
+// refused requests. Loaded from a file (the Content-Security-Policy allows no inline script).
 "use strict";
 
 function showFlash(text, isError) {
@@ -9,11 +9,14 @@ function showFlash(text, isError) {
   flash.className = isError ? "error" : "";
 }
 
-// A problem document's detail, or the status line when the body is not one.
+// A problem document's detail and the fields it names, or the status line when the body is not one.
 function problemText(status, body) {
   try {
     const problem = JSON.parse(body);
-    return problem.detail ? `${problem.title || status}: ${problem.detail}` : `HTTP ${status}`;
+    if (!problem.detail) return `HTTP ${status}`;
+    const fields = (problem.errors || []).map((error) => `${error.field} ${error.message}`);
+    const text = `${problem.title || status}: ${problem.detail}`;
+    return fields.length ? `${text} (${fields.join("; ")})` : text;
   } catch (_) {
     return `HTTP ${status}`;
   }
@@ -30,14 +33,44 @@ function chosenOperations(form) {
   return operations;
 }
 
+// The archive a new batch asks for: none, or a ZIP of the results as rendered or re-encoded.
+function chosenArchive(form) {
+  const format = form.elements.archive.value;
+  if (!format) return false;
+  const archive = { format: format };
+  if (form.elements.archive_quality.value) archive.quality = Number(form.elements.archive_quality.value);
+  return archive;
+}
+
+// What each form with `data-json-body` sends: the body of the API route the dashboard runs for it.
+const JSON_BODIES = {
+  endpoint: (form) => ({
+    url: form.elements.url.value,
+    events: Array.from(form.querySelectorAll('input[name="events"]:checked'), (box) => box.value),
+    description: form.elements.description.value,
+  }),
+  batch: (form) => ({ operations: chosenOperations(form), archive: chosenArchive(form) }),
+};
+
+htmx.defineExtension("json-body", {
+  onEvent: (name, event) => {
+    if (name === "htmx:configRequest") event.detail.headers["Content-Type"] = "application/json";
+  },
+  encodeParameters: (xhr, parameters, form) => {
+    xhr.overrideMimeType("text/html");
+    return JSON.stringify(JSON_BODIES[form.dataset.jsonBody](form));
+  },
+});
+
 async function uploadFiles(form, files) {
-  const status = document.getElementById("upload-status");
-  const operations = JSON.stringify(chosenOperations(form));
+  const status = form.querySelector("output");
+  // A batch's drop zone picks none: its images take the batch's operations.
+  const operations = form.elements.format ? JSON.stringify(chosenOperations(form)) : null;
   let sent = 0;
   for (const file of files) {
     status.textContent = `Uploading ${file.name} (${sent + 1} of ${files.length})…`;
     const body = new FormData();
-    body.append("operations", operations);
+    if (operations !== null) body.append("operations", operations);
     body.append("file", file, file.name);
     const response = await fetch(form.dataset.action, {
       method: "POST",
@@ -56,11 +89,9 @@ async function uploadFiles(form, files) {
   status.textContent = `${sent} uploaded; their status updates below as they are processed.`;
 }
 
-function setUpDropZone() {
-  const form = document.getElementById("upload");
-  if (!form) return;
-  const zone = document.getElementById("drop-zone");
-  const input = document.getElementById("upload-files");
+function setUpDropZone(form) {
+  const zone = form.querySelector(".drop-zone");
+  const input = form.querySelector('input[type="file"]');
   form.addEventListener("submit", (event) => event.preventDefault());
   input.addEventListener("change", () => {
     uploadFiles(form, Array.from(input.files));
@@ -78,8 +109,14 @@ function setUpDropZone() {
   });
 }
 
+// Drop zones on the page, and those a response brings (a new batch's).
+htmx.onLoad((element) => {
+  const forms = Array.from(element.querySelectorAll("form.upload"));
+  if (element.matches("form.upload")) forms.push(element);
+  forms.forEach(setUpDropZone);
+});
+
 document.addEventListener("DOMContentLoaded", () => {
-  setUpDropZone();
   document.body.addEventListener("htmx:responseError", (event) => {
     const xhr = event.detail.xhr;
     showFlash(problemText(xhr.status, xhr.responseText), true);
