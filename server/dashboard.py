@@ -14,8 +14,9 @@ an API request, after which `require_account` answers with it.
 
 Pages are Jinja2 templates; htmx, its SSE extension and our `dashboard.js` are served from
 `server/static/` under a strict Content-Security-Policy (no inline script or style). One SSE stream per
-page sends the page's table (images, batches or deliveries) again whenever it changes; it reads Redis once
-a second (there is no pub/sub of record changes yet).
+page sends the page's table (images, batches or deliveries) again whenever it changes: it waits for the
+account's change notifications (server/changes.py) and reads Redis only when one is heard, a burst of
+them read once.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from jobs.records import Account
 from jobs.settings import Settings
 from jobs.store import Store
 from server import batches, deliveries, endpoints, images
+from server.changes import ChangeFeed
 from server.docs import IMMUTABLE_ASSET_HEADERS
 from server.failed_authentications import FailedAuthentications, client_address
 from server.images import batches_of
@@ -49,6 +51,7 @@ from server.problems import Problem
 from server.query import QueryModel, query_of, takes_query
 from server.ratelimit import count_request
 from server.variants import VariantQuery
+from webhooks.changes import ChangeKind
 from webhooks.endpoints import EVENT_TYPES
 from webhooks.messages import MessageFilter
 
@@ -69,9 +72,13 @@ _COOKIE_PATH = "/dashboard"
 _SIGN_IN_TOKEN_SECONDS = 3600
 # Rows each table shows: the newest.
 TABLE_ROWS = 50
-# The SSE stream reads Redis this often; it ends after a while and the browser reconnects at once
-# (`retry:`), so a web process shutting down waits for no stream longer than that.
-POLL_SECONDS = 1.0
+# The SSE stream reads its table again at most this often, however many changes it hears meanwhile.
+RENDER_EVERY_SECONDS = 0.25
+# It checks that the session still stands this often (and when it hears of a change), sends a comment
+# after this long without a word so that proxies keep an idle stream open, ends after STREAM_SECONDS and
+# the browser reconnects at once (`retry:`): a web process shutting down waits for no stream longer.
+SESSION_CHECK_SECONDS = 5.0
+KEEP_ALIVE_SECONDS = 15.0
 STREAM_SECONDS = 30.0
 RECONNECT_MS = 500
 
@@ -303,10 +310,12 @@ async def _deliveries(request: Request, account: Account) -> Rows:
 
 @dataclass(frozen=True)
 class _Table:
-    """One of the account's tables: how its rows (the API's resources) are read, and their template."""
+    """One of the account's tables: how its rows (the API's resources) are read, their template, and the
+    kind of change notification (webhooks/changes.py) that may change them."""
 
     read: Callable[[Request, Account], Awaitable[Rows]]
     template: str
+    kind: ChangeKind
 
     def render(self, rows: Rows) -> str:
         return _fragment(self.template, rows=rows)
@@ -316,9 +325,9 @@ class _Table:
 
 
 _TABLES = {
-    "images": _Table(_images, "image_rows.html"),
-    "batches": _Table(_batches, "batch_rows.html"),
-    "deliveries": _Table(_deliveries, "delivery_rows.html"),
+    "images": _Table(_images, "image_rows.html", "image"),
+    "batches": _Table(_batches, "batch_rows.html", "batch"),
+    "deliveries": _Table(_deliveries, "delivery_rows.html", "delivery"),
 }
 
 
@@ -366,21 +375,44 @@ async def events(request: Request) -> Response:
     table = query_of(request, EventsQuery).table
     shown = _TABLES[table]
     redis: Redis = request.app.state.redis
+    feed: ChangeFeed = request.app.state.changes
 
     async def stream() -> AsyncIterator[str]:
         yield f"retry: {RECONNECT_MS}\n\n"
-        sent = None
         loop = asyncio.get_running_loop()
         ends = loop.time() + STREAM_SECONDS
-        while loop.time() < ends and await redis.exists(_session_key(session.id)):
-            rows = await shown.read(request, session.account)
-            # Rendered only when the rows changed: comparing them costs a small part of rendering them.
-            if rows != sent:
-                sent = rows
-                html = shown.render(rows)
-                data = "".join(f"data: {line}\n" for line in html.splitlines() or [""])
-                yield f"event: {table}\n{data}\n"
-            await asyncio.sleep(POLL_SECONDS)
+        sent: Rows | None = None
+        said_at = session_checked_at = loop.time()
+        read_at = said_at - RENDER_EVERY_SECONDS
+        # Watching before the first read: a change committed after it is heard.
+        with feed.watching(session.account.id, lambda kind, _id: kind == shown.kind) as watch:
+            heard = True  # the first read
+            while True:
+                if heard:
+                    # Whatever else changes meanwhile is read with it.
+                    await asyncio.sleep(read_at + RENDER_EVERY_SECONDS - loop.time())
+                    await watch.changed(0)
+                    read_at = loop.time()
+                    rows = await shown.read(request, session.account)
+                    # Rendered only when the rows changed: comparing them costs a small part of rendering.
+                    if rows != sent:
+                        sent = rows
+                        lines = shown.render(rows).splitlines() or [""]
+                        yield f"event: {table}\n" + "".join(f"data: {line}\n" for line in lines) + "\n"
+                        said_at = loop.time()
+                if loop.time() - said_at >= KEEP_ALIVE_SECONDS:
+                    yield ": keep-alive\n\n"
+                    said_at = loop.time()
+                now = loop.time()
+                if now >= ends:
+                    return
+                wake_at = min(ends, session_checked_at + SESSION_CHECK_SECONDS, said_at + KEEP_ALIVE_SECONDS)
+                heard = await watch.changed(wake_at - now)
+                now = loop.time()
+                if heard or now - session_checked_at >= SESSION_CHECK_SECONDS:
+                    if not await redis.exists(_session_key(session.id)):
+                        return
+                    session_checked_at = now
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 

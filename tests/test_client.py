@@ -39,6 +39,7 @@ from darkroom_client import (
 )
 from darkroom_client.cli import parse_operation
 from darkroom_client.core import Core, Send, Sleep, parse_retry_after
+from darkroom_client.flows import LONG_POLL_SECONDS, ImageFlows
 from darkroom_client.webhooks import generate_secret, sign_headers
 
 from server.embedded_redis import EmbeddedRedis
@@ -112,6 +113,50 @@ def test_upload_wait_download_list_and_delete(stack: Stack, partner: Partner, tm
             darkroom.images.get(image.id)
     assert missing.value.status == 404 and missing.value.code == "not_found"
     assert missing.value.request_id
+
+
+class RecordGets(httpx.HTTPTransport):
+    """Records each GET and the answer's headers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gets: list[tuple[httpx.Request, httpx.Headers]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "GET":
+            self.gets.append((request, response.headers))
+        return response
+
+
+def test_wait_is_answered_as_the_image_finishes_without_polling(stack: Stack, partner: Partner) -> None:
+    recording = RecordGets()
+    with Darkroom(partner.api_key, stack.base_url, http_client=httpx.Client(transport=recording)) as darkroom:
+        queued = darkroom.images.upload(imagegen.jpeg(64, 48), operations=THUMBNAIL)
+        image = darkroom.images.wait(queued.id, timeout=60)
+    assert image.status == "completed"
+    # One long poll, answered when the worker finished the image.
+    ((asked, answered),) = recording.gets
+    assert asked.url.path == f"/v1/images/{queued.id}"
+    assert asked.headers["prefer"] == f"wait={LONG_POLL_SECONDS}"
+    assert answered["preference-applied"] == f"wait={LONG_POLL_SECONDS}"
+
+
+def test_wait_polls_a_service_that_does_not_apply_the_wait_preference() -> None:
+    flows = ImageFlows(Core("sk_live_x", "http://darkroom.test", RETRY_TWICE))
+    flow = flows.wait("img_1", timeout=60, interval=0.5)
+    asked = next(flow)
+    assert isinstance(asked, Send) and asked.request.headers["prefer"] == f"wait={LONG_POLL_SECONDS}"
+    # The long poll may take its while: the request's read timeout allows for it.
+    assert asked.request.extensions["timeout"]["read"] > LONG_POLL_SECONDS
+    queued = {"id": "img_1", "status": "queued"}
+    applied = httpx.Response(200, headers={"Preference-Applied": "wait=25"}, json=queued)
+    assert isinstance(flow.send(applied), Send)  # asked again at once: the service waited
+    assert flow.send(httpx.Response(200, json=queued)) == Sleep(0.5)  # it did not: back off
+    assert isinstance(flow.send(None), Send)
+    with pytest.raises(StopIteration) as done:
+        flow.send(httpx.Response(200, json={"id": "img_1", "status": "completed"}))
+    assert done.value.value.status == "completed"
 
 
 async def test_async_client_uploads_by_url_and_directly_and_waits_for_both(

@@ -19,13 +19,23 @@ from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, overload
 
 import httpx
 
-from darkroom_client.core import Arrival, Core, Effect, Flow, RetryPolicy, Send, Sleep, Stepper
+from darkroom_client.core import (
+    CONNECT_TIMEOUT_SECONDS,
+    Arrival,
+    Core,
+    Effect,
+    Flow,
+    RetryPolicy,
+    Send,
+    Sleep,
+    Stepper,
+)
 from darkroom_client.flows import BatchFlows, DeliveryFlows, EndpointFlows, ImageFlows
 from darkroom_client.types import Page
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 # Uploads of large photos on slow links: generous for reading and writing, short for connecting.
-DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=CONNECT_TIMEOUT_SECONDS)
 
 Result = TypeVar("Result")
 Item = TypeVar("Item")

@@ -22,6 +22,9 @@ import httpx
 from darkroom_client.errors import APIError, TransportError, error_for
 from darkroom_client.version import __version__
 
+# However long a request may take, a connection that takes longer than this to open is not coming.
+CONNECT_TIMEOUT_SECONDS = 10.0
+
 
 @dataclass(frozen=True)
 class Send:
@@ -181,9 +184,11 @@ class Core:
         content: Any = None,
         headers: dict[str, str] | None = None,
         authenticated: bool = True,
+        timeout: httpx.Timeout | None = None,
     ) -> httpx.Request:
         """One request, sent as is on every retry: a POST's `Idempotency-Key`, made here once per call,
-        is the same on each, so the service runs the call once however many times it is sent."""
+        is the same on each, so the service runs the call once however many times it is sent. `timeout`
+        replaces the HTTP client's own for it (a long poll is answered late on purpose)."""
         sent = {"User-Agent": f"darkroom-client/{__version__}", **(headers or {})}
         if authenticated:
             sent["Authorization"] = f"Bearer {self.api_key}"
@@ -199,6 +204,7 @@ class Core:
             files=files,
             content=content,
             headers=sent,
+            extensions=None if timeout is None else {"timeout": timeout.as_dict()},
         )
 
     def send(self, request: httpx.Request, *, follow_redirects: bool = False) -> Flow[httpx.Response]:

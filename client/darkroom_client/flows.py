@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import math
 import mimetypes
 import os
 import time
@@ -16,7 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import httpx
 
-from darkroom_client.core import Arrival, Core, Flow, Save, Sleep, dumps
+from darkroom_client.core import CONNECT_TIMEOUT_SECONDS, Arrival, Core, Flow, Save, Sleep, dumps
 from darkroom_client.errors import APIError, WaitTimeout
 from darkroom_client.types import Batch, Delivery, Image, Page, WebhookEndpoint
 
@@ -34,6 +35,13 @@ DEFAULT_WAIT_SECONDS = 600.0
 # With a webhook listener: how long to wait for the event before asking the service once (in case the
 # webhook was lost).
 DEFAULT_CHECK_SECONDS = 30.0
+# A wait asks the service to answer once the image or batch is done, or after this long (`Prefer: wait`;
+# the service may apply less, and says what in `Preference-Applied`).
+LONG_POLL_SECONDS = 25
+# With a progress callback, the service answers at least this often, so that progress shows.
+PROGRESS_POLL_SECONDS = 2
+# How much longer than the wait asked for a long poll's answer may take to arrive.
+LONG_POLL_MARGIN_SECONDS = 15.0
 
 
 class _CountedReader:
@@ -181,6 +189,38 @@ class _Polling:
 
 
 Finishing = TypeVar("Finishing", Image, Batch)
+
+
+def _long_polled(
+    core: Core,
+    path: str,
+    parse: Callable[[Any], Finishing],
+    polling: _Polling,
+    longest: int = LONG_POLL_SECONDS,
+    seen: Callable[[Finishing], None] | None = None,
+) -> Flow[Finishing]:
+    """The image or batch at `path` once done: asked with `Prefer: wait=` (up to `longest` seconds, and no
+    longer than the deadline leaves), so the service answers as it finishes; `seen` sees each answer. A
+    service that does not apply the preference (it says so by leaving out `Preference-Applied`) is
+    polled, backing off as `polling` says."""
+    while True:
+        wait = math.ceil(min(longest, polling.left()))
+        request = core.request(
+            "GET",
+            path,
+            headers={"Prefer": f"wait={wait}"},
+            timeout=httpx.Timeout(wait + LONG_POLL_MARGIN_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
+        )
+        response = yield from core.send(request)
+        found = parse(response.json())
+        if seen is not None:
+            seen(found)
+        if found.done:
+            return found
+        if "preference-applied" not in response.headers:
+            yield from polling.pause()
+        elif polling.left() <= 0:
+            raise polling.timed_out()
 
 
 def _by_webhook(
@@ -365,8 +405,10 @@ class ImageFlows:
         listener: WebhookListener | None = None,
         check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[Image]:
-        """Poll until the image is `completed` or `failed` (backing off from `interval` to 5 s), and
-        answer it; `WaitTimeout` after `timeout` seconds.
+        """Wait until the image is `completed` or `failed`, and answer it; `WaitTimeout` after `timeout`
+        seconds. The service is asked to answer as the image finishes (`Prefer: wait`, a long poll,
+        asked again each time it answers unfinished); one that does not is polled, backing off from
+        `interval` to 5 s.
 
         With a `listener` (the image uploaded with its `callback_url`), wait for the webhook instead and
         answer the image it carries, without asking the service. A webhook can be lost, so after each
@@ -380,11 +422,7 @@ class ImageFlows:
                 )
             )
         polling = _Polling(f"image {image_id}", timeout, interval, max_interval=5.0)
-        while True:
-            image = yield from self.get(image_id)
-            if image.done:
-                return image
-            yield from polling.pause()
+        return (yield from _long_polled(self._core, f"/v1/images/{image_id}", Image.from_json, polling))
 
     def wait_many(
         self,
@@ -405,16 +443,12 @@ class ImageFlows:
                 images.append((yield from _by_webhook(listener.finished(image_id), fetch, checks)))
             return images
         polling = _Polling(f"{len(ids)} images", timeout, interval, max_interval=5.0)
-        finished: dict[str, Image] = {}
-        while True:
-            for image_id in ids:
-                if image_id not in finished:
-                    image = yield from self.get(image_id)
-                    if image.done:
-                        finished[image_id] = image
-            if len(finished) == len(ids):
-                return [finished[image_id] for image_id in ids]
-            yield from polling.pause()
+        # One after another: by the time the first is done, the others mostly are, and answer at once.
+        images = []
+        for image_id in ids:
+            path = f"/v1/images/{image_id}"
+            images.append((yield from _long_polled(self._core, path, Image.from_json, polling)))
+        return images
 
 
 def _attachment_name(response: httpx.Response, fallback: str) -> str:
@@ -546,9 +580,11 @@ class BatchFlows:
         listener: WebhookListener | None = None,
         check_every: float = DEFAULT_CHECK_SECONDS,
     ) -> Flow[Batch]:
-        """Poll until the batch is completed and its archive, if any, ready or failed; `on_poll` sees the
-        batch at each poll (its `counts` for a progress bar). With a `listener` (the batch created with
-        its `callback_url`), wait for its webhooks instead, as `images.wait` does."""
+        """Wait until the batch is completed and its archive, if any, ready or failed, as `images.wait`
+        does (a long poll, or polling a service that does not take one); `on_poll` sees the batch at each
+        answer (its `counts` for a progress bar), which then comes at least every PROGRESS_POLL_SECONDS.
+        With a `listener` (the batch created with its `callback_url`), wait for its webhooks instead, as
+        `images.wait` does."""
 
         def fetch() -> Flow[Batch]:
             batch = yield from self.get(batch_id)
@@ -560,11 +596,9 @@ class BatchFlows:
             checks = _Polling(f"batch {batch_id}", timeout, check_every, check_every)
             return (yield from _by_webhook(listener.batch_finished(batch_id), fetch, checks))
         polling = _Polling(f"batch {batch_id}", timeout, interval, max_interval=5.0)
-        while True:
-            batch = yield from fetch()
-            if batch.done:
-                return batch
-            yield from polling.pause()
+        longest = LONG_POLL_SECONDS if on_poll is None else PROGRESS_POLL_SECONDS
+        path = f"/v1/batches/{batch_id}"
+        return (yield from _long_polled(self._core, path, Batch.from_json, polling, longest, on_poll))
 
     def download_archive(self, batch_id: str, to: str | os.PathLike[str]) -> Flow[Path]:
         """Download the batch's ZIP into the file `to`. The bytes go to a partial file beside it first,
