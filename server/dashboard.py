@@ -9,8 +9,9 @@ page's `hx-headers`, or a `csrf_token` form field) besides the SameSite cookie; 
 own token, double-submitted in a cookie, so no other site can sign a browser into its account.
 
 What the dashboard does, it does through the API's own route functions (upload, thumbnails as output
-variants, retries, test events, archives): the session's account is counted against the rate limit as
-an API request, after which `require_account` answers with it.
+variants, batches made, filled and sealed, archives, endpoints added and deleted, test events, retries),
+whose JSON bodies the pages' forms send as they are: the session's account is counted against the rate
+limit as an API request, after which `require_account` answers with it.
 
 Pages are Jinja2 templates; htmx, its SSE extension and our `dashboard.js` are served from
 `server/static/` under a strict Content-Security-Policy (no inline script or style). One SSE stream per
