@@ -13,7 +13,9 @@ dashboard's sign-in also asks Redis first, so that no web process checks a key f
 
 The address is the one uvicorn gives the request: the peer's, or the `X-Forwarded-For` client's when
 the peer is a proxy uvicorn trusts (its `FORWARDED_ALLOW_IPS`, loopback only by default). IPv6
-addresses count by their /64, which one client usually holds whole.
+addresses count by their /64, which one client usually holds whole. A loopback client is not limited:
+a process on this machine guesses nothing it could not read, and a wrong key it sends (a test, a
+script being set up) is answered 401 however often.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class TooManyFailedAuthentications(Problem):
 
 
 def client_address(request: Request) -> str | None:
-    """Whose failures a request's count among (None when the server names no client)."""
+    """Whose failures a request's count among; None for a client not limited: none named by the server,
+    or one on this machine (a loopback peer that no trusted proxy header says is another)."""
     if request.client is None:
         return None
     host = request.client.host
@@ -53,9 +56,11 @@ def client_address(request: Request) -> str | None:
         address = ipaddress.ip_address(host)
     except ValueError:
         return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback:
+        return None
     if isinstance(address, ipaddress.IPv6Address):
-        if address.ipv4_mapped is not None:
-            return str(address.ipv4_mapped)
         return str(ipaddress.ip_network(f"{address}/{IPV6_CLIENT_PREFIX}", strict=False))
     return str(address)
 

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from jobs.settings import Settings
 from tests import imagegen
-from tests.conftest import Partner, api_client, api_clients, make_account, run_burst, with_settings
+from tests.conftest import Partner, api_clients, make_account, run_burst, with_settings
 from tests.receiver import Receiver
 from tests.test_spine import upload
 from tests.test_upload_validation import assert_nothing_kept, assert_problem, staged_files
@@ -289,10 +289,18 @@ async def test_an_address_that_keeps_sending_wrong_keys_is_refused_without_looku
 
 
 async def test_a_missing_key_is_no_failed_authentication(settings: Settings) -> None:
-    async with api_client(with_settings(settings, failed_auth_limit=1)) as client:
+    async with api_clients(with_settings(settings, failed_auth_limit=1), ["203.0.113.9"]) as (client,):
         for _ in range(3):
             assert_problem(await client.get("/v1/images"), 401, "missing_api_key")
         assert_problem(await client.get("/v1/images", headers={"X-API-Key": "sk_live_x"}), 401)
+
+
+async def test_a_client_on_this_machine_is_answered_401_however_often(settings: Settings) -> None:
+    loopback = ["127.0.0.1", "::1", "::ffff:127.0.0.1"]
+    async with api_clients(with_settings(settings, failed_auth_limit=1), loopback) as clients:
+        for client in clients:
+            for _ in range(3):
+                assert_problem(await client.get("/v1/images", headers={"X-API-Key": "sk_live_x"}), 401)
 
 
 async def test_ipv6_clients_count_their_failures_by_64_prefix(settings: Settings) -> None:
