@@ -37,6 +37,7 @@ from server import (
     variants,
 )
 from server.changes import ChangeFeed
+from server.cors import SignedUploadCors
 from server.failed_authentications import FailedAuthentications
 from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
@@ -122,6 +123,7 @@ def create_app(settings: Settings) -> Starlette:
         },
         middleware=[
             Middleware(RequestLogMiddleware),
+            Middleware(SignedUploadCors),
             Middleware(RateLimitHeaders),
             # Starlette answers an unhandled exception from its outermost middleware, outside the two
             # above: this one answers it inside them, so that a 500 carries the request's id and its

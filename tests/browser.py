@@ -7,7 +7,7 @@ asserts none was attempted. Console errors (a Content-Security-Policy refusal is
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +45,16 @@ class Browsing:
 
 
 @contextmanager
-def browse(base_url: str, profile: Path) -> Iterator[Browsing]:
-    """A fresh browser profile with one page, allowed to reach `base_url` only."""
-    served = urlsplit(base_url).netloc
+def browse(base_url: str, profile: Path, *, also: Sequence[str] = ()) -> Iterator[Browsing]:
+    """A fresh browser profile with one page, allowed to reach `base_url` only (and the sites `also`
+    names by their base URL: a partner's page, say)."""
+    reachable = {urlsplit(url).netloc for url in (base_url, *also)}
     elsewhere: list[str] = []
     console_errors: list[str] = []
     requested: list[str] = []
 
     def only_the_server(route: Route) -> None:
-        if urlsplit(route.request.url).netloc == served:
+        if urlsplit(route.request.url).netloc in reachable:
             route.continue_()
         else:
             elsewhere.append(route.request.url)

@@ -426,3 +426,47 @@ async def test_an_upload_deleted_while_its_bytes_arrive_keeps_none(
     assert_problem(await put_bytes(client, created, photo), 404, "not_found")
     assert stored_blobs(settings) == []
     assert await queued_jobs(redis, settings.queue_name) == 0
+
+
+async def test_a_web_page_may_put_to_the_signed_url_and_read_every_answer(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    """CORS on the signed URLs only: a page's preflight is let through for the URL's method and the
+    upload's Content-Type, and a page can read what the PUT answers, a refusal included."""
+    photo = imagegen.jpeg(64, 48)
+    created = await create_upload(client, account, photo, operations=[])
+    page = {"Origin": "https://listings.example"}
+    preflight = await client.options(
+        created["upload_url"],
+        headers={
+            **page,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert preflight.headers["access-control-allow-methods"] == "PUT"
+    assert "content-type" in preflight.headers["access-control-allow-headers"].lower()
+    assert "access-control-allow-credentials" not in preflight.headers
+
+    refused = await client.put(
+        created["upload_url"], content=photo + b"more", headers={**page, **created["upload_headers"]}
+    )
+    assert_problem(refused, 413, "upload_too_large")
+    assert refused.headers["access-control-allow-origin"] == "*"
+    assert "X-Request-Id" in refused.headers["access-control-expose-headers"]
+    landed = await client.put(
+        created["upload_url"], content=photo, headers={**page, **created["upload_headers"]}
+    )
+    assert landed.status_code == 200, landed.text
+    assert landed.headers["access-control-allow-origin"] == "*"
+
+    # The API itself is for servers: its key never belongs in a page, so no page may read its answers.
+    image = await client.get(f"/v1/images/{created['image']['id']}", headers={**page, **account.headers})
+    assert image.status_code == 200
+    assert "access-control-allow-origin" not in image.headers
+    api_preflight = await client.options(
+        "/v1/uploads", headers={**page, "Access-Control-Request-Method": "POST"}
+    )
+    assert "access-control-allow-origin" not in api_preflight.headers
