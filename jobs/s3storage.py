@@ -316,7 +316,9 @@ class S3Storage(ScratchFolder):
             return "scratch folder not writable"
         try:
             await _call(self.client.head_bucket(Bucket=self.bucket))
-        except (StorageUnavailable, BlobMissing) as exc:
+        except BlobMissing:  # HeadBucket's bare 404: a bucket is made by its owner, never by us
+            return f"unreachable: there is no bucket named {self.bucket}; create it first"
+        except StorageUnavailable as exc:
             return f"unreachable: {exc}"
         return "ok"
 

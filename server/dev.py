@@ -21,6 +21,7 @@ from server.children import child_process_options
 from server.cli import account_json, create_account
 from server.embedded_redis import EmbeddedRedis
 from server.http_limits import WEB_PROTOCOL
+from server.resources import Readiness
 
 DEV_ACCOUNT_FILE = "dev-account.json"
 STOP_GRACE_SECONDS = 10
@@ -100,6 +101,11 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
     }
     settings = Settings.from_env(env)
     processes: list[subprocess.Popen[bytes]] = []
+    # SIGTERM (a process manager, `kill`) stops everything in order as Ctrl-C does, rather than ending
+    # this process alone and Redis with the others at once; and SIGINT does even when a script started
+    # us in its background, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         account, created = _ensure_dev_account(settings, data_dir / DEV_ACCOUNT_FILE)
         web = [sys.executable, "-m", "uvicorn", "server.app:app", "--host", host, "--port", str(port)]
@@ -108,8 +114,9 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         worker = [sys.executable, "-m", "arq", "jobs.worker.WorkerSettings", *WORKER_LOG_ARGS]
         for command in [web, *[worker] * workers]:
             processes.append(subprocess.Popen(command, env=env, **child_process_options()))
-        if not _wait_until_ready(f"http://{host}:{port}/readyz", processes):
-            print("darkroom dev: the web process did not start (its output is above)", file=sys.stderr)
+        not_ready = readiness_problem(f"http://{host}:{port}/readyz", processes)
+        if not_ready is not None:
+            print(f"darkroom dev: {not_ready}", file=sys.stderr)
             return 1
         print(_banner(settings, account, created), flush=True)
         return _supervise(processes, env, redis)
@@ -119,6 +126,10 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
         _stop(processes)
         if redis is not None:
             redis.stop()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _port_problem(host: str, port: int) -> str | None:
@@ -133,17 +144,34 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def _wait_until_ready(readyz: str, processes: list[subprocess.Popen[bytes]]) -> bool:
-    """The banner invites a first request: print it once the web process answers one."""
+def readiness_problem(readyz: str, processes: list[subprocess.Popen[bytes]]) -> str | None:
+    """None once the service is ready (the banner invites a first request), else why it is not: a web
+    process that answers but is not ready (an S3 bucket missing, say) is named with the checks that fail."""
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while time.monotonic() < deadline and all(process.poll() is None for process in processes):
+    failing = None
+    while time.monotonic() < deadline:
+        if any(process.poll() is not None for process in processes):
+            return "a process exited while starting (its output is above)"
         try:
-            if httpx.get(readyz, timeout=1).status_code == 200:
-                return True
+            answer = httpx.get(readyz, timeout=1)
         except httpx.TransportError:
             pass
+        else:
+            if answer.status_code == 200:
+                return None
+            failing = _failing_checks(answer)
         time.sleep(0.1)
-    return False
+    if failing is None:
+        return f"the web process did not answer within {READY_TIMEOUT_SECONDS} s (its output is above)"
+    return f"not ready after {READY_TIMEOUT_SECONDS} s ({readyz}): {failing}"
+
+
+def _failing_checks(answer: httpx.Response) -> str:
+    try:
+        checks = Readiness.model_validate_json(answer.content).checks.model_dump()
+    except ValueError:
+        return f"{answer.status_code} {answer.text[:200]}"
+    return "; ".join(f"{name}: {state}" for name, state in checks.items() if state != "ok")
 
 
 def _supervise(

@@ -33,12 +33,13 @@ import pyvips
 import redis
 
 from jobs.settings import Settings
-from server import cli
+from server import cli, dev
 from server.children import child_process_options
 from server.embedded_redis import EmbeddedRedis, find_redis_server
 from tests import imagegen
 from tests.conftest import CORPUS, Partner
 from tests.receiver import Answer, Delivery, Receiver
+from tests.s3server import REGION, S3Server
 from tests.sources import Reply, SourceServer
 from tests.test_observability import parsed_metrics, sample
 
@@ -598,11 +599,15 @@ class DevSession:
     created: bool
 
 
-def start_dev(children: Children, data_dir: Path) -> DevSession:
-    """`darkroom dev` with nothing but a data dir and a port: its own Redis, web and worker."""
+def start_dev(children: Children, data_dir: Path, *, as_a_script_would: bool = False) -> DevSession:
+    """`darkroom dev` with nothing but a data dir and a port: its own Redis, web and worker. A script
+    running it in its background (`darkroom dev &`) starts it with SIGINT ignored, as a shell does."""
     port = free_port()
     env = base_env(data_dir, port)
-    child = children.start("darkroom dev", [str(BIN / "darkroom"), "dev", "--port", str(port)], env)
+    command = [str(BIN / "darkroom"), "dev", "--port", str(port)]
+    if as_a_script_would:
+        command = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *command]
+    child = children.start("darkroom dev", command, env)
     created = child.wait_for_line(r"(Created|Using) the dev account").group(1) == "Created"
     key = child.wait_for_line(r"API key:\s+(sk_live_\S+)").group(1)
     secret = child.wait_for_line(r"Webhook secret:\s+(whsec_\S+)").group(1)
@@ -611,20 +616,22 @@ def start_dev(children: Children, data_dir: Path) -> DevSession:
     return DevSession(child, base_url, Partner("", key, secret), created)
 
 
-def stop_dev(dev: DevSession, *, whole_group: bool) -> None:
-    """Ctrl-C (to the process, or to its process group as a terminal does); everything must exit."""
+def stop_dev(dev: DevSession, *, whole_group: bool, signum: int = signal.SIGINT) -> None:
+    """Ctrl-C (to the process, or to its process group as a terminal does), or another signal to the
+    process; everything must exit."""
     running = descendants(dev.child.pid)
     commands = " | ".join(running.values())
     assert "redis-server" in commands and "uvicorn" in commands and "arq" in commands, commands
     if whole_group:
-        os.killpg(dev.child.pid, signal.SIGINT)
+        os.killpg(dev.child.pid, signum)
     else:
-        dev.child.interrupt()
+        dev.child.process.send_signal(signum)
     try:
         code = dev.child.process.wait(STOP_TIMEOUT)
     except subprocess.TimeoutExpired:
         raise AssertionError(
-            f"darkroom dev still running {STOP_TIMEOUT:g} s after Ctrl-C:\n{dev.child.output()}"
+            f"darkroom dev still running {STOP_TIMEOUT:g} s after {signal.Signals(signum).name}:\n"
+            f"{dev.child.output()}"
         ) from None
     assert code == 0, dev.child.output()
     left = {pid: command for pid, command in running.items() if alive(pid)}
@@ -662,6 +669,21 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
     assert again.account.api_key == dev.account.api_key
     check_output(again.base_url, again.account, image["id"], (160, 120))
     stop_dev(again, whole_group=True)
+
+
+def test_darkroom_dev_stops_in_order_on_sigterm_and_on_sigint_from_a_script(
+    children: Children, tmp_path: Path
+) -> None:
+    """SIGTERM (a process manager, `kill`) stops the session as Ctrl-C does: web and workers first, Redis
+    last. It used to end `darkroom dev` alone, its children all told at once, so web and workers lost
+    Redis while stopping. And SIGINT stops a session a script started in its background."""
+    dev = start_dev(children, tmp_path / "dev-data", as_a_script_would=True)
+    stop_dev(dev, whole_group=False)
+    again = start_dev(children, tmp_path / "dev-data")
+    upload_and_hear(again)
+    stop_dev(again, whole_group=False, signum=signal.SIGTERM)
+    assert "cannot reach Redis" not in again.child.output()
+    assert "change notifications lost" not in again.child.output()
 
 
 def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path: Path) -> None:
@@ -714,6 +736,39 @@ def test_darkroom_dev_on_a_busy_port_says_so_and_starts_nothing(children: Childr
     assert f"cannot listen on 127.0.0.1:{port}" in child.output()
     assert "API key" not in child.output()
     assert not (data_dir / "redis").exists()
+
+
+def test_darkroom_dev_names_the_check_that_keeps_the_service_from_being_ready(
+    children: Children,
+    redis_server: EmbeddedRedis,
+    s3_server: S3Server,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A web process that answers but is not ready, as with an S3 bucket nobody created, is named by its
+    failing check and what to do about it, where `darkroom dev` said the web process did not start."""
+    port = free_port()
+    env = {
+        **service_env(tmp_path / "web", port, redis_server.url),
+        "DARKROOM_STORAGE_URL": "s3://nobody-made-it/darkroom",
+        "DARKROOM_S3_ENDPOINT_URL": s3_server.url,
+        "DARKROOM_S3_REGION": REGION,
+    }
+    web = children.start("web", procfile_command("web", port), env)
+    base_url = f"http://127.0.0.1:{port}"
+    poll(lambda: answers(f"{base_url}/healthz"), "the web process answering", START_TIMEOUT)
+    monkeypatch.setattr(dev, "READY_TIMEOUT_SECONDS", 1)
+    assert dev.readiness_problem(f"{base_url}/readyz", [web.process]) == (
+        f"not ready after 1 s ({base_url}/readyz): "
+        "storage: unreachable: there is no bucket named nobody-made-it; create it first"
+    )
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_webhooks_listen_on_a_busy_port_says_so(capsys: pytest.CaptureFixture[str]) -> None:

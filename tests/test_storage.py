@@ -231,5 +231,9 @@ async def test_a_missing_bucket_is_the_storage_unavailable_not_a_missing_blob(
             await storage.stream("acc_1/img_1/original")
         with pytest.raises(StorageUnavailable, match="NoSuchBucket"):
             await storage.put_file(staged_file(storage, b"bytes"), "acc_1/img_1/original")
+        # /readyz says what to do, where HeadBucket's bare 404 said only "Not Found".
+        assert (
+            await storage.check() == "unreachable: there is no bucket named no-such-bucket; create it first"
+        )
     finally:
         await storage.close()
