@@ -10,6 +10,9 @@ from urllib.parse import parse_qs, urlsplit
 
 # The longest a direct upload's signed URL may stay valid (S3's limit on a presigned URL, too).
 MAX_UPLOAD_URL_TTL_SECONDS = 7 * 24 * 3600
+DEFAULT_LONG_POLL_MAX_WAIT = 25
+# A long poll holds a connection and a socket of the web process: longer than this is better asked again.
+MAX_LONG_POLL_WAIT_SECONDS = 300
 DEFAULT_RETRY_SCHEDULE = (5.0, 300.0, 1800.0, 7200.0, 18000.0, 36000.0, 36000.0)
 # S3 refuses multipart parts under 5 MiB (all but the last).
 MIN_S3_PART_BYTES = 5 * 1024 * 1024
@@ -104,6 +107,9 @@ class Settings:
     # may make per window, after which it is refused (429) until the window lets one more through.
     failed_auth_limit: int = 10
     failed_auth_window: int = 600
+    # The longest a `Prefer: wait=N` long poll waits: below the time the proxies in front of the web
+    # processes allow before a response starts (Heroku's router 30 s, AWS API Gateway 29 s). 0: none.
+    long_poll_max_wait: int = DEFAULT_LONG_POLL_MAX_WAIT
     queue_name: str = "darkroom:queue"
     # One line per event on stderr: JSON for a log pipeline, or text for a person (`darkroom dev`).
     log_format: str = "json"
@@ -196,6 +202,7 @@ class Settings:
             dashboard_session_ttl=_positive_int(env, "DARKROOM_DASHBOARD_SESSION_TTL", 8 * 3600),
             failed_auth_limit=_positive_int(env, "DARKROOM_FAILED_AUTH_LIMIT", 10),
             failed_auth_window=_positive_int(env, "DARKROOM_FAILED_AUTH_WINDOW", 600),
+            long_poll_max_wait=_long_poll_max_wait(env),
         )
         if settings.idempotency_lock_timeout <= settings.body_timeout:
             raise SettingsError(
@@ -262,6 +269,18 @@ def _upload_url_ttl(env: Mapping[str, str]) -> int:
     if ttl > MAX_UPLOAD_URL_TTL_SECONDS:
         raise SettingsError(f"DARKROOM_UPLOAD_URL_TTL must be at most {MAX_UPLOAD_URL_TTL_SECONDS} (7 days)")
     return ttl
+
+
+def _long_poll_max_wait(env: Mapping[str, str]) -> int:
+    name = "DARKROOM_LONG_POLL_MAX_WAIT"
+    raw = env.get(name, "").strip()
+    if raw == "":
+        return DEFAULT_LONG_POLL_MAX_WAIT
+    # The length first: int() refuses strings of over 4300 digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 3) or int(raw) > MAX_LONG_POLL_WAIT_SECONDS:
+        limit = MAX_LONG_POLL_WAIT_SECONDS
+        raise SettingsError(f"{name} must be whole seconds from 0 (no long polls) to {limit}, got {raw!r}")
+    return int(raw)
 
 
 def _seconds(env: Mapping[str, str], name: str, default: float) -> float:

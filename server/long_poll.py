@@ -1,9 +1,10 @@
 """Long polling: `GET /v1/images/{id}` and `GET /v1/batches/{id}` with `Prefer: wait=N` (RFC 7240) answer
 as soon as the resource is settled (an image completed or failed; a batch completed with its archive, if
 any, ready or failed), or after N seconds with its state then, 200 either way, with
-`Preference-Applied: wait=N`. Up to MAX_WAIT_SECONDS: below the 30 s that routers such as Heroku's allow
-before a response starts, so a long poll needs no proxy setting, and a web process shutting down waits
-for none longer than for a dashboard stream.
+`Preference-Applied: wait=N`. Up to DARKROOM_LONG_POLL_MAX_WAIT seconds (25 by default: below the 30 s
+that routers such as Heroku's allow before a response starts, so a long poll needs no proxy setting, and a
+web process shutting down waits for none longer than for a dashboard stream); 0 turns long polls off, and
+`Prefer: wait` is then ignored as RFC 7240 lets a server ignore a preference.
 
 While it waits, a request holds no Redis connection: it re-reads the resource only when the process's
 change feed (server/changes.py) hears that it changed. It counts once against the rate limit, as the
@@ -20,10 +21,10 @@ from typing import Any, TypeVar
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jobs.settings import Settings
 from server.auth import require_account
 from server.changes import ChangeFeed
 
-MAX_WAIT_SECONDS = 25
 PREFERENCE_APPLIED = "Preference-Applied"
 # One preference of a Prefer field (RFC 7240 §2): `wait=N`, N delta-seconds, the value maybe quoted.
 _WAIT = re.compile(r'^\s*wait\s*=\s*"?(\d{1,10})"?\s*$', re.IGNORECASE)
@@ -32,12 +33,16 @@ Resource = TypeVar("Resource")
 
 
 def requested_wait(request: Request) -> int | None:
-    """The seconds a `Prefer: wait=N` asks for, capped at MAX_WAIT_SECONDS; None without one."""
+    """The seconds a `Prefer: wait=N` asks for, capped at the setting; None without one (or with long
+    polls off)."""
+    settings: Settings = request.app.state.settings
+    if settings.long_poll_max_wait == 0:
+        return None
     for field in request.headers.getlist("prefer"):
         for preference in field.split(","):
             found = _WAIT.match(preference.split(";", 1)[0])
             if found:
-                return min(int(found[1]), MAX_WAIT_SECONDS)
+                return min(int(found[1]), settings.long_poll_max_wait)
     return None
 
 

@@ -14,13 +14,14 @@ from starlette.routing import BaseRoute, Route
 from jobs.ids import id_pattern
 from jobs.operations import CATALOGUE
 from jobs.records import ArchiveSpec
+from jobs.settings import DEFAULT_LONG_POLL_MAX_WAIT
 from server.batches import BatchImagesForm, BatchImagesFromUrl, NewBatch
 from server.deliveries import Redelivery
 from server.endpoints import EndpointChanges, NewEndpoint, Recovery
 from server.idempotency import MAX_KEY_LENGTH
 from server.image_json import UploadStart
 from server.images import ImageForm, ImageFromUrl
-from server.long_poll import MAX_WAIT_SECONDS, PREFERENCE_APPLIED
+from server.long_poll import PREFERENCE_APPLIED
 from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model
 from server.request_log import USABLE_REQUEST_ID
@@ -364,8 +365,9 @@ _HEADER_PARAMETERS: dict[str, Any] = {
         "name": "Prefer",
         "in": "header",
         "required": False,
-        "description": f"`wait=N` (RFC 7240): answer once the resource is settled, or after N seconds (at"
-        f" most {MAX_WAIT_SECONDS}) with its state then; 200 either way, with Preference-Applied",
+        "description": "`wait=N` (RFC 7240): answer once the resource is settled, or after N seconds (at"
+        f" most the service's limit, {DEFAULT_LONG_POLL_MAX_WAIT} on a default install) with its state"
+        " then; 200 either way, with Preference-Applied",
         "schema": {"type": "string", "examples": ["wait=20"]},
     },
     "IdempotencyKey": {
@@ -394,7 +396,7 @@ _RESPONSE_HEADERS: dict[str, Any] = {
     "Retry-After": _header("Seconds to wait before sending again", _INTEGER),
     "Idempotent-Replayed": _header("true when this is the stored response of an earlier request"),
     PREFERENCE_APPLIED: _header(
-        f"`wait=N` when a Prefer: wait was honoured: N the most seconds waited (capped at {MAX_WAIT_SECONDS})"
+        "`wait=N` when a Prefer: wait was honoured: N the most seconds waited (the service's limit if less)"
     ),
 }
 _PREFER_WAIT = {"$ref": "#/components/parameters/PreferWait"}

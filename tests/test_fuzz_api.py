@@ -99,7 +99,8 @@ def live_api(redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[LiveApi]:
     store = redis.Redis.from_url(redis_server.url)
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
-    env = service_env(tmp_path / "data", port, redis_server.url)
+    # A long poll the fuzzer asks for (Prefer: wait=N on a batch never completed) waits 1 s at most.
+    env = {**service_env(tmp_path / "data", port, redis_server.url), "DARKROOM_LONG_POLL_MAX_WAIT": "1"}
     children = Children()
     try:
         store.flushall()

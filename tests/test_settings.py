@@ -150,3 +150,12 @@ def test_an_address_may_fail_to_authenticate_ten_times_in_ten_minutes_unless_con
     for name in ("DARKROOM_FAILED_AUTH_LIMIT", "DARKROOM_FAILED_AUTH_WINDOW"):
         with pytest.raises(SettingsError, match=name):
             Settings.from_env({name: "0"})
+
+
+def test_a_long_poll_waits_25_seconds_at_most_unless_configured() -> None:
+    assert Settings.from_env({}).long_poll_max_wait == 25
+    assert Settings.from_env({"DARKROOM_LONG_POLL_MAX_WAIT": "10"}).long_poll_max_wait == 10
+    assert Settings.from_env({"DARKROOM_LONG_POLL_MAX_WAIT": "0"}).long_poll_max_wait == 0
+    for refused in ("301", "-1", "2.5", "soon", "9" * 5000):
+        with pytest.raises(SettingsError, match="DARKROOM_LONG_POLL_MAX_WAIT"):
+            Settings.from_env({"DARKROOM_LONG_POLL_MAX_WAIT": refused})
