@@ -281,8 +281,13 @@ async def receive_multipart(
     and the Problem is raised. With `account_id`, files go on to S3 as they arrive (see above)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data":
+        # Both routes reading a form take JSON too (by URL, a direct upload, a batch's `images`).
+        sent = content_type.decode(errors="replace") or "missing"
         raise Problem(
-            415, "unsupported_media_type", "send the image as multipart/form-data with a `file` part"
+            415,
+            "unsupported_media_type",
+            "send the image as multipart/form-data with a `file` part (curl -F file=@photo.jpg), or a "
+            f"JSON body with Content-Type: application/json; this request's Content-Type is {sent}",
         )
     boundary = options.get(b"boundary")
     if not boundary:

@@ -660,7 +660,10 @@ async def test_non_multipart_body_is_415(
     response = await client.post(
         "/v1/images", headers={**account.headers, "Content-Type": content_type}, content=content
     )
-    assert_problem(response, 415)
+    body = assert_problem(response, 415, "unsupported_media_type")
+    # Says both forms the route takes, and what came instead (curl -d sends a urlencoded form).
+    assert "multipart/form-data" in body["detail"] and "application/json" in body["detail"]
+    assert body["detail"].endswith(f"this request's Content-Type is {content_type}")
     await assert_nothing_kept(client, account, redis, settings)
 
 
@@ -668,7 +671,8 @@ async def test_no_content_type_is_415(
     client: httpx.AsyncClient, account: Partner, redis: Redis, settings: Settings
 ) -> None:
     response = await client.post("/v1/images", headers=account.headers)
-    assert_problem(response, 415)
+    body = assert_problem(response, 415, "unsupported_media_type")
+    assert body["detail"].endswith("this request's Content-Type is missing")
     await assert_nothing_kept(client, account, redis, settings)
 
 
