@@ -8,10 +8,11 @@ from contextlib import asynccontextmanager
 from starlette.requests import Request
 
 from jobs.records import Account
-from jobs.store import Store
+from jobs.store import API_KEY_PREFIX, Store
 from server.failed_authentications import FailedAuthentications, client_address
 from server.problems import Problem
 from server.ratelimit import count_request, defer_request_count, deferred_account, request_limits
+from webhooks.signing import SECRET_PREFIX as WEBHOOK_SECRET_PREFIX
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="darkroom"'}
 
@@ -82,6 +83,18 @@ async def _authenticated(request: Request) -> Account:
     account = await store.authenticate(api_key)
     if account is None:
         raise await failures.count_failure(address) or Problem(
-            401, "invalid_api_key", "the API key is not valid", headers=_CHALLENGE
+            401, "invalid_api_key", _why_refused(api_key), headers=_CHALLENGE
         )
     return account
+
+
+def _why_refused(api_key: str) -> str:
+    """What a partner can do about a refused key, told from its form alone (nothing about accounts)."""
+    if api_key.startswith(WEBHOOK_SECRET_PREFIX):
+        return (
+            "the API key is not valid: this is a webhook secret (whsec_…), which verifies webhooks; "
+            f"send the account's API key ({API_KEY_PREFIX}…)"
+        )
+    if not api_key.startswith(API_KEY_PREFIX):
+        return f"the API key is not valid: API keys start with {API_KEY_PREFIX}"
+    return "the API key is not valid: no account has it; send the key as it was given when it was made"

@@ -74,6 +74,24 @@ async def test_malformed_authorization_is_401(
     assert_unauthorized(response)
 
 
+@pytest.mark.parametrize(
+    ("sent", "said"),
+    [
+        pytest.param("whsec_", "this is a webhook secret (whsec_…), which verifies webhooks", id="secret"),
+        pytest.param("sk_test_abc", "API keys start with sk_live_", id="other-prefix"),
+        pytest.param("sk_live_", "no account has it", id="unknown"),
+    ],
+)
+async def test_a_refused_key_says_what_to_send_instead(
+    client: httpx.AsyncClient, account: Partner, sent: str, said: str
+) -> None:
+    """A partner who pasted the webhook secret, or a key of another kind, is told so."""
+    key = account.webhook_secret if sent == "whsec_" else sent + ("x" * 43 if sent == "sk_live_" else "")
+    response = await client.get("/v1/images", headers={"Authorization": f"Bearer {key}"})
+    assert_unauthorized(response)
+    assert said in response.json()["detail"]
+
+
 async def test_key_without_bearer_scheme_is_refused(client: httpx.AsyncClient, account: Partner) -> None:
     """A real key pasted without `Bearer ` is still not accepted: the scheme is part of the contract."""
     response = await client.get("/v1/images", headers={"Authorization": account.api_key})
