@@ -390,11 +390,13 @@ async def get_output(request: Request) -> Response:
             else "the image failed, so it has no output",
         )
     if image.status != "completed" or image.output is None:
+        detail = f"the image is {image.status}; its output exists once it is completed"
+        settings: Settings = request.app.state.settings
+        if settings.long_poll_max_wait:
+            wait = settings.long_poll_max_wait
+            detail += f": GET /v1/images/{image.id} with Prefer: wait={wait} answers when it is"
         raise Problem(
-            409,
-            "not_ready",
-            f"the image is {image.status}; its output exists once it is completed",
-            headers={"Retry-After": "1"} if not image.is_terminal else None,
+            409, "not_ready", detail, headers={"Retry-After": "1"} if not image.is_terminal else None
         )
     spec = resolve_variant(wanted, image.output)
     # The partner's name, made as safe as a ZIP entry's: it names a file on someone's disk.

@@ -343,7 +343,9 @@ async def test_invalid_query_is_422_naming_the_field(
 async def test_variant_of_an_unfinished_image_is_409(client: httpx.AsyncClient, account: Partner) -> None:
     created = await upload(client, account, imagegen.jpeg())
     response = await get_output(client, account, created.json()["id"], "?format=webp&preview=true")
-    assert "queued" in assert_problem(response, 409, "not_ready")["detail"]
+    detail = assert_problem(response, 409, "not_ready")["detail"]
+    assert "queued" in detail
+    assert f"GET /v1/images/{created.json()['id']} with Prefer: wait=25" in detail  # how to wait for it
     assert response.headers.get("retry-after")
 
 
