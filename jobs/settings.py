@@ -139,7 +139,10 @@ class Settings:
 
     def require_redis(self) -> str:
         if not self.redis_url:
-            raise SettingsError("REDIS_URL is not set (darkroom dev sets it for you)")
+            raise SettingsError(
+                "REDIS_URL is not set: give the service's Redis (redis://host:port/0); darkroom dev "
+                "prints its own in its banner and sets it for the processes it starts"
+            )
         return self.redis_url
 
     @classmethod

@@ -265,6 +265,17 @@ def test_accounts_commands_say_redis_is_unreachable_in_one_line(
         assert err.startswith("darkroom: cannot reach Redis") and err.count("\n") == 1, err
 
 
+def test_accounts_commands_without_redis_url_say_where_to_find_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Run in another terminal than `darkroom dev`, the command has no REDIS_URL: it is told where one is
+    (it said 'darkroom dev sets it for you', which it does only for its own processes)."""
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    code, out, err = run_cli(capsys, "accounts", "create", "--name", "acme")
+    assert (code, out) == (2, "")
+    assert err.startswith("darkroom: REDIS_URL is not set") and "darkroom dev prints its own" in err, err
+
+
 def test_accounts_commands_give_up_on_a_redis_that_never_answers() -> None:
     """A frozen Redis (or a dropped network) accepts the connection and answers nothing: the command says
     so and exits, within its timeout (subprocess.run's own timeout fails the test if it hangs)."""
