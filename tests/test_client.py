@@ -579,6 +579,27 @@ def test_cli_without_a_key_says_how_to_give_one(photos: Path) -> None:
     assert done.returncode == 2 and "DARKROOM_API_KEY" in done.stderr
 
 
+def test_cli_stops_at_a_refused_key_and_says_how_to_give_another(
+    stack: Stack, partner: Partner, photos: Path
+) -> None:
+    """Every photo would be refused alike: one line says so, not one per photo."""
+    stranger = Partner(partner.id, "sk_live_" + "x" * 43, partner.webhook_secret)
+    for command in (["upload", str(photos), "--wait"], ["batch", str(photos)]):
+        done = run_cli(stack, stranger, *command)
+        assert done.returncode == 2, done.stderr
+        (line,) = [line for line in done.stderr.splitlines() if "invalid_api_key" in line]
+        assert line.startswith(f"darkroom {command[0]}: 401 invalid_api_key") and "--api-key" in line
+        assert "photo-0.jpg" not in done.stderr
+
+
+def test_cli_with_no_service_at_its_url_says_so(stack: Stack, partner: Partner, photos: Path) -> None:
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    done = run_cli(stack, partner, "upload", str(photos), "--url", nowhere)
+    assert done.returncode == 2, done.stderr
+    assert f"darkroom upload: no answer from {nowhere} (ConnectError" in done.stderr
+    assert "is the service running there? (--url or DARKROOM_URL)" in done.stderr
+
+
 # The retry loop, stepped by hand: the sans-IO core yields what it would send and takes the answers, so
 # these run without a network.
 

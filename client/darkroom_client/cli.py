@@ -2,7 +2,8 @@
 of what failed. The service's `darkroom` command has them as subcommands (`darkroom upload …`); installed
 alone (`pip install './client[cli]'`) they are `darkroom-client upload …`.
 
-Exit codes: 0 all done, 1 any image failed (or an API error ended the run), 2 bad usage.
+Exit codes: 0 all done, 1 any image failed (or an API error ended the run), 2 bad usage: no key or a
+refused one, no such file, no service at the URL (the run stops at the first answer saying so).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from rich.progress import (
 from rich.text import Text
 
 from darkroom_client.client import DEFAULT_BASE_URL, Darkroom
-from darkroom_client.errors import DarkroomError
+from darkroom_client.errors import AuthenticationError, DarkroomError, TransportError
 from darkroom_client.flows import folder_files
 from darkroom_client.types import Image
 
@@ -142,7 +143,22 @@ def _client(args: argparse.Namespace, environ: dict[str, str]) -> Darkroom | Non
     if not api_key:
         print(f"darkroom {args.command}: give --api-key or set {API_KEY_VARIABLE}", file=sys.stderr)
         return None
-    return Darkroom(api_key, args.url or environ.get(URL_VARIABLE) or DEFAULT_BASE_URL)
+    return Darkroom(api_key, _base_url(args, environ))
+
+
+def _base_url(args: argparse.Namespace, environ: dict[str, str]) -> str:
+    return str(args.url or environ.get(URL_VARIABLE) or DEFAULT_BASE_URL)
+
+
+# Errors no photo gets past: every other one would fail the same way (each after its retries).
+_SETUP_ERRORS = (AuthenticationError, TransportError)
+
+
+def _setup_problem(error: DarkroomError, base_url: str) -> str:
+    """What to change when the key is refused or nothing answers at the URL."""
+    if isinstance(error, AuthenticationError):
+        return f"{error}; give the account's key with --api-key or {API_KEY_VARIABLE}"
+    return f"no answer from {base_url} ({error}): is the service running there? (--url or {URL_VARIABLE})"
 
 
 class _AmountColumn(ProgressColumn):
@@ -210,12 +226,17 @@ class Outcome:
                     f"  · {image.filename}: {image.id} {image.status}", markup=False, soft_wrap=True
                 )
         for name, why in failures:
-            console.print(f"  ✗ {name}: {why}", style="red", markup=False, highlight=False, soft_wrap=True)
+            _say_failed(console, f"  ✗ {name}: {why}")
         return 1 if failures else 0
 
 
+def _say_failed(console: Console, line: str) -> None:
+    console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+
+
 def run_upload(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
-    darkroom = _client(args, dict(os.environ) if environ is None else environ)
+    environ = dict(os.environ) if environ is None else environ
+    darkroom = _client(args, environ)
     if darkroom is None:
         return 2
     console = Console(stderr=True)
@@ -228,11 +249,14 @@ def run_upload(args: argparse.Namespace, environ: dict[str, str] | None = None) 
         args.out.mkdir(parents=True, exist_ok=True)
     waiting = args.wait or args.out is not None
     outcome = Outcome()
+    stopped: list[DarkroomError] = []
     with darkroom, _bars(console) as bars:
         sent = _byte_bar(bars, photos)
         done = bars.add_task("processing", total=len(photos)) if waiting else None
 
         def send_one(photo: Path) -> None:
+            if stopped:
+                return
             try:
                 image = darkroom.images.upload(
                     photo,
@@ -245,6 +269,9 @@ def run_upload(args: argparse.Namespace, environ: dict[str, str] | None = None) 
                     image = darkroom.images.wait(image.id, timeout=args.timeout)
                     if image.status == "completed" and args.out is not None:
                         darkroom.images.download_to(image.id, args.out)
+            except _SETUP_ERRORS as exc:
+                stopped.append(exc)
+                return
             except DarkroomError as exc:
                 outcome.refused.append((photo.name, str(exc)))
             else:
@@ -255,11 +282,17 @@ def run_upload(args: argparse.Namespace, environ: dict[str, str] | None = None) 
         # Threads share the client's connection pool; each photo goes up, is waited for and saved on its own.
         with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
             list(pool.map(send_one, photos))
+    if stopped:
+        if outcome.images or outcome.refused:
+            outcome.report(console)
+        _say_failed(console, f"darkroom upload: {_setup_problem(stopped[0], _base_url(args, environ))}")
+        return 2
     return outcome.report(console)
 
 
 def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
-    darkroom = _client(args, dict(os.environ) if environ is None else environ)
+    environ = dict(os.environ) if environ is None else environ
+    darkroom = _client(args, environ)
     if darkroom is None:
         return 2
     console = Console(stderr=True)
@@ -307,8 +340,11 @@ def run_batch(args: argparse.Namespace, environ: dict[str, str] | None = None) -
                     else:
                         outcome.refused.append(("archive", f"the archive is {batch.archive.status}"))
             outcome.images = list(darkroom.images.list(batch_id=batch.id, limit=100))
+    except _SETUP_ERRORS as exc:
+        _say_failed(console, f"darkroom batch: {_setup_problem(exc, _base_url(args, environ))}")
+        return 2
     except DarkroomError as exc:
-        console.print(f"darkroom batch: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        _say_failed(console, f"darkroom batch: {exc}")
         return 1
     return outcome.report(console)
 
