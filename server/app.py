@@ -39,7 +39,7 @@ from server import (
 from server.changes import ChangeFeed
 from server.cors import SignedUploadCors
 from server.failed_authentications import FailedAuthentications
-from server.http_limits import HEADER_GUARD_STATE, BodyDeadlineMiddleware, HeaderGuard
+from server.http_limits import HEADER_GUARD_STATE, STOPPING_STATE, BodyDeadlineMiddleware, HeaderGuard
 from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
 from server.problems import (
     Problem,
@@ -92,7 +92,10 @@ def create_app(settings: Settings) -> Starlette:
                 metrics.request_counting(redis) as app.state.request_counts,
             ):
                 # uvicorn hands the lifespan state to every connection's protocol (server/http_limits.py).
-                yield {HEADER_GUARD_STATE: HeaderGuard.from_settings(settings)}
+                yield {
+                    HEADER_GUARD_STATE: HeaderGuard.from_settings(settings),
+                    STOPPING_STATE: app.state.changes.stop_waiting,
+                }
         finally:
             if announcing is not None:
                 announcing.cancel()

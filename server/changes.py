@@ -71,6 +71,9 @@ class ChangeFeed:
     """The process's subscription. `run` (a task of the lifespan) keeps it connected."""
 
     def __init__(self, redis_url: str) -> None:
+        # Set when the web server starts stopping (server/http_limits.py): every waiter is woken and
+        # answers with what it has, rather than holding the process's exit up to its whole wait.
+        self.stopping = asyncio.Event()
         # Its own client, no socket timeout: a quiet subscription is not a hung command.
         self._redis = Redis.from_url(
             redis_url,
@@ -81,10 +84,19 @@ class ChangeFeed:
         self._watches: dict[str, set[Watch]] = {}
         self.subscribed = asyncio.Event()
 
+    def stop_waiting(self) -> None:
+        """The server stops: wake every waiter, now and from now on, for good."""
+        self.stopping.set()
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.hear_everything()
+
     @contextlib.contextmanager
     def watching(self, account_id: str, wanted: Wanted) -> Iterator[Watch]:
         """A Watch on the account's changes that `wanted` admits, for the `with` block."""
         watch = Watch(account_id, wanted)
+        if self.stopping.is_set():
+            watch.hear_everything()
         self._watches.setdefault(account_id, set()).add(watch)
         try:
             yield watch

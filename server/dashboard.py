@@ -409,6 +409,8 @@ async def events(request: Request) -> Response:
                     return
                 wake_at = min(ends, session_checked_at + SESSION_CHECK_SECONDS, said_at + KEEP_ALIVE_SECONDS)
                 heard = await watch.changed(wake_at - now)
+                if feed.stopping.is_set():  # the browser reconnects at once, to another web process
+                    return
                 now = loop.time()
                 if heard or now - session_checked_at >= SESSION_CHECK_SECONDS:
                     if not await redis.exists(_session_key(session.id)):

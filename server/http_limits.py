@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,8 @@ from server.problems import Problem
 WEB_PROTOCOL = "server.http_limits:LimitedHttpToolsProtocol"
 # The key under which the app's lifespan state carries the process's HeaderGuard.
 HEADER_GUARD_STATE = "darkroom.header_guard"
+# The lifespan state's callable that tells the app's waiting requests the server is stopping.
+STOPPING_STATE = "darkroom.stopping"
 
 
 @dataclass(eq=False)
@@ -91,6 +94,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._header_arrived()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        # uvicorn stops (SIGTERM, Ctrl-C) and waits for every request under way: one that only waits (a
+        # long poll, a dashboard stream) is told to answer now, with what it has.
+        stopping: Callable[[], None] | None = self.app_state.get(STOPPING_STATE)
+        if stopping is not None:
+            stopping()
+        super().shutdown()
 
     def data_received(self, data: bytes) -> None:
         if self._guard is not None and self._guard.is_pending(self):

@@ -67,7 +67,7 @@ async def settled_response(
     # Watching before the first read: a change committed after it is heard.
     with feed.watching(account.id, lambda _kind, changed_id: changed_id == resource_id) as watch:
         resource = await read(request, account.id)
-        while not settled(resource) and (left := deadline - loop.time()) > 0:
+        while not settled(resource) and (left := deadline - loop.time()) > 0 and not feed.stopping.is_set():
             if await watch.changed(left):
                 resource = await read(request, account.id)
     return JSONResponse(render(resource), headers={PREFERENCE_APPLIED: f"wait={wait}"})

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 from redis.asyncio import Redis
 
 from jobs.records import utc_now
 from jobs.settings import DEFAULT_LONG_POLL_MAX_WAIT, Settings
 from server.changes import CLIENT_NAME
+from server.embedded_redis import EmbeddedRedis
+from server.ratelimit import allowance_key
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, make_worker, run_burst, with_settings
 from tests.test_batches import add_files, create_batch, seal
+from tests.test_processes import (
+    Children,
+    create_account,
+    free_port,
+    poll,
+    procfile_command,
+    service_env,
+    wait_until_ready,
+)
+from tests.test_processes import children as children  # the fixture
 from tests.test_spine import upload
 
 
@@ -174,3 +190,45 @@ async def test_openapi_documents_the_wait_preference(client: httpx.AsyncClient) 
     assert spec["components"]["parameters"]["PreferWait"]["name"] == "Prefer"
     description = spec["components"]["parameters"]["PreferWait"]["description"]
     assert f"{DEFAULT_LONG_POLL_MAX_WAIT} on a default install" in description
+
+
+def test_a_stopping_web_process_answers_its_long_polls_at_once(
+    redis_server: EmbeddedRedis, children: Children, tmp_path: Path
+) -> None:
+    """SIGTERM (a deploy, a scale-down): a web process waits for the requests under way before it exits,
+    and a long poll is told to answer now with the state it has, instead of holding the exit (and the
+    deploy) for the rest of its wait; the client asks again, of another process."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = service_env(tmp_path / "data", port, redis_server.url)
+    web = children.start("web", procfile_command("web", port), env)
+    wait_until_ready(base_url, [web])
+    partner = create_account(env, "waiting")
+    with httpx.Client(base_url=base_url, headers=partner.headers, timeout=30) as http:
+        queued = http.post("/v1/images", files={"file": ("a.jpg", imagegen.jpeg(24, 16), "image/jpeg")})
+        assert queued.status_code == 202, queued.text  # no worker runs: it stays queued
+        answered: list[tuple[httpx.Response, float]] = []
+
+        def long_poll() -> None:
+            asked = time.monotonic()
+            response = http.get(f"/v1/images/{queued.json()['id']}", headers={"Prefer": "wait=20"})
+            answered.append((response, time.monotonic() - asked))
+
+        counted = redis.Redis.from_url(redis_server.url)
+        requests_allowance = allowance_key(partner.id, "requests")
+        before = counted.get(requests_allowance)
+        polling = threading.Thread(target=long_poll)
+        polling.start()
+        # The poll is under way once its request is counted (then it waits, or answers if stopping).
+        poll(lambda: counted.get(requests_allowance) != before, "the long poll counted")
+        counted.close()
+        stopped = time.monotonic()
+        web.process.send_signal(signal.SIGTERM)
+        polling.join(10)
+        # Stopped in good order (uvicorn then raises the signal again, as its exit status).
+        assert web.process.wait(10) == -signal.SIGTERM
+        assert any("Finished server process" in line for line in web.lines)
+    ((response, took),) = answered
+    assert response.status_code == 200
+    assert response.json()["status"] == "queued"
+    assert took < 10 and time.monotonic() - stopped < 10  # not the 20 s asked for
