@@ -386,7 +386,7 @@ async def events(request: Request) -> Response:
         said_at = session_checked_at = loop.time()
         read_at = said_at - RENDER_EVERY_SECONDS
         # Watching before the first read: a change committed after it is heard.
-        with feed.watching(session.account.id, lambda kind, _id: kind == shown.kind) as watch:
+        async with feed.watching(session.account.id, lambda kind, _id: kind == shown.kind) as watch:
             heard = True  # the first read
             while True:
                 if heard:

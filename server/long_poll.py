@@ -65,7 +65,7 @@ async def settled_response(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     # Watching before the first read: a change committed after it is heard.
-    with feed.watching(account.id, lambda _kind, changed_id: changed_id == resource_id) as watch:
+    async with feed.watching(account.id, lambda _kind, changed_id: changed_id == resource_id) as watch:
         resource = await read(request, account.id)
         while not settled(resource) and (left := deadline - loop.time()) > 0 and not feed.stopping.is_set():
             if await watch.changed(left):

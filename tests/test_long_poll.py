@@ -7,16 +7,18 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 from redis.asyncio import Redis
 
 from jobs.records import utc_now
 from jobs.settings import DEFAULT_LONG_POLL_MAX_WAIT, Settings
+from server import changes
 from server.changes import CLIENT_NAME
 from server.embedded_redis import EmbeddedRedis
 from server.ratelimit import allowance_key
@@ -34,6 +36,8 @@ from tests.test_processes import (
 )
 from tests.test_processes import children as children  # the fixture
 from tests.test_spine import upload
+from tests.test_webhook_engine import wait_until
+from webhooks.changes import changes_channel
 
 
 @contextlib.asynccontextmanager
@@ -179,6 +183,39 @@ async def test_the_change_feed_subscribes_again_after_its_connection_is_killed(
     second = await new_image(client, account)
     image = await poll_while_a_worker_starts(client, account, settings, f"/v1/images/{second}")
     assert image["status"] == "completed"
+
+
+async def subscribers(redis: Redis, account: Partner) -> int:
+    ((_, count),) = await redis.pubsub_numsub(changes_channel(account.id))
+    return int(count)
+
+
+async def test_a_process_hears_only_the_accounts_it_waits_on(
+    client: httpx.AsyncClient,
+    account: Partner,
+    settings: Settings,
+    redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cluster's changes do not all reach every web process: an account's channel is subscribed while
+    someone waits on it there, and a while after (UNSUBSCRIBE_AFTER_SECONDS, here none)."""
+    assert await subscribers(redis, account) == 0
+    image_id = await new_image(client, account)
+    polling = asyncio.create_task(long_poll(client, account, f"/v1/images/{image_id}", "wait=20"))
+    await wait_until(lambda: subscribers(redis, account), "the long poll's subscription")
+    async with running_worker(settings):
+        response, took = await polling
+    assert response.json()["status"] == "completed"
+    assert took < 10
+
+    monkeypatch.setattr(changes, "UNSUBSCRIBE_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr(changes, "QUIET_PING_SECONDS", 0.05)  # the feed looks for idle channels as often
+    await new_image(client, account)  # a change, which wakes the feed from its longer wait
+    await wait_until(lambda: _none(subscribers(redis, account)), "the idle channel unsubscribed")
+
+
+async def _none(count: Awaitable[int]) -> bool:
+    return await count == 0
 
 
 async def test_openapi_documents_the_wait_preference(client: httpx.AsyncClient) -> None:
