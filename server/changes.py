@@ -106,6 +106,7 @@ class ChangeFeed:
         # The accounts subscribed (or being subscribed) on the current connection.
         self._channels: dict[str, _Channel] = {}
         self._pubsub: PubSub | None = None
+        self._listening = False
         # A channel of this process's own, which nobody publishes to: the connection stays subscribed
         # (and PINGable) while no account is.
         self._own_channel = f"{CHANGES_CHANNEL_PREFIX}web:{secrets.token_hex(8)}"
@@ -171,10 +172,10 @@ class ChangeFeed:
             try:
                 await self._listen()
             except (RedisError, OSError) as error:
-                if self._pubsub is not None:
+                if self._listening:
                     log.warning("change notifications lost (%s); subscribing again", error)
+                    self._listening = False
                     pause = RECONNECT_MIN_SECONDS
-                self._pubsub = None
                 # Subscribed again on the next connection, each woken once it is.
                 for channel in self._channels.values():
                     channel.confirmed.clear()
@@ -185,26 +186,34 @@ class ChangeFeed:
         """Hear notifications until the connection fails (it raises then)."""
         loop = asyncio.get_running_loop()
         async with self._redis.pubsub() as pubsub:
-            # Those asked for before this connection, and those that come while it subscribes, on it.
-            await pubsub.subscribe(self._own_channel)
-            self._pubsub = pubsub
-            for account_id in list(self._channels):
-                await pubsub.subscribe(changes_channel(account_id))
-            heard_at = loop.time()
-            while True:
-                message = await pubsub.get_message(timeout=QUIET_PING_SECONDS)
-                now = loop.time()
-                await self._unsubscribe_idle(pubsub, now)
-                if message is None:
-                    if now - heard_at > 2 * QUIET_PING_SECONDS:
-                        raise ConnectionError("Redis answered no PING on the change subscription")
-                    await pubsub.ping()
-                    continue
-                heard_at = now
-                if message["type"] == "message":
-                    self._dispatch(message["channel"], message["data"])
-                elif message["type"] == "subscribe":
-                    self._confirmed(message["channel"])
+            try:
+                await self._hear(pubsub, loop)
+            finally:
+                # Before it is closed: a waiter's SUBSCRIBE must not open it again, unread.
+                self._pubsub = None
+
+    async def _hear(self, pubsub: PubSub, loop: asyncio.AbstractEventLoop) -> None:
+        # Those asked for before this connection, and those that come while it subscribes, on it.
+        await pubsub.subscribe(self._own_channel)
+        self._pubsub = pubsub
+        self._listening = True
+        for account_id in list(self._channels):
+            await pubsub.subscribe(changes_channel(account_id))
+        heard_at = loop.time()
+        while True:
+            message = await pubsub.get_message(timeout=QUIET_PING_SECONDS)
+            now = loop.time()
+            await self._unsubscribe_idle(pubsub, now)
+            if message is None:
+                if now - heard_at > 2 * QUIET_PING_SECONDS:
+                    raise ConnectionError("Redis answered no PING on the change subscription")
+                await pubsub.ping()
+                continue
+            heard_at = now
+            if message["type"] == "message":
+                self._dispatch(message["channel"], message["data"])
+            elif message["type"] == "subscribe":
+                self._confirmed(message["channel"])
 
     async def _unsubscribe_idle(self, pubsub: PubSub, now: float) -> None:
         """Unsubscribe the channels nobody has waited on for a while (only confirmed ones: a confirmation
