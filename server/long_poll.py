@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from jobs.settings import Settings
 from server.auth import require_account
-from server.changes import ChangeFeed
+from server.changes import ChangeFeed, Watch
 
 PREFERENCE_APPLIED = "Preference-Applied"
 # One preference of a Prefer field (RFC 7240 §2): `wait=N`, N delta-seconds, the value maybe quoted.
@@ -66,8 +66,26 @@ async def settled_response(
     deadline = loop.time() + wait
     # Watching before the first read: a change committed after it is heard.
     async with feed.watching(account.id, lambda _kind, changed_id: changed_id == resource_id) as watch:
-        resource = await read(request, account.id)
-        while not settled(resource) and (left := deadline - loop.time()) > 0 and not feed.stopping.is_set():
-            if await watch.changed(left):
-                resource = await read(request, account.id)
+        # A client that gives up (its own timeout, a closed tab) ends the wait: nobody is left to answer.
+        gone = asyncio.create_task(_client_gone(request, watch))
+        try:
+            resource = await read(request, account.id)
+            while (
+                not settled(resource)
+                and (left := deadline - loop.time()) > 0
+                and not feed.stopping.is_set()
+                and not gone.done()
+            ):
+                if await watch.changed(left):
+                    resource = await read(request, account.id)
+        finally:
+            gone.cancel()
     return JSONResponse(render(resource), headers={PREFERENCE_APPLIED: f"wait={wait}"})
+
+
+async def _client_gone(request: Request, watch: Watch) -> None:
+    """Returns, waking `watch`, once the client has disconnected (a GET's body is read: what comes next
+    on it can only be that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    watch.hear_everything()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -269,3 +270,29 @@ def test_a_stopping_web_process_answers_its_long_polls_at_once(
     assert response.status_code == 200
     assert response.json()["status"] == "queued"
     assert took < 10 and time.monotonic() - stopped < 10  # not the 20 s asked for
+
+
+def test_a_long_poll_ends_when_its_client_gives_up(
+    redis_server: EmbeddedRedis, children: Children, tmp_path: Path
+) -> None:
+    """A client whose own timeout is shorter than its wait (or a closed tab) leaves nobody to answer:
+    the web process stops waiting then, not N seconds later."""
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    env = service_env(tmp_path / "data", port, redis_server.url)
+    web = children.start("web", procfile_command("web", port), env)
+    wait_until_ready(base_url, [web])
+    partner = create_account(env, "impatient")
+    with httpx.Client(base_url=base_url, headers=partner.headers, timeout=30) as http:
+        queued = http.post("/v1/images", files={"file": ("a.jpg", imagegen.jpeg(24, 16), "image/jpeg")})
+        assert queued.status_code == 202, queued.text  # no worker runs: it stays queued
+        path = f"/v1/images/{queued.json()['id']}"
+        with pytest.raises(httpx.ReadTimeout):
+            http.get(path, headers={"Prefer": "wait=20"}, timeout=1)
+
+    def answered() -> list[dict[str, Any]]:
+        logged = [json.loads(line) for line in web.lines if line.startswith("{")]
+        return [entry for entry in logged if entry.get("message", "").startswith(f"GET {path}")]
+
+    (logged,) = poll(answered, "the long poll's log line", timeout=10)
+    assert logged["latency_ms"] < 5000  # not the 20 s asked for
