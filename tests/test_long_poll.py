@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ from jobs.settings import DEFAULT_LONG_POLL_MAX_WAIT, Settings
 from server import changes
 from server.changes import CLIENT_NAME
 from server.embedded_redis import EmbeddedRedis
-from server.ratelimit import allowance_key
 from tests import imagegen
 from tests.conftest import Partner, api_client, make_account, make_worker, run_burst, with_settings
 from tests.test_batches import add_files, create_batch, seal
 from tests.test_processes import (
+    Child,
     Children,
     create_account,
     free_port,
@@ -230,12 +231,16 @@ async def test_openapi_documents_the_wait_preference(client: httpx.AsyncClient) 
     assert f"{DEFAULT_LONG_POLL_MAX_WAIT} on a default install" in description
 
 
-def test_a_stopping_web_process_answers_its_long_polls_at_once(
-    redis_server: EmbeddedRedis, children: Children, tmp_path: Path
-) -> None:
-    """SIGTERM (a deploy, a scale-down): a web process waits for the requests under way before it exits,
-    and a long poll is told to answer now with the state it has, instead of holding the exit (and the
-    deploy) for the rest of its wait; the client asks again, of another process."""
+@dataclass(frozen=True)
+class QueuedOnWeb:
+    web: Child
+    base_url: str
+    partner: Partner
+    image_path: str
+
+
+def queued_on_a_web_process(redis_server: EmbeddedRedis, children: Children, tmp_path: Path) -> QueuedOnWeb:
+    """A Procfile web process, and an account's image on it that stays queued (no worker runs)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     env = service_env(tmp_path / "data", port, redis_server.url)
@@ -244,22 +249,32 @@ def test_a_stopping_web_process_answers_its_long_polls_at_once(
     partner = create_account(env, "waiting")
     with httpx.Client(base_url=base_url, headers=partner.headers, timeout=30) as http:
         queued = http.post("/v1/images", files={"file": ("a.jpg", imagegen.jpeg(24, 16), "image/jpeg")})
-        assert queued.status_code == 202, queued.text  # no worker runs: it stays queued
+    assert queued.status_code == 202, queued.text
+    return QueuedOnWeb(web, base_url, partner, f"/v1/images/{queued.json()['id']}")
+
+
+def test_a_stopping_web_process_answers_its_long_polls_at_once(
+    redis_server: EmbeddedRedis, children: Children, tmp_path: Path
+) -> None:
+    """SIGTERM (a deploy, a scale-down): a web process waits for the requests under way before it exits,
+    and a long poll is told to answer now with the state it has, instead of holding the exit (and the
+    deploy) for the rest of its wait; the client asks again, of another process."""
+    queued = queued_on_a_web_process(redis_server, children, tmp_path)
+    web, partner = queued.web, queued.partner
+    with httpx.Client(base_url=queued.base_url, headers=partner.headers, timeout=30) as http:
         answered: list[tuple[httpx.Response, float]] = []
 
         def long_poll() -> None:
             asked = time.monotonic()
-            response = http.get(f"/v1/images/{queued.json()['id']}", headers={"Prefer": "wait=20"})
+            response = http.get(queued.image_path, headers={"Prefer": "wait=20"})
             answered.append((response, time.monotonic() - asked))
 
-        counted = redis.Redis.from_url(redis_server.url)
-        requests_allowance = allowance_key(partner.id, "requests")
-        before = counted.get(requests_allowance)
         polling = threading.Thread(target=long_poll)
         polling.start()
-        # The poll is under way once its request is counted (then it waits, or answers if stopping).
-        poll(lambda: counted.get(requests_allowance) != before, "the long poll counted")
-        counted.close()
+        # The poll waits once its account's change channel is subscribed.
+        with redis.Redis.from_url(redis_server.url) as store:
+            channel = changes_channel(partner.id)
+            poll(lambda: store.pubsub_numsub(channel) == [(channel.encode(), 1)], "the long poll waiting")
         stopped = time.monotonic()
         web.process.send_signal(signal.SIGTERM)
         polling.join(10)
@@ -277,18 +292,13 @@ def test_a_long_poll_ends_when_its_client_gives_up(
 ) -> None:
     """A client whose own timeout is shorter than its wait (or a closed tab) leaves nobody to answer:
     the web process stops waiting then, not N seconds later."""
-    port = free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    env = service_env(tmp_path / "data", port, redis_server.url)
-    web = children.start("web", procfile_command("web", port), env)
-    wait_until_ready(base_url, [web])
-    partner = create_account(env, "impatient")
-    with httpx.Client(base_url=base_url, headers=partner.headers, timeout=30) as http:
-        queued = http.post("/v1/images", files={"file": ("a.jpg", imagegen.jpeg(24, 16), "image/jpeg")})
-        assert queued.status_code == 202, queued.text  # no worker runs: it stays queued
-        path = f"/v1/images/{queued.json()['id']}"
-        with pytest.raises(httpx.ReadTimeout):
-            http.get(path, headers={"Prefer": "wait=20"}, timeout=1)
+    queued = queued_on_a_web_process(redis_server, children, tmp_path)
+    web, path = queued.web, queued.image_path
+    with (
+        httpx.Client(base_url=queued.base_url, headers=queued.partner.headers) as http,
+        pytest.raises(httpx.ReadTimeout),
+    ):
+        http.get(path, headers={"Prefer": "wait=20"}, timeout=1)
 
     def answered() -> list[dict[str, Any]]:
         logged = [json.loads(line) for line in web.lines if line.startswith("{")]
