@@ -441,16 +441,21 @@ async def archive(request: Request) -> Response:
     return await batches.get_archive(request)
 
 
+def _answered(response: Response) -> Any:
+    """What an API route answered the page, for its template."""
+    return json.loads(bytes(response.body))
+
+
 async def retry_delivery(request: Request) -> Response:
     await _require_changing_session(request)
     retried = await deliveries.retry_delivery(request)
-    return HTMLResponse(_fragment("delivery_rows.html", rows=[json.loads(bytes(retried.body))]))
+    return HTMLResponse(_fragment("delivery_rows.html", rows=[_answered(retried)]))
 
 
 async def send_test_event(request: Request) -> Response:
     await _require_changing_session(request)
     sent = await endpoints.send_test_event(request)
-    return HTMLResponse(_fragment("test_sent.html", delivery=json.loads(bytes(sent.body))))
+    return HTMLResponse(_fragment("test_sent.html", delivery=_answered(sent)))
 
 
 async def add_endpoint(request: Request) -> Response:
@@ -458,7 +463,7 @@ async def add_endpoint(request: Request) -> Response:
     one's signing secret shown this once."""
     session = await _require_changing_session(request)
     created = await endpoints.create_endpoint(request)
-    section = await _endpoints_section(request, session.account, json.loads(bytes(created.body)))
+    section = await _endpoints_section(request, session.account, _answered(created))
     return HTMLResponse(section, status_code=201, headers={"Cache-Control": "no-store"})
 
 
@@ -478,7 +483,7 @@ async def create_batch(request: Request) -> Response:
     """`POST /v1/batches`'s JSON body, from the batches page: a drop zone for the new batch."""
     session = await _require_changing_session(request)
     created = await batches.create_batch(request)
-    return HTMLResponse(_new_batch_section(session, json.loads(bytes(created.body))), status_code=201)
+    return HTMLResponse(_new_batch_section(session, _answered(created)), status_code=201)
 
 
 async def add_batch_images(request: Request) -> Response:
@@ -489,7 +494,7 @@ async def add_batch_images(request: Request) -> Response:
 
 async def seal_batch(request: Request) -> Response:
     session = await _require_changing_session(request)
-    sealed = json.loads(bytes((await batches.seal_batch(request)).body))
+    sealed = _answered(await batches.seal_batch(request))
     notice = (
         f"Batch {sealed['id']} is sealed with {sealed['counts']['total']} images: "
         "the table below follows it until it completes."
