@@ -199,11 +199,14 @@ class ChangeFeed:
         self._listening = True
         for account_id in list(self._channels):
             await pubsub.subscribe(changes_channel(account_id))
-        heard_at = loop.time()
+        heard_at = swept_at = loop.time()
         while True:
             message = await pubsub.get_message(timeout=QUIET_PING_SECONDS)
             now = loop.time()
-            await self._unsubscribe_idle(pubsub, now)
+            # Not on every notification: a sweep goes through every channel.
+            if now - swept_at >= min(QUIET_PING_SECONDS, UNSUBSCRIBE_AFTER_SECONDS):
+                await self._unsubscribe_idle(pubsub, now)
+                swept_at = now
             if message is None:
                 if now - heard_at > 2 * QUIET_PING_SECONDS:
                     raise ConnectionError("Redis answered no PING on the change subscription")
