@@ -15,10 +15,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, urlsplit
 
@@ -138,13 +138,14 @@ class Presigner:
         bucket: str,
         object_key: str,
         fields: Mapping[str, str],
-        conditions: Sequence[Any],
+        max_bytes: int,
         credentials: FrozenCredentials,
         expires_in: int,
         now: datetime | None = None,
     ) -> tuple[str, dict[str, str]]:
-        """The URL and the fields of a form that POSTs a file to `object_key`, under a policy of
-        `conditions` (each field in `fields` needs one) that expires in `expires_in` seconds."""
+        """The URL and the fields of a form that POSTs a file of 1 to `max_bytes` bytes to `object_key`,
+        with `fields` (each also an exact condition), under a policy that expires in `expires_in` seconds:
+        botocore's with the conditions `["content-length-range", 1, max_bytes]`, then each field's."""
         moment = now or datetime.now(UTC)
         timestamp = _amz_date(moment)
         date = timestamp[:8]
@@ -156,16 +157,17 @@ class Presigner:
         }
         if credentials.token is not None:
             signed["x-amz-security-token"] = credentials.token
-        policy = {
-            "expiration": _policy_time(moment + timedelta(seconds=expires_in)),
-            "conditions": [
-                *conditions,
-                {"bucket": bucket},
-                {"key": object_key},
-                *({name: value} for name, value in signed.items()),
-            ],
-        }
-        encoded_policy = base64.b64encode(json.dumps(policy).encode()).decode()
+        exact = [*fields.items(), ("bucket", bucket), ("key", object_key), *signed.items()]
+        # The text json.dumps makes of botocore's policy document (its default spacing, each string
+        # through json's own encoder), written directly: building the document's dicts and lists and
+        # dumping them cost 6 of the form's 21 us.
+        policy = (
+            f'{{"expiration": "{_policy_time(moment + timedelta(seconds=expires_in))}", "conditions": '
+            f'[["content-length-range", 1, {max_bytes:d}], '
+            + ", ".join([f"{{{_json_string(name)}: {_json_string(value)}}}" for name, value in exact])
+            + "]}"
+        )
+        encoded_policy = base64.b64encode(policy.encode()).decode()
         key = self._signing_key(credentials.secret_key, date)
         signature = hmac.new(key, encoded_policy.encode(), hashlib.sha256).hexdigest()
         form = {**fields, "key": object_key, **signed, "policy": encoded_policy, "x-amz-signature": signature}

@@ -336,16 +336,13 @@ class S3Storage(ScratchFolder):
         content_type: str | None = None,
     ) -> PresignedPost | None:
         fields: dict[str, str] = {}
-        conditions: list[Any] = [["content-length-range", 1, max_bytes]]
         if success_redirect_url is not None:
             fields["success_action_redirect"] = success_redirect_url
-            conditions.append({"success_action_redirect": success_redirect_url})
         if content_type is not None:
             fields["Content-Type"] = content_type
-            conditions.append({"Content-Type": content_type})
         signer, credentials = await self._signing()
         url, form = signer.presign_post(
-            self.bucket, self.object_key(key), fields, conditions, credentials, expires_in
+            self.bucket, self.object_key(key), fields, max_bytes, credentials, expires_in
         )
         return PresignedPost(url, form)
 

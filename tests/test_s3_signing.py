@@ -22,6 +22,8 @@ PROBE = "darkroom-probe"
 KEYS = [
     "darkroom/acc_1/img_2/original",
     "pre fix/ümlaut+plus=equals&amp?question~tilde/original.jpg",
+    # What JSON escapes (the form's policy is JSON text): quotes, backslashes, control characters.
+    'say "cheese"\\ \t/original',
 ]
 # (endpoint_url, region, addressing style): MinIO or moto on a port, AWS itself, an https endpoint.
 SERVICES = [
@@ -123,11 +125,12 @@ def test_presigned_post_forms_match_botocores(
     credentials = ReadOnlyCredentials("AKIDEXAMPLE", SECRET, token)
     redirect = "https://api.example.com/v1/uploads/upl_1/landed?expires=1&signature=a+b/c="
     fields = {"success_action_redirect": redirect, "Content-Type": "image/jpeg"}
-    conditions: list[Any] = [["content-length-range", 1, 12_345], *({k: v} for k, v in fields.items())]
+    max_bytes = 12_345
+    conditions: list[Any] = [["content-length-range", 1, max_bytes], *({k: v} for k, v in fields.items())]
     for key in KEYS:
         theirs = their_form(client, key, fields, conditions)
         now = datetime.strptime(theirs["fields"]["x-amz-date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-        url, form = signer.presign_post(BUCKET, key, fields, conditions, credentials, EXPIRES, now)
+        url, form = signer.presign_post(BUCKET, key, fields, max_bytes, credentials, EXPIRES, now)
         assert (url, form) == (theirs["url"], theirs["fields"])
         assert list(form) == list(theirs["fields"])
 
