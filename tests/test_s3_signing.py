@@ -148,3 +148,19 @@ def their_form(client: Any, key: str, fields: dict[str, str], conditions: list[A
             seconds=EXPIRES
         ):
             return form
+
+
+def test_forms_signed_within_one_second_each_carry_their_own_times() -> None:
+    """The date and expiration, formatted once a second, are those of the form's own second and expiry."""
+    signer = signer_like(botocore_client("http://127.0.0.1:9000", "us-east-1", "path", None))
+    credentials = ReadOnlyCredentials("AKIDEXAMPLE", SECRET, None)
+
+    def times(now: datetime, expires_in: int) -> tuple[str, str]:
+        _, form = signer.presign_post(BUCKET, KEYS[0], {}, 1000, credentials, expires_in, now)
+        return form["x-amz-date"], json.loads(base64.b64decode(form["policy"]))["expiration"]
+
+    last = datetime(2026, 1, 1, 23, 59, 59, 999_999, tzinfo=UTC)
+    assert times(last, 60) == ("20260101T235959Z", "2026-01-02T00:00:59Z")
+    assert times(last, 61) == ("20260101T235959Z", "2026-01-02T00:01:00Z")
+    assert times(last + timedelta(microseconds=1), 60) == ("20260102T000000Z", "2026-01-02T00:01:00Z")
+    assert times(last.replace(microsecond=0), 60) == ("20260101T235959Z", "2026-01-02T00:00:59Z")
