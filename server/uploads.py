@@ -28,7 +28,7 @@ from starlette.routing import Route
 
 from jobs.ids import is_id, new_id
 from jobs.ops.encode import MEDIA_TYPES
-from jobs.records import Account, ImageRecord, UploadState, epoch_ms
+from jobs.records import Account, ImageRecord, UploadState
 from jobs.settings import Settings
 from jobs.storage import BlobStorage, LocalStorage, is_full
 from jobs.store import Store
@@ -88,15 +88,16 @@ async def _signed_url(request: Request, method: str, path: str, expires: int) ->
     return f"{settings.public_url}{path}?expires={expires}&signature={signature}"
 
 
-async def _upload_form(request: Request, upload: UploadState, key: str) -> dict[str, Any] | None:
-    """The form that POSTs the file straight to the bucket (None: the storage has none), redirecting
-    to our signed landed URL. The redirect URL outlives the form by the longest a body may take, as a
-    PUT started just in time may finish."""
+async def _upload_form(
+    request: Request, upload: UploadState, key: str, expires: int
+) -> dict[str, Any] | None:
+    """The form that POSTs the file straight to the bucket until `expires` (None: the storage has none),
+    redirecting to our signed landed URL. The redirect URL outlives the form by the longest a body may
+    take, as a PUT started just in time may finish."""
     storage: BlobStorage = request.app.state.storage
     if isinstance(storage, LocalStorage):  # the bytes can only come to us
         return None
     settings: Settings = request.app.state.settings
-    expires = _epoch_seconds(upload.expires_at)
     redirect_expires = expires + math.ceil(settings.body_timeout)
     form = await storage.presign_post(
         key,
@@ -106,10 +107,6 @@ async def _upload_form(request: Request, upload: UploadState, key: str) -> dict[
         content_type=upload.content_type,
     )
     return None if form is None else {"url": form.url, "fields": form.fields}
-
-
-def _epoch_seconds(moment: str) -> int:
-    return epoch_ms(moment) // 1000
 
 
 def _accepted_media_type(content_type: object) -> object:
@@ -166,6 +163,8 @@ async def _created_upload(request: Request, account: Account) -> Response:
         )
     batch = await batch_named(request, account.id, fields)
     created_ms = now_ms()
+    # When its URLs expire: whole seconds, as they carry it.
+    expires = created_ms // 1000 + settings.upload_url_ttl
     image_id = new_id("img")
     upload = UploadState(
         id=upload_id_for(image_id),
@@ -174,8 +173,7 @@ async def _created_upload(request: Request, account: Account) -> Response:
         starts="on_upload" if fields.operations is not None or batch is not None else "on_request",
         size=fields.size,
         content_type=fields.content_type,
-        # Whole seconds, as the URL carries it.
-        expires_at=iso((created_ms // 1000 + settings.upload_url_ttl) * 1000),
+        expires_at=iso(expires * 1000),
         filename=fields.filename,
     )
     (image,) = new_images(
@@ -187,8 +185,8 @@ async def _created_upload(request: Request, account: Account) -> Response:
         request_id=request_id_of(request),
         settings=settings,
     )
-    upload_url = await _signed_url(request, "PUT", content_path(upload.id), _epoch_seconds(upload.expires_at))
-    upload_form = await _upload_form(request, upload, image.original_key)
+    upload_url = await _signed_url(request, "PUT", content_path(upload.id), expires)
+    upload_form = await _upload_form(request, upload, image.original_key, expires)
     await record_new_images(request, [image], batch)
     return JSONResponse(
         {

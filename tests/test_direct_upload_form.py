@@ -5,8 +5,12 @@ lands at `POST /v1/images {upload_id}` or at the expiry sweep. Against a real S3
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import math
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -123,6 +127,22 @@ async def test_a_form_post_never_followed_lands_at_the_expiry_sweep_instead_of_f
         await run_burst(short)
     (delivery,) = await receiver.arrivals(1)
     assert delivery.event["type"] == "image.completed"
+
+
+async def test_an_uploads_urls_and_form_expire_with_it(
+    client: httpx.AsyncClient, account: Partner, s3_settings: Settings
+) -> None:
+    """The PUT URL and the form at the upload's expires_at; the landed URL the longest a body may take
+    later, as a form POST started just in time may finish."""
+    created = await create_upload(client, account, imagegen.jpeg(), operations=[])
+    expires = int(datetime.fromisoformat(created["expires_at"]).timestamp())
+    assert created["expires_at"].endswith(".000Z")  # whole seconds, as the URLs carry it
+    assert int(httpx.URL(created["upload_url"]).params["expires"]) == expires
+    fields = created["upload_form"]["fields"]
+    policy = json.loads(base64.b64decode(fields["policy"]))
+    assert datetime.fromisoformat(policy["expiration"]).timestamp() == expires
+    landed = httpx.URL(fields["success_action_redirect"])
+    assert int(landed.params["expires"]) == expires + math.ceil(s3_settings.body_timeout)
 
 
 async def test_a_landed_url_tampered_with_or_expired_is_refused(
