@@ -13,7 +13,11 @@ cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and 
 corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object), and its presigner
 300 us a URL, so jobs/s3signing.py signs them (20 us), as it signs the presigned GETs of downloads and
 the forms of direct uploads. The other calls
-(multipart create and complete, listing, deleting, heads) go through the client. Anything the service
+(multipart create and complete, listing, deleting, heads) go through the client.
+
+A worker on the web's machine (one `DARKROOM_DATA_DIR`, as the Procfile runs them) skips the fetch of an
+original the web just stored: the web keeps its scratch copy (`hand_off`) and the worker takes it
+(`source`), a request and a download fewer per image. Anything the service
 answers other than "no such key" that stops an operation (a 5xx, throttling, a refused connection,
 after three attempts) is StorageUnavailable.
 """
@@ -23,9 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import logging
+import os
 import random
 import re
+import shutil
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -70,6 +78,10 @@ _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
 DATA_URL_SECONDS = 900
 # A key of plain characters, whose presigned URL shows how the bucket's object URLs are made.
 _PROBE_KEY = "darkroom-probe"
+# The originals a web process keeps for a worker of its machine: the newest, up to this many bytes. A
+# worker takes one within moments of its upload; the rest were taken by workers elsewhere, or never will
+# be, and are removed as newer ones arrive (or by the scratch folder's sweep after a restart).
+HANDOFF_BUDGET_BYTES = 256 * 1024 * 1024
 # How S3 explains a refusal in its XML error body.
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
@@ -88,6 +100,10 @@ class S3Storage(ScratchFolder):
         self._http: aiohttp.ClientSession | None = None
         self._credentials: AioCredentials | None = None
         self._signer: Presigner | None = None
+        self.handoff_budget_bytes = HANDOFF_BUDGET_BYTES
+        # The originals this process kept for a local worker, oldest first: key -> (file, size).
+        self._handed_off: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self._handed_off_bytes = 0
 
     async def prepare(self) -> None:
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -211,6 +227,13 @@ class S3Storage(ScratchFolder):
 
     @contextlib.asynccontextmanager
     async def source(self, key: str) -> AsyncIterator[Path | bytes]:
+        handed_off = self._take_handed_off(key)
+        if handed_off is not None:
+            try:
+                yield handed_off
+            finally:
+                handed_off.unlink(missing_ok=True)
+            return
         info, chunks = await self.stream(key)
         if info.size > self.part_size:
             async with self._scratch_copy(chunks) as copy:
@@ -244,6 +267,45 @@ class S3Storage(ScratchFolder):
     def open_writer(self, key: str) -> BlobWriter:
         return _MultipartWriter(self, self.object_key(key))
 
+    async def hand_off(self, staged: Path, key: str, size: int) -> None:
+        """Keep `staged`, a copy of the blob just stored under `key`, where a worker sharing this
+        process's scratch folder finds it (`source`); unless the disk is short of room for uploads."""
+        kept = self._handoff_path(key)
+        self._handed_off[key] = (kept, size)
+        self._handed_off_bytes += size
+        evicted: list[Path] = []
+        while self._handed_off_bytes > self.handoff_budget_bytes:
+            _, (oldest, oldest_size) = self._handed_off.popitem(last=False)
+            self._handed_off_bytes -= oldest_size
+            evicted.append(oldest)
+        await asyncio.to_thread(_keep, staged, kept, evicted, self._settings.min_free_bytes)
+
+    def _take_handed_off(self, key: str) -> Path | None:
+        """The original a web of this machine kept for us, moved into our own scratch name: a rename, so
+        of two workers only one takes it (a re-run fetches the blob). Done on the loop: a rename within
+        one folder costs less than the hop to a thread, and most calls find nothing."""
+        taken = self.new_staging_path()
+        try:
+            os.rename(self._handoff_path(key), taken)
+        except FileNotFoundError:
+            return None
+        return taken
+
+    def _handoff_path(self, key: str) -> Path:
+        # Named by a digest: the prefix and key may hold any character a file name cannot.
+        digest = hashlib.sha256(f"{self.bucket}/{self.object_key(key)}".encode()).hexdigest()[:40]
+        return self._staging / f"handoff-{digest}"
+
+    def _forget_handed_off(self, prefix: str) -> list[Path]:
+        """The files this process kept of blobs under `prefix`, no longer counted."""
+        under = [key for key in self._handed_off if key.startswith(prefix + "/")]
+        forgotten = []
+        for key in under:
+            path, size = self._handed_off.pop(key)
+            self._handed_off_bytes -= size
+            forgotten.append(path)
+        return forgotten
+
     async def stat(self, key: str) -> BlobInfo | None:
         try:
             head = await _call(self.client.head_object(Bucket=self.bucket, Key=self.object_key(key)))
@@ -268,6 +330,8 @@ class S3Storage(ScratchFolder):
         await _call(self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
 
     async def delete_tree(self, prefix: str) -> None:
+        if kept := self._forget_handed_off(prefix):
+            await asyncio.to_thread(_remove, kept)
         listed = await self._list(prefix)
         await self._delete([entry["Key"] for entry in listed])
 
@@ -378,6 +442,22 @@ def _first_part(staged: Path, part_size: int) -> tuple[bytes, BinaryIO | None]:
     source.close()
     staged.unlink(missing_ok=True)
     return first, None
+
+
+def _keep(staged: Path, kept: Path, evicted: list[Path], min_free_bytes: int) -> None:
+    # A saving, never a reason to fail the upload: what cannot be kept or removed now, the scratch
+    # folder's sweep removes later.
+    with contextlib.suppress(OSError):
+        _remove(evicted)
+        if shutil.disk_usage(staged.parent).free < min_free_bytes:
+            staged.unlink(missing_ok=True)
+        else:
+            os.replace(staged, kept)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _payload(chunks: Sequence[bytes]) -> bytes | AsyncIterator[bytes] | None:

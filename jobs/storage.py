@@ -137,6 +137,11 @@ class BlobStorage(Protocol):
 
     def open_writer(self, key: str) -> BlobWriter: ...
 
+    async def hand_off(self, staged: Path, key: str, size: int) -> None:
+        """`staged` is a copy of the `size` bytes just stored under `key` (an original): consume it,
+        keeping it where a worker on this machine reads it rather than fetching the blob, where the blob
+        is not local itself."""
+
     async def stat(self, key: str) -> BlobInfo | None: ...
 
     async def read_head(self, key: str, size: int) -> bytes: ...
@@ -255,6 +260,9 @@ class LocalStorage(ScratchFolder):
 
     def open_writer(self, key: str) -> BlobWriter:
         return _LocalWriter(self, key)
+
+    async def hand_off(self, staged: Path, key: str, size: int) -> None:
+        await asyncio.to_thread(staged.unlink, missing_ok=True)  # the blob is a local file already
 
     async def stat(self, key: str) -> BlobInfo | None:
         try:

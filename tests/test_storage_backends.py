@@ -286,3 +286,30 @@ async def test_a_head_request_reads_no_bytes_from_the_bucket(
         head = await client.head(f"/v1/images/{image_id}/original", headers=account.headers)
         assert head.status_code == 200 and head.headers["content-length"] == str(len(original))
         assert outage.bytes_from_s3 - before < len(original) // 2
+
+
+@pytest.mark.parametrize("worker_machine", ["the web's", "another"])
+async def test_a_worker_on_the_webs_machine_renders_an_upload_without_fetching_it(
+    account: Partner,
+    settings: Settings,
+    s3_server: S3Server,
+    outage: Outage,
+    receiver: Receiver,
+    worker_machine: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    web = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    worker = web if worker_machine == "the web's" else replace(web, data_dir=tmp_path_factory.mktemp("other"))
+    original = imagegen.png(600, 400)  # uncompressed enough to stand out from the requests around it
+    async with api_client(web) as client:
+        response = await upload(client, account, original, filename="a.png", callback_url=receiver.url)
+        assert response.status_code == 202, response.text
+        before = outage.bytes_from_s3
+        await run_burst(worker)
+        (delivery,) = receiver.wait_for(1)
+    assert delivery.event["type"] == "image.completed"
+    fetched = outage.bytes_from_s3 - before
+    if worker_machine == "the web's":
+        assert fetched < len(original) // 2
+    else:
+        assert fetched > len(original)
