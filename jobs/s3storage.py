@@ -200,9 +200,20 @@ class S3Storage(ScratchFolder):
             raise StorageUnavailable("no AWS credentials found (environment, profile or instance role)")
         return self._signer, await self._credentials.get_frozen_credentials()
 
-    async def put_file(self, staged: Path, key: str) -> None:
+    async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
         """One PutObject for a file that fits a part (read and removed in one thread hop: a result or
         an original is read by the worker once per image), a multipart upload a part at a time else."""
+        if hand_off:
+            # A second name for the bytes, kept once they are stored (the first is consumed).
+            kept = self.new_staging_path()
+            size = await asyncio.to_thread(_link, staged, kept)
+            try:
+                await self.put_file(staged, key)
+            except BaseException:
+                await asyncio.shield(asyncio.to_thread(kept.unlink, missing_ok=True))
+                raise
+            await self.hand_off(kept, key, size)
+            return
         first, rest = await asyncio.to_thread(_first_part, staged, self.part_size)
         writer = self.open_writer(key)
         try:
@@ -453,6 +464,12 @@ def _keep(staged: Path, kept: Path, evicted: list[Path], min_free_bytes: int) ->
             staged.unlink(missing_ok=True)
         else:
             os.replace(staged, kept)
+
+
+def _link(path: Path, other_name: Path) -> int:
+    """Give `path` another name; its size."""
+    os.link(path, other_name)
+    return other_name.stat().st_size
 
 
 def _remove(paths: list[Path]) -> None:

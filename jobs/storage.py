@@ -123,9 +123,10 @@ class BlobStorage(Protocol):
     def free_bytes(self) -> int: ...
 
     # The blobs.
-    async def put_file(self, staged: Path, key: str) -> None:
+    async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
         """Store the staged file under `key` (replacing any earlier blob: re-runs overwrite) and consume
-        it. Raises StorageFull (OSError ENOSPC) or StorageUnavailable."""
+        it (`hand_off`: as `hand_off` does, for an original about to be read). Raises StorageFull
+        (OSError ENOSPC) or StorageUnavailable."""
 
     def local_copy(self, key: str) -> AbstractAsyncContextManager[Path]:
         """A readable local file holding the blob while the context lasts; BlobMissing if there is none."""
@@ -244,8 +245,8 @@ class LocalStorage(ScratchFolder):
         os.replace(staged, target)
         return target
 
-    async def put_file(self, staged: Path, key: str) -> None:
-        await asyncio.to_thread(self.commit, staged, key)
+    async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
+        await asyncio.to_thread(self.commit, staged, key)  # the blob is a local file: nothing to keep
 
     @contextlib.asynccontextmanager
     async def local_copy(self, key: str) -> AsyncIterator[Path]:

@@ -21,6 +21,7 @@ from tests import imagegen
 from tests.conftest import Partner, api_client, on_s3, run_burst, worker_deps
 from tests.receiver import Receiver
 from tests.s3server import Outage, S3Server
+from tests.sources import Reply, SourceServer
 from tests.test_batches import add_files, create_batch, get_batch, seal
 from tests.test_spine import upload
 
@@ -313,3 +314,34 @@ async def test_a_worker_on_the_webs_machine_renders_an_upload_without_fetching_i
         assert fetched < len(original) // 2
     else:
         assert fetched > len(original)
+
+
+async def test_a_worker_renders_a_photo_it_fetched_by_url_without_fetching_it_back(
+    account: Partner,
+    settings: Settings,
+    s3_server: S3Server,
+    outage: Outage,
+    receiver: Receiver,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    web = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    worker = replace(web, data_dir=tmp_path_factory.mktemp("worker-machine"))
+    photo = imagegen.png(600, 400)
+    source = SourceServer().start()
+    try:
+        url = source.serve("/a.png", Reply(body=photo, headers={"Content-Type": "image/png"}))
+        async with api_client(web) as client:
+            response = await client.post(
+                "/v1/images", headers=account.headers, json={"source_url": url, "callback_url": receiver.url}
+            )
+            assert response.status_code == 202, response.text
+            before = outage.bytes_from_s3
+            await run_burst(worker)
+            read_from_s3 = outage.bytes_from_s3 - before
+            (delivery,) = receiver.wait_for(1)
+            stored = await client.get(f"/v1/images/{response.json()['id']}/original", headers=account.headers)
+    finally:
+        source.stop()
+    assert delivery.event["type"] == "image.completed"
+    assert read_from_s3 < len(photo) // 2  # stored, not read back
+    assert stored.content == photo
