@@ -7,7 +7,7 @@ condition, which direct uploads need to cap a file's size, follow botocore's byt
 signer makes query-string URLs, GET and PUT, only, with no policy conditions).
 
 Large files go up as multipart uploads, a part at a time, so memory stays bounded by the part size
-(DARKROOM_S3_PART_SIZE). The requests that carry bytes (GetObject, PutObject, UploadPart: three per
+(DARKROOM_S3_PART_SIZE). The requests that carry bytes (GetObject, PutObject, UploadPart: up to three per
 image) go out as presigned URLs over one pooled aiohttp session: botocore's own request pipeline
 cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and local_copy of a
 corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object), and its presigner
