@@ -15,8 +15,8 @@ local, shared S3), so load from elsewhere hits all alike:
 - `pinned`, the primary figure (`ratio`): the S3 server and this client (the partners and the bucket,
   which production runs on other machines) on the last CPU, every thread of both services' redis, web
   and worker on the others. In production the S3 endpoint does not share Darkroom's CPUs: on this
-  2-core machine the S3 server costs a seventh (rclone) to a fifth (moto) of what Darkroom itself
-  spends per image, so sharing the cores with it measures the server as much as Darkroom. Pinned, the
+  2-core machine the S3 server costs about a seventh of what Darkroom itself spends per image (rclone;
+  moto more), so sharing the cores with it measures the server as much as Darkroom. Pinned, the
   local and S3 services get exactly the same CPU (one core here), and the ratio is Darkroom's own
   cost of storing in S3: its requests, its waits on the bucket (a worker slot waiting on S3 renders
   nothing), and its scratch copies.
