@@ -13,13 +13,13 @@ cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and 
 corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object), and its presigner
 300 us a URL, so jobs/s3signing.py signs them (20 us), as it signs the presigned GETs of downloads and
 the forms of direct uploads. The other calls
-(multipart create and complete, listing, deleting, heads) go through the client.
+(multipart create and complete, listing, deleting, heads) go through the client. Anything the service
+answers other than "no such key" that stops an operation (a 5xx, throttling, a refused connection,
+after three attempts) is StorageUnavailable.
 
 A worker on the web's machine (one `DARKROOM_DATA_DIR`, as the Procfile runs them) skips the fetch of an
 original the web just stored: the web keeps its scratch copy (`hand_off`) and the worker takes it
-(`source`), a request and a download fewer per image. Anything the service
-answers other than "no such key" that stops an operation (a 5xx, throttling, a refused connection,
-after three attempts) is StorageUnavailable.
+(`source`), a request and a download fewer per image.
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ class S3Storage(ScratchFolder):
 
     async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
         """One PutObject for a file that fits a part (read and removed in one thread hop: a result or
-        an original is read by the worker once per image), a multipart upload a part at a time else."""
+        an original is read by the worker once per image), a multipart upload a part at a time else;
+        with `hand_off`, the file is then handed off rather than removed."""
         if hand_off:
             # A second name for the bytes, kept once they are stored (the first is consumed).
             kept = self.new_staging_path()
@@ -282,6 +283,7 @@ class S3Storage(ScratchFolder):
         """Keep `staged`, a copy of the blob just stored under `key`, where a worker sharing this
         process's scratch folder finds it (`source`); unless the disk is short of room for uploads."""
         kept = self._handoff_path(key)
+        self._forget_handed_off(key)  # a job run again hands its original off again, in the same place
         self._handed_off[key] = (kept, size)
         self._handed_off_bytes += size
         evicted: list[Path] = []
@@ -308,8 +310,8 @@ class S3Storage(ScratchFolder):
         return self._staging / f"handoff-{digest}"
 
     def _forget_handed_off(self, prefix: str) -> list[Path]:
-        """The files this process kept of blobs under `prefix`, no longer counted."""
-        under = [key for key in self._handed_off if key.startswith(prefix + "/")]
+        """The files this process kept of the blob `prefix` or those under it, no longer counted."""
+        under = [key for key in self._handed_off if key == prefix or key.startswith(prefix + "/")]
         forgotten = []
         for key in under:
             path, size = self._handed_off.pop(key)

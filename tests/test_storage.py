@@ -303,6 +303,21 @@ async def test_handed_off_originals_are_kept_newest_first_up_to_the_budget(
             assert isinstance(taken, Path) and taken.read_bytes() == originals[key]
 
 
+async def test_an_original_handed_off_again_by_a_job_run_again_counts_once(
+    web_and_worker_storage: tuple[S3Storage, S3Storage, Outage],
+) -> None:
+    web, worker, outage = web_and_worker_storage
+    web.handoff_budget_bytes = 250_000
+    rerun, other = os.urandom(100_000), os.urandom(100_000)
+    for _ in range(2):
+        await store_and_hand_off(web, rerun, "acc_1/img_1/original")
+    await store_and_hand_off(web, other, "acc_1/img_2/original")
+    outage.cut()
+    for key, data in (("acc_1/img_1/original", rerun), ("acc_1/img_2/original", other)):
+        async with worker.source(key) as taken:
+            assert isinstance(taken, Path) and taken.read_bytes() == data
+
+
 async def test_a_deleted_image_leaves_no_handed_off_original(
     web_and_worker_storage: tuple[S3Storage, S3Storage, Outage],
 ) -> None:
