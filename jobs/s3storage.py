@@ -309,6 +309,10 @@ class S3Storage(ScratchFolder):
         digest = hashlib.sha256(f"{self.bucket}/{self.object_key(key)}".encode()).hexdigest()[:40]
         return self._staging / f"handoff-{digest}"
 
+    async def _remove_handed_off(self, prefix: str) -> None:
+        if kept := self._forget_handed_off(prefix):
+            await asyncio.to_thread(_remove, kept)
+
     def _forget_handed_off(self, prefix: str) -> list[Path]:
         """The files this process kept of the blob `prefix` or those under it, no longer counted."""
         under = [key for key in self._handed_off if key == prefix or key.startswith(prefix + "/")]
@@ -340,11 +344,11 @@ class S3Storage(ScratchFolder):
         await self._delete([entry["Key"] for entry in listed[keep:]])
 
     async def delete(self, key: str) -> None:
+        await self._remove_handed_off(key)
         await _call(self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
 
     async def delete_tree(self, prefix: str) -> None:
-        if kept := self._forget_handed_off(prefix):
-            await asyncio.to_thread(_remove, kept)
+        await self._remove_handed_off(prefix)
         listed = await self._list(prefix)
         await self._delete([entry["Key"] for entry in listed])
 

@@ -323,10 +323,13 @@ async def test_a_deleted_image_leaves_no_handed_off_original(
 ) -> None:
     web, worker, _ = web_and_worker_storage
     await store_and_hand_off(web, b"photo", "acc_1/img_1/original")
+    await store_and_hand_off(web, b"photo", "acc_1/img_2/original")
     await web.delete_tree("acc_1/img_1")
-    with pytest.raises(BlobMissing):
-        async with worker.source("acc_1/img_1/original"):
-            pass
+    await web.delete("acc_1/img_2/original")
+    for key in ("acc_1/img_1/original", "acc_1/img_2/original"):
+        with pytest.raises(BlobMissing):
+            async with worker.source(key):
+                pass
 
 
 async def test_no_original_is_handed_off_when_the_disk_is_short_of_room_for_uploads(
