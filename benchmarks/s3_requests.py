@@ -3,7 +3,8 @@
     python benchmarks/s3_requests.py [--objects 300] [--rounds 3] [--photos corpus|2k|tiny]
 
 An image on S3 costs three requests: the web's PutObject of the original, the worker's GetObject of it
-and its PutObject of the result. This measures them without the renders around them, whose CPU varies
+(skipped by a worker on the web's machine, which takes the web's scratch copy) and its PutObject of the
+result. This measures them without the renders around them, whose CPU varies
 more from run to run than these requests cost (benchmarks/storage.py cannot resolve a few ms per image):
 `S3Storage.put_file` then `local_copy` of each photo (staged file in, scratch file out, as the web and
 the worker use them), against the same with the client's `put_object` and `get_object`, as

@@ -166,7 +166,8 @@ async def _fetch_source(
             source_filename(image.source_url),
             deps.settings,
         )
-        await deps.storage.put_file(staged, image.original_key)
+        # Rendered next: from this file, not fetched back from the bucket.
+        await deps.storage.put_file(staged, image.original_key, hand_off=True)
     except ImageRefused as refused:
         raise ProcessingError(refused.code, refused.message) from None
     finally:

@@ -7,7 +7,7 @@ condition, which direct uploads need to cap a file's size, follow botocore's byt
 signer makes query-string URLs, GET and PUT, only, with no policy conditions).
 
 Large files go up as multipart uploads, a part at a time, so memory stays bounded by the part size
-(DARKROOM_S3_PART_SIZE). The requests that carry bytes (GetObject, PutObject, UploadPart: three per
+(DARKROOM_S3_PART_SIZE). The requests that carry bytes (GetObject, PutObject, UploadPart: up to three per
 image) go out as presigned URLs over one pooled aiohttp session: botocore's own request pipeline
 cost about 1 ms more CPU per request (benchmarks/s3_requests.py: a put_file and local_copy of a
 corpus photo to moto, 6.1 ms against 8.0 ms with put_object and get_object), and its presigner
@@ -16,6 +16,10 @@ the forms of direct uploads. The other calls
 (multipart create and complete, listing, deleting, heads) go through the client. Anything the service
 answers other than "no such key" that stops an operation (a 5xx, throttling, a refused connection,
 after three attempts) is StorageUnavailable.
+
+A worker on the web's machine (one `DARKROOM_DATA_DIR`, as the Procfile runs them) skips the fetch of an
+original the web just stored: the web keeps its scratch copy (`hand_off`) and the worker takes it
+(`source`), a request and a download fewer per image.
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import hashlib
 import logging
+import os
 import random
 import re
+import shutil
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -70,6 +78,10 @@ _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound", "NoSuchUpload"})
 DATA_URL_SECONDS = 900
 # A key of plain characters, whose presigned URL shows how the bucket's object URLs are made.
 _PROBE_KEY = "darkroom-probe"
+# The originals a web process keeps for a worker of its machine: the newest, up to this many bytes. A
+# worker takes one within moments of its upload; the rest were taken by workers elsewhere, or never will
+# be, and are removed as newer ones arrive (or by the scratch folder's sweep after a restart).
+HANDOFF_BUDGET_BYTES = 256 * 1024 * 1024
 # How S3 explains a refusal in its XML error body.
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
@@ -88,6 +100,10 @@ class S3Storage(ScratchFolder):
         self._http: aiohttp.ClientSession | None = None
         self._credentials: AioCredentials | None = None
         self._signer: Presigner | None = None
+        self.handoff_budget_bytes = HANDOFF_BUDGET_BYTES
+        # The originals this process kept for a local worker, oldest first: key -> (file, size).
+        self._handed_off: OrderedDict[str, tuple[Path, int]] = OrderedDict()
+        self._handed_off_bytes = 0
 
     async def prepare(self) -> None:
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -184,9 +200,21 @@ class S3Storage(ScratchFolder):
             raise StorageUnavailable("no AWS credentials found (environment, profile or instance role)")
         return self._signer, await self._credentials.get_frozen_credentials()
 
-    async def put_file(self, staged: Path, key: str) -> None:
+    async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
         """One PutObject for a file that fits a part (read and removed in one thread hop: a result or
-        an original is read by the worker once per image), a multipart upload a part at a time else."""
+        an original is read by the worker once per image), a multipart upload a part at a time else;
+        with `hand_off`, the file is then handed off rather than removed."""
+        if hand_off:
+            # A second name for the bytes, kept once they are stored (the first is consumed).
+            kept = self.new_staging_path()
+            size = await asyncio.to_thread(_link, staged, kept)
+            try:
+                await self.put_file(staged, key)
+            except BaseException:
+                await asyncio.shield(asyncio.to_thread(kept.unlink, missing_ok=True))
+                raise
+            await self.hand_off(kept, key, size)
+            return
         first, rest = await asyncio.to_thread(_first_part, staged, self.part_size)
         writer = self.open_writer(key)
         try:
@@ -211,6 +239,13 @@ class S3Storage(ScratchFolder):
 
     @contextlib.asynccontextmanager
     async def source(self, key: str) -> AsyncIterator[Path | bytes]:
+        handed_off = self._take_handed_off(key)
+        if handed_off is not None:
+            try:
+                yield handed_off
+            finally:
+                handed_off.unlink(missing_ok=True)
+            return
         info, chunks = await self.stream(key)
         if info.size > self.part_size:
             async with self._scratch_copy(chunks) as copy:
@@ -244,6 +279,50 @@ class S3Storage(ScratchFolder):
     def open_writer(self, key: str) -> BlobWriter:
         return _MultipartWriter(self, self.object_key(key))
 
+    async def hand_off(self, staged: Path, key: str, size: int) -> None:
+        """Keep `staged`, a copy of the blob just stored under `key`, where a worker sharing this
+        process's scratch folder finds it (`source`); unless the disk is short of room for uploads."""
+        kept = self._handoff_path(key)
+        self._forget_handed_off(key)  # a job run again hands its original off again, in the same place
+        self._handed_off[key] = (kept, size)
+        self._handed_off_bytes += size
+        evicted: list[Path] = []
+        while self._handed_off_bytes > self.handoff_budget_bytes:
+            _, (oldest, oldest_size) = self._handed_off.popitem(last=False)
+            self._handed_off_bytes -= oldest_size
+            evicted.append(oldest)
+        await asyncio.to_thread(_keep, staged, kept, evicted, self._settings.min_free_bytes)
+
+    def _take_handed_off(self, key: str) -> Path | None:
+        """The original a web of this machine kept for us, moved into our own scratch name: a rename, so
+        of two workers only one takes it (a re-run fetches the blob). Done on the loop: a rename within
+        one folder costs less than the hop to a thread, and most calls find nothing."""
+        taken = self.new_staging_path()
+        try:
+            os.rename(self._handoff_path(key), taken)
+        except FileNotFoundError:
+            return None
+        return taken
+
+    def _handoff_path(self, key: str) -> Path:
+        # Named by a digest: the prefix and key may hold any character a file name cannot.
+        digest = hashlib.sha256(f"{self.bucket}/{self.object_key(key)}".encode()).hexdigest()[:40]
+        return self._staging / f"handoff-{digest}"
+
+    async def _remove_handed_off(self, prefix: str) -> None:
+        if kept := self._forget_handed_off(prefix):
+            await asyncio.to_thread(_remove, kept)
+
+    def _forget_handed_off(self, prefix: str) -> list[Path]:
+        """The files this process kept of the blob `prefix` or those under it, no longer counted."""
+        under = [key for key in self._handed_off if key == prefix or key.startswith(prefix + "/")]
+        forgotten = []
+        for key in under:
+            path, size = self._handed_off.pop(key)
+            self._handed_off_bytes -= size
+            forgotten.append(path)
+        return forgotten
+
     async def stat(self, key: str) -> BlobInfo | None:
         try:
             head = await _call(self.client.head_object(Bucket=self.bucket, Key=self.object_key(key)))
@@ -265,9 +344,11 @@ class S3Storage(ScratchFolder):
         await self._delete([entry["Key"] for entry in listed[keep:]])
 
     async def delete(self, key: str) -> None:
+        await self._remove_handed_off(key)
         await _call(self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
 
     async def delete_tree(self, prefix: str) -> None:
+        await self._remove_handed_off(prefix)
         listed = await self._list(prefix)
         await self._delete([entry["Key"] for entry in listed])
 
@@ -375,6 +456,28 @@ def _first_part(staged: Path, part_size: int) -> tuple[bytes, BinaryIO | None]:
     source.close()
     staged.unlink(missing_ok=True)
     return first, None
+
+
+def _keep(staged: Path, kept: Path, evicted: list[Path], min_free_bytes: int) -> None:
+    # A saving, never a reason to fail the upload: what cannot be kept or removed now, the scratch
+    # folder's sweep removes later.
+    with contextlib.suppress(OSError):
+        _remove(evicted)
+        if shutil.disk_usage(staged.parent).free < min_free_bytes:
+            staged.unlink(missing_ok=True)
+        else:
+            os.replace(staged, kept)
+
+
+def _link(path: Path, other_name: Path) -> int:
+    """Give `path` another name; its size."""
+    os.link(path, other_name)
+    return other_name.stat().st_size
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
 
 
 def _payload(chunks: Sequence[bytes]) -> bytes | AsyncIterator[bytes] | None:

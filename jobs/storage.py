@@ -123,9 +123,10 @@ class BlobStorage(Protocol):
     def free_bytes(self) -> int: ...
 
     # The blobs.
-    async def put_file(self, staged: Path, key: str) -> None:
+    async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
         """Store the staged file under `key` (replacing any earlier blob: re-runs overwrite) and consume
-        it. Raises StorageFull (OSError ENOSPC) or StorageUnavailable."""
+        it (`hand_off`: as `hand_off` does, for an original about to be read). Raises StorageFull
+        (OSError ENOSPC) or StorageUnavailable."""
 
     def local_copy(self, key: str) -> AbstractAsyncContextManager[Path]:
         """A readable local file holding the blob while the context lasts; BlobMissing if there is none."""
@@ -136,6 +137,11 @@ class BlobStorage(Protocol):
         memory stays bounded by it); BlobMissing if there is none."""
 
     def open_writer(self, key: str) -> BlobWriter: ...
+
+    async def hand_off(self, staged: Path, key: str, size: int) -> None:
+        """`staged` is a copy of the `size` bytes just stored under `key` (an original): consume it,
+        keeping it where a worker on this machine reads it rather than fetching the blob, where the blob
+        is not local itself."""
 
     async def stat(self, key: str) -> BlobInfo | None: ...
 
@@ -239,8 +245,8 @@ class LocalStorage(ScratchFolder):
         os.replace(staged, target)
         return target
 
-    async def put_file(self, staged: Path, key: str) -> None:
-        await asyncio.to_thread(self.commit, staged, key)
+    async def put_file(self, staged: Path, key: str, *, hand_off: bool = False) -> None:
+        await asyncio.to_thread(self.commit, staged, key)  # the blob is a local file: nothing to keep
 
     @contextlib.asynccontextmanager
     async def local_copy(self, key: str) -> AsyncIterator[Path]:
@@ -255,6 +261,9 @@ class LocalStorage(ScratchFolder):
 
     def open_writer(self, key: str) -> BlobWriter:
         return _LocalWriter(self, key)
+
+    async def hand_off(self, staged: Path, key: str, size: int) -> None:
+        await asyncio.to_thread(staged.unlink, missing_ok=True)  # the blob is a local file already
 
     async def stat(self, key: str) -> BlobInfo | None:
         try:

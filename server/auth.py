@@ -83,12 +83,12 @@ async def _authenticated(request: Request) -> Account:
     account = await store.authenticate(api_key)
     if account is None:
         raise await failures.count_failure(address) or Problem(
-            401, "invalid_api_key", _why_refused(api_key), headers=_CHALLENGE
+            401, "invalid_api_key", why_key_refused(api_key), headers=_CHALLENGE
         )
     return account
 
 
-def _why_refused(api_key: str) -> str:
+def why_key_refused(api_key: str) -> str:
     """What a partner can do about a refused key, told from its form alone (nothing about accounts)."""
     if api_key.startswith(WEBHOOK_SECRET_PREFIX):
         return (

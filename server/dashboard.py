@@ -44,6 +44,7 @@ from jobs.records import Account
 from jobs.settings import Settings
 from jobs.store import Store
 from server import batches, deliveries, endpoints, images
+from server.auth import why_key_refused
 from server.changes import ChangeFeed
 from server.docs import IMMUTABLE_ASSET_HEADERS
 from server.failed_authentications import FailedAuthentications, client_address
@@ -237,9 +238,9 @@ async def sign_in(request: Request) -> Response:
     # While the address is limited, its key is not even looked up.
     refused = await failures.refusal(address)
     account = None
+    api_key = str(form.get("api_key", "")).strip()
     if refused is None:
         store: Store = request.app.state.store
-        api_key = str(form.get("api_key", "")).strip()
         account = await store.authenticate(api_key) if api_key else None
         if account is None:
             refused = await failures.count_failure(address)
@@ -248,7 +249,8 @@ async def sign_in(request: Request) -> Response:
         message = f"Too many sign-ins from your network failed. Please try again in {wait}."
         return _sign_in_form(request, message, 429, refused.headers)
     if account is None:
-        return _sign_in_form(request, "That API key is not valid.", 401)
+        why = why_key_refused(api_key)  # what to do about it, as the API tells a partner
+        return _sign_in_form(request, f"{why[0].upper()}{why[1:]}.", 401)
     settings: Settings = request.app.state.settings
     session_id = secrets.token_urlsafe(32)
     saved = {"account_id": account.id, "csrf_token": secrets.token_urlsafe(32)}

@@ -57,13 +57,15 @@ class UploadedFile:
                 await self.stored.write(piece)
 
     async def commit(self, storage: BlobStorage, key: str) -> None:
-        """Store the file under `key`: the upload under way is completed, or the staged file stored."""
+        """Store the file under `key`: the upload under way is completed (and the staged copy handed off
+        to a worker of this machine), or the staged file stored."""
         if self.stored is None:
             await storage.put_file(self.path, key)
             return
         stored, self.stored = self.stored, None
         await self.send_arrived()
         await stored.commit()
+        await storage.hand_off(self.path, key, self.size)
 
 
 @dataclass

@@ -73,7 +73,10 @@ async def test_signing_in_keeps_a_session_id_in_a_strict_cookie_and_never_the_ke
 async def test_a_wrong_key_shows_the_form_again_without_echoing_it(client: httpx.AsyncClient) -> None:
     refused = await sign_in(client, "sk_live_not-a-key")
     assert refused.status_code == 401
-    assert "not valid" in refused.text and "sk_live_not-a-key" not in refused.text
+    assert "not valid: no account has it" in refused.text and "sk_live_not-a-key" not in refused.text
+    # What to do about it, as the API says: a webhook secret pasted in the key's place is named.
+    secret = await sign_in(client, "whsec_pasted-by-mistake")
+    assert secret.status_code == 401 and "this is a webhook secret" in secret.text
 
 
 async def test_a_sign_in_posted_without_its_form_token_is_refused(

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.s3storage import S3Storage
 from jobs.settings import MIN_S3_PART_BYTES, Settings
 from jobs.storage import BlobMissing, BlobStorage, StorageUnavailable, open_storage
 from tests.conftest import on_s3
@@ -237,3 +238,111 @@ async def test_a_missing_bucket_is_the_storage_unavailable_not_a_missing_blob(
         )
     finally:
         await storage.close()
+
+
+@pytest.fixture
+async def web_and_worker_storage(
+    settings: Settings, s3_server: S3Server
+) -> AsyncIterator[tuple[S3Storage, S3Storage, Outage]]:
+    """A web's and a worker's storage sharing one data directory (as the Procfile runs them), on a
+    bucket behind a relay that can cut it off."""
+    outage = await Outage(s3_server).start()
+    on_bucket = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    web, worker = await open_storage(on_bucket), await open_storage(on_bucket)
+    assert isinstance(web, S3Storage) and isinstance(worker, S3Storage)
+    yield web, worker, outage
+    await web.close()
+    await worker.close()
+    await outage.stop()
+
+
+async def store_and_hand_off(web: S3Storage, data: bytes, key: str) -> None:
+    """As the web stores an upload: sent while it arrives, the staged copy handed off once committed."""
+    staged = staged_file(web, data)
+    writer = web.open_writer(key)
+    await writer.write(data)
+    await writer.commit()
+    await web.hand_off(staged, key, len(data))
+    assert not staged.exists()
+
+
+async def test_a_worker_on_the_webs_machine_reads_a_handed_off_original_without_the_bucket(
+    web_and_worker_storage: tuple[S3Storage, S3Storage, Outage],
+) -> None:
+    web, worker, outage = web_and_worker_storage
+    data = os.urandom(300_000)
+    await store_and_hand_off(web, data, "acc_1/img_1/original")
+    outage.cut()
+    async with worker.source("acc_1/img_1/original") as taken:
+        assert isinstance(taken, Path) and taken.read_bytes() == data
+    assert not taken.exists()
+    # Taken once: a re-run of the job fetches the original from the bucket.
+    with pytest.raises(StorageUnavailable):
+        async with worker.source("acc_1/img_1/original"):
+            pass
+    outage.restore()
+    async with worker.source("acc_1/img_1/original") as fetched:
+        assert fetched == data
+
+
+async def test_handed_off_originals_are_kept_newest_first_up_to_the_budget(
+    web_and_worker_storage: tuple[S3Storage, S3Storage, Outage],
+) -> None:
+    web, worker, outage = web_and_worker_storage
+    web.handoff_budget_bytes = 250_000
+    originals = {f"acc_1/img_{n}/original": os.urandom(100_000) for n in range(3)}
+    for key, data in originals.items():
+        await store_and_hand_off(web, data, key)
+    outage.cut()
+    oldest, *newest = originals
+    with pytest.raises(StorageUnavailable):  # removed for the newer ones: only the bucket has it
+        async with worker.source(oldest):
+            pass
+    for key in newest:
+        async with worker.source(key) as taken:
+            assert isinstance(taken, Path) and taken.read_bytes() == originals[key]
+
+
+async def test_an_original_handed_off_again_by_a_job_run_again_counts_once(
+    web_and_worker_storage: tuple[S3Storage, S3Storage, Outage],
+) -> None:
+    web, worker, outage = web_and_worker_storage
+    web.handoff_budget_bytes = 250_000
+    rerun, other = os.urandom(100_000), os.urandom(100_000)
+    for _ in range(2):
+        await store_and_hand_off(web, rerun, "acc_1/img_1/original")
+    await store_and_hand_off(web, other, "acc_1/img_2/original")
+    outage.cut()
+    for key, data in (("acc_1/img_1/original", rerun), ("acc_1/img_2/original", other)):
+        async with worker.source(key) as taken:
+            assert isinstance(taken, Path) and taken.read_bytes() == data
+
+
+async def test_a_deleted_image_leaves_no_handed_off_original(
+    web_and_worker_storage: tuple[S3Storage, S3Storage, Outage],
+) -> None:
+    web, worker, _ = web_and_worker_storage
+    await store_and_hand_off(web, b"photo", "acc_1/img_1/original")
+    await store_and_hand_off(web, b"photo", "acc_1/img_2/original")
+    await web.delete_tree("acc_1/img_1")
+    await web.delete("acc_1/img_2/original")
+    for key in ("acc_1/img_1/original", "acc_1/img_2/original"):
+        with pytest.raises(BlobMissing):
+            async with worker.source(key):
+                pass
+
+
+async def test_no_original_is_handed_off_when_the_disk_is_short_of_room_for_uploads(
+    settings: Settings, s3_server: S3Server
+) -> None:
+    short_of_room = replace(on_s3(settings, s3_server), min_free_bytes=2**62)
+    web, worker = await open_storage(short_of_room), await open_storage(short_of_room)
+    try:
+        assert isinstance(web, S3Storage)
+        await store_and_hand_off(web, b"photo", "acc_1/img_1/original")
+        assert os.listdir(settings.data_dir / ".staging") == []
+        async with worker.source("acc_1/img_1/original") as fetched:
+            assert fetched == b"photo"
+    finally:
+        await web.close()
+        await worker.close()

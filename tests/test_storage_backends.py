@@ -21,6 +21,7 @@ from tests import imagegen
 from tests.conftest import Partner, api_client, on_s3, run_burst, worker_deps
 from tests.receiver import Receiver
 from tests.s3server import Outage, S3Server
+from tests.sources import Reply, SourceServer
 from tests.test_batches import add_files, create_batch, get_batch, seal
 from tests.test_spine import upload
 
@@ -286,3 +287,61 @@ async def test_a_head_request_reads_no_bytes_from_the_bucket(
         head = await client.head(f"/v1/images/{image_id}/original", headers=account.headers)
         assert head.status_code == 200 and head.headers["content-length"] == str(len(original))
         assert outage.bytes_from_s3 - before < len(original) // 2
+
+
+@pytest.mark.parametrize("worker_machine", ["the web's", "another"])
+async def test_a_worker_on_the_webs_machine_renders_an_upload_without_fetching_it(
+    account: Partner,
+    settings: Settings,
+    s3_server: S3Server,
+    outage: Outage,
+    receiver: Receiver,
+    worker_machine: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    web = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    worker = web if worker_machine == "the web's" else replace(web, data_dir=tmp_path_factory.mktemp("other"))
+    original = imagegen.png(600, 400)  # uncompressed enough to stand out from the requests around it
+    async with api_client(web) as client:
+        response = await upload(client, account, original, filename="a.png", callback_url=receiver.url)
+        assert response.status_code == 202, response.text
+        before = outage.bytes_from_s3
+        await run_burst(worker)
+        (delivery,) = receiver.wait_for(1)
+    assert delivery.event["type"] == "image.completed"
+    fetched = outage.bytes_from_s3 - before
+    if worker_machine == "the web's":
+        assert fetched < len(original) // 2
+    else:
+        assert fetched > len(original)
+
+
+async def test_a_worker_renders_a_photo_it_fetched_by_url_without_fetching_it_back(
+    account: Partner,
+    settings: Settings,
+    s3_server: S3Server,
+    outage: Outage,
+    receiver: Receiver,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    web = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
+    worker = replace(web, data_dir=tmp_path_factory.mktemp("worker-machine"))
+    photo = imagegen.png(600, 400)
+    source = SourceServer().start()
+    try:
+        url = source.serve("/a.png", Reply(body=photo, headers={"Content-Type": "image/png"}))
+        async with api_client(web) as client:
+            response = await client.post(
+                "/v1/images", headers=account.headers, json={"source_url": url, "callback_url": receiver.url}
+            )
+            assert response.status_code == 202, response.text
+            before = outage.bytes_from_s3
+            await run_burst(worker)
+            read_from_s3 = outage.bytes_from_s3 - before
+            (delivery,) = receiver.wait_for(1)
+            stored = await client.get(f"/v1/images/{response.json()['id']}/original", headers=account.headers)
+    finally:
+        source.stop()
+    assert delivery.event["type"] == "image.completed"
+    assert read_from_s3 < len(photo) // 2  # stored, not read back
+    assert stored.content == photo
