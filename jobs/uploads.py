@@ -98,7 +98,8 @@ class UploadDesk:
 
     async def land(self, image: ImageRecord, key: str, local: Path | None = None) -> ImageRecord:
         """The bytes of `image`'s upload are stored under `key` (and, when the caller still has them,
-        in the file `local`): check them as a multipart upload is checked, then record the input and
+        in the file `local`, which is handed off once checked: a worker of this machine reads it rather
+        than fetching the blob): check them as a multipart upload is checked, then record the input and
         queue the job (if the upload said how to process it), all in one transaction. Raises
         UploadRefused (the image is failed, the blob deleted), UploadNotPending (another request or the
         sweep moved it on first) or UploadGone (the blob is deleted with both)."""
@@ -119,6 +120,8 @@ class UploadDesk:
             if await self.fail(image, ImageError(refusal.code, refusal.message), "refused") is None:
                 raise UploadNotPending(await self._current(image)) from None
             raise UploadRefused(refusal) from None
+        if local is not None:
+            await self.storage.hand_off(local, key, input_info.bytes)
         starting = upload.starts == "on_upload"
         landed = image.evolve(
             input=input_info,

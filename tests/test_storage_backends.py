@@ -23,6 +23,7 @@ from tests.receiver import Receiver
 from tests.s3server import Outage, S3Server
 from tests.sources import Reply, SourceServer
 from tests.test_batches import add_files, create_batch, get_batch, seal
+from tests.test_direct_uploads import create_upload, put_bytes
 from tests.test_spine import upload
 
 
@@ -289,13 +290,35 @@ async def test_a_head_request_reads_no_bytes_from_the_bucket(
         assert outage.bytes_from_s3 - before < len(original) // 2
 
 
+async def send_upload(
+    client: httpx.AsyncClient, account: Partner, flow: str, photo: bytes, callback: str
+) -> None:
+    """A multipart upload, or a direct upload's create and PUT of the bytes to its URL."""
+    if flow == "multipart":
+        response = await upload(client, account, photo, filename="a.png", callback_url=callback)
+        assert response.status_code == 202, response.text
+        return
+    created = await create_upload(
+        client,
+        account,
+        photo,
+        filename="a.png",
+        content_type="image/png",
+        operations=[{"type": "resize", "params": {"width": 32}}],
+        callback_url=callback,
+    )
+    assert (await put_bytes(client, created, photo)).status_code == 200
+
+
 @pytest.mark.parametrize("worker_machine", ["the web's", "another"])
+@pytest.mark.parametrize("flow", ["multipart", "direct"])
 async def test_a_worker_on_the_webs_machine_renders_an_upload_without_fetching_it(
     account: Partner,
     settings: Settings,
     s3_server: S3Server,
     outage: Outage,
     receiver: Receiver,
+    flow: str,
     worker_machine: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -303,8 +326,7 @@ async def test_a_worker_on_the_webs_machine_renders_an_upload_without_fetching_i
     worker = web if worker_machine == "the web's" else replace(web, data_dir=tmp_path_factory.mktemp("other"))
     original = imagegen.png(600, 400)  # uncompressed enough to stand out from the requests around it
     async with api_client(web) as client:
-        response = await upload(client, account, original, filename="a.png", callback_url=receiver.url)
-        assert response.status_code == 202, response.text
+        await send_upload(client, account, flow, original, receiver.url)
         before = outage.bytes_from_s3
         await run_burst(worker)
         (delivery,) = receiver.wait_for(1)
