@@ -309,16 +309,21 @@ class S3Storage(ScratchFolder):
         digest = hashlib.sha256(f"{self.bucket}/{self.object_key(key)}".encode()).hexdigest()[:40]
         return self._staging / f"handoff-{digest}"
 
-    async def _remove_handed_off(self, prefix: str) -> None:
-        if kept := self._forget_handed_off(prefix):
+    async def _remove_handed_off(self, key: str, *, under: bool = False) -> None:
+        if kept := self._forget_handed_off(key, under=under):
             await asyncio.to_thread(_remove, kept)
 
-    def _forget_handed_off(self, prefix: str) -> list[Path]:
-        """The files this process kept of the blob `prefix` or those under it, no longer counted."""
-        under = [key for key in self._handed_off if key == prefix or key.startswith(prefix + "/")]
+    def _forget_handed_off(self, key: str, *, under: bool = False) -> list[Path]:
+        """The file this process kept of the blob `key` (`under`: of every blob under it), no longer
+        counted."""
+        if under:
+            folder = key + "/"
+            keys = [kept_key for kept_key in self._handed_off if kept_key.startswith(folder)]
+        else:
+            keys = [key] if key in self._handed_off else []
         forgotten = []
-        for key in under:
-            path, size = self._handed_off.pop(key)
+        for kept_key in keys:
+            path, size = self._handed_off.pop(kept_key)
             self._handed_off_bytes -= size
             forgotten.append(path)
         return forgotten
@@ -348,7 +353,7 @@ class S3Storage(ScratchFolder):
         await _call(self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
 
     async def delete_tree(self, prefix: str) -> None:
-        await self._remove_handed_off(prefix)
+        await self._remove_handed_off(prefix, under=True)
         listed = await self._list(prefix)
         await self._delete([entry["Key"] for entry in listed])
 
