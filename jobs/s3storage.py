@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import re
-import shutil
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
@@ -291,7 +290,17 @@ class S3Storage(ScratchFolder):
             _, (oldest, oldest_size) = self._handed_off.popitem(last=False)
             self._handed_off_bytes -= oldest_size
             evicted.append(oldest)
-        await asyncio.to_thread(_keep, staged, kept, evicted, self._settings.min_free_bytes)
+        await asyncio.to_thread(self._keep, staged, kept, evicted)
+
+    def _keep(self, staged: Path, kept: Path, evicted: list[Path]) -> None:
+        # A saving, never a reason to fail the upload: what cannot be kept or removed now, the scratch
+        # folder's sweep removes later.
+        with contextlib.suppress(OSError):
+            _remove(evicted)
+            if self.free_bytes() < self._settings.min_free_bytes:
+                staged.unlink(missing_ok=True)
+            else:
+                os.replace(staged, kept)
 
     def _take_handed_off(self, key: str) -> Path | None:
         """The original a web of this machine kept for us, moved into our own scratch name: a rename, so
@@ -461,17 +470,6 @@ def _first_part(staged: Path, part_size: int) -> tuple[bytes, BinaryIO | None]:
     source.close()
     staged.unlink(missing_ok=True)
     return first, None
-
-
-def _keep(staged: Path, kept: Path, evicted: list[Path], min_free_bytes: int) -> None:
-    # A saving, never a reason to fail the upload: what cannot be kept or removed now, the scratch
-    # folder's sweep removes later.
-    with contextlib.suppress(OSError):
-        _remove(evicted)
-        if shutil.disk_usage(staged.parent).free < min_free_bytes:
-            staged.unlink(missing_ok=True)
-        else:
-            os.replace(staged, kept)
 
 
 def _link(path: Path, other_name: Path) -> int:
