@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.requests import ClientDisconnect
 
 from jobs.logs import configure_logging
 from jobs.pipeline import configure_libvips
@@ -43,6 +44,7 @@ from server.http_limits import HEADER_GUARD_STATE, STOPPING_STATE, BodyDeadlineM
 from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
 from server.problems import (
     Problem,
+    handle_client_gone,
     handle_http_status,
     handle_problem,
     handle_storage_unavailable,
@@ -122,6 +124,7 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: handle_http_status,
             RedisError: handle_store_unavailable,
             StorageUnavailable: handle_storage_unavailable,
+            ClientDisconnect: handle_client_gone,
             Exception: handle_unexpected,
         },
         middleware=[

@@ -135,6 +135,15 @@ async def handle_storage_unavailable(request: Request, exc: Exception) -> Respon
     )
 
 
+async def handle_client_gone(request: Request, exc: Exception) -> Response:
+    """The client closed its connection before its body ended (a phone losing its network mid-`PUT`):
+    nobody reads this answer, but the request's log line and metrics then count it as the client's doing,
+    as a cut-off multipart upload is, not as a fault of ours with a traceback."""
+    return problem_response(
+        request, Problem(400, "client_disconnected", "the connection closed before the request body ended")
+    )
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """A bug of ours still answers in the problem shape (the traceback goes to the server log)."""
     return problem_response(
