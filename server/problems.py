@@ -8,6 +8,7 @@ from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
 
 from jobs.params import FieldError
 from server.request_log import REQUEST_ID_HEADER, request_id_of
@@ -155,7 +156,20 @@ async def handle_http_status(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 answers, in the same problem shape."""
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) or _TITLES.get(status, "Error")
+    headers = getattr(exc, "headers", None)
+    if status == 405:
+        allowed = _allowed_methods(request)
+        detail = f"{request.method} is not allowed here; this route takes {allowed}"
+        headers = {**(headers or {}), "Allow": allowed}
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-    return problem_response(
-        request, Problem(status, code, str(detail), headers=getattr(exc, "headers", None))
-    )
+    return problem_response(request, Problem(status, code, str(detail), headers=headers))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path takes: Starlette's 405 names only the first route matching it,
+    and one path may be served by several (an image's GET and DELETE)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
