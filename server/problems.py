@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from jobs.params import FieldError
+from server.json_response import JSONResponse
 from server.request_log import REQUEST_ID_HEADER, request_id_of
 
 PROBLEM_BASE = "https://darkroom.dev/problems/"

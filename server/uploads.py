@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints, WithJsonSchema
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id, new_id
@@ -44,6 +44,7 @@ from jobs.uploads import (
 from server.auth import counted_request
 from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
+from server.json_response import JSONResponse
 from server.models import Hint, StrictModel, checked_body, given
 from server.problems import Problem, storage_full_problem
 from server.query import QueryModel, query_of, takes_query
