@@ -54,7 +54,7 @@ from webhooks.messages import iso, now_ms
 
 # The media types a direct upload may declare: what we decode (the bytes decide the format in the end).
 ACCEPTED_CONTENT_TYPES = frozenset(
-    {*MEDIA_TYPES.values(), "image/jpg", "image/heic", "image/heic-sequence", "image/heif-sequence"}
+    {*MEDIA_TYPES.values(), "image/jpg", "image/heif", "image/heic-sequence", "image/heif-sequence"}
 )
 MAX_FILENAME_CHARS = 255
 # Digits of a unix time in seconds, far past any expiry we sign.
