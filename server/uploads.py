@@ -333,6 +333,7 @@ async def land_posted_form(request: Request) -> Response:
     image = await _verified_upload(request, landed_path)
     settings: Settings = request.app.state.settings
     desk: UploadDesk = request.app.state.uploads
+    landed_here = False
     try:
         while image.upload is not None and image.upload.status == "pending":
             try:
@@ -346,11 +347,13 @@ async def land_posted_form(request: Request) -> Response:
                     "upload_not_received",
                     "the bucket holds no file for this upload: POST it with the upload_form first",
                 )
-            image = landed
+            image, landed_here = landed, True
     except UploadRefused as refused:
         raise refused_problem(refused.refusal) from None
     except UploadGone:
         raise _gone() from None
+    if not landed_here:  # landing removes the posted file itself
+        await desk.discard_late_post(image)
     return JSONResponse(image.resource(settings.public_url))
 
 
