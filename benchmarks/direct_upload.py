@@ -18,7 +18,9 @@ issue 12's goal: direct p50 - multipart p50 ≤ one request's p50 (`extra_over_m
 ≤ 1). Those are latencies of a few ms, which a loaded machine moves by as much. After the rounds,
 --cpu-requests creates (their bytes never sent) and plain GETs taking turns with nothing else in flight
 (`create_in_requests_idle`: in the rounds each request follows a webhook, while the service still ends
-that image's job and records its delivery on the same cores), then `web_cpu_ms_per_request`, the web's
+that image's job and records its delivery on the same cores), also as the web's request log times them
+(`create_in_requests_idle_in_service`: request start to answer sent, without the client library's
+encoding of the create's body and decoding of its 2.5 KB answer), then `web_cpu_ms_per_request`, the web's
 CPU per create and per plain GET, --cpu-requests of each: the handler's own work. `--profile web` runs
 the web under py-spy and keeps its stacks. `--storage s3` stores blobs on an S3 API server (moto's, a
 separate process, as the tests start it): the create then also signs the upload's presigned POST form;
@@ -57,6 +59,9 @@ from throughput import (
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the tests' S3 server helper, reused rather than copied
 from tests.s3server import CREDENTIALS, REGION, S3Server  # noqa: E402
+
+# The request ids of the idle phase's requests, found again in the web's request log.
+IDLE_CREATE, IDLE_PLAIN = "bench-idle-create-", "bench-idle-plain-"
 
 
 def summary(seconds: list[float]) -> dict[str, float]:
@@ -133,14 +138,31 @@ async def idle_latencies(
     create = declared_upload(1000, receiver_url)
     creates: list[float] = []
     plain: list[float] = []
-    for _ in range(count):
+    for index in range(count):
+        tagged = {**headers, "X-Request-Id": f"{IDLE_CREATE}{index}"}
         sent = time.perf_counter()
-        async with session.post(f"{base_url}/v1/uploads", json=create, headers=headers) as response:
+        async with session.post(f"{base_url}/v1/uploads", json=create, headers=tagged) as response:
             assert response.status == 201, await response.text()
             await response.json()
         creates.append(time.perf_counter() - sent)
-        plain.append(await plain_request_once(session, base_url, headers, image_id))
+        tagged = {**headers, "X-Request-Id": f"{IDLE_PLAIN}{index}"}
+        plain.append(await plain_request_once(session, base_url, tagged, image_id))
     return creates, plain
+
+
+def in_service_seconds(web_log: Path) -> dict[str, list[float]]:
+    """The idle creates' and plain GETs' time in the web (its request log's `latency_ms`: from the
+    request's start to its answer's last byte handed to the socket), by the request ids they were sent
+    with. What the client library spends sending and decoding is not in it."""
+    seconds: dict[str, list[float]] = {IDLE_CREATE: [], IDLE_PLAIN: []}
+    for line in web_log.read_text(errors="replace").splitlines():
+        if '"latency_ms"' not in line:
+            continue
+        entry = json.loads(line)
+        for tag, found in seconds.items():
+            if entry.get("request_id", "").startswith(tag):
+                found.append(entry["latency_ms"] / 1000)
+    return seconds
 
 
 async def web_cpu_per_request(
@@ -216,6 +238,7 @@ async def run(
                 session, service, headers, image_id, receiver.url, cpu_requests
             )
         await receiver.stop()
+    in_service = in_service_seconds(service.logs / "web.log")
     multipart_ms, direct_ms, plain_ms = summary(multipart), summary(direct), summary(plain)
     extra = round(direct_ms["p50"] - multipart_ms["p50"], 2)
     return {
@@ -234,6 +257,13 @@ async def run(
         "idle_create_request_ms": summary(idle_creates),
         "idle_plain_request_ms": summary(idle_plain),
         "create_in_requests_idle": round(statistics.median(idle_creates) / statistics.median(idle_plain), 2),
+        "idle_in_service_ms": {
+            "create": summary(in_service[IDLE_CREATE]),
+            "plain_request": summary(in_service[IDLE_PLAIN]),
+        },
+        "create_in_requests_idle_in_service": round(
+            statistics.median(in_service[IDLE_CREATE]) / statistics.median(in_service[IDLE_PLAIN]), 2
+        ),
         "web_cpu_ms_per_request": web_cpu_ms,
     }
 

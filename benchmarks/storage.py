@@ -10,7 +10,7 @@ loopback. Each round: --images uploads with --concurrency in flight, from the fi
 last signed webhook received (the task is throughput.py's: resize to 512 px, JPEG q80).
 
 Two placements of the processes, taking turns within every round (pinned local, pinned S3, shared
-local, shared S3), so load from elsewhere hits all alike:
+local, shared S3; every other round S3 before local), so load from elsewhere hits all alike:
 
 - `pinned`, the primary figure (`ratio`): the S3 server and this client (the partners and the bucket,
   which production runs on other machines) on the last CPU, every thread of both services' redis, web
@@ -238,9 +238,12 @@ async def alternate(
                 for photo in photos:  # warm: imports, pools, libvips
                     await client.one(photo)
             for round_number in range(rounds):
+                # Which service goes first alternates, so neither always follows the other's tail (its
+                # last deliveries, its cleanup) or meets the machine's drift within a round first.
+                order = list(clients.items())[:: -1 if round_number % 2 else 1]
                 for placement in placements():
                     place(placement, list(services.values()), s3_server_pid)
-                    for name, client in clients.items():
+                    for name, client in order:
                         receiver.secret = client.account["webhook_secret"]
                         found = await measure_round(client, sequence, concurrency, placement, s3_server_pid)
                         measured.of(placement.name, name).append(found)
@@ -284,7 +287,7 @@ def placement_report(measured: Measured, placement: Placement) -> dict[str, Any]
         "local_images_per_s": round(local_rate, 2),
         "s3_images_per_s": round(s3_rate, 2),
         "ratio": round(s3_rate / local_rate, 3),
-        # Each S3 round against the local round just before it: how steady the ratio is.
+        # Each S3 round against the local round beside it: how steady the ratio is.
         "ratio_by_round": [round(b.images_per_s / a.images_per_s, 3) for a, b in zip(local, s3, strict=True)],
         "rounds": each(lambda r: r.images_per_s),
         "others_cores": each(lambda r: r.cpu_ms["others_cores"]),

@@ -211,7 +211,7 @@ def _coerce(spec: _FieldSpec, value: object) -> object:
     if spec.bounds is not None and isinstance(value, int | float):
         low, high = spec.bounds.minimum, spec.bounds.maximum
         if (low is not None and value < low) or (high is not None and value > high):
-            raise ValueError(f"must be between {_number(low)} and {_number(high)}")
+            raise ValueError(_out_of_bounds(low, high))
     if spec.pattern is not None and isinstance(value, str) and not re.fullmatch(spec.pattern.regex, value):
         raise ValueError(f"must be {spec.pattern.description}")
     if spec.kinds[0] is float and isinstance(value, int):
@@ -225,7 +225,15 @@ def _describe(spec: _FieldSpec) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[spec.kinds[0]]
 
 
-def _number(value: float | None) -> str:
-    if value is None:
-        return "any"
+def _out_of_bounds(low: float | None, high: float | None) -> str:
+    # An open end is no number to quote: "between 0 and any" read as if any value passed.
+    if low is not None and high is not None:
+        return f"must be between {_number(low)} and {_number(high)}"
+    if low is not None:
+        return f"must be at least {_number(low)}"
+    assert high is not None, "a value is out of bounds only where one is set"
+    return f"must be at most {_number(high)}"
+
+
+def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)

@@ -19,7 +19,8 @@ after three attempts) is StorageUnavailable.
 
 A worker on the web's machine (one `DARKROOM_DATA_DIR`, as the Procfile runs them) skips the fetch of an
 original the web just stored: the web keeps its scratch copy (`hand_off`) and the worker takes it
-(`source`), a request and a download fewer per image.
+(`source`), a request and a download fewer per image. Only while a worker says it is there
+(`take_handoffs`): a web on a machine of its own keeps nothing, which no one would take.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import logging
 import os
 import random
 import re
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import AsyncExitStack
@@ -81,6 +83,16 @@ _PROBE_KEY = "darkroom-probe"
 # worker takes one within moments of its upload; the rest were taken by workers elsewhere, or never will
 # be, and are removed as newer ones arrive (or by the scratch folder's sweep after a restart).
 HANDOFF_BUDGET_BYTES = 256 * 1024 * 1024
+# A kept original no worker took within this long was rendered elsewhere (or is fetched when its job
+# comes): removed by the scratch folder's sweep, so that it is not kept on this disk for the folder's hours
+# after its image may have been deleted through another web process.
+HANDOFF_MAX_AGE_SECONDS = 600.0
+# A worker sharing the data directory says so this often (the mark's time), and a web keeps originals
+# for it while the mark is younger than HANDOFF_TAKER_SILENT_SECONDS.
+HANDOFF_TAKER_ANNOUNCE_SECONDS = 30.0
+HANDOFF_TAKER_SILENT_SECONDS = 90.0
+_HANDOFF_PREFIX = "handoff-"
+_HANDOFF_TAKERS_MARK = "workers-here"
 # How S3 explains a refusal in its XML error body.
 _ERROR_FIELD = re.compile(rb"<(Code|Message)>([^<]*)</\1>")
 
@@ -103,6 +115,7 @@ class S3Storage(ScratchFolder):
         # The originals this process kept for a local worker, oldest first: key -> (file, size).
         self._handed_off: OrderedDict[str, tuple[Path, int]] = OrderedDict()
         self._handed_off_bytes = 0
+        self._announcing: asyncio.Task[None] | None = None
 
     async def prepare(self) -> None:
         self._staging.mkdir(parents=True, exist_ok=True)
@@ -147,9 +160,51 @@ class S3Storage(ScratchFolder):
         )
 
     async def close(self) -> None:
+        if self._announcing is not None:
+            self._announcing.cancel()
+            self._announcing = None
         self._client = None
         self._http = None
         await self._exit_stack.aclose()
+
+    async def take_handoffs(self) -> None:
+        """Say, until closed, that a worker here takes the originals web processes sharing this scratch
+        folder hand off."""
+        await asyncio.to_thread(self._announce_taker)
+        self._announcing = asyncio.create_task(self._keep_announcing())
+
+    async def _keep_announcing(self) -> None:
+        while True:
+            await asyncio.sleep(HANDOFF_TAKER_ANNOUNCE_SECONDS)
+            await asyncio.to_thread(self._announce_taker)
+
+    def _announce_taker(self) -> None:
+        # Unsaid, it costs the webs' saving only (the worker fetches originals): said again next time.
+        with contextlib.suppress(OSError):
+            (self._staging / _HANDOFF_TAKERS_MARK).touch()
+
+    def _handoff_taker_here(self) -> bool:
+        """Whether a worker sharing this scratch folder said so lately. Asked on the loop: a stat of a
+        file in this folder costs less than the hop to a thread."""
+        try:
+            announced = (self._staging / _HANDOFF_TAKERS_MARK).stat().st_mtime
+        except OSError:
+            return False
+        return time.time() - announced < HANDOFF_TAKER_SILENT_SECONDS
+
+    def remove_staged_before(self, cutoff: float) -> int:
+        """As the scratch folder's rule has it; and the originals kept for a worker here that none took
+        within HANDOFF_MAX_AGE_SECONDS."""
+        removed = super().remove_staged_before(cutoff)
+        untaken_before = time.time() - HANDOFF_MAX_AGE_SECONDS
+        for kept in self._staging.glob(f"{_HANDOFF_PREFIX}*"):
+            try:
+                if kept.stat().st_mtime < untaken_before:
+                    kept.unlink()
+                    removed += 1
+            except FileNotFoundError:  # taken meanwhile
+                continue
+        return removed
 
     @property
     def client(self) -> S3Client:
@@ -280,7 +335,11 @@ class S3Storage(ScratchFolder):
 
     async def hand_off(self, staged: Path, key: str, size: int) -> None:
         """Keep `staged`, a copy of the blob just stored under `key`, where a worker sharing this
-        process's scratch folder finds it (`source`); unless the disk is short of room for uploads."""
+        process's scratch folder finds it (`source`); unless none is there, or the disk is short of room
+        for uploads."""
+        if not self._handoff_taker_here():
+            await asyncio.to_thread(_remove, [staged])
+            return
         kept = self._handoff_path(key)
         self._forget_handed_off(key)  # a job run again hands its original off again, in the same place
         self._handed_off[key] = (kept, size)
@@ -316,7 +375,7 @@ class S3Storage(ScratchFolder):
     def _handoff_path(self, key: str) -> Path:
         # Named by a digest: the prefix and key may hold any character a file name cannot.
         digest = hashlib.sha256(f"{self.bucket}/{self.object_key(key)}".encode()).hexdigest()[:40]
-        return self._staging / f"handoff-{digest}"
+        return self._staging / f"{_HANDOFF_PREFIX}{digest}"
 
     async def _remove_handed_off(self, key: str, *, under: bool = False) -> None:
         if kept := self._forget_handed_off(key, under=under):

@@ -157,7 +157,7 @@ class Settings:
         if part_size < MIN_S3_PART_BYTES:
             raise SettingsError(f"DARKROOM_S3_PART_SIZE must be at least {MIN_S3_PART_BYTES} (5 MiB)")
         settings = cls(
-            redis_url=env.get("REDIS_URL", ""),
+            redis_url=_redis_url(env),
             data_dir=data_dir,
             storage_url=storage_url,
             public_url=(env.get("DARKROOM_PUBLIC_URL") or f"http://localhost:{port}").rstrip("/"),
@@ -215,6 +215,17 @@ class Settings:
         # A storage URL Darkroom cannot use stops the process at start, not at its first upload.
         _ = settings.s3_location if settings.uses_s3 else settings.storage_root
         return settings
+
+
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(env: Mapping[str, str]) -> str:
+    # redis-py refuses any other URL with a traceback, first met in the middle of a command or a request.
+    url = env.get("REDIS_URL", "")
+    if url and urlsplit(url).scheme not in REDIS_URL_SCHEMES:
+        raise SettingsError(f"REDIS_URL must be redis://host:port/0 (or rediss://, unix://), got {url!r}")
+    return url
 
 
 _ON = frozenset({"1", "true", "yes", "on"})

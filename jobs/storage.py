@@ -143,6 +143,10 @@ class BlobStorage(Protocol):
         keeping it where a worker on this machine reads it rather than fetching the blob, where the blob
         is not local itself."""
 
+    async def take_handoffs(self) -> None:
+        """A worker's: say, until closed, that it takes what processes sharing its scratch folder hand
+        off (nothing to say where blobs are local)."""
+
     async def stat(self, key: str) -> BlobInfo | None: ...
 
     async def read_head(self, key: str, size: int) -> bytes: ...
@@ -264,6 +268,9 @@ class LocalStorage(ScratchFolder):
 
     async def hand_off(self, staged: Path, key: str, size: int) -> None:
         await asyncio.to_thread(staged.unlink, missing_ok=True)  # the blob is a local file already
+
+    async def take_handoffs(self) -> None:
+        return None
 
     async def stat(self, key: str) -> BlobInfo | None:
         try:

@@ -36,7 +36,7 @@ from arq.connections import ArqRedis
 from jobs import events
 from jobs.batches import Batches
 from jobs.inspection import ImageRefused, inspect_stored
-from jobs.records import ImageError, ImageRecord, InputInfo, UploadStatus, utc_now
+from jobs.records import ImageError, ImageRecord, InputInfo, UploadStatus, original_key, utc_now
 from jobs.settings import Settings
 from jobs.storage import BlobStorage
 from jobs.store import EXPIRING_UPLOADS_KEY, Store
@@ -173,6 +173,12 @@ class UploadDesk:
                 staged.unlink(missing_ok=True)
         await self.storage.delete(posted_key)
         return landed
+
+    async def discard_late_post(self, image: ImageRecord) -> None:
+        """Remove what a form POST put in the bucket after `image`'s upload moved on: the form is good
+        until it expires and may be posted again, but only bytes that were pending land; what came later
+        would never be read, and would stay until the image goes."""
+        await self.storage.delete(original_key(image.account_id, image.id))
 
     async def _inspect(self, path: Path, filename: str | None) -> InputInfo:
         return await asyncio.to_thread(inspect_stored, path, filename, self.settings)

@@ -217,6 +217,7 @@ async def links_from_the_web(settings: Settings, store: Store) -> Settings:
 async def startup(ctx: dict[str, Any]) -> None:
     settings = await links_from_the_web(ctx["settings"], Store(ctx["redis"]))
     deps = await build_deps(settings, ctx["redis"])
+    await deps.storage.take_handoffs()
     lane = deps.redis.lane
     if lane is not Lane.BULK:
         # The express lane's dispatcher sends the bulk lane's webhooks too (each image's is announced

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,12 +17,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.requests import ClientDisconnect
 
 from jobs.logs import configure_logging
 from jobs.pipeline import configure_libvips
 from jobs.queue import QueuePool
+from jobs.retention import staging_max_age
 from jobs.settings import Settings
-from jobs.storage import StorageUnavailable, open_storage
+from jobs.storage import BlobStorage, StorageUnavailable, open_storage
 from jobs.store import Store
 from jobs.uploads import UploadDesk
 from server import (
@@ -43,6 +47,7 @@ from server.http_limits import HEADER_GUARD_STATE, STOPPING_STATE, BodyDeadlineM
 from server.idempotency import IdempotencyMiddleware, IdempotencyRecords
 from server.problems import (
     Problem,
+    handle_client_gone,
     handle_http_status,
     handle_problem,
     handle_storage_unavailable,
@@ -58,6 +63,8 @@ from server.request_log import RequestLogMiddleware
 # blocking commands, and its slowest script answers in milliseconds.
 REDIS_COMMAND_TIMEOUT_SECONDS = 5.0
 ANNOUNCE_RETRY_SECONDS = 1.0
+# As often as the workers' retention sweep clears their own scratch folders.
+SCRATCH_SWEEP_SECONDS = 300.0
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -86,6 +93,7 @@ def create_app(settings: Settings) -> Starlette:
             await app.state.store.announce_public_url(settings.public_url)
         except RedisError:
             announcing = asyncio.create_task(_announce_public_url(app.state.store, settings.public_url))
+        sweeping = asyncio.create_task(_sweep_scratch(storage, settings))
         try:
             async with (
                 app.state.changes.running(),
@@ -97,6 +105,7 @@ def create_app(settings: Settings) -> Starlette:
                     STOPPING_STATE: app.state.changes.stop_waiting,
                 }
         finally:
+            sweeping.cancel()
             if announcing is not None:
                 announcing.cancel()
             await redis.aclose(close_connection_pool=True)
@@ -122,6 +131,7 @@ def create_app(settings: Settings) -> Starlette:
             HTTPException: handle_http_status,
             RedisError: handle_store_unavailable,
             StorageUnavailable: handle_storage_unavailable,
+            ClientDisconnect: handle_client_gone,
             Exception: handle_unexpected,
         },
         middleware=[
@@ -157,6 +167,17 @@ async def _announce_public_url(store: Store, public_url: str) -> None:
             return
         except RedisError:
             await asyncio.sleep(ANNOUNCE_RETRY_SECONDS)
+
+
+async def _sweep_scratch(storage: BlobStorage, settings: Settings) -> None:
+    """Remove what this process's scratch folder holds past the age no job's file reaches, as workers do
+    in theirs: a web process on a machine of its own (S3 storage) has no worker beside it to do it, and
+    would keep for good what a killed upload left and the originals it kept for a local worker before a
+    restart, which nobody takes once the process that counted them is gone."""
+    while True:
+        with contextlib.suppress(OSError):  # a folder that cannot be read now may be swept next time
+            await asyncio.to_thread(storage.remove_staged_before, time.time() - staging_max_age(settings))
+        await asyncio.sleep(SCRATCH_SWEEP_SECONDS)
 
 
 def __getattr__(name: str) -> Any:

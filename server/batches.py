@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, InstanceOf, ValidationError, ValidationInfo, WithJsonSchema
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.batches import BatchClosed, BatchEmpty
@@ -20,6 +20,7 @@ from server.blobs import blob_response
 from server.conditional import none_match
 from server.images import accept_uploads, batches_of, new_images, open_batch, store_and_queue
 from server.json_body import media_type, read_json_object
+from server.json_response import JSONResponse
 from server.long_poll import settled_response
 from server.models import (
     DestinationUrl,

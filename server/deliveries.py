@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id
@@ -15,6 +15,7 @@ from jobs.settings import Settings
 from jobs.store import Store
 from server.auth import require_account
 from server.json_body import TIME_FORMAT_HINT, Rfc3339Time, read_json_object
+from server.json_response import JSONResponse
 from server.models import Hint, StrictModel, checked_body
 from server.pagination import MessageCursor, PageQuery, page_response
 from server.problems import Problem, validation_problem

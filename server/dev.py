@@ -33,7 +33,7 @@ def _ensure_dev_account(settings: Settings, saved: Path) -> tuple[dict[str, str]
     """The dev account survives restarts (its key is kept in the data dir, readable only by you)."""
     known = json.loads(saved.read_text()) if saved.exists() else None
     account, created = asyncio.run(_dev_account(settings, known))
-    if created:
+    if account != known:
         saved.unlink(missing_ok=True)
         # Created owner-only, so the key is never readable by others, not even for a moment.
         with os.fdopen(os.open(saved, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as file:
@@ -46,8 +46,11 @@ async def _dev_account(settings: Settings, known: dict[str, str] | None) -> tupl
     if known is not None:
         store = Store.connect(settings.require_redis())
         try:
-            if await store.authenticate(known["api_key"]) is not None:
-                return known, False
+            account = await store.authenticate(known["api_key"])
+            if account is not None:
+                # The secret that signs now: a `POST /v1/webhook-secret/rotate` made the saved one stop
+                # verifying 24 h later, and the banner's `webhooks listen` then rejected every delivery.
+                return {**known, "webhook_secret": account.webhook_secret}, False
         finally:
             await store.close()
     return account_json(await create_account(settings, "dev")), True

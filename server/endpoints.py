@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id, new_id
@@ -16,6 +16,7 @@ from jobs.store import Store
 from server.auth import require_account
 from server.deliveries import accepted_message
 from server.json_body import Rfc3339Time, read_json_object
+from server.json_response import JSONResponse
 from server.models import (
     DestinationUrl,
     Hint,

@@ -8,13 +8,14 @@ from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from jobs.ids import id_pattern
 from jobs.records import Account, ImageRecord
 from jobs.settings import Settings
 from jobs.store import Store
 from jobs.uploads import UploadDesk, UploadGone, UploadNotPending, UploadRefused, image_id_for
+from server.json_response import JSONResponse
 from server.models import Hint, StrictModel, checked_body, given
 from server.problems import Problem
 from server.upload_fields import ImageChoices

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.archive import safe_entry_name
@@ -27,6 +27,7 @@ from server.auth import require_account
 from server.blobs import blob_response
 from server.image_json import start_upload
 from server.json_body import media_type, read_json_object
+from server.json_response import JSONResponse
 from server.long_poll import settled_response
 from server.models import Hint, checked_body, given, refusal
 from server.multipart import UploadedFile, receive_multipart

@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from jobs.settings import Settings
 from server.auth import require_account
 from server.changes import ChangeFeed, Watch
+from server.json_response import JSONResponse
 
 PREFERENCE_APPLIED = "Preference-Applied"
 # One preference of a Prefer field (RFC 7240 §2): `wait=N`, N delta-seconds, the value maybe quoted.

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from jobs.ids import id_pattern
@@ -21,6 +21,7 @@ from server.endpoints import EndpointChanges, NewEndpoint, Recovery
 from server.idempotency import MAX_KEY_LENGTH
 from server.image_json import UploadStart
 from server.images import ImageForm, ImageFromUrl
+from server.json_response import JSONResponse
 from server.long_poll import PREFERENCE_APPLIED
 from server.models import COMPONENT_REF, non_null
 from server.query import QueryModel, query_model

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol, TypeVar
 
 from pydantic import Field
-from starlette.responses import JSONResponse
 
+from server.json_response import JSONResponse
 from server.models import Hint
 from server.query import ASCII_INTEGER, BLANK_IS_ABSENT, BatchId, ImageId, MessageId, QueryModel
 

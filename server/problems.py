@@ -7,9 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from jobs.params import FieldError
+from server.json_response import JSONResponse
 from server.request_log import REQUEST_ID_HEADER, request_id_of
 
 PROBLEM_BASE = "https://darkroom.dev/problems/"
@@ -135,6 +137,15 @@ async def handle_storage_unavailable(request: Request, exc: Exception) -> Respon
     )
 
 
+async def handle_client_gone(request: Request, exc: Exception) -> Response:
+    """The client closed its connection before its body ended (a phone losing its network mid-`PUT`):
+    nobody reads this answer, but the request's log line and metrics then count it as the client's doing,
+    as a cut-off multipart upload is, not as a fault of ours with a traceback."""
+    return problem_response(
+        request, Problem(400, "client_disconnected", "the connection closed before the request body ended")
+    )
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     """A bug of ours still answers in the problem shape (the traceback goes to the server log)."""
     return problem_response(
@@ -146,7 +157,20 @@ async def handle_http_status(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 answers, in the same problem shape."""
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) or _TITLES.get(status, "Error")
+    headers = getattr(exc, "headers", None)
+    if status == 405:
+        allowed = _allowed_methods(request)
+        detail = f"{request.method} is not allowed here; this route takes {allowed}"
+        headers = {**(headers or {}), "Allow": allowed}
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-    return problem_response(
-        request, Problem(status, code, str(detail), headers=getattr(exc, "headers", None))
-    )
+    return problem_response(request, Problem(status, code, str(detail), headers=headers))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the request's path takes: Starlette's 405 names only the first route matching it,
+    and one path may be served by several (an image's GET and DELETE)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints, WithJsonSchema
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from jobs.ids import is_id, new_id
@@ -44,6 +44,7 @@ from jobs.uploads import (
 from server.auth import counted_request
 from server.images import batch_named, new_images, record_new_images, refused_problem
 from server.json_body import read_json_object
+from server.json_response import JSONResponse
 from server.models import Hint, StrictModel, checked_body, given
 from server.problems import Problem, storage_full_problem
 from server.query import QueryModel, query_of, takes_query
@@ -53,7 +54,7 @@ from webhooks.messages import iso, now_ms
 
 # The media types a direct upload may declare: what we decode (the bytes decide the format in the end).
 ACCEPTED_CONTENT_TYPES = frozenset(
-    {*MEDIA_TYPES.values(), "image/jpg", "image/heic", "image/heic-sequence", "image/heif-sequence"}
+    {*MEDIA_TYPES.values(), "image/jpg", "image/heif", "image/heic-sequence", "image/heif-sequence"}
 )
 MAX_FILENAME_CHARS = 255
 # Digits of a unix time in seconds, far past any expiry we sign.
@@ -332,6 +333,7 @@ async def land_posted_form(request: Request) -> Response:
     image = await _verified_upload(request, landed_path)
     settings: Settings = request.app.state.settings
     desk: UploadDesk = request.app.state.uploads
+    landed_here = False
     try:
         while image.upload is not None and image.upload.status == "pending":
             try:
@@ -345,11 +347,13 @@ async def land_posted_form(request: Request) -> Response:
                     "upload_not_received",
                     "the bucket holds no file for this upload: POST it with the upload_form first",
                 )
-            image = landed
+            image, landed_here = landed, True
     except UploadRefused as refused:
         raise refused_problem(refused.refusal) from None
     except UploadGone:
         raise _gone() from None
+    if not landed_here:  # landing removes the posted file itself
+        await desk.discard_late_post(image)
     return JSONResponse(image.resource(settings.public_url))
 
 

@@ -490,6 +490,8 @@ def test_problems_become_typed_errors(stack: Stack, partner: Partner) -> None:
             darkroom.images.upload(imagegen.jpeg(), operations=[{"type": "resize", "params": {"width": 0}}])
         assert invalid.value.status == 422
         assert [error["field"] for error in invalid.value.errors] == ["operations[0].params.width"]
+        # Its message (what a traceback and the CLI print) names the field, not just "see errors".
+        assert "(operations[0].params.width: must be between 1 and 16384)" in str(invalid.value)
     with Darkroom("sk_live_wrong", stack.base_url) as stranger, pytest.raises(AuthenticationError) as refused:
         stranger.images.list_page(None)
     assert refused.value.code == "invalid_api_key"
@@ -598,6 +600,21 @@ def test_cli_with_no_service_at_its_url_says_so(stack: Stack, partner: Partner, 
     assert done.returncode == 2, done.stderr
     assert f"darkroom upload: no answer from {nowhere} (ConnectError" in done.stderr
     assert "is the service running there? (--url or DARKROOM_URL)" in done.stderr
+
+
+def test_cli_with_a_url_without_its_scheme_says_so_at_once(photos: Path) -> None:
+    """`--url 127.0.0.1:8000` was retried for seconds as a transport error, then called no service."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(BIN / "darkroom"), "upload", str(photos), "--url", "127.0.0.1:9", "--api-key", "sk_live_x"],
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "starts with http:// or https:// (given: '127.0.0.1:9') (--url or DARKROOM_URL)" in done.stderr
+    assert time.monotonic() - started < 3, "refused before any request, not after the retries"
 
 
 # The retry loop, stepped by hand: the sans-IO core yields what it would send and takes the answers, so

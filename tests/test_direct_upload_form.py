@@ -229,9 +229,14 @@ async def test_a_second_form_post_after_landing_does_not_replace_the_checked_ori
     # The form is good until it expires: posted again, with other bytes of the same size, after the checks.
     other = imagegen.png(40, 30)
     other += b"\0" * (len(photo) - len(other))
-    landed_url(await post_form(created, other))
+    again = await client.get(landed_url(await post_form(created, other)))
+    assert (again.status_code, again.json()["upload"]["status"]) == (200, "started")
+    # What it put in the bucket is not kept there for the image's lifetime, never to be read.
+    image_id = created["image"]["id"]
+    (kept,) = await stored_keys(s3_settings, f"{account.id}/{image_id}")
+    assert kept.startswith(f"{account.id}/{image_id}/original-")
     await run_burst(s3_settings)
-    original = await client.get(f"/v1/images/{created['image']['id']}/original", headers=account.headers)
+    original = await client.get(f"/v1/images/{image_id}/original", headers=account.headers)
     assert original.content == photo
-    output = await client.get(f"/v1/images/{created['image']['id']}/output", headers=account.headers)
+    output = await client.get(f"/v1/images/{image_id}/output", headers=account.headers)
     assert pyvips.Image.new_from_buffer(output.content, "").height == 24

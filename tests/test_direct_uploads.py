@@ -103,6 +103,25 @@ async def test_create_then_put_processes_and_announces_the_result(
     assert original.content == photo
 
 
+@pytest.mark.parametrize(
+    ("filename", "content_type"), [("IMG_0001.HEIC", "image/heic"), ("a.heif", "image/heif")]
+)
+async def test_a_phone_photo_is_taken_under_either_heif_media_type(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, filename: str, content_type: str
+) -> None:
+    """image/heif is HEIF's registered media type; image/heic is what iPhones send."""
+    photo = imagegen.heic(64, 48)
+    created = await create_upload(
+        client, account, photo, filename=filename, content_type=content_type, operations=RESIZE_TO_32_PNG
+    )
+    assert created["upload_headers"] == {"Content-Type": content_type}
+    assert (await put_bytes(client, created, photo)).status_code == 200
+
+    await run_burst(settings)
+    image = await image_of(client, account, created["image"]["id"])
+    assert (image["status"], image["input"]["format"], image["output"]["width"]) == ("completed", "heif", 32)
+
+
 @pytest.mark.parametrize("starts", ["on_upload", "on_request"])
 async def test_a_direct_uploads_queue_wait_starts_when_it_is_handed_to_processing(
     client: httpx.AsyncClient, account: Partner, settings: Settings, redis: Redis, starts: str

@@ -4,11 +4,13 @@ a header block too large, too slow or one of too many waiting, and a body that s
 from __future__ import annotations
 
 import json
+import re
 import selectors
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ import pytest
 from server.embedded_redis import EmbeddedRedis
 from tests.conftest import Partner
 from tests.test_processes import (
+    Child,
     Children,
     base_env,
     children,  # noqa: F401  (the fixture that stops the web process)
@@ -33,7 +36,17 @@ QUICKLY = 2.0
 
 
 @pytest.fixture
-def web(children: Children, redis_server: EmbeddedRedis, tmp_path: Path) -> Iterator[str]:  # noqa: F811
+def web(web_process: tuple[str, Child]) -> str:
+    return web_process[0]
+
+
+@pytest.fixture
+def web_process(
+    children: Children,  # noqa: F811
+    redis_server: EmbeddedRedis,
+    tmp_path: Path,
+) -> Iterator[tuple[str, Child]]:
+    """The web process's base URL, and the process, whose log a test reads."""
     port = free_port()
     env = {
         **base_env(tmp_path / "data", port),
@@ -45,7 +58,7 @@ def web(children: Children, redis_server: EmbeddedRedis, tmp_path: Path) -> Iter
     child = children.start("web", procfile_command("web", port), env)
     base_url = f"http://127.0.0.1:{port}"
     wait_until_ready(base_url, [child])
-    yield base_url
+    yield base_url, child
 
 
 def address(base_url: str) -> tuple[str, int]:
@@ -199,3 +212,31 @@ def test_a_body_that_stops_arriving_is_408(web: str, account: Partner) -> None:
     problem = json.loads(body)
     assert problem["code"] == "request_timeout"
     assert f"stopped arriving for {BODY_IDLE_TIMEOUT:g} s" in problem["detail"]
+
+
+def test_a_client_gone_mid_body_is_logged_as_its_doing_without_a_traceback(
+    web_process: tuple[str, Child], account: Partner
+) -> None:
+    """A phone that loses its network mid-`PUT`, or a script killed mid-POST: a 400 in the request log,
+    not a 500 with an `Exception in ASGI application` traceback that pages someone."""
+    base_url, child = web_process
+    created = httpx.post(
+        f"{base_url}/v1/uploads",
+        headers=account.headers,
+        json={"filename": "a.jpg", "content_type": "image/jpeg", "size": 100_000},
+    )
+    assert created.status_code == 201, created.text
+    signed = urlsplit(created.json()["upload_url"])
+    cut_off = {
+        "PUT /v1/uploads/": f"PUT {signed.path}?{signed.query} HTTP/1.1\r\nContent-Type: image/jpeg\r\n"
+        "Content-Length: 100000\r\n",
+        "POST /v1/batches": f"POST /v1/batches HTTP/1.1\r\nAuthorization: Bearer {account.api_key}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n",
+    }
+    for logged_as, head in cut_off.items():
+        with socket.create_connection(address(base_url)) as sock:
+            sock.sendall(f"{head}Host: darkroom\r\n\r\n".encode() + b"{" * 10)
+            time.sleep(0.3)  # the body is being read when the connection closes
+        status = child.wait_for_line(re.escape(logged_as) + r"\S* (\d{3})\b", timeout=QUICKLY * 5)[1]
+        assert status == "400", child.output()
+    assert "Traceback" not in child.output()

@@ -396,7 +396,19 @@ async def test_unknown_route_is_404_problem(client: httpx.AsyncClient, account: 
     assert_problem(response, 404, "not_found")
 
 
-async def test_wrong_method_is_405_problem(client: httpx.AsyncClient, account: Partner) -> None:
-    response = await client.put("/v1/images", headers=account.headers)
-    assert_problem(response, 405)
-    assert "POST" in response.headers["allow"]
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("PUT", "/v1/images", "GET, HEAD, POST"),
+        ("POST", f"/v1/images/img_{'0' * 26}", "DELETE, GET, HEAD"),
+        ("PUT", f"/v1/webhook-endpoints/ep_{'0' * 26}", "DELETE, GET, HEAD, PATCH"),
+        ("DELETE", f"/v1/batches/bat_{'0' * 26}", "GET, HEAD"),
+    ],
+)
+async def test_wrong_method_is_405_problem_naming_every_method_the_path_takes(
+    client: httpx.AsyncClient, account: Partner, method: str, path: str, allowed: str
+) -> None:
+    response = await client.request(method, path, headers=account.headers)
+    assert_problem(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == allowed
+    assert response.json()["detail"] == f"{method} is not allowed here; this route takes {allowed}"

@@ -172,13 +172,14 @@ async def pubsub_clients(redis: Redis) -> list[dict[str, Any]]:
 async def test_the_change_feed_subscribes_again_after_its_connection_is_killed(
     client: httpx.AsyncClient, account: Partner, settings: Settings, redis: Redis
 ) -> None:
-    (before,) = await pubsub_clients(redis)
+    # The feed connects in the background of the app's start.
+    (before,) = await wait_until(lambda: pubsub_clients(redis), "the change feed connected")
     await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
     # Whether it asks while the feed is away or after it is back, the poll hears of the completion.
     image_id = await new_image(client, account)
     image = await poll_while_a_worker_starts(client, account, settings, f"/v1/images/{image_id}")
     assert image["status"] == "completed"
-    (after,) = await pubsub_clients(redis)
+    (after,) = await wait_until(lambda: pubsub_clients(redis), "the change feed connected again")
     assert after["id"] != before["id"]
 
     # And a poll asked once it is back is woken by the new subscription too.

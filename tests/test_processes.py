@@ -659,14 +659,20 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
     assert delivery.event["data"]["id"] == image["id"]
     assert delivery.event["data"]["output"]["url"].startswith(dev.base_url)
     check_output(dev.base_url, dev.account, image["id"], (160, 120))
+    with httpx.Client(base_url=dev.base_url, headers=dev.account.headers, timeout=10) as http:
+        rotated = http.post("/v1/webhook-secret/rotate").json()["secret"]
 
     stop_dev(dev, whole_group=False)
     assert list((data_dir / "redis").glob("**/*.aof")), sorted(map(str, data_dir.rglob("*")))
 
-    # A second run on the same data dir replays the AOF: same dev account, the image is still there.
+    # A second run on the same data dir replays the AOF: same dev account, the image is still there,
+    # and the banner names the secret that signs now, not the one saved before the rotation.
     again = start_dev(children, data_dir)
     assert not again.created
     assert again.account.api_key == dev.account.api_key
+    assert again.account.webhook_secret == rotated
+    assert json.loads((data_dir / "dev-account.json").read_text())["webhook_secret"] == rotated
+    assert (data_dir / "dev-account.json").stat().st_mode & 0o777 == 0o600
     check_output(again.base_url, again.account, image["id"], (160, 120))
     stop_dev(again, whole_group=True)
 

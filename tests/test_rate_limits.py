@@ -276,6 +276,17 @@ def test_accounts_commands_without_redis_url_say_where_to_find_it(
     assert err.startswith("darkroom: REDIS_URL is not set") and "darkroom dev prints its own" in err, err
 
 
+def test_accounts_commands_with_a_redis_url_that_is_no_redis_url_say_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`REDIS_URL=localhost:6379` (no scheme) ended in redis-py's ValueError and a 20-line traceback."""
+    monkeypatch.setenv("REDIS_URL", "localhost:6379")
+    code, out, err = run_cli(capsys, "accounts", "create", "--name", "acme")
+    assert (code, out) == (2, "")
+    assert err.startswith("darkroom: REDIS_URL must be redis://host:port/0") and err.count("\n") == 1, err
+    assert "'localhost:6379'" in err
+
+
 def test_accounts_commands_give_up_on_a_redis_that_never_answers() -> None:
     """A frozen Redis (or a dropped network) accepts the connection and answers nothing: the command says
     so and exits, within its timeout (subprocess.run's own timeout fails the test if it hangs)."""

@@ -4,6 +4,8 @@ and archive downloads with ranges they cannot use or an ETag the client already 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -68,6 +70,35 @@ async def test_a_body_that_is_not_json_says_where(client: httpx.AsyncClient, acc
     )
     detail = assert_problem(response, 400, "invalid_json")["detail"]
     assert "line 1 column" in detail
+
+
+def documented_errors() -> set[tuple[int, str]]:
+    """(status, code) of every row of README's Errors table."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("### Errors", 1)[1].split("\n\n| status | code | when |", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| (\d{3}) \| (.+?) \|", table, re.MULTILINE)
+    return {(int(status), code) for status, codes in rows for code in re.findall(r"`(\w+)`", codes)}
+
+
+async def test_a_json_body_that_is_not_an_object_or_empty_is_refused_as_documented(
+    client: httpx.AsyncClient, account: Partner
+) -> None:
+    """`[]` answered 422 `invalid_json`, and an empty body 422 `body_required`: the Errors table had
+    `invalid_json` as a 400 only and no `body_required`, so a client keyed on the table missed both."""
+    headers = {**account.headers, "Content-Type": "application/json"}
+    for body, code in ((b"[]", "invalid_json"), (b"null", "invalid_json"), (b"", "body_required")):
+        response = await client.post("/v1/webhook-endpoints", headers=headers, content=body)
+        assert response.json()["code"] == code, body
+        assert (response.status_code, code) in documented_errors(), body
+
+
+def test_every_problem_the_service_raises_is_in_the_errors_table() -> None:
+    """Each `Problem(status, "code", …)` written out in the source has its row (status and code)."""
+    raised = set()
+    for source in (Path(__file__).parent.parent / "server").glob("*.py"):
+        for status, code in re.findall(r'Problem\(\s*(\d{3}),\s*"(\w+)"', source.read_text()):
+            raised.add((int(status), code))
+    assert raised - documented_errors() == set()
 
 
 async def test_every_json_body_is_read_strictly(client: httpx.AsyncClient, account: Partner) -> None:

@@ -20,9 +20,11 @@ from jobs.records import epoch_ms
 from jobs.settings import Settings
 from jobs.store import EXPIRING_BATCHES_KEY, EXPIRING_IMAGES_KEY, image_key
 from tests import imagegen
-from tests.conftest import Partner, api_client, run_burst, with_settings, worker_deps
+from tests.conftest import Partner, api_client, on_s3, run_burst, with_settings, worker_deps
 from tests.receiver import Receiver
+from tests.s3server import S3Server
 from tests.test_batches import add_files, create_batch, get_batch, seal
+from tests.test_processes import poll
 from tests.test_spine import upload
 
 HOUR = 3600
@@ -203,6 +205,27 @@ async def test_the_sweep_removes_staging_leftovers_but_never_a_file_being_writte
 
     assert not left_behind.exists()
     assert being_written.exists() and upload_in_progress.exists()
+
+
+async def test_a_web_process_sweeps_its_own_scratch_folder(settings: Settings, s3_server: S3Server) -> None:
+    """A web process on a machine of its own (S3 storage, no worker sharing its data directory): what a
+    killed upload, or the originals it kept for a local worker before a restart, left in its scratch
+    folder goes by the workers' rule, as nobody else sweeps it."""
+    web_settings = on_s3(settings, s3_server)
+    staging = web_settings.data_dir / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    longest_job = max(settings.job_timeout, settings.archive_timeout)
+    left_behind = staging / "handoff-kept-before-a-restart"
+    being_written = staging / "an-upload-under-way"
+    for path in (left_behind, being_written):
+        path.write_bytes(b"pixels")
+    _age(left_behind, 2 * longest_job + 60)
+    _age(being_written, longest_job + 60)
+
+    async with api_client(web_settings):
+        await asyncio.to_thread(poll, lambda: not left_behind.exists(), "the leftover swept", timeout=10)
+
+    assert being_written.exists()
 
 
 async def test_a_sweep_killed_midway_leaves_the_rest_for_the_next_one(

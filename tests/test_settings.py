@@ -64,6 +64,8 @@ def test_workers_run_an_express_lane_and_a_lower_priority_bulk_lane_unless_told_
         ("DARKROOM_BULK_NICE", "0"),
         ("DARKROOM_BULK_NICE", "20"),
         ("DARKROOM_STORAGE_FULL_GIVE_UP", "0"),
+        ("REDIS_URL", "127.0.0.1:6379"),
+        ("REDIS_URL", "http://127.0.0.1:6379/0"),
     ],
 )
 def test_an_unusable_value_is_refused_by_name(name: str, value: str) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobs.s3storage import S3Storage
+from jobs.s3storage import HANDOFF_MAX_AGE_SECONDS, HANDOFF_TAKER_SILENT_SECONDS, S3Storage
 from jobs.settings import MIN_S3_PART_BYTES, Settings
 from jobs.storage import BlobMissing, BlobStorage, StorageUnavailable, open_storage
 from tests.conftest import on_s3
@@ -250,6 +250,7 @@ async def web_and_worker_storage(
     on_bucket = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
     web, worker = await open_storage(on_bucket), await open_storage(on_bucket)
     assert isinstance(web, S3Storage) and isinstance(worker, S3Storage)
+    await worker.take_handoffs()  # as a worker process does at its start
     yield web, worker, outage
     await web.close()
     await worker.close()
@@ -332,6 +333,50 @@ async def test_a_deleted_image_leaves_no_handed_off_original(
                 pass
 
 
+def handed_off_files(settings: Settings) -> list[str]:
+    return [name for name in os.listdir(settings.data_dir / ".staging") if name.startswith("handoff-")]
+
+
+async def test_a_web_keeps_no_original_where_no_worker_said_lately_it_is_there(
+    settings: Settings, s3_server: S3Server
+) -> None:
+    """A web on a machine of its own (its workers elsewhere) keeps nothing no one would take."""
+    on_bucket = on_s3(settings, s3_server)
+    web, worker = await open_storage(on_bucket), await open_storage(on_bucket)
+    try:
+        assert isinstance(web, S3Storage)
+        await store_and_hand_off(web, b"photo", "acc_1/img_1/original")
+        assert handed_off_files(settings) == []
+
+        await worker.take_handoffs()
+        await worker.close()  # a worker that stopped, or hung, says no more
+        await store_and_hand_off(web, b"photo", "acc_1/img_2/original")
+        assert len(handed_off_files(settings)) == 1
+        (mark,) = set(os.listdir(settings.data_dir / ".staging")) - set(handed_off_files(settings))
+        silent_since = time.time() - HANDOFF_TAKER_SILENT_SECONDS - 1
+        os.utime(settings.data_dir / ".staging" / mark, (silent_since, silent_since))
+        await store_and_hand_off(web, b"photo", "acc_1/img_3/original")
+        assert len(handed_off_files(settings)) == 1
+    finally:
+        await web.close()
+        await worker.close()
+
+
+async def test_an_original_no_worker_took_in_minutes_is_swept_long_before_the_scratch_rule(
+    web_and_worker_storage: tuple[S3Storage, S3Storage, Outage], settings: Settings
+) -> None:
+    """In time for a worker here to take it, but not kept for the scratch folder's hours: most were
+    rendered by workers elsewhere, and an image deleted through another web leaves its copy here."""
+    web, _, _ = web_and_worker_storage
+    await store_and_hand_off(web, b"photo", "acc_1/img_1/original")
+    await store_and_hand_off(web, b"photo", "acc_1/img_2/original")
+    stale, fresh = sorted(handed_off_files(settings))
+    untaken_since = time.time() - HANDOFF_MAX_AGE_SECONDS - 1
+    os.utime(settings.data_dir / ".staging" / stale, (untaken_since, untaken_since))
+    assert web.remove_staged_before(time.time() - 7200) == 1
+    assert handed_off_files(settings) == [fresh]
+
+
 async def test_no_original_is_handed_off_when_the_disk_is_short_of_room_for_uploads(
     settings: Settings, s3_server: S3Server
 ) -> None:
@@ -339,8 +384,9 @@ async def test_no_original_is_handed_off_when_the_disk_is_short_of_room_for_uplo
     web, worker = await open_storage(short_of_room), await open_storage(short_of_room)
     try:
         assert isinstance(web, S3Storage)
+        await worker.take_handoffs()
         await store_and_hand_off(web, b"photo", "acc_1/img_1/original")
-        assert os.listdir(settings.data_dir / ".staging") == []
+        assert handed_off_files(settings) == []
         async with worker.source("acc_1/img_1/original") as fetched:
             assert fetched == b"photo"
     finally:

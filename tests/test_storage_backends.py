@@ -325,16 +325,22 @@ async def test_a_worker_on_the_webs_machine_renders_an_upload_without_fetching_i
     web = replace(on_s3(settings, s3_server), s3_endpoint_url=outage.url)
     worker = web if worker_machine == "the web's" else replace(web, data_dir=tmp_path_factory.mktemp("other"))
     original = imagegen.png(600, 400)  # uncompressed enough to stand out from the requests around it
+    await run_burst(worker)  # a worker started lately where it runs, with nothing to do yet
     async with api_client(web) as client:
         await send_upload(client, account, flow, original, receiver.url)
+        kept_by_the_web = [
+            name for name in os.listdir(web.data_dir / ".staging") if name.startswith("handoff-")
+        ]
         before = outage.bytes_from_s3
         await run_burst(worker)
         (delivery,) = receiver.wait_for(1)
     assert delivery.event["type"] == "image.completed"
     fetched = outage.bytes_from_s3 - before
     if worker_machine == "the web's":
+        assert len(kept_by_the_web) == 1
         assert fetched < len(original) // 2
-    else:
+    else:  # no worker on the web's machine: it keeps nothing, which no one would take
+        assert kept_by_the_web == []
         assert fetched > len(original)
 
 

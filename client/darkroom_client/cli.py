@@ -143,7 +143,11 @@ def _client(args: argparse.Namespace, environ: dict[str, str]) -> Darkroom | Non
     if not api_key:
         print(f"darkroom {args.command}: give --api-key or set {API_KEY_VARIABLE}", file=sys.stderr)
         return None
-    return Darkroom(api_key, _base_url(args, environ))
+    try:
+        return Darkroom(api_key, _base_url(args, environ))
+    except ValueError as error:
+        print(f"darkroom {args.command}: {error} (--url or {URL_VARIABLE})", file=sys.stderr)
+        return None
 
 
 def _base_url(args: argparse.Namespace, environ: dict[str, str]) -> str:

@@ -165,6 +165,10 @@ class Core:
     def __init__(self, api_key: str, base_url: str, retry: RetryPolicy) -> None:
         if not api_key:
             raise ValueError("an API key is needed (sk_live_…)")
+        # Without a scheme every request fails in httpx as a transport error, which is retried with
+        # backoff and then blamed on a service that may well be running there.
+        if not base_url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"the service's URL starts with http:// or https:// (given: {base_url!r})")
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.retry = retry

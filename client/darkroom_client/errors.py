@@ -29,7 +29,14 @@ class APIError(DarkroomError):
         problem: dict[str, Any] | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(f"{status} {code}: {detail}" + (f" (request {request_id})" if request_id else ""))
+        # A 422's detail says "see errors": the message carries them, so a traceback or the CLI's line
+        # names the field to fix rather than pointing at a list nobody printed.
+        listed = _listed_errors((problem or {}).get("errors"))
+        super().__init__(
+            f"{status} {code}: {detail}"
+            + (f" ({listed})" if listed else "")
+            + (f" (request {request_id})" if request_id else "")
+        )
         self.status = status
         self.code = code
         self.detail = detail
@@ -37,6 +44,15 @@ class APIError(DarkroomError):
         self.problem = problem or {}
         # Seconds the service asked to wait (its Retry-After), on 429, 503 and some 409s.
         self.retry_after = retry_after
+
+
+def _listed_errors(errors: object) -> str:
+    """`field: message; …` of a problem's `errors` (whatever else the list holds is left out)."""
+    if not isinstance(errors, list):
+        return ""
+    return "; ".join(
+        f"{error.get('field')}: {error.get('message')}" for error in errors if isinstance(error, dict)
+    )
 
 
 class BadRequest(APIError):
