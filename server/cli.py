@@ -47,6 +47,13 @@ def account_json(created: NewAccount) -> dict[str, str]:
     }
 
 
+def _account_name(text: str) -> str:
+    name = text.strip()
+    if not name:
+        raise argparse.ArgumentTypeError("must not be blank")
+    return name
+
+
 def _plan_numbers(args: argparse.Namespace) -> dict[str, int | None]:
     numbers: dict[str, int | None] = {name: getattr(args, name) for name in PLAN_NUMBERS}
     return numbers
@@ -182,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounts_parser = commands.add_parser("accounts", help="manage accounts")
     accounts = accounts_parser.add_subparsers(dest="action", required=True)
     create = accounts.add_parser("create", help="create an account and print its API key and webhook secret")
-    create.add_argument("--name", required=True)
+    create.add_argument("--name", required=True, type=_account_name, help="shown with the account")
     _add_plan_arguments(create, default_tier=DEFAULT_TIER)
     create.set_defaults(run=_accounts_create)
     update = accounts.add_parser("update", help="change an account's plan (its limits apply at once)")

@@ -249,6 +249,10 @@ def test_accounts_create_update_and_show_set_the_plan(
     with pytest.raises(SystemExit):
         run_cli(capsys, "accounts", "update", account_id, "--share", "0")
     assert "must be 1 or more" in capsys.readouterr().err
+    for blank in ("", "  "):
+        with pytest.raises(SystemExit):
+            run_cli(capsys, "accounts", "create", "--name", blank)
+        assert "argument --name: must not be blank" in capsys.readouterr().err
 
 
 def test_accounts_commands_say_redis_is_unreachable_in_one_line(
