@@ -417,7 +417,8 @@ def test_a_refused_file_is_reported_and_the_rest_sent_again_each_byte_counted_on
             batch.id, photos, progress=sent.append, refused=lambda name, why: refusals.append((name, why))
         )
     assert sorted(image.filename for image in added) == ["photo-0.jpg", "photo-1.jpg", "photo-2.jpg"]
-    assert [name for name, _ in refusals] == ["notes.jpg"]
+    ((name, why),) = refusals
+    assert (name, why.split(":")[0]) == ("notes.jpg", "unsupported_format")  # named once, not in `why` again
     # The first request carried all four files; the second, the three photos again: a bar of bytes sent
     # that counted them twice would end past its total.
     assert sum(sent) == sum(photo.stat().st_size for photo in photos.iterdir())
@@ -602,18 +603,28 @@ def test_cli_with_no_service_at_its_url_says_so(stack: Stack, partner: Partner, 
     assert "is the service running there? (--url or DARKROOM_URL)" in done.stderr
 
 
-def test_cli_with_a_url_without_its_scheme_says_so_at_once(photos: Path) -> None:
-    """`--url 127.0.0.1:8000` was retried for seconds as a transport error, then called no service."""
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("127.0.0.1:9", "starts with http:// or https:// (given: '127.0.0.1:9')"),
+        ("http://127.0.0.1:9/v1/", "is its base, without /v1 (given: 'http://127.0.0.1:9/v1/')"),
+    ],
+)
+def test_cli_with_a_url_that_is_not_the_services_base_says_so_at_once(
+    photos: Path, url: str, said: str
+) -> None:
+    """`--url 127.0.0.1:8000` was retried for seconds as a transport error, then called no service;
+    `--url http://…/v1` answered '404 not_found: Not Found' for every photo."""
     started = time.monotonic()
     done = subprocess.run(
-        [str(BIN / "darkroom"), "upload", str(photos), "--url", "127.0.0.1:9", "--api-key", "sk_live_x"],
+        [str(BIN / "darkroom"), "upload", str(photos), "--url", url, "--api-key", "sk_live_x"],
         capture_output=True,
         text=True,
         timeout=START_TIMEOUT,
         check=False,
     )
     assert done.returncode == 2, done.stderr
-    assert "starts with http:// or https:// (given: '127.0.0.1:9') (--url or DARKROOM_URL)" in done.stderr
+    assert f"{said} (--url or DARKROOM_URL)" in done.stderr
     assert time.monotonic() - started < 3, "refused before any request, not after the retries"
 
 

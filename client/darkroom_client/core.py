@@ -169,6 +169,9 @@ class Core:
         # backoff and then blamed on a service that may well be running there.
         if not base_url.lower().startswith(("http://", "https://")):
             raise ValueError(f"the service's URL starts with http:// or https:// (given: {base_url!r})")
+        # Our paths start with /v1: with it in the base, every request is a 404 that names no wrong URL.
+        if base_url.rstrip("/").lower().endswith("/v1"):
+            raise ValueError(f"the service's URL is its base, without /v1 (given: {base_url!r})")
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.retry = retry

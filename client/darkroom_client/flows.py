@@ -547,7 +547,8 @@ class BatchFlows:
                     if refused is None or not bad:
                         raise
                     for index, why in sorted(bad.items()):
-                        refused(_name_of(sources[pending[index]], None), why)
+                        name = _name_of(sources[pending[index]], None)
+                        refused(name, why.removeprefix(f"{name!r}: "))  # the service's message names it too
                     pending = [at for index, at in enumerate(pending) if index not in bad]
                     continue
                 images.extend(Image.from_json(item) for item in answer["data"])
