@@ -47,6 +47,7 @@ def parse_operations(raw: object) -> list[Operation]:
         raise ValidationFailed([FieldError("operations", f"at most {MAX_CHAIN_LENGTH} operations")])
     errors: list[FieldError] = []
     chain: list[Operation] = []
+    first_at: dict[str, int] = {}  # where each whole-result setting (no pixel step) was first given
     for index, item in enumerate(raw):
         where = f"operations[{index}]"
         if not isinstance(item, dict) or not isinstance(item.get("type"), str):
@@ -63,6 +64,17 @@ def parse_operations(raw: object) -> list[Operation]:
                 )
             )
             continue
+        if kind.apply is None:
+            # One setting given twice: only one could apply, and the other would be dropped unsaid.
+            if kind.name in first_at:
+                errors.append(
+                    FieldError(
+                        f"{where}.type",
+                        f"{kind.name} may appear once (it is also operations[{first_at[kind.name]}]):"
+                        " put all its params in one",
+                    )
+                )
+            first_at.setdefault(kind.name, index)
         try:
             chain.append(Operation(kind.name, kind.params_model.parse(item.get("params"), f"{where}.params")))
         except ValidationFailed as exc:
@@ -103,9 +115,8 @@ class Plan:
 
 
 def plan(chain: Sequence[Operation]) -> Plan:
-    """Order a chain by stage, keeping the partner's order within each stage.
-
-    The last `convert` and the last `auto_orient` win; earlier ones are overridden."""
+    """Order a chain by stage, keeping the partner's order within each stage (`parse_operations` lets
+    `convert` and `auto_orient` appear once each)."""
     auto_orient = True
     convert = None
     for operation in chain:

@@ -98,18 +98,33 @@ def test_to_json_round_trips() -> None:
     assert again == chain
 
 
-def test_last_convert_decides_the_output() -> None:
+def test_convert_decides_the_output() -> None:
     chain = parse_operations(
-        [
-            {"type": "convert", "params": {"format": "png"}},
-            {"type": "resize", "params": {"width": 5}},
-            {"type": "convert", "params": {"format": "gif"}},
-        ]
+        [{"type": "resize", "params": {"width": 5}}, {"type": "convert", "params": {"format": "gif"}}]
     )
     options = plan(chain).convert
     assert options is not None
     assert options.format == "gif"
     assert plan(parse_operations([{"type": "resize", "params": {"width": 5}}])).convert is None
+
+
+ONE_OF_EACH = ": put all its params in one"
+
+
+def test_a_setting_of_the_whole_result_given_twice_is_refused_not_half_dropped() -> None:
+    """`[convert webp, convert quality 60]` gave a JPEG at 60: the later convert replaced the earlier."""
+    assert errors_of(
+        [
+            {"type": "convert", "params": {"format": "webp"}},
+            {"type": "resize", "params": {"width": 5}},
+            {"type": "convert", "params": {"quality": 60}},
+            {"type": "auto_orient", "params": {"enabled": False}},
+            {"type": "auto_orient"},
+        ]
+    ) == {
+        "operations[2].type": f"convert may appear once (it is also operations[0]){ONE_OF_EACH}",
+        "operations[4].type": f"auto_orient may appear once (it is also operations[3]){ONE_OF_EACH}",
+    }
 
 
 def test_plan_runs_geometry_first_and_keeps_the_partners_order_within_a_stage() -> None:

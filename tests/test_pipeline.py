@@ -22,10 +22,8 @@ SECRET = b"darkroom-secret-owner"
 METADATA_FIELDS = ("exif-data", "icc-profile-data", "xmp-data", "jpeg-comment", "png-comment-0-comment")
 
 RESIZE_FIRST = [{"type": "resize", "params": {"width": 32}}]
-RESIZE_LATER = [
-    {"type": "convert", "params": {"format": "jpeg"}},
-    {"type": "resize", "params": {"width": 32}},
-]
+# Resampled once decoded (a kernel libvips' thumbnail does not offer), not shrunk on load.
+RESIZE_LATER = [{"type": "resize", "params": {"width": 32, "kernel": "cubic"}}]
 CHAINS: dict[str, list[dict[str, Any]]] = {
     "no-resize": [],
     "shrink-on-load": RESIZE_FIRST,
