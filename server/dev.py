@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from jobs import bulk_lane
 from jobs.settings import Settings
 from jobs.store import Store
 from jobs.worker import WORKER_LOG_ARGS
@@ -24,7 +25,8 @@ from server.http_limits import WEB_PROTOCOL
 from server.resources import Readiness
 
 DEV_ACCOUNT_FILE = "dev-account.json"
-STOP_GRACE_SECONDS = 10
+# Longer than a worker gives its bulk lane, so that a worker stopping in order is never cut short.
+STOP_GRACE_SECONDS = bulk_lane.STOP_GRACE_SECONDS + 5
 READY_TIMEOUT_SECONDS = 30
 SUPERVISE_POLL_SECONDS = 0.2
 
@@ -126,7 +128,7 @@ def run_dev(host: str, port: int | None, workers: int) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        _stop(processes)
+        stop_in_order(processes)
         if redis is not None:
             redis.stop()
 
@@ -203,7 +205,9 @@ def _supervise(
         time.sleep(SUPERVISE_POLL_SECONDS)
 
 
-def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+def stop_in_order(processes: list[subprocess.Popen[bytes]]) -> None:
+    """Ctrl-C to each, then wait for each; one still running after its grace is killed with whatever it
+    started."""
     for process in processes:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
@@ -211,5 +215,7 @@ def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
         try:
             process.wait(timeout=STOP_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
-            process.kill()
+            # Its whole process group (it has its own session): a worker's bulk lane too, which a
+            # starved machine may still be stopping at its lower priority, and would outlive us.
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()

@@ -707,6 +707,31 @@ def test_darkroom_dev_starts_a_killed_worker_again(children: Children, tmp_path:
     stop_dev(dev, whole_group=False)
 
 
+def test_a_worker_that_will_not_stop_is_killed_with_the_processes_it_started(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a worker whose bulk lane is still stopping, niced, on a starved machine: once its grace is
+    over, `darkroom dev` leaves nothing of it running (it had left the lane to outlive the session)."""
+    monkeypatch.setattr(dev, "STOP_GRACE_SECONDS", 0.5)
+    stubborn = (
+        "import signal, subprocess, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "print(subprocess.Popen(['sleep', '600']).pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    command = [sys.executable, "-c", stubborn]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, **child_process_options()) as worker:
+        try:
+            assert worker.stdout is not None
+            lane = int(worker.stdout.readline())
+            dev.stop_in_order([worker])
+            assert worker.returncode == -signal.SIGKILL
+            poll(lambda: not alive(lane), "the worker's own child killed", timeout=5)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+
+
 def test_darkroom_dev_starts_a_killed_redis_again(children: Children, tmp_path: Path) -> None:
     """Redis killed mid-session comes back on its port and AOF: the image accepted before is still
     there, and the same web and worker processes take the next upload to its webhook."""
