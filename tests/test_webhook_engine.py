@@ -751,6 +751,36 @@ async def test_receivers_that_start_hanging_give_back_the_prompt_slots_within_se
 # --- manual control -------------------------------------------------------------------------------
 
 
+async def test_a_worker_stopping_as_it_claims_still_sends_what_it_claimed(
+    client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
+) -> None:
+    """A deploy stops the worker between Redis claiming a delivery for it and its reading the answer:
+    the webhook goes out before the worker ends, where it waited out the claim's lease (a minute)."""
+    endpoint, receiver = await endpoint_with_receiver(client, account, receivers, ["*"])
+    msg_id = await send_test_event(client, account, endpoint["id"])
+    async with worker_deps(settings) as deps:
+        dispatcher = deps.dispatcher
+        claim, claimed, answer_read = dispatcher._claim, asyncio.Event(), asyncio.Event()
+
+        async def claim_then_wait_for_the_answer(**arguments: Any) -> Any:
+            answer = await claim(**arguments)
+            if answer[0]:
+                claimed.set()
+                await answer_read.wait()
+            return answer
+
+        dispatcher._claim = claim_then_wait_for_the_answer
+        dispatcher.start()
+        await claimed.wait()
+        stopping = asyncio.create_task(dispatcher.stop())
+        await asyncio.sleep(0)  # stop() under way
+        answer_read.set()
+        await stopping
+
+    assert [delivery.id for delivery in receiver.deliveries] == [msg_id]
+    assert (await delivery_log(client, account, msg_id))["status"] == "delivered"
+
+
 async def test_a_test_event_goes_to_that_endpoint_only(
     client: httpx.AsyncClient, account: Partner, settings: Settings, receivers: MakeReceiver
 ) -> None:

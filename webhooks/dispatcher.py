@@ -266,6 +266,8 @@ return {claimed, origins, still_parked, next_due[2] or false, records}
 _SCAN_PER_SLOT = 4
 # With deliveries parked behind another process's attempts, look again this soon.
 _PARKED_POLL = 0.05
+# How long a stopping dispatcher waits for a claim under way (a round trip to Redis).
+_STOP_CLAIM_SECONDS = 5.0
 
 
 def lease_seconds_for(attempt_timeout: float) -> float:
@@ -373,6 +375,7 @@ class Dispatcher:
         self._in_flight: dict[asyncio.Task[None], tuple[Running, asyncio.TimerHandle]] = {}
         self._loop: asyncio.Task[None] | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._stopping = False
         self._uncommitted: list[tuple[Callable[[Any], None], asyncio.Future[None]]] = []
         self._committer: asyncio.Task[None] | None = None
 
@@ -381,11 +384,20 @@ class Dispatcher:
         self._woken.set()
 
     def start(self) -> None:
+        self._stopping = False
         self._loop = asyncio.create_task(self._run(), name="darkroom-webhook-dispatcher")
         self._listener = asyncio.create_task(self._listen(), name="darkroom-webhook-wake")
 
     async def stop(self) -> None:
-        """Stop claiming; let attempts under way finish (their leases would otherwise hold them back)."""
+        """Stop claiming; let attempts under way finish (their leases would otherwise hold them back).
+        A claim under way finishes too, and its attempts start: cancelled between Redis's answer and
+        our reading of it, its deliveries would wait out their lease."""
+        self._stopping = True
+        self._woken.set()
+        if self._loop is not None:
+            _, still_claiming = await asyncio.wait({self._loop}, timeout=_STOP_CLAIM_SECONDS)
+            if still_claiming:  # Redis stopped answering; a claim it made waits out its lease
+                self._loop.cancel()
         for task in (self._loop, self._listener):
             if task is not None:
                 task.cancel()
@@ -407,10 +419,12 @@ class Dispatcher:
                 continue
             if next_due is None:
                 return
-            await asyncio.sleep(max(0.0, (next_due - now_ms()) / 1000))
+            # Not past idle_wait: what is due next may be another process's lease on a delivery it
+            # finishes in milliseconds, not a minute from now.
+            await asyncio.sleep(min(max(0.0, (next_due - now_ms()) / 1000), self.idle_wait))
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             parked = False
             try:
                 self._woken.clear()
