@@ -14,6 +14,7 @@ import json
 import logging
 import logging.config
 import re
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -89,6 +90,21 @@ class TextFormatter(logging.Formatter):
         return f"{head} {fields}{newline}{rest}"
 
 
+class FairQueueDelay(logging.Filter):
+    """arq's line for a job it starts adds `delayed=` (now minus the job's score) past 1.2 s; a fairly
+    queued job's score is a virtual-time tag (jobs/queue.py), not a time, which read
+    'delayed=4505396273699.83s'. That part goes; the line's first figure is the job's wait already."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 4 and isinstance(args[3], str):
+            before, found, delay = args[3].partition(" delayed=")
+            # A delay longer than the time since 1970 has no time for its score.
+            if found and float(delay.removesuffix("s")) > time.time():
+                record.args = (*args[:3], before)
+        return True
+
+
 def log_config(settings: Settings) -> dict[str, Any]:
     """A `logging.config.dictConfig` dict: also what arq's `--custom-log-dict` takes."""
     formatter = JsonFormatter if settings.log_format == "json" else TextFormatter
@@ -96,6 +112,7 @@ def log_config(settings: Settings) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"darkroom": {"()": formatter}},
+        "filters": {"fair_queue_delay": {"()": FairQueueDelay}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "darkroom"}},
         "root": {"handlers": ["stderr"], "level": settings.log_level},
         "loggers": {
@@ -104,6 +121,7 @@ def log_config(settings: Settings) -> dict[str, Any]:
                 for name in _LIBRARY_LOGGERS
             },
             **{name: {"handlers": [], "propagate": False} for name in _SILENCED_LOGGERS},
+            "arq.worker": {"filters": ["fair_queue_delay"]},
         },
     }
 

@@ -659,6 +659,9 @@ def test_darkroom_dev_runs_everything_and_stops_on_ctrl_c(children: Children, tm
     assert delivery.event["data"]["id"] == image["id"]
     assert delivery.event["data"]["output"]["url"].startswith(dev.base_url)
     check_output(dev.base_url, dev.account, image["id"], (160, 120))
+    # arq's line for the job, without the 'delayed=4505396273699.83s' it made of the fair queue's tag.
+    started = f"process:{image['id']}:process_image('{image['id']}')"
+    assert re.search(rf"→ {re.escape(started)}$", dev.child.output(), re.MULTILINE), dev.child.output()
     with httpx.Client(base_url=dev.base_url, headers=dev.account.headers, timeout=10) as http:
         rotated = http.post("/v1/webhook-secret/rotate").json()["secret"]
 
