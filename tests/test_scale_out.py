@@ -8,12 +8,15 @@ import io
 import json
 import os
 import signal
+import socket
 import zipfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import pyvips
 import redis
 
@@ -66,8 +69,19 @@ def post_to_bucket(form: dict[str, Any], filename: str, data: bytes) -> str:
     return posted.headers["location"]
 
 
+@pytest.fixture
+def unanswering_url() -> Iterator[str]:
+    """A loopback URL whose port takes connections (the kernel's backlog) and never answers them."""
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        yield f"http://127.0.0.1:{listening.getsockname()[1]}"
+
+
 def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
-    children: Children, redis_server: EmbeddedRedis, s3_server: S3Server, tmp_path: Path
+    children: Children,
+    redis_server: EmbeddedRedis,
+    s3_server: S3Server,
+    tmp_path: Path,
+    unanswering_url: str,
 ) -> None:
     with redis.Redis.from_url(redis_server.url) as client:
         client.flushall()
@@ -91,7 +105,11 @@ def test_two_webs_and_two_workers_share_only_redis_and_the_bucket(
         children.start(f"web{i}", procfile_command("web", port), env_of(f"web{i}", port))
         for i, port in enumerate(web_ports)
     ]
-    doomed = children.start("worker0", procfile_command("worker", 0), env_of("worker0", 0))
+    # The first worker reaches the bucket through a port that takes connections and never answers: it
+    # is surely mid-job (reading the original) when killed, where a quick render on a loaded machine
+    # could end between two looks at the image's status.
+    doomed_env = {**env_of("worker0", 0), "DARKROOM_S3_ENDPOINT_URL": unanswering_url}
+    doomed = children.start("worker0", procfile_command("worker", 0), doomed_env)
     bases = [f"http://127.0.0.1:{port}" for port in web_ports]
     for base in bases:
         wait_until_ready(base, [*webs, doomed])
